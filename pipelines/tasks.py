@@ -1,0 +1,220 @@
+"""Tasks: where prompts come from and how responses are judged.
+
+* `sentiment`: instructions to write a short movie review, built from templates (neutral wording: the prompt
+  must not ask for a positive or negative review). Gold reward = VADER compound score of the response, in
+  [-1, 1] (vaderSentiment ships its lexicon, so it runs offline).
+* `hh`: Anthropic HH-RLHF harmless-base dialogues; real human preference pairs, no gold reward.
+
+Prompts are rendered through the model's chat template (with a short or empty system message: every token
+costs time on a CPU), so every component sees the exact same prompt string.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from transformers import PreTrainedTokenizerBase
+
+from pipelines.config import PROJECT_ROOT, TaskConfig
+from pipelines.errors import UserError
+
+GoldReward = Callable[[list[str]], list[float]]
+
+
+@dataclass
+class Task:
+    name: str
+    train_prompts: list[str]  # chat-templated prompt strings, what the policy is conditioned on
+    eval_prompts: list[str]
+    gold_reward: GoldReward | None  # None: no ground truth (real human preferences)
+    # Tasks with real preference data carry it; gold-reward tasks build pairs by sampling (pipelines.data).
+    train_pairs: list[dict] | None = None
+    heldout_pairs: list[dict] | None = None
+    dropped: dict[str, int] = field(default_factory=dict)  # rows dropped while parsing, by reason
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], system_prompt: str | None) -> str:
+    """Render a conversation up to the assistant's turn, through the chat template where the model has one."""
+    if tokenizer.chat_template:
+        if system_prompt is not None:
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # A base model without a template: plain "Human:/Assistant:" text, as in HH-RLHF.
+    turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+    return turns + "\n\nAssistant:"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sentiment
+
+_INSTRUCTIONS = [
+    "Write a short review of {film}.",
+    "Write a two-sentence review of {film}.",
+    "Review {film} in a few sentences.",
+    "You just watched {film}. Write a brief review.",
+    "Give your honest opinion of {film} in a short review.",
+    "Write a short movie review of {film} for a newspaper.",
+    "In three sentences, review {film}.",
+    "Write a quick review of {film} for a film blog.",
+    "A friend asks what you thought of {film}. Write a short review.",
+    "Write a brief critic's review of {film}.",
+    "Share a short review of {film}.",
+    "Write a short audience review of {film}.",
+]
+_GENRES = [
+    "science-fiction", "romantic comedy", "war", "horror", "animated", "documentary", "western", "heist",
+    "courtroom", "musical", "coming-of-age", "superhero", "noir", "disaster", "sports", "biographical", "spy",
+    "fantasy", "period", "mystery", "road", "martial-arts", "zombie", "space", "political", "family", "crime",
+    "detective", "survival", "time-travel",
+]
+_SUBJECTS = [
+    "about a lighthouse keeper", "set on a night train", "about two rival chefs", "about a missing painting",
+    "set in a small fishing town", "about a retired boxer", "about a family road trip", "set on a space station",
+    "about a school orchestra", "about a stolen election", "set in a haunted hotel", "about a chess prodigy",
+    "about twin sisters", "set during a blackout", "about a travelling circus", "about a city mayor",
+    "set in a desert outpost", "about an aging rock band", "about a wedding gone wrong", "set in a submarine",
+    "about a small-town sheriff", "about a robot butler", "about a lost dog", "set in a mountain village",
+    "about a con artist", "about a young inventor", "set in a department store", "about a cold case",
+    "about a jazz pianist", "set on a remote island", "about a soccer team", "about a forgotten king",
+    "set in a hospital", "about a group of hikers", "about a late-night radio host", "set in a vineyard",
+    "about a bank robbery", "about a ghost ship", "set in a boarding school", "about an astronaut's return",
+]
+_FRAMES = ["", " from the 1970s", " released this year", " by a first-time director", " shot in black and white",
+           " with an ensemble cast"]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def sentiment_instructions(n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """Distinct review instructions, drawn without replacement and split into disjoint train / eval sets."""
+    space = len(_INSTRUCTIONS) * len(_GENRES) * len(_SUBJECTS) * len(_FRAMES)
+    if n_train + n_eval > space:
+        raise UserError(f"task: {n_train + n_eval} prompts asked for, but the templates make only {space}")
+    rng = random.Random(seed)
+    picks = rng.sample(range(space), n_train + n_eval)  # distinct indices -> distinct prompts
+    texts = []
+    for i in picks:
+        i, frame = divmod(i, len(_FRAMES))
+        i, subject = divmod(i, len(_SUBJECTS))
+        template, genre = divmod(i, len(_GENRES))
+        g = _GENRES[genre]
+        film = f"{_article(g)} {g} film{_FRAMES[frame]} {_SUBJECTS[subject]}"
+        texts.append(_INSTRUCTIONS[template].format(film=film))
+    return texts[:n_train], texts[n_train:]
+
+
+@lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    return SentimentIntensityAnalyzer()
+
+
+def vader_compound(texts: list[str]) -> list[float]:
+    """Gold reward of the sentiment task: VADER's compound score in [-1, 1] (1 = most positive)."""
+    analyzer = _vader()
+    return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hh
+
+_HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def parse_hh_dialogue(text: str, where: str) -> list[dict]:
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> chat messages; raises UserError naming `where` if malformed."""
+    if not text.startswith(_HUMAN):
+        raise UserError(f"{where}: dialogue does not start with 'Human:'")
+    messages = []
+    rest = text
+    while rest:
+        if rest.startswith(_HUMAN):
+            role, rest = "user", rest[len(_HUMAN):]
+        elif rest.startswith(_ASSISTANT):
+            role, rest = "assistant", rest[len(_ASSISTANT):]
+        else:
+            raise UserError(f"{where}: expected a 'Human:' or 'Assistant:' turn at {rest[:40]!r}")
+        cut = [i for i in (rest.find(_HUMAN), rest.find(_ASSISTANT)) if i >= 0]
+        end = min(cut) if cut else len(rest)
+        messages.append({"role": role, "content": rest[:end].strip()})
+        rest = rest[end:]
+    return messages
+
+
+def split_hh_pair(row: dict, where: str) -> tuple[list[dict], str, str]:
+    """One HH row -> (dialogue before the final assistant turn, chosen reply, rejected reply)."""
+    for key in ("chosen", "rejected"):
+        if not isinstance(row.get(key), str):
+            raise UserError(f"{where}: field '{key}' is missing or not a string")
+    chosen, rejected = parse_hh_dialogue(row["chosen"], where), parse_hh_dialogue(row["rejected"], where)
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the dialogue must end with an assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise UserError(f"{where}: chosen and rejected do not share the dialogue before the final reply")
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        raise UserError(f"{where}: chosen and rejected replies are identical")
+    if not chosen[-1]["content"] or not rejected[-1]["content"]:
+        raise UserError(f"{where}: a reply is empty")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, str]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return list(enumerate(f, start=1))
+
+
+def load_hh(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    """HH-RLHF rows -> train / held-out preference pairs with templated prompts; bad rows counted and dropped."""
+    path = Path(cfg.path)
+    path = path if path.is_absolute() else PROJECT_ROOT / path
+    if not path.exists():
+        raise UserError(f"task.path: {path} does not exist")
+    pairs, dropped = [], {}
+    for line_no, line in _read_jsonl(path):
+        where = f"{path.name} line {line_no}"
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: not a JSON object")
+            dialogue, chosen, rejected = split_hh_pair(row, where)
+        except (UserError, json.JSONDecodeError) as e:
+            reason = str(e).split(": ", 1)[-1] if isinstance(e, UserError) else "invalid JSON"
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        prompt = format_prompt(tokenizer, dialogue, cfg.system_prompt)
+        if len(tokenizer(prompt, add_special_tokens=False).input_ids) > cfg.max_prompt_tokens:
+            dropped["prompt longer than task.max_prompt_tokens"] = dropped.get(
+                "prompt longer than task.max_prompt_tokens", 0) + 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if not pairs:
+        raise UserError(f"{path}: no usable preference rows (dropped: {dropped})")
+    rng = random.Random(cfg.prompt_seed)
+    rng.shuffle(pairs)
+    n_eval = min(cfg.n_eval_prompts, len(pairs) // 5)  # keep at least 80% for training
+    heldout, train = pairs[:n_eval], pairs[n_eval:n_eval + cfg.n_train_prompts]
+    return Task(name="hh", train_prompts=[p["prompt"] for p in train], eval_prompts=[p["prompt"] for p in heldout],
+                gold_reward=None, train_pairs=train, heldout_pairs=heldout, dropped=dropped)
+
+
+def load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+    if cfg.name == "sentiment":
+        train, eval_ = sentiment_instructions(cfg.n_train_prompts, cfg.n_eval_prompts, cfg.prompt_seed)
+
+        def render(texts: list[str]) -> list[str]:
+            return [format_prompt(tokenizer, [{"role": "user", "content": t}], cfg.system_prompt) for t in texts]
+
+        return Task(name="sentiment", train_prompts=render(train), eval_prompts=render(eval_),
+                    gold_reward=vader_compound)
+    if cfg.name == "hh":
+        return load_hh(cfg, tokenizer)
+    raise UserError(f"task.name: unknown task '{cfg.name}'")
