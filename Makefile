@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
 
-.PHONY: all setup test data reference config clean-runs
+.PHONY: all setup test data reference ppo dpo report config
 
-all: setup data reference
+all: setup data reference ppo dpo report
 
 # The virtual environment is rebuilt when pyproject.toml changes; a second `make setup` takes seconds.
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,15 @@ data: setup
 
 reference: setup
 	$(CLI) reference --profile $(PROFILE) $(ARGS)
+
+ppo: setup
+	$(CLI) ppo --profile $(PROFILE) $(ARGS)
+
+dpo: setup
+	$(CLI) dpo --profile $(PROFILE) $(ARGS)
+
+report: setup
+	$(CLI) report --profile $(PROFILE) $(ARGS)
 
 config: setup
 	$(CLI) config --profile $(PROFILE) $(ARGS)

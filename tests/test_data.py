@@ -1,0 +1,76 @@
+import random
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.data import build_preferences, check_pair, label_pair, load_preferences, preference_dir
+from pipelines.errors import UserError
+
+
+def test_same_seed_gives_byte_identical_preference_set(tmp_path):
+    sets = []
+    for name in ("a", "b"):
+        cfg = load_config("tiny", [f"runs_dir={tmp_path / name}"])
+        prefs = build_preferences(cfg)
+        files = sorted(prefs.path.joinpath("dataset").rglob("*.arrow"))
+        sets.append((prefs.sha256, [f.read_bytes() for f in files], prefs.train.to_list()))
+    assert sets[0][0] == sets[1][0] and sets[0][1] == sets[1][1]
+    other = build_preferences(load_config("tiny", [f"runs_dir={tmp_path / 'c'}", "data.seed=1"]))
+    assert other.sha256 != sets[0][0] and other.train.to_list() != sets[0][2]
+
+
+def test_preference_set_format_manifest_and_reuse(tiny_cfg):
+    prefs = build_preferences(tiny_cfg)
+    row = prefs.train[0]
+    assert {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "p_chosen"} <= set(row)
+    m = prefs.manifest
+    assert m["counts"] == {"train": len(prefs.train), "heldout": len(prefs.heldout)}
+    assert m["config_hash"] == tiny_cfg.section_hash("model", "task", "data") and len(m["sha256"]) == 64
+    assert m["model"] == "tiny" and m["seed"] == tiny_cfg.data.seed
+    assert -1 <= m["stats"]["train"]["gold_mean"] <= 1
+    assert len(prefs.train) == tiny_cfg.data.n_prompts - sum(
+        m["stats"]["train"][k] for k in ("empty", "identical", "tie_dropped"))
+    # every pair's prompt is one of the train prompts; held-out pairs come from eval prompts only
+    assert not {r["prompt"] for r in prefs.train} & {r["prompt"] for r in prefs.heldout}
+    mtime = (prefs.path / "manifest.json").stat().st_mtime_ns
+    again = build_preferences(tiny_cfg)  # reused, not rebuilt
+    assert again.sha256 == prefs.sha256 and (prefs.path / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_changed_config_builds_a_new_folder_and_keeps_the_old(tiny_cfg):
+    old = build_preferences(tiny_cfg)
+    new_cfg = load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "data.bt_temperature=0.5"])
+    assert preference_dir(new_cfg) != old.path
+    build_preferences(new_cfg)
+    assert load_preferences(tiny_cfg).sha256 == old.sha256
+
+
+def test_tampered_preference_set_is_detected(tiny_cfg):
+    prefs = build_preferences(tiny_cfg)
+    arrow = next(prefs.path.joinpath("dataset", "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-10])
+    with pytest.raises(UserError, match="does not match its manifest"):
+        load_preferences(tiny_cfg)
+
+
+def test_bradley_terry_labels_follow_sigmoid():
+    rng = random.Random(0)
+    n = 20000
+    wins = sum(label_pair(0.3, 0.1, "bradley_terry", 0.1, rng)[0] for _ in range(n))
+    p = 1 / (1 + pow(2.718281828459045, -2.0))  # sigmoid((0.3 - 0.1) / 0.1)
+    assert abs(wins / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+    assert label_pair(0.3, 0.1, "argmax", 0.1, rng) == (True, 1.0)
+    assert label_pair(0.1, 0.3, "argmax", 0.1, rng) == (False, 0.0)
+    assert label_pair(0.2, 0.2, "argmax", 0.1, rng)[0] is None  # ties carry no preference: dropped
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": "a"}, "row 3: field 'rejected' is missing"),
+    ({"prompt": "p", "chosen": 1, "rejected": "b"}, "row 3: field 'chosen' must be a string, got int"),
+    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "row 3: field 'chosen' is empty"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "row 3: 'chosen' and 'rejected' are identical"),
+    (["p", "a", "b"], "row 3: expected a row with fields"),
+])
+def test_malformed_pairs_are_rejected_with_the_row_named(row, message):
+    with pytest.raises(UserError, match=message):
+        check_pair(row, "row 3")

@@ -1,0 +1,58 @@
+import math
+
+import torch
+
+from pipelines.data import build_preferences
+from pipelines.evaluate import distinct_n, evaluate, kl_estimates, mean_std_sem, pair_accuracy_margin
+from pipelines.models import load_causal_lm
+from pipelines.stages import make_eval_context
+
+
+def test_distinct_n_by_hand():
+    # bigrams: (a b) (b a) (a b) | (c d) -> 3 distinct of 4
+    assert distinct_n(["a b a b", "c d"], 2) == 3 / 4
+    assert distinct_n(["one"], 2) == 0.0
+
+
+def test_mean_std_sem_by_hand():
+    mean, std, sem = mean_std_sem([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and math.isclose(std, math.sqrt(5 / 3)) and math.isclose(sem, math.sqrt(5 / 3) / 2)
+
+
+def test_pair_accuracy_margin_by_hand():
+    acc, margin = pair_accuracy_margin([1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 2.0, -1.0])
+    assert acc == (1 + 0 + 0.5 + 1) / 4 and margin == (1 - 1 + 0 + 2) / 4
+
+
+def test_kl_estimates_by_hand():
+    lp = torch.tensor([[-1.0, -2.0, -5.0]])
+    lr = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    k1, k3 = kl_estimates(lp, lr, mask)
+    assert math.isclose(k1.item(), 0.5 + -1.0, rel_tol=1e-6)
+    want_k3 = (math.exp(-0.5) - 1 + 0.5) + (math.exp(1.0) - 1 - 1.0)
+    assert math.isclose(k3.item(), want_k3, rel_tol=1e-6)
+
+
+def test_evaluator_kl_zero_for_reference_and_positive_after_perturbation(tiny_cfg, tiny_model, tiny_path,
+                                                                          tokenizer):
+    prefs = build_preferences(tiny_cfg)
+    ctx = make_eval_context(tiny_cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))
+    policy = load_causal_lm(tiny_path)
+    m0, samples = evaluate(policy, ctx, implicit_beta=0.1)
+    assert abs(m0["eval/kl"]) < 1e-5 and abs(m0["eval/kl_k3"]) < 1e-5
+    assert abs(m0["heldout/implicit_margin"]) < 1e-6 and m0["heldout/implicit_accuracy"] == 0.5  # all ties
+    assert 0 <= m0["heldout/gold_accuracy"] <= 1 and "eval/gold" in m0 and m0["eval/n"] == 8
+    assert len(samples) == tiny_cfg.eval.n_samples_saved and {"prompt", "response", "gold", "kl"} <= set(samples[0])
+
+    rng_before = torch.get_rng_state()
+    again, _ = evaluate(policy, ctx)
+    assert torch.equal(rng_before, torch.get_rng_state())  # the eval seed does not disturb training RNG
+    assert again["eval/gold"] == m0["eval/gold"]  # same prompts, same sampling seed
+
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m1, _ = evaluate(policy, ctx, implicit_beta=0.1)
+    assert m1["eval/kl"] > 0.01 and m1["eval/kl_k3"] > 0.01
+    assert m1["heldout/implicit_margin"] != 0

@@ -1,0 +1,73 @@
+import torch
+
+from pipelines.models import autocast
+from pipelines.sequences import (SequenceBatch, encode_completions, response_logprobs, sample, sequence_scores,
+                                 truncate_after_eos)
+
+
+def test_truncate_after_eos_keeps_first_eos_and_pads_the_rest():
+    eos, pad = 2, 0
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 3, 3, 3, 3]])
+    out, mask, ended = truncate_after_eos(ids, eos, pad)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert out.tolist() == [[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def _hand_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> list[float]:
+    """One unpadded sequence, token by token: log softmax(logits / T)[next token]."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0] / temperature
+    out = []
+    for j, tok in enumerate(response):
+        row = logits[len(prompt) + j - 1]
+        out.append((row[tok] - torch.logsumexp(row, dim=0)).item())
+    return out
+
+
+def test_response_logprobs_on_padded_batch_match_hand_gather(tiny_model, tokenizer):
+    prompts = [[11, 12, 13, 14, 15], [21, 22]]          # different lengths -> left padding
+    responses = [[31, 32, 2], [41, 42, 43, 44]]           # different lengths -> right padding
+    pad = tokenizer.pad_token_id
+    p_len, r_len = 5, 4
+    batch = SequenceBatch(
+        prompt_ids=torch.tensor([[pad] * (p_len - len(p)) + p for p in prompts]),
+        prompt_mask=torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in prompts]),
+        response_ids=torch.tensor([r + [pad] * (r_len - len(r)) for r in responses]),
+        response_mask=torch.tensor([[1] * len(r) + [0] * (r_len - len(r)) for r in responses]),
+    )
+    for temperature in (1.0, 0.7):
+        with torch.no_grad():
+            got, entropy = response_logprobs(tiny_model, batch, temperature, with_entropy=True)
+        for i in range(2):
+            want = _hand_logprobs(tiny_model, prompts[i], responses[i], temperature)
+            assert torch.allclose(got[i, :len(want)], torch.tensor(want), atol=1e-5)
+            assert (got[i, len(want):] == 0).all()
+        assert (entropy[0, :3] > 0).all() and entropy[0, 3] == 0
+
+
+def test_encode_completions_splits_like_trl_and_appends_eos(tokenizer):
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    batch = encode_completions(tokenizer, [prompt, prompt + "x"], ["Hello there", "A much longer reply here"])
+    assert tokenizer.decode(batch.prompt_ids[0][batch.prompt_mask[0] == 1]) == prompt
+    r0 = batch.response_ids[0][batch.response_mask[0] == 1].tolist()
+    assert r0[-1] == tokenizer.eos_token_id and tokenizer.decode(r0[:-1]) == "Hello there"
+    assert batch.prompt_mask[0, 0] == 0  # the shorter prompt is left-padded
+
+
+def test_sample_is_seeded_and_scores_are_per_sequence(tiny_model, tokenizer, tiny_path):
+    from pipelines.models import load_scalar_model
+    prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nreview<|im_end|>\n"]
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    a = sample(tiny_model, tokenizer, prompts, 6, 1.0, autocast("fp32", cpu))
+    torch.manual_seed(5)
+    b = sample(tiny_model, tokenizer, prompts, 6, 1.0, autocast("fp32", cpu))
+    assert torch.equal(a.response_ids, b.response_ids) and a.response_ids.shape == (2, 6)
+    rm = load_scalar_model(tiny_path, tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = sequence_scores(rm, a)
+        alone = sequence_scores(rm, SequenceBatch(a.prompt_ids[1:], a.prompt_mask[1:], a.response_ids[1:],
+                                                  a.response_mask[1:]))
+    assert scores.shape == (2,) and torch.allclose(scores[1], alone[0], atol=1e-5)
