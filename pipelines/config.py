@@ -120,18 +120,62 @@ class EvalConfig:
 
 @dataclass
 class RewardModelConfig:
-    """Stage 1 of RLHF, eq. (1): filled in by reward_model/ (issue #3)."""
+    """Stage 1 of RLHF: the Bradley-Terry reward model r_phi of eq. (1), trained with TRL's RewardTrainer."""
+    learning_rate: float = _f(3e-5, "AdamW learning rate")
+    epochs: float = _f(2.0, "passes over the training pairs")
+    batch_size: int = _f(8, "pairs per optimiser step")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear learning-rate warm-up")
+    max_length: int = _f(256, "prompt + response tokens; longer pairs are truncated by TRL")
+    center_prompts: int = _f(64, "train prompts whose pi_ref samples set the reward shift (mean score -> 0)")
+    per_seed: bool = _f(False, "train one reward model per PPO seed (else one, shared by every seed)")
+    seed: int = _f(0, "training seed of the shared reward model (per_seed: the PPO seed instead)")
 
     def validate(self, prefix: str) -> None:
-        pass
+        _require(self.learning_rate > 0, f"{prefix}.learning_rate", f"must be positive, got {self.learning_rate}")
+        _require(self.epochs > 0, f"{prefix}.epochs", f"must be positive, got {self.epochs}")
+        _require(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive, got {self.batch_size}")
+        _require(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio", "must be in [0, 1)")
+        _require(self.max_length > 0, f"{prefix}.max_length", "must be positive")
+        _require(self.center_prompts > 0, f"{prefix}.center_prompts", "must be positive")
 
 
 @dataclass
 class PPOConfig:
-    """Stage 2 of RLHF, eq. (2): filled in by ppo/ (issue #3)."""
+    """Stage 2 of RLHF: PPO against the frozen r_phi with a KL penalty to pi_ref, eq. (2). The KL coefficient
+    is the top-level `beta` (the same key DPO uses)."""
+    iterations: int = _f(20, "PPO iterations: each samples a rollout batch, then runs the PPO epochs on it")
+    rollout_batch_size: int = _f(16, "prompts (episodes) sampled per iteration")
+    mini_batch_size: int = _f(8, "episodes per gradient step within a PPO epoch")
+    ppo_epochs: int = _f(1, "passes over each rollout batch")
+    learning_rate: float = _f(1e-5, "AdamW learning rate for policy and value model")
+    anneal_lr: bool = _f(True, "decay the learning rate linearly to 0 over the iterations")
+    max_new_tokens: int = _f(32, "response length cap during rollouts")
+    temperature: float = _f(1.0, "rollout sampling temperature (log-probs use the same temperature)")
+    gamma: float = _f(1.0, "discount factor of GAE")
+    lam: float = _f(0.95, "lambda of GAE")
+    cliprange: float = _f(0.2, "epsilon of the clipped surrogate objective")
+    cliprange_value: float = _f(0.2, "clip range of the value-function update")
+    vf_coef: float = _f(0.1, "weight of the value loss in the joint loss")
+    max_grad_norm: float = _f(1.0, "gradient clipping (global norm)")
+    whiten_advantages: bool = _f(True, "normalise advantages to mean 0, std 1 over the batch's response tokens")
+    missing_eos_penalty: float | None = _f(None, "subtracted from the score of responses that hit the length cap "
+                                            "without EOS (null: no penalty)")
+    adaptive_kl: bool = _f(False, "adapt beta towards target_kl (Ziegler et al. 2019) instead of keeping it fixed")
+    target_kl: float = _f(6.0, "adaptive KL: target sequence KL(pi || pi_ref) in nats")
+    kl_horizon: int = _f(10000, "adaptive KL: horizon in episodes")
+    eval_every: int = _f(5, "run the shared evaluator every this many iterations (and before the first, after "
+                            "the last)")
 
     def validate(self, prefix: str) -> None:
-        pass
+        for key in ("iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                    "eval_every", "kl_horizon"):
+            _require(getattr(self, key) > 0, f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(self.rollout_batch_size % self.mini_batch_size == 0, f"{prefix}.mini_batch_size",
+                 f"must divide rollout_batch_size ({self.rollout_batch_size}), got {self.mini_batch_size}")
+        for key in ("learning_rate", "temperature", "cliprange", "cliprange_value", "max_grad_norm", "target_kl"):
+            _require(getattr(self, key) > 0, f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"{prefix}.gamma/lam", "must lie in [0, 1]")
+        _require(self.vf_coef >= 0, f"{prefix}.vf_coef", "must be non-negative")
 
 
 @dataclass

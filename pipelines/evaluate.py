@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines.config import EvalConfig
-from pipelines.sequences import SequenceBatch, chunks, encode_completions, response_logprobs, sample, sequence_scores
+from pipelines.sequences import SequenceBatch, chunks, encode_completions, response_logprobs, reward_scores, sample
 from pipelines.tasks import GoldReward
 
 
@@ -110,7 +110,7 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
                 logp = response_logprobs(policy, batch, cfg.temperature)[0]
                 ref_logp = response_logprobs(ctx.ref_model, batch, cfg.temperature)[0]
                 if reward_model is not None:
-                    proxies += sequence_scores(reward_model, batch).tolist()
+                    proxies += reward_scores(reward_model, batch).tolist()
             k1, k3 = kl_estimates(logp, ref_logp, batch.response_mask)
             k1s += k1.tolist()
             k3s += k3.tolist()
@@ -155,8 +155,8 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
     batches = ctx.pair_batches()
     if reward_model is not None:
         with ctx.autocast():
-            chosen = torch.cat([sequence_scores(reward_model, c) for _, c, _ in batches]).tolist()
-            rejected = torch.cat([sequence_scores(reward_model, r) for _, _, r in batches]).tolist()
+            chosen = torch.cat([reward_scores(reward_model, c) for _, c, _ in batches]).tolist()
+            rejected = torch.cat([reward_scores(reward_model, r) for _, _, r in batches]).tolist()
         acc, margin = pair_accuracy_margin(chosen, rejected)
         metrics.update({"heldout/rm_accuracy": acc, "heldout/rm_margin": margin})
     if implicit_beta is not None and policy is not None:

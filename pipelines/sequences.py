@@ -142,10 +142,17 @@ def response_logprobs(model: PreTrainedModel, batch: SequenceBatch, temperature:
 
 
 def sequence_scores(scalar_model: PreTrainedModel, batch: SequenceBatch) -> torch.Tensor:
-    """Scalar score of each (prompt, response) from a reward or value model's head, [B]."""
+    """Raw scalar score of each (prompt, response) from a scalar head, [B], read where transformers' sequence
+    classifiers (and TRL's RewardTrainer) read it: the last token that is not padding."""
     attention_mask = batch.attention_mask
     return scalar_model(input_ids=batch.input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask)).logits[:, 0].float()
+
+
+def reward_scores(reward_model: PreTrainedModel, batch: SequenceBatch) -> torch.Tensor:
+    """r_phi(x, y), [B]: the raw score minus the shift that centres pi_ref's samples at 0 (InstructGPT's
+    normalisation; the shift is stored in the reward model's config as `reward_shift`)."""
+    return sequence_scores(reward_model, batch) - getattr(reward_model.config, "reward_shift", 0.0)
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

@@ -1,0 +1,217 @@
+"""Stage 2 of RLHF: PPO against the frozen reward model with a KL penalty to pi_ref,
+
+    max_pi  E_{x ~ D, y ~ pi(.|x)} [ r_phi(x, y) ] - beta * KL( pi(.|x) || pi_ref(.|x) )        (2)
+
+written in the manner of CleanRL's ppo.py, with each implementation detail of "The N+ Implementation Details
+of RLHF with PPO" (Huang et al. 2024) named where it happens. One iteration:
+
+  1. rollout: sample one response per prompt from the current policy (KV cache, temperature T), truncate
+     after the first EOS;
+  2. score: in one no-grad pass each, log pi_old, log pi_ref (both at temperature T), V_old per token, and
+     r_phi(x, y) per sequence; optional penalty for responses without EOS;
+  3. rewards: -beta * (log pi_old - log pi_ref) per token + r_phi on the last token (eq. 2); GAE; whitening;
+  4. PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss, gradient clipping;
+  5. optional adaptive KL controller; log; evaluate every `eval_every` iterations (time excluded).
+
+Runs under `accelerate launch` (DDP): each process samples its own share of the prompts; metrics are averaged
+across processes; evaluation and every write happen on the main process only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipelines.config import Config
+from pipelines.data import PreferenceSet
+from pipelines.evaluate import evaluate
+from pipelines.models import autocast, freeze, load_causal_lm, load_scalar_model, load_tokenizer, resolve_model_path
+from pipelines.rundir import RunDir
+from pipelines.sequences import SequenceBatch, position_ids_from_mask, response_logprobs, reward_scores, sample
+from pipelines.stages import make_eval_context
+from pipelines.tasks import load_task
+from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
+                      gae_advantages, kl_penalized_rewards, masked_mean, whiten)
+
+
+class TokenValueModel(nn.Module):
+    """V(s_t) at every position: the scalar model's backbone and head, not pooled to the last token.
+
+    A module of its own (rather than a function reaching into the model) so DDP sees the value pass as a
+    forward call and synchronises its gradients.
+    """
+
+    def __init__(self, scalar_model: nn.Module):
+        super().__init__()
+        self.scalar_model = scalar_model
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        """Values of the response positions, [B, R]: the hidden state that predicts response token t gives V(s_t)."""
+        backbone = getattr(self.scalar_model, self.scalar_model.base_model_prefix)
+        mask = batch.attention_mask
+        hidden = backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          use_cache=False).last_hidden_state
+        p_len = batch.prompt_ids.shape[1]
+        return self.scalar_model.score(hidden[:, p_len - 1:-1]).squeeze(-1).float() * batch.response_mask
+
+
+@dataclass
+class PPOResult:
+    run_dir: Path
+    final_eval: dict[str, float]
+    policy_path: Path
+
+
+def _index(batch: SequenceBatch, idx: torch.Tensor) -> SequenceBatch:
+    return SequenceBatch(batch.prompt_ids[idx], batch.prompt_mask[idx], batch.response_ids[idx],
+                         batch.response_mask[idx])
+
+
+def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path, seed: int) -> PPOResult:
+    """Run PPO (eq. 2) from pi_ref against the reward model at `reward_model_path`; one run directory."""
+    pc = cfg.ppo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    set_seed(seed)
+    amp = lambda: autocast(cfg.model.precision, device)  # noqa: E731  (a fresh context each use)
+
+    # --- models: policy initialised from pi_ref; value model from the reward model; pi_ref and r_phi frozen
+    model_path = resolve_model_path(cfg.model, cfg.hub_access)
+    tokenizer = load_tokenizer(model_path)
+    policy = load_causal_lm(model_path)
+    ref = freeze(load_causal_lm(model_path)).to(device)
+    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
+    value_model = TokenValueModel(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id))
+    # One optimizer over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss.
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=pc.learning_rate, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # detail: linear learning-rate annealing to 0
+        optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0)
+    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    task = load_task(cfg.task, tokenizer)
+    local_batch = pc.rollout_batch_size // accelerator.num_processes  # each process samples its own share
+    prompt_order = torch.randperm(len(task.train_prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    kl_ctl = AdaptiveKLController(cfg.beta, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl else None
+    beta = cfg.beta
+
+    main = accelerator.is_main_process
+    run = RunDir.create(cfg, "ppo", seed, device, prefs.sha256, extra={"reward_model_path": str(reward_model_path),
+                                                                     "num_processes": accelerator.num_processes}
+                        ) if main else None
+    ctx = make_eval_context(cfg, prefs, ref, tokenizer, device) if main else None
+    train_seconds, tokens, final_eval = 0.0, 0, {}
+
+    def run_eval(iteration: int) -> None:
+        nonlocal final_eval
+        if main:
+            with run.stage("eval", device):
+                metrics, samples = evaluate(accelerator.unwrap_model(policy), ctx, reward_model=reward_model,
+                                            desc=f"eval @ {iteration}")
+            run.log({"kind": "eval", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens, **metrics})
+            run.write_samples(iteration, samples)
+            final_eval = metrics
+        accelerator.wait_for_everyone()
+
+    def mean_across(x: torch.Tensor | float) -> float:
+        return accelerator.gather(torch.as_tensor(x, device=device, dtype=torch.float32).reshape(1)).mean().item()
+
+    with (run.running() if main else nullcontext()):
+        run_eval(0)
+        for iteration in tqdm(range(1, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main):
+            start = time.perf_counter()
+            stage = run.stage("train", device) if main else nullcontext()
+            stage.__enter__()
+            # ---- 1. rollout: this process's share of the next prompts, cycling through a seeded order
+            first = ((iteration - 1) * pc.rollout_batch_size + accelerator.process_index * local_batch)
+            prompts = [task.train_prompts[prompt_order[(first + i) % len(prompt_order)]] for i in range(local_batch)]
+            unwrapped = accelerator.unwrap_model(policy)
+            unwrapped.eval()  # detail: no dropout while sampling and scoring (the old policy is a fixed function)
+            batch = sample(unwrapped, tokenizer, prompts, pc.max_new_tokens, pc.temperature, amp())
+            mask = batch.response_mask.float()
+
+            # ---- 2. score the rollout, one batched no-grad pass per model
+            with torch.no_grad(), amp():
+                old_logprobs, _ = response_logprobs(unwrapped, batch, pc.temperature)
+                ref_logprobs, _ = response_logprobs(ref, batch, pc.temperature)
+                old_values = value_model(batch).detach()
+                scores = reward_scores(reward_model, batch)
+            ended = (batch.response_ids == tokenizer.eos_token_id).any(dim=1)
+            if pc.missing_eos_penalty is not None:  # detail: penalise responses cut off by the length cap
+                scores = torch.where(ended, scores, scores - pc.missing_eos_penalty)
+
+            # ---- 3. per-token KL-penalised rewards (eq. 2), GAE, advantage whitening
+            rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+            advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
+            if pc.whiten_advantages:
+                advantages = whiten(advantages, mask)
+
+            # ---- 4. PPO epochs over minibatches
+            unwrapped.train()
+            stats: dict[str, list[float]] = {}
+            for _ in range(pc.ppo_epochs):
+                for idx in torch.randperm(local_batch).split(pc.mini_batch_size // accelerator.num_processes or 1):
+                    mb = _index(batch, idx)
+                    with amp():
+                        new_logprobs, entropy = response_logprobs(policy, mb, pc.temperature, with_entropy=True)
+                        new_values = value_model(mb)
+                    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, old_logprobs[idx], advantages[idx],
+                                                            mask[idx], pc.cliprange)
+                    vf_loss, vf_stats = clipped_value_loss(new_values, old_values[idx], returns[idx], mask[idx],
+                                                           pc.cliprange_value)
+                    loss = pg_loss + pc.vf_coef * vf_loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"PPO iteration {iteration}: loss is {loss.item()} (policy "
+                                                 f"{pg_loss.item()}, value {vf_loss.item()}); stopping")
+                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)
+                    grad_norm = accelerator.clip_grad_norm_(params, pc.max_grad_norm)  # detail: gradient clipping
+                    optimizer.step()
+                    for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
+                                       "policy/entropy_token": masked_mean(entropy, mask[idx]),
+                                       "grad_norm": grad_norm}.items():
+                        stats.setdefault(key, []).append(float(value.detach()))
+            scheduler.step()
+
+            # ---- 5. bookkeeping: KL controller, clock, tokens, metrics
+            kl_per_episode = kl.sum(dim=1)
+            mean_kl = mean_across(kl_per_episode.mean())
+            row = {
+                "objective/kl": mean_kl,
+                "objective/entropy": mean_across((-old_logprobs * mask).sum(dim=1).mean()),
+                "objective/scores": mean_across(scores.mean()),
+                "objective/rlhf_reward": mean_across((scores - beta * kl_per_episode).mean()),
+                "objective/kl_coef": beta,
+                "val/explained_variance": explained_variance(old_values, returns, mask),
+                "episode/length": mean_across(mask.sum(dim=1).mean()),
+                "episode/eos_rate": mean_across(ended.float().mean()),
+                "learning_rate": scheduler.get_last_lr()[0],
+                **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
+            }
+            if not all(math.isfinite(v) for k, v in row.items() if k != "val/explained_variance"):
+                raise FloatingPointError(f"PPO iteration {iteration}: non-finite metrics {row}; stopping")
+            if kl_ctl is not None:  # detail: adaptive KL coefficient (Ziegler et al. 2019)
+                beta = kl_ctl.update(mean_kl, pc.rollout_batch_size)
+            tokens += int(mean_across(batch.attention_mask.sum()) * accelerator.num_processes)
+            train_seconds += time.perf_counter() - start
+            stage.__exit__(None, None, None)
+            if main:
+                run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens, **row})
+            if iteration % pc.eval_every == 0 or iteration == pc.iterations:
+                run_eval(iteration)
+
+        policy_path = run.path / "checkpoints" / "final" if main else Path()
+        if main:
+            accelerator.unwrap_model(policy).save_pretrained(policy_path, safe_serialization=True)
+            tokenizer.save_pretrained(policy_path)
+            run.manifest["train_seconds"] = train_seconds
+    return PPOResult(run_dir=run.path if main else Path(), final_eval=final_eval, policy_path=policy_path)

@@ -1,0 +1,128 @@
+"""Stage 1 of RLHF: the reward model r_phi, trained on the shared preference set with the Bradley-Terry loss
+
+    max_phi  E_(x, y_w, y_l) [ log sigma( r_phi(x, y_w) - r_phi(x, y_l) ) ]          (1)
+
+with TRL's RewardTrainer. Backbone = the policy's model with a one-output head. After training, r_phi is
+shifted so that pi_ref's own samples on train prompts score 0 on average (InstructGPT's normalisation): PPO's
+reward then starts centred, and the per-token KL penalty and the score live on comparable scales. The shift is
+stored in the saved model's config (`reward_shift`) and applied by `pipelines.sequences.reward_scores`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import RewardConfig, RewardTrainer
+
+from pipelines.config import Config
+from pipelines.data import PreferenceSet
+from pipelines.evaluate import EvalContext, heldout_pair_metrics
+from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
+                              resolve_model_path, use_bf16)
+from pipelines.rundir import RunDir
+from pipelines.sequences import chunks, sample, sequence_scores
+from pipelines.tasks import load_task
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) as a loss: -mean log sigma(r(x, y_w) - r(x, y_l)). (RewardTrainer computes exactly this.)"""
+    return -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+@dataclass
+class RewardModelResult:
+    path: Path            # folder with the trained, shifted reward model (load with load_scalar_model)
+    run_dir: Path
+    shift: float          # subtracted from raw scores so pi_ref's samples average 0
+    heldout: dict[str, float]
+
+
+class _LogToRun(TrainerCallback):
+    """Copy TRL's per-step logs into the run's metrics.jsonl with training wall-clock and tokens."""
+
+    def __init__(self, run: RunDir, trainer_ref: list):
+        self.run, self.trainer_ref, self.start = run, trainer_ref, time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            tokens = self.trainer_ref[0]._total_train_tokens
+            self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": time.perf_counter() - self.start,
+                          "tokens": tokens, "loss": logs["loss"], "accuracy": logs.get("accuracy"),
+                          "margin": logs.get("margin"), "grad_norm": logs.get("grad_norm"),
+                          "learning_rate": logs.get("learning_rate")})
+
+
+def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
+    """What a trained reward model depends on: reused by any later run with the same key."""
+    return {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": cfg.to_dict()[
+        "reward_model"] | {"seed": seed}, "task": cfg.task.name}
+
+
+@torch.inference_mode()
+def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.device) -> float:
+    """Mean raw score of pi_ref's samples on `prompts`: subtracting it centres r_phi on pi_ref."""
+    policy = freeze(load_causal_lm(resolve_model_path(cfg.model, cfg.hub_access)).to(device))
+    scores = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.data.seed)
+        for s in chunks(len(prompts), cfg.eval.batch_size):
+            batch = sample(policy, tokenizer, prompts[s], cfg.data.max_new_tokens, cfg.data.temperature,
+                           autocast(cfg.model.precision, device))
+            with autocast(cfg.model.precision, device):
+                scores += sequence_scores(rm, batch).tolist()
+    return sum(scores) / len(scores)
+
+
+def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardModelResult:
+    """Train r_phi on `prefs.train` (eq. 1), centre it on pi_ref, report held-out accuracy and margin."""
+    rc = cfg.reward_model
+    device = default_device()
+    model_path = resolve_model_path(cfg.model, cfg.hub_access)
+    tokenizer = load_tokenizer(model_path)
+    run = RunDir.create(cfg, "reward_model", seed, device, prefs.sha256,
+                        extra={"reward_model_key": reward_model_key(cfg, prefs, seed)})
+    with run.running():
+        rm = load_scalar_model(model_path, tokenizer.pad_token_id)
+        train_set = prefs.train.select_columns(["prompt", "chosen", "rejected"])
+        with tempfile.TemporaryDirectory() as scratch:
+            args = RewardConfig(
+                output_dir=scratch, learning_rate=rc.learning_rate, num_train_epochs=rc.epochs,
+                per_device_train_batch_size=rc.batch_size, warmup_steps=rc.warmup_ratio,
+                lr_scheduler_type="linear", max_length=rc.max_length, logging_steps=1, save_strategy="no",
+                report_to=[], seed=seed, data_seed=seed, bf16=use_bf16(cfg.model.precision, device),
+                use_cpu=device.type == "cpu", disable_tqdm=False, dataloader_num_workers=0,
+            )
+            trainer_ref: list = []
+            trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
+                                    callbacks=[_LogToRun(run, trainer_ref)])
+            trainer_ref.append(trainer)
+            with run.stage("reward_model", device):
+                trainer.train()
+        rm = freeze(trainer.model)
+        task = load_task(cfg.task, tokenizer)
+        with run.stage("reward_shift", device):
+            shift = _reward_shift(rm, tokenizer, task.train_prompts[:rc.center_prompts], cfg, device)
+        rm.config.reward_shift = shift
+        ctx = EvalContext(prompts=[], ref_model=None, tokenizer=tokenizer, cfg=cfg.eval,
+                          autocast=lambda: autocast(cfg.model.precision, device),
+                          heldout_pairs=prefs.heldout.to_list())
+        with run.stage("eval", device):
+            heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None)
+        if any(math.isnan(v) for v in heldout.values()):
+            raise FloatingPointError(f"reward model produced NaN scores on held-out pairs: {heldout}")
+        final = run.path / "checkpoints" / "final"
+        rm.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+        run.log({"kind": "eval", "step": trainer.state.global_step, "wall_seconds": run.timings["reward_model"]
+                 ["seconds"], "tokens": trainer._total_train_tokens, "reward_shift": shift, **heldout})
+        run.manifest["reward_model_path"] = str(final)
+        print(f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "
+              f"{heldout.get('heldout/gold_accuracy', float('nan')):.3f}), margin {heldout['heldout/rm_margin']:.3f}, "
+              f"shift {shift:.3f}")
+    return RewardModelResult(path=final, run_dir=run.path, shift=shift, heldout=heldout)
