@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import yaml
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
     args = parser.parse_intermixed_args(argv)
+    # A polite kill (SIGTERM) unwinds like an exception, so the run in progress is marked failed, not left
+    # "running"; kill -9 cannot be caught, and the analysis treats a stale "running" run as killed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"terminated by signal {signum}"))
     try:
         return run(args)
     except UserError as e:

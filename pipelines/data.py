@@ -128,9 +128,10 @@ def preference_dir(cfg: Config) -> Path:
 
 
 def _dataset_sha256(folder: Path) -> str:
-    """sha256 over the arrow data files (state.json holds fingerprints that are not content)."""
+    """sha256 over the arrow data shards (state.json holds fingerprints that are not content; cache-*.arrow
+    files that `datasets` may add beside the shards are not content either)."""
     h = hashlib.sha256()
-    for f in sorted(folder.rglob("*.arrow")):
+    for f in sorted(folder.rglob("data-*.arrow")):
         h.update(f.relative_to(folder).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -148,7 +149,8 @@ def load_preferences(cfg: Config) -> PreferenceSet | None:
     if _dataset_sha256(path / "dataset") != manifest.get("sha256"):
         raise UserError(f"{path}: the stored preference set does not match its manifest's sha256 (edited or "
                         "half-written?); delete the folder to rebuild it")
-    ds = load_from_disk(str(path / "dataset"))
+    # In memory: later .map() calls by the trainers must not write cache files into the shared folder.
+    ds = load_from_disk(str(path / "dataset"), keep_in_memory=True)
     return PreferenceSet(path, manifest, ds["train"], ds["heldout"])
 
 

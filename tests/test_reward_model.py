@@ -1,0 +1,71 @@
+import json
+import math
+import random
+
+import torch
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+
+from pipelines.config import load_config
+from pipelines.data import PreferenceSet
+from pipelines.models import load_scalar_model
+from pipelines.sequences import encode_completions, sequence_scores
+from reward_model.train import bradley_terry_loss, train_reward_model
+
+
+def test_bradley_terry_loss_by_hand():
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    want = -(math.log(1 / (1 + math.exp(-1))) + math.log(1 / (1 + math.exp(1)))) / 2
+    assert math.isclose(loss.item(), want, rel_tol=1e-6)
+
+
+def _planted(prompts: list[str], seed: int) -> list[dict]:
+    """Pairs whose only difference is the last word: 'wonderful' is always preferred to 'terrible'."""
+    rng = random.Random(seed)
+    words = ["the", "film", "was", "long", "plot", "actor", "scene", "music", "ending", "cast"]
+    rows = []
+    for p in prompts:
+        body = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+        rows.append({"prompt": p, "chosen": f"{body} wonderful", "rejected": f"{body} terrible",
+                     "gold_chosen": 1.0, "gold_rejected": -1.0, "p_chosen": 1.0})
+    return rows
+
+
+def test_our_scoring_matches_reward_trainer_loss(tiny_path, tokenizer):
+    """RewardTrainer's loss on a batch equals eq. (1) applied to scores from pipelines.sequences: the explicit
+    reward used at evaluation and in PPO is the very function RewardTrainer optimises."""
+    rows = _planted([f"<|im_start|>user\nreview {i}<|im_end|>\n<|im_start|>assistant\n" for i in range(4)], 0)
+    model = load_scalar_model(tiny_path, tokenizer.pad_token_id)
+    args = RewardConfig(output_dir="/tmp/rm-test", per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                        max_length=128)
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
+                            train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                             for r in rows]))
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(model, dict(inputs)).item()
+        prompts = [r["prompt"] for r in rows]
+        chosen = sequence_scores(model, encode_completions(tokenizer, prompts, [r["chosen"] for r in rows]))
+        rejected = sequence_scores(model, encode_completions(tokenizer, prompts, [r["rejected"] for r in rows]))
+    # the dataloader shuffles rows, but the loss is a mean over pairs: order does not matter
+    assert math.isclose(trl_loss, bradley_terry_loss(chosen, rejected).item(), rel_tol=1e-4)
+
+
+def test_reward_model_learns_a_planted_preference(tiny_cfg, tokenizer):
+    from pipelines.tasks import load_task
+    task = load_task(tiny_cfg.task, tokenizer)
+    prefs = PreferenceSet(path=None, manifest={"sha256": "planted"},
+                          train=Dataset.from_list(_planted(task.train_prompts, 1)),
+                          heldout=Dataset.from_list(_planted(task.eval_prompts * 2, 2)))
+    cfg = load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "reward_model.learning_rate=0.002",
+                               "reward_model.epochs=3"])
+    result = train_reward_model(cfg, prefs, seed=0)
+    assert result.heldout["heldout/rm_accuracy"] >= 0.9 and result.heldout["heldout/rm_margin"] > 0.5
+    assert result.heldout["heldout/gold_accuracy"] == 1.0
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["reward_model_path"] == str(result.path)
+    saved = load_scalar_model(str(result.path), tokenizer.pad_token_id)
+    assert saved.config.reward_shift == result.shift  # the centring shift travels with the model
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kind"] == "train" and rows[-1]["kind"] == "eval" and rows[-1]["heldout/rm_accuracy"] >= 0.9
