@@ -125,11 +125,14 @@ def response_logprobs(model: PreTrainedModel, batch: SequenceBatch, temperature:
     the tokens were actually sampled from. With `with_entropy`, also the per-token entropy of that
     distribution. Gradients flow when called outside no_grad (PPO, DPO); callers choose.
     """
-    p_len = batch.prompt_ids.shape[1]
+    r_len = batch.response_ids.shape[1]
     attention_mask = batch.attention_mask
+    # Only the last R+1 columns need vocabulary logits (column P-1+j predicts response token j): skipping the
+    # LM head over the prompt saves a large share of a small model's forward pass.
     logits = model(input_ids=batch.input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-    logits = logits[:, p_len - 1:-1].float() / temperature  # column p_len-1+j predicts response token j
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                   logits_to_keep=r_len + 1).logits
+    logits = logits[:, :-1].float() / temperature
     # gather minus logsumexp: the same as log_softmax + gather without materialising log_softmax twice
     token_logits = torch.gather(logits, 2, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     log_z = torch.logsumexp(logits, dim=-1)
