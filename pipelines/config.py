@@ -59,7 +59,9 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["sentiment", "hh"] = _f("sentiment", "'sentiment' (gold reward = VADER) or 'hh' (HH-RLHF, no gold)")
+    name: Literal["sentiment", "hh", "preferences"] = _f(
+        "sentiment", "'sentiment' (gold reward = VADER), 'hh' (HH-RLHF rows, no gold), or 'preferences' (any "
+        "dataset in TRL's preference format at task.path, no gold)")
     n_train_prompts: int = _f(1000, "training prompts (sentiment: generated; hh: at most this many rows)")
     n_eval_prompts: int = _f(200, "evaluation prompts, disjoint from the training prompts")
     prompt_seed: int = _f(0, "seed that fixes which prompts are drawn and the train/eval split")
@@ -67,13 +69,15 @@ class TaskConfig:
         "", "system message put before each prompt; '' keeps it empty (short prompts are cheap on CPU), "
         "null lets the chat template insert its own default"
     )
-    path: str | None = _f(None, "data file for 'hh' (jsonl or jsonl.gz of HH-RLHF rows); relative to the project")
+    path: str | None = _f(None, "hh: HH-RLHF jsonl(.gz); preferences: a json/jsonl/parquet file, a `datasets` folder "
+                                "or (hub_access only) a hub dataset name; relative paths are from the project")
     max_prompt_tokens: int = _f(256, "hh: dialogues whose templated prompt is longer than this are dropped (counted)")
 
     def validate(self, prefix: str) -> None:
         _require(self.n_train_prompts > 0, f"{prefix}.n_train_prompts", f"must be positive, got {self.n_train_prompts}")
         _require(self.n_eval_prompts > 0, f"{prefix}.n_eval_prompts", f"must be positive, got {self.n_eval_prompts}")
-        _require(self.name != "hh" or self.path is not None, f"{prefix}.path", "is required for task 'hh'")
+        _require(self.name == "sentiment" or self.path is not None, f"{prefix}.path",
+                 f"is required for task '{self.name}'")
         _require(self.max_prompt_tokens > 0, f"{prefix}.max_prompt_tokens", "must be positive")
 
 

@@ -31,9 +31,8 @@ from pipelines.errors import UserError
 from pipelines.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
 from pipelines.rundir import atomic_write_json
 from pipelines.sequences import chunks, sample
-from pipelines.tasks import Task, load_task
+from pipelines.tasks import Task, check_pair, load_task
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 DATA_SECTIONS = ("model", "task", "data")  # the config sections the preference set depends on
 
 
@@ -64,23 +63,6 @@ def label_pair(r1: float, r2: float, labeling: str, tau: float, rng: random.Rand
         return (None if r1 == r2 else r1 > r2), p
     p = sigmoid((r1 - r2) / tau)
     return rng.random() < p, p
-
-
-def check_pair(row: object, where: str) -> dict:
-    """A preference row must have non-empty string prompt/chosen/rejected with chosen != rejected."""
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a row with fields {PAIR_FIELDS}, got {type(row).__name__}")
-    for key in PAIR_FIELDS:
-        if key not in row:
-            raise UserError(f"{where}: field '{key}' is missing")
-        if not isinstance(row[key], str):
-            raise UserError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
-    for key in ("chosen", "rejected"):
-        if not row[key].strip():
-            raise UserError(f"{where}: field '{key}' is empty")
-    if row["chosen"] == row["rejected"]:
-        raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
-    return row
 
 
 def _pairs_from_samples(prompts: list[str], policy, tokenizer, task: Task, cfg: Config, rng: random.Random,
@@ -162,7 +144,7 @@ def build_preferences(cfg: Config) -> PreferenceSet:
     start = time.perf_counter()
     model_path = resolve_model_path(cfg.model, cfg.hub_access)
     tokenizer = load_tokenizer(model_path)
-    task = load_task(cfg.task, tokenizer)
+    task = load_task(cfg.task, tokenizer, cfg.hub_access)
     stats: dict = {"dropped_while_parsing": task.dropped}
     if task.gold_reward is None:
         train = [check_pair(p, f"train pair {i}") for i, p in enumerate(task.train_pairs or [])]

@@ -38,7 +38,7 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
 
 def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, device: torch.device) -> EvalContext:
     """The fixed evaluation setting of a profile: eval prompts, held-out pairs, pi_ref, gold reward."""
-    task = load_task(cfg.task, tokenizer)
+    task = load_task(cfg.task, tokenizer, cfg.hub_access)
     n = cfg.eval.n_prompts or len(task.eval_prompts)
     heldout = prefs.heldout.to_list()[:cfg.eval.n_heldout_pairs or None]
     return EvalContext(prompts=task.eval_prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,

@@ -25,6 +25,7 @@ from pipelines.config import PROJECT_ROOT, TaskConfig
 from pipelines.errors import UserError
 
 GoldReward = Callable[[list[str]], list[float]]
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -172,13 +173,32 @@ def _read_jsonl(path: Path) -> list[tuple[int, str]]:
         return list(enumerate(f, start=1))
 
 
+def _split(name: str, pairs: list[dict], dropped: dict[str, int], cfg: TaskConfig) -> Task:
+    """Shuffle pairs deterministically and split them into held-out (eval) and train pairs."""
+    rng = random.Random(cfg.prompt_seed)
+    rng.shuffle(pairs)
+    n_eval = min(cfg.n_eval_prompts, len(pairs) // 5)  # keep at least 80% for training
+    heldout, train = pairs[:n_eval], pairs[n_eval:n_eval + cfg.n_train_prompts]
+    return Task(name=name, train_prompts=[p["prompt"] for p in train], eval_prompts=[p["prompt"] for p in heldout],
+                gold_reward=None, train_pairs=train, heldout_pairs=heldout, dropped=dropped)
+
+
+def _too_long(prompt: str, tokenizer: PreTrainedTokenizerBase, cfg: TaskConfig) -> bool:
+    return len(tokenizer(prompt, add_special_tokens=False).input_ids) > cfg.max_prompt_tokens
+
+
+def _project_path(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
 def load_hh(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     """HH-RLHF rows -> train / held-out preference pairs with templated prompts; bad rows counted and dropped."""
-    path = Path(cfg.path)
-    path = path if path.is_absolute() else PROJECT_ROOT / path
+    path = _project_path(cfg.path)
     if not path.exists():
         raise UserError(f"task.path: {path} does not exist")
     pairs, dropped = [], {}
+    too_long = "prompt longer than task.max_prompt_tokens"
     for line_no, line in _read_jsonl(path):
         where = f"{path.name} line {line_no}"
         try:
@@ -191,22 +211,107 @@ def load_hh(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
             dropped[reason] = dropped.get(reason, 0) + 1
             continue
         prompt = format_prompt(tokenizer, dialogue, cfg.system_prompt)
-        if len(tokenizer(prompt, add_special_tokens=False).input_ids) > cfg.max_prompt_tokens:
-            dropped["prompt longer than task.max_prompt_tokens"] = dropped.get(
-                "prompt longer than task.max_prompt_tokens", 0) + 1
+        if _too_long(prompt, tokenizer, cfg):
+            dropped[too_long] = dropped.get(too_long, 0) + 1
             continue
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if not pairs:
         raise UserError(f"{path}: no usable preference rows (dropped: {dropped})")
-    rng = random.Random(cfg.prompt_seed)
-    rng.shuffle(pairs)
-    n_eval = min(cfg.n_eval_prompts, len(pairs) // 5)  # keep at least 80% for training
-    heldout, train = pairs[:n_eval], pairs[n_eval:n_eval + cfg.n_train_prompts]
-    return Task(name="hh", train_prompts=[p["prompt"] for p in train], eval_prompts=[p["prompt"] for p in heldout],
-                gold_reward=None, train_pairs=train, heldout_pairs=heldout, dropped=dropped)
+    return _split("hh", pairs, dropped, cfg)
 
 
-def load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
+def check_pair(row: object, where: str) -> dict:
+    """A preference row must have non-empty string prompt/chosen/rejected with chosen != rejected."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a row with fields {PAIR_FIELDS}, got {type(row).__name__}")
+    for key in PAIR_FIELDS:
+        if key not in row:
+            raise UserError(f"{where}: field '{key}' is missing")
+        if not isinstance(row[key], str):
+            raise UserError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
+    for key in ("chosen", "rejected"):
+        if not row[key].strip():
+            raise UserError(f"{where}: field '{key}' is empty")
+    if row["chosen"] == row["rejected"]:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
+    return row
+
+
+def _read_preference_rows(source: str, hub_access: bool) -> tuple[str, list]:
+    """Rows of a preference dataset: a json/jsonl(.gz)/parquet file, a `datasets` folder, or a hub name."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    path = _project_path(source)
+    if path.is_dir():
+        ds = load_from_disk(str(path))
+        return path.name, (ds["train"] if isinstance(ds, DatasetDict) else ds).to_list()
+    if path.exists():
+        if path.suffix == ".parquet":
+            return path.name, Dataset.from_parquet(str(path)).to_list()
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            return path.name, data if isinstance(data, list) else [data]
+        rows = []
+        for line_no, line in _read_jsonl(path):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path.name} row {line_no}: invalid JSON ({e.msg})") from None
+        return path.name, rows
+    if not hub_access:
+        raise UserError(f"task.path: '{source}' is not a local file or folder, and this profile is offline")
+    return source, load_dataset(source, split="train").to_list()
+
+
+def normalise_pair(row: object, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None, where: str) -> dict:
+    """A TRL-format preference row (standard or conversational, explicit or implicit prompt) -> templated
+    prompt string + chosen/rejected reply texts; errors name `where`."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object with fields chosen, rejected (and prompt)")
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise UserError(f"{where}: field '{key}' is missing")
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if isinstance(chosen, list) and isinstance(rejected, list):  # conversational: lists of {role, content}
+        if prompt is None:  # implicit prompt: the turns chosen and rejected share
+            n = 0
+            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        try:
+            prompt = format_prompt(tokenizer, prompt, system_prompt)
+            chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise UserError(f"{where}: malformed conversation ({type(e).__name__}: {e})") from None
+    elif prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+        n = len(_common_prefix(chosen, rejected))
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    return check_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected}, where)
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def load_preference_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: bool) -> Task:
+    """Any preference dataset in TRL's format; a malformed row is an error naming the file and row."""
+    name, rows = _read_preference_rows(cfg.path, hub_access)
+    pairs, dropped = [], {}
+    for i, row in enumerate(rows, start=1):
+        pair = normalise_pair(row, tokenizer, cfg.system_prompt, f"{name} row {i}")
+        if _too_long(pair["prompt"], tokenizer, cfg):
+            dropped["prompt longer than task.max_prompt_tokens"] = dropped.get(
+                "prompt longer than task.max_prompt_tokens", 0) + 1
+            continue
+        pairs.append(pair)
+    if len(pairs) < 2:
+        raise UserError(f"{name}: {len(pairs)} usable preference rows, need at least 2 (dropped: {dropped})")
+    return _split("preferences", pairs, dropped, cfg)
+
+
+def load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: bool = False) -> Task:
     if cfg.name == "sentiment":
         train, eval_ = sentiment_instructions(cfg.n_train_prompts, cfg.n_eval_prompts, cfg.prompt_seed)
 
@@ -217,4 +322,6 @@ def load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
                     gold_reward=vader_compound)
     if cfg.name == "hh":
         return load_hh(cfg, tokenizer)
+    if cfg.name == "preferences":
+        return load_preference_task(cfg, tokenizer, hub_access)
     raise UserError(f"task.name: unknown task '{cfg.name}'")

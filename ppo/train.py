@@ -98,7 +98,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path, seed: 
     policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    task = load_task(cfg.task, tokenizer)
+    task = load_task(cfg.task, tokenizer, cfg.hub_access)
     local_batch = pc.rollout_batch_size // accelerator.num_processes  # each process samples its own share
     prompt_order = torch.randperm(len(task.train_prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     kl_ctl = AdaptiveKLController(cfg.beta, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl else None

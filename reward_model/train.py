@@ -105,7 +105,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
             with run.stage("reward_model", device):
                 trainer.train()
         rm = freeze(trainer.model)
-        task = load_task(cfg.task, tokenizer)
+        task = load_task(cfg.task, tokenizer, cfg.hub_access)
         with run.stage("reward_shift", device):
             shift = _reward_shift(rm, tokenizer, task.train_prompts[:rc.center_prompts], cfg, device)
         rm.config.reward_shift = shift

@@ -3,7 +3,8 @@ import random
 import pytest
 
 from pipelines.config import load_config
-from pipelines.data import build_preferences, check_pair, label_pair, load_preferences, preference_dir
+from pipelines.data import build_preferences, label_pair, load_preferences, preference_dir
+from pipelines.tasks import check_pair
 from pipelines.errors import UserError
 
 

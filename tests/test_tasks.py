@@ -87,3 +87,46 @@ def test_hh_file_with_no_usable_rows_is_an_error(tmp_path, tokenizer):
     path.write_text('{"chosen": 1, "rejected": 2}\n')
     with pytest.raises(UserError, match="no usable preference rows"):
         load_hh(load_config("hh", [f"task.path={path}"]).task, tokenizer)
+
+
+def _pref_cfg(path, *more):
+    return load_config("hh", ["task.name=preferences", f"task.path={path}", "task.n_eval_prompts=1", *more]).task
+
+
+def test_any_trl_preference_format_loads(tmp_path, tokenizer):
+    from datasets import Dataset
+    standard = [{"prompt": f"Q{i}: ", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+    implicit_conv = [{"chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "yes"}],
+                      "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "no"}]}
+                     for i in range(6)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in standard))
+    (tmp_path / "c.json").write_text(json.dumps(implicit_conv))
+    Dataset.from_list(standard).to_parquet(str(tmp_path / "s.parquet"))
+    Dataset.from_list(standard).save_to_disk(str(tmp_path / "folder"))
+    for source in ("s.jsonl", "s.parquet", "folder"):
+        task = load_task(_pref_cfg(tmp_path / source), tokenizer)
+        pairs = task.train_pairs + task.heldout_pairs
+        assert sorted(p["chosen"] for p in pairs) == sorted(r["chosen"] for r in standard), source
+        assert len(task.heldout_pairs) == 1 and task.gold_reward is None
+    conv = load_task(_pref_cfg(tmp_path / "c.json"), tokenizer)
+    pair = conv.train_pairs[0]
+    assert pair["prompt"].endswith("<|im_start|>assistant\n") and (pair["chosen"], pair["rejected"]) == ("yes", "no")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": "a"}, "rows.jsonl row 2: field 'rejected' is missing"),
+    ({"prompt": "p", "chosen": "a", "rejected": 3}, "rows.jsonl row 2: field 'rejected' must be a string"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "rows.jsonl row 2: 'chosen' and 'rejected' are identical"),
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "rows.jsonl row 2: field 'chosen' is empty"),
+    ({"chosen": [{"role": "user"}], "rejected": [{"role": "user"}]}, "rows.jsonl row 2: malformed conversation"),
+])
+def test_malformed_preference_row_is_named(tmp_path, tokenizer, row, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=message):
+        load_task(_pref_cfg(path), tokenizer)
+
+
+def test_preference_dataset_from_hub_needs_hub_access(tokenizer):
+    with pytest.raises(UserError, match="'someone/prefs' is not a local file or folder, and this profile is offline"):
+        load_task(_pref_cfg("someone/prefs"), tokenizer)
