@@ -72,15 +72,19 @@ class EvalContext:
     gold_reward: GoldReward | None = None
     heldout_pairs: list[dict] = field(default_factory=list)  # prompt / chosen / rejected (/ gold_chosen ...)
     _ref_pair_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # pi_ref on held-out pairs, computed once
+    _pair_batches: list | None = None
 
     def pair_batches(self) -> list[tuple[slice, SequenceBatch, SequenceBatch]]:
-        pairs = self.heldout_pairs
-        out = []
-        for s in chunks(len(pairs), self.cfg.batch_size):
-            prompts = [p["prompt"] for p in pairs[s]]
-            out.append((s, encode_completions(self.tokenizer, prompts, [p["chosen"] for p in pairs[s]]),
-                        encode_completions(self.tokenizer, prompts, [p["rejected"] for p in pairs[s]])))
-        return out
+        """Held-out pairs as (slice, chosen batch, rejected batch), tokenised once."""
+        if self._pair_batches is None:
+            pairs = self.heldout_pairs
+            self._pair_batches = []
+            for s in chunks(len(pairs), self.cfg.batch_size):
+                prompts = [p["prompt"] for p in pairs[s]]
+                chosen = encode_completions(self.tokenizer, prompts, [p["chosen"] for p in pairs[s]])
+                rejected = encode_completions(self.tokenizer, prompts, [p["rejected"] for p in pairs[s]])
+                self._pair_batches.append((s, chosen, rejected))
+        return self._pair_batches
 
 
 @torch.inference_mode()

@@ -6,12 +6,10 @@ the shared pieces together and times them.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from pipelines.config import Config
-from pipelines.data import PreferenceSet, build_preferences
+from pipelines.data import PreferenceSet, build_preferences, load_preferences
 from pipelines.evaluate import EvalContext, evaluate
 from pipelines.models import autocast, default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from pipelines.rundir import RunDir
@@ -20,10 +18,10 @@ from pipelines.tasks import load_task
 
 def build_preference_set(cfg: Config) -> PreferenceSet:
     """Build or reuse the shared preference set and print what it holds."""
-    start = time.perf_counter()
-    prefs = build_preferences(cfg)
+    prefs = load_preferences(cfg)
+    reused = "reused" if prefs is not None else "built"
+    prefs = prefs or build_preferences(cfg)
     m = prefs.manifest
-    reused = "reused" if time.perf_counter() - start < m["build_seconds"] else "built"
     print(f"preference set {reused}: {m['counts']['train']} train / {m['counts']['heldout']} held-out pairs, "
           f"sha256 {m['sha256'][:12]}, built in {m['build_seconds']:.0f} s")
     for split in ("train", "heldout"):
