@@ -37,6 +37,13 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise UserError(f"config key '{key}': {message}")
 
 
+def _require_positive(section: Any, prefix: str, *keys: str) -> None:
+    """Each named field must be > 0 (fields that may be null are checked only when set)."""
+    for key in keys:
+        value = getattr(section, key)
+        _require(value is None or value > 0, f"{prefix}.{key}", f"must be positive, got {value}")
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = _f(
@@ -54,7 +61,7 @@ class ModelConfig:
         _require(bool(self.name_or_path), f"{prefix}.name_or_path", "must not be empty")
         _require(self.tiny_hidden_size > 0 and self.tiny_hidden_size % 16 == 0, f"{prefix}.tiny_hidden_size",
                  f"must be a positive multiple of 16, got {self.tiny_hidden_size}")
-        _require(self.tiny_layers > 0, f"{prefix}.tiny_layers", f"must be positive, got {self.tiny_layers}")
+        _require_positive(self, prefix, "tiny_layers")
 
 
 @dataclass
@@ -74,11 +81,9 @@ class TaskConfig:
     max_prompt_tokens: int = _f(256, "hh: dialogues whose templated prompt is longer than this are dropped (counted)")
 
     def validate(self, prefix: str) -> None:
-        _require(self.n_train_prompts > 0, f"{prefix}.n_train_prompts", f"must be positive, got {self.n_train_prompts}")
-        _require(self.n_eval_prompts > 0, f"{prefix}.n_eval_prompts", f"must be positive, got {self.n_eval_prompts}")
+        _require_positive(self, prefix, "n_train_prompts", "n_eval_prompts", "max_prompt_tokens")
         _require(self.name == "sentiment" or self.path is not None, f"{prefix}.path",
                  f"is required for task '{self.name}'")
-        _require(self.max_prompt_tokens > 0, f"{prefix}.max_prompt_tokens", "must be positive")
 
 
 @dataclass
@@ -96,13 +101,10 @@ class DataConfig:
     seed: int = _f(0, "seed for sampling and labelling the preference set")
 
     def validate(self, prefix: str) -> None:
-        _require(self.n_prompts is None or self.n_prompts > 0, f"{prefix}.n_prompts", "must be positive or null")
+        _require_positive(self, prefix, "n_prompts", "n_heldout_prompts", "max_new_tokens", "temperature",
+                          "bt_temperature", "batch_size")
         _require(self.responses_per_prompt >= 2 and self.responses_per_prompt % 2 == 0,
                  f"{prefix}.responses_per_prompt", f"must be an even number >= 2, got {self.responses_per_prompt}")
-        _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be positive, got {self.max_new_tokens}")
-        _require(self.temperature > 0, f"{prefix}.temperature", f"must be positive, got {self.temperature}")
-        _require(self.bt_temperature > 0, f"{prefix}.bt_temperature", f"must be positive, got {self.bt_temperature}")
-        _require(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive, got {self.batch_size}")
 
 
 @dataclass
@@ -116,10 +118,8 @@ class EvalConfig:
     n_samples_saved: int = _f(16, "eval samples written to the run directory at each eval point")
 
     def validate(self, prefix: str) -> None:
-        _require(self.n_prompts is None or self.n_prompts > 0, f"{prefix}.n_prompts", "must be positive or null")
-        _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be positive, got {self.max_new_tokens}")
-        _require(self.temperature > 0, f"{prefix}.temperature", f"must be positive, got {self.temperature}")
-        _require(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive, got {self.batch_size}")
+        _require_positive(self, prefix, "n_prompts", "max_new_tokens", "temperature", "batch_size", "n_heldout_pairs",
+                          "n_samples_saved")
 
 
 @dataclass
@@ -135,12 +135,8 @@ class RewardModelConfig:
     seed: int = _f(0, "training seed of the shared reward model (per_seed: the PPO seed instead)")
 
     def validate(self, prefix: str) -> None:
-        _require(self.learning_rate > 0, f"{prefix}.learning_rate", f"must be positive, got {self.learning_rate}")
-        _require(self.epochs > 0, f"{prefix}.epochs", f"must be positive, got {self.epochs}")
-        _require(self.batch_size > 0, f"{prefix}.batch_size", f"must be positive, got {self.batch_size}")
+        _require_positive(self, prefix, "learning_rate", "epochs", "batch_size", "max_length", "center_prompts")
         _require(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio", "must be in [0, 1)")
-        _require(self.max_length > 0, f"{prefix}.max_length", "must be positive")
-        _require(self.center_prompts > 0, f"{prefix}.center_prompts", "must be positive")
 
 
 @dataclass
@@ -171,13 +167,11 @@ class PPOConfig:
                             "the last)")
 
     def validate(self, prefix: str) -> None:
-        for key in ("iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                    "eval_every", "kl_horizon"):
-            _require(getattr(self, key) > 0, f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
+        _require_positive(self, prefix, "iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs",
+                          "max_new_tokens", "eval_every", "kl_horizon", "learning_rate", "temperature", "cliprange",
+                          "cliprange_value", "max_grad_norm", "target_kl")
         _require(self.rollout_batch_size % self.mini_batch_size == 0, f"{prefix}.mini_batch_size",
                  f"must divide rollout_batch_size ({self.rollout_batch_size}), got {self.mini_batch_size}")
-        for key in ("learning_rate", "temperature", "cliprange", "cliprange_value", "max_grad_norm", "target_kl"):
-            _require(getattr(self, key) > 0, f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"{prefix}.gamma/lam", "must lie in [0, 1]")
         _require(self.vf_coef >= 0, f"{prefix}.vf_coef", "must be non-negative")
 
