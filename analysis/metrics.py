@@ -104,12 +104,13 @@ def per_run_headline(evals: pd.DataFrame, kl_level: float | None, gold_level: fl
     """One row per run: final eval metrics, and where the task has a gold reward, the gold reward at the
     matched KL and the seconds and tokens to first reach the target gold reward."""
     final = final_evals(evals).set_index(RUN)
-    wanted = ["eval/gold", "eval/kl", "eval/proxy", "heldout/rm_accuracy", "heldout/implicit_accuracy"]
-    out = final[[c for c in wanted if c in final]].add_prefix("final ")
+    out = pd.DataFrame(index=final.index)
     if "eval/gold" in evals:
         out["gold at matched KL"] = crossings(evals, "eval/kl", "eval/gold", kl_level)
         out["seconds to target gold"] = crossings(evals, "eval/gold", "wall_seconds", gold_level)
         out["tokens to target gold"] = crossings(evals, "eval/gold", "tokens", gold_level)
+    wanted = ["eval/gold", "eval/kl", "eval/proxy", "heldout/rm_accuracy", "heldout/implicit_accuracy"]
+    out = out.join(final[[c for c in wanted if c in final]].add_prefix("final "))
     return out.reset_index()
 
 

@@ -97,9 +97,10 @@ def curves_plot(bands: dict[str, pd.DataFrame], labels: dict[str, str]) -> Plot:
 
 def heldout_plot(scores: pd.DataFrame) -> Plot:
     title = "Held-out preference pairs: accuracy and margin by scorer"
-    caption = ("Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of each scorer's final accuracy and margin on "
-               "the same held-out pairs; the gold bar is the ceiling the labels' noise allows, and margins are in "
-               "each scorer's own units, so compare accuracies across scorers and margins only within one.")
+    caption = ("Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of "
+               "each scorer's final accuracy and margin on the same held-out pairs; the gold bar is the ceiling the "
+               "labels' noise allows, and margins are in each scorer's own units, so compare accuracies across "
+               "scorers and margins only within one.")
     if scores.empty:
         return Plot("heldout", title, caption, missing="no eval row carries held-out accuracies")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

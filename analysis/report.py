@@ -64,7 +64,7 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         if stat == "mean" and f"{base} lo" in frame:
             out[base] = [f"{_num(m)} [{_num(lo)}, {_num(hi)}] sd {_num(sd)} (n={n})" if n > 1 else
-                         f"{_num(m)} (n={n})" for m, lo, hi, sd, n in
+                         f"{_num(m)} (n=1)" if n == 1 else "–" for m, lo, hi, sd, n in
                          zip(frame[col], frame[f"{base} lo"], frame[f"{base} hi"], frame[f"{base} std"],
                              frame[f"{base} n"])]
         elif pd.api.types.is_float_dtype(frame[col]):
@@ -83,6 +83,13 @@ def _markdown(frame: pd.DataFrame) -> str:
 # --- the sections -------------------------------------------------------------------------------------------
 
 
+def _level(configured: float | None, key: str, trained: pd.DataFrame, column: str) -> tuple[float, str]:
+    """The configured comparison level, else the highest level of `column` every PPO and DPO run reaches."""
+    if configured is not None:
+        return configured, f"set by {key}"
+    return M.common_reach(trained, column), f"the highest {column} every PPO and DPO run reaches"
+
+
 def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
     """Gold reward at matched KL and time to reach the target gold reward, per method (SPEC §7.7)."""
     trained = runs.evals(*TRAINED)
@@ -90,16 +97,13 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
     section = Section("Headline: gold reward at matched KL, and the time to reach it")
     kl_level = gold_level = math.nan
     if has_gold and not trained.empty:
-        kl_level = cfg.report.matched_kl if cfg.report.matched_kl is not None else M.common_reach(trained, "eval/kl")
-        gold_level = (cfg.report.target_gold if cfg.report.target_gold is not None
-                      else M.common_reach(trained, "eval/gold"))
+        kl_level, kl_source = _level(cfg.report.matched_kl, "report.matched_kl", trained, "eval/kl")
+        gold_level, gold_source = _level(cfg.report.target_gold, "report.target_gold", trained, "eval/gold")
         section.notes += [
-            f"Matched KL = {kl_level:.4g} nats per sequence "
-            f"({'set by report.matched_kl' if cfg.report.matched_kl is not None else 'the largest KL every PPO and DPO run reaches'}): "
-            "each run's gold reward where its eval trajectory first reaches that KL, interpolated linearly.",
-            f"Target gold reward = {gold_level:.4g} "
-            f"({'set by report.target_gold' if cfg.report.target_gold is not None else 'the highest gold reward every PPO and DPO run reaches'}): "
-            "training seconds (evaluation excluded) and tokens until a run's eval trajectory first reaches it.",
+            f"Matched KL = {kl_level:.4g} nats per sequence ({kl_source}): each run's gold reward where its eval "
+            "trajectory first reaches that KL, interpolated linearly.",
+            f"Target gold reward = {gold_level:.4g} ({gold_source}): training seconds (evaluation excluded) and "
+            "tokens until a run's eval trajectory first reaches it.",
             "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one seed gives no interval."]
     elif not has_gold:
         section.notes.append("This task has no gold reward: the table gives the final KL, PPO's proxy (learned RM) "

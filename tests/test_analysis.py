@@ -15,6 +15,7 @@ from analysis import metrics as M
 from analysis.load import load_runs
 from analysis.report import main as report_main
 from pipelines.config import load_config
+from pipelines.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,13 +73,10 @@ def gold_profile(root):
     return p
 
 
-def cfg_for(tmp_path, profile="tiny"):
-    return load_config(profile, [f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}"])
-
-
-def run_report(tmp_path, profile_dir, base_profile="tiny"):
+def run_report(tmp_path, profile_dir, base_profile="tiny", overrides=()):
     """Run `make report`'s entry point on runs/<name>/; returns the output folder."""
-    cfg = cfg_for(tmp_path, base_profile)
+    cfg = load_config(base_profile, [f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}",
+                                     *overrides])
     cfg.profile = profile_dir.name
     assert report_main(cfg) == 0
     return tmp_path / "reports" / profile_dir.name
@@ -186,8 +184,20 @@ def test_report_on_a_gold_task(tmp_path):
     head = pd.read_csv(out / "headline.csv")
     assert set(head["method"]) == {"reference", "ppo", "dpo"}
     assert head.set_index("method").loc["dpo", "gold at matched KL mean"] == pytest.approx(0.65)
-    assert "Matched KL = 2 nats" in page and "f" * 64 in page  # level and data sha256 stated
+    assert "Matched KL = 2 nats" in page and "Target gold reward = 0.4 (" in page and "f" * 64 in page  # level and data sha256 stated
     assert pd.read_csv(out / "spikes.csv")["spikes"].sum() == 2  # one grad-norm spike per PPO seed
+
+
+def test_configured_comparison_levels_and_their_validation(tmp_path):
+    out = run_report(tmp_path, gold_profile(tmp_path), overrides=["report.matched_kl=1", "report.target_gold=0.3"])
+    head = pd.read_csv(out / "headline.csv").set_index("method")
+    # At KL 1: ppo0 0.3 (a point), ppo1 halfway from (0, .1) to (2, .4) = 0.25. Gold .3: ppo0 at 100 s,
+    # ppo1 two thirds of the way from 0 to 100 s.
+    assert head.loc["ppo", "gold at matched KL mean"] == pytest.approx(0.275)
+    assert head.loc["ppo", "seconds to target gold mean"] == pytest.approx((100 + 200 / 3) / 2)
+    assert "Matched KL = 1 nats per sequence (set by report.matched_kl)" in (out / "index.html").read_text()
+    with pytest.raises(UserError, match="report.spike_window"):
+        load_config("tiny", ["report.spike_window=2"])
 
 
 def test_report_on_a_task_without_gold(tmp_path):
