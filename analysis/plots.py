@@ -22,6 +22,44 @@ from analysis.metrics import RUN  # noqa: E402
 PALETTE = {"reference": "#555555", "reward_model": "#2ca02c", "ppo": "#1f77b4", "dpo": "#ff7f0e"}
 KL_LABEL = "KL(π‖π_ref) [nats per sequence]"
 
+# name -> (title, the sentence under the figure on how to read it)
+TEXT = {
+    "frontier": (
+        "{reward} vs KL: every eval point and each method's frontier",
+        "Up and to the left is better: each step line is the best reward a method reached at or below "
+        "that KL, and a frontier above another gets more reward for the same divergence from π_ref."),
+    "curves": (
+        "Training curves: mean and 95% band across seeds",
+        "Each line is a method's mean over seeds at each eval step and the shaded band its 95% "
+        "t-interval (absent with one seed); the right column puts the same points at the mean training "
+        "wall-clock, so a curve further left got there sooner."),
+    "heldout": (
+        "Held-out preference pairs: accuracy and margin by scorer",
+        "Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of "
+        "each scorer's final accuracy and margin on the same held-out pairs; the gold bar is the ceiling the "
+        "labels' noise allows, and margins are in each scorer's own units, so compare accuracies across "
+        "scorers and margins only within one."),
+    "overoptimisation": (
+        "PPO: proxy (reward model) vs gold reward over training",
+        "Both gains are measured from the run's first eval in units of that eval's sample std; a proxy "
+        "line that keeps rising while the gold line flattens or falls is the reward model being "
+        "over-optimised (Gao et al. 2022)."),
+    "seeds": (
+        "Stability across seeds: per-seed curves and spread of final values",
+        "Left: one line per run, so diverging lines of one colour mean seed-sensitive training; right: "
+        "each dot is one run's final value, and a wide spread of dots makes a difference of means weak."),
+    "health": (
+        "Training health: gradient norm, losses, PPO clipping, DPO log-probs",
+        "One line per run; red crosses are spikes (a value above the median of the preceding window by "
+        "more than k robust std); in the last panel solid lines are chosen and dashed rejected "
+        "log-probs, and both falling together is DPO's known failure mode."),
+    "cost": (
+        "Cost: wall-clock per stage, training tokens, peak memory",
+        "Bars are per-run means of each stage's wall-clock (eval is timed apart from training) and of the "
+        "tokens processed, and the largest peak memory seen; PPO's full cost is its bar plus the "
+        "reward_model bar."),
+}
+
 
 @dataclass
 class Plot:
@@ -43,23 +81,24 @@ def _label(frame: pd.DataFrame) -> pd.Series:
     return frame.apply(lambda r: r["method"] + (f" β={r['beta']:g}" if betas[r["method"]] > 1 else ""), axis=1)
 
 
-def _finish(fig: Figure, axes, title: str) -> Figure:
-    """Title the figure, keep one legend per axis where there is something to label, tighten."""
-    fig.suptitle(title)
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+def _plot(name: str, fig: Figure | None = None, axes=(), missing: str = "", **title_fields: str) -> Plot:
+    """The Plot for figure `name`: title it, keep one legend per axis that has labelled artists, tighten."""
+    title, caption = TEXT[name]
+    title = title.format(**title_fields)
+    if fig is not None:
+        fig.suptitle(title)
+        for ax in axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+    return Plot(name, title, caption, fig, missing)
 
 
 def frontier_plot(points: pd.DataFrame, frontiers: pd.DataFrame, y: str, y_label: str, reference_y) -> Plot:
     """Every eval point (colour = method, marker = β) and each method's frontier as a step line."""
-    title = f"{y_label.split(' [')[0]} vs KL: every eval point and each method's frontier"
-    caption = ("Up and to the left is better: each step line is the best reward a method reached at or below "
-               "that KL, and a frontier above another gets more reward for the same divergence from π_ref.")
+    reward = y_label.split(" [")[0]  # the label without its unit
     if points.empty:
-        return Plot("frontier", title, caption, missing=f"no eval point has both {y} and eval/kl")
+        return _plot("frontier", missing=f"no eval point has both {y} and eval/kl", reward=reward)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     palette = _palette(points["method"].unique())
     sns.scatterplot(data=points.assign(β=points["beta"].map("{:g}".format)), x="eval/kl", y=y, hue="method",
@@ -69,40 +108,31 @@ def frontier_plot(points: pd.DataFrame, frontiers: pd.DataFrame, y: str, y_label
     if reference_y is not None:
         ax.axhline(reference_y, color=PALETTE["reference"], ls=":", lw=1, label="π_ref")
     ax.set(xlabel=KL_LABEL, ylabel=y_label)
-    return Plot("frontier", title, caption, _finish(fig, [ax], title))
+    return _plot("frontier", fig, [ax], reward=reward)
 
 
 def curves_plot(bands: dict[str, pd.DataFrame], labels: dict[str, str]) -> Plot:
     """Rows: metrics; columns: over steps and over training seconds. Line = mean, band = 95% t-interval."""
-    title = "Training curves: mean and 95% band across seeds"
-    caption = ("Each line is a method's mean over seeds at each eval step and the shaded band its 95% "
-               "t-interval (absent with one seed); the right column puts the same points at the mean training "
-               "wall-clock, so a curve further left got there sooner.")
     bands = {k: b for k, b in bands.items() if not b.empty}
     if not bands:
-        return Plot("curves", title, caption, missing="no PPO or DPO eval points")
+        return _plot("curves", missing="no PPO or DPO eval points")
     fig, axes = plt.subplots(len(bands), 2, figsize=(11, 3.4 * len(bands)), squeeze=False)
     for row, (column, frame) in zip(axes, bands.items()):
         frame = frame.assign(label=_label(frame))
         palette = _palette(frame["method"].unique())
         for ax, x, x_label in zip(row, ("step", "wall_seconds"), ("optimizer step", "training wall-clock [s]")):
-            for label, g in frame.groupby("label"):
+            for _, g in frame.groupby("label"):
                 ax.fill_between(g[x], g["lo"], g["hi"], alpha=0.2, color=palette[g["method"].iloc[0]])
             sweep = frame["label"].nunique() > frame["method"].nunique()  # then line style tells β apart
             sns.lineplot(data=frame, x=x, y="mean", hue="method", style="label" if sweep else None,
                          palette=palette, marker="o", ax=ax)
             ax.set(xlabel=x_label, ylabel=labels[column], title=f"{labels[column].split(' [')[0]} over {x_label}")
-    return Plot("curves", title, caption, _finish(fig, axes.ravel(), title))
+    return _plot("curves", fig, axes.ravel())
 
 
 def heldout_plot(scores: pd.DataFrame) -> Plot:
-    title = "Held-out preference pairs: accuracy and margin by scorer"
-    caption = ("Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of "
-               "each scorer's final accuracy and margin on the same held-out pairs; the gold bar is the ceiling the "
-               "labels' noise allows, and margins are in each scorer's own units, so compare accuracies across "
-               "scorers and margins only within one.")
     if scores.empty:
-        return Plot("heldout", title, caption, missing="no eval row carries held-out accuracies")
+        return _plot("heldout", missing="no eval row carries held-out accuracies")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     palette = _palette(scores["method"].unique())
     for ax, column, unit in zip(axes, ("accuracy", "margin"), ("fraction of pairs", "score units")):
@@ -111,31 +141,24 @@ def heldout_plot(scores: pd.DataFrame) -> Plot:
         ax.set(xlabel="scorer", ylabel=f"held-out {column} [{unit}]", title=f"held-out {column}")
         ax.tick_params(axis="x", labelsize=7)
     axes[0].axhline(0.5, color="black", ls=":", lw=1, label="chance")
-    return Plot("heldout", title, caption, _finish(fig, axes, title))
+    return _plot("heldout", fig, axes)
 
 
 def overoptimisation_plot(gains: pd.DataFrame) -> Plot:
-    title = "PPO: proxy (reward model) vs gold reward over training"
-    caption = ("Both gains are measured from the run's first eval in units of that eval's sample std; a proxy "
-               "line that keeps rising while the gold line flattens or falls is the reward model being "
-               "over-optimised (Gao et al. 2022).")
     if gains.empty:
-        return Plot("overoptimisation", title, caption, missing="no PPO eval points with a proxy reward")
+        return _plot("overoptimisation", missing="no PPO eval points with a proxy reward")
     long = gains.melt(id_vars=[*RUN, "step"], value_vars=["proxy gain", "gold gain"], var_name="reward")
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=long.dropna(subset=["value"]), x="step", y="value", hue="reward", errorbar=("ci", 95),
                  marker="o", ax=ax)
     ax.axhline(0, color="black", lw=0.5)
     ax.set(xlabel="PPO optimizer step", ylabel="gain since first eval [first-eval std units]")
-    return Plot("overoptimisation", title, caption, _finish(fig, [ax], title))
+    return _plot("overoptimisation", fig, [ax])
 
 
 def seeds_plot(evals: pd.DataFrame, final: pd.DataFrame, y: str, y_label: str) -> Plot:
-    title = "Stability across seeds: per-seed curves and spread of final values"
-    caption = ("Left: one line per run, so diverging lines of one colour mean seed-sensitive training; right: "
-               "each dot is one run's final value, and a wide spread of dots makes a difference of means weak.")
     if evals.empty:
-        return Plot("seeds", title, caption, missing="no PPO or DPO eval points")
+        return _plot("seeds", missing="no PPO or DPO eval points")
     palette = _palette(evals["method"].unique())
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     sns.lineplot(data=evals, x="step", y=y, hue="method", units="run_id", estimator=None, palette=palette,
@@ -145,7 +168,7 @@ def seeds_plot(evals: pd.DataFrame, final: pd.DataFrame, y: str, y_label: str) -
         sns.stripplot(data=final.assign(label=_label(final)), x="label", y=column, hue="method", palette=palette,
                       size=7, ax=ax)
         ax.set(xlabel="method", ylabel=f"final {label}", title=f"final {label.split(' [')[0]} per run")
-    return Plot("seeds", title, caption, _finish(fig, axes, title))
+    return _plot("seeds", fig, axes)
 
 
 # (method, column, axis label) of each training-health panel
@@ -161,12 +184,8 @@ HEALTH_PANELS = [
 
 def health_plot(train: pd.DataFrame, flagged: pd.DataFrame) -> Plot:
     """Per-run training series; red crosses mark spikes (analysis.metrics.spikes)."""
-    title = "Training health: gradient norm, losses, PPO clipping, DPO log-probs"
-    caption = ("One line per run; red crosses are spikes (a value above the median of the preceding window by "
-               "more than k robust std); in the last panel solid lines are chosen and dashed rejected "
-               "log-probs, and both falling together is DPO's known failure mode.")
     if train.empty:
-        return Plot("health", title, caption, missing="no PPO or DPO training rows")
+        return _plot("health", missing="no PPO or DPO training rows")
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     palette = _palette(train["method"].unique())
     for ax, (methods, column, label) in zip(axes.ravel(), HEALTH_PANELS):
@@ -186,16 +205,12 @@ def health_plot(train: pd.DataFrame, flagged: pd.DataFrame) -> Plot:
         if not marks.empty:
             ax.scatter(marks["step"], marks["value"], color="red", marker="x", zorder=3, label="spike")
         ax.set(title=label.split(" [")[0], xlabel="optimizer step", ylabel=label)
-    return Plot("health", title, caption, _finish(fig, axes.ravel(), title))
+    return _plot("health", fig, axes.ravel())
 
 
 def cost_plot(costs: pd.DataFrame) -> Plot:
-    title = "Cost: wall-clock per stage, training tokens, peak memory"
-    caption = ("Bars are per-run means of each stage's wall-clock (eval is timed apart from training) and of the "
-               "tokens processed, and the largest peak memory seen; PPO's full cost is its bar plus the "
-               "reward_model bar.")
     if costs.empty:
-        return Plot("cost", title, caption, missing="no timings.json in any included run")
+        return _plot("cost", missing="no timings.json in any included run")
     palette = _palette(costs["method"].unique())
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, ax=axes[0])
@@ -205,4 +220,4 @@ def cost_plot(costs: pd.DataFrame) -> Plot:
     axes[1].set(xlabel="method", ylabel="training tokens per run [tokens]", title="tokens processed")
     sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, ax=axes[2])
     axes[2].set(xlabel="stage", ylabel="peak memory [MiB]", title="peak memory after each stage")
-    return Plot("cost", title, caption, _finish(fig, axes, title))
+    return _plot("cost", fig, axes)
