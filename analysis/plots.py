@@ -7,6 +7,7 @@ on how to read it. Colours are fixed per method so every figure reads the same w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 
@@ -221,3 +222,9 @@ def cost_plot(costs: pd.DataFrame) -> Plot:
     sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, ax=axes[2])
     axes[2].set(xlabel="stage", ylabel="peak memory [MiB]", title="peak memory after each stage")
     return _plot("cost", fig, axes)
+
+
+def save(plot: Plot, folder: Path) -> None:
+    """Write the figure as <folder>/<name>.png and free it (a report draws many figures in one process)."""
+    plot.figure.savefig(folder / f"{plot.name}.png", dpi=100)
+    plt.close(plot.figure)

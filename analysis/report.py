@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from analysis import metrics as M
@@ -285,10 +284,11 @@ def render_markdown(sections: list[Section], profile: str) -> str:
 
 def write(sections: list[Section], out: Path, profile: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.png"), *out.glob("*.csv")]:
+        stale.unlink()  # a figure or table this report no longer has must not linger beside the new page
     for s in sections:
         if s.plot is not None and s.plot.figure is not None:
-            s.plot.figure.savefig(out / f"{s.plot.name}.png", dpi=100)
-            plt.close(s.plot.figure)
+            P.save(s.plot, out)
         for t in s.tables:
             atomic_write_text(out / f"{t.name}.csv", t.frame.to_csv(index=False))
     atomic_write_text(out / "summary.md", render_markdown(sections, profile))

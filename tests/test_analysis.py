@@ -184,7 +184,8 @@ def test_report_on_a_gold_task(tmp_path):
     head = pd.read_csv(out / "headline.csv")
     assert set(head["method"]) == {"reference", "ppo", "dpo"}
     assert head.set_index("method").loc["dpo", "gold at matched KL mean"] == pytest.approx(0.65)
-    assert "Matched KL = 2 nats" in page and "Target gold reward = 0.4 (" in page and "f" * 64 in page  # level and data sha256 stated
+    assert "Matched KL = 2 nats" in page and "Target gold reward = 0.4 (" in page  # the levels are stated
+    assert "f" * 64 in page and "x86_64" in page  # provenance: data sha256 and machine
     assert pd.read_csv(out / "spikes.csv")["spikes"].sum() == 2  # one grad-norm spike per PPO seed
 
 
@@ -243,7 +244,11 @@ def test_bad_and_unfinished_runs_are_named_and_left_out(tmp_path):
 def test_report_with_only_dpo_says_what_is_missing(tmp_path):
     p = tmp_path / "runs" / "onlydpo"
     write_run(p, "dpo", 0, [ev(0, 0.1), ev(1, 0.3)], train=[{"loss": 0.6, "grad_norm": 1.0}])
+    stale = tmp_path / "reports" / "onlydpo" / "overoptimisation.png"  # from an earlier report with PPO runs
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG_MAGIC)
     out = run_report(tmp_path, p)
+    assert not stale.exists()
     page, images = assert_page_complete(out)
     assert "No completed PPO run" in page and "No completed reference run" in page
     assert "overoptimisation.png" not in images and "Not drawn: no PPO eval points" in page
