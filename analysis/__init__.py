@@ -1,1 +1,2 @@
-"""analysis: see docs/ and the open issues; filled in by its own issue."""
+"""analysis: run directories -> tidy frames (load), metric definitions (metrics), figures (plots), and the
+HTML/Markdown/CSV report of `make report` (report). Definitions: docs/analysis.md."""

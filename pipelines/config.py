@@ -186,10 +186,27 @@ class DPOConfig:
 
 @dataclass
 class ReportConfig:
-    """The report: filled in by analysis/ (issue #5)."""
+    """The report (`make report`, analysis/): where it goes and the levels its headline compares at."""
+
+    out_dir: str = _f("reports", "where reports/<profile>/ is written (relative to the project, or absolute)")
+    matched_kl: float | None = _f(
+        None, "KL level (nats per sequence) at which methods' gold reward is compared; null = the largest KL "
+        "that every included PPO and DPO run reaches"
+    )
+    target_gold: float | None = _f(
+        None, "gold reward whose first crossing gives time- and tokens-to-reach; null = the highest gold reward "
+        "that every included PPO and DPO run reaches"
+    )
+    spike_window: int = _f(10, "a spike is judged against the median and MAD of this many preceding training steps")
+    spike_k: float = _f(5.0, "a spike exceeds the window's median by more than spike_k robust standard deviations "
+                             "(1.4826 x MAD)")
 
     def validate(self, prefix: str) -> None:
-        pass
+        _require(bool(self.out_dir), f"{prefix}.out_dir", "must not be empty")
+        _require(self.matched_kl is None or self.matched_kl >= 0, f"{prefix}.matched_kl",
+                 f"must be >= 0 or null, got {self.matched_kl}")
+        _require(self.spike_window >= 3, f"{prefix}.spike_window", f"must be at least 3, got {self.spike_window}")
+        _require(self.spike_k > 0, f"{prefix}.spike_k", f"must be positive, got {self.spike_k}")
 
 
 @dataclass

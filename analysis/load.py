@@ -1,0 +1,141 @@
+"""Read every run directory of a profile into tidy pandas frames (schema: docs/run-directory.md).
+
+A run enters the aggregates only if its manifest says `completed` and its three files (manifest.json,
+metrics.jsonl, timings.json) are whole. Anything else is kept in the `runs` frame with the reason, so the
+report can list it by name; one bad directory never stops the report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.rundir import read_jsonl
+
+RUN_KEYS = ["method", "beta", "seed", "run_id"]  # identify a run; every frame carries them
+ROW_KEYS = ("kind", "step", "wall_seconds", "tokens")  # every metrics row has these (the schema's promise)
+DATA_DIR = "data"  # runs/<profile>/data holds the preference set, not a method
+
+
+@dataclass
+class Runs:
+    """Everything the report reads from one profile's runs directory."""
+
+    runs: pd.DataFrame  # one row per run directory: RUN_KEYS, status, included, reason, path, provenance
+    metrics: pd.DataFrame  # one row per metrics line of the included runs: RUN_KEYS, kind, step, ... metrics
+    timings: pd.DataFrame  # one row per (included run, stage): RUN_KEYS, stage, seconds, peak_memory_mb
+    data_manifests: list[dict] = field(default_factory=list)  # runs/<profile>/data/*/manifest.json
+
+    def evals(self, *methods: str) -> pd.DataFrame:
+        """Eval rows of the included runs (of the given methods, if any), ordered by run and step."""
+        return self._rows("eval", methods)
+
+    def train(self, *methods: str) -> pd.DataFrame:
+        return self._rows("train", methods)
+
+    def _rows(self, kind: str, methods: tuple[str, ...]) -> pd.DataFrame:
+        """Rows of one kind with only the metric columns they fill: "is `eval/gold` in the frame" then means
+        "does this task log a gold reward"."""
+        rows = self.metrics[self.metrics["kind"] == kind]
+        if methods:
+            rows = rows[rows["method"].isin(methods)]
+        keep = [c for c in rows if c in RUN_KEYS or c in ROW_KEYS or rows[c].notna().any()]
+        return rows[keep].reset_index(drop=True)
+
+
+class BadRunDir(Exception):
+    """A run directory the analysis cannot use; the message says which file and why."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise BadRunDir(f"missing {path.name}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRunDir(f"{path.name} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise BadRunDir(f"{path.name} is not a JSON object")
+    return value
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a truncated line or a row without the common keys rejects the whole run,
+    because a run with a hole in its log cannot be trusted to give comparable numbers."""
+    if not path.exists():
+        raise BadRunDir(f"missing {path.name}")
+    rows, bad = read_jsonl(path)
+    if bad:
+        raise BadRunDir(f"{path.name} has unreadable (truncated) line(s) {', '.join(map(str, bad))}")
+    for i, row in enumerate(rows, start=1):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise BadRunDir(f"{path.name} row {i} lacks {', '.join(missing)}")
+    if not rows:
+        raise BadRunDir(f"{path.name} is empty")
+    return rows
+
+
+def _identity(path: Path, manifest: dict) -> dict:
+    """The run's keys and provenance from its manifest (method falls back to the parent folder's name)."""
+    return {
+        "method": manifest.get("method", path.parent.name), "beta": manifest.get("beta"),
+        "seed": manifest.get("seed"), "run_id": manifest.get("run_id", path.name),
+        "status": manifest.get("status", "unknown"), "error": manifest.get("error"),
+        "data_sha256": manifest.get("data_sha256"), "git_commit": manifest.get("git_commit"),
+        "host": manifest.get("host"), "device": manifest.get("device"), "device_name": manifest.get("device_name"),
+        "packages": json.dumps(manifest.get("packages", {}), sort_keys=True), "path": str(path),
+    }
+
+
+def read_run(path: Path) -> tuple[dict, list[dict], list[dict]]:
+    """One run directory -> (run record, metrics rows, timings rows). Never raises for a bad directory:
+    the record's `included` is False and `reason` says why."""
+    try:
+        manifest = _read_json(path / "manifest.json")
+    except BadRunDir as e:
+        record = {"method": path.parent.name, "run_id": path.name, "status": "unknown", "path": str(path)}
+        return {**record, "included": False, "reason": str(e)}, [], []
+    record = _identity(path, manifest)
+    if record["status"] != "completed":
+        # A run still `running` after its process ended was killed; a failed one says why in `error`.
+        reason = f"status {record['status']}" + (f": {record['error']}" if record["error"] else "")
+        return {**record, "included": False, "reason": reason}, [], []
+    try:
+        rows = _read_metrics(path / "metrics.jsonl")
+        stages = _read_json(path / "timings.json")
+    except BadRunDir as e:
+        return {**record, "included": False, "reason": str(e)}, [], []
+    keys = {k: record[k] for k in RUN_KEYS}
+    metrics = [{**keys, **row} for row in rows]
+    timings = [{**keys, "stage": stage, "seconds": t.get("seconds"), "peak_memory_mb": t.get("peak_memory_mb")}
+               for stage, t in stages.items()]
+    return {**record, "included": True, "reason": ""}, metrics, timings
+
+
+def load_runs(profile_dir: Path) -> Runs:
+    """Every run directory under runs/<profile>/<method>/ plus the preference sets' manifests."""
+    records, metrics, timings, data_manifests = [], [], [], []
+    for method_dir in sorted(p for p in profile_dir.glob("*") if p.is_dir()):
+        if method_dir.name == DATA_DIR:
+            for manifest in sorted(method_dir.glob("*/manifest.json")):
+                try:
+                    data_manifests.append({"path": str(manifest.parent), **_read_json(manifest)})
+                except BadRunDir as e:
+                    data_manifests.append({"path": str(manifest.parent), "error": str(e)})
+            continue
+        for run_dir in sorted(p for p in method_dir.iterdir() if p.is_dir()):
+            record, rows, stages = read_run(run_dir)
+            records.append(record)
+            metrics += rows
+            timings += stages
+    metrics_frame = pd.DataFrame(metrics, columns=None if metrics else [*RUN_KEYS, *ROW_KEYS])
+    return Runs(
+        runs=pd.DataFrame(records, columns=None if records else [*RUN_KEYS, "status", "included", "reason", "path"]),
+        metrics=metrics_frame.sort_values([*RUN_KEYS, "kind", "step"], kind="stable").reset_index(drop=True),
+        timings=pd.DataFrame(timings, columns=[*RUN_KEYS, "stage", "seconds", "peak_memory_mb"]),
+        data_manifests=data_manifests,
+    )

@@ -1,0 +1,230 @@
+"""The figures of SPEC §7, drawn with seaborn on matplotlib's Agg backend (no display needed).
+
+Each function returns a `Plot`: a figure (or the reason there is none) and the sentence printed under it
+on how to read it. Colours are fixed per method so every figure reads the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: the report must render on a headless box
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from analysis.metrics import RUN  # noqa: E402
+
+PALETTE = {"reference": "#555555", "reward_model": "#2ca02c", "ppo": "#1f77b4", "dpo": "#ff7f0e"}
+KL_LABEL = "KL(π‖π_ref) [nats per sequence]"
+
+# name -> (title, the sentence under the figure on how to read it)
+TEXT = {
+    "frontier": (
+        "{reward} vs KL: every eval point and each method's frontier",
+        "Up and to the left is better: each step line is the best reward a method reached at or below "
+        "that KL, and a frontier above another gets more reward for the same divergence from π_ref."),
+    "curves": (
+        "Training curves: mean and 95% band across seeds",
+        "Each line is a method's mean over seeds at each eval step and the shaded band its 95% "
+        "t-interval (absent with one seed); the right column puts the same points at the mean training "
+        "wall-clock, so a curve further left got there sooner."),
+    "heldout": (
+        "Held-out preference pairs: accuracy and margin by scorer",
+        "Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of "
+        "each scorer's final accuracy and margin on the same held-out pairs; the gold bar is the ceiling the "
+        "labels' noise allows, and margins are in each scorer's own units, so compare accuracies across "
+        "scorers and margins only within one."),
+    "overoptimisation": (
+        "PPO: proxy (reward model) vs gold reward over training",
+        "Both gains are measured from the run's first eval in units of that eval's sample std; a proxy "
+        "line that keeps rising while the gold line flattens or falls is the reward model being "
+        "over-optimised (Gao et al. 2022)."),
+    "seeds": (
+        "Stability across seeds: per-seed curves and spread of final values",
+        "Left: one line per run, so diverging lines of one colour mean seed-sensitive training; right: "
+        "each dot is one run's final value, and a wide spread of dots makes a difference of means weak."),
+    "health": (
+        "Training health: gradient norm, losses, PPO clipping, DPO log-probs",
+        "One line per run; red crosses are spikes (a value above the median of the preceding window by "
+        "more than k robust std); in the last panel solid lines are chosen and dashed rejected "
+        "log-probs, and both falling together is DPO's known failure mode."),
+    "cost": (
+        "Cost: wall-clock per stage, training tokens, peak memory",
+        "Bars are per-run means of each stage's wall-clock (eval is timed apart from training) and of the "
+        "tokens processed, and the largest peak memory seen; PPO's full cost is its bar plus the "
+        "reward_model bar."),
+}
+
+
+@dataclass
+class Plot:
+    name: str  # PNG file stem
+    title: str
+    caption: str  # one sentence: how to read it
+    figure: Figure | None = None
+    missing: str = ""  # why nothing was drawn
+
+
+def _palette(methods) -> dict[str, str]:
+    extra = iter(sns.color_palette("tab10", 10)[4:])  # methods beyond the four known ones
+    return {m: PALETTE.get(m) or next(extra) for m in methods}
+
+
+def _label(frame: pd.DataFrame) -> pd.Series:
+    """'dpo' when the frame has one β for that method, 'dpo β=0.1' in a sweep."""
+    betas = frame.groupby("method")["beta"].nunique()
+    return frame.apply(lambda r: r["method"] + (f" β={r['beta']:g}" if betas[r["method"]] > 1 else ""), axis=1)
+
+
+def _plot(name: str, fig: Figure | None = None, axes=(), missing: str = "", **title_fields: str) -> Plot:
+    """The Plot for figure `name`: title it, keep one legend per axis that has labelled artists, tighten."""
+    title, caption = TEXT[name]
+    title = title.format(**title_fields)
+    if fig is not None:
+        fig.suptitle(title)
+        for ax in axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+    return Plot(name, title, caption, fig, missing)
+
+
+def frontier_plot(points: pd.DataFrame, frontiers: pd.DataFrame, y: str, y_label: str, reference_y) -> Plot:
+    """Every eval point (colour = method, marker = β) and each method's frontier as a step line."""
+    reward = y_label.split(" [")[0]  # the label without its unit
+    if points.empty:
+        return _plot("frontier", missing=f"no eval point has both {y} and eval/kl", reward=reward)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = _palette(points["method"].unique())
+    sns.scatterplot(data=points.assign(β=points["beta"].map("{:g}".format)), x="eval/kl", y=y, hue="method",
+                    style="β", palette=palette, alpha=0.6, ax=ax)
+    for method, front in frontiers.groupby("method"):
+        ax.step(front["eval/kl"], front[y], where="post", color=palette[method], lw=2, label=f"{method} frontier")
+    if reference_y is not None:
+        ax.axhline(reference_y, color=PALETTE["reference"], ls=":", lw=1, label="π_ref")
+    ax.set(xlabel=KL_LABEL, ylabel=y_label)
+    return _plot("frontier", fig, [ax], reward=reward)
+
+
+def curves_plot(bands: dict[str, pd.DataFrame], labels: dict[str, str]) -> Plot:
+    """Rows: metrics; columns: over steps and over training seconds. Line = mean, band = 95% t-interval."""
+    bands = {k: b for k, b in bands.items() if not b.empty}
+    if not bands:
+        return _plot("curves", missing="no PPO or DPO eval points")
+    fig, axes = plt.subplots(len(bands), 2, figsize=(11, 3.4 * len(bands)), squeeze=False)
+    for row, (column, frame) in zip(axes, bands.items()):
+        frame = frame.assign(label=_label(frame))
+        palette = _palette(frame["method"].unique())
+        for ax, x, x_label in zip(row, ("step", "wall_seconds"), ("optimizer step", "training wall-clock [s]")):
+            for _, g in frame.groupby("label"):
+                ax.fill_between(g[x], g["lo"], g["hi"], alpha=0.2, color=palette[g["method"].iloc[0]])
+            sweep = frame["label"].nunique() > frame["method"].nunique()  # then line style tells β apart
+            sns.lineplot(data=frame, x=x, y="mean", hue="method", style="label" if sweep else None,
+                         palette=palette, marker="o", ax=ax)
+            ax.set(xlabel=x_label, ylabel=labels[column], title=f"{labels[column].split(' [')[0]} over {x_label}")
+    return _plot("curves", fig, axes.ravel())
+
+
+def heldout_plot(scores: pd.DataFrame) -> Plot:
+    if scores.empty:
+        return _plot("heldout", missing="no eval row carries held-out accuracies")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    palette = _palette(scores["method"].unique())
+    for ax, column, unit in zip(axes, ("accuracy", "margin"), ("fraction of pairs", "score units")):
+        sns.barplot(data=scores, x="scorer", y=column, hue="method", palette=palette, errorbar=("ci", 95),
+                    ax=ax)
+        ax.set(xlabel="scorer", ylabel=f"held-out {column} [{unit}]", title=f"held-out {column}")
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0].axhline(0.5, color="black", ls=":", lw=1, label="chance")
+    return _plot("heldout", fig, axes)
+
+
+def overoptimisation_plot(gains: pd.DataFrame) -> Plot:
+    if gains.empty:
+        return _plot("overoptimisation", missing="no PPO eval points with a proxy reward")
+    long = gains.melt(id_vars=[*RUN, "step"], value_vars=["proxy gain", "gold gain"], var_name="reward")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.lineplot(data=long.dropna(subset=["value"]), x="step", y="value", hue="reward", errorbar=("ci", 95),
+                 marker="o", ax=ax)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(xlabel="PPO optimizer step", ylabel="gain since first eval [first-eval std units]")
+    return _plot("overoptimisation", fig, [ax])
+
+
+def seeds_plot(evals: pd.DataFrame, final: pd.DataFrame, y: str, y_label: str) -> Plot:
+    if evals.empty:
+        return _plot("seeds", missing="no PPO or DPO eval points")
+    palette = _palette(evals["method"].unique())
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    sns.lineplot(data=evals, x="step", y=y, hue="method", units="run_id", estimator=None, palette=palette,
+                 marker="o", ax=axes[0])
+    axes[0].set(xlabel="optimizer step", ylabel=y_label, title="per-seed curves")
+    for ax, column, label in ((axes[1], y, y_label), (axes[2], "eval/kl", KL_LABEL)):
+        sns.stripplot(data=final.assign(label=_label(final)), x="label", y=column, hue="method", palette=palette,
+                      size=7, ax=ax)
+        ax.set(xlabel="method", ylabel=f"final {label}", title=f"final {label.split(' [')[0]} per run")
+    return _plot("seeds", fig, axes)
+
+
+# (method, column, axis label) of each training-health panel
+HEALTH_PANELS = [
+    (("ppo", "dpo"), "grad_norm", "gradient norm [L2, before clipping]"),
+    (("dpo",), "loss", "DPO loss [nats]"),
+    (("ppo",), "loss/value", "PPO value loss [squared reward units]"),
+    (("ppo",), "policy/clipfrac", "PPO clip fraction [fraction of tokens]"),
+    (("ppo",), "policy/approxkl", "PPO approx-KL per update [nats per token]"),
+    (("dpo",), "logps/chosen", "DPO log π(y|x) [nats per sequence]"),
+]
+
+
+def health_plot(train: pd.DataFrame, flagged: pd.DataFrame) -> Plot:
+    """Per-run training series; red crosses mark spikes (analysis.metrics.spikes)."""
+    if train.empty:
+        return _plot("health", missing="no PPO or DPO training rows")
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    palette = _palette(train["method"].unique())
+    for ax, (methods, column, label) in zip(axes.ravel(), HEALTH_PANELS):
+        rows = train[train["method"].isin(methods)]
+        if column not in rows or rows[column].isna().all():
+            ax.text(0.5, 0.5, f"no {' or '.join(methods).upper()} rows with {column}", ha="center",
+                    transform=ax.transAxes)
+            ax.set(title=label.split(" [")[0], xlabel="optimizer step", ylabel=label)
+            continue
+        rows = rows.dropna(subset=[column])
+        sns.lineplot(data=rows, x="step", y=column, hue="method", units="run_id", estimator=None, palette=palette,
+                     lw=1, ax=ax)
+        if column == "logps/chosen":
+            sns.lineplot(data=rows, x="step", y="logps/rejected", hue="method", units="run_id", estimator=None,
+                         palette=palette, lw=1, ls="--", legend=False, ax=ax)
+        marks = flagged[(flagged["series"] == column) & flagged["spike"].astype(bool)]
+        if not marks.empty:
+            ax.scatter(marks["step"], marks["value"], color="red", marker="x", zorder=3, label="spike")
+        ax.set(title=label.split(" [")[0], xlabel="optimizer step", ylabel=label)
+    return _plot("health", fig, axes.ravel())
+
+
+def cost_plot(costs: pd.DataFrame) -> Plot:
+    if costs.empty:
+        return _plot("cost", missing="no timings.json in any included run")
+    palette = _palette(costs["method"].unique())
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, ax=axes[0])
+    axes[0].set(xlabel="stage", ylabel="wall-clock per run [s]", title="wall-clock per stage")
+    tokens = costs.drop_duplicates("method")
+    sns.barplot(data=tokens, x="method", y="tokens per run", hue="method", palette=palette, ax=axes[1])
+    axes[1].set(xlabel="method", ylabel="training tokens per run [tokens]", title="tokens processed")
+    sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, ax=axes[2])
+    axes[2].set(xlabel="stage", ylabel="peak memory [MiB]", title="peak memory after each stage")
+    return _plot("cost", fig, axes)
+
+
+def save(plot: Plot, folder: Path) -> None:
+    """Write the figure as <folder>/<name>.png and free it (a report draws many figures in one process)."""
+    plot.figure.savefig(folder / f"{plot.name}.png", dpi=100)
+    plt.close(plot.figure)

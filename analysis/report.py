@@ -1,0 +1,306 @@
+"""`make report`: reports/<profile>/index.html, summary.md, the PNGs and CSV tables, from every run of a profile.
+
+The page is a list of sections, each with notes, at most one plot and some tables; the HTML page and the
+Markdown summary are two renderings of that same list, and every table shown is also written as CSV (with
+the numbers unformatted). Whatever runs exist are reported: what is missing is said, never fatal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import metrics as M
+from analysis import plots as P
+from analysis.load import Runs, load_runs
+from pipelines.config import PROJECT_ROOT, Config
+from pipelines.rundir import atomic_write_text
+
+TRAINED = ("ppo", "dpo")  # the two methods compared; `reference` is their common origin
+SPIKE_SERIES = ["loss", "loss/policy", "loss/value", "grad_norm"]
+HEALTH_SERIES = ["policy/clipfrac", "policy/approxkl", "val/clipfrac", "loss/value", "logps/chosen",
+                 "logps/rejected", "rewards/margins"]
+GOLD_UNITS = {"sentiment": "VADER compound, −1 to 1"}
+
+
+@dataclass
+class Table:
+    name: str  # CSV file stem
+    frame: pd.DataFrame  # numbers as computed; shown formatted
+
+
+@dataclass
+class Section:
+    title: str
+    notes: list[str] = field(default_factory=list)
+    plot: P.Plot | None = None
+    tables: list[Table] = field(default_factory=list)
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def _num(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+
+
+def display(frame: pd.DataFrame) -> pd.DataFrame:
+    """Collapse each `<col> n|mean|std|lo|hi` block into one readable `<col>` cell:
+    'mean [lo, hi] sd std (n=N)'; round the other numbers."""
+    out = pd.DataFrame(index=frame.index)
+    for col in frame.columns:
+        stat = col.rsplit(" ", 1)[-1]
+        base = col[: -len(stat) - 1]
+        if stat in ("n", "std", "lo", "hi") and f"{base} mean" in frame:
+            continue
+        if stat == "mean" and f"{base} lo" in frame:
+            out[base] = [f"{_num(m)} [{_num(lo)}, {_num(hi)}] sd {_num(sd)} (n={n})" if n > 1 else
+                         f"{_num(m)} (n=1)" if n == 1 else "–" for m, lo, hi, sd, n in
+                         zip(frame[col], frame[f"{base} lo"], frame[f"{base} hi"], frame[f"{base} std"],
+                             frame[f"{base} n"])]
+        elif pd.api.types.is_float_dtype(frame[col]):
+            out[col] = frame[col].map(_num)
+        else:
+            out[col] = frame[col].astype(str)
+    return out
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cells = display(frame)
+    rows = [list(cells.columns), ["---"] * len(cells.columns), *cells.astype(str).values.tolist()]
+    return "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows)
+
+
+# --- the sections -------------------------------------------------------------------------------------------
+
+
+def _level(configured: float | None, key: str, trained: pd.DataFrame, column: str) -> tuple[float, str]:
+    """The configured comparison level, else the highest level of `column` every PPO and DPO run reaches."""
+    if configured is not None:
+        return configured, f"set by {key}"
+    return M.common_reach(trained, column), f"the highest {column} every PPO and DPO run reaches"
+
+
+def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
+    """Gold reward at matched KL and time to reach the target gold reward, per method (SPEC §7.7)."""
+    trained = runs.evals(*TRAINED)
+    evals = runs.evals("reference", *TRAINED)
+    section = Section("Headline: gold reward at matched KL, and the time to reach it")
+    kl_level = gold_level = math.nan
+    if has_gold and not trained.empty:
+        kl_level, kl_source = _level(cfg.report.matched_kl, "report.matched_kl", trained, "eval/kl")
+        gold_level, gold_source = _level(cfg.report.target_gold, "report.target_gold", trained, "eval/gold")
+        section.notes += [
+            f"Matched KL = {kl_level:.4g} nats per sequence ({kl_source}): each run's gold reward where its eval "
+            "trajectory first reaches that KL, interpolated linearly.",
+            f"Target gold reward = {gold_level:.4g} ({gold_source}): training seconds (evaluation excluded) and "
+            "tokens until a run's eval trajectory first reaches it.",
+            "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one seed gives no interval."]
+    elif not has_gold:
+        section.notes.append("This task has no gold reward: the table gives the final KL, PPO's proxy (learned RM) "
+                             "reward and the held-out preference accuracy of each method's own scorer (explicit "
+                             "RM for PPO, implicit reward for DPO) instead. These are not a like-for-like measure "
+                             "of policy quality; read them with the held-out section below.")
+    if evals.empty:
+        section.notes.append("No completed reference, PPO or DPO run: nothing to compare yet.")
+        return section
+    per_run = M.per_run_headline(evals, kl_level, gold_level)
+    section.tables.append(Table("headline", M.summarize(per_run, M.GROUP, [c for c in per_run if c not in M.RUN])))
+    section.tables.append(Table("headline_per_run", per_run))
+    return section
+
+
+def frontier_section(runs: Runs, score: str, score_label: str) -> Section:
+    evals = runs.evals("reference", *TRAINED)
+    reference = runs.evals("reference")
+    points = evals.dropna(subset=[score, "eval/kl"]) if score in evals else evals.iloc[0:0]
+    # π_ref is the origin of both methods' frontiers: its eval point joins each method's cloud.
+    frontiers = pd.concat([M.frontier(pd.concat([points[points["method"] == m], reference]), y=score).assign(method=m)
+                           for m in TRAINED if (points["method"] == m).any()] or [pd.DataFrame()])
+    ref_y = reference[score].mean() if score in reference and not reference.empty else None
+    section = Section("1. Reward vs KL: the frontier", plot=P.frontier_plot(points, frontiers, score, score_label,
+                                                                             ref_y))
+    if reference.empty:
+        section.notes.append("No reference run (`make reference`): frontiers start at each method's first eval.")
+    if not frontiers.empty:
+        section.tables.append(Table("frontier", frontiers[["method", "eval/kl", score]]))
+    return section
+
+
+def curves_section(runs: Runs, columns: dict[str, str]) -> Section:
+    trained = runs.evals(*TRAINED)
+    bands = {c: M.band(trained, c) for c in columns if c in trained}
+    return Section("2. Reward and KL over training steps and wall-clock", plot=P.curves_plot(bands, columns))
+
+
+def heldout_section(runs: Runs) -> Section:
+    scores = M.heldout_scores(M.final_evals(runs.evals()))
+    section = Section("3. Held-out pairs: explicit RM vs DPO implicit reward vs gold ceiling",
+                      plot=P.heldout_plot(scores))
+    section.notes.append("Each run's last eval point. Accuracy counts a tie as half; margin is the mean score of "
+                         "the chosen minus the rejected response, in the scorer's own units.")
+    if not scores.empty:
+        section.tables.append(Table("heldout", M.summarize(scores, [*M.GROUP, "scorer"], ["accuracy", "margin"])))
+    return section
+
+
+def overoptimisation_section(runs: Runs) -> Section:
+    gains = M.overoptimisation(runs.evals("ppo"))
+    section = Section("4. Proxy vs gold reward over PPO training", plot=P.overoptimisation_plot(gains))
+    if not gains.empty:
+        section.tables.append(Table("proxy_gold_gap", gains))
+    return section
+
+
+def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) -> list[Section]:
+    trained = runs.evals(*TRAINED)
+    final = M.final_evals(trained)
+    seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained, final, score, score_label))
+    if not final.empty:
+        columns = [c for c in (score, "eval/kl") if c in final]
+        seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns)))
+    train = runs.train(*TRAINED)
+    flagged = M.flag_spikes(train, SPIKE_SERIES, cfg.report.spike_window, cfg.report.spike_k)
+    health = Section("5b. Training health: spikes, PPO clipping, DPO log-probs", plot=P.health_plot(train, flagged))
+    health.notes.append(f"A spike is a training value above the median of the {cfg.report.spike_window} steps "
+                        f"before it by more than {cfg.report.spike_k:g} × 1.4826 × their median absolute deviation "
+                        "(report.spike_window, report.spike_k).")
+    if not flagged.empty:
+        health.tables.append(Table("spikes", M.spike_counts(flagged)))
+    if not train.empty:
+        health.tables.append(Table("training_series", M.series_summary(train, HEALTH_SERIES)))
+    return [seeds, health]
+
+
+def cost_section(runs: Runs) -> Section:
+    costs = M.stage_costs(runs.timings, runs.metrics)
+    section = Section("6. Cost: wall-clock per stage, tokens, peak memory", plot=P.cost_plot(costs))
+    section.notes.append("Peak memory is the process's resident set size on CPU, the CUDA allocator's peak on GPU.")
+    if not costs.empty:
+        section.tables.append(Table("cost", costs))
+    return section
+
+
+def provenance_section(runs: Runs, cfg: Config, profile_dir: Path) -> Section:
+    table = runs.runs
+    included = table[table["included"]]
+    section = Section("Provenance", notes=[f"Profile `{cfg.profile}`, runs read from `{profile_dir}`, report "
+                                           f"written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC."])
+    excluded = table[~table["included"]]
+    if not excluded.empty:
+        section.notes.append(f"{len(excluded)} run director{'y' if len(excluded) == 1 else 'ies'} left out of "
+                             "every aggregate (listed below with the reason).")
+        section.tables.append(Table("runs_excluded", excluded[["method", "run_id", "status", "reason", "path"]]))
+    if not included.empty:
+        section.tables.append(Table("runs_included", included[[*M.RUN, "data_sha256", "git_commit"]]))
+        machines = included[["host", "device", "device_name"]].drop_duplicates()
+        section.tables.append(Table("machines", machines))
+        packages = pd.DataFrame([json.loads(p) for p in included["packages"].drop_duplicates()])
+        section.tables.append(Table("packages", packages))
+        shas = set(included["data_sha256"].dropna())
+        if len(shas) > 1:
+            section.notes.append(f"Warning: the included runs read {len(shas)} different preference sets "
+                                 f"({', '.join(sorted(s[:12] for s in shas))}); their comparison is not like for like.")
+    if runs.data_manifests:
+        section.tables.append(Table("data", pd.DataFrame(
+            [{"path": d["path"], "sha256": d.get("sha256"), "counts": json.dumps(d.get("counts")),
+              "error": d.get("error", "")} for d in runs.data_manifests])))
+    return section
+
+
+def missing_notes(runs: Runs) -> list[str]:
+    present = set(runs.runs.loc[runs.runs["included"], "method"]) if not runs.runs.empty else set()
+    notes = [f"No completed {m.upper()} run: its rows, curves and panels are absent (run `make {m}`)."
+             for m in TRAINED if m not in present]
+    if "reference" not in present:
+        notes.append("No completed reference run (`make reference`): π_ref's point is missing from the frontier.")
+    return notes
+
+
+def build(runs: Runs, cfg: Config, profile_dir: Path) -> list[Section]:
+    evals = runs.evals()
+    has_gold = "eval/gold" in evals and evals["eval/gold"].notna().any()
+    unit = GOLD_UNITS.get(cfg.task.name, "the task's gold score")
+    score, score_label = (("eval/gold", f"gold reward [{unit}]") if has_gold else
+                          ("eval/proxy", "proxy reward, learned RM [RM score]"))
+    headline = headline_section(runs, cfg, has_gold)
+    headline.notes = missing_notes(runs) + headline.notes
+    return [
+        headline,
+        frontier_section(runs, score, score_label),
+        curves_section(runs, {score: score_label, "eval/kl": P.KL_LABEL}),
+        heldout_section(runs),
+        overoptimisation_section(runs),
+        *stability_sections(runs, cfg, score, score_label),
+        cost_section(runs),
+        provenance_section(runs, cfg, profile_dir),
+    ]
+
+
+# --- rendering ----------------------------------------------------------------------------------------------
+
+CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
+       "font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
+       ".caption{font-style:italic}.missing{color:#a00}")
+
+
+def render_html(sections: list[Section], profile: str) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ppo-vs-dpo report: {html.escape(profile)}"
+             f"</title><style>{CSS}</style></head><body><h1>PPO vs DPO: profile {html.escape(profile)}</h1>"]
+    for s in sections:
+        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        parts += [f"<p>{html.escape(n)}</p>" for n in s.notes]
+        if s.plot is not None:
+            if s.plot.figure is not None:
+                parts.append(f"<img src='{s.plot.name}.png' alt='{html.escape(s.plot.title)}'>")
+                parts.append(f"<p class='caption'>{html.escape(s.plot.caption)}</p>")
+            else:
+                parts.append(f"<p class='missing'>Not drawn: {html.escape(s.plot.missing)}.</p>")
+        for t in s.tables:
+            parts.append(f"<p><a href='{t.name}.csv'>{t.name}.csv</a></p>")
+            parts.append(display(t.frame).to_html(index=False, escape=True))
+    return "\n".join(parts + ["</body></html>\n"])
+
+
+def render_markdown(sections: list[Section], profile: str) -> str:
+    parts = [f"# PPO vs DPO: profile {profile}"]
+    for s in sections:
+        parts.append(f"## {s.title}")
+        parts += s.notes
+        if s.plot is not None:
+            parts.append(f"![{s.plot.title}]({s.plot.name}.png)\n\n*{s.plot.caption}*" if s.plot.figure is not None
+                         else f"Not drawn: {s.plot.missing}.")
+        parts += [f"`{t.name}.csv`\n\n{_markdown(t.frame)}" for t in s.tables]
+    return "\n\n".join(parts) + "\n"
+
+
+def write(sections: list[Section], out: Path, profile: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.png"), *out.glob("*.csv")]:
+        stale.unlink()  # a figure or table this report no longer has must not linger beside the new page
+    for s in sections:
+        if s.plot is not None and s.plot.figure is not None:
+            P.save(s.plot, out)
+        for t in s.tables:
+            atomic_write_text(out / f"{t.name}.csv", t.frame.to_csv(index=False))
+    atomic_write_text(out / "summary.md", render_markdown(sections, profile))
+    atomic_write_text(out / "index.html", render_html(sections, profile))
+
+
+def main(cfg: Config) -> int:
+    profile_dir = _resolve(cfg.runs_dir) / cfg.profile
+    out = _resolve(cfg.report.out_dir) / cfg.profile
+    runs = load_runs(profile_dir)
+    for _, bad in runs.runs[~runs.runs["included"]].iterrows():
+        print(f"left out: {bad['path']}: {bad['reason']}")
+    write(build(runs, cfg, profile_dir), out, cfg.profile)
+    print(f"report: {out / 'index.html'} ({int(runs.runs['included'].sum())} of {len(runs.runs)} runs included)")
+    return 0

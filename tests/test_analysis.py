@@ -1,0 +1,260 @@
+"""analysis/: every metric against a hand computation on synthetic run directories, and the report end to end
+(gold task, no-gold task, bad and unfinished runs, one method missing). Offline, no model, a few seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import metrics as M
+from analysis.load import load_runs
+from analysis.report import main as report_main
+from pipelines.config import load_config
+from pipelines.errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(profile_dir, method, seed, evals, train=(), beta=0.1, status="completed",
+              timings=None, run_id=None):
+    """A run directory as the pipelines write it (docs/run-directory.md). `evals` / `train` are lists of
+    metric dicts; step i gets step 10*i, wall_seconds 100*i and tokens 1000*i unless the dict sets them."""
+    run_id = run_id or f"20261125T000000-beta{beta:g}-seed{seed}"
+    path = profile_dir / method / run_id
+    path.mkdir(parents=True)
+    manifest = {"method": method, "profile": profile_dir.name, "seed": seed, "beta": beta, "run_id": run_id,
+                "status": status, "error": "RuntimeError: loss is nan" if status == "failed" else None,
+                "data_sha256": "f" * 64, "packages": {"python": "3.11", "pandas": "3.1"}, "git_commit": "abc",
+                "host": "box", "device": "cpu", "device_name": "x86_64"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    rows = [{"kind": kind, "step": 10 * i, "wall_seconds": 100.0 * i, "tokens": 1000 * i, **m}
+            for kind, series in (("train", train), ("eval", evals)) for i, m in enumerate(series)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "timings.json").write_text(json.dumps(timings or {"train": {"seconds": 200.0, "peak_memory_mb": 900.0},
+                                                              "eval": {"seconds": 20.0, "peak_memory_mb": 950.0}}))
+    return path
+
+
+def ev(kl, gold=None, **extra):
+    row = {"eval/kl": kl, **extra}
+    if gold is not None:
+        row.update({"eval/gold": gold, "eval/gold_std": 0.5, "heldout/gold_accuracy": 0.9,
+                    "heldout/gold_margin": 0.4})
+    return row
+
+
+def gold_profile(root):
+    """reference, RM, PPO x2 seeds, DPO x2 seeds, with numbers the tests compute by hand."""
+    p = root / "runs" / "synthetic"
+    write_run(p, "reference", 1234, [ev(0.0, 0.1)])
+    write_run(p, "reward_model", 0, [{"heldout/rm_accuracy": 0.7, "heldout/rm_margin": 1.5, **ev(0.0, 0.1)}],
+              timings={"reward_model": {"seconds": 50.0, "peak_memory_mb": 700.0}})
+    ppo_train = [{"grad_norm": g, "loss/value": 1.0, "policy/clipfrac": 0.1, "policy/approxkl": 0.01}
+                 for g in [1, 2] * 6 + [50]]
+    for seed, kls, golds, proxies in ((0, [0, 1, 3], [0.1, 0.3, 0.5], [0, 1, 3]),
+                                      (1, [0, 2, 4], [0.1, 0.4, 0.4], [0, 2, 4])):
+        write_run(p, "ppo", seed, [ev(k, g, **{"eval/proxy": x, "eval/proxy_std": 2.0, "heldout/rm_accuracy": 0.7,
+                                               "heldout/rm_margin": 1.5}) for k, g, x in zip(kls, golds, proxies)],
+                  train=ppo_train)
+    dpo_train = [{"loss": 0.69, "grad_norm": 1.0, "logps/chosen": -10.0 - i, "logps/rejected": -10.0 - 2 * i}
+                 for i in range(5)]
+    for seed, kls, golds in ((0, [0, 2, 6], [0.1, 0.6, 0.8]), (1, [0, 1, 2], [0.1, 0.2, 0.7])):
+        write_run(p, "dpo", seed, [ev(k, g, **{"heldout/implicit_accuracy": 0.6 + 0.1 * seed,
+                                               "heldout/implicit_margin": 0.3}) for k, g in zip(kls, golds)],
+                  train=dpo_train)
+    (p / "data" / "preferences-abc").mkdir(parents=True)
+    (p / "data" / "preferences-abc" / "manifest.json").write_text(json.dumps({"sha256": "f" * 64,
+                                                                              "counts": {"train": 8}}))
+    return p
+
+
+def run_report(tmp_path, profile_dir, base_profile="tiny", overrides=()):
+    """Run `make report`'s entry point on runs/<name>/; returns the output folder."""
+    cfg = load_config(base_profile, [f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}",
+                                     *overrides])
+    cfg.profile = profile_dir.name
+    assert report_main(cfg) == 0
+    return tmp_path / "reports" / profile_dir.name
+
+
+# --- metrics, by hand -----------------------------------------------------------------------------------------
+
+
+def test_t_interval_by_hand():
+    s = M.t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t_{0.975,2} = 4.303, half width 4.303 / sqrt(3)
+    assert s["n"] == 3 and s["mean"] == 2 and s["std"] == pytest.approx(1.0)
+    assert (s["lo"], s["hi"]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    one = M.t_interval([5.0, math.nan])  # NaN ignored; one value has no interval
+    assert one["n"] == 1 and one["mean"] == 5 and math.isnan(one["lo"])
+    assert M.t_critical(30) == pytest.approx(2.042) and M.t_critical(100) == pytest.approx(1.984, abs=1e-3)
+
+
+def test_frontier_is_the_upper_envelope():
+    pts = pd.DataFrame({"eval/kl": [2, 0, 1, 2, 3, 4, 5], "eval/gold": [0.2, 0.1, 0.3, 0.5, 0.4, 0.7, 0.7]})
+    front = M.frontier(pts)
+    # (3, 0.4) is dominated by (2, 0.5); (2, 0.2) by (2, 0.5); (5, 0.7) adds nothing over (4, 0.7).
+    assert front.values.tolist() == [[0, 0.1], [1, 0.3], [2, 0.5], [4, 0.7]]
+
+
+def test_first_crossing_interpolates_the_first_reach():
+    assert M.first_crossing([0, 1, 3], [0.1, 0.3, 0.5], 2) == pytest.approx(0.4)  # halfway from KL 1 to 3
+    assert M.first_crossing([0, 1, 3], [0.1, 0.3, 0.5], 0) == pytest.approx(0.1)  # starts there
+    assert math.isnan(M.first_crossing([0, 1, 3], [0.1, 0.3, 0.5], 3.5))  # never reached
+    # Not monotone: the first time the track reaches 1.5 is between points 0 and 1, not 2 and 3.
+    assert M.first_crossing([0, 2, 1, 3], [0, 10, 20, 30], 1.5) == pytest.approx(7.5)
+
+
+def test_spikes_against_rolling_median_and_mad():
+    x = [1, 2] * 5 + [10, 2, 1.5]
+    # At index 10 the previous 10 values have median 1.5 and MAD 0.5: threshold 1.5 + 5 * 1.4826 * 0.5 = 5.21.
+    # At 11 the window holds the 10 itself: median 2, MAD 0.5 -> threshold 5.71, and 2 is below it.
+    assert np.flatnonzero(M.spikes(x, window=10, k=5)).tolist() == [10]
+    assert not M.spikes([100, 1, 1, 1], window=3, k=5).any()  # no full window before index 3's check of 1
+
+
+def test_headline_metrics_by_hand(tmp_path):
+    runs = load_runs(gold_profile(tmp_path))
+    trained = runs.evals("ppo", "dpo")
+    assert M.common_reach(trained, "eval/kl") == 2  # max KLs 3, 4, 6, 2
+    assert M.common_reach(trained, "eval/gold") == pytest.approx(0.4)  # max golds 0.5, 0.4, 0.8, 0.7
+    per_run = M.per_run_headline(trained, 2.0, 0.4).set_index(["method", "seed"])
+    # gold at KL 2: ppo0 between (1,.3) and (3,.5) -> .4; ppo1 .4 at KL 2; dpo0 .6 at KL 2; dpo1 .7 at KL 2.
+    assert per_run["gold at matched KL"].to_dict() == pytest.approx(
+        {("dpo", 0): 0.6, ("dpo", 1): 0.7, ("ppo", 0): 0.4, ("ppo", 1): 0.4})
+    # seconds to gold .4: ppo0 halfway 100..200 s -> 150; ppo1 at 100; dpo0 0.1->0.6 over 0..100 -> 60;
+    # dpo1 0.2->0.7 over 100..200 -> 140.
+    assert per_run["seconds to target gold"].to_dict() == pytest.approx(
+        {("dpo", 0): 60, ("dpo", 1): 140, ("ppo", 0): 150, ("ppo", 1): 100})
+    assert per_run.loc[("ppo", 0), "tokens to target gold"] == pytest.approx(1500)
+    head = M.summarize(per_run.reset_index(), M.GROUP, ["gold at matched KL", "seconds to target gold"])
+    dpo = head[head["method"] == "dpo"].iloc[0]
+    half = 12.706 * math.sqrt(0.005) / math.sqrt(2)  # sd of (0.6, 0.7) is sqrt(0.005)
+    assert dpo["gold at matched KL mean"] == pytest.approx(0.65)
+    assert dpo["gold at matched KL hi"] == pytest.approx(0.65 + half)
+
+
+def test_overoptimisation_heldout_and_costs_by_hand(tmp_path):
+    runs = load_runs(gold_profile(tmp_path))
+    gains = M.overoptimisation(runs.evals("ppo")).set_index(["seed", "step"])
+    # ppo0 at step 20: proxy (3 - 0) / 2 = 1.5 std, gold (0.5 - 0.1) / 0.5 = 0.8 std, gap 0.7.
+    assert gains.loc[(0, 20), ["proxy gain", "gold gain", "gap"]].tolist() == pytest.approx([1.5, 0.8, 0.7])
+    scores = M.heldout_scores(M.final_evals(runs.evals()))
+    by = scores.groupby(["method", "scorer"])["accuracy"].mean()
+    assert by[("dpo", M.SCORERS["implicit"])] == pytest.approx(0.65) and by[("ppo", M.SCORERS["rm"])] == 0.7
+    assert by[("reference", M.SCORERS["gold"])] == 0.9
+    costs = M.stage_costs(runs.timings, runs.metrics).set_index(["method", "stage"])
+    assert costs.loc[("reward_model", "reward_model"), "seconds"] == 50
+    assert costs.loc[("ppo", "train"), "tokens per run"] == 12000  # 13 train rows: last has 1000 * 12 tokens
+
+
+def test_spike_counts_and_series_summary(tmp_path):
+    runs = load_runs(gold_profile(tmp_path))
+    flagged = M.flag_spikes(runs.train("ppo", "dpo"), ["grad_norm", "loss"], window=10, k=5)
+    counts = M.spike_counts(flagged).set_index(["method", "seed", "series"])["spikes"]
+    assert counts[("ppo", 0, "grad_norm")] == 1 and counts[("dpo", 0, "loss")] == 0  # the 50 after 1,2,1,2...
+    summary = M.series_summary(runs.train("dpo"), ["logps/chosen", "logps/rejected"]).set_index(["seed", "series"])
+    assert summary.loc[(0, "logps/rejected"), ["first", "last"]].tolist() == [-10, -18]
+
+
+# --- the report end to end ----------------------------------------------------------------------------------
+
+
+def assert_page_complete(out):
+    page = (out / "index.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert images, "the page shows no plot"
+    for name in images:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
+    assert (out / "summary.md").read_text().startswith("# PPO vs DPO")
+    return page, images
+
+
+def test_report_on_a_gold_task(tmp_path):
+    out = run_report(tmp_path, gold_profile(tmp_path))
+    page, images = assert_page_complete(out)
+    assert {"frontier.png", "curves.png", "heldout.png", "overoptimisation.png", "seeds.png", "health.png",
+            "cost.png"} == set(images)
+    assert page.index("Headline") < page.index("frontier.png")  # the headline comes first
+    head = pd.read_csv(out / "headline.csv")
+    assert set(head["method"]) == {"reference", "ppo", "dpo"}
+    assert head.set_index("method").loc["dpo", "gold at matched KL mean"] == pytest.approx(0.65)
+    assert "Matched KL = 2 nats" in page and "Target gold reward = 0.4 (" in page  # the levels are stated
+    assert "f" * 64 in page and "x86_64" in page  # provenance: data sha256 and machine
+    assert pd.read_csv(out / "spikes.csv")["spikes"].sum() == 2  # one grad-norm spike per PPO seed
+
+
+def test_configured_comparison_levels_and_their_validation(tmp_path):
+    out = run_report(tmp_path, gold_profile(tmp_path), overrides=["report.matched_kl=1", "report.target_gold=0.3"])
+    head = pd.read_csv(out / "headline.csv").set_index("method")
+    # At KL 1: ppo0 0.3 (a point), ppo1 halfway from (0, .1) to (2, .4) = 0.25. Gold .3: ppo0 at 100 s,
+    # ppo1 two thirds of the way from 0 to 100 s.
+    assert head.loc["ppo", "gold at matched KL mean"] == pytest.approx(0.275)
+    assert head.loc["ppo", "seconds to target gold mean"] == pytest.approx((100 + 200 / 3) / 2)
+    assert "Matched KL = 1 nats per sequence (set by report.matched_kl)" in (out / "index.html").read_text()
+    with pytest.raises(UserError, match="report.spike_window"):
+        load_config("tiny", ["report.spike_window=2"])
+
+
+def test_report_on_a_task_without_gold(tmp_path):
+    p = tmp_path / "runs" / "nogold"
+    write_run(p, "reference", 1234, [ev(0.0)])
+    write_run(p, "ppo", 0, [ev(k, **{"eval/proxy": x, "eval/proxy_std": 1.0, "heldout/rm_accuracy": 0.6,
+                                     "heldout/rm_margin": 0.2}) for k, x in ((0, 0), (1, 1), (2, 1.5))])
+    write_run(p, "dpo", 0, [ev(k, **{"heldout/implicit_accuracy": a, "heldout/implicit_margin": 0.1})
+                            for k, a in ((0, 0.5), (1, 0.6))])
+    out = run_report(tmp_path, p, base_profile="hh")
+    page, _ = assert_page_complete(out)
+    assert "no gold reward" in page
+    head = pd.read_csv(out / "headline.csv").set_index("method")
+    assert set(head.index) == {"reference", "ppo", "dpo"} and "gold at matched KL mean" not in head
+    assert head.loc["dpo", "final heldout/implicit_accuracy mean"] == pytest.approx(0.6)
+
+
+def test_bad_and_unfinished_runs_are_named_and_left_out(tmp_path):
+    p = gold_profile(tmp_path)
+    huge = [ev(k, 99.0) for k in (0, 1, 2)]  # would move every aggregate if it were mixed in
+    truncated = write_run(p, "dpo", 7, huge, run_id="truncated-run")
+    with open(truncated / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "eval", "step": 30, "eval/g')
+    (write_run(p, "dpo", 8, huge, run_id="no-timings-run") / "timings.json").unlink()
+    (write_run(p, "ppo", 9, huge, run_id="no-manifest-run") / "manifest.json").unlink()
+    write_run(p, "dpo", 10, huge, status="failed", run_id="failed-run")
+    write_run(p, "ppo", 11, huge, status="running", run_id="killed-run")
+    out = run_report(tmp_path, p)
+    assert_page_complete(out)
+    excluded = pd.read_csv(out / "runs_excluded.csv").set_index("run_id")["reason"]
+    assert "truncated" in excluded["truncated-run"] and "line(s) 4" in excluded["truncated-run"]
+    assert excluded["no-timings-run"] == "missing timings.json"
+    assert excluded["no-manifest-run"] == "missing manifest.json"
+    assert excluded["failed-run"] == "status failed: RuntimeError: loss is nan"
+    assert excluded["killed-run"] == "status running"
+    page = (out / "index.html").read_text()
+    assert all(name in page for name in excluded.index)
+    head = pd.read_csv(out / "headline.csv").set_index("method")
+    assert head.loc["dpo", "final eval/gold mean"] == pytest.approx(0.75)  # (0.8 + 0.7) / 2: only good runs
+    assert head.loc["dpo", "final eval/gold n"] == 2
+
+
+def test_report_with_only_dpo_says_what_is_missing(tmp_path):
+    p = tmp_path / "runs" / "onlydpo"
+    write_run(p, "dpo", 0, [ev(0, 0.1), ev(1, 0.3)], train=[{"loss": 0.6, "grad_norm": 1.0}])
+    stale = tmp_path / "reports" / "onlydpo" / "overoptimisation.png"  # from an earlier report with PPO runs
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG_MAGIC)
+    out = run_report(tmp_path, p)
+    assert not stale.exists()
+    page, images = assert_page_complete(out)
+    assert "No completed PPO run" in page and "No completed reference run" in page
+    assert "overoptimisation.png" not in images and "Not drawn: no PPO eval points" in page
+    assert pd.read_csv(out / "headline.csv")["method"].tolist() == ["dpo"]
+
+
+def test_report_with_no_runs_at_all_still_writes_the_page(tmp_path):
+    out = run_report(tmp_path, tmp_path / "runs" / "empty")
+    assert "nothing to compare yet" in (out / "index.html").read_text()
