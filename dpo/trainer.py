@@ -149,7 +149,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         loss_type=["sigmoid"],           # -log sigmoid(beta * (log-ratio_w - log-ratio_l)): eq. (6)
         beta=cfg.beta,                   # the same key as PPO's KL coefficient in eq. (2)
         precompute_ref_log_probs=True,   # pi_ref is frozen: one pass over the pairs, not one per epoch
-        precompute_ref_batch_size=d.batch_size,
+        precompute_ref_batch_size=cfg.eval.batch_size,  # forward passes only: the evaluator's scoring batch
         learning_rate=d.learning_rate, lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_steps,
         per_device_train_batch_size=d.batch_size, gradient_accumulation_steps=d.gradient_accumulation_steps,
         num_train_epochs=d.epochs, max_steps=d.max_steps or -1, max_grad_norm=d.max_grad_norm,
