@@ -42,6 +42,7 @@ class DPOResult:
     steps: int                        # optimiser steps taken
     train_seconds: float              # training wall-clock, evaluation excluded
     final_metrics: dict[str, float]   # the shared evaluator's metrics at the last step
+    timings: dict[str, dict[str, float]]  # timings.json: seconds and peak memory per stage
 
 
 class WeightLoggingDPOTrainer(trl.DPOTrainer):
@@ -115,7 +116,8 @@ class EvalAndLogCallback(TrainerCallback):
         self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens, **metrics})
         self.run.write_samples(step, samples)
         self.last_eval = (step, metrics)
-        shown = ("eval/gold", "eval/kl", "heldout/implicit_accuracy", "heldout/implicit_margin")
+        shown = ("eval/gold", "eval/gold_sem", "eval/kl", "heldout/implicit_accuracy", "heldout/implicit_margin",
+                 "heldout/gold_accuracy", "heldout/gold_margin")
         tqdm.write(f"  step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -200,4 +202,4 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
             policy.save_pretrained(run.path / "checkpoints" / "final")
             tokenizer.save_pretrained(run.path / "checkpoints" / "final")
     step, metrics = callback.last_eval
-    return DPOResult(run.path, step, callback.train_seconds, metrics)
+    return DPOResult(run.path, step, callback.train_seconds, metrics, run.timings)
