@@ -1,1 +1,6 @@
-"""dpo: see docs/ and the open issues; filled in by its own issue."""
+"""DPO, eq. (6) of docs/DPO-derivation.md: the loss, its gradient weight, and one training run (docs/dpo.md)."""
+
+from dpo.loss import dpo_gradient_weight, dpo_loss
+from dpo.trainer import DPOResult, train
+
+__all__ = ["DPOResult", "dpo_gradient_weight", "dpo_loss", "train"]

@@ -178,10 +178,33 @@ class PPOConfig:
 
 @dataclass
 class DPOConfig:
-    """DPO, eq. (6): filled in by dpo/ (issue #4)."""
+    """DPO, eq. (6): TRL's DPOTrainer with the sigmoid loss; its beta is the top-level `beta` (docs/dpo.md)."""
+    learning_rate: float = _f(3e-5, "AdamW learning rate")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _f(
+        "constant", "learning-rate schedule after the warmup ('linear' and 'cosine' decay to 0 at the last step)"
+    )
+    warmup_steps: int = _f(0, "optimiser steps of linear learning-rate warmup")
+    batch_size: int = _f(8, "preference pairs per device per micro-batch")
+    gradient_accumulation_steps: int = _f(
+        1, "micro-batches per optimiser step (pairs a step = batch_size x this x devices)"
+    )
+    epochs: int = _f(1, "passes over the training pairs")
+    max_steps: int | None = _f(None, "stop after this many optimiser steps (null: run all the epochs)")
+    max_grad_norm: float = _f(1.0, "clip the gradient to this global norm")
+    max_length: int | None = _f(512, "tokens kept of each prompt + response (the end is cut); null: no limit")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, ~20% slower")
+    eval_every: int = _f(16, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
 
     def validate(self, prefix: str) -> None:
-        pass
+        _require(self.learning_rate > 0, f"{prefix}.learning_rate", f"must be positive, got {self.learning_rate}")
+        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for key in ("batch_size", "gradient_accumulation_steps", "epochs", "eval_every"):
+            value = getattr(self, key)
+            _require(value > 0, f"{prefix}.{key}", f"must be positive, got {value}")
+        for key in ("max_steps", "max_length"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"{prefix}.{key}", f"must be positive or null, got {value}")
+        _require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
 
 
 @dataclass

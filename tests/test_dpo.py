@@ -1,0 +1,195 @@
+"""DPO (eq. 6): the loss by hand, against TRL's DPOTrainer, on a discrete bandit, and `make dpo` end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from dpo import dpo_gradient_weight, dpo_loss
+from dpo.trainer import build_trainer
+from pipelines.config import PROJECT_ROOT, load_config
+from pipelines.data import build_preferences, load_preferences
+from pipelines.errors import UserError
+from pipelines.models import freeze, load_causal_lm
+from pipelines.rundir import read_jsonl
+from pipelines.sequences import encode_completions, response_logprobs
+
+TRAIN_KEYS = {"kind", "step", "wall_seconds", "tokens", "loss", "rewards/chosen", "rewards/rejected",
+              "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm",
+              "learning_rate", "dpo/grad_weight_mean", "dpo/grad_weight_std"}
+EVAL_KEYS = {"kind", "step", "wall_seconds", "tokens", "eval/gold", "eval/gold_sem", "eval/kl", "eval/kl_k3",
+             "heldout/implicit_accuracy", "heldout/implicit_margin", "heldout/gold_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """One tiny preference set for the module (the end-to-end test reuses it, as `make dpo` would)."""
+    cfg = load_config("tiny", [f"runs_dir={tmp_path_factory.mktemp('runs')}"])
+    return cfg, build_preferences(cfg)
+
+
+def f64(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)  # hand-worked numbers to 1e-9 need double precision
+
+
+def test_dpo_loss_by_hand():
+    beta = 0.1
+    # pair 1: the policy moved 1 nat towards y_w and 1 nat away from y_l; pair 2: 2 nats the wrong way on y_w
+    losses, chosen, rejected = dpo_loss(f64(-10.0, -7.0), f64(-12.0, -5.0), f64(-11.0, -5.0), f64(-11.0, -5.0), beta)
+    # rewards beta * (log pi - log pi_ref): pair 1 (0.1, -0.1), pair 2 (-0.2, 0.0)
+    assert chosen.tolist() == pytest.approx([0.1, -0.2]) and rejected.tolist() == pytest.approx([-0.1, 0.0])
+    # eq. (6): -log sigmoid(0.1 - (-0.1)) = log(1 + e^-0.2) and -log sigmoid(-0.2 - 0) = log(1 + e^0.2)
+    assert losses.tolist() == pytest.approx([0.5981388693, 0.7981388693], abs=1e-9)
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.2)), math.log1p(math.exp(0.2))], abs=1e-9)
+    # no underflow where sigmoid(margin) rounds to 0: the loss is -margin
+    far, _, _ = dpo_loss(f64(-1000.0), f64(0.0), f64(0.0), f64(0.0), 1.0)
+    assert far.item() == pytest.approx(1000.0)
+
+
+def test_gradient_weight_by_hand_and_is_the_gradient_of_eq6():
+    weights = dpo_gradient_weight(f64(0.1, -0.2, 3.0), f64(-0.1, 0.0, 0.0))
+    # sigmoid(r_l - r_w): sigmoid(-0.2) = 1 / (1 + e^0.2), sigmoid(0.2) = 1 / (1 + e^-0.2), sigmoid(-3)
+    assert weights.tolist() == pytest.approx([0.4501660027, 0.5498339973, 0.0474258732], abs=1e-9)
+    # docs/dpo.md: d loss / d log pi(y_w|x) = -beta * weight and d loss / d log pi(y_l|x) = +beta * weight
+    beta = 0.5
+    policy_chosen = torch.tensor([-3.0, -4.0, -1.0], requires_grad=True)
+    policy_rejected = torch.tensor([-2.0, -6.0, -9.0], requires_grad=True)
+    ref_chosen, ref_rejected = torch.tensor([-2.5, -4.5, -1.0]), torch.tensor([-2.5, -5.0, -8.0])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    losses.sum().backward()
+    weights = dpo_gradient_weight(chosen_rewards, rejected_rewards)
+    torch.testing.assert_close(policy_chosen.grad, -beta * weights)
+    torch.testing.assert_close(policy_rejected.grad, beta * weights)
+
+
+def test_dpo_loss_matches_what_trl_dpo_trainer_computes_on_tiny(tiny_runs, tiny_path, tokenizer, tmp_path):
+    cfg, prefs = tiny_runs
+    ref = freeze(load_causal_lm(tiny_path))
+    policy = load_causal_lm(tiny_path)
+    with torch.no_grad():  # move the policy away from pi_ref, so the log-ratios and the loss are not trivial
+        torch.manual_seed(1)
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed=0, output_dir=tmp_path, callbacks=[])
+    n = 4
+    rows = prefs.train.select(range(n)).to_dict()
+    assert [trainer.train_dataset[i]["prompt"] for i in range(n)] == rows["prompt"]  # TRL kept the pairs in order
+    policy.train()
+    loss = trainer.compute_loss(policy, trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
+    trainer.log({"loss": loss.item()})
+    reported = trainer.state.log_history[-1]
+
+    # The same pairs through the project's own encoding and log-prob function, then eq. (6).
+    with torch.no_grad():
+        logps = {(name, side): response_logprobs(model, encode_completions(tokenizer, rows["prompt"], rows[side])
+                                                 )[0].sum(dim=1)
+                 for name, model in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
+    losses, chosen_rewards, rejected_rewards = dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"],
+                                                        logps["ref", "chosen"], logps["ref", "rejected"], cfg.beta)
+    weights = dpo_gradient_weight(chosen_rewards, rejected_rewards)
+    assert abs(chosen_rewards).mean() > 0.05  # the comparison below is not between zeros
+    assert loss.item() == pytest.approx(losses.mean().item(), abs=1e-4)
+    assert reported["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-4)
+    assert reported["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=1e-4)
+    assert reported["rewards/margins"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), abs=1e-4)
+    assert reported["logps/chosen"] == pytest.approx(logps["policy", "chosen"].mean().item(), abs=1e-3)
+    assert reported["dpo/grad_weight_mean"] == pytest.approx(weights.mean().item(), abs=1e-5)
+    assert reported["dpo/grad_weight_std"] == pytest.approx(weights.std(unbiased=False).item(), abs=1e-5)
+    # TRL tokenised and cached its own copy: the shared preference set on disk still matches its manifest
+    assert load_preferences(cfg).sha256 == prefs.sha256
+
+
+def test_dpo_on_a_discrete_bandit_converges_to_the_kl_regularised_optimum():
+    """One prompt, five one-token responses, a tabular policy: DPO on Bradley-Terry labels reaches eq. (5)'s pi*."""
+    torch.manual_seed(0)
+    dtype = torch.float64
+    pi_ref = torch.tensor([0.40, 0.25, 0.15, 0.12, 0.08], dtype=dtype)  # not uniform: pi_ref must matter
+    reward = torch.tensor([-1.0, 0.0, 1.0, 0.5, 2.0], dtype=dtype)
+    beta = 1.0
+    pi_star = torch.softmax(pi_ref.log() + reward / beta, dim=0)  # pi_ref * exp(r / beta) / Z
+    ref_logps = pi_ref.log()
+
+    # 20,000 pairs drawn from pi_ref (as the preference set is), pairs of identical responses dropped (about
+    # 14,600 remain), each labelled by Bradley-Terry on the true reward: P(y1 > y2) = sigmoid(r1 - r2).
+    pairs = torch.multinomial(pi_ref, 2 * 20_000, replacement=True).view(-1, 2)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    first_wins = torch.rand(len(pairs), dtype=dtype) < torch.sigmoid(reward[pairs[:, 0]] - reward[pairs[:, 1]])
+    winner = torch.where(first_wins, pairs[:, 0], pairs[:, 1])
+    loser = torch.where(first_wins, pairs[:, 1], pairs[:, 0])
+
+    # Full-batch gradient descent on the mean DPO loss from pi_theta = pi_ref. The loss is convex in the logits
+    # (a logistic regression on logit differences); step 5 converges in a few hundred steps.
+    logits = ref_logps.clone().requires_grad_(True)
+    for _ in range(300):
+        logps = torch.log_softmax(logits, dim=0)
+        loss = dpo_loss(logps[winner], logps[loser], ref_logps[winner], ref_logps[loser], beta)[0].mean()
+        (grad,) = torch.autograd.grad(loss, logits)
+        with torch.no_grad():
+            logits -= 5.0 * grad
+    assert grad.norm() < 1e-8  # at the minimiser of the sampled objective
+    policy = torch.softmax(logits.detach(), dim=0)
+
+    def tv(p, q):
+        return 0.5 * (p - q).abs().sum().item()
+
+    # Tolerance. The minimiser is the Bradley-Terry maximum-likelihood reward estimate (up to a constant)
+    # mapped through eq. (5), so it misses pi* only by the sampling error of the labels. The delta method
+    # (Fisher information sum_ij n_ij p_ij (1 - p_ij) of the BT likelihood, for these pair counts, through
+    # d pi / d r = (diag(pi*) - pi* pi*^T) / beta) gives standard errors of pi(y) of 0.003-0.014, so
+    # E[TV] ~ 0.013 and 0.5 * sum_y sd(pi(y)) = 0.017; 40 label seeds gave TV 0.013 +- 0.006, at most 0.029.
+    # 0.05 is 3x that scale, yet far below what a wrong optimum would give: pi_ref is 0.40 from pi*, and the
+    # optimum for beta/2 or 2*beta is 0.34 or 0.21 from it.
+    tolerance = 0.05
+    assert tv(pi_ref, pi_star) > 0.35
+    assert tv(policy, pi_star) < tolerance, (policy, pi_star)
+
+
+def test_dpo_config_rejects_bad_values():
+    with pytest.raises(UserError, match="dpo.eval_every"):
+        load_config("tiny", ["dpo.eval_every=0"])
+    with pytest.raises(UserError, match="dpo.learning_rate"):
+        load_config("tiny", ["dpo.learning_rate=-1e-5"])
+
+
+def test_make_dpo_tiny_end_to_end(tiny_runs, tiny_path):
+    cfg, prefs = tiny_runs
+    out = subprocess.run([sys.executable, "-m", "pipelines", "dpo", "--profile", "tiny", f"runs_dir={cfg.runs_dir}"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "preference set reused" in out.stdout  # the very same pairs the reward model reads
+
+    (run,) = (PROJECT_ROOT / cfg.runs_dir / "tiny" / "dpo").iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["method"] == "dpo"
+    assert manifest["data_sha256"] == prefs.sha256 and manifest["seed"] == cfg.seeds[0]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["beta"] == cfg.beta and saved["dpo"]["eval_every"] == cfg.dpo.eval_every
+
+    rows, bad = read_jsonl(run / "metrics.jsonl")
+    assert not bad
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    steps = math.ceil(len(prefs.train) / cfg.dpo.batch_size)  # one epoch; TRL drops no pair of the tiny set
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    assert [r["step"] for r in evals] == sorted({0, *range(cfg.dpo.eval_every, steps + 1, cfg.dpo.eval_every), steps})
+    for r in train:
+        assert TRAIN_KEYS <= set(r), TRAIN_KEYS - set(r)
+        assert 0 < r["dpo/grad_weight_mean"] < 1 and r["dpo/grad_weight_std"] >= 0
+    for r in evals:
+        assert EVAL_KEYS <= set(r), EVAL_KEYS - set(r)
+    assert evals[0]["wall_seconds"] == 0 and evals[0]["tokens"] == 0 and evals[0]["eval/kl"] == pytest.approx(0)
+    assert all(a["tokens"] < b["tokens"] and a["wall_seconds"] < b["wall_seconds"] for a, b in zip(train, train[1:]))
+    # The training clock stops during evaluation: the last eval point's clock equals the last step's.
+    assert evals[-1]["wall_seconds"] == pytest.approx(train[-1]["wall_seconds"], abs=0.5)
+    assert evals[-1]["tokens"] == train[-1]["tokens"]
+
+    timings = json.loads((run / "timings.json").read_text())
+    assert {"ref_logps", "train", "eval", "save"} <= set(timings)
+    assert timings["train"]["seconds"] == pytest.approx(train[-1]["wall_seconds"], abs=0.5)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"eval_step{r['step']:06d}.jsonl" for r in evals]
+    final, ref = load_causal_lm(str(run / "checkpoints" / "final")), load_causal_lm(tiny_path)
+    assert not torch.equal(final.lm_head.weight, ref.lm_head.weight)  # the trained policy, not a copy of pi_ref
