@@ -73,6 +73,7 @@ class EvalContext:
     heldout_pairs: list[dict] = field(default_factory=list)  # prompt / chosen / rejected (/ gold_chosen ...)
     _ref_pair_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # pi_ref on held-out pairs, computed once
     _pair_batches: list | None = None
+    _rm_pair_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def pair_batches(self) -> list[tuple[slice, SequenceBatch, SequenceBatch]]:
         """Held-out pairs as (slice, chosen batch, rejected batch), tokenised once."""
@@ -158,11 +159,13 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
         return metrics
     batches = ctx.pair_batches()
     if reward_model is not None:
-        with ctx.autocast():
-            chosen = torch.cat([reward_scores(reward_model, c) for _, c, _ in batches]).tolist()
-            rejected = torch.cat([reward_scores(reward_model, r) for _, _, r in batches]).tolist()
-        acc, margin = pair_accuracy_margin(chosen, rejected)
-        metrics.update({"heldout/rm_accuracy": acc, "heldout/rm_margin": margin})
+        if id(reward_model) not in ctx._rm_pair_metrics:  # a frozen RM scores the fixed pairs the same every time
+            with ctx.autocast():
+                chosen = torch.cat([reward_scores(reward_model, c) for _, c, _ in batches]).tolist()
+                rejected = torch.cat([reward_scores(reward_model, r) for _, _, r in batches]).tolist()
+            acc, margin = pair_accuracy_margin(chosen, rejected)
+            ctx._rm_pair_metrics[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
+        metrics.update(ctx._rm_pair_metrics[id(reward_model)])
     if implicit_beta is not None and policy is not None:
         if ctx._ref_pair_logps is None:  # pi_ref never changes: its pair log-probs are computed once
             ctx._ref_pair_logps = (torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for _, c, _ in batches]),
