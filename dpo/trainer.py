@@ -25,11 +25,12 @@ from transformers.trainer_callback import ProgressCallback
 
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from pipelines.config import Config
-from pipelines.data import PAIR_FIELDS, PreferenceSet
+from pipelines.data import PreferenceSet
 from pipelines.evaluate import evaluate
 from pipelines.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path, use_bf16
 from pipelines.rundir import RunDir
 from pipelines.stages import make_eval_context
+from pipelines.tasks import PAIR_FIELDS
 
 # Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
 # Trainer's speed figures, whose clock includes evaluation.
