@@ -1,0 +1,34 @@
+"""The user's path on `tiny`: `make ppo`, `make dpo`, then `make report`, judged by what lands on disk."""
+
+import csv
+import re
+import subprocess
+import sys
+
+from pipelines.config import PROJECT_ROOT
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_ppo_dpo_then_report_on_tiny(tmp_path):
+    common = ["--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}"]
+    for command in ("reference", "ppo", "dpo", "report"):
+        out = _cli(command, *common)
+        assert out.returncode == 0, f"{command}: {out.stderr[-3000:]}"
+
+    page = tmp_path / "reports" / "tiny" / "index.html"
+    html = page.read_text()
+    images = re.findall(r"<img[^>]+src=['\"]([^'\"]+)['\"]", html)
+    assert len(images) >= 7  # SPEC §7's seven plots
+    for name in images:
+        data = (page.parent / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
+
+    with open(page.parent / "headline.csv") as f:
+        methods = {row["method"] for row in csv.DictReader(f)}
+    assert {"ppo", "dpo", "reference"} <= methods
+    summary = (page.parent / "summary.md").read_text()
+    assert re.search(r"^\| ppo \|", summary, re.M) and re.search(r"^\| dpo \|", summary, re.M)
