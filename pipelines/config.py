@@ -308,6 +308,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"config key '{key}': expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)

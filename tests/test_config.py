@@ -29,8 +29,10 @@ def test_unknown_key_in_yaml_file_is_named(tmp_path):
 
 
 def test_dotted_overrides_parse_yaml_values():
-    cfg = load_config("tiny", ["data.seed=7", "beta=0.5", "seeds=[3, 4]", "data.n_prompts=null"])
+    cfg = load_config("tiny", ["data.seed=7", "beta=0.5", "seeds=[3, 4]", "data.n_prompts=null",
+                               "reward_model.learning_rate=1e-4"])
     assert cfg.data.seed == 7 and cfg.beta == 0.5 and cfg.seeds == [3, 4] and cfg.data.n_prompts is None
+    assert cfg.reward_model.learning_rate == 1e-4  # YAML 1.1 alone would read "1e-4" as a string
 
 
 @pytest.mark.parametrize("override, message", [
