@@ -115,7 +115,7 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
                 logp = response_logprobs(policy, batch, cfg.temperature)[0]
                 ref_logp = response_logprobs(ctx.ref_model, batch, cfg.temperature)[0]
                 if reward_model is not None:
-                    proxies += reward_scores(reward_model, batch).tolist()
+                    proxies += reward_scores(reward_model, batch, tok).tolist()
             k1, k3 = kl_estimates(logp, ref_logp, batch.response_mask)
             k1s += k1.tolist()
             k3s += k3.tolist()
@@ -157,12 +157,12 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
         metrics.update({"heldout/gold_accuracy": acc, "heldout/gold_margin": margin})
     if reward_model is None and implicit_beta is None:
         return metrics
-    batches = ctx.pair_batches()
+    batches, tok = ctx.pair_batches(), ctx.tokenizer
     if reward_model is not None:
         if id(reward_model) not in ctx._rm_pair_metrics:  # a frozen RM scores the fixed pairs the same every time
             with ctx.autocast():
-                chosen = torch.cat([reward_scores(reward_model, c) for _, c, _ in batches]).tolist()
-                rejected = torch.cat([reward_scores(reward_model, r) for _, _, r in batches]).tolist()
+                chosen = torch.cat([reward_scores(reward_model, c, tok) for _, c, _ in batches]).tolist()
+                rejected = torch.cat([reward_scores(reward_model, r, tok) for _, _, r in batches]).tolist()
             acc, margin = pair_accuracy_margin(chosen, rejected)
             ctx._rm_pair_metrics[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
         metrics.update(ctx._rm_pair_metrics[id(reward_model)])

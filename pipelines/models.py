@@ -193,8 +193,14 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False) -> str:
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # A reward model's head reads the last non-pad token. With pad == EOS that is the token *before* EOS,
+        # an arbitrary mid-sentence position for a response cut by the length cap; with a distinct pad token
+        # it is the EOS itself, which has attended to the whole response. Use another special token where the
+        # vocabulary has one (SmolLM2: <|endoftext|>), else fall back to EOS.
+        spare = next((t for t in (tokenizer.unk_token, tokenizer.bos_token)
+                      if t is not None and t != tokenizer.eos_token), tokenizer.eos_token)
+        tokenizer.pad_token = spare
     tokenizer.padding_side = "left"  # generation needs prompts flush against the response
     return tokenizer
 

@@ -152,9 +152,29 @@ def sequence_scores(scalar_model: PreTrainedModel, batch: SequenceBatch) -> torc
                         position_ids=position_ids_from_mask(attention_mask)).logits[:, 0].float()
 
 
-def reward_scores(reward_model: PreTrainedModel, batch: SequenceBatch) -> torch.Tensor:
-    """r_phi(x, y), [B]: the raw score minus the shift that centres pi_ref's samples at 0 (InstructGPT's
-    normalisation; the shift is stored in the reward model's config as `reward_shift`)."""
+def with_eos(batch: SequenceBatch, eos_token_id: int, pad_token_id: int) -> SequenceBatch:
+    """The batch with an EOS appended to every response that has none (cut by the length cap)."""
+    has_eos = ((batch.response_ids == eos_token_id) & (batch.response_mask == 1)).any(dim=1)
+    if has_eos.all():
+        return batch
+    lengths = batch.response_lengths
+    ids = torch.cat([batch.response_ids, torch.full_like(batch.response_ids[:, :1], pad_token_id)], dim=1)
+    mask = torch.cat([batch.response_mask, torch.zeros_like(batch.response_mask[:, :1])], dim=1)
+    rows = torch.nonzero(~has_eos).squeeze(1)
+    ids[rows, lengths[rows]] = eos_token_id
+    mask[rows, lengths[rows]] = 1
+    return SequenceBatch(batch.prompt_ids, batch.prompt_mask, ids, mask)
+
+
+def reward_scores(reward_model: PreTrainedModel, batch: SequenceBatch, tokenizer: PreTrainedTokenizerBase
+                  ) -> torch.Tensor:
+    """r_phi(x, y), [B]: the raw score of the EOS-terminated response minus the shift that centres pi_ref's
+    samples at 0 (InstructGPT's normalisation; stored in the reward model's config as `reward_shift`).
+
+    Every training pair ended with EOS (TRL appends it), so a response cut by the length cap is scored with
+    an EOS appended: the head then reads the same kind of position it was trained on.
+    """
+    batch = with_eos(batch, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return sequence_scores(reward_model, batch) - getattr(reward_model.config, "reward_shift", 0.0)
 
 

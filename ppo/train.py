@@ -144,7 +144,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path, seed: 
                 old_logprobs, _ = response_logprobs(unwrapped, batch, pc.temperature)
                 ref_logprobs, _ = response_logprobs(ref, batch, pc.temperature)
                 old_values = value_model(batch).detach()
-                scores = reward_scores(reward_model, batch)
+                scores = reward_scores(reward_model, batch, tokenizer)
             ended = (batch.response_ids == tokenizer.eos_token_id).any(dim=1)
             if pc.missing_eos_penalty is not None:  # detail: penalise responses cut off by the length cap
                 scores = torch.where(ended, scores, scores - pc.missing_eos_penalty)

@@ -26,7 +26,7 @@ from pipelines.evaluate import EvalContext, heldout_pair_metrics
 from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
                               resolve_model_path, use_bf16)
 from pipelines.rundir import RunDir
-from pipelines.sequences import chunks, sample, sequence_scores
+from pipelines.sequences import chunks, reward_scores, sample
 from pipelines.tasks import load_task
 
 
@@ -75,7 +75,7 @@ def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.
             batch = sample(policy, tokenizer, prompts[s], cfg.data.max_new_tokens, cfg.data.temperature,
                            autocast(cfg.model.precision, device))
             with autocast(cfg.model.precision, device):
-                scores += sequence_scores(rm, batch).tolist()
+                scores += reward_scores(rm, batch, tokenizer).tolist()  # no shift set yet: raw scores
     return sum(scores) / len(scores)
 
 

@@ -71,3 +71,18 @@ def test_sample_is_seeded_and_scores_are_per_sequence(tiny_model, tokenizer, tin
         alone = sequence_scores(rm, SequenceBatch(a.prompt_ids[1:], a.prompt_mask[1:], a.response_ids[1:],
                                                   a.response_mask[1:]))
     assert scores.shape == (2,) and torch.allclose(scores[1], alone[0], atol=1e-5)
+
+
+def test_with_eos_terminates_only_cut_responses():
+    from pipelines.sequences import with_eos
+    eos, pad = 2, 0
+    batch = SequenceBatch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
+                          torch.tensor([[5, 2, 0], [5, 6, 7]]), torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    out = with_eos(batch, eos, pad)
+    assert out.response_ids.tolist() == [[5, 2, 0, 0], [5, 6, 7, 2]]
+    assert out.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert with_eos(out, eos, pad) is out  # already terminated: unchanged
+
+
+def test_pad_token_differs_from_eos_so_the_reward_head_reads_eos(tokenizer):
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
