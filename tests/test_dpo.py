@@ -91,7 +91,7 @@ def test_dpo_loss_matches_what_trl_dpo_trainer_computes_on_tiny(tiny_runs, tiny_
     losses, chosen_rewards, rejected_rewards = dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"],
                                                         logps["ref", "chosen"], logps["ref", "rejected"], cfg.beta)
     weights = dpo_gradient_weight(chosen_rewards, rejected_rewards)
-    assert abs(chosen_rewards).mean() > 0.05  # the comparison below is not between zeros
+    assert abs(chosen_rewards).mean() > 0.01  # the comparison below (to 1e-4) is not between zeros
     assert loss.item() == pytest.approx(losses.mean().item(), abs=1e-4)
     assert reported["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-4)
     assert reported["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=1e-4)
