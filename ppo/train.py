@@ -129,81 +129,80 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path, seed: 
         run_eval(0)
         for iteration in tqdm(range(1, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main):
             start = time.perf_counter()
-            stage = run.stage("train", device) if main else nullcontext()
-            stage.__enter__()
-            # ---- 1. rollout: this process's share of the next prompts, cycling through a seeded order
-            first = ((iteration - 1) * pc.rollout_batch_size + accelerator.process_index * local_batch)
-            prompts = [task.train_prompts[prompt_order[(first + i) % len(prompt_order)]] for i in range(local_batch)]
-            unwrapped = accelerator.unwrap_model(policy)
-            unwrapped.eval()  # detail: no dropout while sampling and scoring (the old policy is a fixed function)
-            batch = sample(unwrapped, tokenizer, prompts, pc.max_new_tokens, pc.temperature, amp())
-            mask = batch.response_mask.float()
+            with run.stage("train", device) if main else nullcontext():  # timings.json: train seconds, peak memory
+                # ---- 1. rollout: this process's share of the next prompts, cycling through a seeded order
+                first = ((iteration - 1) * pc.rollout_batch_size + accelerator.process_index * local_batch)
+                prompts = [task.train_prompts[prompt_order[(first + i) % len(prompt_order)]]
+                           for i in range(local_batch)]
+                unwrapped = accelerator.unwrap_model(policy)
+                unwrapped.eval()  # detail: no dropout while sampling and scoring (the old policy is a fixed function)
+                batch = sample(unwrapped, tokenizer, prompts, pc.max_new_tokens, pc.temperature, amp())
+                mask = batch.response_mask.float()
 
-            # ---- 2. score the rollout, one batched no-grad pass per model
-            with torch.no_grad(), amp():
-                old_logprobs, _ = response_logprobs(unwrapped, batch, pc.temperature)
-                ref_logprobs, _ = response_logprobs(ref, batch, pc.temperature)
-                old_values = value_model(batch).detach()
-                scores = reward_scores(reward_model, batch, tokenizer)
-            ended = (batch.response_ids == tokenizer.eos_token_id).any(dim=1)
-            if pc.missing_eos_penalty is not None:  # detail: penalise responses cut off by the length cap
-                scores = torch.where(ended, scores, scores - pc.missing_eos_penalty)
+                # ---- 2. score the rollout, one batched no-grad pass per model
+                with torch.no_grad(), amp():
+                    old_logprobs, _ = response_logprobs(unwrapped, batch, pc.temperature)
+                    ref_logprobs, _ = response_logprobs(ref, batch, pc.temperature)
+                    old_values = value_model(batch).detach()
+                    scores = reward_scores(reward_model, batch, tokenizer)
+                ended = (batch.response_ids == tokenizer.eos_token_id).any(dim=1)
+                if pc.missing_eos_penalty is not None:  # detail: penalise responses cut off by the length cap
+                    scores = torch.where(ended, scores, scores - pc.missing_eos_penalty)
 
-            # ---- 3. per-token KL-penalised rewards (eq. 2), GAE, advantage whitening
-            rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
-            advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
-            if pc.whiten_advantages:
-                advantages = whiten(advantages, mask)
+                # ---- 3. per-token KL-penalised rewards (eq. 2), GAE, advantage whitening
+                rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+                advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
+                if pc.whiten_advantages:
+                    advantages = whiten(advantages, mask)
 
-            # ---- 4. PPO epochs over minibatches
-            unwrapped.train()
-            stats: dict[str, list[float]] = {}
-            for _ in range(pc.ppo_epochs):
-                for idx in torch.randperm(local_batch).split(pc.mini_batch_size // accelerator.num_processes or 1):
-                    mb = _index(batch, idx)
-                    with amp():
-                        new_logprobs, entropy = response_logprobs(policy, mb, pc.temperature, with_entropy=True)
-                        new_values = value_model(mb)
-                    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, old_logprobs[idx], advantages[idx],
-                                                            mask[idx], pc.cliprange)
-                    vf_loss, vf_stats = clipped_value_loss(new_values, old_values[idx], returns[idx], mask[idx],
-                                                           pc.cliprange_value)
-                    loss = pg_loss + pc.vf_coef * vf_loss
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"PPO iteration {iteration}: loss is {loss.item()} (policy "
-                                                 f"{pg_loss.item()}, value {vf_loss.item()}); stopping")
-                    optimizer.zero_grad(set_to_none=True)
-                    accelerator.backward(loss)
-                    grad_norm = accelerator.clip_grad_norm_(params, pc.max_grad_norm)  # detail: gradient clipping
-                    optimizer.step()
-                    for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
-                                       "policy/entropy_token": masked_mean(entropy, mask[idx]),
-                                       "grad_norm": grad_norm}.items():
-                        stats.setdefault(key, []).append(float(value.detach()))
-            scheduler.step()
+                # ---- 4. PPO epochs over minibatches
+                unwrapped.train()
+                stats: dict[str, list[float]] = {}
+                for _ in range(pc.ppo_epochs):
+                    for idx in torch.randperm(local_batch).split(pc.mini_batch_size // accelerator.num_processes or 1):
+                        mb = _index(batch, idx)
+                        with amp():
+                            new_logprobs, entropy = response_logprobs(policy, mb, pc.temperature, with_entropy=True)
+                            new_values = value_model(mb)
+                        pg_loss, pg_stats = clipped_policy_loss(new_logprobs, old_logprobs[idx], advantages[idx],
+                                                                mask[idx], pc.cliprange)
+                        vf_loss, vf_stats = clipped_value_loss(new_values, old_values[idx], returns[idx], mask[idx],
+                                                               pc.cliprange_value)
+                        loss = pg_loss + pc.vf_coef * vf_loss
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"PPO iteration {iteration}: loss is {loss.item()} (policy "
+                                                     f"{pg_loss.item()}, value {vf_loss.item()}); stopping")
+                        optimizer.zero_grad(set_to_none=True)
+                        accelerator.backward(loss)
+                        grad_norm = accelerator.clip_grad_norm_(params, pc.max_grad_norm)  # detail: gradient clipping
+                        optimizer.step()
+                        for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
+                                           "policy/entropy_token": masked_mean(entropy, mask[idx]),
+                                           "grad_norm": grad_norm}.items():
+                            stats.setdefault(key, []).append(float(value.detach()))
+                scheduler.step()
 
-            # ---- 5. bookkeeping: KL controller, clock, tokens, metrics
-            kl_per_episode = kl.sum(dim=1)
-            mean_kl = mean_across(kl_per_episode.mean())
-            row = {
-                "objective/kl": mean_kl,
-                "objective/entropy": mean_across((-old_logprobs * mask).sum(dim=1).mean()),
-                "objective/scores": mean_across(scores.mean()),
-                "objective/rlhf_reward": mean_across((scores - beta * kl_per_episode).mean()),
-                "objective/kl_coef": beta,
-                "val/explained_variance": explained_variance(old_values, returns, mask),
-                "episode/length": mean_across(mask.sum(dim=1).mean()),
-                "episode/eos_rate": mean_across(ended.float().mean()),
-                "learning_rate": scheduler.get_last_lr()[0],
-                **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
-            }
-            if not all(math.isfinite(v) for k, v in row.items() if k != "val/explained_variance"):
-                raise FloatingPointError(f"PPO iteration {iteration}: non-finite metrics {row}; stopping")
-            if kl_ctl is not None:  # detail: adaptive KL coefficient (Ziegler et al. 2019)
-                beta = kl_ctl.update(mean_kl, pc.rollout_batch_size)
-            tokens += int(mean_across(batch.attention_mask.sum()) * accelerator.num_processes)
-            train_seconds += time.perf_counter() - start
-            stage.__exit__(None, None, None)
+                # ---- 5. bookkeeping: KL controller, clock, tokens, metrics
+                kl_per_episode = kl.sum(dim=1)
+                mean_kl = mean_across(kl_per_episode.mean())
+                row = {
+                    "objective/kl": mean_kl,
+                    "objective/entropy": mean_across((-old_logprobs * mask).sum(dim=1).mean()),
+                    "objective/scores": mean_across(scores.mean()),
+                    "objective/rlhf_reward": mean_across((scores - beta * kl_per_episode).mean()),
+                    "objective/kl_coef": beta,
+                    "val/explained_variance": explained_variance(old_values, returns, mask),
+                    "episode/length": mean_across(mask.sum(dim=1).mean()),
+                    "episode/eos_rate": mean_across(ended.float().mean()),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
+                }
+                if not all(math.isfinite(v) for k, v in row.items() if k != "val/explained_variance"):
+                    raise FloatingPointError(f"PPO iteration {iteration}: non-finite metrics {row}; stopping")
+                if kl_ctl is not None:  # detail: adaptive KL coefficient (Ziegler et al. 2019)
+                    beta = kl_ctl.update(mean_kl, pc.rollout_batch_size)
+                tokens += int(mean_across(batch.attention_mask.sum()) * accelerator.num_processes)
+                train_seconds += time.perf_counter() - start
             if main:
                 run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens, **row})
             if iteration % pc.eval_every == 0 or iteration == pc.iterations:
