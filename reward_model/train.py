@@ -46,14 +46,13 @@ class RewardModelResult:
 class _LogToRun(TrainerCallback):
     """Copy TRL's per-step logs into the run's metrics.jsonl with training wall-clock and tokens."""
 
-    def __init__(self, run: RunDir, trainer_ref: list):
-        self.run, self.trainer_ref, self.start = run, trainer_ref, time.perf_counter()
+    def __init__(self, run: RunDir):
+        self.run, self.start = run, time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            tokens = self.trainer_ref[0]._total_train_tokens
             self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": time.perf_counter() - self.start,
-                          "tokens": tokens, "loss": logs["loss"], "accuracy": logs.get("accuracy"),
+                          "tokens": state.num_input_tokens_seen, "loss": logs["loss"], "accuracy": logs.get("accuracy"),
                           "margin": logs.get("margin"), "grad_norm": logs.get("grad_norm"),
                           "learning_rate": logs.get("learning_rate")})
 
@@ -97,12 +96,11 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
                 lr_scheduler_type="linear", max_length=rc.max_length, logging_steps=1, save_strategy="no",
                 report_to=[], seed=seed, data_seed=seed, bf16=use_bf16(cfg.model.precision, device),
                 use_cpu=device.type == "cpu", disable_tqdm=False, dataloader_num_workers=0,
-                activation_checkpointing=False,  # TRL turns it on by default: ~30% slower, and memory is ample here
+                activation_checkpointing=False,
+                include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`  # TRL turns it on by default: ~30% slower, and memory is ample here
             )
-            trainer_ref: list = []
             trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
-                                    callbacks=[_LogToRun(run, trainer_ref)])
-            trainer_ref.append(trainer)
+                                    callbacks=[_LogToRun(run)])
             with run.stage("reward_model", device):
                 trainer.train()
         rm = freeze(trainer.model)
@@ -121,7 +119,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
         rm.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
         run.log({"kind": "eval", "step": trainer.state.global_step, "wall_seconds": run.timings["reward_model"]
-                 ["seconds"], "tokens": trainer._total_train_tokens, "reward_shift": shift, **heldout})
+                 ["seconds"], "tokens": trainer.state.num_input_tokens_seen, "reward_shift": shift, **heldout})
         run.manifest["reward_model_path"] = str(final)
         print(f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "
               f"{heldout.get('heldout/gold_accuracy', float('nan')):.3f}), margin {heldout['heldout/rm_margin']:.3f}, "
