@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
 
-.PHONY: all setup test data reference ppo dpo report config
+.PHONY: all setup test data reference ppo ppo-gt dpo report config
 
 all: setup data reference ppo dpo report
 
@@ -39,6 +39,10 @@ reference: setup
 
 ppo: setup
 	$(CLI) ppo --profile $(PROFILE) $(ARGS)
+
+# PPO with the task's gold reward in place of the reward model: PPO's ceiling (DPO paper, Fig. 2).
+ppo-gt: setup
+	$(CLI) ppo --profile $(PROFILE) ppo.reward=gold $(ARGS)
 
 dpo: setup
 	$(CLI) dpo --profile $(PROFILE) $(ARGS)

@@ -148,6 +148,9 @@ class PPOConfig:
     mini_batch_size: int = _f(8, "episodes per gradient step within a PPO epoch")
     ppo_epochs: int = _f(1, "passes over each rollout batch")
     learning_rate: float = _f(1e-5, "AdamW learning rate for policy and value model")
+    reward: Literal["model", "gold"] = _f(
+        "model", "'model': the learned r_phi (InstructGPT); 'gold': the task's true reward in its place (PPO-GT of "
+        "the DPO paper's Fig. 2, the ceiling of PPO with a perfect reward model; runs under runs/<profile>/ppo-gt)")
     anneal_lr: bool = _f(True, "decay the learning rate linearly to 0 over the iterations")
     max_new_tokens: int = _f(32, "response length cap during rollouts")
     temperature: float = _f(1.0, "rollout sampling temperature (log-probs use the same temperature)")
@@ -156,7 +159,7 @@ class PPOConfig:
     cliprange: float = _f(0.2, "epsilon of the clipped surrogate objective")
     cliprange_value: float = _f(0.2, "clip range of the value-function update")
     vf_coef: float = _f(0.1, "weight of the value loss in the joint loss")
-    max_grad_norm: float = _f(1.0, "gradient clipping (global norm)")
+    max_grad_norm: float = _f(1.0, "gradient clipping: the global norm of the policy, and of the value model, each")
     whiten_advantages: bool = _f(True, "normalise advantages to mean 0, std 1 over the batch's response tokens")
     missing_eos_penalty: float | None = _f(None, "subtracted from the score of responses that hit the length cap "
                                             "without EOS (null: no penalty)")

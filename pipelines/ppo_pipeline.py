@@ -4,6 +4,8 @@
 2. stage 1: the reward model r_phi (eq. 1): trained once and shared by every PPO seed, or one per seed
    (`reward_model.per_seed`); a finished reward model with the same data, config and seed is reused;
 3. stage 2: one PPO run (eq. 2) per seed in `seeds`.
+
+With `ppo.reward=gold` (`make ppo-gt`) step 2 is skipped and PPO optimises the task's gold reward (PPO-GT).
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ def find_reward_model(cfg: Config, prefs: PreferenceSet, seed: int):
     return None
 
 
+def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int):
+    """The reward model PPO seed `seed` trains against: reused if already trained, else trained now."""
+    rm_seed = seed if cfg.reward_model.per_seed else cfg.reward_model.seed
+    rm_path = find_reward_model(cfg, prefs, rm_seed)
+    if rm_path is None:
+        return train_reward_model(cfg, prefs, rm_seed).path
+    print(f"reward model reused: {rm_path}")
+    return rm_path
+
+
 def main(cfg: Config) -> int:
     prefs = build_preference_set(cfg)
+    gold = cfg.ppo.reward == "gold"  # PPO-GT: no reward model at all
     for seed in cfg.seeds:
-        rm_seed = seed if cfg.reward_model.per_seed else cfg.reward_model.seed
-        rm_path = find_reward_model(cfg, prefs, rm_seed)
-        if rm_path is None:
-            rm_path = train_reward_model(cfg, prefs, rm_seed).path
-        else:
-            print(f"reward model reused: {rm_path}")
-        result = train_ppo(cfg, prefs, rm_path, seed)
+        result = train_ppo(cfg, prefs, None if gold else reward_model_for(cfg, prefs, seed), seed)
         e = result.final_eval
-        print(f"PPO seed {seed}: {result.run_dir}\n  final: gold {e.get('eval/gold', float('nan')):.3f} "
+        print(f"{'PPO-GT' if gold else 'PPO'} seed {seed}: {result.run_dir}\n  final: gold {e.get('eval/gold', float('nan')):.3f} "
               f"(±{e.get('eval/gold_sem', float('nan')):.3f}), proxy {e.get('eval/proxy', float('nan')):.3f}, "
               f"KL {e['eval/kl']:.3f}")
     return 0

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
+from pipelines.errors import UserError
 from pipelines.evaluate import evaluate
 from pipelines.models import autocast, freeze, load_causal_lm, load_scalar_model, load_tokenizer, resolve_model_path
 from pipelines.rundir import RunDir
@@ -46,13 +47,16 @@ from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_l
 class TokenValueModel(nn.Module):
     """V(s_t) at every position: the scalar model's backbone and head, not pooled to the last token.
 
-    A module of its own (rather than a function reaching into the model) so DDP sees the value pass as a
-    forward call and synchronises its gradients.
+    Initialised from r_phi and centred by r_phi's own shift, so V starts on the scale of the centred scores it
+    must predict (uncentred, every V would be off by the shift, ~2.4 on the default profile, and GAE's
+    advantages would be mostly that error). A module of its own (rather than a function reaching into the
+    model) so DDP sees the value pass as a forward call and synchronises its gradients.
     """
 
     def __init__(self, scalar_model: nn.Module):
         super().__init__()
         self.scalar_model = scalar_model
+        self.shift = float(getattr(scalar_model.config, "reward_shift", 0.0))
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         """Values of the response positions, [B, R]: the hidden state that predicts response token t gives V(s_t)."""
@@ -61,7 +65,8 @@ class TokenValueModel(nn.Module):
         hidden = backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                           use_cache=False).last_hidden_state
         p_len = batch.prompt_ids.shape[1]
-        return self.scalar_model.score(hidden[:, p_len - 1:-1]).squeeze(-1).float() * batch.response_mask
+        values = self.scalar_model.score(hidden[:, p_len - 1:-1]).squeeze(-1).float() - self.shift
+        return values * batch.response_mask
 
 
 @dataclass
@@ -76,38 +81,46 @@ def _index(batch: SequenceBatch, idx: torch.Tensor) -> SequenceBatch:
                          batch.response_mask[idx])
 
 
-def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path, seed: int) -> PPOResult:
-    """Run PPO (eq. 2) from pi_ref against the reward model at `reward_model_path`; one run directory."""
+def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None, seed: int) -> PPOResult:
+    """Run PPO (eq. 2) from pi_ref against the reward model at `reward_model_path`, or against the task's gold
+    reward when `cfg.ppo.reward == "gold"` (PPO-GT; `reward_model_path` is then None); one run directory."""
     pc = cfg.ppo
+    gold = pc.reward == "gold"
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     set_seed(seed)
     amp = lambda: autocast(cfg.model.precision, device)  # noqa: E731  (a fresh context each use)
 
-    # --- models: policy initialised from pi_ref; value model from the reward model; pi_ref and r_phi frozen
+    # --- models: policy initialised from pi_ref; value model from the reward model (PPO-GT has none: from
+    # pi_ref with a fresh scalar head); pi_ref and r_phi frozen
     model_path = resolve_model_path(cfg.model, cfg.hub_access)
     tokenizer = load_tokenizer(model_path)
+    task = load_task(cfg.task, tokenizer, cfg.hub_access)
+    if gold and task.gold_reward is None:
+        raise UserError(f"ppo.reward: 'gold' needs a task with a gold reward; task '{cfg.task.name}' has none")
     policy = load_causal_lm(model_path)
     ref = freeze(load_causal_lm(model_path)).to(device)
-    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
-    value_model = TokenValueModel(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id))
+    reward_model = None if gold else freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)
+                                            ).to(device)
+    value_model = TokenValueModel(load_scalar_model(str(model_path if gold else reward_model_path),
+                                                    tokenizer.pad_token_id))
+    if gold:  # a fresh head starts at V = 0 rather than at random values
+        nn.init.zeros_(value_model.scalar_model.score.weight)
     # One optimizer over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss.
     optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=pc.learning_rate, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # detail: linear learning-rate annealing to 0
         optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0)
     policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    task = load_task(cfg.task, tokenizer, cfg.hub_access)
     local_batch = pc.rollout_batch_size // accelerator.num_processes  # each process samples its own share
     prompt_order = torch.randperm(len(task.train_prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     kl_ctl = AdaptiveKLController(cfg.beta, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl else None
     beta = cfg.beta
 
     main = accelerator.is_main_process
-    run = RunDir.create(cfg, "ppo", seed, device, prefs.sha256, extra={"reward_model_path": str(reward_model_path),
-                                                                     "num_processes": accelerator.num_processes}
-                        ) if main else None
+    run = RunDir.create(cfg, "ppo-gt" if gold else "ppo", seed, device, prefs.sha256,
+                        extra={"reward_model_path": None if gold else str(reward_model_path),
+                               "num_processes": accelerator.num_processes}) if main else None
     ctx = make_eval_context(cfg, prefs, ref, tokenizer, device) if main else None
     train_seconds, tokens, final_eval = 0.0, 0, {}
 
@@ -144,7 +157,11 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path, seed: 
                     old_logprobs, _ = response_logprobs(unwrapped, batch, pc.temperature)
                     ref_logprobs, _ = response_logprobs(ref, batch, pc.temperature)
                     old_values = value_model(batch).detach()
-                    scores = reward_scores(reward_model, batch, tokenizer)
+                    if gold:  # PPO-GT: the true reward of the decoded text, as the evaluator scores it
+                        texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+                        scores = torch.tensor(task.gold_reward(texts), device=device, dtype=torch.float32)
+                    else:
+                        scores = reward_scores(reward_model, batch, tokenizer)
                 ended = (batch.response_ids == tokenizer.eos_token_id).any(dim=1)
                 if pc.missing_eos_penalty is not None:  # detail: penalise responses cut off by the length cap
                     scores = torch.where(ended, scores, scores - pc.missing_eos_penalty)
@@ -174,11 +191,14 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path, seed: 
                                                      f"{pg_loss.item()}, value {vf_loss.item()}); stopping")
                         optimizer.zero_grad(set_to_none=True)
                         accelerator.backward(loss)
-                        grad_norm = accelerator.clip_grad_norm_(params, pc.max_grad_norm)  # detail: gradient clipping
+                        # detail: gradient clipping, each model on its own: one global norm lets the value
+                        # loss's large early gradients shrink the policy's step
+                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), pc.max_grad_norm)
+                        vf_grad_norm = accelerator.clip_grad_norm_(value_model.parameters(), pc.max_grad_norm)
                         optimizer.step()
                         for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
                                            "policy/entropy_token": masked_mean(entropy, mask[idx]),
-                                           "grad_norm": grad_norm}.items():
+                                           "grad_norm": grad_norm, "val/grad_norm": vf_grad_norm}.items():
                             stats.setdefault(key, []).append(float(value.detach()))
                 scheduler.step()
 

@@ -3,13 +3,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from pipelines.config import PROJECT_ROOT
 from pipelines.rundir import read_jsonl
 
 PPO_TRAIN_KEYS = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                   "objective/kl_coef", "policy/approxkl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var",
-                  "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance", "grad_norm",
+                  "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance", "grad_norm", "val/grad_norm",
                   "learning_rate", "kind", "step", "wall_seconds", "tokens"}
 
 
@@ -46,3 +47,59 @@ def test_make_ppo_tiny_end_to_end_and_reward_model_reuse(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reward model reused" in again.stdout
     assert len(list((runs / "tiny" / "reward_model").iterdir())) == 1 and len(list((runs / "tiny" / "ppo").iterdir())) == 2
+
+
+def test_token_values_are_the_centred_reward_head_read_after_each_response_prefix(tiny_model, tokenizer, tiny_path):
+    """V(s_t) must read the state before response token t (prompt + y_<t), centred by r_phi's shift."""
+    import torch
+
+    from pipelines.models import autocast, load_scalar_model
+    from pipelines.sequences import SequenceBatch, sample, sequence_scores
+    from ppo.train import TokenValueModel
+
+    prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\na review<|im_end|>\n"]
+    torch.manual_seed(3)
+    batch = sample(tiny_model, tokenizer, prompts, 5, 1.0, autocast("fp32", torch.device("cpu")))
+    rm = load_scalar_model(tiny_path, tokenizer.pad_token_id).eval()
+    rm.config.reward_shift = 0.7
+    with torch.no_grad():
+        values = TokenValueModel(rm)(batch)
+        for t in range(1, batch.response_ids.shape[1]):
+            prefix = SequenceBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids[:, :t],
+                                   batch.response_mask[:, :t])
+            real = batch.response_mask[:, t].bool()
+            assert torch.allclose(values[real, t], sequence_scores(rm, prefix)[real] - 0.7, atol=1e-5)
+    assert (values[batch.response_mask == 0] == 0).all()
+
+
+def test_ppo_gt_optimises_the_gold_reward_and_never_touches_a_reward_model(tiny_cfg, monkeypatch):
+    import ppo.train as ppo_train
+    from pipelines.config import load_config
+    from pipelines.ppo_pipeline import main
+    from pipelines.tasks import load_task
+
+    scored: list[int] = []
+
+    def counting_task(*args, **kwargs):
+        task = load_task(*args, **kwargs)
+        gold = task.gold_reward
+        task.gold_reward = lambda texts: scored.append(len(texts)) or gold(texts)
+        return task
+
+    def no_reward_model(*args, **kwargs):
+        raise AssertionError("PPO-GT used the reward model")
+
+    monkeypatch.setattr(ppo_train, "load_task", counting_task)
+    monkeypatch.setattr(ppo_train, "reward_scores", no_reward_model)
+    monkeypatch.setattr("pipelines.ppo_pipeline.train_reward_model", no_reward_model)
+    cfg = load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "ppo.reward=gold"])
+    assert main(cfg) == 0
+    profile = Path(tiny_cfg.runs_dir) / "tiny"
+    assert not (profile / "reward_model").exists() and not (profile / "ppo").exists()
+    (run_dir,) = (profile / "ppo-gt").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["method"] == "ppo-gt"
+    assert manifest["reward_model_path"] is None
+    rows, _ = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert scored == [8] * 4  # every rollout (4 iterations x 8 episodes) scored by the gold reward
