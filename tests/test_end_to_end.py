@@ -31,4 +31,4 @@ def test_ppo_dpo_then_report_on_tiny(tmp_path):
         methods = {row["method"] for row in csv.DictReader(f)}
     assert {"ppo", "dpo", "reference"} <= methods
     summary = (page.parent / "summary.md").read_text()
-    assert re.search(r"^\| ppo \|", summary, re.M) and re.search(r"^\| dpo \|", summary, re.M)
+    assert re.search(r"^\| PPO \|", summary, re.M) and re.search(r"^\| DPO \|", summary, re.M)  # legend names
