@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
 from pipelines.evaluate import evaluate
-from pipelines.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
+from pipelines.models import load_policy_and_reference
 from pipelines.rundir import RunDir
 from pipelines.stages import make_eval_context
 from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args
@@ -63,11 +63,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
 
 def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> PreferredFTResult:
     """One Preferred-FT run from pi_ref on the shared preference set's chosen responses."""
-    device = default_device()
-    path = resolve_model_path(cfg.model, cfg.hub_access)
-    tokenizer = load_tokenizer(path)
-    policy = load_causal_lm(path).to(device)
-    ref = freeze(load_causal_lm(path).to(device))  # the evaluator's pi_ref (SFT itself has no reference)
+    policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: the evaluator's only
+    device = policy.device
     run = RunDir.create(cfg, METHOD, seed, device, prefs.sha256)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)

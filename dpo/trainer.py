@@ -23,7 +23,7 @@ from dpo.loss import dpo_gradient_weight, dpo_loss
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
 from pipelines.evaluate import evaluate
-from pipelines.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
+from pipelines.models import load_policy_and_reference
 from pipelines.rundir import RunDir
 from pipelines.stages import make_eval_context
 from pipelines.tasks import PAIR_FIELDS
@@ -109,11 +109,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
 
 def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/."""
-    device = default_device()
-    path = resolve_model_path(cfg.model, cfg.hub_access)
-    tokenizer = load_tokenizer(path)
-    policy = load_causal_lm(path).to(device)
-    ref = freeze(load_causal_lm(path).to(device))  # pi_ref: TRL's reference and the evaluator's, one copy
+    policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: TRL's and the evaluator's
+    device = policy.device
     run = RunDir.create(cfg, method_name(cfg), seed, device, prefs.sha256)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
