@@ -82,6 +82,12 @@ def name(method: str) -> str:
     return NAMES.get(method, method)
 
 
+def legend_rank(method: str) -> int:
+    """Position in the legend: NAMES' order, any other method after."""
+    order = list(NAMES)
+    return order.index(method) if method in order else len(order)
+
+
 def _named(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with method ids replaced by legend names (what seaborn puts in the legend)."""
     return frame.assign(method=frame["method"].map(name))

@@ -88,9 +88,7 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 def policies(runs: Runs) -> list[str]:
     """The included methods that are policies (all but the reward model), in legend order."""
-    order = list(P.NAMES)
-    return sorted((m for m in runs.methods if m != "reward_model"),
-                  key=lambda m: (order.index(m) if m in order else len(order), m))
+    return sorted((m for m in runs.methods if m != "reward_model"), key=lambda m: (P.legend_rank(m), m))
 
 
 def trained(runs: Runs) -> list[str]:
@@ -99,9 +97,7 @@ def trained(runs: Runs) -> list[str]:
 
 
 def _in_legend_order(frame: pd.DataFrame) -> pd.DataFrame:
-    order = list(P.NAMES)
-    return frame.sort_values("method", key=lambda col: col.map(lambda m: order.index(m) if m in order else len(order)),
-                             kind="stable").reset_index(drop=True)
+    return frame.sort_values("method", key=lambda col: col.map(P.legend_rank), kind="stable").reset_index(drop=True)
 
 
 def _level(configured: float | None, key: str, level_runs: pd.DataFrame, who: str, column: str) -> tuple[float, str]:
@@ -129,17 +125,17 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
             "tokens until a run's eval trajectory first reaches it.",
             "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one run gives no interval, and "
             "`final eval/gold_sem` is then the standard error of its gold reward over the eval prompts."]
+    elif not has_gold:
+        section.notes.append("This task has no gold reward: the table gives the final KL, PPO's proxy (learned RM) "
+                             "reward and the held-out preference accuracy of each method's own scorer (explicit "
+                             "RM for PPO, implicit reward for DPO) instead. These are not a like-for-like measure "
+                             "of policy quality; read them with the held-out section below.")
     if BEST_OF_N in runs.methods:
         section.notes.append(
             "Best of N: one row per N along its trajectory; its KL is the upper bound log N − (N−1)/N "
             "(docs/baselines.md), so its gold reward at matched KL is read where the bound, not the KL, reaches the "
             "level, which understates it. Its seconds and tokens are inference, not training: sampling and scoring "
             "N responses per eval prompt, paid again on every prompt it serves.")
-    elif not has_gold:
-        section.notes.append("This task has no gold reward: the table gives the final KL, PPO's proxy (learned RM) "
-                             "reward and the held-out preference accuracy of each method's own scorer (explicit "
-                             "RM for PPO, implicit reward for DPO) instead. These are not a like-for-like measure "
-                             "of policy quality; read them with the held-out section below.")
     if evals.empty:
         section.notes.append("No completed reference, PPO, DPO or baseline run: nothing to compare yet.")
         return section

@@ -38,7 +38,8 @@ METHOD = "bon"
 
 def kl_bound(n: int) -> float:
     """Upper bound on KL(pi_BoN || pi_ref) in nats for best of n (Stiennon et al. 2020; Beirami et al. 2024 prove it
-    an upper bound). It is the exact KL when no two candidates can tie in reward, and loose where ties are common."""
+    an upper bound). It is the KL itself where no single response carries probability of its own (a continuous
+    reward distribution), and loose where a few responses hold much of pi_ref's mass."""
     return math.log(n) - (n - 1) / n
 
 
@@ -50,37 +51,42 @@ def pick_best(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass
 class Candidates:
-    """max(bon.n) responses for every eval prompt, as [prompt, candidate] tables (candidate j: round j's sample)."""
+    """max(bon.n) responses for every eval prompt, each field indexed [prompt][candidate]; candidate j is round j's
+    sample."""
     texts: list[list[str]]
-    lengths: torch.Tensor  # response tokens, EOS included
-    ended: torch.Tensor    # ended with EOS
-    proxy: torch.Tensor    # r_phi(x, y)
-    seconds: list[float]   # per round: wall-clock of sampling and scoring
-    tokens: list[int]      # per round: prompt + response tokens sampled
+    lengths: list[list[int]]    # response tokens, EOS included
+    ended: list[list[bool]]     # ended with EOS
+    proxy: list[list[float]]    # r_phi(x, y)
+    seconds: list[float]        # per round: wall-clock of sampling and scoring
+    tokens: list[int]           # per round: prompt + response tokens sampled
 
 
 @torch.inference_mode()
 def draw_candidates(ctx: EvalContext, reward_model: PreTrainedModel, n_max: int) -> Candidates:
     """n_max rounds of the evaluator's sampling from pi_ref, round j seeded with eval.seed + j, scored by r_phi."""
-    columns: dict[str, list[list]] = {"texts": [], "lengths": [], "ended": [], "proxy": []}  # one list per round
+    rounds: dict[str, list[list]] = {"texts": [], "lengths": [], "ended": [], "proxy": []}  # [round][prompt]
     seconds, tokens = [], []
     for j in tqdm(range(n_max), desc="Best-of-N: rounds of samples from pi_ref"):
         start = time.perf_counter()
-        round_ = {key: [] for key in columns}
+        this_round = {key: [] for key in rounds}
         n_tokens = 0
         for batch in eval_batches(ctx.ref_model, ctx, ctx.cfg.seed + j, desc=f"round {j + 1}"):
             with ctx.autocast():
-                round_["proxy"] += reward_scores(reward_model, batch, ctx.tokenizer).tolist()
+                this_round["proxy"] += reward_scores(reward_model, batch, ctx.tokenizer).tolist()
             for key, values in zip(("texts", "lengths", "ended"), response_stats(batch, ctx.tokenizer)):
-                round_[key] += values
+                this_round[key] += values
             n_tokens += int(batch.attention_mask.sum())
-        for key in columns:
-            columns[key].append(round_[key])
+        for key, values in this_round.items():
+            rounds[key].append(values)
         seconds.append(time.perf_counter() - start)
         tokens.append(n_tokens)
-    return Candidates(texts=[list(row) for row in zip(*columns["texts"])],
-                      **{key: torch.tensor(columns[key]).T for key in ("lengths", "ended", "proxy")},
-                      seconds=seconds, tokens=tokens)
+    by_prompt = {key: [list(row) for row in zip(*values)] for key, values in rounds.items()}
+    return Candidates(**by_prompt, seconds=seconds, tokens=tokens)
+
+
+def _chosen(table: list[list], best: list[int]) -> list:
+    """Each prompt's entry for its chosen candidate."""
+    return [row[j] for row, j in zip(table, best, strict=True)]
 
 
 @dataclass
@@ -105,25 +111,23 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         with run.stage("sample_and_score", device):
             c = draw_candidates(ctx, reward_model, ns[-1])
-        gold = (torch.tensor(ctx.gold_reward([t for row in c.texts for t in row]), dtype=torch.float64).view_as(c.proxy)
-                if ctx.gold_reward is not None else None)
+        # The gold reward is the measurement, not part of Best-of-N: scored outside its clock.
+        gold = [ctx.gold_reward(texts) for texts in c.texts] if ctx.gold_reward is not None else None
         atomic_write_text(run.path / "samples" / "candidates.jsonl", "".join(
-            json.dumps({"prompt_index": i, "candidate": j, "response": c.texts[i][j], "proxy": c.proxy[i, j].item(),
-                        **({"gold": gold[i, j].item()} if gold is not None else {})}, ensure_ascii=False) + "\n"
+            json.dumps({"prompt_index": i, "candidate": j, "response": c.texts[i][j], "proxy": c.proxy[i][j],
+                        **({"gold": gold[i][j]} if gold else {})}, ensure_ascii=False) + "\n"
             for i in range(len(c.texts)) for j in range(ns[-1])))
-        prompts = torch.arange(len(c.texts))
         for n in ns:
-            at = (prompts, pick_best(c.proxy, n))
-            texts = [c.texts[i][j] for i, j in zip(*(t.tolist() for t in at))]
-            golds = gold[at].tolist() if gold is not None else None
+            best = pick_best(torch.tensor(c.proxy), n).tolist()
+            texts, proxy = _chosen(c.texts, best), _chosen(c.proxy, best)
+            golds = _chosen(gold, best) if gold else None
             metrics = {"eval/kl": kl_bound(n), "bon/n": n,
-                       **response_metrics(texts, c.lengths[at].tolist(), c.ended[at].tolist(), golds,
-                                          c.proxy[at].tolist())}
+                       **response_metrics(texts, _chosen(c.lengths, best), _chosen(c.ended, best), golds, proxy)}
             # Best of n costs the sampling and scoring of n rounds, spent at inference on every prompt.
             run.log({"kind": "eval", "step": n, "wall_seconds": sum(c.seconds[:n]), "tokens": sum(c.tokens[:n]),
                      **metrics})
             run.write_samples(n, [{"prompt": p, "response": t, "proxy": r, **({"gold": g} if golds else {})}
-                                  for p, t, r, g in zip(ctx.prompts, texts, c.proxy[at].tolist(),
-                                                        golds or [None] * len(texts))][:cfg.eval.n_samples_saved])
+                                  for p, t, r, g in zip(ctx.prompts, texts, proxy, golds or [None] * len(texts))
+                                  ][:cfg.eval.n_samples_saved])
             evals[n] = metrics
     return BestOfNResult(run.path, evals)

@@ -41,6 +41,7 @@ class _ProgressBar(ProgressCallback):
 
 
 def quiet_progress_bar(trainer: Trainer) -> Trainer:
+    """The trainer with Trainer's progress bar swapped for `_ProgressBar`."""
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_ProgressBar())
     return trainer

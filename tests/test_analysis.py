@@ -271,11 +271,15 @@ def test_report_on_a_task_without_gold(tmp_path):
                                      "heldout/rm_margin": 0.2}) for k, x in ((0, 0), (1, 1), (2, 1.5))])
     write_run(p, "dpo", 0, [ev(k, **{"heldout/implicit_accuracy": a, "heldout/implicit_margin": 0.1})
                             for k, a in ((0, 0.5), (1, 0.6))])
+    write_run(p, "bon", 1234, [{"eval/kl": math.log(n) - (n - 1) / n, "eval/proxy": x, "eval/proxy_sem": 0.1, "step": n}
+                               for n, x in ((1, 0.0), (4, 0.8))])
     out = run_report(tmp_path, p, base_profile="hh")
     page, _ = assert_page_complete(out)
-    assert "no gold reward" in page
+    assert "no gold reward" in page and "Best of N: one row per N" in page
+    assert set(pd.read_csv(out / "frontier.csv")["method"]) == {"ppo", "bon"}  # by the proxy: DPO has none
+    assert "Baselines not run, so absent from the frontier and the headline: Preferred-FT (`make sft-chosen`)." in page
     head = pd.read_csv(out / "headline.csv").set_index("method")
-    assert set(head.index) == {"reference", "ppo", "dpo"} and "gold at matched KL mean" not in head
+    assert set(head.index) == {"reference", "ppo", "dpo", "bon"} and "gold at matched KL mean" not in head
     assert head.loc["dpo", "final heldout/implicit_accuracy mean"] == pytest.approx(0.6)
 
 
