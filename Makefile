@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
 
-.PHONY: all setup test data reference ppo ppo-gt dpo report config
+.PHONY: all setup test data reference ppo ppo-gt dpo bon sft-chosen report config
 
 all: setup data reference ppo dpo report
 
@@ -46,6 +46,14 @@ ppo-gt: setup
 
 dpo: setup
 	$(CLI) dpo --profile $(PROFILE) $(ARGS)
+
+# The DPO paper's other controls (docs/baselines.md): Best-of-N from pi_ref under PPO's reward model (reused, or
+# trained once), and Preferred-FT (supervised fine-tuning on the chosen responses).
+bon: setup
+	$(CLI) bon --profile $(PROFILE) $(ARGS)
+
+sft-chosen: setup
+	$(CLI) sft-chosen --profile $(PROFILE) $(ARGS)
 
 report: setup
 	$(CLI) report --profile $(PROFILE) $(ARGS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
@@ -29,19 +30,25 @@ class Runs:
     timings: pd.DataFrame  # one row per (included run, stage): RUN_KEYS, stage, seconds, peak_memory_mb
     data_manifests: list[dict] = field(default_factory=list)  # runs/<profile>/data/*/manifest.json
 
-    def evals(self, *methods: str) -> pd.DataFrame:
-        """Eval rows of the included runs (of the given methods, if any), ordered by run and step."""
+    @property
+    def methods(self) -> list[str]:
+        """Methods with at least one included run."""
+        return sorted(set(self.runs.loc[self.runs["included"], "method"])) if not self.runs.empty else []
+
+    def evals(self, methods: Iterable[str] | None = None) -> pd.DataFrame:
+        """Eval rows of the included runs (of `methods` only, when given: an empty list selects none), ordered by
+        run and step."""
         return self._rows("eval", methods)
 
-    def train(self, *methods: str) -> pd.DataFrame:
+    def train(self, methods: Iterable[str] | None = None) -> pd.DataFrame:
         return self._rows("train", methods)
 
-    def _rows(self, kind: str, methods: tuple[str, ...]) -> pd.DataFrame:
+    def _rows(self, kind: str, methods: Iterable[str] | None) -> pd.DataFrame:
         """Rows of one kind with only the metric columns they fill: "is `eval/gold` in the frame" then means
         "does this task log a gold reward"."""
         rows = self.metrics[self.metrics["kind"] == kind]
-        if methods:
-            rows = rows[rows["method"].isin(methods)]
+        if methods is not None:
+            rows = rows[rows["method"].isin(list(methods))]
         keep = [c for c in rows if c in RUN_KEYS or c in ROW_KEYS or rows[c].notna().any()]
         return rows[keep].reset_index(drop=True)
 

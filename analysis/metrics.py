@@ -64,10 +64,10 @@ def final_evals(evals: pd.DataFrame) -> pd.DataFrame:
 def frontier(points: pd.DataFrame, x: str = "eval/kl", y: str = "eval/gold") -> pd.DataFrame:
     """Upper envelope F(k) = max{y_i : x_i <= k} of a cloud of eval points, as the points where F steps up.
 
-    F is a non-decreasing step function of k; the returned points (ordered by x) are exactly those not
-    dominated by another point with lower-or-equal x and higher-or-equal y.
+    F is a non-decreasing step function of k; the returned points (ordered by x, with all their columns) are
+    exactly those not dominated by another point with lower-or-equal x and higher-or-equal y.
     """
-    pts = points[[x, y]].dropna().sort_values([x, y], ascending=[True, False], kind="stable")
+    pts = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, False], kind="stable")
     previous_best = pts[y].cummax().shift(1, fill_value=-np.inf)
     return pts[pts[y] > previous_best].reset_index(drop=True)
 
@@ -109,7 +109,8 @@ def per_run_headline(evals: pd.DataFrame, kl_level: float | None, gold_level: fl
         out["gold at matched KL"] = crossings(evals, "eval/kl", "eval/gold", kl_level)
         out["seconds to target gold"] = crossings(evals, "eval/gold", "wall_seconds", gold_level)
         out["tokens to target gold"] = crossings(evals, "eval/gold", "tokens", gold_level)
-    wanted = ["eval/gold", "eval/kl", "eval/proxy", "heldout/rm_accuracy", "heldout/implicit_accuracy"]
+    wanted = ["eval/gold", "eval/gold_sem", "eval/kl", "eval/proxy", "heldout/rm_accuracy",
+              "heldout/implicit_accuracy"]
     out = out.join(final[[c for c in wanted if c in final]].add_prefix("final "))
     return out.reset_index()
 

@@ -20,15 +20,22 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from analysis.metrics import RUN  # noqa: E402
 
-PALETTE = {"reference": "#555555", "reward_model": "#2ca02c", "ppo": "#1f77b4", "dpo": "#ff7f0e"}
+# Legend names: the DPO paper's Fig. 2 names where it has one. Method ids (run-directory names) stay in the CSVs.
+NAMES = {"reference": "π_ref", "reward_model": "reward model", "ppo": "PPO", "ppo-gt": "PPO-GT", "dpo": "DPO",
+         "dpo-ipo": "IPO", "dpo-robust": "rDPO", "bon": "Best of N (KL: upper bound)", "sft-chosen": "Preferred-FT"}
+PALETTE = {"reference": "#555555", "reward_model": "#2ca02c", "ppo": "#1f77b4", "ppo-gt": "#17becf", "dpo": "#ff7f0e",
+           "dpo-ipo": "#d62728", "dpo-robust": "#8c564b", "bon": "#9467bd", "sft-chosen": "#e377c2"}
 KL_LABEL = "KL(π‖π_ref) [nats per sequence]"
+Z95 = 1.959964  # a normal 95% interval is the mean ± Z95 standard errors
 
 # name -> (title, the sentence under the figure on how to read it)
 TEXT = {
     "frontier": (
         "{reward} vs KL: every eval point and each method's frontier",
-        "Up and to the left is better: each step line is the best reward a method reached at or below "
-        "that KL, and a frontier above another gets more reward for the same divergence from π_ref."),
+        "Up and to the left is better: each step line is the best reward a method reached at or below that KL "
+        "(dots: every eval point of every seed), bars are 95% intervals of the reward over the eval prompts "
+        "(±1.96 standard errors), and π_ref is the origin; Best of N (dashed) stands at the upper bound "
+        "log N − (N−1)/N of its KL, so its true points lie at or left of where they are drawn."),
     "curves": (
         "Training curves: mean and 95% band across seeds",
         "Each line is a method's mean over seeds at each eval step and the shaded band its 95% "
@@ -57,8 +64,8 @@ TEXT = {
     "cost": (
         "Cost: wall-clock per stage, training tokens, peak memory",
         "Bars are per-run means of each stage's wall-clock (eval is timed apart from training) and of the "
-        "tokens processed, and the largest peak memory seen; PPO's full cost is its bar plus the "
-        "reward_model bar."),
+        "tokens processed, and the largest peak memory seen; PPO's full cost is its bar plus the reward "
+        "model's, as is Best of N's, whose own cost is inference: sampling and scoring N responses per prompt."),
 }
 
 
@@ -71,15 +78,31 @@ class Plot:
     missing: str = ""  # why nothing was drawn
 
 
+def name(method: str) -> str:
+    return NAMES.get(method, method)
+
+
+def legend_rank(method: str) -> int:
+    """Position in the legend: NAMES' order, any other method after."""
+    order = list(NAMES)
+    return order.index(method) if method in order else len(order)
+
+
+def _named(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with method ids replaced by legend names (what seaborn puts in the legend)."""
+    return frame.assign(method=frame["method"].map(name))
+
+
 def _palette(methods) -> dict[str, str]:
-    extra = iter(sns.color_palette("tab10", 10)[4:])  # methods beyond the four known ones
-    return {m: PALETTE.get(m) or next(extra) for m in methods}
+    """Legend name -> colour for the given method ids."""
+    extra = iter(sns.color_palette("tab10", 10)[7:])  # methods with no fixed colour
+    return {name(m): PALETTE.get(m) or next(extra) for m in methods}
 
 
 def _label(frame: pd.DataFrame) -> pd.Series:
-    """'dpo' when the frame has one β for that method, 'dpo β=0.1' in a sweep."""
+    """'DPO' when the frame has one β for that method, 'DPO β=0.1' in a sweep."""
     betas = frame.groupby("method")["beta"].nunique()
-    return frame.apply(lambda r: r["method"] + (f" β={r['beta']:g}" if betas[r["method"]] > 1 else ""), axis=1)
+    return frame.apply(lambda r: name(r["method"]) + (f" β={r['beta']:g}" if betas[r["method"]] > 1 else ""), axis=1)
 
 
 def _plot(name: str, fig: Figure | None = None, axes=(), missing: str = "", **title_fields: str) -> Plot:
@@ -95,19 +118,34 @@ def _plot(name: str, fig: Figure | None = None, axes=(), missing: str = "", **ti
     return Plot(name, title, caption, fig, missing)
 
 
-def frontier_plot(points: pd.DataFrame, frontiers: pd.DataFrame, y: str, y_label: str, reference_y) -> Plot:
-    """Every eval point (colour = method, marker = β) and each method's frontier as a step line."""
+def _with_interval(ax, frame: pd.DataFrame, y: str, color: str, **kwargs) -> None:
+    """Points of `frame` with bars of ±Z95 standard errors where it has `<y>_sem` (the sampling error over the eval
+    prompts); fmt="none" draws the bars alone."""
+    yerr = Z95 * frame[f"{y}_sem"] if f"{y}_sem" in frame else None
+    ax.errorbar(frame["eval/kl"], frame[y], yerr=yerr, color=color, capsize=3, lw=1, **kwargs)
+
+
+def frontier_plot(points: pd.DataFrame, frontiers: pd.DataFrame, reference: pd.DataFrame, y: str,
+                  y_label: str) -> Plot:
+    """Every eval point (colour = method, marker = β), each method's frontier as a step line with 95% intervals at
+    its vertices, and π_ref's point at KL 0 with its interval."""
     reward = y_label.split(" [")[0]  # the label without its unit
     if points.empty:
         return _plot("frontier", missing=f"no eval point has both {y} and eval/kl", reward=reward)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    palette = _palette(points["method"].unique())
-    sns.scatterplot(data=points.assign(β=points["beta"].map("{:g}".format)), x="eval/kl", y=y, hue="method",
-                    style="β", palette=palette, alpha=0.6, ax=ax)
-    for method, front in frontiers.groupby("method"):
-        ax.step(front["eval/kl"], front[y], where="post", color=palette[method], lw=2, label=f"{method} frontier")
-    if reference_y is not None:
-        ax.axhline(reference_y, color=PALETTE["reference"], ls=":", lw=1, label="π_ref")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    palette = _palette([*points["method"].unique(), "reference"])
+    sweep = points["beta"].nunique() > 1  # the markers then tell β apart, and need a legend
+    sns.scatterplot(data=_named(points).assign(β=points["beta"].map("{:g}".format)), x="eval/kl", y=y,
+                    hue="method", style="β", palette=palette, alpha=0.35, legend="brief" if sweep else False, ax=ax)
+    for method, front in frontiers.groupby("method", sort=False):
+        color = palette[name(method)]
+        ax.step(front["eval/kl"], front[y], where="post", color=color, lw=2, ls="--" if method == "bon" else "-",
+                label=name(method))
+        _with_interval(ax, front, y, color, fmt="none")
+    if not reference.empty:
+        color = palette[name("reference")]
+        ax.axhline(reference[y].iloc[-1], color=color, ls=":", lw=1)
+        _with_interval(ax, reference.tail(1), y, color, fmt="o", label=f"{name('reference')} (origin)", zorder=3)
     ax.set(xlabel=KL_LABEL, ylabel=y_label)
     return _plot("frontier", fig, [ax], reward=reward)
 
@@ -119,8 +157,8 @@ def curves_plot(bands: dict[str, pd.DataFrame], labels: dict[str, str]) -> Plot:
         return _plot("curves", missing="no PPO or DPO eval points")
     fig, axes = plt.subplots(len(bands), 2, figsize=(11, 3.4 * len(bands)), squeeze=False)
     for row, (column, frame) in zip(axes, bands.items()):
-        frame = frame.assign(label=_label(frame))
         palette = _palette(frame["method"].unique())
+        frame = _named(frame.assign(label=_label(frame)))
         for ax, x, x_label in zip(row, ("step", "wall_seconds"), ("optimizer step", "training wall-clock [s]")):
             for _, g in frame.groupby("label"):
                 ax.fill_between(g[x], g["lo"], g["hi"], alpha=0.2, color=palette[g["method"].iloc[0]])
@@ -137,7 +175,7 @@ def heldout_plot(scores: pd.DataFrame) -> Plot:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     palette = _palette(scores["method"].unique())
     for ax, column, unit in zip(axes, ("accuracy", "margin"), ("fraction of pairs", "score units")):
-        sns.barplot(data=scores, x="scorer", y=column, hue="method", palette=palette, errorbar=("ci", 95),
+        sns.barplot(data=_named(scores), x="scorer", y=column, hue="method", palette=palette, errorbar=("ci", 95),
                     ax=ax)
         ax.set(xlabel="scorer", ylabel=f"held-out {column} [{unit}]", title=f"held-out {column}")
         ax.tick_params(axis="x", labelsize=7)
@@ -162,20 +200,25 @@ def seeds_plot(evals: pd.DataFrame, final: pd.DataFrame, y: str, y_label: str) -
         return _plot("seeds", missing="no PPO or DPO eval points")
     palette = _palette(evals["method"].unique())
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    sns.lineplot(data=evals, x="step", y=y, hue="method", units="run_id", estimator=None, palette=palette,
+    sns.lineplot(data=_named(evals), x="step", y=y, hue="method", units="run_id", estimator=None, palette=palette,
                  marker="o", ax=axes[0])
     axes[0].set(xlabel="optimizer step", ylabel=y_label, title="per-seed curves")
     for ax, column, label in ((axes[1], y, y_label), (axes[2], "eval/kl", KL_LABEL)):
-        sns.stripplot(data=final.assign(label=_label(final)), x="label", y=column, hue="method", palette=palette,
-                      size=7, ax=ax)
+        sns.stripplot(data=_named(final.assign(label=_label(final))), x="label", y=column, hue="method",
+                      palette=palette, size=7, ax=ax)
         ax.set(xlabel="method", ylabel=f"final {label}", title=f"final {label.split(' [')[0]} per run")
     return _plot("seeds", fig, axes)
 
 
-# (method, column, axis label) of each training-health panel
+def family(method: str) -> str:
+    """Which trainer's series a method logs: PPO-GT logs PPO's, DPO's variants DPO's."""
+    return method.split("-")[0] if method.startswith(("ppo", "dpo")) else method
+
+
+# (method families, column, axis label) of each training-health panel
 HEALTH_PANELS = [
-    (("ppo", "dpo"), "grad_norm", "gradient norm [L2, before clipping]"),
-    (("dpo",), "loss", "DPO loss [nats]"),
+    (("ppo", "dpo", "sft-chosen"), "grad_norm", "gradient norm [L2, before clipping]"),
+    (("dpo", "sft-chosen"), "loss", "DPO / Preferred-FT loss [nats]"),
     (("ppo",), "loss/value", "PPO value loss [squared reward units]"),
     (("ppo",), "policy/clipfrac", "PPO clip fraction [fraction of tokens]"),
     (("ppo",), "policy/approxkl", "PPO approx-KL per update [nats per token]"),
@@ -186,17 +229,17 @@ HEALTH_PANELS = [
 def health_plot(train: pd.DataFrame, flagged: pd.DataFrame) -> Plot:
     """Per-run training series; red crosses mark spikes (analysis.metrics.spikes)."""
     if train.empty:
-        return _plot("health", missing="no PPO or DPO training rows")
+        return _plot("health", missing="no training rows")
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     palette = _palette(train["method"].unique())
-    for ax, (methods, column, label) in zip(axes.ravel(), HEALTH_PANELS):
-        rows = train[train["method"].isin(methods)]
+    for ax, (families, column, label) in zip(axes.ravel(), HEALTH_PANELS):
+        rows = train[train["method"].map(family).isin(families)]
         if column not in rows or rows[column].isna().all():
-            ax.text(0.5, 0.5, f"no {' or '.join(methods).upper()} rows with {column}", ha="center",
+            ax.text(0.5, 0.5, f"no {' or '.join(name(f) for f in families)} rows with {column}", ha="center",
                     transform=ax.transAxes)
             ax.set(title=label.split(" [")[0], xlabel="optimizer step", ylabel=label)
             continue
-        rows = rows.dropna(subset=[column])
+        rows = _named(rows.dropna(subset=[column]))
         sns.lineplot(data=rows, x="step", y=column, hue="method", units="run_id", estimator=None, palette=palette,
                      lw=1, ax=ax)
         if column == "logps/chosen":
@@ -213,6 +256,7 @@ def cost_plot(costs: pd.DataFrame) -> Plot:
     if costs.empty:
         return _plot("cost", missing="no timings.json in any included run")
     palette = _palette(costs["method"].unique())
+    costs = _named(costs)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, ax=axes[0])
     axes[0].set(xlabel="stage", ylabel="wall-clock per run [s]", title="wall-clock per stage")

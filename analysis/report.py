@@ -22,7 +22,9 @@ from analysis.load import Runs, load_runs
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.rundir import atomic_write_text
 
-TRAINED = ("ppo", "dpo")  # the two methods compared; `reference` is their common origin
+COMPARED = ("ppo", "dpo")  # the two methods the benchmark compares: their runs set the default comparison levels
+REFERENCE, BEST_OF_N = "reference", "bon"  # π_ref, every frontier's origin; Best of N, which trains nothing
+BASELINES = {"ppo-gt": "make ppo-gt", "bon": "make bon", "sft-chosen": "make sft-chosen"}  # the DPO paper's controls
 SPIKE_SERIES = ["loss", "loss/policy", "loss/value", "grad_norm"]
 HEALTH_SERIES = ["policy/clipfrac", "policy/approxkl", "val/clipfrac", "loss/value", "logps/chosen",
                  "logps/rejected", "rewards/margins"]
@@ -66,6 +68,8 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
                          f"{_num(m)} (n=1)" if n == 1 else "–" for m, lo, hi, sd, n in
                          zip(frame[col], frame[f"{base} lo"], frame[f"{base} hi"], frame[f"{base} std"],
                              frame[f"{base} n"])]
+        elif col == "method":
+            out[col] = frame[col].map(P.name)  # the legend's names; the CSVs keep the run-directory ids
         elif pd.api.types.is_float_dtype(frame[col]):
             out[col] = frame[col].map(_num)
         else:
@@ -82,62 +86,91 @@ def _markdown(frame: pd.DataFrame) -> str:
 # --- the sections -------------------------------------------------------------------------------------------
 
 
-def _level(configured: float | None, key: str, trained: pd.DataFrame, column: str) -> tuple[float, str]:
-    """The configured comparison level, else the highest level of `column` every PPO and DPO run reaches."""
+def policies(runs: Runs) -> list[str]:
+    """The included methods that are policies (all but the reward model), in legend order."""
+    return sorted((m for m in runs.methods if m != "reward_model"), key=lambda m: (P.legend_rank(m), m))
+
+
+def trained(runs: Runs) -> list[str]:
+    """The policies with a training run (not π_ref, not Best of N): the ones with curves and training health."""
+    return [m for m in policies(runs) if m not in (REFERENCE, BEST_OF_N)]
+
+
+def _in_legend_order(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values("method", key=lambda col: col.map(P.legend_rank), kind="stable").reset_index(drop=True)
+
+
+def _level(configured: float | None, key: str, level_runs: pd.DataFrame, who: str, column: str) -> tuple[float, str]:
+    """The configured comparison level, else the highest level of `column` every run of `level_runs` reaches."""
     if configured is not None:
         return configured, f"set by {key}"
-    return M.common_reach(trained, column), f"the highest {column} every PPO and DPO run reaches"
+    return M.common_reach(level_runs, column), f"the highest {column} every {who} run reaches"
 
 
 def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
     """Gold reward at matched KL and time to reach the target gold reward, per method (SPEC §7.7)."""
-    trained = runs.evals(*TRAINED)
-    evals = runs.evals("reference", *TRAINED)
+    # The levels come from the PPO and DPO runs (the comparison), or from every trained run where neither exists.
+    compared = runs.evals([m for m in COMPARED if m in runs.methods])
+    level_runs, who = (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)), "trained")
+    evals = runs.evals(policies(runs))
     section = Section("Headline: gold reward at matched KL, and the time to reach it")
     kl_level = gold_level = math.nan
-    if has_gold and not trained.empty:
-        kl_level, kl_source = _level(cfg.report.matched_kl, "report.matched_kl", trained, "eval/kl")
-        gold_level, gold_source = _level(cfg.report.target_gold, "report.target_gold", trained, "eval/gold")
+    if has_gold and not level_runs.empty:
+        kl_level, kl_source = _level(cfg.report.matched_kl, "report.matched_kl", level_runs, who, "eval/kl")
+        gold_level, gold_source = _level(cfg.report.target_gold, "report.target_gold", level_runs, who, "eval/gold")
         section.notes += [
             f"Matched KL = {kl_level:.4g} nats per sequence ({kl_source}): each run's gold reward where its eval "
-            "trajectory first reaches that KL, interpolated linearly.",
+            "trajectory first reaches that KL, interpolated linearly (empty where a run never reaches it).",
             f"Target gold reward = {gold_level:.4g} ({gold_source}): training seconds (evaluation excluded) and "
             "tokens until a run's eval trajectory first reaches it.",
-            "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one seed gives no interval."]
+            "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one run gives no interval, and "
+            "`final eval/gold_sem` is then the standard error of its gold reward over the eval prompts."]
     elif not has_gold:
         section.notes.append("This task has no gold reward: the table gives the final KL, PPO's proxy (learned RM) "
                              "reward and the held-out preference accuracy of each method's own scorer (explicit "
                              "RM for PPO, implicit reward for DPO) instead. These are not a like-for-like measure "
                              "of policy quality; read them with the held-out section below.")
+    if BEST_OF_N in runs.methods:
+        section.notes.append(
+            "Best of N: one row per N along its trajectory; its KL is the upper bound log N − (N−1)/N "
+            "(docs/baselines.md), so its gold reward at matched KL is read where the bound, not the KL, reaches the "
+            "level, which understates it. Its seconds and tokens are inference, not training: sampling and scoring "
+            "N responses per eval prompt, paid again on every prompt it serves.")
     if evals.empty:
-        section.notes.append("No completed reference, PPO or DPO run: nothing to compare yet.")
+        section.notes.append("No completed reference, PPO, DPO or baseline run: nothing to compare yet.")
         return section
-    per_run = M.per_run_headline(evals, kl_level, gold_level)
-    section.tables.append(Table("headline", M.summarize(per_run, M.GROUP, [c for c in per_run if c not in M.RUN])))
+    per_run = _in_legend_order(M.per_run_headline(evals, kl_level, gold_level))
+    section.tables.append(Table("headline", _in_legend_order(
+        M.summarize(per_run, M.GROUP, [c for c in per_run if c not in M.RUN]))))
     section.tables.append(Table("headline_per_run", per_run))
     return section
 
 
+def _with(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """The rows of `frame` that have every one of `columns` (none if the frame lacks one)."""
+    return frame.dropna(subset=list(columns)) if set(columns) <= set(frame) else frame.iloc[0:0]
+
+
 def frontier_section(runs: Runs, score: str, score_label: str) -> Section:
-    evals = runs.evals("reference", *TRAINED)
-    reference = runs.evals("reference")
-    points = evals.dropna(subset=[score, "eval/kl"]) if score in evals else evals.iloc[0:0]
-    # π_ref is the origin of both methods' frontiers: its eval point joins each method's cloud.
+    methods = [m for m in policies(runs) if m != REFERENCE]
+    points = _with(runs.evals(methods), score, "eval/kl")
+    reference = _with(runs.evals([REFERENCE]), score, "eval/kl")
+    # π_ref is the origin of every method's frontier: its eval point joins each method's cloud.
     frontiers = pd.concat([M.frontier(pd.concat([points[points["method"] == m], reference]), y=score).assign(method=m)
-                           for m in TRAINED if (points["method"] == m).any()] or [pd.DataFrame()])
-    ref_y = reference[score].mean() if score in reference and not reference.empty else None
-    section = Section("1. Reward vs KL: the frontier", plot=P.frontier_plot(points, frontiers, score, score_label,
-                                                                             ref_y))
+                           for m in methods if (points["method"] == m).any()] or [pd.DataFrame()])
+    section = Section("1. Reward vs KL: the frontier",
+                      plot=P.frontier_plot(points, frontiers, reference, score, score_label))
     if reference.empty:
         section.notes.append("No reference run (`make reference`): frontiers start at each method's first eval.")
     if not frontiers.empty:
-        section.tables.append(Table("frontier", frontiers[["method", "eval/kl", score]]))
+        columns = [c for c in ("method", "step", "eval/kl", score, f"{score}_sem") if c in frontiers]
+        section.tables.append(Table("frontier", frontiers[columns]))
     return section
 
 
 def curves_section(runs: Runs, columns: dict[str, str]) -> Section:
-    trained = runs.evals(*TRAINED)
-    bands = {c: M.band(trained, c) for c in columns if c in trained}
+    trained_evals = runs.evals(trained(runs))
+    bands = {c: M.band(trained_evals, c) for c in columns if c in trained_evals}
     return Section("2. Reward and KL over training steps and wall-clock", plot=P.curves_plot(bands, columns))
 
 
@@ -153,7 +186,7 @@ def heldout_section(runs: Runs) -> Section:
 
 
 def overoptimisation_section(runs: Runs) -> Section:
-    gains = M.overoptimisation(runs.evals("ppo"))
+    gains = M.overoptimisation(runs.evals(["ppo"]))
     section = Section("4. Proxy vs gold reward over PPO training", plot=P.overoptimisation_plot(gains))
     if not gains.empty:
         section.tables.append(Table("proxy_gold_gap", gains))
@@ -161,13 +194,13 @@ def overoptimisation_section(runs: Runs) -> Section:
 
 
 def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) -> list[Section]:
-    trained = runs.evals(*TRAINED)
-    final = M.final_evals(trained)
-    seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained, final, score, score_label))
+    trained_evals = runs.evals(trained(runs))
+    final = M.final_evals(trained_evals)
+    seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained_evals, final, score, score_label))
     if not final.empty:
         columns = [c for c in (score, "eval/kl") if c in final]
         seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns)))
-    train = runs.train(*TRAINED)
+    train = runs.train(trained(runs))
     flagged = M.flag_spikes(train, SPIKE_SERIES, cfg.report.spike_window, cfg.report.spike_k)
     health = Section("5b. Training health: spikes, PPO clipping, DPO log-probs", plot=P.health_plot(train, flagged))
     health.notes.append(f"A spike is a training value above the median of the {cfg.report.spike_window} steps "
@@ -216,12 +249,16 @@ def provenance_section(runs: Runs, cfg: Config, profile_dir: Path) -> Section:
     return section
 
 
-def missing_notes(runs: Runs) -> list[str]:
-    present = set(runs.runs.loc[runs.runs["included"], "method"]) if not runs.runs.empty else set()
+def missing_notes(runs: Runs, has_gold: bool) -> list[str]:
+    present = set(runs.methods)
     notes = [f"No completed {m.upper()} run: its rows, curves and panels are absent (run `make {m}`)."
-             for m in TRAINED if m not in present]
-    if "reference" not in present:
+             for m in COMPARED if m not in present]
+    if REFERENCE not in present:
         notes.append("No completed reference run (`make reference`): π_ref's point is missing from the frontier.")
+    absent = [f"{P.name(m)} (`{command}`)" for m, command in BASELINES.items()
+              if m not in present and (has_gold or m != "ppo-gt")]  # PPO-GT needs a gold reward to optimise
+    if absent:
+        notes.append(f"Baselines not run, so absent from the frontier and the headline: {', '.join(absent)}.")
     return notes
 
 
@@ -232,7 +269,7 @@ def build(runs: Runs, cfg: Config, profile_dir: Path) -> list[Section]:
     score, score_label = (("eval/gold", f"gold reward [{unit}]") if has_gold else
                           ("eval/proxy", "proxy reward, learned RM [RM score]"))
     headline = headline_section(runs, cfg, has_gold)
-    headline.notes = missing_notes(runs) + headline.notes
+    headline.notes = missing_notes(runs, has_gold) + headline.notes
     return [
         headline,
         frontier_section(runs, score, score_label),

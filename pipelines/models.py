@@ -232,6 +232,15 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def load_policy_and_reference(cfg: ModelConfig, hub_access: bool
+                              ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+    """What a method that fine-tunes pi_ref starts from: the policy (pi_ref's weights, trainable), a frozen pi_ref,
+    both on the default device, and their tokenizer."""
+    path = resolve_model_path(cfg, hub_access)
+    device = default_device()
+    return load_causal_lm(path).to(device), freeze(load_causal_lm(path).to(device)), load_tokenizer(path)
+
+
 def cpu_supports_fast_bf16() -> bool:
     """bf16 autocast pays off on CPUs with native bf16 (avx512_bf16 / AMX); elsewhere it is emulated and
     far slower (measured on an AVX2-only EPYC: fwd+bwd 9 s in fp32, 216 s in bf16)."""

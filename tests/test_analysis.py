@@ -43,7 +43,7 @@ def write_run(profile_dir, method, seed, evals, train=(), beta=0.1, status="comp
 def ev(kl, gold=None, **extra):
     row = {"eval/kl": kl, **extra}
     if gold is not None:
-        row.update({"eval/gold": gold, "eval/gold_std": 0.5, "heldout/gold_accuracy": 0.9,
+        row.update({"eval/gold": gold, "eval/gold_std": 0.5, "eval/gold_sem": 0.1, "heldout/gold_accuracy": 0.9,
                     "heldout/gold_margin": 0.4})
     return row
 
@@ -70,6 +70,22 @@ def gold_profile(root):
     (p / "data" / "preferences-abc").mkdir(parents=True)
     (p / "data" / "preferences-abc" / "manifest.json").write_text(json.dumps({"sha256": "f" * 64,
                                                                               "counts": {"train": 8}}))
+    return p
+
+
+def with_baselines(p):
+    """The gold profile plus every baseline and a DPO variant, as `make ppo-gt`, `make bon`, `make sft-chosen` and
+    `make dpo ARGS=dpo.loss_type=ipo` write them. Best of N: one run, step = N, KL = the bound log N - (N-1)/N."""
+    write_run(p, "ppo-gt", 0, [ev(k, g) for k, g in ((0, 0.1), (1, 0.5), (2, 0.9))],
+              train=[{"grad_norm": 1.0, "loss/value": 1.0, "policy/clipfrac": 0.1}] * 3)
+    bound = {n: math.log(n) - (n - 1) / n for n in (1, 4, 16, 64)}
+    write_run(p, "bon", 1234, [{**ev(bound[n], g), "eval/gold_sem": 0.05, "eval/proxy": n / 10, "step": n,
+                                "wall_seconds": 2.0 * n, "tokens": 100 * n}
+                               for n, g in ((1, 0.1), (4, 0.3), (16, 0.5), (64, 0.6))],
+              timings={"sample_and_score": {"seconds": 128.0, "peak_memory_mb": 800.0}})
+    write_run(p, "sft-chosen", 0, [ev(k, g) for k, g in ((0, 0.1), (0.5, 0.2), (3, 0.3))],
+              train=[{"loss": 2.0, "grad_norm": 1.0}] * 3)
+    write_run(p, "dpo-ipo", 0, [ev(k, g) for k, g in ((0, 0.1), (2, 0.45))], train=[{"loss": 1.0}] * 2)
     return p
 
 
@@ -119,7 +135,7 @@ def test_spikes_against_rolling_median_and_mad():
 
 def test_headline_metrics_by_hand(tmp_path):
     runs = load_runs(gold_profile(tmp_path))
-    trained = runs.evals("ppo", "dpo")
+    trained = runs.evals(["ppo", "dpo"])
     assert M.common_reach(trained, "eval/kl") == 2  # max KLs 3, 4, 6, 2
     assert M.common_reach(trained, "eval/gold") == pytest.approx(0.4)  # max golds 0.5, 0.4, 0.8, 0.7
     per_run = M.per_run_headline(trained, 2.0, 0.4).set_index(["method", "seed"])
@@ -140,7 +156,7 @@ def test_headline_metrics_by_hand(tmp_path):
 
 def test_overoptimisation_heldout_and_costs_by_hand(tmp_path):
     runs = load_runs(gold_profile(tmp_path))
-    gains = M.overoptimisation(runs.evals("ppo")).set_index(["seed", "step"])
+    gains = M.overoptimisation(runs.evals(["ppo"])).set_index(["seed", "step"])
     # ppo0 at step 20: proxy (3 - 0) / 2 = 1.5 std, gold (0.5 - 0.1) / 0.5 = 0.8 std, gap 0.7.
     assert gains.loc[(0, 20), ["proxy gain", "gold gain", "gap"]].tolist() == pytest.approx([1.5, 0.8, 0.7])
     scores = M.heldout_scores(M.final_evals(runs.evals()))
@@ -154,10 +170,10 @@ def test_overoptimisation_heldout_and_costs_by_hand(tmp_path):
 
 def test_spike_counts_and_series_summary(tmp_path):
     runs = load_runs(gold_profile(tmp_path))
-    flagged = M.flag_spikes(runs.train("ppo", "dpo"), ["grad_norm", "loss"], window=10, k=5)
+    flagged = M.flag_spikes(runs.train(["ppo", "dpo"]), ["grad_norm", "loss"], window=10, k=5)
     counts = M.spike_counts(flagged).set_index(["method", "seed", "series"])["spikes"]
     assert counts[("ppo", 0, "grad_norm")] == 1 and counts[("dpo", 0, "loss")] == 0  # the 50 after 1,2,1,2...
-    summary = M.series_summary(runs.train("dpo"), ["logps/chosen", "logps/rejected"]).set_index(["seed", "series"])
+    summary = M.series_summary(runs.train(["dpo"]), ["logps/chosen", "logps/rejected"]).set_index(["seed", "series"])
     assert summary.loc[(0, "logps/rejected"), ["first", "last"]].tolist() == [-10, -18]
 
 
@@ -189,6 +205,53 @@ def test_report_on_a_gold_task(tmp_path):
     assert pd.read_csv(out / "spikes.csv")["spikes"].sum() == 2  # one grad-norm spike per PPO seed
 
 
+def test_report_puts_the_baselines_on_the_frontier_and_in_the_headline(tmp_path):
+    out = run_report(tmp_path, with_baselines(gold_profile(tmp_path)))
+    page, _ = assert_page_complete(out)
+    every = {"reference", "ppo", "ppo-gt", "dpo", "dpo-ipo", "bon", "sft-chosen"}
+    assert set(pd.read_csv(out / "frontier.csv")["method"]) == every - {"reference"}  # π_ref is each one's origin
+    head = pd.read_csv(out / "headline.csv")
+    assert head["method"].tolist() == ["reference", "ppo", "ppo-gt", "dpo", "dpo-ipo", "bon", "sft-chosen"]
+    head = head.set_index("method")
+    # Matched KL stays 2, set by the PPO and DPO runs alone. Best of N's bound passes 2 between N = 16 (1.830, gold
+    # 0.5) and N = 64 (3.175, gold 0.6); Preferred-FT between (0.5, 0.2) and (3, 0.3).
+    b16, b64 = math.log(16) - 15 / 16, math.log(64) - 63 / 64
+    assert "Matched KL = 2 nats" in page
+    assert head.loc["bon", "gold at matched KL mean"] == pytest.approx(0.5 + 0.1 * (2 - b16) / (b64 - b16))
+    assert head.loc["sft-chosen", "gold at matched KL mean"] == pytest.approx(0.2 + 0.1 * 1.5 / 2.5)
+    assert head.loc["ppo-gt", "gold at matched KL mean"] == pytest.approx(0.9)
+    assert head.loc["bon", "final eval/gold_sem mean"] == 0.05  # a single run's interval is its sampling error
+    assert "upper bound log N − (N−1)/N" in page and "Baselines not run" not in page
+    # Legend names in the tables; the CSVs keep the run-directory ids. Best of N has no training curve.
+    summary = (out / "summary.md").read_text()
+    for label in ("PPO-GT", "IPO", "Best of N (KL: upper bound)", "Preferred-FT", "π_ref"):
+        assert f"| {label} |" in summary, label
+    assert set(pd.read_csv(out / "final_spread.csv")["method"]) == {"ppo", "ppo-gt", "dpo", "dpo-ipo", "sft-chosen"}
+
+
+def test_frontier_figure_has_legend_names_intervals_and_the_origin(tmp_path):
+    from analysis import plots as P
+    from analysis.report import frontier_section
+
+    runs = load_runs(with_baselines(gold_profile(tmp_path)))
+    plot = frontier_section(runs, "eval/gold", "gold reward [VADER]").plot
+    (ax,) = plot.figure.axes
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["PPO", "PPO-GT", "DPO", "IPO", "Best of N (KL: upper bound)", "Preferred-FT", "π_ref (origin)"]
+    lines = dict(zip(labels, handles))
+    assert lines["Best of N (KL: upper bound)"].get_linestyle() == "--" and lines["DPO"].get_linestyle() == "-"
+    # Bars of ±1.96 standard errors: π_ref's at KL 0 (sem 0.1), and at every frontier vertex (sem 0.1; Best of N's
+    # rows carry 0.05).
+    def spans(bars):
+        return {round(float(top[1] - bottom[1]), 6) for bottom, top in bars.lines[2][0].get_segments()}
+
+    (origin,) = [bars for bars in ax.containers if bars.get_label() == "π_ref (origin)"]
+    assert origin.lines[0].get_xydata().tolist() == [[0.0, 0.1]] and spans(origin) == {round(2 * P.Z95 * 0.1, 6)}
+    vertices = set().union(*(spans(bars) for bars in ax.containers if bars is not origin))
+    assert vertices == {round(2 * P.Z95 * sem, 6) for sem in (0.05, 0.1)}
+    P.plt.close(plot.figure)
+
+
 def test_configured_comparison_levels_and_their_validation(tmp_path):
     out = run_report(tmp_path, gold_profile(tmp_path), overrides=["report.matched_kl=1", "report.target_gold=0.3"])
     head = pd.read_csv(out / "headline.csv").set_index("method")
@@ -208,11 +271,15 @@ def test_report_on_a_task_without_gold(tmp_path):
                                      "heldout/rm_margin": 0.2}) for k, x in ((0, 0), (1, 1), (2, 1.5))])
     write_run(p, "dpo", 0, [ev(k, **{"heldout/implicit_accuracy": a, "heldout/implicit_margin": 0.1})
                             for k, a in ((0, 0.5), (1, 0.6))])
+    write_run(p, "bon", 1234, [{"eval/kl": math.log(n) - (n - 1) / n, "eval/proxy": x, "eval/proxy_sem": 0.1, "step": n}
+                               for n, x in ((1, 0.0), (4, 0.8))])
     out = run_report(tmp_path, p, base_profile="hh")
     page, _ = assert_page_complete(out)
-    assert "no gold reward" in page
+    assert "no gold reward" in page and "Best of N: one row per N" in page
+    assert set(pd.read_csv(out / "frontier.csv")["method"]) == {"ppo", "bon"}  # by the proxy: DPO has none
+    assert "Baselines not run, so absent from the frontier and the headline: Preferred-FT (`make sft-chosen`)." in page
     head = pd.read_csv(out / "headline.csv").set_index("method")
-    assert set(head.index) == {"reference", "ppo", "dpo"} and "gold at matched KL mean" not in head
+    assert set(head.index) == {"reference", "ppo", "dpo", "bon"} and "gold at matched KL mean" not in head
     assert head.loc["dpo", "final heldout/implicit_accuracy mean"] == pytest.approx(0.6)
 
 
@@ -251,6 +318,7 @@ def test_report_with_only_dpo_says_what_is_missing(tmp_path):
     assert not stale.exists()
     page, images = assert_page_complete(out)
     assert "No completed PPO run" in page and "No completed reference run" in page
+    assert "Baselines not run, so absent from the frontier and the headline: PPO-GT (`make ppo-gt`), Best of N" in page
     assert "overoptimisation.png" not in images and "Not drawn: no PPO eval points" in page
     assert pd.read_csv(out / "headline.csv")["method"].tolist() == ["dpo"]
 

@@ -7,8 +7,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
+import dpo
 from dpo import dpo_gradient_weight, dpo_loss
 from dpo.trainer import build_trainer
 from pipelines.config import PROJECT_ROOT, load_config
@@ -66,33 +68,40 @@ def test_gradient_weight_by_hand_and_is_the_gradient_of_eq6():
     torch.testing.assert_close(policy_rejected.grad, beta * weights)
 
 
-def test_dpo_loss_matches_what_trl_dpo_trainer_computes_on_tiny(tiny_runs, tiny_path, tokenizer, tmp_path):
-    cfg, prefs = tiny_runs
+def _trl_loss_and_our_logps(cfg, prefs, tiny_path, tokenizer, tmp_path, n=4):
+    """TRL's loss for `cfg` on the first n training pairs, for a policy moved off pi_ref (so the log-ratios and the
+    loss are not trivial), beside the same pairs' sequence log-probs and response lengths through the project's own
+    encoding and log-prob function: (trainer, loss, logps[(model, side)], lengths[side])."""
     ref = freeze(load_causal_lm(tiny_path))
     policy = load_causal_lm(tiny_path)
-    with torch.no_grad():  # move the policy away from pi_ref, so the log-ratios and the loss are not trivial
+    with torch.no_grad():
         torch.manual_seed(1)
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
     trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed=0, output_dir=tmp_path, callbacks=[])
-    n = 4
     rows = prefs.train.select(range(n)).to_dict()
     assert [trainer.train_dataset[i]["prompt"] for i in range(n)] == rows["prompt"]  # TRL kept the pairs in order
     policy.train()
     loss = trainer.compute_loss(policy, trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
-    trainer.log({"loss": loss.item()})
+    batches = {side: encode_completions(tokenizer, rows["prompt"], rows[side]) for side in ("chosen", "rejected")}
+    with torch.no_grad():
+        logps = {(name, side): response_logprobs(model, batch)[0].sum(dim=1)
+                 for name, model in (("policy", policy), ("ref", ref)) for side, batch in batches.items()}
+    return trainer, loss.item(), logps, {side: b.response_mask.sum(dim=1) for side, b in batches.items()}
+
+
+def test_dpo_loss_matches_what_trl_dpo_trainer_computes_on_tiny(tiny_runs, tiny_path, tokenizer, tmp_path):
+    cfg, prefs = tiny_runs
+    trainer, loss, logps, _ = _trl_loss_and_our_logps(cfg, prefs, tiny_path, tokenizer, tmp_path)
+    trainer.log({"loss": loss})
     reported = trainer.state.log_history[-1]
 
-    # The same pairs through the project's own encoding and log-prob function, then eq. (6).
-    with torch.no_grad():
-        logps = {(name, side): response_logprobs(model, encode_completions(tokenizer, rows["prompt"], rows[side])
-                                                 )[0].sum(dim=1)
-                 for name, model in (("policy", policy), ("ref", ref)) for side in ("chosen", "rejected")}
+    # eq. (6) on the same pairs
     losses, chosen_rewards, rejected_rewards = dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"],
                                                         logps["ref", "chosen"], logps["ref", "rejected"], cfg.beta)
     weights = dpo_gradient_weight(chosen_rewards, rejected_rewards)
     assert abs(chosen_rewards).mean() > 0.01  # the comparison below (to 1e-4) is not between zeros
-    assert loss.item() == pytest.approx(losses.mean().item(), abs=1e-4)
+    assert loss == pytest.approx(losses.mean().item(), abs=1e-4)
     assert reported["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-4)
     assert reported["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=1e-4)
     assert reported["rewards/margins"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), abs=1e-4)
@@ -101,6 +110,27 @@ def test_dpo_loss_matches_what_trl_dpo_trainer_computes_on_tiny(tiny_runs, tiny_
     assert reported["dpo/grad_weight_std"] == pytest.approx(weights.std(unbiased=False).item(), abs=1e-5)
     # TRL tokenised and cached its own copy: the shared preference set on disk still matches its manifest
     assert load_preferences(cfg).sha256 == prefs.sha256
+
+
+@pytest.mark.parametrize("loss_type, epsilon", [("ipo", 0.0), ("robust", 0.2)])
+def test_variants_are_trls_ipo_and_robust_dpo_losses(tiny_runs, tiny_path, tokenizer, tmp_path, loss_type, epsilon):
+    cfg, prefs = tiny_runs
+    cfg = load_config("tiny", [f"runs_dir={cfg.runs_dir}", f"dpo.loss_type={loss_type}",
+                               f"dpo.label_smoothing={epsilon}"])
+    assert dpo.method_name(cfg) == f"dpo-{loss_type}"  # runs/<profile>/dpo-<variant>/: never pooled with DPO's
+    trainer, loss, logps, lengths = _trl_loss_and_our_logps(cfg, prefs, tiny_path, tokenizer, tmp_path)
+    ratio_w = logps["policy", "chosen"] - logps["ref", "chosen"]
+    ratio_l = logps["policy", "rejected"] - logps["ref", "rejected"]
+    beta = cfg.beta
+    if loss_type == "ipo":  # Azar et al. 2023, eq. (17), on per-token log-ratios (TRL's normalisation); beta is tau
+        losses = (ratio_w / lengths["chosen"] - ratio_l / lengths["rejected"] - 1 / (2 * beta)) ** 2
+    else:  # Chowdhury et al. 2024: eq. (6)'s loss de-biased for labels flipped with probability epsilon
+        u = beta * (ratio_w - ratio_l)
+        losses = ((1 - epsilon) * -F.logsigmoid(u) - epsilon * -F.logsigmoid(-u)) / (1 - 2 * epsilon)
+    assert loss == pytest.approx(losses.mean().item(), abs=1e-4)
+    assert abs(loss - dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"], logps["ref", "chosen"],
+                               logps["ref", "rejected"], beta)[0].mean().item()) > 1e-2  # not eq. (6) itself
+    assert "dpo/grad_weight_mean" not in trainer._metrics["train"]  # eq. (6)'s weight is not these losses'
 
 
 def test_dpo_on_a_discrete_bandit_converges_to_the_kl_regularised_optimum():
@@ -153,6 +183,12 @@ def test_dpo_config_rejects_bad_values():
         load_config("tiny", ["dpo.eval_every=0"])
     with pytest.raises(UserError, match="dpo.learning_rate"):
         load_config("tiny", ["dpo.learning_rate=-1e-5"])
+    with pytest.raises(UserError, match="'dpo.loss_type': 'hinge' is not one of"):
+        load_config("tiny", ["dpo.loss_type=hinge"])
+    with pytest.raises(UserError, match=r"dpo.label_smoothing.*\(0, 0.5\)"):
+        load_config("tiny", ["dpo.loss_type=robust", "dpo.label_smoothing=0.5"])
+    with pytest.raises(UserError, match="dpo.label_smoothing.*only by dpo.loss_type=robust"):
+        load_config("tiny", ["dpo.label_smoothing=0.1"])  # sigmoid would silently ignore it
 
 
 def test_make_dpo_tiny_end_to_end(tiny_runs, tiny_path):

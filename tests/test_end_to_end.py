@@ -1,4 +1,5 @@
-"""The user's path on `tiny`: `make ppo`, `make dpo`, then `make report`, judged by what lands on disk."""
+"""The user's path on `tiny`: `make reference`, `make ppo`, `make dpo`, the baselines, then `make report`, judged by
+what lands on disk."""
 
 import csv
 import re
@@ -13,9 +14,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-def test_ppo_dpo_then_report_on_tiny(tmp_path):
+def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
     common = ["--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}"]
-    for command in ("reference", "ppo", "dpo", "report"):
+    for command in ("reference", "ppo", "dpo", "bon", "sft-chosen", "report"):
         out = _cli(command, *common)
         assert out.returncode == 0, f"{command}: {out.stderr[-3000:]}"
 
@@ -29,6 +30,8 @@ def test_ppo_dpo_then_report_on_tiny(tmp_path):
 
     with open(page.parent / "headline.csv") as f:
         methods = {row["method"] for row in csv.DictReader(f)}
-    assert {"ppo", "dpo", "reference"} <= methods
+    assert methods == {"reference", "ppo", "dpo", "bon", "sft-chosen"}
+    with open(page.parent / "frontier.csv") as f:
+        assert {row["method"] for row in csv.DictReader(f)} == methods - {"reference"}  # π_ref: every one's origin
     summary = (page.parent / "summary.md").read_text()
-    assert re.search(r"^\| ppo \|", summary, re.M) and re.search(r"^\| dpo \|", summary, re.M)
+    assert re.search(r"^\| PPO \|", summary, re.M) and re.search(r"^\| DPO \|", summary, re.M)  # legend names

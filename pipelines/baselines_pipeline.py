@@ -1,0 +1,35 @@
+"""`make bon` and `make sft-chosen`: the DPO paper's baselines on the shared preference set. Orchestration only;
+the algorithms are in baselines/ (docs/baselines.md). PPO-GT is `make ppo-gt` (pipelines/ppo_pipeline.py)."""
+
+from __future__ import annotations
+
+from baselines import best_of_n, train_preferred_ft
+from pipelines.config import Config
+from pipelines.ppo_pipeline import reward_model_for
+from pipelines.stages import build_preference_set
+
+
+def _line(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={metrics[k]:.4g}" for k in ("eval/gold", "eval/gold_sem", "eval/proxy", "eval/kl")
+                     if k in metrics)
+
+
+def bon(cfg: Config) -> int:
+    prefs = build_preference_set(cfg)
+    # Ranked by the reward model PPO trains against (the first seed's, where each seed has its own): reused when
+    # it exists, else trained once here and reused by `make ppo` in turn.
+    result = best_of_n(cfg, prefs, reward_model_for(cfg, prefs, cfg.seeds[0]))
+    for n, metrics in result.evals.items():
+        print(f"best of {n}: {_line(metrics)} (KL: the upper bound)")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def sft_chosen(cfg: Config) -> int:
+    prefs = build_preference_set(cfg)
+    for i, seed in enumerate(cfg.seeds, start=1):
+        print(f"Preferred-FT run {i}/{len(cfg.seeds)}: seed {seed}", flush=True)
+        result = train_preferred_ft(cfg, prefs, seed)
+        print(f"  {result.steps} steps; final: {_line(result.final_metrics)}\n  run directory: {result.run_dir}",
+              flush=True)
+    return 0

@@ -1,0 +1,111 @@
+"""What the methods trained with a TRL trainer (DPO, Preferred-FT) share: the Trainer arguments that keep TRL's own
+files off disk, a progress bar, and the callback that writes the run directory and runs the shared evaluator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from pipelines.models import use_bf16
+from pipelines.rundir import RunDir
+
+# Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
+# Trainer's speed figures, whose clock includes evaluation.
+_UNLOGGED_KEYS = ("num_tokens", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
+
+
+def run_dir_args(precision: str, seed: int, device: torch.device) -> dict[str, Any]:
+    """TrainingArguments common to every TRL trainer here: `EvalAndLogCallback` writes the metrics into the run
+    directory, so nothing of TRL's own goes to disk."""
+    return dict(logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
+                include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
+                bf16=use_bf16(precision, device), dataloader_pin_memory=device.type == "cuda",
+                seed=seed, data_seed=seed)
+
+
+class _ProgressBar(ProgressCallback):
+    """Trainer's progress bar (with ETA), showing the loss (and DPO's margin) instead of printing every step's log
+    dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and "loss" in logs:
+            shown = {"loss": "loss", "rewards/margins": "margin"}
+            self.training_bar.set_postfix({name: f"{logs[k]:.3f}" for k, name in shown.items() if k in logs})
+
+
+def quiet_progress_bar(trainer: Trainer) -> Trainer:
+    """The trainer with Trainer's progress bar swapped for `_ProgressBar`."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_ProgressBar())
+    return trainer
+
+
+class EvalAndLogCallback(TrainerCallback):
+    """Writes every training step as a `train` row and runs the shared evaluator (an `eval` row and samples) at
+    step 0, every `eval_every` steps and at the end.
+
+    The training clock (`wall_seconds`) runs only between evaluations, so eval time never counts as training;
+    each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`.
+    """
+
+    def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]],
+                 eval_every: int, device: torch.device):
+        self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
+        self.train_seconds = 0.0  # closed stretches only; see `clock`
+        self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
+        self._stretch: contextlib.ExitStack | None = None
+        self._stretch_start = 0.0
+
+    def clock(self) -> float:
+        """Training wall-clock seconds so far, evaluation excluded."""
+        running = time.perf_counter() - self._stretch_start if self._stretch is not None else 0.0
+        return self.train_seconds + running
+
+    def _start_clock(self) -> None:
+        self._stretch = contextlib.ExitStack()
+        self._stretch.enter_context(self.run.stage("train", self.device))
+        self._stretch_start = time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        self.train_seconds = self.clock()
+        self._stretch.close()
+        self._stretch = None
+
+    def _evaluate(self, model: PreTrainedModel, step: int, tokens: int) -> None:
+        with self.run.stage("eval", self.device):
+            metrics, samples = self.evaluate_policy(model, step)
+        self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens, **metrics})
+        self.run.write_samples(step, samples)
+        self.last_eval = (step, metrics)
+        shown = ("eval/gold", "eval/gold_sem", "eval/kl", "heldout/implicit_accuracy", "heldout/implicit_margin",
+                 "heldout/gold_accuracy", "heldout/gold_margin")
+        tqdm.write(f"  step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+        self._start_clock()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.eval_every == 0:
+            self._stop_clock()
+            self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+            self._start_clock()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" not in logs:  # Trainer's end-of-training summary (its runtime includes evaluation): not a step
+            return
+        trl_logs = {k: v for k, v in logs.items() if k not in _UNLOGGED_KEYS}
+        self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": self.clock(),
+                      "tokens": state.num_input_tokens_seen, **trl_logs})
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._stop_clock()
+        if self.last_eval is None or self.last_eval[0] != state.global_step:
+            self._evaluate(model, state.global_step, state.num_input_tokens_seen)
