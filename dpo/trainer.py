@@ -6,6 +6,11 @@ One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_re
 training pair once, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL coefficient), run
 the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the final policy.
 Metric names and the gradient-weight derivation are in docs/dpo.md.
+
+Every `dpo.checkpoint_every` steps Trainer saves a resume point (policy, optimizer, scheduler, RNG, position in
+the data); with `resume`, a killed or failed run with the same config and seed goes on from the last one via
+Trainer's own `resume_from_checkpoint`. A NaN or infinite loss, implicit reward or gradient norm stops the run
+at that step (`Diverged`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from transformers.trainer_callback import ProgressCallback
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
+from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path, use_bf16
-from pipelines.rundir import RunDir
+from pipelines.rundir import RunDir, commit_checkpoint, prune_checkpoints, read_jsonl
 from pipelines.stages import make_eval_context
 from pipelines.tasks import PAIR_FIELDS
 
@@ -61,6 +67,8 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
             result = super()._compute_loss(model, inputs, return_outputs)
         finally:
             hook.remove()
+        # Stop before the backward pass of a non-finite loss (Trainer would step on it, and log it as if fine).
+        check_finite(f"DPO step {self.state.global_step + 1}", loss=result[0] if return_outputs else result)
         # The first forward is the policy's: per-token log-probs, zero off the responses; rows are [chosen; rejected].
         chosen_logps, rejected_logps = outputs[0].log_probs.detach().sum(dim=1).chunk(2)
         _, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, inputs["ref_chosen_logps"],
@@ -85,13 +93,17 @@ class EvalAndLogCallback(TrainerCallback):
     step 0, every `eval_every` steps and at the end.
 
     The training clock (`wall_seconds`) runs only between evaluations, so eval time never counts as training;
-    each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`.
+    each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`. A resumed
+    run starts the clock at `train_seconds`, where its checkpoint left it.
+
+    Also: stops the run at a non-finite logged value, and commits each checkpoint Trainer saves (a sha256 record
+    written last, so a half-written one is never resumed from) and deletes the older ones.
     """
 
     def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]],
-                 eval_every: int, device: torch.device):
+                 eval_every: int, device: torch.device, train_seconds: float = 0.0):
         self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
-        self.train_seconds = 0.0  # closed stretches only; see `clock`
+        self.train_seconds = train_seconds  # closed stretches only; see `clock`
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
         self._stretch: contextlib.ExitStack | None = None
         self._stretch_start = 0.0
@@ -122,10 +134,13 @@ class EvalAndLogCallback(TrainerCallback):
         tqdm.write(f"  step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+        if state.global_step == 0:  # a resumed run has its earlier eval points already
+            self._evaluate(model, state.global_step, state.num_input_tokens_seen)
         self._start_clock()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False  # the last step: the run is about to complete, no resume point needed
         if state.global_step % self.eval_every == 0:
             self._stop_clock()
             self._evaluate(model, state.global_step, state.num_input_tokens_seen)
@@ -135,8 +150,14 @@ class EvalAndLogCallback(TrainerCallback):
         if "loss" not in logs:  # Trainer's end-of-training summary (its runtime includes evaluation): not a step
             return
         trl_logs = {k: v for k, v in logs.items() if k not in _UNLOGGED_KEYS}
+        check_finite(f"DPO step {state.global_step}", **{k: v for k, v in trl_logs.items() if isinstance(v, float)})
         self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": self.clock(),
                       "tokens": state.num_input_tokens_seen, **trl_logs})
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        commit_checkpoint(folder, state.global_step)
+        prune_checkpoints(folder.parent, keep=folder)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._stop_clock()
@@ -161,8 +182,11 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         activation_checkpointing=d.gradient_checkpointing,
         bf16=use_bf16(cfg.model.precision, device), dataloader_pin_memory=device.type == "cuda",
         seed=seed, data_seed=seed,
-        # Our callback writes the metrics into the run directory: nothing of TRL's own goes to disk.
-        logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
+        # Our callback writes the metrics into the run directory; Trainer's checkpoints are our resume points
+        # (the callback commits each and deletes the older ones).
+        logging_steps=1, report_to="none", eval_strategy="no",
+        save_strategy="steps" if d.checkpoint_every else "no", save_steps=d.checkpoint_every or 500,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be smoothed over
         include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
     )
 
@@ -182,6 +206,23 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     return trainer
 
 
+def count_long_pairs(trainer: WeightLoggingDPOTrainer, n_given: int, max_length: int | None) -> dict[str, int]:
+    """How TRL treats pairs longer than `dpo.max_length`: it drops those whose prompt alone is that long and
+    cuts the others' responses. Counted (and said) here; an error if no pair is left."""
+    kept = trainer.train_dataset
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(kept["prompt_ids"], kept["chosen_ids"],
+                                                                kept["rejected_ids"])]
+    counts = {"given": n_given, "dropped_prompt_too_long": n_given - len(kept),
+              "truncated": sum(n > max_length for n in lengths) if max_length else 0}
+    if not len(kept):
+        raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no pair "
+                        f"is left to train on; raise dpo.max_length")
+    if counts["dropped_prompt_too_long"] or counts["truncated"]:
+        print(f"dpo: of {n_given} training pairs, {counts['truncated']} are longer than dpo.max_length={max_length} "
+              f"tokens and were cut to it, {counts['dropped_prompt_too_long']} were dropped (prompt alone that long)")
+    return counts
+
+
 def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/dpo/<run-id>/."""
     device = default_device()
@@ -189,16 +230,20 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
     tokenizer = load_tokenizer(path)
     policy = load_causal_lm(path).to(device)
     ref = freeze(load_causal_lm(path).to(device))  # pi_ref: TRL's reference and the evaluator's, one copy
-    run = RunDir.create(cfg, "dpo", seed, device, prefs.sha256)
+    run, resume_from = RunDir.open(cfg, "dpo", seed, device, prefs.sha256)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
+        # A resumed run's clock goes on from its last row (the checkpoint's step); Trainer restores the rest.
+        rows = read_jsonl(run.path / "metrics.jsonl")[0] if resume_from else []
         callback = EvalAndLogCallback(
             run, lambda model, step: evaluate(model, ctx, implicit_beta=cfg.beta, desc=f"eval step {step}"),
-            cfg.dpo.eval_every, device)
+            cfg.dpo.eval_every, device, train_seconds=rows[-1]["wall_seconds"] if rows else 0.0)
         with run.stage("ref_logps", device):
             trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed, run.path / "checkpoints",
                                     [callback])
-        trainer.train()
+        run.manifest["pairs"] = count_long_pairs(trainer, len(prefs.train), cfg.dpo.max_length)
+        run.write_manifest()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         with run.stage("save", device):
             policy.save_pretrained(run.path / "checkpoints" / "final")
             tokenizer.save_pretrained(run.path / "checkpoints" / "final")

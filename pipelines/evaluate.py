@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines.config import EvalConfig
+from pipelines.errors import check_finite
 from pipelines.sequences import SequenceBatch, chunks, encode_completions, response_logprobs, reward_scores, sample
 from pipelines.tasks import GoldReward
 
@@ -134,6 +135,7 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     if proxies:
         metrics["eval/proxy"], metrics["eval/proxy_std"], metrics["eval/proxy_sem"] = mean_std_sem(proxies)
     metrics.update(heldout_pair_metrics(policy, ctx, reward_model, implicit_beta))
+    check_finite(desc, **{k: metrics[k] for k in ("eval/kl", "eval/gold", "eval/proxy") if k in metrics})
     if was_training:
         policy.train()
     metrics["eval/seconds"] = time.perf_counter() - start
