@@ -195,6 +195,11 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
                   pairs: Dataset, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
                   ) -> WeightLoggingDPOTrainer:
     """The DPO trainer for one run. Building it computes pi_ref's log-probs of every pair (a progress bar)."""
+    max_length = cfg.dpo.max_length
+    if max_length and all(len(tokenizer(p, add_special_tokens=False).input_ids) >= max_length for p in pairs["prompt"]):
+        # TRL would drop every pair (prompt alone too long), then fail on the empty set with a cryptic error
+        raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no pair "
+                        "is left to train on; raise dpo.max_length")
     # An in-memory copy of the pairs: TRL's map() calls would otherwise write cache files into the shared
     # preference set's folder and change the sha256 its manifest guards.
     pairs = Dataset.from_dict(pairs.select_columns(list(PAIR_FIELDS)).to_dict())
@@ -207,16 +212,13 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
 
 
 def count_long_pairs(trainer: WeightLoggingDPOTrainer, n_given: int, max_length: int | None) -> dict[str, int]:
-    """How TRL treats pairs longer than `dpo.max_length`: it drops those whose prompt alone is that long and
-    cuts the others' responses. Counted (and said) here; an error if no pair is left."""
+    """How TRL treated pairs longer than `dpo.max_length`: it dropped those whose prompt alone is that long and
+    cut the others' responses. Counted here, and said."""
     kept = trainer.train_dataset
     lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(kept["prompt_ids"], kept["chosen_ids"],
                                                                 kept["rejected_ids"])]
     counts = {"given": n_given, "dropped_prompt_too_long": n_given - len(kept),
               "truncated": sum(n > max_length for n in lengths) if max_length else 0}
-    if not len(kept):
-        raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no pair "
-                        f"is left to train on; raise dpo.max_length")
     if counts["dropped_prompt_too_long"] or counts["truncated"]:
         print(f"dpo: of {n_given} training pairs, {counts['truncated']} are longer than dpo.max_length={max_length} "
               f"tokens and were cut to it, {counts['dropped_prompt_too_long']} were dropped (prompt alone that long)")

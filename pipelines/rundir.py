@@ -141,6 +141,7 @@ class RunDir:
         self.path = path
         self.manifest = manifest
         self.timings: dict[str, dict[str, float]] = {}
+        self.last_step: int | None = None  # step of the last metrics row written
         self._lock = lock
 
     @classmethod
@@ -230,6 +231,7 @@ class RunDir:
                 if row.get("step", 0) <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
                     rows.append(row)
+                    self.last_step = row.get("step")
         atomic_write_text(metrics, "".join(kept))
         for sample in (self.path / "samples").glob("eval_step*.jsonl"):
             if int(sample.stem.removeprefix("eval_step")) > step:
@@ -256,6 +258,7 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
+        self.last_step = row.get("step")
 
     def write_samples(self, step: int, samples: list[dict]) -> None:
         atomic_write_text(self.path / "samples" / f"eval_step{step:06d}.jsonl",
@@ -298,8 +301,8 @@ class RunDir:
         except Diverged as e:
             self.finish("diverged", e)
             last = max(_committed(self.path / "checkpoints"), key=checkpoint_step, default=None)
-            raise Diverged(f"{e}. Run marked diverged: {self.path}; last good checkpoint: "
-                           f"{last or 'none (no checkpoint was due yet)'}") from e
+            raise Diverged(f"{e} [last metrics row: step {self.last_step}; run marked diverged: {self.path}; last "
+                           f"good checkpoint: {last or 'none (no checkpoint was due yet)'}]") from e
         except BaseException as e:
             self.finish("failed", e)
             raise
