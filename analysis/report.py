@@ -164,7 +164,8 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) ->
     trained = runs.evals(*TRAINED)
     final = M.final_evals(trained)
     seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained, final, score, score_label))
-    for _, run in runs.runs[runs.runs["status"] == "diverged"].iterrows():  # a result about stability, though left out of every aggregate
+    # A diverged run is a result about stability, though it is left out of every aggregate.
+    for _, run in runs.runs[runs.runs["status"] == "diverged"].iterrows():
         seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']} (β {run['beta']:g}) stopped at a non-finite "
                            f"training quantity: {run['error']}")
     if not final.empty:

@@ -173,8 +173,8 @@ class PPOConfig:
 
     def validate(self, prefix: str) -> None:
         _require_positive(self, prefix, "iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs",
-                          "max_new_tokens", "eval_every", "checkpoint_every", "kl_horizon", "learning_rate", "temperature", "cliprange",
-                          "cliprange_value", "max_grad_norm", "target_kl")
+                          "max_new_tokens", "eval_every", "checkpoint_every", "kl_horizon", "learning_rate",
+                          "temperature", "cliprange", "cliprange_value", "max_grad_norm", "target_kl")
         _require(self.rollout_batch_size % self.mini_batch_size == 0, f"{prefix}.mini_batch_size",
                  f"must divide rollout_batch_size ({self.rollout_batch_size}), got {self.mini_batch_size}")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"{prefix}.gamma/lam", "must lie in [0, 1]")
@@ -408,12 +408,13 @@ def load_config(profile: str, overrides: list[str] | None = None, config_dir: Pa
     if "profile" in tree:
         raise UserError(f"{path}: 'profile' is set by the file name, remove the key")
     tree["profile"] = profile
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
     try:
-        cfg = from_dict(Config, tree)
+        from_dict(Config, tree)  # the file alone first, so that its mistakes are named with the file
     except UserError as e:
         raise UserError(f"{path.name}: {e}") from None
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    cfg = from_dict(Config, tree)
     cfg.validate()
     return cfg
 

@@ -189,7 +189,10 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False) -> str:
     if name == "tiny":
         return str(build_tiny(cfg))
     if Path(name).expanduser().exists():
-        return str(Path(name).expanduser())
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: '{name}' has no config.json: not a Hugging Face model folder")
+        return str(path)
     if not hub_access:
         raise UserError(f"model.name_or_path: '{name}' is not a local folder, and this profile is offline "
                         "(hub_access: false); give a local path, or use a profile that allows the hub")
