@@ -166,8 +166,8 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) ->
     seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained, final, score, score_label))
     # A diverged run is a result about stability, though it is left out of every aggregate.
     for _, run in runs.runs[runs.runs["status"] == "diverged"].iterrows():
-        seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']} (β {run['beta']:g}) stopped at a non-finite "
-                           f"training quantity: {run['error']}")
+        seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']:g} (β {run['beta']:g}) stopped at a non-finite "
+                           f"training quantity: {str(run['error']).removeprefix('Diverged: ')}")
     if not final.empty:
         columns = [c for c in (score, "eval/kl") if c in final]
         seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns)))
