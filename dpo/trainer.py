@@ -196,7 +196,7 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
                   ) -> WeightLoggingDPOTrainer:
     """The DPO trainer for one run. Building it computes pi_ref's log-probs of every pair (a progress bar)."""
     max_length = cfg.dpo.max_length
-    prompt_lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in pairs["prompt"]]
+    prompt_lengths = (len(tokenizer(p, add_special_tokens=False).input_ids) for p in pairs["prompt"])
     if max_length and all(n >= max_length for n in prompt_lengths):
         # TRL would drop every pair (prompt alone too long), then fail on the empty set with a cryptic error
         raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no pair "

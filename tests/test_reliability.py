@@ -274,12 +274,19 @@ def test_bad_input_gets_one_line_naming_the_culprit_and_earlier_runs_stay_byte_i
         assert {p: b for p, b in _files(baseline).items() if p in before} == before, args  # nothing earlier changed
     assert cli(["dpo", "--profile", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown profile 'nope'")
+    assert cli(["ppo", "--profile", "tiny", f"runs_dir={baseline}", "reward_model.max_length=8"]) == 2
+    assert _message(capsys.readouterr().err) == ("error: reward_model.max_length=8: every training pair is longer, "
+                                                 "so RewardTrainer drops them all; raise reward_model.max_length")
+    assert {p: b for p, b in _files(baseline).items() if p in before} == before
+
+    # Only the two max_length cases get as far as a run directory: a new one each, failed with the error.
     new = set(_files(baseline)) - set(before)
-    # Only dpo.max_length=8 gets as far as a run directory (it is a new one, marked failed with the error).
-    (failed,) = {p.parts[2] for p in new if p.parts[:2] == ("tiny", "dpo")}
-    manifest = json.loads((baseline / "tiny" / "dpo" / failed / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and "dpo.max_length=8" in manifest["error"]
-    assert all(p.parts[1] in ("dpo", "data") for p in new)
+    assert {p.parts[1] for p in new} == {"dpo", "reward_model"}
+    for method, key in (("dpo", "dpo.max_length=8"), ("reward_model", "reward_model.max_length=8")):
+        (failed,) = {p.parts[2] for p in new if p.parts[1] == method}
+        manifest = json.loads((baseline / "tiny" / method / failed / "manifest.json").read_text())
+        assert manifest["status"] == "failed" and key in manifest["error"]
+    assert manifest["pairs"] == {"given": 32, "dropped_too_long": 32}  # the reward model's count
 
 
 def test_corrupt_checkpoint_is_named_then_a_failed_run_resumes(tmp_path, monkeypatch, capsys):
