@@ -370,6 +370,7 @@ def prune_checkpoints(root: Path, keep: Path | None) -> None:
     """Delete every checkpoint-<step> folder under `root` but `keep` (final/ is never touched)."""
     for folder in root.glob("checkpoint-*"):
         if folder != keep:
+            (folder / CHECKPOINT_RECORD).unlink(missing_ok=True)  # first: a kill mid-delete leaves no "whole" one
             shutil.rmtree(folder, ignore_errors=True)
 
 
