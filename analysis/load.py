@@ -14,7 +14,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from pipelines.rundir import read_jsonl
+from pipelines.rundir import process_alive, read_jsonl
 
 RUN_KEYS = ["method", "beta", "seed", "run_id"]  # identify a run; every frame carries them
 ROW_KEYS = ("kind", "step", "wall_seconds", "tokens")  # every metrics row has these (the schema's promise)
@@ -108,8 +108,12 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict]]:
         return {**record, "included": False, "reason": str(e)}, [], []
     record = _identity(path, manifest)
     if record["status"] != "completed":
-        # A run still `running` after its process ended was killed; a failed one says why in `error`.
+        # A failed or diverged run says why in `error`. A run still `running` whose lock nobody holds was killed
+        # (directories written before run locks existed cannot tell, and say only "status running").
         reason = f"status {record['status']}" + (f": {record['error']}" if record["error"] else "")
+        alive = process_alive(path) if record["status"] == "running" else None
+        if alive is not None:
+            reason += ", still being written" if alive else ", killed (no live process; run it again to resume it)"
         return {**record, "included": False, "reason": reason}, [], []
     try:
         rows = _read_metrics(path / "metrics.jsonl")

@@ -197,6 +197,10 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) ->
     trained_evals = runs.evals(trained(runs))
     final = M.final_evals(trained_evals)
     seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained_evals, final, score, score_label))
+    # A diverged run is a result about stability, though it is left out of every aggregate.
+    for _, run in runs.runs[runs.runs["status"] == "diverged"].iterrows():
+        seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']:g} (β {run['beta']:g}) stopped at a non-finite "
+                           f"training quantity: {str(run['error']).removeprefix('Diverged: ')}")
     if not final.empty:
         columns = [c for c in (score, "eval/kl") if c in final]
         seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns)))

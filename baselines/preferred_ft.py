@@ -69,7 +69,7 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(run, lambda model, step: evaluate(model, ctx, desc=f"eval step {step}"),
-                                      cfg.sft.eval_every, device)
+                                      cfg.sft.eval_every, device, name="Preferred-FT step")
         build_trainer(cfg, policy, tokenizer, prefs.train, seed, run.path / "checkpoints", [callback]).train()
         with run.stage("save", device):
             policy.save_pretrained(run.path / "checkpoints" / "final")

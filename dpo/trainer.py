@@ -7,6 +7,11 @@ training pair once, train with TRL's DPOTrainer (beta = the top-level `beta`, PP
 the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the final policy.
 `dpo.loss_type` swaps eq. (6) for one of TRL's variants (IPO, robust DPO) on the same pairs, into
 runs/<profile>/dpo-<loss_type>/. Metric names and the gradient-weight derivation are in docs/dpo.md.
+
+Every `dpo.checkpoint_every` steps Trainer saves a resume point (policy, optimizer, scheduler, RNG, position in
+the data); with `resume`, a killed or failed run with the same config and seed goes on from the last one via
+Trainer's own `resume_from_checkpoint`. A NaN or infinite loss, implicit reward or gradient norm stops the run
+at that step (`Diverged`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
+from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import load_policy_and_reference
-from pipelines.rundir import RunDir
+from pipelines.rundir import RunDir, read_jsonl
 from pipelines.stages import make_eval_context
 from pipelines.tasks import PAIR_FIELDS
 from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args
@@ -49,14 +55,16 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
     """
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if self.loss_types != ["sigmoid"]:
-            return super()._compute_loss(model, inputs, return_outputs)
         outputs = []
         hook = model.register_forward_hook(lambda _module, _args, output: outputs.append(output))
         try:
             result = super()._compute_loss(model, inputs, return_outputs)
         finally:
             hook.remove()
+        # Stop before the backward pass of a non-finite loss (Trainer would step on it, and log it as if fine).
+        check_finite(f"DPO step {self.state.global_step + 1}", loss=result[0] if return_outputs else result)
+        if self.loss_types != ["sigmoid"]:
+            return result
         # The first forward is the policy's: per-token log-probs, zero off the responses; rows are [chosen; rejected].
         chosen_logps, rejected_logps = outputs[0].log_probs.detach().sum(dim=1).chunk(2)
         _, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, inputs["ref_chosen_logps"],
@@ -91,7 +99,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         max_length=d.max_length,
         # transformers' new name for gradient checkpointing; setting the old one warns that it is deprecated
         activation_checkpointing=d.gradient_checkpointing,
-        **run_dir_args(cfg.model.precision, seed, device),
+        **run_dir_args(cfg.model.precision, seed, device, d.checkpoint_every),
     )
 
 
@@ -99,6 +107,12 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
                   pairs: Dataset, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
                   ) -> WeightLoggingDPOTrainer:
     """The DPO trainer for one run. Building it computes pi_ref's log-probs of every pair (a progress bar)."""
+    max_length = cfg.dpo.max_length
+    prompt_lengths = (len(tokenizer(p, add_special_tokens=False).input_ids) for p in pairs["prompt"])
+    if max_length and all(n >= max_length for n in prompt_lengths):
+        # TRL would drop every pair (prompt alone too long), then fail on the empty set with a cryptic error
+        raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no pair "
+                        "is left to train on; raise dpo.max_length")
     # An in-memory copy of the pairs: TRL's map() calls would otherwise write cache files into the shared
     # preference set's folder and change the sha256 its manifest guards.
     pairs = Dataset.from_dict(pairs.select_columns(list(PAIR_FIELDS)).to_dict())
@@ -107,20 +121,38 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
         processing_class=tokenizer, callbacks=callbacks))
 
 
+def count_long_pairs(trainer: WeightLoggingDPOTrainer, n_given: int, max_length: int | None) -> dict[str, int]:
+    """How TRL treated pairs longer than `dpo.max_length`: it dropped those whose prompt alone is that long and
+    cut the others' responses. Counted here, and said."""
+    kept = trainer.train_dataset
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(kept["prompt_ids"], kept["chosen_ids"],
+                                                                kept["rejected_ids"])]
+    counts = {"given": n_given, "dropped_prompt_too_long": n_given - len(kept),
+              "truncated": sum(n > max_length for n in lengths) if max_length else 0}
+    if counts["dropped_prompt_too_long"] or counts["truncated"]:
+        print(f"dpo: of {n_given} training pairs, {counts['truncated']} are longer than dpo.max_length={max_length} "
+              f"tokens and were cut to it, {counts['dropped_prompt_too_long']} were dropped (prompt alone that long)")
+    return counts
+
+
 def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/."""
     policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: TRL's and the evaluator's
     device = policy.device
-    run = RunDir.create(cfg, method_name(cfg), seed, device, prefs.sha256)
+    run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
+        # A resumed run's clock goes on from its last row (the checkpoint's step); Trainer restores the rest.
+        rows = read_jsonl(run.path / "metrics.jsonl")[0] if resume_from else []
         callback = EvalAndLogCallback(
             run, lambda model, step: evaluate(model, ctx, implicit_beta=cfg.beta, desc=f"eval step {step}"),
-            cfg.dpo.eval_every, device)
+            cfg.dpo.eval_every, device, train_seconds=rows[-1]["wall_seconds"] if rows else 0.0, name="DPO step")
         with run.stage("ref_logps", device):
             trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed, run.path / "checkpoints",
                                     [callback])
-        trainer.train()
+        run.manifest["pairs"] = count_long_pairs(trainer, len(prefs.train), cfg.dpo.max_length)
+        run.write_manifest()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         with run.stage("save", device):
             policy.save_pretrained(run.path / "checkpoints" / "final")
             tokenizer.save_pretrained(run.path / "checkpoints" / "final")

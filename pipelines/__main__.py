@@ -10,8 +10,11 @@
     report    tables, plots and an HTML page from every run of the profile
     config    print the resolved config, or every key with its help text (--keys)
 
-A user mistake (bad key, bad value, bad data row, missing model) prints one line naming the culprit and
-exits with status 2; a crash inside a run marks that run failed in its manifest.
+A user mistake (bad key, bad value, bad data row, missing model, corrupt checkpoint) prints one line naming
+the culprit and exits with status 2. A NaN or infinite loss, reward, KL or gradient norm stops the run at that
+step: one line naming step and quantity, the run marked diverged (its last checkpoint kept), exit status 3.
+A crash inside a run marks that run failed in its manifest; `ppo` and `dpo` resume a killed or failed run
+from its last checkpoint when run again with the same config and seed (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 import yaml
 
 from pipelines.config import available_profiles, config_help, load_config
-from pipelines.errors import UserError
+from pipelines.errors import Diverged, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"diverged: {e}", file=sys.stderr)
+        return 3
 
 
 def run(args: argparse.Namespace) -> int:

@@ -168,11 +168,13 @@ class PPOConfig:
     kl_horizon: int = _f(10000, "adaptive KL: horizon in episodes")
     eval_every: int = _f(5, "run the shared evaluator every this many iterations (and before the first, after "
                             "the last)")
+    checkpoint_every: int | None = _f(4, "save a resume point every this many iterations (policy, value model, "
+                                         "optimizer, scheduler, RNG, KL coefficient); null: none")
 
     def validate(self, prefix: str) -> None:
         _require_positive(self, prefix, "iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs",
-                          "max_new_tokens", "eval_every", "kl_horizon", "learning_rate", "temperature", "cliprange",
-                          "cliprange_value", "max_grad_norm", "target_kl")
+                          "max_new_tokens", "eval_every", "checkpoint_every", "kl_horizon", "learning_rate",
+                          "temperature", "cliprange", "cliprange_value", "max_grad_norm", "target_kl")
         _require(self.rollout_batch_size % self.mini_batch_size == 0, f"{prefix}.mini_batch_size",
                  f"must divide rollout_batch_size ({self.rollout_batch_size}), got {self.mini_batch_size}")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"{prefix}.gamma/lam", "must lie in [0, 1]")
@@ -202,6 +204,8 @@ class DPOConfig:
     max_length: int | None = _f(512, "tokens kept of each prompt + response (the end is cut); null: no limit")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, ~20% slower")
     eval_every: int = _f(16, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
+    checkpoint_every: int | None = _f(16, "save a resume point (Trainer's checkpoint: policy, optimizer, scheduler, "
+                                          "RNG, data position) every N optimiser steps; null: none")
 
     def validate(self, prefix: str) -> None:
         _require(self.learning_rate > 0, f"{prefix}.learning_rate", f"must be positive, got {self.learning_rate}")
@@ -209,7 +213,7 @@ class DPOConfig:
         for key in ("batch_size", "gradient_accumulation_steps", "epochs", "eval_every"):
             value = getattr(self, key)
             _require(value > 0, f"{prefix}.{key}", f"must be positive, got {value}")
-        for key in ("max_steps", "max_length"):
+        for key in ("max_steps", "max_length", "checkpoint_every"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"{prefix}.{key}", f"must be positive or null, got {value}")
         _require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
@@ -280,6 +284,8 @@ class Config:
     seeds: list[int] = _f([0, 1], "one run per seed for each method")
     runs_dir: str = _f("runs", "where run directories and the preference set go (relative to the project)")
     hub_access: bool = _f(False, "may this profile download from the Hugging Face hub? (off: fully offline)")
+    resume: bool = _f(True, "continue an interrupted PPO or DPO run (same config and seed, killed or failed) from its "
+                            "last checkpoint, in its own directory; false: always start a new run")
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -442,12 +448,13 @@ def load_config(profile: str, overrides: list[str] | None = None, config_dir: Pa
     if "profile" in tree:
         raise UserError(f"{path}: 'profile' is set by the file name, remove the key")
     tree["profile"] = profile
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
     try:
-        cfg = from_dict(Config, tree)
+        from_dict(Config, tree)  # the file alone first, so that its mistakes are named with the file
     except UserError as e:
         raise UserError(f"{path.name}: {e}") from None
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    cfg = from_dict(Config, tree)
     cfg.validate()
     return cfg
 

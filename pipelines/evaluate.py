@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines.config import EvalConfig
+from pipelines.errors import check_finite
 from pipelines.sequences import SequenceBatch, chunks, encode_completions, response_logprobs, reward_scores, sample
 from pipelines.tasks import GoldReward
 
@@ -153,6 +154,7 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     metrics = {"eval/kl": k1_mean, "eval/kl_sem": k1_sem, "eval/kl_k3": mean_std_sem(k3s)[0],
                **response_metrics(texts, lengths, ended, golds, proxies)}
     metrics.update(heldout_pair_metrics(policy, ctx, reward_model, implicit_beta))
+    check_finite(desc, **{k: metrics[k] for k in ("eval/kl", "eval/gold", "eval/proxy") if k in metrics})
     if was_training:
         policy.train()
     metrics["eval/seconds"] = time.perf_counter() - start

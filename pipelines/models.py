@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
 
@@ -38,6 +39,13 @@ from pipelines.config import ModelConfig
 from pipelines.errors import UserError
 
 EMBEDDED_PREFIX = "embedded:"
+# What from_pretrained raises for a folder that is not a model, lacks files, or holds a corrupt one.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
+
+def _load_error(what: str, path: str, e: Exception) -> UserError:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"cannot load {what} from '{path}': {first_line}")
 
 
 @dataclass(frozen=True)
@@ -181,7 +189,10 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False) -> str:
     if name == "tiny":
         return str(build_tiny(cfg))
     if Path(name).expanduser().exists():
-        return str(Path(name).expanduser())
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: '{name}' has no config.json: not a Hugging Face model folder")
+        return str(path)
     if not hub_access:
         raise UserError(f"model.name_or_path: '{name}' is not a local folder, and this profile is offline "
                         "(hub_access: false); give a local path, or use a profile that allows the hub")
@@ -192,7 +203,10 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False) -> str:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except LOAD_ERRORS as e:
+        raise _load_error("a tokenizer", path, e) from None
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # A reward model's head reads the last non-pad token. With pad == EOS that is the token *before* EOS,
         # an arbitrary mid-sentence position for a response cut by the length cap; with a distinct pad token
@@ -209,8 +223,8 @@ def load_causal_lm(path: str) -> PreTrainedModel:
     """Policy or reference model, float32 weights (autocast does the bf16 where enabled)."""
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except OSError as e:
-        raise UserError(f"cannot load a causal LM from '{path}': {e}") from None
+    except LOAD_ERRORS as e:
+        raise _load_error("a causal LM", path, e) from None
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model
 
@@ -219,8 +233,8 @@ def load_scalar_model(path: str, pad_token_id: int) -> PreTrainedModel:
     """Reward or value model: the backbone with a one-output head (new, or the trained RM's)."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-    except OSError as e:
-        raise UserError(f"cannot load a scalar (reward/value) model from '{path}': {e}") from None
+    except LOAD_ERRORS as e:
+        raise _load_error("a scalar (reward/value) model", path, e) from None
     model.config.pad_token_id = pad_token_id  # the head reads the last non-pad token
     return model
 

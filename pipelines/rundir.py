@@ -6,20 +6,30 @@
         metrics.jsonl    one JSON object a line: {"kind": "train"|"eval", "step", "wall_seconds", "tokens", ...}
         samples/         eval samples, one file per eval point
         timings.json     wall-clock seconds and peak memory per stage
-        checkpoints/     model checkpoints
+        checkpoints/     final/ (the trained model) and checkpoint-<step>/ (resume points, removed on success)
+        .lock            held (flock) by the process writing the run; the kernel drops it when that process dies
 
 Every file is written whole or not at all (temporary file, then rename); a metrics line is appended in one
 write and flushed, so a crash leaves at most a truncated last line, which readers skip. A run id is claimed
 with an exclusive mkdir, so two runs started at once never share a directory.
+
+Resume (docs/reliability.md): a run killed (status `running`, lock free) or `failed` is continued by the next
+run of the same method, config and seed from its last checkpoint, in the same directory: metrics rows and
+samples after the checkpoint's step are dropped and written again. A checkpoint counts only once its
+`checkpoint.json` (every file's sha256, written last) exists; a half-written one is ignored, a corrupt one
+is an error naming it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import hashlib
 import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +45,7 @@ import torch
 import yaml
 
 from pipelines.config import PROJECT_ROOT, Config
+from pipelines.errors import Diverged, UserError
 
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
 
@@ -86,13 +97,52 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class RunDir:
-    """One run's directory: created exclusively, written atomically, status kept in the manifest."""
+# Config keys that do not change what a run computes: a run killed under one value resumes under another.
+_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report")
+_RESUMABLE = ("running", "failed")  # `diverged` is not: it would diverge again at the same step
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+
+def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None) -> str:
+    """sha256 of what a run computes from: method, seed, data, extra inputs (the reward model's path) and every
+    config key that affects it. Only a run with the same key continues an interrupted one."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_RUN_KEY}
+    payload = {"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {}, "config": config}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _try_lock(path: Path):
+    """flock `path/.lock` without waiting: the open file (the lock lives as long as it stays open, and dies
+    with the process, even on kill -9), or None when another process holds it."""
+    f = open(path / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def process_alive(path: Path) -> bool | None:
+    """Is a live process writing the run at `path`? None for a directory without a lock file."""
+    if not (path / ".lock").exists():
+        return None
+    lock = _try_lock(path)
+    if lock is None:
+        return True
+    lock.close()
+    return False
+
+
+class RunDir:
+    """One run's directory: created exclusively (or an interrupted one resumed), locked while written, written
+    atomically, status kept in the manifest."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], lock=None):
         self.path = path
         self.manifest = manifest
         self.timings: dict[str, dict[str, float]] = {}
+        self.last_step: int | None = None  # step of the last metrics row written
+        self._lock = lock
 
     @classmethod
     def create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
@@ -116,12 +166,88 @@ class RunDir:
             "error": None, "data_sha256": data_sha256, "packages": package_versions(), "git_commit": git_commit(),
             "host": socket.gethostname(), "platform": platform.platform(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine(), "cpu_threads": torch.get_num_threads(), "argv": sys.argv, **(extra or {}),
+            or platform.machine(), "cpu_threads": torch.get_num_threads(), "argv": sys.argv,
+            "run_key": run_key(cfg, method, seed, data_sha256, extra), "resumed": [], **(extra or {}),
         }
-        run = cls(path, manifest)
+        run = cls(path, manifest, _try_lock(path))  # a fresh directory: nobody else holds its lock
         atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.write_manifest()
         return run
+
+    @classmethod
+    def open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
+             extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
+        """The run to write and the checkpoint to continue from. With `cfg.resume`: the newest interrupted run
+        with the same key that has a checkpoint, rewound to it. Otherwise (or if there is none) a new run, and
+        None. A corrupt checkpoint raises UserError before anything in its run directory changes."""
+        if cfg.resume:
+            for run in cls._interrupted(cfg, method, run_key(cfg, method, seed, data_sha256, extra)):
+                try:
+                    checkpoint = latest_checkpoint(run.path / "checkpoints")
+                except UserError:
+                    run.release()
+                    raise
+                if checkpoint is not None:
+                    step = checkpoint_step(checkpoint)
+                    print(f"resuming {run.path} (status {run.manifest['status']}) from its checkpoint at step {step}")
+                    run.resume(step)
+                    return run, checkpoint
+                run.release()  # stopped before its first checkpoint: left as it is, and a new run starts
+        return cls.create(cfg, method, seed, device, data_sha256, extra), None
+
+    @classmethod
+    def _interrupted(cls, cfg: Config, method: str, key: str) -> Iterator["RunDir"]:
+        """Runs of `method` with run key `key` that were killed (status running, nobody holds the lock) or
+        failed, newest first, each locked for the caller (who releases the ones it does not take)."""
+        root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / method
+        for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
+            try:
+                manifest = json.loads(manifest_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if manifest.get("run_key") != key or manifest.get("status") not in _RESUMABLE:
+                continue
+            lock = _try_lock(manifest_path.parent)
+            if lock is None:
+                continue  # a live process is writing it
+            manifest = json.loads(manifest_path.read_text())  # again under the lock: it may have just finished
+            if manifest.get("status") in _RESUMABLE:
+                yield cls(manifest_path.parent, manifest, lock)
+            else:
+                lock.close()
+
+    def resume(self, step: int) -> list[dict]:
+        """Continue this interrupted run after its checkpoint at `step`: metrics rows and eval samples after that
+        step are dropped (the resumed run writes them again), timings keep adding up (they are the real cost,
+        lost work included), and the manifest says `running` again and records the resume. Returns the rows kept."""
+        kept, rows = [], []
+        metrics = self.path / "metrics.jsonl"
+        if metrics.exists():
+            for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the truncated last line of a killed run
+                if row.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                    rows.append(row)
+                    self.last_step = row.get("step")
+        atomic_write_text(metrics, "".join(kept))
+        for sample in (self.path / "samples").glob("eval_step*.jsonl"):
+            if int(sample.stem.removeprefix("eval_step")) > step:
+                sample.unlink()
+        try:
+            self.timings = json.loads((self.path / "timings.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            self.timings = {}
+        m = self.manifest
+        m.setdefault("resumed", []).append({
+            "at": dt.datetime.now(dt.timezone.utc).isoformat(), "from_step": step, "previous_status": m["status"],
+            "previous_error": m.get("error"), "host": socket.gethostname(), "git_commit": git_commit()})
+        m.update(status="running", finished_at=None, error=None)
+        m.pop("traceback", None)
+        self.write_manifest()
+        return rows
 
     def write_manifest(self) -> None:
         atomic_write_json(self.path / "manifest.json", self.manifest)
@@ -132,6 +258,7 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
+        self.last_step = row.get("step")
 
     def write_samples(self, step: int, samples: list[dict]) -> None:
         atomic_write_text(self.path / "samples" / f"eval_step{step:06d}.jsonl",
@@ -156,16 +283,95 @@ class RunDir:
             self.manifest["error"] = f"{type(error).__name__}: {error}"
             self.manifest["traceback"] = "".join(traceback.format_exception(error))[-4000:]
         self.write_manifest()
+        self.release()
+
+    def release(self) -> None:
+        """Give up the run's lock (a later process may then resume it, if it is resumable)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @contextmanager
     def running(self) -> Iterator["RunDir"]:
-        """Mark the run completed on success, failed (with the error) on any exception, then re-raise."""
+        """Mark the run completed on success (its resume checkpoints are then removed: checkpoints/final
+        stays), diverged on a non-finite training quantity (its last checkpoint stays), failed (with the error)
+        on any other exception; re-raise."""
         try:
             yield self
+        except Diverged as e:
+            self.finish("diverged", e)
+            last = max(_committed(self.path / "checkpoints"), key=checkpoint_step, default=None)
+            raise Diverged(f"{e} [last metrics row: step {self.last_step}; run marked diverged: {self.path}; last "
+                           f"good checkpoint: {last or 'none (no checkpoint was due yet)'}]") from e
         except BaseException as e:
             self.finish("failed", e)
             raise
         self.finish("completed")
+        prune_checkpoints(self.path / "checkpoints", keep=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume points: checkpoints/checkpoint-<step>/ folders, whatever a method puts in them (PPO: ppo/checkpoint.py;
+# DPO: transformers' Trainer). A folder counts once commit_checkpoint() has recorded every file's sha256.
+
+CHECKPOINT_RECORD = "checkpoint.json"
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.removeprefix("checkpoint-"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def commit_checkpoint(folder: Path, step: int) -> None:
+    """Make a fully written checkpoint folder count: its step and every file's sha256 go into checkpoint.json,
+    written last and atomically. A folder without that record is half-written and never resumed from."""
+    files = {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != CHECKPOINT_RECORD}
+    atomic_write_json(folder / CHECKPOINT_RECORD, {"step": step, "files": files})
+
+
+def _committed(root: Path) -> list[Path]:
+    return [f for f in root.glob("checkpoint-*") if (f / CHECKPOINT_RECORD).exists()]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The committed checkpoint folder under `root` with the highest step, its files checked against their
+    recorded sha256. Half-written folders are skipped; a corrupt committed one raises UserError naming it."""
+    committed = _committed(root)
+    for folder in set(root.glob("checkpoint-*")) - set(committed):
+        print(f"ignoring half-written checkpoint {folder} (no {CHECKPOINT_RECORD})")
+    if not committed:
+        return None
+    folder = max(committed, key=checkpoint_step)
+    advice = ("delete that folder to resume from an earlier checkpoint (or from the start), or set resume=false "
+              "to leave this run as it is and start a new one")
+    try:
+        record = json.loads((folder / CHECKPOINT_RECORD).read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {folder}: {CHECKPOINT_RECORD} is unreadable ({e}); {advice}") from None
+    for name, sha in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"checkpoint {folder} is incomplete: {name} is missing; {advice}")
+        if _sha256(path) != sha:
+            raise UserError(f"checkpoint {folder} is corrupt: {name} differs from what was saved (sha256); {advice}")
+    return folder
+
+
+def prune_checkpoints(root: Path, keep: Path | None) -> None:
+    """Delete every checkpoint-<step> folder under `root` but `keep` (final/ is never touched)."""
+    for folder in root.glob("checkpoint-*"):
+        if folder != keep:
+            (folder / CHECKPOINT_RECORD).unlink(missing_ok=True)  # first: a kill mid-delete leaves no "whole" one
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipelines.errors import Diverged
+
 
 @dataclass
 class SequenceBatch:
@@ -81,11 +83,16 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     with autocast_ctx:
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
-            temperature=temperature, top_k=0, top_p=1.0, min_p=None, use_cache=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
+        try:
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
+                temperature=temperature, top_k=0, top_p=1.0, min_p=None, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        except RuntimeError as e:  # torch.multinomial's complaint about the next-token distribution
+            if "inf" in str(e) and "nan" in str(e):
+                raise Diverged(f"sampling: the model's next-token probabilities are not finite ({e})") from e
+            raise
     response_ids, response_mask, _ = truncate_after_eos(out[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
                                                         tokenizer.pad_token_id)
     return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)

@@ -24,6 +24,9 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
     m = prefs.manifest
     print(f"preference set {reused}: {m['counts']['train']} train / {m['counts']['heldout']} held-out pairs, "
           f"sha256 {m['sha256'][:12]}, built in {m['build_seconds']:.0f} s")
+    dropped = m["stats"].get("dropped_while_parsing")
+    if dropped:
+        print(f"  rows dropped while reading {m['config']['task'].get('path')}: {dropped}")
     for split in ("train", "heldout"):
         s = m["stats"].get(split)
         if s:

@@ -306,8 +306,9 @@ def load_preference_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hu
                 "prompt longer than task.max_prompt_tokens", 0) + 1
             continue
         pairs.append(pair)
-    if len(pairs) < 2:
-        raise UserError(f"{name}: {len(pairs)} usable preference rows, need at least 2 (dropped: {dropped})")
+    if len(pairs) < 5:
+        raise UserError(f"{name}: {len(pairs)} usable preference rows, need at least 5 (a fifth are held out for "
+                        f"evaluation; dropped: {dropped})")
     return _split("preferences", pairs, dropped, cfg)
 
 

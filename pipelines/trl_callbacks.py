@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -13,18 +14,22 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from pipelines.errors import check_finite
 from pipelines.models import use_bf16
-from pipelines.rundir import RunDir
+from pipelines.rundir import RunDir, commit_checkpoint, prune_checkpoints
 
 # Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
 # Trainer's speed figures, whose clock includes evaluation.
 _UNLOGGED_KEYS = ("num_tokens", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
 
 
-def run_dir_args(precision: str, seed: int, device: torch.device) -> dict[str, Any]:
+def run_dir_args(precision: str, seed: int, device: torch.device, checkpoint_every: int | None = None
+                 ) -> dict[str, Any]:
     """TrainingArguments common to every TRL trainer here: `EvalAndLogCallback` writes the metrics into the run
-    directory, so nothing of TRL's own goes to disk."""
-    return dict(logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
+    directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points."""
+    return dict(logging_steps=1, report_to="none", eval_strategy="no",
+                save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500,
+                logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be smoothed over
                 include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
                 bf16=use_bf16(precision, device), dataloader_pin_memory=device.type == "cuda",
                 seed=seed, data_seed=seed)
@@ -52,13 +57,18 @@ class EvalAndLogCallback(TrainerCallback):
     step 0, every `eval_every` steps and at the end.
 
     The training clock (`wall_seconds`) runs only between evaluations, so eval time never counts as training;
-    each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`.
+    each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`. A resumed
+    run starts the clock at `train_seconds`, where its checkpoint left it.
+
+    Also: stops the run at a non-finite logged value, and commits each checkpoint Trainer saves (a sha256 record
+    written last, so a half-written one is never resumed from) and deletes the older ones.
     """
 
     def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]],
-                 eval_every: int, device: torch.device):
+                 eval_every: int, device: torch.device, train_seconds: float = 0.0, name: str = "step"):
         self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
-        self.train_seconds = 0.0  # closed stretches only; see `clock`
+        self.name = name  # how a step is named in a divergence message, e.g. "DPO step"
+        self.train_seconds = train_seconds  # closed stretches only; see `clock`
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
         self._stretch: contextlib.ExitStack | None = None
         self._stretch_start = 0.0
@@ -89,10 +99,13 @@ class EvalAndLogCallback(TrainerCallback):
         tqdm.write(f"  step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+        if state.global_step == 0:  # a resumed run has its earlier eval points already
+            self._evaluate(model, state.global_step, state.num_input_tokens_seen)
         self._start_clock()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False  # the last step: the run is about to complete, no resume point needed
         if state.global_step % self.eval_every == 0:
             self._stop_clock()
             self._evaluate(model, state.global_step, state.num_input_tokens_seen)
@@ -102,8 +115,14 @@ class EvalAndLogCallback(TrainerCallback):
         if "loss" not in logs:  # Trainer's end-of-training summary (its runtime includes evaluation): not a step
             return
         trl_logs = {k: v for k, v in logs.items() if k not in _UNLOGGED_KEYS}
+        check_finite(f"{self.name} {state.global_step}", **{k: v for k, v in trl_logs.items() if isinstance(v, float)})
         self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": self.clock(),
                       "tokens": state.num_input_tokens_seen, **trl_logs})
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        commit_checkpoint(folder, state.global_step)
+        prune_checkpoints(folder.parent, keep=folder)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._stop_clock()

@@ -11,7 +11,12 @@ of RLHF with PPO" (Huang et al. 2024) named where it happens. One iteration:
      r_phi(x, y) per sequence; optional penalty for responses without EOS;
   3. rewards: -beta * (log pi_old - log pi_ref) per token + r_phi on the last token (eq. 2); GAE; whitening;
   4. PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss, gradient clipping;
-  5. optional adaptive KL controller; log; evaluate every `eval_every` iterations (time excluded).
+  5. optional adaptive KL controller; log; evaluate every `eval_every` iterations (time excluded); save a
+     resume point every `checkpoint_every` iterations (ppo/checkpoint.py).
+
+A NaN or infinite reward, KL, loss or gradient norm stops the run at that iteration (`Diverged`), before the
+optimizer step it would poison. With `resume`, a killed or failed run with the same config and seed is
+continued from its last checkpoint and ends with the same numbers as an uninterrupted one.
 
 Runs under `accelerate launch` (DDP): each process samples its own share of the prompts; metrics are averaged
 across processes; evaluation and every write happen on the main process only.
@@ -19,7 +24,6 @@ across processes; evaluation and every write happen on the main process only.
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,19 +31,20 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
-from pipelines.errors import UserError
+from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import autocast, freeze, load_causal_lm, load_scalar_model, load_tokenizer, resolve_model_path
 from pipelines.rundir import RunDir
 from pipelines.sequences import SequenceBatch, position_ids_from_mask, response_logprobs, reward_scores, sample
 from pipelines.stages import make_eval_context
 from pipelines.tasks import load_task
+from ppo import checkpoint
 from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
                       gae_advantages, kl_penalized_rewards, masked_mean, whiten)
 
@@ -118,9 +123,10 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     beta = cfg.beta
 
     main = accelerator.is_main_process
-    run = RunDir.create(cfg, "ppo-gt" if gold else "ppo", seed, device, prefs.sha256,
-                        extra={"reward_model_path": None if gold else str(reward_model_path),
-                               "num_processes": accelerator.num_processes}) if main else None
+    run, resume_from = RunDir.open(cfg, "ppo-gt" if gold else "ppo", seed, device, prefs.sha256,
+                                   extra={"reward_model_path": None if gold else str(reward_model_path),
+                                          "num_processes": accelerator.num_processes}) if main else (None, None)
+    run_path, resume_from = broadcast_object_list([run and run.path, resume_from])  # every process needs them
     ctx = make_eval_context(cfg, prefs, ref, tokenizer, device) if main else None
     train_seconds, tokens, final_eval = 0.0, 0, {}
 
@@ -139,8 +145,18 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         return accelerator.gather(torch.as_tensor(x, device=device, dtype=torch.float32).reshape(1)).mean().item()
 
     with (run.running() if main else nullcontext()):
-        run_eval(0)
-        for iteration in tqdm(range(1, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main):
+        first_iteration = 1
+        if resume_from is None:
+            run_eval(0)
+        else:  # go on after the checkpoint's iteration, in the very state the interrupted run was in then
+            progress = checkpoint.restore(resume_from, accelerator, policy, value_model, optimizer, scheduler)
+            first_iteration = progress["iteration"] + 1
+            tokens, train_seconds, beta, final_eval = (progress[k] for k in ("tokens", "train_seconds", "beta",
+                                                                              "final_eval"))
+            if kl_ctl is not None:
+                kl_ctl.beta = beta
+        for iteration in tqdm(range(first_iteration, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main,
+                              initial=first_iteration - 1, total=pc.iterations):
             start = time.perf_counter()
             with run.stage("train", device) if main else nullcontext():  # timings.json: train seconds, peak memory
                 # ---- 1. rollout: this process's share of the next prompts, cycling through a seeded order
@@ -162,12 +178,14 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                         scores = torch.tensor(task.gold_reward(texts), device=device, dtype=torch.float32)
                     else:
                         scores = reward_scores(reward_model, batch, tokenizer)
+                check_finite(f"PPO iteration {iteration}", reward=scores.sum())
                 ended = (batch.response_ids == tokenizer.eos_token_id).any(dim=1)
                 if pc.missing_eos_penalty is not None:  # detail: penalise responses cut off by the length cap
                     scores = torch.where(ended, scores, scores - pc.missing_eos_penalty)
 
                 # ---- 3. per-token KL-penalised rewards (eq. 2), GAE, advantage whitening
                 rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+                check_finite(f"PPO iteration {iteration}", kl=kl.sum())
                 advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
                 if pc.whiten_advantages:
                     advantages = whiten(advantages, mask)
@@ -186,15 +204,14 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                         vf_loss, vf_stats = clipped_value_loss(new_values, old_values[idx], returns[idx], mask[idx],
                                                                pc.cliprange_value)
                         loss = pg_loss + pc.vf_coef * vf_loss
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"PPO iteration {iteration}: loss is {loss.item()} (policy "
-                                                     f"{pg_loss.item()}, value {vf_loss.item()}); stopping")
+                        check_finite(f"PPO iteration {iteration}", loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
                         optimizer.zero_grad(set_to_none=True)
                         accelerator.backward(loss)
                         # detail: gradient clipping, each model on its own: one global norm lets the value
                         # loss's large early gradients shrink the policy's step
                         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), pc.max_grad_norm)
                         vf_grad_norm = accelerator.clip_grad_norm_(value_model.parameters(), pc.max_grad_norm)
+                        check_finite(f"PPO iteration {iteration}", grad_norm=grad_norm, value_grad_norm=vf_grad_norm)
                         optimizer.step()
                         for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
                                            "policy/entropy_token": masked_mean(entropy, mask[idx]),
@@ -217,8 +234,8 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                     "learning_rate": scheduler.get_last_lr()[0],
                     **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
                 }
-                if not all(math.isfinite(v) for k, v in row.items() if k != "val/explained_variance"):
-                    raise FloatingPointError(f"PPO iteration {iteration}: non-finite metrics {row}; stopping")
+                check_finite(f"PPO iteration {iteration}", **{k: v for k, v in row.items()
+                                                              if k != "val/explained_variance"})
                 if kl_ctl is not None:  # detail: adaptive KL coefficient (Ziegler et al. 2019)
                     beta = kl_ctl.update(mean_kl, pc.rollout_batch_size)
                 tokens += int(mean_across(batch.attention_mask.sum()) * accelerator.num_processes)
@@ -227,6 +244,10 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens, **row})
             if iteration % pc.eval_every == 0 or iteration == pc.iterations:
                 run_eval(iteration)
+            if pc.checkpoint_every and iteration % pc.checkpoint_every == 0 and iteration < pc.iterations:
+                checkpoint.save(run_path / "checkpoints", iteration, accelerator, policy, value_model, optimizer,
+                                scheduler, {"tokens": tokens, "train_seconds": train_seconds, "beta": beta,
+                                            "final_eval": final_eval})
 
         policy_path = run.path / "checkpoints" / "final" if main else Path()
         if main:

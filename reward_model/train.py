@@ -10,7 +10,6 @@ stored in the saved model's config (`reward_shift`) and applied by `pipelines.se
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from trl import RewardConfig, RewardTrainer
 
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
+from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import EvalContext, heldout_pair_metrics
 from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
                               resolve_model_path, use_bf16)
@@ -101,6 +101,16 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
             )
             trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
                                     callbacks=[_LogToRun(run)])
+            # RewardTrainer drops pairs longer than max_length: counted here, and an error if none is left.
+            dropped = len(train_set) - len(trainer.train_dataset)
+            run.manifest["pairs"] = {"given": len(train_set), "dropped_too_long": dropped}
+            run.write_manifest()
+            if dropped == len(train_set):
+                raise UserError(f"reward_model.max_length={rc.max_length}: every training pair is longer, so "
+                                "RewardTrainer drops them all; raise reward_model.max_length")
+            if dropped:
+                print(f"reward model: {dropped} of {len(train_set)} training pairs are longer than "
+                      f"reward_model.max_length={rc.max_length} tokens and were dropped")
             with run.stage("reward_model", device):
                 trainer.train()
         rm = freeze(trainer.model)
@@ -113,8 +123,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
                           heldout_pairs=prefs.heldout.to_list())
         with run.stage("eval", device):
             heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None)
-        if any(math.isnan(v) for v in heldout.values()):
-            raise FloatingPointError(f"reward model produced NaN scores on held-out pairs: {heldout}")
+        check_finite("reward model on held-out pairs", **heldout)
         final = run.path / "checkpoints" / "final"
         rm.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)

@@ -293,6 +293,9 @@ def test_bad_and_unfinished_runs_are_named_and_left_out(tmp_path):
     (write_run(p, "ppo", 9, huge, run_id="no-manifest-run") / "manifest.json").unlink()
     write_run(p, "dpo", 10, huge, status="failed", run_id="failed-run")
     write_run(p, "ppo", 11, huge, status="running", run_id="killed-run")
+    diverged = write_run(p, "ppo", 12, huge, status="diverged", run_id="diverged-run")
+    manifest = json.loads((diverged / "manifest.json").read_text())
+    (diverged / "manifest.json").write_text(json.dumps({**manifest, "error": "Diverged: PPO iteration 3: reward is nan"}))
     out = run_report(tmp_path, p)
     assert_page_complete(out)
     excluded = pd.read_csv(out / "runs_excluded.csv").set_index("run_id")["reason"]
@@ -301,8 +304,11 @@ def test_bad_and_unfinished_runs_are_named_and_left_out(tmp_path):
     assert excluded["no-manifest-run"] == "missing manifest.json"
     assert excluded["failed-run"] == "status failed: RuntimeError: loss is nan"
     assert excluded["killed-run"] == "status running"
+    assert excluded["diverged-run"] == "status diverged: Diverged: PPO iteration 3: reward is nan"
     page = (out / "index.html").read_text()
     assert all(name in page for name in excluded.index)
+    assert "Diverged: ppo seed 12 (β 0.1) stopped at a non-finite training quantity: PPO iteration 3: reward is nan" \
+        in page  # named under stability, not only in the provenance table
     head = pd.read_csv(out / "headline.csv").set_index("method")
     assert head.loc["dpo", "final eval/gold mean"] == pytest.approx(0.75)  # (0.8 + 0.7) / 2: only good runs
     assert head.loc["dpo", "final eval/gold n"] == 2

@@ -1,11 +1,15 @@
 import json
+import shutil
 import threading
 
 import pytest
 import torch
 import yaml
 
-from pipelines.rundir import RunDir, atomic_write_text, read_jsonl
+from pipelines.config import load_config
+from pipelines.errors import Diverged, UserError, check_finite
+from pipelines.rundir import (CHECKPOINT_RECORD, RunDir, atomic_write_text, commit_checkpoint, latest_checkpoint,
+                              read_jsonl)
 
 
 def test_run_directory_contents_and_status(tiny_cfg):
@@ -64,3 +68,117 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_text(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+# --- resume: which run is continued, from which checkpoint, and what is dropped (docs/reliability.md) ---------
+
+def _interrupted_run(cfg, steps=(0, 1, 2, 3), checkpoints=(2,)):
+    """A run as a kill leaves it: rows up to step 3 (and half a line), samples, committed checkpoint(s)."""
+    run = RunDir.create(cfg, "ppo", 0, torch.device("cpu"), "abc")
+    for step in steps:
+        run.log({"kind": "train", "step": step, "wall_seconds": float(step), "tokens": 10 * step})
+        run.write_samples(step, [{"prompt": "p", "response": f"r{step}"}])
+    with open(run.path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "eval", "step": 4, "wall')
+    for step in checkpoints:
+        folder = run.path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "state.pt").write_bytes(bytes([step]) * 100)
+        commit_checkpoint(folder, step)
+    return run
+
+
+def _open(cfg, seed=0):
+    return RunDir.open(cfg, "ppo", seed, torch.device("cpu"), "abc")
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_run_is_resumed_once_from_its_checkpoint_and_a_live_one_never(tiny_cfg):
+    run = _interrupted_run(tiny_cfg)
+    live, checkpoint = _open(tiny_cfg)  # `run` still holds its lock: its process is alive
+    assert live.path != run.path and checkpoint is None
+    live.finish()
+    run.release()  # what the kernel does when kill -9 ends the process; the manifest still says running
+
+    resumed, checkpoint = _open(tiny_cfg)
+    assert resumed.path == run.path and checkpoint == run.path / "checkpoints" / "checkpoint-2"
+    rows, bad = read_jsonl(run.path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2] and bad == []  # rows after the checkpoint (and the torn line) go
+    assert sorted(p.name for p in (run.path / "samples").iterdir()) == [f"eval_step00000{s}.jsonl" for s in (0, 1, 2)]
+    m = json.loads((run.path / "manifest.json").read_text())
+    assert m["status"] == "running" and m["resumed"][0]["from_step"] == 2
+    assert m["resumed"][0]["previous_status"] == "running"
+
+    other, checkpoint = _open(tiny_cfg)  # started at the same time: the resumed run is taken
+    assert other.path not in (run.path, live.path) and checkpoint is None
+    other.finish()
+    resumed.finish("failed", RuntimeError("power cut"))
+    assert _open(tiny_cfg)[0].path == run.path  # a failed run resumes too
+
+
+def test_only_a_run_with_the_same_config_and_seed_is_resumed(tiny_cfg):
+    run = _interrupted_run(tiny_cfg)
+    run.release()
+    for cfg, seed in ((tiny_cfg, 1), (load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "beta=0.2"]), 0),
+                      (load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "resume=false"]), 0)):
+        new, checkpoint = _open(cfg, seed)
+        assert new.path != run.path and checkpoint is None
+        new.finish()
+    # keys that do not change what a run computes (the report's, the seed list) do not matter
+    same = load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "seeds=[0, 5]", "report.spike_k=3"])
+    assert _open(same)[0].path == run.path
+
+
+def test_half_written_checkpoint_is_ignored_and_corrupt_one_is_named_with_nothing_changed(tiny_cfg, capsys):
+    run = _interrupted_run(tiny_cfg, checkpoints=(2, 3))
+    run.release()
+    half = run.path / "checkpoints" / "checkpoint-3"
+    (half / CHECKPOINT_RECORD).unlink()  # killed while saving: no record yet
+    assert latest_checkpoint(run.path / "checkpoints") == run.path / "checkpoints" / "checkpoint-2"
+    assert f"ignoring half-written checkpoint {half}" in capsys.readouterr().out
+
+    state = run.path / "checkpoints" / "checkpoint-2" / "state.pt"
+    state.write_bytes(b"\x00" + state.read_bytes()[1:])
+    before = _files(run.path)
+    with pytest.raises(UserError, match=rf"checkpoint {run.path}/checkpoints/checkpoint-2 is corrupt: state\.pt "
+                                        r"differs from what was saved \(sha256\); delete that folder"):
+        _open(tiny_cfg)
+    assert _files(run.path) == before  # nothing rewound, manifest untouched
+    state.unlink()
+    with pytest.raises(UserError, match=r"checkpoint-2 is incomplete: state\.pt is missing"):
+        _open(tiny_cfg)
+    shutil.rmtree(run.path / "checkpoints" / "checkpoint-2")  # what the message advises
+    new, checkpoint = _open(tiny_cfg)  # no whole checkpoint left: the run stays as it is, a new one starts
+    assert new.path != run.path and checkpoint is None
+
+
+def test_diverged_run_keeps_its_last_checkpoint_and_is_not_resumed(tiny_cfg):
+    run = _interrupted_run(tiny_cfg, steps=(0, 1, 2))
+    with pytest.raises(Diverged) as e:
+        with run.running():
+            raise Diverged("PPO iteration 3: reward is nan")
+    assert str(e.value).startswith("PPO iteration 3: reward is nan [last metrics row: step 2; run marked diverged")
+    assert f"last good checkpoint: {run.path / 'checkpoints' / 'checkpoint-2'}]" in str(e.value)
+    m = json.loads((run.path / "manifest.json").read_text())
+    assert m["status"] == "diverged" and m["error"] == "Diverged: PPO iteration 3: reward is nan"
+    assert (run.path / "checkpoints" / "checkpoint-2" / "state.pt").exists()
+    assert _open(tiny_cfg)[0].path != run.path  # it would diverge again at the same step
+
+
+def test_completed_run_drops_its_resume_points_and_keeps_the_final_model(tiny_cfg):
+    run = _interrupted_run(tiny_cfg)
+    (run.path / "checkpoints" / "final").mkdir()
+    (run.path / "checkpoints" / "final" / "model.safetensors").write_bytes(b"weights")
+    with run.running():
+        pass
+    assert [p.name for p in (run.path / "checkpoints").iterdir()] == ["final"]
+    assert json.loads((run.path / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_check_finite_names_each_bad_value():
+    check_finite("step 1", loss=0.5, kl=torch.tensor(2.0), reward=None)
+    with pytest.raises(Diverged, match=r"^DPO step 3: loss is nan, rewards/chosen is inf$"):
+        check_finite("DPO step 3", loss=float("nan"), **{"rewards/chosen": torch.tensor(float("inf")), "ok": 1.0})
