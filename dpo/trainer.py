@@ -2,8 +2,8 @@
 
     train(cfg, prefs, seed) -> DPOResult
 
-One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs of every
-training pair once, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL coefficient), run
+One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs once for every
+training pair the run will reach, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL coefficient), run
 the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the final policy.
 Metric names and the gradient-weight derivation are in docs/dpo.md.
 """
@@ -29,6 +29,7 @@ from pipelines.data import PreferenceSet
 from pipelines.evaluate import evaluate
 from pipelines.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path, use_bf16
 from pipelines.rundir import RunDir
+from pipelines.sequences import shortest_first
 from pipelines.stages import make_eval_context
 from pipelines.tasks import PAIR_FIELDS
 
@@ -170,13 +171,20 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
 def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                   pairs: Dataset, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
                   ) -> WeightLoggingDPOTrainer:
-    """The DPO trainer for one run. Building it computes pi_ref's log-probs of every pair (a progress bar)."""
-    # An in-memory copy of the pairs: TRL's map() calls would otherwise write cache files into the shared
-    # preference set's folder and change the sha256 its manifest guards.
-    pairs = Dataset.from_dict(pairs.select_columns(list(PAIR_FIELDS)).to_dict())
-    trainer = WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=trainer_args(cfg, seed, output_dir,
-                                                                                        policy.device),
-                                      train_dataset=pairs, processing_class=tokenizer, callbacks=callbacks)
+    """The DPO trainer for one run. Building it computes pi_ref's log-probs of the pairs it uses (a progress bar)."""
+    args = trainer_args(cfg, seed, output_dir, policy.device)
+    # TRL precomputes pi_ref's log-probs of every pair it is given, so give it only the pairs `max_steps` reaches:
+    # a seeded random subset, a draw like the one its shuffling sampler would make from all of them.
+    used = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if 0 < used < len(pairs):
+        pairs = pairs.shuffle(seed=seed).select(range(used))
+    # Shortest first, so each precompute batch is padded to about its own length (training shuffles them anyway).
+    # An in-memory copy: TRL's map() calls would otherwise write cache files into the shared preference set's
+    # folder and change the sha256 its manifest guards.
+    order = shortest_first(tokenizer, *(pairs[k] for k in PAIR_FIELDS))
+    pairs = Dataset.from_dict(pairs.select(order).select_columns(list(PAIR_FIELDS)).to_dict())
+    trainer = WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
+                                      processing_class=tokenizer, callbacks=callbacks)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_ProgressBar())
     return trainer
@@ -195,9 +203,12 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
         callback = EvalAndLogCallback(
             run, lambda model, step: evaluate(model, ctx, implicit_beta=cfg.beta, desc=f"eval step {step}"),
             cfg.dpo.eval_every, device)
-        with run.stage("ref_logps", device):
+        with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed, run.path / "checkpoints",
                                     [callback])
+            timing["tokens"] = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(  # chosen and rejected rows
+                trainer.train_dataset["prompt_ids"], trainer.train_dataset["chosen_ids"],
+                trainer.train_dataset["rejected_ids"]))
         trainer.train()
         with run.stage("save", device):
             policy.save_pretrained(run.path / "checkpoints" / "final")

@@ -6,6 +6,7 @@
     ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per seed
     dpo       DPO (eq. 6), one run per seed
     report    tables, plots and an HTML page from every run of the profile
+    bench     each stage's speed against the bare model's ceilings: reports/<profile>/bench.csv
     config    print the resolved config, or every key with its help text (--keys)
 
 A user mistake (bad key, bad value, bad data row, missing model) prints one line naming the culprit and
@@ -28,7 +29,8 @@ from pipelines.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["setup", "data", "reference", "ppo", "dpo", "report", "config"])
+    parser.add_argument("command", choices=["setup", "data", "reference", "ppo", "dpo", "report", "bench",
+                                                       "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"reference evaluation: {run_dir.path}")
         return 0
     # Each method's orchestration lives in its own module; the stage packages hold the algorithms.
-    module = {"ppo": "pipelines.ppo_pipeline", "dpo": "pipelines.dpo_pipeline", "report": "analysis.report"}
+    module = {"ppo": "pipelines.ppo_pipeline", "dpo": "pipelines.dpo_pipeline", "report": "analysis.report",
+              "bench": "pipelines.bench"}
     import importlib
     return importlib.import_module(module[args.command]).main(cfg)
 

@@ -178,6 +178,16 @@ def reward_scores(reward_model: PreTrainedModel, batch: SequenceBatch, tokenizer
     return sequence_scores(reward_model, batch) - getattr(reward_model.config, "reward_shift", 0.0)
 
 
+def shortest_first(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chosen: list[str], rejected: list[str]
+                   ) -> list[int]:
+    """Indices of preference pairs ordered by length in tokens (prompt + the longer response): batches cut from
+    this order are padded to about their own length instead of to the longest pair in the set."""
+    def n_tokens(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
+    lengths = [p + max(c, r) for p, c, r in zip(n_tokens(prompts), n_tokens(chosen), n_tokens(rejected), strict=True)]
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))

@@ -1,0 +1,260 @@
+"""`python -m pipelines bench --profile P` (`make bench`): what each stage achieves against the bare model.
+
+Ceilings: the profile's model on this machine, at each stage's shapes, doing nothing but the work itself:
+
+    train     a plain training step: next-token cross-entropy (a scalar head's mean score for the reward
+              model), forward + backward + AdamW, on a dense [B, L] batch        -> B*L tokens
+    forward   one forward pass in inference mode on [B, L]                         -> B*L tokens
+    generate  `model.generate` with the KV cache, B prompts of P tokens, exactly R new tokens each -> B*R tokens
+
+Stages: the real stage code, run briefly on the profile shrunk to a batch or two (in a temporary runs directory),
+timed by what it records about itself: the preference set's manifest, timings.json, PPO's `time/*` split, the
+evaluator's own cost. A stage's rate counts the real (non-padding) tokens its models read, or sampled, so padding,
+Python overhead and idle time all show as a ratio below 1. Training stages are timed in steady state, from the
+first logged step to the last (the first step's one-off set-up is left out). A ratio above 1 means the stage does
+less work per token than the plain step: PPO's log-prob passes skip the LM head over the prompt, and the value
+and reward models have no LM head at all.
+
+Prints the table and writes it to reports/<profile>/bench.csv; fp32 and bf16 autocast side by side where bf16
+is fast here (a GPU, or a CPU with native bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+import dpo
+from pipelines.config import PROJECT_ROOT, Config
+from pipelines.data import build_preferences
+from pipelines.models import (autocast, default_device, load_causal_lm, load_scalar_model, load_tokenizer,
+                              resolve_model_path, use_bf16)
+from pipelines.rundir import peak_memory_mb, read_jsonl, reset_peak_memory
+from pipelines.sequences import tokenize_prompts
+from pipelines.tasks import load_task
+from ppo.train import train_ppo
+from reward_model.train import train_reward_model
+
+COLUMNS = ["precision", "stage", "kind", "shape", "tokens", "seconds", "tokens_per_s", "ceiling_tokens_per_s",
+           "ratio", "peak_memory_mb"]
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 2) -> tuple[float, float]:
+    """(seconds of the fastest of `repeats` calls after one warm-up call, peak memory MB over them)."""
+    fn()
+    reset_peak_memory(device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best, peak_memory_mb(device)
+
+
+class Ceilings:
+    """The bare model's rates at given shapes, measured once per shape and precision."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.path = resolve_model_path(cfg.model, cfg.hub_access)
+        self.pad_token_id = load_tokenizer(self.path).pad_token_id
+        self.precision, self.device = cfg.model.precision, device
+        self.lm = load_causal_lm(self.path).to(device)
+        self.scalar = None  # the reward model's shape of network, loaded when first needed
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}  # AdamW's state allocated once, as in a real run
+        self.rows: dict[tuple, dict] = {}
+
+    def rate(self, kind: str, batch: int, length: int, new_tokens: int = 0, scalar: bool = False) -> float:
+        """Tokens per second of `kind` ('train', 'forward', 'generate') at [batch, length] (+ new_tokens)."""
+        key = (kind, batch, length, new_tokens, scalar)
+        if key not in self.rows:
+            model = self.lm
+            if scalar:
+                self.scalar = self.scalar or load_scalar_model(self.path, self.pad_token_id).to(self.device)
+                model = self.scalar
+            torch.manual_seed(0)
+            ids = torch.randint(0, model.config.vocab_size, (batch, length), device=self.device)
+            step = {"train": self._train_step, "forward": self._forward, "generate": self._generate}[kind]
+            seconds, peak = _timed(lambda: step(model, ids, new_tokens, scalar), self.device)
+            tokens = batch * (new_tokens if kind == "generate" else length)
+            shape = f"{batch}x{length}" + (f"+{new_tokens}" if kind == "generate" else "")
+            self.rows[key] = {"precision": self.precision, "stage": f"bare model: {kind}" + (" (scalar head)" if
+                              scalar else ""), "kind": kind, "shape": shape, "tokens": tokens, "seconds": seconds,
+                              "tokens_per_s": tokens / seconds, "ceiling_tokens_per_s": tokens / seconds, "ratio": 1.0,
+                              "peak_memory_mb": peak}
+        return self.rows[key]["tokens_per_s"]
+
+    def _train_step(self, model, ids, _new_tokens, scalar) -> None:
+        model.train()
+        if id(model) not in self.optimizers:
+            self.optimizers[id(model)] = torch.optim.AdamW(model.parameters(), lr=1e-9)
+        optimizer = self.optimizers[id(model)]
+        with autocast(self.precision, self.device):
+            out = model(input_ids=ids, labels=None if scalar else ids, use_cache=False)
+            loss = out.logits.float().mean() if scalar else out.loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.inference_mode()
+    def _forward(self, model, ids, _new_tokens, _scalar) -> None:
+        model.eval()
+        with autocast(self.precision, self.device):
+            model(input_ids=ids, use_cache=False)
+
+    @torch.inference_mode()
+    def _generate(self, model, ids, new_tokens, _scalar) -> None:
+        model.eval()
+        with autocast(self.precision, self.device):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=True, top_k=0, top_p=1.0, use_cache=True,
+                           pad_token_id=self.pad_token_id)
+
+
+def shrunk(cfg: Config, runs_dir: Path, precision: str) -> Config:
+    """The profile cut to a batch or two per stage, a few steps each, one seed, in `runs_dir`."""
+    r = dataclasses.replace
+    pairs = max(cfg.data.batch_size, 4 * cfg.reward_model.batch_size, 4 * cfg.dpo.batch_size)  # 4 steps each
+    return r(cfg, runs_dir=str(runs_dir), seeds=cfg.seeds[:1], model=r(cfg.model, precision=precision),
+             data=r(cfg.data, n_prompts=pairs * 2 // cfg.data.responses_per_prompt,
+                    n_heldout_prompts=cfg.eval.batch_size),
+             eval=r(cfg.eval, n_prompts=cfg.eval.batch_size, n_heldout_pairs=cfg.eval.batch_size),
+             reward_model=r(cfg.reward_model, epochs=1.0, center_prompts=cfg.eval.batch_size),
+             ppo=r(cfg.ppo, iterations=2, eval_every=2),
+             dpo=r(cfg.dpo, epochs=1, max_steps=4, eval_every=4))
+
+
+def _steady(rows: list[dict]) -> tuple[int, float]:
+    """(tokens, seconds) from the first logged training step to the last."""
+    return rows[-1]["tokens"] - rows[0]["tokens"], rows[-1]["wall_seconds"] - rows[0]["wall_seconds"]
+
+
+def _row(stage: str, kind: str, shape: str, tokens: float, seconds: float, ceiling: float, peak: float,
+         precision: str) -> dict:
+    rate = tokens / seconds if seconds > 0 else float("nan")
+    return {"precision": precision, "stage": stage, "kind": kind, "shape": shape, "tokens": int(tokens),
+            "seconds": seconds, "tokens_per_s": rate, "ceiling_tokens_per_s": ceiling, "ratio": rate / ceiling,
+            "peak_memory_mb": peak}
+
+
+def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[dict]:
+    """Every stage's row at one precision, and the ceilings they are measured against."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        small = shrunk(cfg, Path(tmp), precision)
+        ceilings = Ceilings(small, device)
+        tokenizer = load_tokenizer(ceilings.path)
+        task = load_task(small.task, tokenizer, small.hub_access)
+
+        def prompt_len(prompts: list[str]) -> int:  # the padded width of a batch of these prompts
+            return tokenize_prompts(tokenizer, prompts)[0].shape[1]
+
+        rows, seed = [], small.seeds[0]
+        d, e, p, k = small.data, small.eval, small.ppo, small.data.responses_per_prompt
+
+        reset_peak_memory(device)
+        prefs = build_preferences(small)
+        peak = peak_memory_mb(device)
+        stats = [s for s in (prefs.manifest["stats"].get(x) for x in ("train", "heldout")) if s and "sampled_tokens" in s]
+        if stats:
+            b, length = d.batch_size * k, prompt_len(task.train_prompts[:d.batch_size])
+            rows.append(_row("data: sampling pi_ref", "generate", f"{b}x{length}+{d.max_new_tokens}",
+                             sum(s["sampled_tokens"] for s in stats), sum(s["sampling_seconds"] for s in stats),
+                             ceilings.rate("generate", b, length, d.max_new_tokens), peak, precision))
+
+        rm = train_reward_model(small, prefs, seed)
+        rm_train = [r for r in read_jsonl(rm.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
+        tokens, seconds = _steady(rm_train)
+        b = 2 * small.reward_model.batch_size
+        length = round(tokens / (len(rm_train) - 1) / b)
+        rows.append(_row("reward model: training", "train", f"{b}x{length}", tokens, seconds,
+                         ceilings.rate("train", b, length, scalar=True),
+                         _timings(rm.run_dir)["reward_model"]["peak_memory_mb"], precision))
+
+        run = train_ppo(small, prefs, rm.path, seed).run_dir
+        metrics = read_jsonl(run / "metrics.jsonl")[0]
+        last = [r for r in metrics if r["kind"] == "train"][-1]  # steady state: the second iteration
+        peak = _timings(run)["train"]["peak_memory_mb"]
+        b, length = p.rollout_batch_size, prompt_len(task.train_prompts[:p.rollout_batch_size])
+        rows += [
+            _row("PPO: rollout", "generate", f"{b}x{length}+{p.max_new_tokens}", last["tokens/rollout"],
+                 last["time/rollout"], ceilings.rate("generate", b, length, p.max_new_tokens), peak, precision),
+            _row("PPO: scoring (pi_old, pi_ref, V, r_phi)", "forward", f"{b}x{length + p.max_new_tokens}",
+                 last["tokens/scoring"], last["time/scoring"],
+                 ceilings.rate("forward", b, length + p.max_new_tokens), peak, precision),
+            _row("PPO: update (policy + V)", "train", f"{p.mini_batch_size}x{length + p.max_new_tokens}",
+                 last["tokens/update"], last["time/update"],
+                 ceilings.rate("train", p.mini_batch_size, length + p.max_new_tokens), peak, precision),
+        ]
+        rows += _eval_rows("PPO", run, metrics, ceilings, e.batch_size, prompt_len(task.eval_prompts[:e.batch_size]),
+                           e.max_new_tokens, precision)
+
+        result = dpo.train(small, prefs, seed)
+        timings, metrics = result.timings, read_jsonl(result.run_dir / "metrics.jsonl")[0]
+        dpo_train = [r for r in metrics if r["kind"] == "train"]
+        tokens, seconds = _steady(dpo_train)
+        b = 2 * small.dpo.batch_size * small.dpo.gradient_accumulation_steps
+        length = round(tokens / (len(dpo_train) - 1) / b)
+        rows += [
+            _row("DPO: pi_ref log-probs", "forward", f"{2 * e.batch_size}x{length}", timings["ref_logps"]["tokens"],
+                 timings["ref_logps"]["seconds"], ceilings.rate("forward", 2 * e.batch_size, length),
+                 timings["ref_logps"]["peak_memory_mb"], precision),
+            _row("DPO: training", "train", f"{b}x{length}", tokens, seconds, ceilings.rate("train", b, length),
+                 timings["train"]["peak_memory_mb"], precision),
+        ]
+        rows += _eval_rows("DPO", result.run_dir, metrics, ceilings, e.batch_size,
+                           prompt_len(task.eval_prompts[:e.batch_size]), e.max_new_tokens, precision)
+        return list(ceilings.rows.values()) + rows
+
+
+def _timings(run_dir: Path) -> dict:
+    return json.loads((run_dir / "timings.json").read_text())
+
+
+def _eval_rows(method: str, run_dir: Path, metrics: list[dict], ceilings: Ceilings, batch: int, prompt_len: int,
+               new_tokens: int, precision: str) -> list[dict]:
+    """The evaluator's sampling and scoring at the run's last eval point (a trained policy, not pi_ref)."""
+    last = [r for r in metrics if r["kind"] == "eval"][-1]
+    peak = _timings(run_dir)["eval"]["peak_memory_mb"]
+    return [
+        _row(f"eval in {method}: sampling", "generate", f"{batch}x{prompt_len}+{new_tokens}", last["eval/sampled_tokens"],
+             last["eval/sampling_seconds"], ceilings.rate("generate", batch, prompt_len, new_tokens), peak, precision),
+        _row(f"eval in {method}: scoring (KL, {'proxy' if method == 'PPO' else 'implicit reward'}, pairs)", "forward",
+             f"{batch}x{prompt_len + new_tokens}", last["eval/scored_tokens"], last["eval/scoring_seconds"],
+             ceilings.rate("forward", batch, prompt_len + new_tokens), peak, precision),
+    ]
+
+
+def machine(device: torch.device) -> str:
+    """The processor's (or GPU's) name, for the table's heading."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return f"{cpuinfo.split('model name')[1].split(':', 1)[1].splitlines()[0].strip()} ({cpuinfo.count('processor')} cores)"
+    except (OSError, IndexError):
+        return "cpu"
+
+
+def main(cfg: Config) -> int:
+    device = default_device()
+    precisions = ["fp32", "bf16"] if use_bf16("auto", device) else ["fp32"]
+    table = pd.DataFrame([row for precision in precisions for row in bench_precision(cfg, precision, device)],
+                         columns=COLUMNS)
+    out = Path(PROJECT_ROOT / cfg.report.out_dir / cfg.profile / "bench.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    print(f"\nbench, profile {cfg.profile}: {machine(device)}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}" + ("" if len(precisions) > 1 else "; bf16 autocast is not fast here: fp32 only"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nwritten: {out}")
+    return 0
