@@ -234,6 +234,20 @@ def _eval_rows(method: str, run_dir: Path, metrics: list[dict], ceilings: Ceilin
     ]
 
 
+def eval_shares(cfg: Config) -> pd.DataFrame:
+    """Evaluation's share of each completed PPO / DPO run of the profile so far (its timings.json): the real runs'
+    split, which the shrunk runs above cannot give (they evaluate far more often per training step)."""
+    rows = []
+    for path in sorted((PROJECT_ROOT / cfg.runs_dir / cfg.profile).glob("*/*/timings.json")):
+        manifest = json.loads((path.parent / "manifest.json").read_text())
+        if manifest["method"] in ("ppo", "ppo-gt", "dpo") and manifest["status"] == "completed":
+            stages = {name: t["seconds"] for name, t in json.loads(path.read_text()).items()}
+            total = sum(stages.values())
+            rows.append({"run": f"{manifest['method']}/{path.parent.name}", "seconds": total,
+                         **{f"{name}_seconds": v for name, v in stages.items()}, "eval_share": stages["eval"] / total})
+    return pd.DataFrame(rows)
+
+
 def machine(device: torch.device) -> str:
     """The processor's (or GPU's) name, for the table's heading."""
     if device.type == "cuda":
@@ -257,4 +271,8 @@ def main(cfg: Config) -> int:
           f"torch {torch.__version__}" + ("" if len(precisions) > 1 else "; bf16 autocast is not fast here: fp32 only"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"\nwritten: {out}")
+    shares = eval_shares(cfg)
+    if not shares.empty:
+        print(f"\nevaluation's share of each completed run in {cfg.runs_dir}/{cfg.profile} (target: at most 0.15):")
+        print(shares.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0

@@ -64,3 +64,17 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_text(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_each_stage_records_its_own_peak_memory(tiny_cfg):
+    device = torch.device("cpu")
+    run = RunDir.create(tiny_cfg, "ppo", 0, device, None)
+    with run.stage("big", device) as big:
+        x = torch.ones(64 * 2**20)  # 256 MB, released before the next stage
+        big["tokens"] = 7
+    del x
+    with run.stage("small", device):
+        pass
+    t = json.loads((run.path / "timings.json").read_text())
+    assert t["big"]["tokens"] == 7
+    assert t["big"]["peak_memory_mb"] - t["small"]["peak_memory_mb"] > 200  # not the process's peak so far
