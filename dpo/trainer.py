@@ -29,7 +29,7 @@ from pipelines.data import PreferenceSet
 from pipelines.evaluate import evaluate
 from pipelines.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path, use_bf16
 from pipelines.rundir import RunDir
-from pipelines.sequences import shortest_first
+from pipelines.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from pipelines.stages import make_eval_context
 from pipelines.tasks import PAIR_FIELDS
 
@@ -52,7 +52,8 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
 
     TRL computes the per-pair log-probs inside `_compute_loss` but logs only batch means, so a forward hook keeps
     the policy's output (per-token log-probs) and the weight is computed from it: no extra forward pass.
-    Needs `precompute_ref_log_probs=True`, which puts pi_ref's log-probs in every batch.
+    Needs `precompute_ref_log_probs=True`, which puts pi_ref's log-probs in every batch; they are computed with
+    the project's own `response_logprobs` (see `_precompute_ref_logps`).
     """
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -71,6 +72,26 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
         metrics["dpo/grad_weight_mean"].append(weights.mean().item())
         metrics["dpo/grad_weight_std"].append(weights.std(unbiased=False).item())  # spread over this batch's pairs
         return result
+
+    @torch.inference_mode()
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """pi_ref's log-probs of every pair, once, with the project's one log-prob function, on the ids TRL tokenised
+        (their first `max_length` tokens, as TRL's collator keeps). TRL's own pass runs its fused LM head over
+        every position, prompt and padding included, wherever Triton is missing (a CPU); this one projects only
+        the response positions. Each process computes every pair (TRL's shards them): fine for one frozen pass."""
+        cut = self.args.max_length or None
+        logps: dict[str, list[float]] = {"chosen": [], "rejected": []}
+        for s in tqdm(list(chunks(len(dataset), batch_size)), desc=f"pi_ref log-probs ({name} pairs)", leave=False):
+            rows = dataset[s]
+            for side, out in logps.items():
+                full = [(p + r)[:cut] for p, r in zip(rows["prompt_ids"], rows[f"{side}_ids"])]
+                batch = pad_sequences([f[:len(p)] for f, p in zip(full, rows["prompt_ids"])],
+                                      [f[len(p):] for f, p in zip(full, rows["prompt_ids"])],
+                                      self.processing_class.pad_token_id)
+                with torch.autocast(self.ref_model.device.type, torch.bfloat16, enabled=self.args.bf16):
+                    out += response_logprobs(self.ref_model, batch.to(self.ref_model.device))[0].sum(dim=1).tolist()
+        return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column("ref_rejected_logps",
+                                                                                   logps["rejected"])
 
 
 class _ProgressBar(ProgressCallback):

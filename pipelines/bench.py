@@ -86,12 +86,10 @@ class Ceilings:
             ids = torch.randint(0, model.config.vocab_size, (batch, length), device=self.device)
             step = {"train": self._train_step, "forward": self._forward, "generate": self._generate}[kind]
             seconds, peak = _timed(lambda: step(model, ids, new_tokens, scalar), self.device)
-            tokens = batch * (new_tokens if kind == "generate" else length)
-            shape = f"{batch}x{length}" + (f"+{new_tokens}" if kind == "generate" else "")
-            self.rows[key] = {"precision": self.precision, "stage": f"bare model: {kind}" + (" (scalar head)" if
-                              scalar else ""), "kind": kind, "shape": shape, "tokens": tokens, "seconds": seconds,
-                              "tokens_per_s": tokens / seconds, "ceiling_tokens_per_s": tokens / seconds, "ratio": 1.0,
-                              "peak_memory_mb": peak}
+            row = _row(f"bare model: {kind}" + (" (scalar head)" if scalar else ""),
+                       batch * (new_tokens if kind == "generate" else length), seconds, peak, *key)
+            del row["ceiling"]
+            self.rows[key] = {**row, "ceiling_tokens_per_s": row["tokens_per_s"], "ratio": 1.0}
         return self.rows[key]["tokens_per_s"]
 
     def _train_step(self, model, ids, _new_tokens, scalar) -> None:
@@ -139,64 +137,73 @@ def _steady(rows: list[dict]) -> tuple[int, float]:
     return rows[-1]["tokens"] - rows[0]["tokens"], rows[-1]["wall_seconds"] - rows[0]["wall_seconds"]
 
 
-def _row(stage: str, kind: str, shape: str, tokens: float, seconds: float, ceiling: float, peak: float,
-         precision: str) -> dict:
-    rate = tokens / seconds if seconds > 0 else float("nan")
-    return {"precision": precision, "stage": stage, "kind": kind, "shape": shape, "tokens": int(tokens),
-            "seconds": seconds, "tokens_per_s": rate, "ceiling_tokens_per_s": ceiling, "ratio": rate / ceiling,
-            "peak_memory_mb": peak}
+def _row(stage: str, tokens: float, seconds: float, peak: float, kind: str, batch: int, length: int,
+         new_tokens: int = 0, scalar: bool = False) -> dict:
+    """A stage's measurement, with the shape of the ceiling it is compared against (filled in by `bench_precision`)."""
+    return {"stage": stage, "kind": kind, "shape": f"{batch}x{length}" + (f"+{new_tokens}" if kind == "generate" else ""),
+            "tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_memory_mb": peak,
+            "ceiling": (kind, batch, length, new_tokens, scalar)}
+
+
+def _timings(run_dir: Path) -> dict:
+    return json.loads((run_dir / "timings.json").read_text())
+
+
+def _eval_rows(method: str, run_dir: Path, metrics: list[dict], batch: int, prompt_len: int, new_tokens: int
+               ) -> list[dict]:
+    """The evaluator's sampling and scoring at the run's last eval point (a trained policy, not pi_ref)."""
+    last = [r for r in metrics if r["kind"] == "eval"][-1]
+    peak = _timings(run_dir)["eval"]["peak_memory_mb"]
+    scorer = "proxy" if method == "PPO" else "implicit reward"
+    return [_row(f"eval in {method}: sampling", last["eval/sampled_tokens"], last["eval/sampling_seconds"], peak,
+                 "generate", batch, prompt_len, new_tokens),
+            _row(f"eval in {method}: scoring (KL, {scorer}, pairs)", last["eval/scored_tokens"],
+                 last["eval/scoring_seconds"], peak, "forward", batch, prompt_len + new_tokens)]
 
 
 def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[dict]:
-    """Every stage's row at one precision, and the ceilings they are measured against."""
+    """Every stage's row at one precision, then the ceilings they are measured against (measured after the stages,
+    so the ceilings' models and optimizer state never count in a stage's peak memory)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         small = shrunk(cfg, Path(tmp), precision)
-        ceilings = Ceilings(small, device)
-        tokenizer = load_tokenizer(ceilings.path)
+        tokenizer = load_tokenizer(resolve_model_path(small.model, small.hub_access))
         task = load_task(small.task, tokenizer, small.hub_access)
 
         def prompt_len(prompts: list[str]) -> int:  # the padded width of a batch of these prompts
             return tokenize_prompts(tokenizer, prompts)[0].shape[1]
 
         rows, seed = [], small.seeds[0]
-        d, e, p, k = small.data, small.eval, small.ppo, small.data.responses_per_prompt
+        d, e, p = small.data, small.eval, small.ppo
+        eval_len = prompt_len(task.eval_prompts[:e.batch_size])
 
         reset_peak_memory(device)
         prefs = build_preferences(small)
-        peak = peak_memory_mb(device)
         stats = [s for s in (prefs.manifest["stats"].get(x) for x in ("train", "heldout")) if s and "sampled_tokens" in s]
-        if stats:
-            b, length = d.batch_size * k, prompt_len(task.train_prompts[:d.batch_size])
-            rows.append(_row("data: sampling pi_ref", "generate", f"{b}x{length}+{d.max_new_tokens}",
-                             sum(s["sampled_tokens"] for s in stats), sum(s["sampling_seconds"] for s in stats),
-                             ceilings.rate("generate", b, length, d.max_new_tokens), peak, precision))
+        if stats:  # a task with a gold reward samples its pairs from pi_ref
+            rows.append(_row("data: sampling pi_ref", sum(s["sampled_tokens"] for s in stats),
+                             sum(s["sampling_seconds"] for s in stats), peak_memory_mb(device), "generate",
+                             d.batch_size * d.responses_per_prompt, prompt_len(task.train_prompts[:d.batch_size]),
+                             d.max_new_tokens))
 
         rm = train_reward_model(small, prefs, seed)
         rm_train = [r for r in read_jsonl(rm.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
         tokens, seconds = _steady(rm_train)
-        b = 2 * small.reward_model.batch_size
-        length = round(tokens / (len(rm_train) - 1) / b)
-        rows.append(_row("reward model: training", "train", f"{b}x{length}", tokens, seconds,
-                         ceilings.rate("train", b, length, scalar=True),
-                         _timings(rm.run_dir)["reward_model"]["peak_memory_mb"], precision))
+        b = 2 * small.reward_model.batch_size  # chosen and rejected rows
+        rows.append(_row("reward model: training", tokens, seconds, _timings(rm.run_dir)["reward_model"]["peak_memory_mb"],
+                         "train", b, round(tokens / (len(rm_train) - 1) / b), scalar=True))
 
         run = train_ppo(small, prefs, rm.path, seed).run_dir
         metrics = read_jsonl(run / "metrics.jsonl")[0]
         last = [r for r in metrics if r["kind"] == "train"][-1]  # steady state: the second iteration
         peak = _timings(run)["train"]["peak_memory_mb"]
         b, length = p.rollout_batch_size, prompt_len(task.train_prompts[:p.rollout_batch_size])
-        rows += [
-            _row("PPO: rollout", "generate", f"{b}x{length}+{p.max_new_tokens}", last["tokens/rollout"],
-                 last["time/rollout"], ceilings.rate("generate", b, length, p.max_new_tokens), peak, precision),
-            _row("PPO: scoring (pi_old, pi_ref, V, r_phi)", "forward", f"{b}x{length + p.max_new_tokens}",
-                 last["tokens/scoring"], last["time/scoring"],
-                 ceilings.rate("forward", b, length + p.max_new_tokens), peak, precision),
-            _row("PPO: update (policy + V)", "train", f"{p.mini_batch_size}x{length + p.max_new_tokens}",
-                 last["tokens/update"], last["time/update"],
-                 ceilings.rate("train", p.mini_batch_size, length + p.max_new_tokens), peak, precision),
-        ]
-        rows += _eval_rows("PPO", run, metrics, ceilings, e.batch_size, prompt_len(task.eval_prompts[:e.batch_size]),
-                           e.max_new_tokens, precision)
+        rows += [_row("PPO: rollout", last["tokens/rollout"], last["time/rollout"], peak, "generate", b, length,
+                      p.max_new_tokens),
+                 _row("PPO: scoring (pi_old, pi_ref, V, r_phi)", last["tokens/scoring"], last["time/scoring"], peak,
+                      "forward", b, length + p.max_new_tokens),
+                 _row("PPO: update (policy + V)", last["tokens/update"], last["time/update"], peak, "train",
+                      p.mini_batch_size, length + p.max_new_tokens),
+                 *_eval_rows("PPO", run, metrics, e.batch_size, eval_len, e.max_new_tokens)]
 
         result = dpo.train(small, prefs, seed)
         timings, metrics = result.timings, read_jsonl(result.run_dir / "metrics.jsonl")[0]
@@ -204,34 +211,17 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
         tokens, seconds = _steady(dpo_train)
         b = 2 * small.dpo.batch_size * small.dpo.gradient_accumulation_steps
         length = round(tokens / (len(dpo_train) - 1) / b)
-        rows += [
-            _row("DPO: pi_ref log-probs", "forward", f"{2 * e.batch_size}x{length}", timings["ref_logps"]["tokens"],
-                 timings["ref_logps"]["seconds"], ceilings.rate("forward", 2 * e.batch_size, length),
-                 timings["ref_logps"]["peak_memory_mb"], precision),
-            _row("DPO: training", "train", f"{b}x{length}", tokens, seconds, ceilings.rate("train", b, length),
-                 timings["train"]["peak_memory_mb"], precision),
-        ]
-        rows += _eval_rows("DPO", result.run_dir, metrics, ceilings, e.batch_size,
-                           prompt_len(task.eval_prompts[:e.batch_size]), e.max_new_tokens, precision)
-        return list(ceilings.rows.values()) + rows
+        ref = timings["ref_logps"]
+        rows += [_row("DPO: pi_ref log-probs", ref["tokens"], ref["seconds"], ref["peak_memory_mb"], "forward",
+                      2 * e.batch_size, length),  # TRL's precompute batch: eval.batch_size pairs
+                 _row("DPO: training", tokens, seconds, timings["train"]["peak_memory_mb"], "train", b, length),
+                 *_eval_rows("DPO", result.run_dir, metrics, e.batch_size, eval_len, e.max_new_tokens)]
 
-
-def _timings(run_dir: Path) -> dict:
-    return json.loads((run_dir / "timings.json").read_text())
-
-
-def _eval_rows(method: str, run_dir: Path, metrics: list[dict], ceilings: Ceilings, batch: int, prompt_len: int,
-               new_tokens: int, precision: str) -> list[dict]:
-    """The evaluator's sampling and scoring at the run's last eval point (a trained policy, not pi_ref)."""
-    last = [r for r in metrics if r["kind"] == "eval"][-1]
-    peak = _timings(run_dir)["eval"]["peak_memory_mb"]
-    return [
-        _row(f"eval in {method}: sampling", "generate", f"{batch}x{prompt_len}+{new_tokens}", last["eval/sampled_tokens"],
-             last["eval/sampling_seconds"], ceilings.rate("generate", batch, prompt_len, new_tokens), peak, precision),
-        _row(f"eval in {method}: scoring (KL, {'proxy' if method == 'PPO' else 'implicit reward'}, pairs)", "forward",
-             f"{batch}x{prompt_len + new_tokens}", last["eval/scored_tokens"], last["eval/scoring_seconds"],
-             ceilings.rate("forward", batch, prompt_len + new_tokens), peak, precision),
-    ]
+        ceilings = Ceilings(small, device)
+        for row in rows:
+            row["ceiling_tokens_per_s"] = ceilings.rate(*row.pop("ceiling"))
+            row["ratio"] = row["tokens_per_s"] / row["ceiling_tokens_per_s"]
+        return [{"precision": precision, **row} for row in [*ceilings.rows.values(), *rows]]
 
 
 def eval_shares(cfg: Config) -> pd.DataFrame:

@@ -108,7 +108,11 @@ def encode_completions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], c
         cut = next((i for i, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full)))
         prompt_rows.append(full[:cut])
         response_rows.append(full[cut:])
-    pad = tokenizer.pad_token_id
+    return pad_sequences(prompt_rows, response_rows, tokenizer.pad_token_id)
+
+
+def pad_sequences(prompt_rows: list[list[int]], response_rows: list[list[int]], pad: int) -> SequenceBatch:
+    """Token-id rows -> a SequenceBatch: prompts left-padded, responses right-padded (the layout above)."""
     p_len, r_len = max(map(len, prompt_rows)), max(1, max(map(len, response_rows)))
     prompt_ids = torch.tensor([[pad] * (p_len - len(r)) + r for r in prompt_rows])
     prompt_mask = torch.tensor([[0] * (p_len - len(r)) + [1] * len(r) for r in prompt_rows])
