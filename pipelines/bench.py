@@ -140,7 +140,8 @@ def _steady(rows: list[dict]) -> tuple[int, float]:
 def _row(stage: str, tokens: float, seconds: float, peak: float, kind: str, batch: int, length: int,
          new_tokens: int = 0, scalar: bool = False) -> dict:
     """A stage's measurement, with the shape of the ceiling it is compared against (filled in by `bench_precision`)."""
-    return {"stage": stage, "kind": kind, "shape": f"{batch}x{length}" + (f"+{new_tokens}" if kind == "generate" else ""),
+    shape = f"{batch}x{length}" + (f"+{new_tokens}" if kind == "generate" else "")
+    return {"stage": stage, "kind": kind, "shape": shape,
             "tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_memory_mb": peak,
             "ceiling": (kind, batch, length, new_tokens, scalar)}
 
@@ -178,7 +179,7 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
 
         reset_peak_memory(device)
         prefs = build_preferences(small)
-        stats = [s for s in (prefs.manifest["stats"].get(x) for x in ("train", "heldout")) if s and "sampled_tokens" in s]
+        stats = [s for s in map(prefs.manifest["stats"].get, ("train", "heldout")) if s and "sampled_tokens" in s]
         if stats:  # a task with a gold reward samples its pairs from pi_ref
             rows.append(_row("data: sampling pi_ref", sum(s["sampled_tokens"] for s in stats),
                              sum(s["sampling_seconds"] for s in stats), peak_memory_mb(device), "generate",
@@ -189,8 +190,9 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
         rm_train = [r for r in read_jsonl(rm.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
         tokens, seconds = _steady(rm_train)
         b = 2 * small.reward_model.batch_size  # chosen and rejected rows
-        rows.append(_row("reward model: training", tokens, seconds, _timings(rm.run_dir)["reward_model"]["peak_memory_mb"],
-                         "train", b, round(tokens / (len(rm_train) - 1) / b), scalar=True))
+        rows.append(_row("reward model: training", tokens, seconds,
+                         _timings(rm.run_dir)["reward_model"]["peak_memory_mb"], "train", b,
+                         round(tokens / (len(rm_train) - 1) / b), scalar=True))
 
         run = train_ppo(small, prefs, rm.path, seed).run_dir
         metrics = read_jsonl(run / "metrics.jsonl")[0]
@@ -244,7 +246,8 @@ def machine(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        return f"{cpuinfo.split('model name')[1].split(':', 1)[1].splitlines()[0].strip()} ({cpuinfo.count('processor')} cores)"
+        name = cpuinfo.split("model name")[1].split(":", 1)[1].splitlines()[0].strip()
+        return f"{name} ({cpuinfo.count('processor')} cores)"
     except (OSError, IndexError):
         return "cpu"
 

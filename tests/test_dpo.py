@@ -159,11 +159,12 @@ def test_dpo_precomputes_reference_logps_only_for_the_pairs_max_steps_reaches(ti
     used = trainer.train_dataset
     assert len(used) == 8 < len(prefs.train) and "ref_chosen_logps" in used.column_names
     assert set(used["prompt"]) <= set(prefs.train["prompt"])
-    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"], used["rejected_ids"])]
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"],
+                                                                used["rejected_ids"])]
     assert lengths[0] < lengths[-1]  # ordered by length, so precompute batches carry little padding
     # our pi_ref pass (response positions only) gives what TRL's own precompute gives
-    theirs = trl.DPOTrainer._precompute_ref_logps(trainer, used.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]),
-                                                  "check", 3)
+    theirs = trl.DPOTrainer._precompute_ref_logps(
+        trainer, used.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]), "check", 3)
     for side in ("ref_chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(torch.tensor(used[side]), torch.tensor(theirs[side]), atol=1e-4, rtol=1e-5)
     again = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, prefs.train, seed=1, output_dir=tmp_path,
