@@ -155,10 +155,10 @@ def _eval_rows(method: str, run_dir: Path, metrics: list[dict], batch: int, prom
     """The evaluator's sampling and scoring at the run's last eval point (a trained policy, not pi_ref)."""
     last = [r for r in metrics if r["kind"] == "eval"][-1]
     peak = _timings(run_dir)["eval"]["peak_memory_mb"]
-    scorer = "proxy" if method == "PPO" else "implicit reward"
+    scorer = "proxy reward" if method == "PPO" else "held-out pairs"  # RM pair scores were computed at step 0
     return [_row(f"eval in {method}: sampling", last["eval/sampled_tokens"], last["eval/sampling_seconds"], peak,
                  "generate", batch, prompt_len, new_tokens),
-            _row(f"eval in {method}: scoring (KL, {scorer}, pairs)", last["eval/scored_tokens"],
+            _row(f"eval in {method}: scoring (KL, {scorer})", last["eval/scored_tokens"],
                  last["eval/scoring_seconds"], peak, "forward", batch, prompt_len + new_tokens)]
 
 
