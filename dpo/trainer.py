@@ -3,8 +3,9 @@
     train(cfg, prefs, seed) -> DPOResult
 
 One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs once for every
-training pair the run will reach, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL coefficient), run
-the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the final policy.
+training pair the run will reach, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL
+coefficient), run the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the
+final policy.
 Metric names and the gradient-weight derivation are in docs/dpo.md.
 """
 
