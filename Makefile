@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
 
-.PHONY: all setup test data reference ppo ppo-gt dpo bon sft-chosen report config
+.PHONY: all setup test data reference ppo ppo-gt dpo bon sft-chosen report bench config
 
 all: setup data reference ppo dpo report
 
@@ -57,6 +57,10 @@ sft-chosen: setup
 
 report: setup
 	$(CLI) report --profile $(PROFILE) $(ARGS)
+
+# Each stage's tokens/s against the bare model's ceilings on this machine: reports/$(PROFILE)/bench.csv
+bench: setup
+	$(CLI) bench --profile $(PROFILE) $(ARGS)
 
 config: setup
 	$(CLI) config --profile $(PROFILE) $(ARGS)

@@ -2,10 +2,10 @@
 
     train(cfg, prefs, seed) -> DPOResult
 
-One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs of every
-training pair once, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL coefficient), run
-the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the final policy.
-`dpo.loss_type` swaps eq. (6) for one of TRL's variants (IPO, robust DPO) on the same pairs, into
+One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs once for every
+training pair the run will reach, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL
+coefficient), run the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the
+final policy. `dpo.loss_type` swaps eq. (6) for one of TRL's variants (IPO, robust DPO) on the same pairs, into
 runs/<profile>/dpo-<loss_type>/. Metric names and the gradient-weight derivation are in docs/dpo.md.
 
 Every `dpo.checkpoint_every` steps Trainer saves a resume point (policy, optimizer, scheduler, RNG, position in
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import trl
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from dpo.loss import dpo_gradient_weight, dpo_loss
@@ -31,6 +32,7 @@ from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import load_policy_and_reference
 from pipelines.rundir import RunDir, read_jsonl
+from pipelines.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from pipelines.stages import make_eval_context
 from pipelines.tasks import PAIR_FIELDS
 from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args
@@ -50,8 +52,9 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
 
     TRL computes the per-pair log-probs inside `_compute_loss` but logs only batch means, so a forward hook keeps
     the policy's output (per-token log-probs) and the weight is computed from it: no extra forward pass.
-    Needs `precompute_ref_log_probs=True`, which puts pi_ref's log-probs in every batch. The weight is that of
-    eq. (6); the IPO and robust losses weight pairs differently, so it is logged for the sigmoid loss only.
+    Needs `precompute_ref_log_probs=True`, which puts pi_ref's log-probs in every batch; they are computed with
+    the project's own `response_logprobs` (see `_precompute_ref_logps`). The weight is that of eq. (6); the IPO
+    and robust losses weight pairs differently, so it is logged for the sigmoid loss only.
     """
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -74,6 +77,26 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
         metrics["dpo/grad_weight_mean"].append(weights.mean().item())
         metrics["dpo/grad_weight_std"].append(weights.std(unbiased=False).item())  # spread over this batch's pairs
         return result
+
+    @torch.inference_mode()
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """pi_ref's log-probs of every pair, once, with the project's one log-prob function, on the ids TRL tokenised
+        (their first `max_length` tokens, as TRL's collator keeps). TRL's own pass runs its fused LM head over
+        every position, prompt and padding included, wherever Triton is missing (a CPU); this one projects only
+        the response positions. Each process computes every pair (TRL's shards them): fine for one frozen pass."""
+        cut = self.args.max_length or None
+        logps: dict[str, list[float]] = {"chosen": [], "rejected": []}
+        for s in tqdm(list(chunks(len(dataset), batch_size)), desc=f"pi_ref log-probs ({name} pairs)", leave=False):
+            rows = dataset[s]
+            for side, out in logps.items():
+                full = [(p + r)[:cut] for p, r in zip(rows["prompt_ids"], rows[f"{side}_ids"])]
+                batch = pad_sequences([f[:len(p)] for f, p in zip(full, rows["prompt_ids"])],
+                                      [f[len(p):] for f, p in zip(full, rows["prompt_ids"])],
+                                      self.processing_class.pad_token_id)
+                with torch.autocast(self.ref_model.device.type, torch.bfloat16, enabled=self.args.bf16):
+                    out += response_logprobs(self.ref_model, batch.to(self.ref_model.device))[0].sum(dim=1).tolist()
+        return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column("ref_rejected_logps",
+                                                                                   logps["rejected"])
 
 
 def method_name(cfg: Config) -> str:
@@ -106,25 +129,34 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
 def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                   pairs: Dataset, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
                   ) -> WeightLoggingDPOTrainer:
-    """The DPO trainer for one run. Building it computes pi_ref's log-probs of every pair (a progress bar)."""
+    """The DPO trainer for one run. Building it computes pi_ref's log-probs of the pairs it uses (a progress bar)."""
     max_length = cfg.dpo.max_length
     prompt_lengths = (len(tokenizer(p, add_special_tokens=False).input_ids) for p in pairs["prompt"])
     if max_length and all(n >= max_length for n in prompt_lengths):
         # TRL would drop every pair (prompt alone too long), then fail on the empty set with a cryptic error
         raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no pair "
                         "is left to train on; raise dpo.max_length")
-    # An in-memory copy of the pairs: TRL's map() calls would otherwise write cache files into the shared
-    # preference set's folder and change the sha256 its manifest guards.
-    pairs = Dataset.from_dict(pairs.select_columns(list(PAIR_FIELDS)).to_dict())
-    return quiet_progress_bar(WeightLoggingDPOTrainer(
-        model=policy, ref_model=ref, args=trainer_args(cfg, seed, output_dir, policy.device), train_dataset=pairs,
-        processing_class=tokenizer, callbacks=callbacks))
+    args = trainer_args(cfg, seed, output_dir, policy.device)
+    # TRL precomputes pi_ref's log-probs of every pair it is given, so give it only the pairs `max_steps` reaches:
+    # a seeded random subset, a draw like the one its shuffling sampler would make from all of them.
+    used = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if 0 < used < len(pairs):
+        pairs = pairs.shuffle(seed=seed).select(range(used))
+    # Shortest first, so each precompute batch is padded to about its own length (training shuffles them anyway).
+    # An in-memory copy: TRL's map() calls would otherwise write cache files into the shared preference set's
+    # folder and change the sha256 its manifest guards.
+    order = shortest_first(tokenizer, *(pairs[k] for k in PAIR_FIELDS))
+    pairs = Dataset.from_dict(pairs.select(order).select_columns(list(PAIR_FIELDS)).to_dict())
+    trainer = quiet_progress_bar(WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
+                                                         processing_class=tokenizer, callbacks=callbacks))
+    trainer.pairs_given = len(pairs)  # before TRL drops any: `count_long_pairs` counts against it
+    return trainer
 
 
-def count_long_pairs(trainer: WeightLoggingDPOTrainer, n_given: int, max_length: int | None) -> dict[str, int]:
+def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -> dict[str, int]:
     """How TRL treated pairs longer than `dpo.max_length`: it dropped those whose prompt alone is that long and
     cut the others' responses. Counted here, and said."""
-    kept = trainer.train_dataset
+    kept, n_given = trainer.train_dataset, trainer.pairs_given
     lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(kept["prompt_ids"], kept["chosen_ids"],
                                                                 kept["rejected_ids"])]
     counts = {"given": n_given, "dropped_prompt_too_long": n_given - len(kept),
@@ -147,10 +179,13 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
         callback = EvalAndLogCallback(
             run, lambda model, step: evaluate(model, ctx, implicit_beta=cfg.beta, desc=f"eval step {step}"),
             cfg.dpo.eval_every, device, train_seconds=rows[-1]["wall_seconds"] if rows else 0.0, name="DPO step")
-        with run.stage("ref_logps", device):
+        with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed, run.path / "checkpoints",
                                     [callback])
-        run.manifest["pairs"] = count_long_pairs(trainer, len(prefs.train), cfg.dpo.max_length)
+            timing["tokens"] = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(  # chosen and rejected rows
+                trainer.train_dataset["prompt_ids"], trainer.train_dataset["chosen_ids"],
+                trainer.train_dataset["rejected_ids"]))
+        run.manifest["pairs"] = count_long_pairs(trainer, cfg.dpo.max_length)
         run.write_manifest()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         with run.stage("save", device):

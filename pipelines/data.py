@@ -71,11 +71,15 @@ def _pairs_from_samples(prompts: list[str], policy, tokenizer, task: Task, cfg: 
     d = cfg.data
     k = d.responses_per_prompt
     device = next(policy.parameters()).device
-    pairs, golds, stats = [], [], {"empty": 0, "identical": 0, "tie_dropped": 0, "agree": 0, "decisive": 0}
+    pairs, golds, stats = [], [], {"empty": 0, "identical": 0, "tie_dropped": 0, "agree": 0, "decisive": 0,
+                                   "sampling_seconds": 0.0, "sampled_tokens": 0}
     for s in tqdm(list(chunks(len(prompts), d.batch_size)), desc=desc, unit="batch"):
         batch_prompts = [p for p in prompts[s] for _ in range(k)]  # prompt i's K samples are rows iK..iK+K-1
+        start = time.perf_counter()
         batch = sample(policy, tokenizer, batch_prompts, d.max_new_tokens, d.temperature,
                        autocast(cfg.model.precision, device))
+        stats["sampling_seconds"] += time.perf_counter() - start
+        stats["sampled_tokens"] += int(batch.response_mask.sum())
         texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
         scores = task.gold_reward(texts)
         golds += scores

@@ -9,14 +9,21 @@ time, without disturbing the training RNG) and reports:
   k3 = sum_t [(r - 1) - log r] with r = pi_ref / pi (non-negative, lower variance);
 * response length, distinct-2, EOS rate;
 * on held-out pairs, accuracy and mean margin s(x, y_w) - s(x, y_l) of each scorer: gold (the label-noise
-  ceiling), the explicit reward model r_phi, DPO's implicit reward beta * log pi / pi_ref.
+  ceiling), the explicit reward model r_phi, DPO's implicit reward beta * log pi / pi_ref;
+* its own cost: seconds and tokens spent sampling and scoring (forward passes).
+
+A policy with pi_ref's very weights (every run's step 0, and the reference run) is not sampled again: its
+samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
+in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -25,8 +32,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines.config import EvalConfig
 from pipelines.errors import check_finite
-from pipelines.sequences import SequenceBatch, chunks, encode_completions, response_logprobs, reward_scores, sample
-from pipelines.tasks import GoldReward
+from pipelines.sequences import (SequenceBatch, chunks, encode_completions, response_logprobs, reward_scores, sample,
+                                 shortest_first)
+from pipelines.tasks import PAIR_FIELDS, GoldReward
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
@@ -72,21 +80,31 @@ class EvalContext:
     autocast: Callable[[], object]
     gold_reward: GoldReward | None = None
     heldout_pairs: list[dict] = field(default_factory=list)  # prompt / chosen / rejected (/ gold_chosen ...)
+    reference_cache: Path | None = None  # where pi_ref's own eval samples are kept (see the module docstring)
     _ref_pair_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # pi_ref on held-out pairs, computed once
     _pair_batches: list | None = None
     _rm_pair_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
 
-    def pair_batches(self) -> list[tuple[slice, SequenceBatch, SequenceBatch]]:
-        """Held-out pairs as (slice, chosen batch, rejected batch), tokenised once."""
+    def pair_batches(self) -> list[tuple[SequenceBatch, SequenceBatch]]:
+        """Held-out pairs as (chosen batch, rejected batch), tokenised once. Pairs are batched in order of length,
+        so a batch is padded to about its own length (every pair metric is a mean: the order is free)."""
         if self._pair_batches is None:
             pairs = self.heldout_pairs
+            pairs = [pairs[i] for i in shortest_first(self.tokenizer, *([p[k] for p in pairs] for k in PAIR_FIELDS))]
             self._pair_batches = []
             for s in chunks(len(pairs), self.cfg.batch_size):
                 prompts = [p["prompt"] for p in pairs[s]]
                 chosen = encode_completions(self.tokenizer, prompts, [p["chosen"] for p in pairs[s]])
                 rejected = encode_completions(self.tokenizer, prompts, [p["rejected"] for p in pairs[s]])
-                self._pair_batches.append((s, chosen, rejected))
+                self._pair_batches.append((chosen, rejected))
         return self._pair_batches
+
+
+def has_reference_weights(policy: PreTrainedModel, ctx: EvalContext) -> bool:
+    """Is `policy` pi_ref itself (every parameter equal)? Cheap next to one forward pass; stops at the first change."""
+    ref = ctx.ref_model
+    return ref is not None and all(torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters(),
+                                                                      strict=True))
 
 
 @torch.inference_mode()
@@ -126,6 +144,36 @@ def response_metrics(texts: list[str], lengths: list[int], ended: list[bool], go
 
 
 @torch.inference_mode()
+def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_reference: bool, cost: dict[str, float],
+                           desc: str) -> list[dict[str, torch.Tensor]]:
+    """One response per eval prompt from `policy` (the eval seed), with log pi and log pi_ref of each token at the
+    sampling temperature: one dict of tensors per batch. pi_ref's own are read from (or written to) the cache."""
+    cfg, cache = ctx.cfg, ctx.reference_cache
+    device = next(policy.parameters()).device
+    if is_reference and cache is not None and cache.exists():
+        return torch.load(cache, map_location=device, weights_only=True)
+    out = []
+    start = time.perf_counter()
+    for batch in eval_batches(policy, ctx, cfg.seed, desc):  # the same sampling seed at every eval point
+        scoring = time.perf_counter()
+        with ctx.autocast():
+            logp = response_logprobs(policy, batch, cfg.temperature)[0]
+            ref_logp = logp if is_reference else response_logprobs(ctx.ref_model, batch, cfg.temperature)[0]
+        cost["sampling_seconds"] += scoring - start
+        cost["sampled_tokens"] += int(batch.response_mask.sum())
+        cost["scoring_seconds"] += time.perf_counter() - scoring
+        cost["scored_tokens"] += int(batch.attention_mask.sum()) * (1 if is_reference else 2)
+        out.append({**vars(batch), "logp": logp, "ref_logp": ref_logp})
+        start = time.perf_counter()
+    if is_reference and cache is not None:  # written whole, then renamed: readers never see half a file
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        torch.save(out, tmp)
+        os.replace(tmp, cache)
+    return out
+
+
+@torch.inference_mode()
 def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrainedModel | None = None,
              implicit_beta: float | None = None, desc: str = "eval") -> tuple[dict[str, float], list[dict]]:
     """Evaluate `policy`; returns (metrics, samples). Pass `reward_model` for proxy reward and RM pair
@@ -133,17 +181,19 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     start = time.perf_counter()
     was_training = policy.training
     policy.eval()
-    cfg, tok = ctx.cfg, ctx.tokenizer
+    tok = ctx.tokenizer
+    cost = dict.fromkeys(("sampling_seconds", "sampled_tokens", "scoring_seconds", "scored_tokens"), 0.0)
+    is_reference = has_reference_weights(policy, ctx)
     texts, k1s, k3s, lengths, ended, proxies = [], [], [], [], [], []
-    # The same sampling seed at every eval point.
-    for batch in eval_batches(policy, ctx, cfg.seed, desc):
-        with ctx.autocast():
-            # KL is measured between the distributions actually sampled from (temperature applied).
-            logp = response_logprobs(policy, batch, cfg.temperature)[0]
-            ref_logp = response_logprobs(ctx.ref_model, batch, cfg.temperature)[0]
-            if reward_model is not None:
+    for b in _samples_with_logprobs(policy, ctx, is_reference, cost, desc):
+        batch = SequenceBatch(b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
+        if reward_model is not None:
+            scoring = time.perf_counter()
+            with ctx.autocast():
                 proxies += reward_scores(reward_model, batch, tok).tolist()
-        k1, k3 = kl_estimates(logp, ref_logp, batch.response_mask)
+            cost["scoring_seconds"] += time.perf_counter() - scoring
+            cost["scored_tokens"] += int(batch.attention_mask.sum())
+        k1, k3 = kl_estimates(b["logp"], b["ref_logp"], batch.response_mask)
         k1s += k1.tolist()
         k3s += k3.tolist()
         for values, new in zip((texts, lengths, ended), response_stats(batch, tok)):
@@ -153,22 +203,25 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     golds = ctx.gold_reward(texts) if ctx.gold_reward is not None else None
     metrics = {"eval/kl": k1_mean, "eval/kl_sem": k1_sem, "eval/kl_k3": mean_std_sem(k3s)[0],
                **response_metrics(texts, lengths, ended, golds, proxies)}
-    metrics.update(heldout_pair_metrics(policy, ctx, reward_model, implicit_beta))
+    metrics.update(heldout_pair_metrics(policy, ctx, reward_model, implicit_beta, cost, is_reference))
     check_finite(desc, **{k: metrics[k] for k in ("eval/kl", "eval/gold", "eval/proxy") if k in metrics})
     if was_training:
         policy.train()
     metrics["eval/seconds"] = time.perf_counter() - start
+    metrics.update({f"eval/{k}": v for k, v in cost.items()})
 
     samples = [{"prompt": p, "response": t, "kl": k, **({"gold": g} if golds else {}),
                 **({"proxy": r} if proxies else {})}
                for p, t, k, g, r in zip(ctx.prompts, texts, k1s, golds or [None] * len(texts),
-                                        proxies or [None] * len(texts))][:cfg.n_samples_saved]
+                                        proxies or [None] * len(texts))][:ctx.cfg.n_samples_saved]
     return metrics, samples
 
 
 def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, reward_model: PreTrainedModel | None,
-                         implicit_beta: float | None) -> dict[str, float]:
-    """Accuracy and margin on held-out pairs for gold, the explicit RM and DPO's implicit reward."""
+                         implicit_beta: float | None, cost: dict[str, float] | None = None,
+                         is_reference: bool = False) -> dict[str, float]:
+    """Accuracy and margin on held-out pairs for gold, the explicit RM and DPO's implicit reward. Each frozen
+    model's scores of the fixed pairs are computed once per context; `cost` (if given) counts the passes run."""
     pairs = ctx.heldout_pairs
     if not pairs:
         return {}
@@ -178,23 +231,34 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
         metrics.update({"heldout/gold_accuracy": acc, "heldout/gold_margin": margin})
     if reward_model is None and implicit_beta is None:
         return metrics
+    start, passes = time.perf_counter(), 0
     batches, tok = ctx.pair_batches(), ctx.tokenizer
     if reward_model is not None:
-        if id(reward_model) not in ctx._rm_pair_metrics:  # a frozen RM scores the fixed pairs the same every time
+        if id(reward_model) not in ctx._rm_pair_metrics:
             with ctx.autocast():
-                chosen = torch.cat([reward_scores(reward_model, c, tok) for _, c, _ in batches]).tolist()
-                rejected = torch.cat([reward_scores(reward_model, r, tok) for _, _, r in batches]).tolist()
+                chosen = torch.cat([reward_scores(reward_model, c, tok) for c, _ in batches]).tolist()
+                rejected = torch.cat([reward_scores(reward_model, r, tok) for _, r in batches]).tolist()
+            passes += 1
             acc, margin = pair_accuracy_margin(chosen, rejected)
             ctx._rm_pair_metrics[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
         metrics.update(ctx._rm_pair_metrics[id(reward_model)])
     if implicit_beta is not None and policy is not None:
-        if ctx._ref_pair_logps is None:  # pi_ref never changes: its pair log-probs are computed once
-            ctx._ref_pair_logps = (torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for _, c, _ in batches]),
-                                   torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, _, r in batches]))
+        if ctx._ref_pair_logps is None:
+            ctx._ref_pair_logps = (torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
+                                   torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches]))
+            passes += 1
         ref_c, ref_r = ctx._ref_pair_logps
-        pol_c = torch.cat([_sequence_logps(policy, c, ctx) for _, c, _ in batches])
-        pol_r = torch.cat([_sequence_logps(policy, r, ctx) for _, _, r in batches])
+        if is_reference:  # pi / pi_ref = 1 on every pair: the margins are 0 without another pass
+            pol_c, pol_r = ref_c, ref_r
+        else:
+            pol_c = torch.cat([_sequence_logps(policy, c, ctx) for c, _ in batches])
+            pol_r = torch.cat([_sequence_logps(policy, r, ctx) for _, r in batches])
+            passes += 1
         acc, margin = pair_accuracy_margin((implicit_beta * (pol_c - ref_c)).tolist(),
                                            (implicit_beta * (pol_r - ref_r)).tolist())
         metrics.update({"heldout/implicit_accuracy": acc, "heldout/implicit_margin": margin})
+    if cost is not None:
+        cost["scoring_seconds"] += time.perf_counter() - start
+        cost["scored_tokens"] += passes * sum(int(c.attention_mask.sum() + r.attention_mask.sum())
+                                              for c, r in batches)
     return metrics

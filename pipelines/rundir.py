@@ -90,11 +90,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (so a stage's peak is its own, not the process's so far): the CUDA
+    allocator's peak on GPU; on Linux CPUs the resident-set high-water mark, via /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the window stays the process's lifetime
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: GPU allocator peak on CUDA, resident set size (ru_maxrss) on CPU."""
+    """Peak memory since the last `reset_peak_memory`: GPU allocator peak on CUDA, resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # Config keys that do not change what a run computes: a run killed under one value resumes under another.
@@ -265,15 +281,18 @@ class RunDir:
                           "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
     @contextmanager
-    def stage(self, name: str, device: torch.device) -> Iterator[None]:
-        """Time a stage (wall-clock) and record the process's peak memory after it, in timings.json."""
+    def stage(self, name: str, device: torch.device) -> Iterator[dict[str, float]]:
+        """Time a stage (wall-clock) and record its peak memory in timings.json. Stages do not nest. A stage
+        entered again adds its seconds and keeps the larger peak; the caller may add counters (e.g. `tokens`)
+        to the entry it gets."""
+        entry = self.timings.setdefault(name, {"seconds": 0.0, "peak_memory_mb": 0.0})
+        reset_peak_memory(device)
         start = time.perf_counter()
         try:
-            yield
+            yield entry
         finally:
-            entry = self.timings.setdefault(name, {"seconds": 0.0})
             entry["seconds"] += time.perf_counter() - start
-            entry["peak_memory_mb"] = peak_memory_mb(device)
+            entry["peak_memory_mb"] = max(entry["peak_memory_mb"], peak_memory_mb(device))
             atomic_write_json(self.path / "timings.json", self.timings)
 
     def finish(self, status: str = "completed", error: BaseException | None = None) -> None:

@@ -115,7 +115,11 @@ def encode_completions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], c
         cut = next((i for i, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full)))
         prompt_rows.append(full[:cut])
         response_rows.append(full[cut:])
-    pad = tokenizer.pad_token_id
+    return pad_sequences(prompt_rows, response_rows, tokenizer.pad_token_id)
+
+
+def pad_sequences(prompt_rows: list[list[int]], response_rows: list[list[int]], pad: int) -> SequenceBatch:
+    """Token-id rows -> a SequenceBatch: prompts left-padded, responses right-padded (the layout above)."""
     p_len, r_len = max(map(len, prompt_rows)), max(1, max(map(len, response_rows)))
     prompt_ids = torch.tensor([[pad] * (p_len - len(r)) + r for r in prompt_rows])
     prompt_mask = torch.tensor([[0] * (p_len - len(r)) + [1] * len(r) for r in prompt_rows])
@@ -183,6 +187,16 @@ def reward_scores(reward_model: PreTrainedModel, batch: SequenceBatch, tokenizer
     """
     batch = with_eos(batch, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return sequence_scores(reward_model, batch) - getattr(reward_model.config, "reward_shift", 0.0)
+
+
+def shortest_first(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chosen: list[str], rejected: list[str]
+                   ) -> list[int]:
+    """Indices of preference pairs ordered by length in tokens (prompt + the longer response): batches cut from
+    this order are padded to about their own length instead of to the longest pair in the set."""
+    def n_tokens(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
+    lengths = [p + max(c, r) for p, c, r in zip(n_tokens(prompts), n_tokens(chosen), n_tokens(rejected), strict=True)]
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

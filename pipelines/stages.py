@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.config import Config
+from pipelines.config import PROJECT_ROOT, Config
 from pipelines.data import PreferenceSet, build_preferences, load_preferences
 from pipelines.evaluate import EvalContext, evaluate
 from pipelines.models import autocast, default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
@@ -42,9 +42,12 @@ def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, d
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     n = cfg.eval.n_prompts or len(task.eval_prompts)
     heldout = prefs.heldout.to_list()[:cfg.eval.n_heldout_pairs or None]
+    # pi_ref's own eval samples depend on the model (and precision), the prompts and the eval settings only
+    cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
+             f"pi_ref-{cfg.section_hash('model', 'task', 'eval')[:12]}.pt")
     return EvalContext(prompts=task.eval_prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
                        autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
-                       heldout_pairs=heldout)
+                       heldout_pairs=heldout, reference_cache=cache)
 
 
 def evaluate_reference(cfg: Config) -> RunDir:

@@ -167,9 +167,10 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 unwrapped.eval()  # detail: no dropout while sampling and scoring (the old policy is a fixed function)
                 batch = sample(unwrapped, tokenizer, prompts, pc.max_new_tokens, pc.temperature, amp())
                 mask = batch.response_mask.float()
+                rollout_end = time.perf_counter()
 
-                # ---- 2. score the rollout, one batched no-grad pass per model
-                with torch.no_grad(), amp():
+                # ---- 2. score the rollout, one batched pass per frozen model (inference mode: no autograd at all)
+                with torch.inference_mode(), amp():
                     old_logprobs, _ = response_logprobs(unwrapped, batch, pc.temperature)
                     ref_logprobs, _ = response_logprobs(ref, batch, pc.temperature)
                     old_values = value_model(batch).detach()
@@ -189,6 +190,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
                 if pc.whiten_advantages:
                     advantages = whiten(advantages, mask)
+                scoring_end = time.perf_counter()
 
                 # ---- 4. PPO epochs over minibatches
                 unwrapped.train()
@@ -218,6 +220,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                                            "grad_norm": grad_norm, "val/grad_norm": vf_grad_norm}.items():
                             stats.setdefault(key, []).append(float(value.detach()))
                 scheduler.step()
+                update_end = time.perf_counter()
 
                 # ---- 5. bookkeeping: KL controller, clock, tokens, metrics
                 kl_per_episode = kl.sum(dim=1)
@@ -232,6 +235,12 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                     "episode/length": mean_across(mask.sum(dim=1).mean()),
                     "episode/eos_rate": mean_across(ended.float().mean()),
                     "learning_rate": scheduler.get_last_lr()[0],
+                    # where this iteration's time went, and the tokens each phase pushed through a model (this
+                    # process): scoring runs pi_old, pi_ref, V (and r_phi); the update runs policy and V every epoch
+                    "time/rollout": rollout_end - start, "time/scoring": scoring_end - rollout_end,
+                    "time/update": update_end - scoring_end, "tokens/rollout": int(batch.response_mask.sum()),
+                    "tokens/scoring": int(batch.attention_mask.sum()) * (3 if gold else 4),
+                    "tokens/update": int(batch.attention_mask.sum()) * 2 * pc.ppo_epochs,
                     **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
                 }
                 check_finite(f"PPO iteration {iteration}", **{k: v for k, v in row.items()

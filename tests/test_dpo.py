@@ -1,5 +1,6 @@
 """DPO (eq. 6): the loss by hand, against TRL's DPOTrainer, on a discrete bandit, and `make dpo` end to end."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import trl
 import yaml
 
 import dpo
@@ -79,8 +81,8 @@ def _trl_loss_and_our_logps(cfg, prefs, tiny_path, tokenizer, tmp_path, n=4):
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
     trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed=0, output_dir=tmp_path, callbacks=[])
-    rows = prefs.train.select(range(n)).to_dict()
-    assert [trainer.train_dataset[i]["prompt"] for i in range(n)] == rows["prompt"]  # TRL kept the pairs in order
+    n = 4
+    rows = trainer.train_dataset.select(range(n)).select_columns(["prompt", "chosen", "rejected"]).to_dict()
     policy.train()
     loss = trainer.compute_loss(policy, trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
     batches = {side: encode_completions(tokenizer, rows["prompt"], rows[side]) for side in ("chosen", "rejected")}
@@ -176,6 +178,29 @@ def test_dpo_on_a_discrete_bandit_converges_to_the_kl_regularised_optimum():
     tolerance = 0.05
     assert tv(pi_ref, pi_star) > 0.35
     assert tv(policy, pi_star) < tolerance, (policy, pi_star)
+
+
+def test_dpo_precomputes_reference_logps_only_for_the_pairs_max_steps_reaches(tiny_runs, tiny_path, tokenizer,
+                                                                             tmp_path):
+    cfg, prefs = tiny_runs
+    cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, max_steps=2, batch_size=4))
+    ref = freeze(load_causal_lm(tiny_path))
+    trainer = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, prefs.train, seed=0, output_dir=tmp_path,
+                            callbacks=[])
+    used = trainer.train_dataset
+    assert len(used) == 8 < len(prefs.train) and "ref_chosen_logps" in used.column_names
+    assert set(used["prompt"]) <= set(prefs.train["prompt"])
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"],
+                                                                used["rejected_ids"])]
+    assert lengths[0] < lengths[-1]  # ordered by length, so precompute batches carry little padding
+    # our pi_ref pass (response positions only) gives what TRL's own precompute gives
+    theirs = trl.DPOTrainer._precompute_ref_logps(
+        trainer, used.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]), "check", 3)
+    for side in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(torch.tensor(used[side]), torch.tensor(theirs[side]), atol=1e-4, rtol=1e-5)
+    again = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, prefs.train, seed=1, output_dir=tmp_path,
+                          callbacks=[])
+    assert set(again.train_dataset["chosen"]) != set(used["chosen"])  # each seed draws its own pairs
 
 
 def test_dpo_config_rejects_bad_values():

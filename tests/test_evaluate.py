@@ -56,3 +56,33 @@ def test_evaluator_kl_zero_for_reference_and_positive_after_perturbation(tiny_cf
     m1, _ = evaluate(policy, ctx, implicit_beta=0.1)
     assert m1["eval/kl"] > 0.01 and m1["eval/kl_k3"] > 0.01
     assert m1["heldout/implicit_margin"] != 0
+
+
+def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics(tiny_cfg, tiny_model, tiny_path,
+                                                                                  tokenizer, monkeypatch):
+    import pytest
+
+    import pipelines.evaluate as E
+
+    prefs = build_preferences(tiny_cfg)
+    ctx = make_eval_context(tiny_cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))
+    policy = load_causal_lm(tiny_path)  # a copy with pi_ref's weights: every run's step 0
+    with monkeypatch.context() as m:  # the long way: sampled, both log-prob passes, both pair passes, no cache
+        m.setattr(E, "has_reference_weights", lambda policy, ctx: False)
+        full, _ = evaluate(policy, ctx, implicit_beta=0.1)
+    assert not ctx.reference_cache.exists()
+    first, _ = evaluate(policy, ctx, implicit_beta=0.1)
+    assert ctx.reference_cache.exists() and 0 < first["eval/scored_tokens"] < full["eval/scored_tokens"]
+
+    monkeypatch.setattr(E, "sample", lambda *args, **kwargs: pytest.fail("pi_ref was sampled again"))
+    other_run = make_eval_context(tiny_cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))
+    reused, _ = evaluate(load_causal_lm(tiny_path), other_run, implicit_beta=0.1)
+    assert reused["eval/sampled_tokens"] == 0 and first["eval/sampled_tokens"] > 0
+    for key, value in full.items():
+        if not key.endswith(("seconds", "tokens")):
+            assert reused[key] == pytest.approx(value, abs=1e-5), key
+
+    with torch.no_grad():  # a trained policy is sampled for real (and `sample` now fails)
+        next(policy.parameters()).add_(0.01)
+    with pytest.raises(pytest.fail.Exception, match="sampled again"):
+        evaluate(policy, other_run)

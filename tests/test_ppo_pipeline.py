@@ -11,7 +11,8 @@ from pipelines.rundir import read_jsonl
 PPO_TRAIN_KEYS = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                   "objective/kl_coef", "policy/approxkl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var",
                   "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance", "grad_norm", "val/grad_norm",
-                  "learning_rate", "kind", "step", "wall_seconds", "tokens"}
+                  "learning_rate", "kind", "step", "wall_seconds", "tokens", "time/rollout", "time/scoring",
+                  "time/update", "tokens/rollout", "tokens/scoring", "tokens/update"}
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -36,6 +37,9 @@ def test_make_ppo_tiny_end_to_end_and_reward_model_reuse(tmp_path):
     assert PPO_TRAIN_KEYS <= set(train[0])
     assert train[-1]["objective/kl_coef"] != train[0]["objective/kl_coef"]  # the adaptive controller moved beta
     assert all(b["tokens"] > a["tokens"] and b["wall_seconds"] > a["wall_seconds"] for a, b in zip(train, train[1:]))
+    for a, b in zip(train, train[1:]):  # the phases split an iteration's clock; scoring reads its tokens 4 times
+        assert 0 < b["time/rollout"] + b["time/scoring"] + b["time/update"] <= b["wall_seconds"] - a["wall_seconds"]
+        assert b["tokens/scoring"] == 4 * (b["tokens"] - a["tokens"]) and b["tokens/update"] > b["tokens/rollout"] > 0
     assert {"eval/gold", "eval/proxy", "eval/kl", "heldout/rm_accuracy", "heldout/gold_accuracy"} <= set(evals[-1])
     assert evals[0]["eval/kl"] == 0.0 and evals[-1]["wall_seconds"] == train[-1]["wall_seconds"]
     assert len(list((ppo_dir / "samples").iterdir())) == 3

@@ -182,3 +182,17 @@ def test_check_finite_names_each_bad_value():
     check_finite("step 1", loss=0.5, kl=torch.tensor(2.0), reward=None)
     with pytest.raises(Diverged, match=r"^DPO step 3: loss is nan, rewards/chosen is inf$"):
         check_finite("DPO step 3", loss=float("nan"), **{"rewards/chosen": torch.tensor(float("inf")), "ok": 1.0})
+
+
+def test_each_stage_records_its_own_peak_memory(tiny_cfg):
+    device = torch.device("cpu")
+    run = RunDir.create(tiny_cfg, "ppo", 0, device, None)
+    with run.stage("big", device) as big:
+        x = torch.ones(64 * 2**20)  # 256 MB, released before the next stage
+        big["tokens"] = 7
+    del x
+    with run.stage("small", device):
+        pass
+    t = json.loads((run.path / "timings.json").read_text())
+    assert t["big"]["tokens"] == 7
+    assert t["big"]["peak_memory_mb"] - t["small"]["peak_memory_mb"] > 200  # not the process's peak so far
