@@ -46,7 +46,7 @@ def main(cfg: Config) -> int:
     for seed in cfg.seeds:
         result = train_ppo(cfg, prefs, None if gold else reward_model_for(cfg, prefs, seed), seed)
         e = result.final_eval
-        print(f"{'PPO-GT' if gold else 'PPO'} seed {seed}: {result.run_dir}\n  final: gold {e.get('eval/gold', float('nan')):.3f} "
-              f"(±{e.get('eval/gold_sem', float('nan')):.3f}), proxy {e.get('eval/proxy', float('nan')):.3f}, "
-              f"KL {e['eval/kl']:.3f}")
+        shown = [f"{name} {e[key]:.3f}" for name, key in (("gold", "eval/gold"), ("±", "eval/gold_sem"),
+                                                           ("proxy", "eval/proxy"), ("KL", "eval/kl")) if key in e]
+        print(f"{'PPO-GT' if gold else 'PPO'} seed {seed}: {result.run_dir}\n  final: {', '.join(shown)}")
     return 0
