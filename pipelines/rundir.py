@@ -46,6 +46,7 @@ import yaml
 
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.errors import Diverged, UserError
+from pipelines.models import sha256_file
 
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
 
@@ -340,18 +341,10 @@ def checkpoint_step(folder: Path) -> int:
     return int(folder.name.removeprefix("checkpoint-"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def commit_checkpoint(folder: Path, step: int) -> None:
     """Make a fully written checkpoint folder count: its step and every file's sha256 go into checkpoint.json,
     written last and atomically. A folder without that record is half-written and never resumed from."""
-    files = {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != CHECKPOINT_RECORD}
     atomic_write_json(folder / CHECKPOINT_RECORD, {"step": step, "files": files})
 
@@ -380,7 +373,7 @@ def latest_checkpoint(root: Path) -> Path | None:
         path = folder / name
         if not path.is_file():
             raise UserError(f"checkpoint {folder} is incomplete: {name} is missing; {advice}")
-        if _sha256(path) != sha:
+        if sha256_file(path) != sha:
             raise UserError(f"checkpoint {folder} is corrupt: {name} differs from what was saved (sha256); {advice}")
     return folder
 
