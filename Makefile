@@ -5,6 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
+# Training commands (ppo, ppo-gt, dpo, sft-chosen) run in NPROC processes under `accelerate launch` (DDP) when
+# NPROC > 1: `make ppo NPROC=8`. ACCELERATE_CONFIG picks another launch config (FSDP, ZeRO: configs/accelerate/).
+NPROC ?= 1
+ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 && echo multi-gpu-ddp || echo cpu-ddp).yaml
+TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
+	--num_processes $(NPROC) -m pipelines)
 
 .PHONY: all setup test data reference ppo ppo-gt dpo bon sft-chosen report bench config
 
@@ -38,14 +44,14 @@ reference: setup
 	$(CLI) reference --profile $(PROFILE) $(ARGS)
 
 ppo: setup
-	$(CLI) ppo --profile $(PROFILE) $(ARGS)
+	$(TRAIN_CLI) ppo --profile $(PROFILE) $(ARGS)
 
 # PPO with the task's gold reward in place of the reward model: PPO's ceiling (DPO paper, Fig. 2).
 ppo-gt: setup
-	$(CLI) ppo --profile $(PROFILE) ppo.reward=gold $(ARGS)
+	$(TRAIN_CLI) ppo --profile $(PROFILE) ppo.reward=gold $(ARGS)
 
 dpo: setup
-	$(CLI) dpo --profile $(PROFILE) $(ARGS)
+	$(TRAIN_CLI) dpo --profile $(PROFILE) $(ARGS)
 
 # The DPO paper's other controls (docs/baselines.md): Best-of-N from pi_ref under PPO's reward model (reused, or
 # trained once), and Preferred-FT (supervised fine-tuning on the chosen responses).
@@ -53,7 +59,7 @@ bon: setup
 	$(CLI) bon --profile $(PROFILE) $(ARGS)
 
 sft-chosen: setup
-	$(CLI) sft-chosen --profile $(PROFILE) $(ARGS)
+	$(TRAIN_CLI) sft-chosen --profile $(PROFILE) $(ARGS)
 
 report: setup
 	$(CLI) report --profile $(PROFILE) $(ARGS)

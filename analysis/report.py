@@ -126,10 +126,12 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
             "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one run gives no interval, and "
             "`final eval/gold_sem` is then the standard error of its gold reward over the eval prompts."]
     elif not has_gold:
-        section.notes.append("This task has no gold reward: the table gives the final KL, PPO's proxy (learned RM) "
-                             "reward and the held-out preference accuracy of each method's own scorer (explicit "
-                             "RM for PPO, implicit reward for DPO) instead. These are not a like-for-like measure "
-                             "of policy quality; read them with the held-out section below.")
+        section.notes.append("This task has no gold reward: the table gives the final KL, the proxy reward (PPO's "
+                             "learned RM; DPO's samples are scored by the same RM where `make ppo` trained it first) "
+                             "and the held-out preference accuracy of each method's own scorer (explicit RM for "
+                             "PPO, implicit reward for DPO) instead. These are not a like-for-like measure of policy "
+                             "quality: PPO maximises that very RM, so the proxy favours PPO and cannot show its "
+                             "over-optimisation. Read them with the held-out section below.")
     if BEST_OF_N in runs.methods:
         section.notes.append(
             "Best of N: one row per N along its trajectory; its KL is the upper bound log N − (N−1)/N "

@@ -22,11 +22,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
+from pipelines.distributed import per_process
 from pipelines.evaluate import evaluate
 from pipelines.models import load_policy_and_reference
 from pipelines.rundir import RunDir
 from pipelines.stages import make_eval_context
-from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args
+from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
 
 METHOD = "sft-chosen"
 
@@ -44,7 +45,8 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         output_dir=str(output_dir),
         completion_only_loss=True,       # the prompt is context, not a target
         packing=False,                   # one pair's prompt and chosen response a row, as DPO sees them
-        learning_rate=s.learning_rate, lr_scheduler_type="constant", per_device_train_batch_size=s.batch_size,
+        learning_rate=s.learning_rate, lr_scheduler_type="constant",
+        per_device_train_batch_size=per_process(s.batch_size, "sft.batch_size"),
         num_train_epochs=s.epochs, max_steps=s.max_steps or -1, max_length=s.max_length,
         activation_checkpointing=False,  # TRL's default is on: ~20% slower, and a small model's activations fit
         **run_dir_args(cfg.model.precision, seed, device),
@@ -71,8 +73,6 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
         callback = EvalAndLogCallback(run, lambda model, step: evaluate(model, ctx, desc=f"eval step {step}"),
                                       cfg.sft.eval_every, device, name="Preferred-FT step")
         build_trainer(cfg, policy, tokenizer, prefs.train, seed, run.path / "checkpoints", [callback]).train()
-        with run.stage("save", device):
-            policy.save_pretrained(run.path / "checkpoints" / "final")
-            tokenizer.save_pretrained(run.path / "checkpoints" / "final")
+        save_policy(policy, tokenizer, run, device)
     step, metrics = callback.last_eval
     return PreferredFTResult(run.path, step, metrics)

@@ -28,14 +28,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
+from pipelines.distributed import check_replicas, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
-from pipelines.models import load_policy_and_reference
+from pipelines.models import freeze, load_policy_and_reference, load_scalar_model
 from pipelines.rundir import RunDir, read_jsonl
 from pipelines.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from pipelines.stages import make_eval_context
 from pipelines.tasks import PAIR_FIELDS
-from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args
+from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
 
 
 @dataclass
@@ -117,7 +118,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         precompute_ref_log_probs=True,   # pi_ref is frozen: one pass over the pairs, not one per epoch
         precompute_ref_batch_size=cfg.eval.batch_size,  # forward passes only: the evaluator's scoring batch
         learning_rate=d.learning_rate, lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_steps,
-        per_device_train_batch_size=d.batch_size, gradient_accumulation_steps=d.gradient_accumulation_steps,
+        per_device_train_batch_size=per_process(d.batch_size, "dpo.batch_size"), gradient_accumulation_steps=d.gradient_accumulation_steps,
         num_train_epochs=d.epochs, max_steps=d.max_steps or -1, max_grad_norm=d.max_grad_norm,
         max_length=d.max_length,
         # transformers' new name for gradient checkpointing; setting the old one warns that it is deprecated
@@ -167,17 +168,23 @@ def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -
     return counts
 
 
-def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
-    """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/."""
+def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path | None = None) -> DPOResult:
+    """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/. With
+    `reward_model_path` (PPO's r_phi), the evaluator also reports the proxy reward of DPO's samples under it."""
     policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: TRL's and the evaluator's
     device = policy.device
-    run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256)
+    reward_model = None if reward_model_path is None else freeze(
+        load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
+    run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256,
+                                   extra={"reward_model_path": None if reward_model_path is None
+                                          else str(reward_model_path)})
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         # A resumed run's clock goes on from its last row (the checkpoint's step); Trainer restores the rest.
         rows = read_jsonl(run.path / "metrics.jsonl")[0] if resume_from else []
         callback = EvalAndLogCallback(
-            run, lambda model, step: evaluate(model, ctx, implicit_beta=cfg.beta, desc=f"eval step {step}"),
+            run, lambda model, step: evaluate(model, ctx, reward_model=reward_model, implicit_beta=cfg.beta,
+                                              desc=f"eval step {step}"),
             cfg.dpo.eval_every, device, train_seconds=rows[-1]["wall_seconds"] if rows else 0.0, name="DPO step")
         with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed, run.path / "checkpoints",
@@ -188,8 +195,7 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
         run.manifest["pairs"] = count_long_pairs(trainer, cfg.dpo.max_length)
         run.write_manifest()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        with run.stage("save", device):
-            policy.save_pretrained(run.path / "checkpoints" / "final")
-            tokenizer.save_pretrained(run.path / "checkpoints" / "final")
+        check_replicas(policy, run.manifest)
+        save_policy(policy, tokenizer, run, device)
     step, metrics = callback.last_eval
     return DPOResult(run.path, step, callback.train_seconds, metrics, run.timings)

@@ -194,9 +194,9 @@ class DPOConfig:
         "constant", "learning-rate schedule after the warmup ('linear' and 'cosine' decay to 0 at the last step)"
     )
     warmup_steps: int = _f(0, "optimiser steps of linear learning-rate warmup")
-    batch_size: int = _f(8, "preference pairs per device per micro-batch")
+    batch_size: int = _f(8, "preference pairs per micro-batch, over all processes (each takes its share)")
     gradient_accumulation_steps: int = _f(
-        1, "micro-batches per optimiser step (pairs a step = batch_size x this x devices)"
+        1, "micro-batches per optimiser step (pairs a step = batch_size x this)"
     )
     epochs: int = _f(1, "passes over the training pairs")
     max_steps: int | None = _f(None, "stop after this many optimiser steps (null: run all the epochs)")

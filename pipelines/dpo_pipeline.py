@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import dpo
 from pipelines.config import Config
+from pipelines.distributed import is_main
+from pipelines.ppo_pipeline import find_reward_model, reward_model_seed
 from pipelines.stages import build_preference_set
 
 
 def main(cfg: Config) -> int:
     prefs = build_preference_set(cfg)
+    say = print if is_main() else lambda *args, **kwargs: None  # under DDP the main process reports
     for i, seed in enumerate(cfg.seeds, start=1):
-        print(f"{dpo.method_name(cfg)} run {i}/{len(cfg.seeds)}: seed {seed}, beta {cfg.beta:g}", flush=True)
-        result = dpo.train(cfg, prefs, seed)  # prints the eval metrics at each eval point
+        say(f"{dpo.method_name(cfg)} run {i}/{len(cfg.seeds)}: seed {seed}, beta {cfg.beta:g}", flush=True)
+        # The proxy reward of DPO's samples: scored by PPO's reward model where `make ppo` has trained it (the
+        # only reward there is on a task without gold); DPO never trains against it.
+        rm_path = find_reward_model(cfg, prefs, reward_model_seed(cfg, seed))
+        say(f"  proxy reward: {rm_path or 'none (no reward model trained on this preference set yet: make ppo)'}")
+        result = dpo.train(cfg, prefs, seed, rm_path)  # prints the eval metrics at each eval point
         stages = ", ".join(f"{name} {t['seconds']:.0f} s" for name, t in result.timings.items())
-        print(f"  {result.steps} steps; wall-clock per stage: {stages}")
-        print(f"  run directory: {result.run_dir}", flush=True)
+        say(f"  {result.steps} steps; wall-clock per stage: {stages}")
+        say(f"  run directory: {result.run_dir}", flush=True)
     return 0

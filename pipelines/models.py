@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
 
+from pipelines import distributed
 from pipelines.config import ModelConfig
 from pipelines.errors import UserError
 
@@ -283,4 +284,6 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: under several processes its own GPU (accelerate assigns them), else the GPU, else
+    the CPU."""
+    return distributed.state().device

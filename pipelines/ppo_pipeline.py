@@ -14,6 +14,7 @@ import json
 
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.data import PreferenceSet
+from pipelines.distributed import is_main
 from pipelines.stages import build_preference_set
 from ppo.train import train_ppo
 from reward_model.train import reward_model_key, train_reward_model
@@ -30,9 +31,14 @@ def find_reward_model(cfg: Config, prefs: PreferenceSet, seed: int):
     return None
 
 
+def reward_model_seed(cfg: Config, seed: int) -> int:
+    """The seed of the reward model that run seed `seed` uses (one shared RM unless `reward_model.per_seed`)."""
+    return seed if cfg.reward_model.per_seed else cfg.reward_model.seed
+
+
 def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int):
     """The reward model PPO seed `seed` trains against: reused if already trained, else trained now."""
-    rm_seed = seed if cfg.reward_model.per_seed else cfg.reward_model.seed
+    rm_seed = reward_model_seed(cfg, seed)
     rm_path = find_reward_model(cfg, prefs, rm_seed)
     if rm_path is None:
         return train_reward_model(cfg, prefs, rm_seed).path
@@ -45,6 +51,8 @@ def main(cfg: Config) -> int:
     gold = cfg.ppo.reward == "gold"  # PPO-GT: no reward model at all
     for seed in cfg.seeds:
         result = train_ppo(cfg, prefs, None if gold else reward_model_for(cfg, prefs, seed), seed)
+        if not is_main():  # under DDP the main process evaluated and reports
+            continue
         e = result.final_eval
         shown = [f"{name} {e[key]:.3f}" for name, key in (("gold", "eval/gold"), ("±", "eval/gold_sem"),
                                                            ("proxy", "eval/proxy"), ("KL", "eval/kl")) if key in e]

@@ -45,6 +45,7 @@ import torch
 import yaml
 
 from pipelines.config import PROJECT_ROOT, Config
+from pipelines.distributed import from_main, is_main
 from pipelines.errors import Diverged, UserError
 from pipelines.models import sha256_file
 
@@ -164,6 +165,12 @@ class RunDir:
     @classmethod
     def create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
                extra: dict[str, Any] | None = None) -> "RunDir":
+        """A new run directory (under several processes, a collective call: see `open`)."""
+        return cls._shared(lambda: (cls._create(cfg, method, seed, device, data_sha256, extra), None))[0]
+
+    @classmethod
+    def _create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
+                extra: dict[str, Any] | None = None) -> "RunDir":
         root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / method
         root.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -196,7 +203,30 @@ class RunDir:
              extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
         """The run to write and the checkpoint to continue from. With `cfg.resume`: the newest interrupted run
         with the same key that has a checkpoint, rewound to it. Otherwise (or if there is none) a new run, and
-        None. A corrupt checkpoint raises UserError before anything in its run directory changes."""
+        None. A corrupt checkpoint raises UserError before anything in its run directory changes.
+
+        Under several processes every process calls it: the main process opens the run, the others get a
+        `ReplicaRunDir` on the same path (and the same checkpoint, or the same error)."""
+        return cls._shared(lambda: cls._open(cfg, method, seed, device, data_sha256, extra))
+
+    @staticmethod
+    def _shared(open_on_main) -> tuple["RunDir", Path | None]:
+        if is_main():
+            try:
+                run, checkpoint = open_on_main()
+            except UserError as e:
+                from_main(None, None, str(e))  # the other processes raise it too, rather than wait forever
+                raise
+            from_main(run.path, checkpoint, None)
+            return run, checkpoint
+        path, checkpoint, error = from_main(None, None, None)
+        if error is not None:
+            raise UserError(error)
+        return ReplicaRunDir(path), checkpoint
+
+    @classmethod
+    def _open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
+              extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
         if cfg.resume:
             for run in cls._interrupted(cfg, method, run_key(cfg, method, seed, data_sha256, extra)):
                 try:
@@ -210,7 +240,7 @@ class RunDir:
                     run.resume(step)
                     return run, checkpoint
                 run.release()  # stopped before its first checkpoint: left as it is, and a new run starts
-        return cls.create(cfg, method, seed, device, data_sha256, extra), None
+        return cls._create(cfg, method, seed, device, data_sha256, extra), None
 
     @classmethod
     def _interrupted(cls, cfg: Config, method: str, key: str) -> Iterator["RunDir"]:
@@ -328,6 +358,32 @@ class RunDir:
             raise
         self.finish("completed")
         prune_checkpoints(self.path / "checkpoints", keep=None)
+
+
+class ReplicaRunDir(RunDir):
+    """The run directory as a process other than the main one holds it under DDP: its path (to load checkpoints
+    from) without write access. Every write is dropped, so stage code reads the same on every process and the
+    main process alone writes the run, once."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, manifest={})
+
+    def write_manifest(self) -> None:
+        pass
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.last_step = row.get("step")
+
+    def write_samples(self, step: int, samples: list[dict]) -> None:
+        pass
+
+    @contextmanager
+    def stage(self, name: str, device: torch.device) -> Iterator[dict[str, float]]:
+        yield {}
+
+    @contextmanager
+    def running(self) -> Iterator["RunDir"]:
+        yield self
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.data import PreferenceSet, build_preferences, load_preferences
+from pipelines.distributed import is_main, main_process_first
 from pipelines.evaluate import EvalContext, evaluate
 from pipelines.models import autocast, default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from pipelines.rundir import RunDir
@@ -17,10 +18,14 @@ from pipelines.tasks import load_task
 
 
 def build_preference_set(cfg: Config) -> PreferenceSet:
-    """Build or reuse the shared preference set and print what it holds."""
-    prefs = load_preferences(cfg)
-    reused = "reused" if prefs is not None else "built"
-    prefs = prefs or build_preferences(cfg)
+    """Build or reuse the shared preference set and print what it holds. Under several processes the main one
+    builds it and the others then load it."""
+    with main_process_first():
+        prefs = load_preferences(cfg)
+        reused = "reused" if prefs is not None else "built"
+        prefs = prefs or build_preferences(cfg)
+    if not is_main():
+        return prefs
     m = prefs.manifest
     print(f"preference set {reused}: {m['counts']['train']} train / {m['counts']['heldout']} held-out pairs, "
           f"sha256 {m['sha256'][:12]}, built in {m['build_seconds']:.0f} s")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from pipelines.distributed import is_main, wait_for_everyone
 from pipelines.errors import check_finite
 from pipelines.models import use_bf16
 from pipelines.rundir import RunDir, commit_checkpoint, prune_checkpoints
@@ -32,6 +33,9 @@ def run_dir_args(precision: str, seed: int, device: torch.device, checkpoint_eve
                 logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be smoothed over
                 include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
                 bf16=use_bf16(precision, device), dataloader_pin_memory=device.type == "cuda",
+                # Trainer re-creates accelerate's process state: without use_cpu, processes on a machine without
+                # CUDA would each train alone instead of forming one DDP group
+                use_cpu=device.type == "cpu",
                 seed=seed, data_seed=seed)
 
 
@@ -89,14 +93,17 @@ class EvalAndLogCallback(TrainerCallback):
         self._stretch = None
 
     def _evaluate(self, model: PreTrainedModel, step: int, tokens: int) -> None:
-        with self.run.stage("eval", self.device):
-            metrics, samples = self.evaluate_policy(model, step)
-        self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens, **metrics})
-        self.run.write_samples(step, samples)
+        metrics: dict[str, float] = {}
+        if is_main():  # once: under DDP the other processes wait for it at the next gradient all-reduce
+            with self.run.stage("eval", self.device):
+                metrics, samples = self.evaluate_policy(model, step)
+            self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
+                          **metrics})
+            self.run.write_samples(step, samples)
+            shown = ("eval/gold", "eval/gold_sem", "eval/kl", "heldout/implicit_accuracy", "heldout/implicit_margin",
+                     "heldout/gold_accuracy", "heldout/gold_margin")
+            tqdm.write(f"  step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
         self.last_eval = (step, metrics)
-        shown = ("eval/gold", "eval/gold_sem", "eval/kl", "heldout/implicit_accuracy", "heldout/implicit_margin",
-                 "heldout/gold_accuracy", "heldout/gold_margin")
-        tqdm.write(f"  step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:  # a resumed run has its earlier eval points already
@@ -120,11 +127,26 @@ class EvalAndLogCallback(TrainerCallback):
                       "tokens": state.num_input_tokens_seen, **trl_logs})
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        commit_checkpoint(folder, state.global_step)
-        prune_checkpoints(folder.parent, keep=folder)
+        wait_for_everyone()  # under DDP each process writes its own RNG state into the folder first
+        if is_main():
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            commit_checkpoint(folder, state.global_step)
+            prune_checkpoints(folder.parent, keep=folder)
+        wait_for_everyone()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._stop_clock()
         if self.last_eval is None or self.last_eval[0] != state.global_step:
             self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+
+
+def save_policy(policy: PreTrainedModel, tokenizer, run: RunDir, device: torch.device) -> Path:
+    """Save the trained policy (and tokenizer) to the run's checkpoints/final/, once (the main process), as a plain
+    Hugging Face folder; every process returns its path once it is on disk."""
+    final = run.path / "checkpoints" / "final"
+    if is_main():
+        with run.stage("save", device):
+            policy.save_pretrained(final)
+            tokenizer.save_pretrained(final)
+    wait_for_everyone()
+    return final

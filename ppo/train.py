@@ -25,18 +25,18 @@ across processes; evaluation and every write happen on the main process only.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
+from pipelines.distributed import check_replicas, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import autocast, freeze, load_causal_lm, load_scalar_model, load_tokenizer, resolve_model_path
@@ -117,7 +117,8 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0)
     policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
 
-    local_batch = pc.rollout_batch_size // accelerator.num_processes  # each process samples its own share
+    local_batch = per_process(pc.rollout_batch_size, "ppo.rollout_batch_size")  # each samples its own share
+    local_mini_batch = per_process(pc.mini_batch_size, "ppo.mini_batch_size")
     prompt_order = torch.randperm(len(task.train_prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     kl_ctl = AdaptiveKLController(cfg.beta, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl else None
     beta = cfg.beta
@@ -125,8 +126,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     main = accelerator.is_main_process
     run, resume_from = RunDir.open(cfg, "ppo-gt" if gold else "ppo", seed, device, prefs.sha256,
                                    extra={"reward_model_path": None if gold else str(reward_model_path),
-                                          "num_processes": accelerator.num_processes}) if main else (None, None)
-    run_path, resume_from = broadcast_object_list([run and run.path, resume_from])  # every process needs them
+                                          "num_processes": accelerator.num_processes})
     ctx = make_eval_context(cfg, prefs, ref, tokenizer, device) if main else None
     train_seconds, tokens, final_eval = 0.0, 0, {}
 
@@ -144,7 +144,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     def mean_across(x: torch.Tensor | float) -> float:
         return accelerator.gather(torch.as_tensor(x, device=device, dtype=torch.float32).reshape(1)).mean().item()
 
-    with (run.running() if main else nullcontext()):
+    with run.running():
         first_iteration = 1
         if resume_from is None:
             run_eval(0)
@@ -158,7 +158,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         for iteration in tqdm(range(first_iteration, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main,
                               initial=first_iteration - 1, total=pc.iterations):
             start = time.perf_counter()
-            with run.stage("train", device) if main else nullcontext():  # timings.json: train seconds, peak memory
+            with run.stage("train", device):  # timings.json: train seconds, peak memory
                 # ---- 1. rollout: this process's share of the next prompts, cycling through a seeded order
                 first = ((iteration - 1) * pc.rollout_batch_size + accelerator.process_index * local_batch)
                 prompts = [task.train_prompts[prompt_order[(first + i) % len(prompt_order)]]
@@ -196,7 +196,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 unwrapped.train()
                 stats: dict[str, list[float]] = {}
                 for _ in range(pc.ppo_epochs):
-                    for idx in torch.randperm(local_batch).split(pc.mini_batch_size // accelerator.num_processes or 1):
+                    for idx in torch.randperm(local_batch).split(local_mini_batch):
                         mb = _index(batch, idx)
                         with amp():
                             new_logprobs, entropy = response_logprobs(policy, mb, pc.temperature, with_entropy=True)
@@ -249,18 +249,19 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                     beta = kl_ctl.update(mean_kl, pc.rollout_batch_size)
                 tokens += int(mean_across(batch.attention_mask.sum()) * accelerator.num_processes)
                 train_seconds += time.perf_counter() - start
-            if main:
-                run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens, **row})
+            run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens, **row})
             if iteration % pc.eval_every == 0 or iteration == pc.iterations:
                 run_eval(iteration)
             if pc.checkpoint_every and iteration % pc.checkpoint_every == 0 and iteration < pc.iterations:
-                checkpoint.save(run_path / "checkpoints", iteration, accelerator, policy, value_model, optimizer,
+                checkpoint.save(run.path / "checkpoints", iteration, accelerator, policy, value_model, optimizer,
                                 scheduler, {"tokens": tokens, "train_seconds": train_seconds, "beta": beta,
                                             "final_eval": final_eval})
 
-        policy_path = run.path / "checkpoints" / "final" if main else Path()
+        check_replicas(accelerator.unwrap_model(policy), run.manifest)
+        policy_path = run.path / "checkpoints" / "final"
         if main:
             accelerator.unwrap_model(policy).save_pretrained(policy_path, safe_serialization=True)
             tokenizer.save_pretrained(policy_path)
             run.manifest["train_seconds"] = train_seconds
-    return PPOResult(run_dir=run.path if main else Path(), final_eval=final_eval, policy_path=policy_path)
+        accelerator.wait_for_everyone()  # the policy is on disk before any process returns its path
+    return PPOResult(run_dir=run.path, final_eval=final_eval, policy_path=policy_path)

@@ -21,6 +21,7 @@ from trl import RewardConfig, RewardTrainer
 
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
+from pipelines.distributed import check_replicas, from_main, is_main, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import EvalContext, heldout_pair_metrics
 from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
@@ -92,12 +93,13 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
         with tempfile.TemporaryDirectory() as scratch:
             args = RewardConfig(
                 output_dir=scratch, learning_rate=rc.learning_rate, num_train_epochs=rc.epochs,
-                per_device_train_batch_size=rc.batch_size, warmup_steps=rc.warmup_ratio,
-                lr_scheduler_type="linear", max_length=rc.max_length, logging_steps=1, save_strategy="no",
-                report_to=[], seed=seed, data_seed=seed, bf16=use_bf16(cfg.model.precision, device),
-                use_cpu=device.type == "cpu", disable_tqdm=False, dataloader_num_workers=0,
-                activation_checkpointing=False,
-                include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`  # TRL turns it on by default: ~30% slower, and memory is ample here
+                per_device_train_batch_size=per_process(rc.batch_size, "reward_model.batch_size"),
+                warmup_steps=rc.warmup_ratio, lr_scheduler_type="linear", max_length=rc.max_length,
+                logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+                bf16=use_bf16(cfg.model.precision, device), use_cpu=device.type == "cpu", disable_tqdm=False,
+                dataloader_num_workers=0,
+                activation_checkpointing=False,  # TRL turns it on by default: ~30% slower, and memory is ample here
+                include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
             )
             trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
                                     callbacks=[_LogToRun(run)])
@@ -114,23 +116,34 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
             with run.stage("reward_model", device):
                 trainer.train()
         rm = freeze(trainer.model)
-        task = load_task(cfg.task, tokenizer, cfg.hub_access)
-        with run.stage("reward_shift", device):
-            shift = _reward_shift(rm, tokenizer, task.train_prompts[:rc.center_prompts], cfg, device)
-        rm.config.reward_shift = shift
-        ctx = EvalContext(prompts=[], ref_model=None, tokenizer=tokenizer, cfg=cfg.eval,
-                          autocast=lambda: autocast(cfg.model.precision, device),
-                          heldout_pairs=prefs.heldout.to_list())
-        with run.stage("eval", device):
-            heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None)
-        check_finite("reward model on held-out pairs", **heldout)
+        check_replicas(rm, run.manifest)
         final = run.path / "checkpoints" / "final"
-        rm.save_pretrained(final, safe_serialization=True)
-        tokenizer.save_pretrained(final)
-        run.log({"kind": "eval", "step": trainer.state.global_step, "wall_seconds": run.timings["reward_model"]
-                 ["seconds"], "tokens": trainer.state.num_input_tokens_seen, "reward_shift": shift, **heldout})
-        run.manifest["reward_model_path"] = str(final)
-        print(f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "
-              f"{heldout.get('heldout/gold_accuracy', float('nan')):.3f}), margin {heldout['heldout/rm_margin']:.3f}, "
-              f"shift {shift:.3f}")
+        # Centring, held-out metrics and the save happen once, on the main process; the others wait, then share
+        # its numbers.
+        shift, heldout = (_centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trainer.state, final, device)
+                          if is_main() else (None, None))
+        shift, heldout = from_main(shift, heldout)
     return RewardModelResult(path=final, run_dir=run.path, shift=shift, heldout=heldout)
+
+
+def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run: RunDir, state, final: Path,
+                          device: torch.device) -> tuple[float, dict[str, float]]:
+    """Centre the trained r_phi on pi_ref's samples, measure it on the held-out pairs, save it to `final`."""
+    task = load_task(cfg.task, tokenizer, cfg.hub_access)
+    with run.stage("reward_shift", device):
+        shift = _reward_shift(rm, tokenizer, task.train_prompts[:cfg.reward_model.center_prompts], cfg, device)
+    rm.config.reward_shift = shift
+    ctx = EvalContext(prompts=[], ref_model=None, tokenizer=tokenizer, cfg=cfg.eval,
+                      autocast=lambda: autocast(cfg.model.precision, device), heldout_pairs=prefs.heldout.to_list())
+    with run.stage("eval", device):
+        heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None)
+    check_finite("reward model on held-out pairs", **heldout)
+    rm.save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    run.log({"kind": "eval", "step": state.global_step, "wall_seconds": run.timings["reward_model"]["seconds"],
+             "tokens": state.num_input_tokens_seen, "reward_shift": shift, **heldout})
+    run.manifest["reward_model_path"] = str(final)
+    print(f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "
+          f"{heldout.get('heldout/gold_accuracy', float('nan')):.3f}), margin {heldout['heldout/rm_margin']:.3f}, "
+          f"shift {shift:.3f}")
+    return shift, heldout
