@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
 
-.PHONY: all setup test data reference ppo ppo-gt dpo bon sft-chosen report bench config
+.PHONY: all setup test sft data reference ppo ppo-gt dpo bon sft-chosen report bench config
 
-all: setup data reference ppo dpo report
+# `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false).
+all: setup sft data reference ppo dpo report
 
 # The virtual environment is rebuilt when pyproject.toml changes; a second `make setup` takes seconds.
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +31,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The optional SFT stage: the base model fine-tuned into pi_ref (trained once, reused while its key matches).
+sft: setup
+	$(CLI) sft --profile $(PROFILE) $(ARGS)
 
 data: setup
 	$(CLI) data --profile $(PROFILE) $(ARGS)

@@ -31,6 +31,7 @@ from pipelines.data import PreferenceSet
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import load_policy_and_reference
+from pipelines.reference import reference_model
 from pipelines.rundir import RunDir, read_jsonl
 from pipelines.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from pipelines.stages import make_eval_context
@@ -169,9 +170,10 @@ def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -
 
 def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/."""
-    policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: TRL's and the evaluator's
+    policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: TRL's, evaluator's
     device = policy.device
     run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256)
+    run.manifest["reference_model"] = ref.name_or_path
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         # A resumed run's clock goes on from its last row (the checkpoint's step); Trainer restores the rest.
