@@ -23,7 +23,9 @@ from pipelines.hub import require_hub
 from pipelines.models import load_causal_lm
 from pipelines.rundir import read_jsonl
 from pipelines.stages import build_preference_set, evaluate_reference
-from pipelines.tasks import PREFIX_TOKENS, load_imdb, positive_probability, review_prefix
+from pipelines.tasks import PREFIX_TOKENS, load_imdb, load_task, positive_probability, review_prefix
+from sft import sft_key, sft_trainer
+from sft.train import sft_rows
 
 _WORDS = ("the film was a quiet and moving story about two brothers who never speak and the acting is superb "
           "but the plot drags badly in the middle while the music carries every scene to a loud ending").split()
@@ -243,3 +245,30 @@ def test_require_hub_probes_only_when_something_must_come_from_the_hub(monkeypat
         require_hub(_imdb_cfg(tmp_path, imdb_file, classifier, "hub_access=true",
                               "task.gold_model=siebert/sentiment-roberta-large-english"))
     assert probes == [1]
+
+
+# --- the SFT stage's other source, and the sweep ------------------------------------------------------------------
+
+
+def test_sft_stage_on_chosen_trains_on_the_responses_of_the_task_pairs_only(tokenizer, tiny_path, tmp_path):
+    cfg = load_config("hh", [f"runs_dir={tmp_path}", "model.name_or_path=tiny", "task.n_train_prompts=6",
+                             "sft_stage.enabled=true", "sft_stage.source=chosen", "sft_stage.max_length=512"])
+    rows = sft_rows(cfg, tokenizer)
+    pairs = load_task(cfg.task, tokenizer).train_pairs
+    assert rows["prompt"] == [p["prompt"] for p in pairs] and rows["completion"] == [p["chosen"] for p in pairs]
+    trainer = sft_trainer(load_causal_lm(tiny_path), tokenizer, rows, cfg.sft_stage, "fp32", 0, tmp_path / "out", [])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    # The loss covers each chosen reply and the EOS TRL appends, never the dialogue before it.
+    targets = sum(len(tokenizer(p["chosen"], add_special_tokens=False).input_ids) + 1 for p in pairs)
+    assert int((batch["labels"] != -100).sum()) == targets
+    assert int((batch["labels"] != -100).sum()) < int(batch["attention_mask"].sum()) / 2
+    # The key follows the texts: another corpus is another SFT model.
+    assert sft_key(cfg, rows) != sft_key(cfg, rows.select(range(5))) and sft_key(cfg, rows) == sft_key(cfg, rows)
+
+
+def test_beta_sweep_gives_one_config_per_beta():
+    cfg = load_config("tiny", ["beta_sweep=[0.05, 1]"])
+    assert [(c.beta, c.beta_sweep) for c in cfg.betas()] == [(0.05, []), (1.0, [])]
+    assert [c.beta for c in load_config("tiny").betas()] == [0.1]  # empty sweep: just beta
+    with pytest.raises(UserError, match="beta_sweep"):
+        load_config("tiny", ["beta_sweep=[0.1, 0]"])
