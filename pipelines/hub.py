@@ -4,12 +4,11 @@ does work."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pipelines.config import Config
 from pipelines.errors import UserError
-from pipelines.models import EMBEDDED_PREFIX, hub_reachable
+from pipelines.models import EMBEDDED_PREFIX, hub_endpoint, hub_reachable
 from pipelines.tasks import project_path
 
 
@@ -29,11 +28,13 @@ def hub_names(cfg: Config) -> dict[str, str]:
 
 
 def require_hub(cfg: Config) -> None:
-    """With hub_access, one probe of the hub before anything starts: unreachable -> one error naming what needs it."""
+    """With hub_access, one probe of the hub before anything starts: unreachable -> one error naming what needs it.
+    (Offline profiles never reach the hub: each loader then rejects a name that is not a local path.)"""
+    if not cfg.hub_access:
+        return
     names = hub_names(cfg)
-    if cfg.hub_access and names and not hub_reachable():
+    if names and not hub_reachable():
         needed = ", ".join(f"{key} '{value}'" for key, value in names.items())
-        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-        raise UserError(f"the Hugging Face hub ({endpoint}) is unreachable from this machine, and profile "
+        raise UserError(f"the Hugging Face hub ({hub_endpoint()}) is unreachable from this machine, and profile "
                         f"'{cfg.profile}' needs it for {needed}: this profile needs network access to the hub "
                         "(or point those keys at local copies)")

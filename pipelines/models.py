@@ -167,9 +167,14 @@ def build_tiny(cfg: ModelConfig) -> Path:
     return target
 
 
+def hub_endpoint() -> str:
+    """The hub's address: $HF_ENDPOINT where set, as huggingface_hub reads it."""
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Does a connection to the hub ($HF_ENDPOINT where set, as huggingface_hub reads it) open?"""
-    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    """Does a connection to the hub open?"""
+    url = urllib.parse.urlsplit(hub_endpoint())
     try:
         port = url.port or (443 if url.scheme == "https" else 80)
         socket.create_connection((url.hostname, port), timeout=timeout).close()

@@ -145,7 +145,7 @@ def _prefix_prompts(texts: list[str], n: int, tokenizer: PreTrainedTokenizerBase
                     dropped: dict[str, int]) -> list[str]:
     """Up to `n` prompts, one per review in order, each cut at a token count drawn from PREFIX_TOKENS. A prefix that
     tokenises again to a count outside that range (a cut inside a word can merge differently) is dropped, counted."""
-    prompts = []
+    prompts, reason = [], f"prefix re-tokenises to a length outside {PREFIX_TOKENS[0]}-{PREFIX_TOKENS[1]}"
     for text in texts:
         if len(prompts) == n:
             break
@@ -153,8 +153,7 @@ def _prefix_prompts(texts: list[str], n: int, tokenizer: PreTrainedTokenizerBase
         if PREFIX_TOKENS[0] <= len(tokenizer(prompt, add_special_tokens=False).input_ids) <= PREFIX_TOKENS[1]:
             prompts.append(prompt)
         else:
-            dropped["prefix re-tokenises to another length"] = dropped.get("prefix re-tokenises to another length",
-                                                                            0) + 1
+            dropped[reason] = dropped.get(reason, 0) + 1
     return prompts
 
 
@@ -207,9 +206,7 @@ def load_imdb(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: b
     where the source has one (stanfordnlp/imdb does), else from train reviews the train prompts do not use. Reviews
     are shuffled and each prefix length drawn with `task.prompt_seed`."""
     name, train_rows = read_rows(cfg.path, "task.path", hub_access, "train")
-    if train_rows is None:
-        raise UserError(f"task.path: {name} has no 'train' split")
-    _, test_rows = read_rows(cfg.path, "task.path", hub_access, "test")
+    _, test_rows = read_rows(cfg.path, "task.path", hub_access, "test", optional=True)
     rng = random.Random(cfg.prompt_seed)
     train_texts = text_field(train_rows, "text", f"{name} train")
     rng.shuffle(train_texts)
@@ -341,10 +338,18 @@ def check_pair(row: object, where: str) -> dict:
     return row
 
 
-def read_rows(source: str, key: str, hub_access: bool, split: str = "train") -> tuple[str, list | None]:
+def read_rows(source: str, key: str, hub_access: bool, split: str = "train", optional: bool = False
+              ) -> tuple[str, list | None]:
     """(name, rows) of one split of a dataset: a json / jsonl(.gz) / parquet / csv file (a file is a `train` split
     only), a `datasets` folder (a DatasetDict's split; a lone Dataset is `train`), or, where `hub_access`, a hub
-    dataset name. rows is None where the source has no such split; errors name the config `key`."""
+    dataset name. A missing split is an error naming the config `key`, or rows None where `optional`."""
+    name, rows = _read_split(source, key, hub_access, split)
+    if rows is None and not optional:
+        raise UserError(f"{key}: {name} has no '{split}' split")
+    return name, rows
+
+
+def _read_split(source: str, key: str, hub_access: bool, split: str) -> tuple[str, list | None]:
     from datasets import Dataset, DatasetDict, get_dataset_split_names, load_dataset, load_from_disk
     path = project_path(source)
     if path.is_dir():
@@ -423,8 +428,6 @@ def _common_prefix(a: str, b: str) -> str:
 def load_preference_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: bool) -> Task:
     """Any preference dataset in TRL's format; a malformed row is an error naming the file and row."""
     name, rows = read_rows(cfg.path, "task.path", hub_access)
-    if rows is None:
-        raise UserError(f"task.path: {name} has no 'train' split")
     pairs, dropped = [], {}
     for i, row in enumerate(rows, start=1):
         pair = normalise_pair(row, tokenizer, cfg.system_prompt, f"{name} row {i}")

@@ -29,7 +29,6 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from pipelines.config import Config, PreferredFTConfig, SFTStageConfig
-from pipelines.errors import UserError
 from pipelines.models import default_device, load_causal_lm, load_tokenizer, resolve_model_path
 from pipelines.rundir import RunDir
 from pipelines.tasks import load_task, read_rows, text_field
@@ -71,8 +70,6 @@ def sft_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Dataset:
         pairs = load_task(cfg.task, tokenizer, cfg.hub_access).train_pairs
         return Dataset.from_dict({"prompt": [p["prompt"] for p in pairs], "completion": [p["chosen"] for p in pairs]})
     name, rows = read_rows(s.path, "sft_stage.path", cfg.hub_access)
-    if rows is None:
-        raise UserError(f"sft_stage.path: {name} has no 'train' split")
     return Dataset.from_dict({"text": text_field(rows, s.text_field, f"{name} (sft_stage.text_field)")})
 
 
