@@ -5,16 +5,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
-# Training commands (ppo, ppo-gt, dpo, sft-chosen) run in NPROC processes under `accelerate launch` (DDP) when
+# Training commands (sft, ppo, ppo-gt, dpo, sft-chosen) run in NPROC processes under `accelerate launch` (DDP) when
 # NPROC > 1: `make ppo NPROC=8`. ACCELERATE_CONFIG picks another launch config (FSDP, ZeRO: configs/accelerate/).
 NPROC ?= 1
 ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 && echo multi-gpu-ddp || echo cpu-ddp).yaml
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all setup test data reference ppo ppo-gt dpo bon sft-chosen report bench config
+.PHONY: all setup test sft data reference ppo ppo-gt dpo bon sft-chosen report bench config
 
-all: setup data reference ppo dpo report
+# `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false).
+all: setup sft data reference ppo dpo report
 
 # The virtual environment is rebuilt when pyproject.toml changes; a second `make setup` takes seconds.
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +37,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The optional SFT stage: the base model fine-tuned into pi_ref (trained once, reused while its key matches).
+sft: setup
+	$(TRAIN_CLI) sft --profile $(PROFILE) $(ARGS)
 
 data: setup
 	$(CLI) data --profile $(PROFILE) $(ARGS)

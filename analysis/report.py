@@ -87,8 +87,9 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def policies(runs: Runs) -> list[str]:
-    """The included methods that are policies (all but the reward model), in legend order."""
-    return sorted((m for m in runs.methods if m != "reward_model"), key=lambda m: (P.legend_rank(m), m))
+    """The included methods that are policies (all but the stages that make the reward model and, with the SFT stage,
+    pi_ref itself), in legend order."""
+    return sorted((m for m in runs.methods if m not in ("reward_model", "sft")), key=lambda m: (P.legend_rank(m), m))
 
 
 def trained(runs: Runs) -> list[str]:
@@ -165,7 +166,7 @@ def frontier_section(runs: Runs, score: str, score_label: str) -> Section:
     if reference.empty:
         section.notes.append("No reference run (`make reference`): frontiers start at each method's first eval.")
     if not frontiers.empty:
-        columns = [c for c in ("method", "step", "eval/kl", score, f"{score}_sem") if c in frontiers]
+        columns = [c for c in ("method", "beta", "step", "eval/kl", score, f"{score}_sem") if c in frontiers]
         section.tables.append(Table("frontier", frontiers[columns]))
     return section
 

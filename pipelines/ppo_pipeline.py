@@ -3,7 +3,7 @@
 1. the shared preference set (built once, reused);
 2. stage 1: the reward model r_phi (eq. 1): trained once and shared by every PPO seed, or one per seed
    (`reward_model.per_seed`); a finished reward model with the same data, config and seed is reused;
-3. stage 2: one PPO run (eq. 2) per seed in `seeds`.
+3. stage 2: one PPO run (eq. 2) per beta in `beta_sweep` (or just `beta`) and seed in `seeds`.
 
 With `ppo.reward=gold` (`make ppo-gt`) step 2 is skipped and PPO optimises the task's gold reward (PPO-GT).
 """
@@ -49,12 +49,14 @@ def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int):
 def main(cfg: Config) -> int:
     prefs = build_preference_set(cfg)
     gold = cfg.ppo.reward == "gold"  # PPO-GT: no reward model at all
-    for seed in cfg.seeds:
-        result = train_ppo(cfg, prefs, None if gold else reward_model_for(cfg, prefs, seed), seed)
-        if not is_main():  # under DDP the main process evaluated and reports
-            continue
-        e = result.final_eval
-        shown = [f"{name} {e[key]:.3f}" for name, key in (("gold", "eval/gold"), ("±", "eval/gold_sem"),
-                                                           ("proxy", "eval/proxy"), ("KL", "eval/kl")) if key in e]
-        print(f"{'PPO-GT' if gold else 'PPO'} seed {seed}: {result.run_dir}\n  final: {', '.join(shown)}")
+    for run_cfg in cfg.betas():  # the reward model does not depend on beta: trained once, reused by every beta
+        for seed in cfg.seeds:
+            result = train_ppo(run_cfg, prefs, None if gold else reward_model_for(cfg, prefs, seed), seed)
+            if not is_main():  # under DDP the main process evaluated and reports
+                continue
+            e = result.final_eval
+            shown = [f"{name} {e[key]:.3f}" for name, key in (("gold", "eval/gold"), ("±", "eval/gold_sem"),
+                                                               ("proxy", "eval/proxy"), ("KL", "eval/kl")) if key in e]
+            print(f"{'PPO-GT' if gold else 'PPO'} beta {run_cfg.beta:g} seed {seed}: {result.run_dir}\n"
+                  f"  final: {', '.join(shown)}")
     return 0

@@ -13,6 +13,7 @@ from pipelines.data import PreferenceSet, build_preferences, load_preferences
 from pipelines.distributed import is_main, main_process_first
 from pipelines.evaluate import EvalContext, evaluate
 from pipelines.models import autocast, default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
+from pipelines.reference import reference_model
 from pipelines.rundir import RunDir
 from pipelines.tasks import load_task
 
@@ -49,7 +50,7 @@ def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, d
     heldout = prefs.heldout.to_list()[:cfg.eval.n_heldout_pairs or None]
     # pi_ref's own eval samples depend on the model (and precision), the prompts and the eval settings only
     cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
-             f"pi_ref-{cfg.section_hash('model', 'task', 'eval')[:12]}.pt")
+             f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}.pt")
     return EvalContext(prompts=task.eval_prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
                        autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
                        heldout_pairs=heldout, reference_cache=cache)
@@ -59,10 +60,10 @@ def evaluate_reference(cfg: Config) -> RunDir:
     """Evaluate pi_ref with the shared evaluator into runs/<profile>/reference/ (KL 0 by construction)."""
     prefs = build_preference_set(cfg)
     device = default_device()
-    path = resolve_model_path(cfg.model, cfg.hub_access)
+    path = resolve_model_path(reference_model(cfg), cfg.hub_access)
     tokenizer = load_tokenizer(path)
     ref = freeze(load_causal_lm(path).to(device))
-    run = RunDir.create(cfg, "reference", cfg.eval.seed, device, prefs.sha256)
+    run = RunDir.create(cfg, "reference", cfg.eval.seed, device, prefs.sha256, extra={"reference_model": path})
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         with run.stage("eval", device):

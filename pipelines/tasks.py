@@ -3,9 +3,12 @@
 * `sentiment`: instructions to write a short movie review, built from templates (neutral wording: the prompt
   must not ask for a positive or negative review). Gold reward = VADER compound score of the response, in
   [-1, 1] (vaderSentiment ships its lexicon, so it runs offline).
+* `imdb`: the DPO paper's controlled sentiment task. Prompts are IMDb review prefixes of 2 to 8 tokens, as plain
+  text (a completion task for a base model: no chat template). Gold reward = P(positive) of the response under a
+  sentiment classifier named in config (siebert/sentiment-roberta-large-english in the paper).
 * `hh`: Anthropic HH-RLHF harmless-base dialogues; real human preference pairs, no gold reward.
 
-Prompts are rendered through the model's chat template (with a short or empty system message: every token
+Other prompts are rendered through the model's chat template (with a short or empty system message: every token
 costs time on a CPU), so every component sees the exact same prompt string.
 """
 
@@ -19,10 +22,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from transformers import PreTrainedTokenizerBase
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from pipelines.config import PROJECT_ROOT, TaskConfig
+from pipelines.config import PROJECT_ROOT, ModelConfig, TaskConfig
 from pipelines.errors import UserError
+from pipelines.models import LOAD_ERRORS, default_device, resolve_model_path
 
 GoldReward = Callable[[list[str]], list[float]]
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -125,6 +130,102 @@ def vader_compound(texts: list[str]) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# imdb
+
+PREFIX_TOKENS = (2, 8)  # the DPO paper's IMDb prompts: the first 2 to 8 tokens of a review
+
+
+def review_prefix(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -> str:
+    """The text of the first `n_tokens` tokens of `text` (no special tokens; the decoded string, exactly)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:n_tokens]
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
+def _prefix_prompts(texts: list[str], n: int, tokenizer: PreTrainedTokenizerBase, rng: random.Random,
+                    dropped: dict[str, int]) -> list[str]:
+    """Up to `n` prompts, one per review in order, each cut at a token count drawn from PREFIX_TOKENS. A prefix that
+    tokenises again to a count outside that range (a cut inside a word can merge differently) is dropped, counted."""
+    prompts, reason = [], f"prefix re-tokenises to a length outside {PREFIX_TOKENS[0]}-{PREFIX_TOKENS[1]}"
+    for text in texts:
+        if len(prompts) == n:
+            break
+        prompt = review_prefix(tokenizer, text, rng.randint(*PREFIX_TOKENS))
+        if PREFIX_TOKENS[0] <= len(tokenizer(prompt, add_special_tokens=False).input_ids) <= PREFIX_TOKENS[1]:
+            prompts.append(prompt)
+        else:
+            dropped[reason] = dropped.get(reason, 0) + 1
+    return prompts
+
+
+@lru_cache(maxsize=1)
+def _classifier(path: str, device: str):
+    """The gold classifier and its own tokenizer, loaded once per process (data, evaluator and PPO-GT share it)."""
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except LOAD_ERRORS as e:
+        raise UserError(f"task.gold_model: cannot load a sequence classifier from '{path}': {e}") from None
+    tokenizer.padding_side = "right"  # positions then count from 0 in every row, whatever the model's position ids
+    return model.to(device).eval(), tokenizer
+
+
+@dataclass
+class PositiveProbability:
+    """Gold reward of the imdb task: P(positive label | response) under a sequence classifier, batched, without
+    gradients, on the policy's device. The response is scored alone: the 2-8-token prompt is not the policy's."""
+    path: str            # the classifier's folder or hub name
+    positive: int        # index of the positive label in the classifier's logits
+    batch_size: int
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> list[float]:
+        model, tokenizer = _classifier(self.path, str(default_device()))
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True, return_tensors="pt")
+            logits = model(**enc.to(model.device)).logits.float()
+            scores += logits.softmax(dim=-1)[:, self.positive].tolist()
+        return scores
+
+
+def positive_probability(cfg: TaskConfig, hub_access: bool) -> PositiveProbability:
+    """The gold reward named by task.gold_model / task.gold_positive_label (label resolved via config.label2id)."""
+    path = resolve_model_path(ModelConfig(name_or_path=cfg.gold_model), hub_access, key="task.gold_model")
+    try:
+        label2id = AutoConfig.from_pretrained(path).label2id  # the model itself loads at the first call
+    except LOAD_ERRORS as e:
+        raise UserError(f"task.gold_model: cannot read the config of '{path}': {e}") from None
+    if cfg.gold_positive_label not in label2id:
+        raise UserError(f"task.gold_positive_label: '{cfg.gold_positive_label}' is not a label of task.gold_model "
+                        f"'{cfg.gold_model}' (its config.label2id has {sorted(label2id)})")
+    return PositiveProbability(path, int(label2id[cfg.gold_positive_label]), cfg.gold_batch_size)
+
+
+def load_imdb(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: bool) -> Task:
+    """IMDb reviews (field `text`) -> prompts: train prompts from the train split, eval prompts from the test split
+    where the source has one (stanfordnlp/imdb does), else from train reviews the train prompts do not use. Reviews
+    are shuffled and each prefix length drawn with `task.prompt_seed`."""
+    name, train_rows = read_rows(cfg.path, "task.path", hub_access, "train")
+    _, test_rows = read_rows(cfg.path, "task.path", hub_access, "test", optional=True)
+    rng = random.Random(cfg.prompt_seed)
+    train_texts = text_field(train_rows, "text", f"{name} train")
+    rng.shuffle(train_texts)
+    if test_rows is None:
+        eval_texts, train_texts = train_texts[:cfg.n_eval_prompts], train_texts[cfg.n_eval_prompts:]
+    else:
+        eval_texts = text_field(test_rows, "text", f"{name} test")
+        rng.shuffle(eval_texts)
+    dropped: dict[str, int] = {}
+    train = _prefix_prompts(train_texts, cfg.n_train_prompts, tokenizer, rng, dropped)
+    eval_ = _prefix_prompts(eval_texts, cfg.n_eval_prompts, tokenizer, rng, dropped)
+    if not train or not eval_:
+        raise UserError(f"task.path: {name} gives {len(train)} train and {len(eval_)} eval prompts; it needs reviews "
+                        "for both (a single file's first task.n_eval_prompts shuffled reviews are held out for eval)")
+    return Task(name="imdb", train_prompts=train, eval_prompts=eval_, gold_reward=positive_probability(cfg, hub_access),
+                dropped=dropped)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # hh
 
 _HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -187,14 +288,14 @@ def _too_long(prompt: str, tokenizer: PreTrainedTokenizerBase, cfg: TaskConfig) 
     return len(tokenizer(prompt, add_special_tokens=False).input_ids) > cfg.max_prompt_tokens
 
 
-def _project_path(path: str) -> Path:
+def project_path(path: str) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else PROJECT_ROOT / p
 
 
 def load_hh(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     """HH-RLHF rows -> train / held-out preference pairs with templated prompts; bad rows counted and dropped."""
-    path = _project_path(cfg.path)
+    path = project_path(cfg.path)
     if not path.exists():
         raise UserError(f"task.path: {path} does not exist")
     pairs, dropped = [], {}
@@ -237,16 +338,32 @@ def check_pair(row: object, where: str) -> dict:
     return row
 
 
-def _read_preference_rows(source: str, hub_access: bool) -> tuple[str, list]:
-    """Rows of a preference dataset: a json/jsonl(.gz)/parquet file, a `datasets` folder, or a hub name."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-    path = _project_path(source)
+def read_rows(source: str, key: str, hub_access: bool, split: str = "train", optional: bool = False
+              ) -> tuple[str, list | None]:
+    """(name, rows) of one split of a dataset: a json / jsonl(.gz) / parquet / csv file (a file is a `train` split
+    only), a `datasets` folder (a DatasetDict's split; a lone Dataset is `train`), or, where `hub_access`, a hub
+    dataset name. A missing split is an error naming the config `key`, or rows None where `optional`."""
+    name, rows = _read_split(source, key, hub_access, split)
+    if rows is None and not optional:
+        raise UserError(f"{key}: {name} has no '{split}' split")
+    return name, rows
+
+
+def _read_split(source: str, key: str, hub_access: bool, split: str) -> tuple[str, list | None]:
+    from datasets import Dataset, DatasetDict, get_dataset_split_names, load_dataset, load_from_disk
+    path = project_path(source)
     if path.is_dir():
         ds = load_from_disk(str(path))
-        return path.name, (ds["train"] if isinstance(ds, DatasetDict) else ds).to_list()
+        if isinstance(ds, DatasetDict):
+            return path.name, ds[split].to_list() if split in ds else None
+        return path.name, ds.to_list() if split == "train" else None
     if path.exists():
+        if split != "train":
+            return path.name, None
         if path.suffix == ".parquet":
             return path.name, Dataset.from_parquet(str(path)).to_list()
+        if path.suffix == ".csv":
+            return path.name, Dataset.from_csv(str(path)).to_list()
         if path.suffix == ".json":
             data = json.loads(path.read_text())
             return path.name, data if isinstance(data, list) else [data]
@@ -258,8 +375,21 @@ def _read_preference_rows(source: str, hub_access: bool) -> tuple[str, list]:
                 raise UserError(f"{path.name} row {line_no}: invalid JSON ({e.msg})") from None
         return path.name, rows
     if not hub_access:
-        raise UserError(f"task.path: '{source}' is not a local file or folder, and this profile is offline")
-    return source, load_dataset(source, split="train").to_list()
+        raise UserError(f"{key}: '{source}' is not a local file or folder, and this profile is offline")
+    if split not in get_dataset_split_names(source):
+        return source, None
+    return source, load_dataset(source, split=split).to_list()
+
+
+def text_field(rows: list, field_name: str, where: str) -> list[str]:
+    """The non-empty string `field_name` of every row; an error names the row (`where row i`) and the field."""
+    texts = []
+    for i, row in enumerate(rows, start=1):
+        text = row.get(field_name) if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{where} row {i}: field '{field_name}' is missing, empty or not a string")
+        texts.append(text)
+    return texts
 
 
 def normalise_pair(row: object, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None, where: str) -> dict:
@@ -297,7 +427,7 @@ def _common_prefix(a: str, b: str) -> str:
 
 def load_preference_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: bool) -> Task:
     """Any preference dataset in TRL's format; a malformed row is an error naming the file and row."""
-    name, rows = _read_preference_rows(cfg.path, hub_access)
+    name, rows = read_rows(cfg.path, "task.path", hub_access)
     pairs, dropped = [], {}
     for i, row in enumerate(rows, start=1):
         pair = normalise_pair(row, tokenizer, cfg.system_prompt, f"{name} row {i}")
@@ -321,6 +451,8 @@ def load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: b
 
         return Task(name="sentiment", train_prompts=render(train), eval_prompts=render(eval_),
                     gold_reward=vader_compound)
+    if cfg.name == "imdb":
+        return load_imdb(cfg, tokenizer, hub_access)
     if cfg.name == "hh":
         return load_hh(cfg, tokenizer)
     if cfg.name == "preferences":

@@ -58,7 +58,7 @@ def quiet_progress_bar(trainer: Trainer) -> Trainer:
 
 class EvalAndLogCallback(TrainerCallback):
     """Writes every training step as a `train` row and runs the shared evaluator (an `eval` row and samples) at
-    step 0, every `eval_every` steps and at the end.
+    step 0, every `eval_every` steps and at the end; with `evaluate_policy` None, train rows only (the SFT stage).
 
     The training clock (`wall_seconds`) runs only between evaluations, so eval time never counts as training;
     each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`. A resumed
@@ -68,8 +68,8 @@ class EvalAndLogCallback(TrainerCallback):
     written last, so a half-written one is never resumed from) and deletes the older ones.
     """
 
-    def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]],
-                 eval_every: int, device: torch.device, train_seconds: float = 0.0, name: str = "step"):
+    def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]] | None,
+                 eval_every: int | None, device: torch.device, train_seconds: float = 0.0, name: str = "step"):
         self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
         self.name = name  # how a step is named in a divergence message, e.g. "DPO step"
         self.train_seconds = train_seconds  # closed stretches only; see `clock`
@@ -94,7 +94,7 @@ class EvalAndLogCallback(TrainerCallback):
 
     def _evaluate(self, model: PreTrainedModel, step: int, tokens: int) -> None:
         metrics: dict[str, float] = {}
-        if is_main():  # once: under DDP the other processes wait for it at the next gradient all-reduce
+        if self.evaluate_policy is not None and is_main():  # once: under DDP the others wait at the next all-reduce
             with self.run.stage("eval", self.device):
                 metrics, samples = self.evaluate_policy(model, step)
             self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
@@ -113,7 +113,7 @@ class EvalAndLogCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_save = False  # the last step: the run is about to complete, no resume point needed
-        if state.global_step % self.eval_every == 0:
+        if self.eval_every and state.global_step % self.eval_every == 0:
             self._stop_clock()
             self._evaluate(model, state.global_step, state.num_input_tokens_seen)
             self._start_clock()

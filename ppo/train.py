@@ -40,6 +40,7 @@ from pipelines.distributed import check_replicas, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import autocast, freeze, load_causal_lm, load_scalar_model, load_tokenizer, resolve_model_path
+from pipelines.reference import reference_model
 from pipelines.rundir import RunDir
 from pipelines.sequences import SequenceBatch, position_ids_from_mask, response_logprobs, reward_scores, sample
 from pipelines.stages import make_eval_context
@@ -98,7 +99,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
 
     # --- models: policy initialised from pi_ref; value model from the reward model (PPO-GT has none: from
     # pi_ref with a fresh scalar head); pi_ref and r_phi frozen
-    model_path = resolve_model_path(cfg.model, cfg.hub_access)
+    model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # pi_ref (pipelines/reference.py)
     tokenizer = load_tokenizer(model_path)
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     if gold and task.gold_reward is None:
@@ -127,6 +128,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     run, resume_from = RunDir.open(cfg, "ppo-gt" if gold else "ppo", seed, device, prefs.sha256,
                                    extra={"reward_model_path": None if gold else str(reward_model_path),
                                           "num_processes": accelerator.num_processes})
+    run.manifest["reference_model"] = model_path
     ctx = make_eval_context(cfg, prefs, ref, tokenizer, device) if main else None
     train_seconds, tokens, final_eval = 0.0, 0, {}
 

@@ -26,6 +26,7 @@ from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import EvalContext, heldout_pair_metrics
 from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
                               resolve_model_path, use_bf16)
+from pipelines.reference import reference_model
 from pipelines.rundir import RunDir
 from pipelines.sequences import chunks, reward_scores, sample
 from pipelines.tasks import load_task
@@ -60,14 +61,17 @@ class _LogToRun(TrainerCallback):
 
 def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
     """What a trained reward model depends on: reused by any later run with the same key."""
-    return {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": cfg.to_dict()[
+    key = {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": cfg.to_dict()[
         "reward_model"] | {"seed": seed}, "task": cfg.task.name}
+    if cfg.sft_stage.enabled:  # the backbone is pi_ref: the SFT stage's model
+        key["sft_stage"] = cfg.to_dict()["sft_stage"]
+    return key
 
 
 @torch.inference_mode()
 def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.device) -> float:
     """Mean raw score of pi_ref's samples on `prompts`: subtracting it centres r_phi on pi_ref."""
-    policy = freeze(load_causal_lm(resolve_model_path(cfg.model, cfg.hub_access)).to(device))
+    policy = freeze(load_causal_lm(resolve_model_path(reference_model(cfg), cfg.hub_access)).to(device))
     scores = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.data.seed)
@@ -83,10 +87,10 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
     """Train r_phi on `prefs.train` (eq. 1), centre it on pi_ref, report held-out accuracy and margin."""
     rc = cfg.reward_model
     device = default_device()
-    model_path = resolve_model_path(cfg.model, cfg.hub_access)
+    model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # the backbone: pi_ref's
     tokenizer = load_tokenizer(model_path)
     run = RunDir.create(cfg, "reward_model", seed, device, prefs.sha256,
-                        extra={"reward_model_key": reward_model_key(cfg, prefs, seed)})
+                        extra={"reward_model_key": reward_model_key(cfg, prefs, seed), "reference_model": model_path})
     with run.running():
         rm = load_scalar_model(model_path, tokenizer.pad_token_id)
         train_set = prefs.train.select_columns(["prompt", "chosen", "rejected"])

@@ -1,0 +1,104 @@
+"""The optional SFT stage (`make sft`): supervised fine-tuning of the base model `model.name_or_path` into pi_ref,
+with TRL's SFTTrainer, before anything else runs (the DPO paper's IMDb setup fine-tunes GPT-2 on reviews first).
+
+    train_sft(cfg) -> SFTResult
+
+Two sources of text (`sft_stage.source`):
+
+* `corpus`: a text corpus (`sft_stage.path`, field `sft_stage.text_field`); the loss covers every token.
+* `chosen`: the chosen responses of the task's own preference pairs (hh, preferences), with the prompt as context
+  only. Tasks that sample their pairs from pi_ref have none yet: the config rejects `chosen` for them.
+
+The model lands in runs/<profile>/sft/<run-id>/checkpoints/final, with the base model's tokenizer. Its manifest
+records `sft_key` (base model settings, sft_stage settings, sha256 of the training texts): pipelines/reference.py
+finds a completed run by that key and makes its model pi_ref for every stage.
+
+`sft_trainer` is also the trainer of the Preferred-FT baseline (baselines/preferred_ft.py): the same SFTTrainer on
+prompt / completion rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import trl
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from pipelines.config import Config, PreferredFTConfig, SFTStageConfig
+from pipelines.distributed import per_process
+from pipelines.models import default_device, load_causal_lm, load_tokenizer, resolve_model_path
+from pipelines.rundir import RunDir
+from pipelines.tasks import load_task, read_rows, text_field
+from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
+
+METHOD = "sft"
+
+
+@dataclass
+class SFTResult:
+    path: Path        # the fine-tuned model's folder: pi_ref of every later stage
+    run_dir: Path
+    steps: int        # optimiser steps taken
+
+
+def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset,
+                settings: SFTStageConfig | PreferredFTConfig, precision: str, seed: int, output_dir: Path,
+                callbacks: list[TrainerCallback]) -> trl.SFTTrainer:
+    """TRL's SFTTrainer on `rows`: `text` rows train on every token; `prompt` / `completion` rows on the completion
+    only (the prompt is context). EOS is appended to each text or completion, as TRL does. Constant learning rate."""
+    args = trl.SFTConfig(
+        output_dir=str(output_dir),
+        completion_only_loss="prompt" in rows.column_names,
+        packing=False,                   # one text (or prompt + completion) a row
+        learning_rate=settings.learning_rate, lr_scheduler_type="constant",
+        per_device_train_batch_size=per_process(
+            settings.batch_size, f"{'sft_stage' if isinstance(settings, SFTStageConfig) else 'sft'}.batch_size"),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1, max_length=settings.max_length,
+        activation_checkpointing=False,  # TRL's default is on: ~20% slower, and a small model's activations fit
+        **run_dir_args(precision, seed, model.device),
+    )
+    return quiet_progress_bar(trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                                             callbacks=callbacks))
+
+
+def sft_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """The stage's training rows: `text` rows from the corpus, or `prompt` / `completion` rows from the task's pairs."""
+    s = cfg.sft_stage
+    if s.source == "chosen":
+        pairs = load_task(cfg.task, tokenizer, cfg.hub_access).train_pairs
+        return Dataset.from_dict({"prompt": [p["prompt"] for p in pairs], "completion": [p["chosen"] for p in pairs]})
+    name, rows = read_rows(s.path, "sft_stage.path", cfg.hub_access)
+    return Dataset.from_dict({"text": text_field(rows, s.text_field, f"{name} (sft_stage.text_field)")})
+
+
+def sft_key(cfg: Config, rows: Dataset) -> dict:
+    """What the SFT model depends on: a completed run with the same key is reused (pipelines/reference.py)."""
+    texts = hashlib.sha256(json.dumps(rows.to_dict(), sort_keys=True).encode()).hexdigest()
+    return {"model": cfg.to_dict()["model"], "sft_stage": cfg.to_dict()["sft_stage"], "texts_sha256": texts}
+
+
+def train_sft(cfg: Config) -> SFTResult:
+    """Fine-tune the base model on the configured texts into runs/<profile>/sft/<run-id>/checkpoints/final."""
+    s = cfg.sft_stage
+    base = resolve_model_path(cfg.model, cfg.hub_access)
+    tokenizer = load_tokenizer(base)
+    rows = sft_rows(cfg, tokenizer)
+    key = sft_key(cfg, rows)
+    device = default_device()
+    run = RunDir.create(cfg, METHOD, s.seed, device, key["texts_sha256"],
+                        extra={"sft_key": key, "base_model_path": base, "texts": len(rows)})
+    with run.running():
+        model = load_causal_lm(base).to(device)
+        # train rows only: pi_ref's own evaluation is `make reference`, once this model is pi_ref
+        callback = EvalAndLogCallback(run, None, None, device, name="SFT step")
+        trainer = sft_trainer(model, tokenizer, rows, s, cfg.model.precision, s.seed, run.path / "checkpoints",
+                              [callback])
+        trainer.train()
+        final = save_policy(model, tokenizer, run, device)
+        run.manifest["sft_model_path"] = str(final)
+    return SFTResult(final, run.path, trainer.state.global_step)
