@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 from pipelines.config import PROJECT_ROOT, Config, ModelConfig
-from pipelines.distributed import main_process_first
 from pipelines.models import load_tokenizer, resolve_model_path
 from sft import sft_key, train_sft
 from sft.train import METHOD, sft_rows
@@ -50,9 +49,8 @@ def reference_model(cfg: Config) -> ModelConfig:
     model's folder. Pass it wherever a model is resolved or loaded (resolve_model_path, load_policy_and_reference)."""
     if not cfg.sft_stage.enabled:
         return cfg.model
-    with main_process_first():  # under DDP the main process trains it (if need be), the others then reuse it
-        path = sft_model(cfg)
-    return dataclasses.replace(cfg.model, name_or_path=str(path))
+    # Under DDP every process calls this, and together they train the SFT model (if need be), or all find it.
+    return dataclasses.replace(cfg.model, name_or_path=str(sft_model(cfg)))
 
 
 def main(cfg: Config) -> int:

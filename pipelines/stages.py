@@ -21,6 +21,8 @@ from pipelines.tasks import load_task
 def build_preference_set(cfg: Config) -> PreferenceSet:
     """Build or reuse the shared preference set and print what it holds. Under several processes the main one
     builds it and the others then load it."""
+    if cfg.sft_stage.enabled:  # pi_ref first: under DDP all processes train the SFT stage together, if need be
+        reference_model(cfg)
     with main_process_first():
         prefs = load_preferences(cfg)
         reused = "reused" if prefs is not None else "built"
