@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
 from pipelines.evaluate import evaluate
-from pipelines.models import load_policy_and_reference
+from pipelines.models import for_training, load_policy_and_reference, save_model
 from pipelines.rundir import RunDir
 from pipelines.stages import make_eval_context
 from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args
@@ -46,8 +46,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         packing=False,                   # one pair's prompt and chosen response a row, as DPO sees them
         learning_rate=s.learning_rate, lr_scheduler_type="constant", per_device_train_batch_size=s.batch_size,
         num_train_epochs=s.epochs, max_steps=s.max_steps or -1, max_length=s.max_length,
-        activation_checkpointing=False,  # TRL's default is on: ~20% slower, and a small model's activations fit
-        **run_dir_args(cfg.model.precision, seed, device),
+        **run_dir_args(cfg.model, seed, device),  # sets gradient checkpointing (TRL's default is on)
     )
 
 
@@ -64,6 +63,7 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
 def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> PreferredFTResult:
     """One Preferred-FT run from pi_ref on the shared preference set's chosen responses."""
     policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: the evaluator's only
+    policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)
     device = policy.device
     run = RunDir.create(cfg, METHOD, seed, device, prefs.sha256)
     with run.running():
@@ -72,7 +72,6 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
                                       cfg.sft.eval_every, device, name="Preferred-FT step")
         build_trainer(cfg, policy, tokenizer, prefs.train, seed, run.path / "checkpoints", [callback]).train()
         with run.stage("save", device):
-            policy.save_pretrained(run.path / "checkpoints" / "final")
-            tokenizer.save_pretrained(run.path / "checkpoints" / "final")
+            save_model(policy, tokenizer, run.path / "checkpoints" / "final")
     step, metrics = callback.last_eval
     return PreferredFTResult(run.path, step, metrics)

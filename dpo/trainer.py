@@ -30,7 +30,7 @@ from pipelines.config import Config
 from pipelines.data import PreferenceSet
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
-from pipelines.models import load_policy_and_reference
+from pipelines.models import for_training, load_policy_and_reference, save_model
 from pipelines.rundir import RunDir, read_jsonl
 from pipelines.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from pipelines.stages import make_eval_context
@@ -93,7 +93,7 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
                 batch = pad_sequences([f[:len(p)] for f, p in zip(full, rows["prompt_ids"])],
                                       [f[len(p):] for f, p in zip(full, rows["prompt_ids"])],
                                       self.processing_class.pad_token_id)
-                with torch.autocast(self.ref_model.device.type, torch.bfloat16, enabled=self.args.bf16):
+                with self.accelerator.autocast():  # the precision of TRL's own forward passes
                     out += response_logprobs(self.ref_model, batch.to(self.ref_model.device))[0].sum(dim=1).tolist()
         return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column("ref_rejected_logps",
                                                                                    logps["rejected"])
@@ -120,9 +120,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         per_device_train_batch_size=d.batch_size, gradient_accumulation_steps=d.gradient_accumulation_steps,
         num_train_epochs=d.epochs, max_steps=d.max_steps or -1, max_grad_norm=d.max_grad_norm,
         max_length=d.max_length,
-        # transformers' new name for gradient checkpointing; setting the old one warns that it is deprecated
-        activation_checkpointing=d.gradient_checkpointing,
-        **run_dir_args(cfg.model.precision, seed, device, d.checkpoint_every),
+        **run_dir_args(cfg.model, seed, device, d.checkpoint_every),
     )
 
 
@@ -170,6 +168,7 @@ def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -
 def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/."""
     policy, ref, tokenizer = load_policy_and_reference(cfg.model, cfg.hub_access)  # ref: TRL's and the evaluator's
+    policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
     device = policy.device
     run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256)
     with run.running():
@@ -189,7 +188,6 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int) -> DPOResult:
         run.write_manifest()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         with run.stage("save", device):
-            policy.save_pretrained(run.path / "checkpoints" / "final")
-            tokenizer.save_pretrained(run.path / "checkpoints" / "final")
+            save_model(policy, tokenizer, run.path / "checkpoints" / "final")
     step, metrics = callback.last_eval
     return DPOResult(run.path, step, callback.train_seconds, metrics, run.timings)

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from pipelines import stages
+    from pipelines.models import set_tf32
+    set_tf32(cfg.model.tf32)  # once per process (each `accelerate launch` process runs this), before any model
     if args.command == "data":
         prefs = stages.build_preference_set(cfg)
         print(f"preference set: {prefs.path}")

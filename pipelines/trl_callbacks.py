@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from pipelines.config import ModelConfig
 from pipelines.errors import check_finite
-from pipelines.models import use_bf16
+from pipelines.models import trainer_precision_args
 from pipelines.rundir import RunDir, commit_checkpoint, prune_checkpoints
 
 # Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
@@ -23,15 +24,19 @@ from pipelines.rundir import RunDir, commit_checkpoint, prune_checkpoints
 _UNLOGGED_KEYS = ("num_tokens", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
 
 
-def run_dir_args(precision: str, seed: int, device: torch.device, checkpoint_every: int | None = None
+def run_dir_args(model: ModelConfig, seed: int, device: torch.device, checkpoint_every: int | None = None
                  ) -> dict[str, Any]:
     """TrainingArguments common to every TRL trainer here: `EvalAndLogCallback` writes the metrics into the run
-    directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points."""
+    directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points;
+    precision and gradient checkpointing as `model.*` says."""
     return dict(logging_steps=1, report_to="none", eval_strategy="no",
+                **trainer_precision_args(model.precision, device),
+                # transformers' new name for gradient checkpointing (the old one warns that it is deprecated)
+                activation_checkpointing=model.gradient_checkpointing,
                 save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500,
                 logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be smoothed over
                 include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
-                bf16=use_bf16(precision, device), dataloader_pin_memory=device.type == "cuda",
+                dataloader_pin_memory=device.type == "cuda",
                 seed=seed, data_seed=seed)
 
 

@@ -23,8 +23,8 @@ from pipelines.config import Config
 from pipelines.data import PreferenceSet
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import EvalContext, heldout_pair_metrics
-from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
-                              resolve_model_path, use_bf16)
+from pipelines.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
+                              load_tokenizer, merged, resolve_model_path, save_model, trainer_precision_args)
 from pipelines.rundir import RunDir
 from pipelines.sequences import chunks, reward_scores, sample
 from pipelines.tasks import load_task
@@ -58,9 +58,11 @@ class _LogToRun(TrainerCallback):
 
 
 def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
-    """What a trained reward model depends on: reused by any later run with the same key."""
-    return {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": cfg.to_dict()[
+    """What a trained reward model depends on: reused by any later run with the same key (the LoRA settings are in
+    it only when LoRA is on, so keys of full fine-tuning stay as they were)."""
+    key = {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": cfg.to_dict()[
         "reward_model"] | {"seed": seed}, "task": cfg.task.name}
+    return key | {"lora": cfg.to_dict()["lora"]} if cfg.lora.enabled else key
 
 
 @torch.inference_mode()
@@ -87,17 +89,18 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
     run = RunDir.create(cfg, "reward_model", seed, device, prefs.sha256,
                         extra={"reward_model_key": reward_model_key(cfg, prefs, seed)})
     with run.running():
-        rm = load_scalar_model(model_path, tokenizer.pad_token_id)
+        rm = for_training(load_scalar_model(model_path, tokenizer.pad_token_id), cfg, "SEQ_CLS",
+                          trainer_checkpointing=True)
         train_set = prefs.train.select_columns(["prompt", "chosen", "rejected"])
         with tempfile.TemporaryDirectory() as scratch:
             args = RewardConfig(
                 output_dir=scratch, learning_rate=rc.learning_rate, num_train_epochs=rc.epochs,
                 per_device_train_batch_size=rc.batch_size, warmup_steps=rc.warmup_ratio,
                 lr_scheduler_type="linear", max_length=rc.max_length, logging_steps=1, save_strategy="no",
-                report_to=[], seed=seed, data_seed=seed, bf16=use_bf16(cfg.model.precision, device),
                 use_cpu=device.type == "cpu", disable_tqdm=False, dataloader_num_workers=0,
-                activation_checkpointing=False,
-                include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`  # TRL turns it on by default: ~30% slower, and memory is ample here
+                include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
+                **trainer_precision_args(cfg.model.precision, device),
+                activation_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default is on: ~30% slower
             )
             trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
                                     callbacks=[_LogToRun(run)])
@@ -113,7 +116,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
                       f"reward_model.max_length={rc.max_length} tokens and were dropped")
             with run.stage("reward_model", device):
                 trainer.train()
-        rm = freeze(trainer.model)
+        rm = freeze(merged(trainer.model))  # a plain model from here on: LoRA adapters folded in
         task = load_task(cfg.task, tokenizer, cfg.hub_access)
         with run.stage("reward_shift", device):
             shift = _reward_shift(rm, tokenizer, task.train_prompts[:rc.center_prompts], cfg, device)
@@ -125,8 +128,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
             heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None)
         check_finite("reward model on held-out pairs", **heldout)
         final = run.path / "checkpoints" / "final"
-        rm.save_pretrained(final, safe_serialization=True)
-        tokenizer.save_pretrained(final)
+        save_model(rm, tokenizer, final)
         run.log({"kind": "eval", "step": trainer.state.global_step, "wall_seconds": run.timings["reward_model"]
                  ["seconds"], "tokens": trainer.state.num_input_tokens_seen, "reward_shift": shift, **heldout})
         run.manifest["reward_model_path"] = str(final)
