@@ -16,7 +16,7 @@ from pipelines.models import (choose_precision, cuda_native_bf16, for_training, 
 from pipelines.rundir import read_jsonl
 from pipelines.sequences import encode_completions, response_logprobs
 from ppo.train import TokenValueModel, train_ppo
-from reward_model.train import reward_model_key
+from reward_model.train import reward_model_key, train_reward_model
 
 CPU = torch.device("cpu")
 
@@ -187,12 +187,18 @@ def test_dpo_step_with_lora_trains_only_adapters_against_a_full_frozen_reference
     _assert_only_adapters_moved(before, policy.state_dict(), ref.state_dict())
 
 
-def test_reward_model_key_tells_lora_apart_and_keeps_full_fine_tuning_keys(tiny_prefs):
+def test_reward_model_with_lora_is_saved_plain_under_its_own_key(tiny_prefs, tiny_path, tokenizer):
     cfg, prefs = tiny_prefs
     full = reward_model_key(cfg, prefs, 0)
     assert "lora" not in full  # reward models trained before LoRA existed are still reused
-    lora = reward_model_key(with_overrides(cfg, lora={"enabled": True}), prefs, 0)
-    assert lora != full and lora["lora"]["r"] == cfg.lora.r
+    cfg = with_overrides(cfg, lora={"enabled": True, "r": 4}, model={"gradient_checkpointing": True},
+                         reward_model={"learning_rate": 1e-3})
+    assert reward_model_key(cfg, prefs, 0)["lora"]["r"] == 4
+    result = train_reward_model(cfg, prefs, seed=0)
+    saved, fresh = (load_scalar_model(str(p), tokenizer.pad_token_id).state_dict() for p in (result.path, tiny_path))
+    assert saved.keys() == fresh.keys()  # a plain sequence classifier, adapters merged
+    q, mlp = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(saved[q], fresh[q]) and torch.equal(saved[mlp], fresh[mlp])
 
 
 # ---- gradient checkpointing ---------------------------------------------------------------------------------------
