@@ -155,7 +155,7 @@ def test_ppo_with_lora_and_checkpointing_trains_only_adapters_and_saves_a_plain_
     monkeypatch.setattr("ppo.train.save_model", spy_save)
     result = train_ppo(cfg, prefs, None, seed=0)
     (policy, policy_before), (value, value_before) = trained
-    assert policy.is_gradient_checkpointing and value.is_gradient_checkpointing
+    assert policy.is_activation_checkpointing and value.is_activation_checkpointing
     _assert_only_adapters_moved(policy_before, saved, load_causal_lm(tiny_path).state_dict())
     plain_value = load_scalar_model(tiny_path, tokenizer.pad_token_id).state_dict()
     plain_value["score.weight"] = torch.zeros_like(plain_value["score.weight"])  # PPO-GT zeroes the fresh head
