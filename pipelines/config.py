@@ -56,8 +56,8 @@ class ModelConfig:
         "'fp16' (with dynamic loss scaling); 'fp32' (no autocast); 'auto' = on a GPU bf16 where it is native "
         "(Ampere+), else fp16; on a CPU bf16 where it is native (avx512_bf16/AMX), else fp32 (docs/precision-and-memory.md)"
     )
-    tf32: bool = _f(False, "CUDA only: let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere+; ~10 "
-                           "significant bits, much faster); false = full fp32. No effect on a CPU")
+    tf32: bool = _f(False, "CUDA only: let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere+; a 10-bit "
+                           "mantissa, ~8x the fp32 throughput); false = full fp32. No effect on a CPU")
     gradient_checkpointing: bool = _f(
         False, "recompute activations in the backward pass of every trained model (PPO policy and value model, reward "
                "model, DPO and Preferred-FT policy): less activation memory, ~20-30% slower")
@@ -405,9 +405,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for '{key}'")  # a programming error, not a user one
 
 
+# Keys that moved to another section: an old config gets told where.
+MOVED_KEYS = {"dpo.gradient_checkpointing": "model.gradient_checkpointing"}
+
+
 def _unknown_key(key: str, valid: list[str], prefix: str) -> UserError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = f"; it is now '{MOVED_KEYS[f'{prefix}.{key}']}'" if f"{prefix}.{key}" in MOVED_KEYS else hint
     where = f" in section '{prefix}'" if prefix else ""
     return UserError(f"unknown config key '{prefix + '.' if prefix else ''}{key}'{where}{hint} "
                      f"(valid keys: {', '.join(sorted(valid))})")

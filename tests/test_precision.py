@@ -75,6 +75,11 @@ def test_bad_precision_and_lora_values_are_config_errors(override, key):
         load_config("tiny", [override])
 
 
+def test_the_old_dpo_checkpointing_key_points_to_the_new_one():
+    with pytest.raises(UserError, match="'dpo.gradient_checkpointing'.*it is now 'model.gradient_checkpointing'"):
+        load_config("tiny", ["dpo.gradient_checkpointing=true"])
+
+
 def test_unknown_lora_target_module_names_the_key(tiny_path):
     cfg = load_config("tiny", ["lora.enabled=true", "lora.target_modules=[qkv_proj]"])
     with pytest.raises(UserError, match="'lora.target_modules'.*qkv_proj"):
