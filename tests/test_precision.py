@@ -275,3 +275,40 @@ def test_ppo_in_fp16_scales_the_loss_and_skips_overflowing_steps(tiny_prefs, mon
     else:  # every step of iteration 1 overflowed: the scale halved once per minibatch, no norm to log
         assert skips[0] == 1.0 and "grad_norm" not in train[0]
         assert scales[0] == init_scale / 2 ** minibatches and scales[1] <= scales[0]
+
+
+def test_fp16_lora_ppo_resumes_with_its_loss_scale_and_adapters(tiny_prefs, tmp_path, monkeypatch):
+    """A run cut at iteration 3 resumes from its checkpoint at 2 and ends as an uninterrupted one: the scaler's
+    state (here a scale that overflow has halved) and the adapters are part of the resume point."""
+    import ppo.train
+
+    init_scale = 2.0 ** 20  # the tiny model's first step overflows at this scale, the second does not
+    monkeypatch.setattr(ppo.train, "grad_scaler", lambda *_: torch.amp.GradScaler("cpu", init_scale=init_scale))
+    cfg, prefs = tiny_prefs
+    cfg = with_overrides(cfg, model={"precision": "fp16"}, lora={"enabled": True, "r": 4},
+                         ppo={"reward": "gold", "iterations": 3, "eval_every": 3, "checkpoint_every": 2,
+                              "learning_rate": 1e-3})
+
+    def train_rows(runs_dir):
+        result = train_ppo(dataclasses.replace(cfg, runs_dir=str(runs_dir)), prefs, None, seed=0)
+        return [{k: v for k, v in r.items() if k != "wall_seconds" and not k.startswith("time/")}
+                for r in read_jsonl(result.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
+
+    uninterrupted = train_rows(tmp_path / "a")
+    real_sample, calls = ppo.train.sample, []
+
+    def power_cut_at_iteration_3(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        return real_sample(*a, **kw)
+
+    monkeypatch.setattr(ppo.train, "sample", power_cut_at_iteration_3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_rows(tmp_path / "b")
+    monkeypatch.setattr(ppo.train, "sample", real_sample)
+    resumed = train_rows(tmp_path / "b")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    # before the cut the scale had moved and the adapters had trained (pi_theta's rollout has moved off pi_ref)
+    assert uninterrupted[1]["amp/loss_scale"] < init_scale and uninterrupted[2]["objective/kl"] != 0
+    assert resumed == uninterrupted
