@@ -277,7 +277,7 @@ def test_ppo_in_fp16_scales_the_loss_and_skips_overflowing_steps(tiny_prefs, mon
         assert scales[0] == init_scale / 2 ** minibatches and scales[1] <= scales[0]
 
 
-def test_fp16_lora_ppo_resumes_with_its_loss_scale_and_adapters(tiny_prefs, tmp_path, monkeypatch):
+def test_fp16_lora_ppo_resumes_with_its_loss_scale_and_adapters(tiny_prefs, tmp_path, monkeypatch, power_cut):
     """A run cut at iteration 3 resumes from its checkpoint at 2 and ends as an uninterrupted one: the scaler's
     state (here a scale that overflow has halved) and the adapters are part of the resume point."""
     import ppo.train
@@ -295,15 +295,7 @@ def test_fp16_lora_ppo_resumes_with_its_loss_scale_and_adapters(tiny_prefs, tmp_
                 for r in read_jsonl(result.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
 
     uninterrupted = train_rows(tmp_path / "a")
-    real_sample, calls = ppo.train.sample, []
-
-    def power_cut_at_iteration_3(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("power cut")
-        return real_sample(*a, **kw)
-
-    monkeypatch.setattr(ppo.train, "sample", power_cut_at_iteration_3)
+    real_sample = power_cut(ppo.train, "sample", 3)  # the rollout of iteration 3
     with pytest.raises(RuntimeError, match="power cut"):
         train_rows(tmp_path / "b")
     monkeypatch.setattr(ppo.train, "sample", real_sample)
