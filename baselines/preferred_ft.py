@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
 from pipelines.evaluate import evaluate
-from pipelines.models import load_policy_and_reference
+from pipelines.models import for_training, load_policy_and_reference
 from pipelines.reference import reference_model
 from pipelines.rundir import RunDir
 from pipelines.stages import make_eval_context
@@ -45,12 +45,13 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
     copy: TRL's map() calls would otherwise write cache files into the shared preference set's folder, whose sha256
     its manifest guards."""
     rows = Dataset.from_dict({"prompt": pairs["prompt"], "completion": pairs["chosen"]})
-    return sft_trainer(policy, tokenizer, rows, cfg.sft, cfg.model.precision, seed, output_dir, callbacks)
+    return sft_trainer(policy, tokenizer, rows, cfg.sft, cfg.model, seed, output_dir, callbacks)
 
 
 def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> PreferredFTResult:
     """One Preferred-FT run from pi_ref on the shared preference set's chosen responses."""
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
+    policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)
     device = policy.device
     run = RunDir.create(cfg, METHOD, seed, device, prefs.sha256, extra={"reference_model": ref.name_or_path})
     with run.running():

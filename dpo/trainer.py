@@ -31,7 +31,7 @@ from pipelines.data import PreferenceSet
 from pipelines.distributed import check_replicas, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
-from pipelines.models import freeze, load_policy_and_reference, load_scalar_model
+from pipelines.models import for_training, freeze, load_policy_and_reference, load_scalar_model
 from pipelines.reference import reference_model
 from pipelines.rundir import RunDir, read_jsonl
 from pipelines.sequences import chunks, pad_sequences, response_logprobs, shortest_first
@@ -95,7 +95,7 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
                 batch = pad_sequences([f[:len(p)] for f, p in zip(full, rows["prompt_ids"])],
                                       [f[len(p):] for f, p in zip(full, rows["prompt_ids"])],
                                       self.processing_class.pad_token_id)
-                with torch.autocast(self.ref_model.device.type, torch.bfloat16, enabled=self.args.bf16):
+                with self.accelerator.autocast():  # the precision of TRL's own forward passes
                     out += response_logprobs(self.ref_model, batch.to(self.ref_model.device))[0].sum(dim=1).tolist()
         return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column("ref_rejected_logps",
                                                                                    logps["rejected"])
@@ -122,9 +122,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         per_device_train_batch_size=per_process(d.batch_size, "dpo.batch_size"), gradient_accumulation_steps=d.gradient_accumulation_steps,
         num_train_epochs=d.epochs, max_steps=d.max_steps or -1, max_grad_norm=d.max_grad_norm,
         max_length=d.max_length,
-        # transformers' new name for gradient checkpointing; setting the old one warns that it is deprecated
-        activation_checkpointing=d.gradient_checkpointing,
-        **run_dir_args(cfg.model.precision, seed, device, d.checkpoint_every),
+        **run_dir_args(cfg.model, seed, device, d.checkpoint_every),
     )
 
 
@@ -173,6 +171,7 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/. With
     `reward_model_path` (PPO's r_phi), the evaluator also reports the proxy reward of DPO's samples under it."""
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: TRL's, evaluator's
+    policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
     device = policy.device
     reward_model = None if reward_model_path is None else freeze(
         load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from pipelines.hub import require_hub
         require_hub(cfg)
     from pipelines import stages
+    from pipelines.models import set_tf32
+    set_tf32(cfg.model.tf32)  # once per process (each `accelerate launch` process runs this), before any model
     if args.command == "data":
         prefs = stages.build_preference_set(cfg)
         print(f"preference set: {prefs.path}")

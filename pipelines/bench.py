@@ -15,8 +15,8 @@ first logged step to the last (the first step's one-off set-up is left out). A r
 less work per token than the plain step: PPO's log-prob passes skip the LM head over the prompt, and the value
 and reward models have no LM head at all.
 
-Prints the table and writes it to reports/<profile>/bench.csv; fp32 and bf16 autocast side by side where bf16
-is fast here (a GPU, or a CPU with native bf16).
+Prints the table and writes it to reports/<profile>/bench.csv; fp32 and the mixed precision `model.precision: auto`
+picks side by side where there is a fast one (a GPU: bf16, or fp16 before Ampere; a CPU with native bf16: bf16).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import dpo
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.data import build_preferences
 from pipelines.models import (autocast, default_device, load_causal_lm, load_scalar_model, load_tokenizer,
-                              resolve_model_path, use_bf16)
+                              resolve_model_path, resolve_precision)
 from pipelines.rundir import peak_memory_mb, read_jsonl, reset_peak_memory
 from pipelines.sequences import tokenize_prompts
 from pipelines.tasks import load_task
@@ -254,14 +254,15 @@ def machine(device: torch.device) -> str:
 
 def main(cfg: Config) -> int:
     device = default_device()
-    precisions = ["fp32", "bf16"] if use_bf16("auto", device) else ["fp32"]
+    fast = resolve_precision("auto", device)  # bf16 or fp16 where the hardware has it, else fp32
+    precisions = ["fp32", fast] if fast != "fp32" else ["fp32"]
     table = pd.DataFrame([row for precision in precisions for row in bench_precision(cfg, precision, device)],
                          columns=COLUMNS)
     out = Path(PROJECT_ROOT / cfg.report.out_dir / cfg.profile / "bench.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     print(f"\nbench, profile {cfg.profile}: {machine(device)}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}" + ("" if len(precisions) > 1 else "; bf16 autocast is not fast here: fp32 only"))
+          f"torch {torch.__version__}" + ("" if len(precisions) > 1 else "; no fast mixed precision here: fp32 only"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"\nwritten: {out}")
     shares = eval_shares(cfg)

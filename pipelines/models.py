@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
 
 from pipelines import distributed
-from pipelines.config import ModelConfig
+from pipelines.config import Config, ModelConfig
 from pipelines.errors import UserError
 
 EMBEDDED_PREFIX = "embedded:"
@@ -275,21 +276,99 @@ def cpu_supports_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
+def choose_precision(precision: str, device_type: str, native_bf16: bool) -> str:
+    """'auto' -> a concrete precision. On a GPU, bf16 where it is native (Ampere+), else fp16 (tensor cores since
+    Volta, with loss scaling); on a CPU, bf16 where it is native, else fp32 (emulated bf16 is ~20x slower, and CPU
+    fp16 matmuls are emulated too). Explicit choices are kept."""
+    if precision != "auto":
+        return precision
+    if native_bf16:
+        return "bf16"
+    return "fp16" if device_type == "cuda" else "fp32"
+
+
+def cuda_native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores arrived with Ampere (compute capability 8.0). (`torch.cuda.is_bf16_supported()` also says
+    yes on older GPUs, where bf16 is emulated.)"""
+    return capability >= (8, 0)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`model.precision` on this device: 'fp32', 'bf16' or 'fp16'."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_supports_fast_bf16()
+        native = cuda_native_bf16(torch.cuda.get_device_capability(device))
+    else:
+        native = cpu_supports_fast_bf16()
+    return choose_precision(precision, device.type, native)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast where configured (and, for 'auto', where the hardware does it fast)."""
-    if use_bf16(precision, device):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 or fp16 autocast, as `resolve_precision` decides; weights stay fp32 (autocast casts per operation)."""
+    dtype = AUTOCAST_DTYPES.get(resolve_precision(precision, device))
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling, on for fp16 only: fp16's 5 exponent bits flush small gradients to zero unless the loss
+    is scaled up; an overflow (inf/NaN gradient) skips that step and halves the scale. A disabled scaler passes
+    everything through, so training loops call it unconditionally."""
+    return torch.amp.GradScaler(device.type, enabled=resolve_precision(precision, device) == "fp16")
+
+
+def trainer_precision_args(precision: str, device: torch.device) -> dict[str, bool]:
+    """`bf16` / `fp16` for transformers' TrainingArguments (Trainer adds the loss scaler for fp16 on a GPU; on a CPU
+    accelerate has no fp16 mixed precision and trains in fp32)."""
+    resolved = resolve_precision(precision, device)
+    return {"bf16": resolved == "bf16", "fp16": resolved == "fp16"}
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 (or strict fp32) for CUDA fp32 matmuls and cuDNN convolutions, process-wide; the flags are ignored on
+    a CPU. Called once per process, when the config is loaded (pipelines/__main__.py)."""
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
+def for_training(model: PreTrainedModel, cfg: Config, task_type: str, trainer_checkpointing: bool = False
+                 ) -> PreTrainedModel:
+    """A freshly loaded model, made ready to train as the config says: gradient checkpointing (unless a TRL trainer
+    turns it on itself, `trainer_checkpointing`), then LoRA adapters. `task_type` is peft's: 'CAUSAL_LM' for a
+    policy, 'SEQ_CLS' for a reward or value model (whose head `score` peft then trains in full, modules_to_save)."""
+    if cfg.model.gradient_checkpointing and not trainer_checkpointing:
+        # Non-reentrant checkpointing: gradients reach the weights inside a recomputed block even when the block's
+        # input needs none (frozen embeddings under LoRA).
+        # (Our training forward passes say use_cache=False, as checkpointing requires.)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.lora.enabled:
+        return model
+    lc = cfg.lora
+    targets = lc.target_modules
+    peft_config = LoraConfig(task_type=task_type, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                             target_modules=("all-linear" if targets == ["all-linear"] else targets or None))
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as e:  # peft names the target modules it did not find in the model
+        raise UserError(f"config key 'lora.target_modules': {str(e).splitlines()[0]}") from None
+    if cfg.model.gradient_checkpointing:
+        model.enable_input_require_grads()  # reentrant checkpointing (TRL's under ZeRO-3) needs it with frozen inputs
+    return model
+
+
+def merged(model: PreTrainedModel) -> PreTrainedModel:
+    """The plain model to save or hand on: LoRA adapters folded into the weights (W + alpha/r B A), in place; a
+    model without adapters as it is."""
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Save a trained policy or reward model as a plain transformers folder (adapters merged): the evaluator and
+    every later stage load it with `load_causal_lm` / `load_scalar_model`, peft or not."""
+    merged(model).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
 
 
 def default_device() -> torch.device:

@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from pipelines.config import ModelConfig
 from pipelines.distributed import is_main, wait_for_everyone
 from pipelines.errors import check_finite
-from pipelines.models import use_bf16
+from pipelines.models import save_model, trainer_precision_args
 from pipelines.rundir import RunDir, commit_checkpoint, prune_checkpoints
 
 # Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
@@ -24,15 +25,19 @@ from pipelines.rundir import RunDir, commit_checkpoint, prune_checkpoints
 _UNLOGGED_KEYS = ("num_tokens", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
 
 
-def run_dir_args(precision: str, seed: int, device: torch.device, checkpoint_every: int | None = None
+def run_dir_args(model: ModelConfig, seed: int, device: torch.device, checkpoint_every: int | None = None
                  ) -> dict[str, Any]:
     """TrainingArguments common to every TRL trainer here: `EvalAndLogCallback` writes the metrics into the run
-    directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points."""
+    directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points;
+    precision and gradient checkpointing as `model.*` says."""
     return dict(logging_steps=1, report_to="none", eval_strategy="no",
+                **trainer_precision_args(model.precision, device),
+                # transformers' new name for gradient checkpointing (the old one warns that it is deprecated)
+                activation_checkpointing=model.gradient_checkpointing,
                 save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500,
                 logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be smoothed over
                 include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
-                bf16=use_bf16(precision, device), dataloader_pin_memory=device.type == "cuda",
+                dataloader_pin_memory=device.type == "cuda",
                 # Trainer re-creates accelerate's process state: without use_cpu, processes on a machine without
                 # CUDA would each train alone instead of forming one DDP group
                 use_cpu=device.type == "cpu",
@@ -142,11 +147,10 @@ class EvalAndLogCallback(TrainerCallback):
 
 def save_policy(policy: PreTrainedModel, tokenizer, run: RunDir, device: torch.device) -> Path:
     """Save the trained policy (and tokenizer) to the run's checkpoints/final/, once (the main process), as a plain
-    Hugging Face folder; every process returns its path once it is on disk."""
+    Hugging Face folder (LoRA adapters merged); every process returns its path once it is on disk."""
     final = run.path / "checkpoints" / "final"
     if is_main():
         with run.stage("save", device):
-            policy.save_pretrained(final)
-            tokenizer.save_pretrained(final)
+            save_model(policy, tokenizer, final)
     wait_for_everyone()
     return final

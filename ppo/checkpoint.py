@@ -1,7 +1,8 @@
 """PPO resume points: everything the loop needs to go on exactly as if it had never stopped.
 
     checkpoints/checkpoint-<iteration>/
-        state.pt          policy and value-model weights, AdamW moments, the learning-rate schedule's position
+        state.pt          policy and value-model weights, AdamW moments, the learning-rate schedule's position, the
+                          fp16 loss scale
         rng_<rank>.pt     each process's torch / CUDA / python / numpy RNG (rollout sampling, minibatch order)
         progress.json     iteration, tokens, training seconds, the KL coefficient beta, the last eval's metrics
         checkpoint.json   every file's sha256, written last (pipelines.rundir.commit_checkpoint)
@@ -42,7 +43,7 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), *rest))
 
 
-def save(root: Path, iteration: int, accelerator: Accelerator, policy, value_model, optimizer, scheduler,
+def save(root: Path, iteration: int, accelerator: Accelerator, policy, value_model, optimizer, scheduler, scaler,
          progress: dict) -> Path:
     """Write checkpoint-<iteration> under `root` (every process calls this; each saves its own RNG) and delete
     the older ones. Returns the folder."""
@@ -57,7 +58,8 @@ def save(root: Path, iteration: int, accelerator: Accelerator, policy, value_mod
     if main:
         torch.save({"policy": accelerator.unwrap_model(policy).state_dict(),
                     "value_model": accelerator.unwrap_model(value_model).state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict()}, tmp / "state.pt")
         (tmp / "progress.json").write_text(json.dumps({"iteration": iteration, **progress}, indent=2))
     accelerator.wait_for_everyone()
     if main:
@@ -69,7 +71,7 @@ def save(root: Path, iteration: int, accelerator: Accelerator, policy, value_mod
     return folder
 
 
-def restore(folder: Path, accelerator: Accelerator, policy, value_model, optimizer, scheduler) -> dict:
+def restore(folder: Path, accelerator: Accelerator, policy, value_model, optimizer, scheduler, scaler) -> dict:
     """Load a checkpoint written by `save` into the (already built and prepared) models, optimizer and
     scheduler, and this process's RNG. Returns progress.json. Call it last, just before the loop, so that
     nothing draws from the restored RNG first."""
@@ -78,5 +80,6 @@ def restore(folder: Path, accelerator: Accelerator, policy, value_model, optimiz
     accelerator.unwrap_model(value_model).load_state_dict(state["value_model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])  # a no-op for a disabled scaler (not fp16)
     _set_rng_state(torch.load(folder / f"rng_{accelerator.process_index}.pt", weights_only=True))
     return json.loads((folder / "progress.json").read_text())

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,7 +40,8 @@ from pipelines.data import PreferenceSet
 from pipelines.distributed import check_replicas, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
-from pipelines.models import autocast, freeze, load_causal_lm, load_scalar_model, load_tokenizer, resolve_model_path
+from pipelines.models import (autocast, for_training, freeze, grad_scaler, load_causal_lm, load_scalar_model,
+                              load_tokenizer, resolve_model_path, save_model)
 from pipelines.reference import reference_model
 from pipelines.rundir import RunDir
 from pipelines.sequences import SequenceBatch, position_ids_from_mask, response_logprobs, reward_scores, sample
@@ -61,17 +63,18 @@ class TokenValueModel(nn.Module):
 
     def __init__(self, scalar_model: nn.Module):
         super().__init__()
-        self.scalar_model = scalar_model
+        self.scalar_model = scalar_model  # with LoRA a PeftModel: its adapters and its full-trained `score` train
         self.shift = float(getattr(scalar_model.config, "reward_shift", 0.0))
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         """Values of the response positions, [B, R]: the hidden state that predicts response token t gives V(s_t)."""
-        backbone = getattr(self.scalar_model, self.scalar_model.base_model_prefix)
+        model = self.scalar_model.get_base_model() if isinstance(self.scalar_model, PeftModel) else self.scalar_model
+        backbone = getattr(model, model.base_model_prefix)
         mask = batch.attention_mask
         hidden = backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                           use_cache=False).last_hidden_state
         p_len = batch.prompt_ids.shape[1]
-        values = self.scalar_model.score(hidden[:, p_len - 1:-1]).squeeze(-1).float() - self.shift
+        values = model.score(hidden[:, p_len - 1:-1]).squeeze(-1).float() - self.shift
         return values * batch.response_mask
 
 
@@ -96,6 +99,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     device = accelerator.device
     set_seed(seed)
     amp = lambda: autocast(cfg.model.precision, device)  # noqa: E731  (a fresh context each use)
+    scaler = grad_scaler(cfg.model.precision, device)  # fp16 only; otherwise it passes everything through
 
     # --- models: policy initialised from pi_ref; value model from the reward model (PPO-GT has none: from
     # pi_ref with a fresh scalar head); pi_ref and r_phi frozen
@@ -104,16 +108,18 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     if gold and task.gold_reward is None:
         raise UserError(f"ppo.reward: 'gold' needs a task with a gold reward; task '{cfg.task.name}' has none")
-    policy = load_causal_lm(model_path)
+    policy = for_training(load_causal_lm(model_path), cfg, "CAUSAL_LM")  # with LoRA, ref stays a full frozen copy
     ref = freeze(load_causal_lm(model_path)).to(device)
     reward_model = None if gold else freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)
                                             ).to(device)
-    value_model = TokenValueModel(load_scalar_model(str(model_path if gold else reward_model_path),
-                                                    tokenizer.pad_token_id))
+    value_scalar = load_scalar_model(str(model_path if gold else reward_model_path), tokenizer.pad_token_id)
     if gold:  # a fresh head starts at V = 0 rather than at random values
-        nn.init.zeros_(value_model.scalar_model.score.weight)
-    # One optimizer over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss.
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=pc.learning_rate, eps=1e-5)
+        nn.init.zeros_(value_scalar.score.weight)
+    value_model = TokenValueModel(for_training(value_scalar, cfg, "SEQ_CLS"))
+    # One optimizer over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss. Only the
+    # trainable parameters: all of them, or with LoRA the adapters and the value head.
+    optimizer = torch.optim.AdamW([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad],
+                                  lr=pc.learning_rate, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # detail: linear learning-rate annealing to 0
         optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0)
     policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
@@ -151,7 +157,8 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         if resume_from is None:
             run_eval(0)
         else:  # go on after the checkpoint's iteration, in the very state the interrupted run was in then
-            progress = checkpoint.restore(resume_from, accelerator, policy, value_model, optimizer, scheduler)
+            progress = checkpoint.restore(resume_from, accelerator, policy, value_model, optimizer, scheduler,
+                                          scaler)
             first_iteration = progress["iteration"] + 1
             tokens, train_seconds, beta, final_eval = (progress[k] for k in ("tokens", "train_seconds", "beta",
                                                                               "final_eval"))
@@ -210,16 +217,26 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                         loss = pg_loss + pc.vf_coef * vf_loss
                         check_finite(f"PPO iteration {iteration}", loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
                         optimizer.zero_grad(set_to_none=True)
-                        accelerator.backward(loss)
+                        accelerator.backward(scaler.scale(loss))
+                        scaler.unscale_(optimizer)  # clip (and log) the true gradients, not the scaled ones
                         # detail: gradient clipping, each model on its own: one global norm lets the value
                         # loss's large early gradients shrink the policy's step
                         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), pc.max_grad_norm)
                         vf_grad_norm = accelerator.clip_grad_norm_(value_model.parameters(), pc.max_grad_norm)
-                        check_finite(f"PPO iteration {iteration}", grad_norm=grad_norm, value_grad_norm=vf_grad_norm)
-                        optimizer.step()
+                        norms = {"grad_norm": grad_norm, "val/grad_norm": vf_grad_norm}
+                        if scaler.is_enabled():  # fp16: an overflow is routine; the scaler skips that step
+                            scale = scaler.get_scale()
+                            scaler.step(optimizer)
+                            scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
+                            skipped = scaler.get_scale() < scale
+                            stats.setdefault("amp/skip_rate", []).append(float(skipped))
+                            norms = {} if skipped else norms  # an inf norm is the overflow itself, not a divergence
+                        else:
+                            check_finite(f"PPO iteration {iteration}", grad_norm=grad_norm,
+                                         value_grad_norm=vf_grad_norm)
+                            optimizer.step()
                         for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
-                                           "policy/entropy_token": masked_mean(entropy, mask[idx]),
-                                           "grad_norm": grad_norm, "val/grad_norm": vf_grad_norm}.items():
+                                           "policy/entropy_token": masked_mean(entropy, mask[idx]), **norms}.items():
                             stats.setdefault(key, []).append(float(value.detach()))
                 scheduler.step()
                 update_end = time.perf_counter()
@@ -244,6 +261,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                     "tokens/scoring": int(batch.attention_mask.sum()) * (3 if gold else 4),
                     "tokens/update": int(batch.attention_mask.sum()) * 2 * pc.ppo_epochs,
                     **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
+                    **({"amp/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
                 }
                 check_finite(f"PPO iteration {iteration}", **{k: v for k, v in row.items()
                                                               if k != "val/explained_variance"})
@@ -256,14 +274,13 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 run_eval(iteration)
             if pc.checkpoint_every and iteration % pc.checkpoint_every == 0 and iteration < pc.iterations:
                 checkpoint.save(run.path / "checkpoints", iteration, accelerator, policy, value_model, optimizer,
-                                scheduler, {"tokens": tokens, "train_seconds": train_seconds, "beta": beta,
+                                scheduler, scaler, {"tokens": tokens, "train_seconds": train_seconds, "beta": beta,
                                             "final_eval": final_eval})
 
         check_replicas(accelerator.unwrap_model(policy), run.manifest)
         policy_path = run.path / "checkpoints" / "final"
         if main:
-            accelerator.unwrap_model(policy).save_pretrained(policy_path, safe_serialization=True)
-            tokenizer.save_pretrained(policy_path)
+            save_model(accelerator.unwrap_model(policy), tokenizer, policy_path)  # a plain model, LoRA merged
             run.manifest["train_seconds"] = train_seconds
         accelerator.wait_for_everyone()  # the policy is on disk before any process returns its path
     return PPOResult(run_dir=run.path, final_eval=final_eval, policy_path=policy_path)

@@ -24,8 +24,8 @@ from pipelines.data import PreferenceSet
 from pipelines.distributed import check_replicas, from_main, is_main, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import EvalContext, heldout_pair_metrics
-from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
-                              resolve_model_path, use_bf16)
+from pipelines.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
+                              load_tokenizer, merged, resolve_model_path, save_model, trainer_precision_args)
 from pipelines.reference import reference_model
 from pipelines.rundir import RunDir
 from pipelines.sequences import chunks, reward_scores, sample
@@ -60,11 +60,14 @@ class _LogToRun(TrainerCallback):
 
 
 def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
-    """What a trained reward model depends on: reused by any later run with the same key."""
+    """What a trained reward model depends on: reused by any later run with the same key (the SFT stage's and the
+    LoRA settings are in it only when they are on, so the keys of earlier reward models stay as they were)."""
     key = {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": cfg.to_dict()[
         "reward_model"] | {"seed": seed}, "task": cfg.task.name}
     if cfg.sft_stage.enabled:  # the backbone is pi_ref: the SFT stage's model
         key["sft_stage"] = cfg.to_dict()["sft_stage"]
+    if cfg.lora.enabled:
+        key["lora"] = cfg.to_dict()["lora"]
     return key
 
 
@@ -92,7 +95,8 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
     run = RunDir.create(cfg, "reward_model", seed, device, prefs.sha256,
                         extra={"reward_model_key": reward_model_key(cfg, prefs, seed), "reference_model": model_path})
     with run.running():
-        rm = load_scalar_model(model_path, tokenizer.pad_token_id)
+        rm = for_training(load_scalar_model(model_path, tokenizer.pad_token_id), cfg, "SEQ_CLS",
+                          trainer_checkpointing=True)
         train_set = prefs.train.select_columns(["prompt", "chosen", "rejected"])
         with tempfile.TemporaryDirectory() as scratch:
             args = RewardConfig(
@@ -100,10 +104,10 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
                 per_device_train_batch_size=per_process(rc.batch_size, "reward_model.batch_size"),
                 warmup_steps=rc.warmup_ratio, lr_scheduler_type="linear", max_length=rc.max_length,
                 logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-                bf16=use_bf16(cfg.model.precision, device), use_cpu=device.type == "cpu", disable_tqdm=False,
-                dataloader_num_workers=0,
-                activation_checkpointing=False,  # TRL turns it on by default: ~30% slower, and memory is ample here
+                use_cpu=device.type == "cpu", disable_tqdm=False, dataloader_num_workers=0,
                 include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
+                **trainer_precision_args(cfg.model.precision, device),
+                activation_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default is on: ~30% slower
             )
             trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
                                     callbacks=[_LogToRun(run)])
@@ -119,7 +123,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
                       f"reward_model.max_length={rc.max_length} tokens and were dropped")
             with run.stage("reward_model", device):
                 trainer.train()
-        rm = freeze(trainer.model)
+        rm = freeze(merged(trainer.model))  # a plain model from here on: LoRA adapters folded in
         check_replicas(rm, run.manifest)
         final = run.path / "checkpoints" / "final"
         # Centring, held-out metrics and the save happen once, on the main process; the others wait, then share
@@ -142,8 +146,7 @@ def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run:
     with run.stage("eval", device):
         heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None)
     check_finite("reward model on held-out pairs", **heldout)
-    rm.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    save_model(rm, tokenizer, final)
     run.log({"kind": "eval", "step": state.global_step, "wall_seconds": run.timings["reward_model"]["seconds"],
              "tokens": state.num_input_tokens_seen, "reward_shift": shift, **heldout})
     run.manifest["reward_model_path"] = str(final)

@@ -28,9 +28,9 @@ import trl
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from pipelines.config import Config, PreferredFTConfig, SFTStageConfig
+from pipelines.config import Config, ModelConfig, PreferredFTConfig, SFTStageConfig
 from pipelines.distributed import per_process
-from pipelines.models import default_device, load_causal_lm, load_tokenizer, resolve_model_path
+from pipelines.models import default_device, for_training, load_causal_lm, load_tokenizer, resolve_model_path
 from pipelines.rundir import RunDir
 from pipelines.tasks import load_task, read_rows, text_field
 from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
@@ -46,10 +46,11 @@ class SFTResult:
 
 
 def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset,
-                settings: SFTStageConfig | PreferredFTConfig, precision: str, seed: int, output_dir: Path,
+                settings: SFTStageConfig | PreferredFTConfig, model_cfg: ModelConfig, seed: int, output_dir: Path,
                 callbacks: list[TrainerCallback]) -> trl.SFTTrainer:
     """TRL's SFTTrainer on `rows`: `text` rows train on every token; `prompt` / `completion` rows on the completion
-    only (the prompt is context). EOS is appended to each text or completion, as TRL does. Constant learning rate."""
+    only (the prompt is context). EOS is appended to each text or completion, as TRL does. Constant learning rate;
+    precision and gradient checkpointing as `model_cfg` says."""
     args = trl.SFTConfig(
         output_dir=str(output_dir),
         completion_only_loss="prompt" in rows.column_names,
@@ -59,8 +60,7 @@ def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
             settings.batch_size, f"{'sft_stage' if isinstance(settings, SFTStageConfig) else 'sft'}.batch_size"),
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1, max_length=settings.max_length,
-        activation_checkpointing=False,  # TRL's default is on: ~20% slower, and a small model's activations fit
-        **run_dir_args(precision, seed, model.device),
+        **run_dir_args(model_cfg, seed, model.device),
     )
     return quiet_progress_bar(trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                                              callbacks=callbacks))
@@ -93,10 +93,10 @@ def train_sft(cfg: Config) -> SFTResult:
     run = RunDir.create(cfg, METHOD, s.seed, device, key["texts_sha256"],
                         extra={"sft_key": key, "base_model_path": base, "texts": len(rows)})
     with run.running():
-        model = load_causal_lm(base).to(device)
+        model = for_training(load_causal_lm(base).to(device), cfg, "CAUSAL_LM", trainer_checkpointing=True)
         # train rows only: pi_ref's own evaluation is `make reference`, once this model is pi_ref
         callback = EvalAndLogCallback(run, None, None, device, name="SFT step")
-        trainer = sft_trainer(model, tokenizer, rows, s, cfg.model.precision, s.seed, run.path / "checkpoints",
+        trainer = sft_trainer(model, tokenizer, rows, s, cfg.model, s.seed, run.path / "checkpoints",
                               [callback])
         trainer.train()
         final = save_policy(model, tokenizer, run, device)

@@ -33,3 +33,21 @@ def tokenizer(tiny_path):
 def tiny_model(tiny_path):
     torch.manual_seed(0)
     return freeze(load_causal_lm(tiny_path))
+
+
+@pytest.fixture
+def power_cut(monkeypatch):
+    """`power_cut(module, name, n)`: module.name raises RuntimeError("power cut") on its n-th call (a crash mid-run);
+    returns the real function."""
+    def cut(module, name: str, n: int):
+        real, calls = getattr(module, name), []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise RuntimeError("power cut")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, failing)
+        return real
+    return cut

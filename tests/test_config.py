@@ -67,3 +67,22 @@ def test_section_hash_tracks_only_named_sections():
     assert a.section_hash("model", "task", "data") == b.section_hash("model", "task", "data")
     c = load_config("tiny", ["data.seed=9"])
     assert a.section_hash("model", "task", "data") != c.section_hash("model", "task", "data")
+
+
+def test_keys_added_later_leave_the_cache_hash_as_it_was_while_at_their_default():
+    """A preference set built before `model.tf32` or `task.gold_model` existed keeps its hash (and is reused); turning
+    such a key away from that default changes the hash."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from pipelines.config import ADDED_WITH_DEFAULT
+
+    cfg = load_config("default")
+    before = {s: {k: v for k, v in dataclasses.asdict(getattr(cfg, s)).items()
+                  if k not in ADDED_WITH_DEFAULT.get(s, {}) and k != "gradient_checkpointing"}
+              for s in ("model", "task", "data")}
+    assert cfg.section_hash("model", "task", "data") == hashlib.sha256(
+        json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert load_config("default", ["model.tf32=true"]).section_hash("model", "task", "data") != \
+        cfg.section_hash("model", "task", "data")

@@ -67,7 +67,7 @@ def _check_run(run: Path, train_steps: int, eval_steps: set[int]) -> dict:
 
 def test_ppo_and_dpo_in_two_processes_keep_identical_replicas_and_write_each_run_once(tmp_path):
     runs = tmp_path / "runs"
-    _launch(runs, "ppo", "PPO seed 0:", "ppo.checkpoint_every=2")
+    _launch(runs, "ppo", "PPO beta 0.1 seed 0:", "ppo.checkpoint_every=2")
     _launch(runs, "dpo", "run directory:", "dpo.checkpoint_every=2")
 
     assert len(list((runs / "tiny" / "data").iterdir())) == 1, "the preference set is built once"

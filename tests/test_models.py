@@ -6,7 +6,7 @@ import torch
 from pipelines.config import ModelConfig
 from pipelines.errors import UserError
 from pipelines.models import (EMBEDDED, cache_dir, load_causal_lm, load_scalar_model, resolve_model_path,
-                              sha256_file, use_bf16)
+                              sha256_file)
 
 
 def test_embedded_model_is_float32_unquantized_and_checksummed():
@@ -35,11 +35,6 @@ def test_missing_model_is_a_clear_error():
         resolve_model_path(ModelConfig(name_or_path="no/such/model"))
     with pytest.raises(UserError, match="unknown embedded model 'gpt5'"):
         resolve_model_path(ModelConfig(name_or_path="embedded:gpt5"))
-
-
-def test_precision_choice():
-    cpu = torch.device("cpu")
-    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
 
 
 def test_hub_profile_fails_fast_when_offline(monkeypatch):
