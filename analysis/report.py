@@ -164,7 +164,11 @@ def frontier_section(runs: Runs, score: str, score_label: str) -> Section:
     section = Section("1. Reward vs KL: the frontier",
                       plot=P.frontier_plot(points, frontiers, reference, score, score_label))
     if reference.empty:
-        section.notes.append("No reference run (`make reference`): frontiers start at each method's first eval.")
+        section.notes.append(
+            "No reference run (`make reference`) with this score: frontiers start at each method's first eval."
+            if runs.evals([REFERENCE]).empty else
+            f"The reference run has no {score} (π_ref is evaluated without the reward model): frontiers start at "
+            "each method's first eval, which is π_ref itself at step 0.")
     if not frontiers.empty:
         columns = [c for c in ("method", "beta", "step", "eval/kl", score, f"{score}_sem") if c in frontiers]
         section.tables.append(Table("frontier", frontiers[columns]))
