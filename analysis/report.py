@@ -122,8 +122,10 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
         section.notes += [
             f"Matched KL = {kl_level:.4g} nats per sequence ({kl_source}): each run's gold reward where its eval "
             "trajectory first reaches that KL, interpolated linearly (empty where a run never reaches it).",
-            f"Target gold reward = {gold_level:.4g} ({gold_source}): training seconds (evaluation excluded) and "
-            "tokens until a run's eval trajectory first reaches it.",
+            f"Target gold reward = {gold_level:.4g} ({gold_source}): seconds of the method's own training loop "
+            "(evaluation excluded) and tokens until a run's eval trajectory first reaches it. What a method needs "
+            "before its loop starts is not in them: PPO's reward model (trained once, shared by its seeds) and "
+            "DPO's pass of pi_ref over its pairs; section 6 gives those stages' seconds.",
             "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one run gives no interval, and "
             "`final eval/gold_sem` is then the standard error of its gold reward over the eval prompts."]
     elif not has_gold:

@@ -130,12 +130,16 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
                   pairs: Dataset, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
                   ) -> WeightLoggingDPOTrainer:
     """The DPO trainer for one run. Building it computes pi_ref's log-probs of the pairs it uses (a progress bar)."""
-    max_length = cfg.dpo.max_length
-    prompt_lengths = (len(tokenizer(p, add_special_tokens=False).input_ids) for p in pairs["prompt"])
-    if max_length and all(n >= max_length for n in prompt_lengths):
-        # TRL would drop every pair (prompt alone too long), then fail on the empty set with a cryptic error
-        raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no pair "
-                        "is left to train on; raise dpo.max_length")
+    max_length, n_given = cfg.dpo.max_length, len(pairs)
+    if max_length:
+        # TRL drops a pair whose prompt alone is max_length tokens or more. Dropped here, before the subset below, so
+        # that the run trains on as many distinct pairs as max_steps reaches (not fewer, some of them twice).
+        prompt_lengths = [len(ids) for ids in tokenizer(list(pairs["prompt"])).input_ids]  # tokenised as TRL does
+        pairs = pairs.select([i for i, n in enumerate(prompt_lengths) if n < max_length])
+        if not len(pairs):  # TRL would fail on the empty set with a cryptic error
+            raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no "
+                            "pair is left to train on; raise dpo.max_length")
+    n_kept = len(pairs)
     args = trainer_args(cfg, seed, output_dir, policy.device)
     # TRL precomputes pi_ref's log-probs of every pair it is given, so give it only the pairs `max_steps` reaches:
     # a seeded random subset, a draw like the one its shuffling sampler would make from all of them.
@@ -149,21 +153,22 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     pairs = Dataset.from_dict(pairs.select(order).select_columns(list(PAIR_FIELDS)).to_dict())
     trainer = quiet_progress_bar(WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
                                                          processing_class=tokenizer, callbacks=callbacks))
-    trainer.pairs_given = len(pairs)  # before TRL drops any: `count_long_pairs` counts against it
+    trainer.pair_counts = {"given": n_given, "dropped_prompt_too_long": n_given - n_kept}  # for count_long_pairs
     return trainer
 
 
 def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -> dict[str, int]:
-    """How TRL treated pairs longer than `dpo.max_length`: it dropped those whose prompt alone is that long and
-    cut the others' responses. Counted here, and said."""
-    kept, n_given = trainer.train_dataset, trainer.pairs_given
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(kept["prompt_ids"], kept["chosen_ids"],
-                                                                kept["rejected_ids"])]
-    counts = {"given": n_given, "dropped_prompt_too_long": n_given - len(kept),
+    """What happened to pairs longer than `dpo.max_length`: those whose prompt alone is that long were dropped
+    (`build_trainer`), and TRL cut the responses of the others it trains on (`used`). Counted here, and said."""
+    used = trainer.train_dataset
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"],
+                                                                used["rejected_ids"])]
+    counts = {**trainer.pair_counts, "used": len(used),
               "truncated": sum(n > max_length for n in lengths) if max_length else 0}
     if counts["dropped_prompt_too_long"] or counts["truncated"]:
-        print(f"dpo: of {n_given} training pairs, {counts['truncated']} are longer than dpo.max_length={max_length} "
-              f"tokens and were cut to it, {counts['dropped_prompt_too_long']} were dropped (prompt alone that long)")
+        print(f"dpo: of {counts['given']} training pairs, {counts['dropped_prompt_too_long']} were dropped (prompt "
+              f"alone dpo.max_length={max_length} tokens or more); of the {len(used)} trained on, "
+              f"{counts['truncated']} are longer and were cut to it")
     return counts
 
 

@@ -79,7 +79,6 @@ class LoRAConfig:
     enabled: bool = _f(False, "train low-rank adapters W + (alpha/r) B A instead of the full weights W")
     r: int = _f(8, "rank of each adapter: trainable parameters per adapted d_in x d_out matrix = r (d_in + d_out)")
     alpha: float = _f(16.0, "scale numerator: the update is (alpha / r) B A")
-    dropout: float = _f(0.0, "dropout on the adapter's input; keep 0 for PPO (dropout makes the ratio pi/pi_old noisy)")
     target_modules: list[str] = _f(
         [], "names of the linear layers to adapt, e.g. [q_proj, v_proj]; [] = peft's default for the architecture "
             "(Llama: q_proj, v_proj; GPT-2: c_attn); [all-linear] = every linear layer except the output head. The "
@@ -87,7 +86,6 @@ class LoRAConfig:
 
     def validate(self, prefix: str) -> None:
         _require_positive(self, prefix, "r", "alpha")
-        _require(0 <= self.dropout < 1, f"{prefix}.dropout", f"must lie in [0, 1), got {self.dropout}")
         _require(all(self.target_modules), f"{prefix}.target_modules", "must not contain empty names")
 
 

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines.config import EvalConfig
 from pipelines.errors import check_finite
-from pipelines.sequences import (SequenceBatch, chunks, encode_completions, response_logprobs, reward_scores, sample,
+from pipelines.sequences import (SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample,
                                  shortest_first)
 from pipelines.tasks import PAIR_FIELDS, GoldReward
 
@@ -93,10 +93,7 @@ class EvalContext:
             pairs = [pairs[i] for i in shortest_first(self.tokenizer, *([p[k] for p in pairs] for k in PAIR_FIELDS))]
             self._pair_batches = []
             for s in chunks(len(pairs), self.cfg.batch_size):
-                prompts = [p["prompt"] for p in pairs[s]]
-                chosen = encode_completions(self.tokenizer, prompts, [p["chosen"] for p in pairs[s]])
-                rejected = encode_completions(self.tokenizer, prompts, [p["rejected"] for p in pairs[s]])
-                self._pair_batches.append((chosen, rejected))
+                self._pair_batches.append(encode_pairs(self.tokenizer, *([p[k] for p in pairs[s]] for k in PAIR_FIELDS)))
         return self._pair_batches
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
 
 from pipelines import distributed
 from pipelines.config import Config, ModelConfig
@@ -227,7 +227,18 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
                       if t is not None and t != tokenizer.eos_token), tokenizer.eos_token)
         tokenizer.pad_token = spare
     tokenizer.padding_side = "left"  # generation needs prompts flush against the response
+    if added_special_tokens(tokenizer)[1]:
+        raise UserError(f"the tokenizer of '{path}' appends a special token to every text it encodes (add_eos_token): "
+                        "every prompt would end in it; set add_eos_token to false in its tokenizer_config.json")
     return tokenizer
+
+
+def added_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after every text on its own (Llama 3: [BOS] and []; GPT-2 and
+    SmolLM2: none)."""
+    plain, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    start = next(i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain)
+    return full[:start], full[start + len(plain):]
 
 
 def load_causal_lm(path: str) -> PreTrainedModel:
@@ -236,7 +247,12 @@ def load_causal_lm(path: str) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except LOAD_ERRORS as e:
         raise _load_error("a causal LM", path, e) from None
-    model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    shipped = model.generation_config
+    # Only the special tokens of the checkpoint's generation_config: `generate` fills every setting a call leaves
+    # unset from it, and a shipped repetition_penalty, no_repeat_ngram_size or bad_words_ids would make samples come
+    # from another distribution than the one `response_logprobs` scores (a biased PPO ratio, KL and evaluator).
+    model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
+                                               pad_token_id=shipped.pad_token_id or model.config.eos_token_id)
     return model
 
 
@@ -333,21 +349,35 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.conv.fp32_precision = mode
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of `model` off, in place, train mode or not (as TRL does for its trainers): PPO's ratio
+    pi/pi_old must be exactly 1 before the first update, and a log-ratio against pi_ref must not carry dropout
+    noise. Covers `nn.Dropout` modules (GPT-2's, LoRA's) and the attention dropout Llama-family layers apply
+    functionally from their `attention_dropout` attribute."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def for_training(model: PreTrainedModel, cfg: Config, task_type: str, trainer_checkpointing: bool = False
                  ) -> PreTrainedModel:
     """A freshly loaded model, made ready to train as the config says: gradient checkpointing (unless a TRL trainer
-    turns it on itself, `trainer_checkpointing`), then LoRA adapters. `task_type` is peft's: 'CAUSAL_LM' for a
-    policy, 'SEQ_CLS' for a reward or value model (whose head `score` peft then trains in full, modules_to_save)."""
+    turns it on itself, `trainer_checkpointing`), then LoRA adapters, and no dropout anywhere (`disable_dropout`).
+    `task_type` is peft's: 'CAUSAL_LM' for a policy, 'SEQ_CLS' for a reward or value model (whose head `score` peft
+    then trains in full, modules_to_save)."""
     if cfg.model.gradient_checkpointing and not trainer_checkpointing:
         # Non-reentrant checkpointing: gradients reach the weights inside a recomputed block even when the block's
         # input needs none (frozen embeddings under LoRA).
         # (Our training forward passes say use_cache=False, as checkpointing requires.)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora.enabled:
-        return model
+        return disable_dropout(model)
     lc = cfg.lora
     targets = lc.target_modules
-    peft_config = LoraConfig(task_type=task_type, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+    peft_config = LoraConfig(task_type=task_type, r=lc.r, lora_alpha=lc.alpha,
                              target_modules=("all-linear" if targets == ["all-linear"] else targets or None))
     try:
         model = get_peft_model(model, peft_config)
@@ -355,7 +385,7 @@ def for_training(model: PreTrainedModel, cfg: Config, task_type: str, trainer_ch
         raise UserError(f"config key 'lora.target_modules': {str(e).splitlines()[0]}") from None
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()  # reentrant checkpointing (TRL's under ZeRO-3) needs it with frozen inputs
-    return model
+    return disable_dropout(model)
 
 
 def merged(model: PreTrainedModel) -> PreTrainedModel:

@@ -68,9 +68,10 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids. Prompts are already rendered (chat template included): add no special tokens."""
+    """Left-padded prompt ids. Prompts are rendered text (tasks.format_prompt); like TRL's trainers, the tokenizer
+    adds the special tokens it adds to any text (a BOS for Llama 3, nothing for GPT-2 and SmolLM2)."""
     old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
     tokenizer.padding_side = old_side
     return enc.input_ids, enc.attention_mask
 
@@ -98,24 +99,34 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)
 
 
+def _split(tokenizer: PreTrainedTokenizerBase, prompt: str, completions: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of each completion of one prompt, tokenised the way TRL's trainers do it: EOS
+    appended to the completion, prompt + completion tokenised as one string, and every completion starting where
+    the first of them diverges from the tokenised prompt alone (a completion's first token can merge with the
+    prompt's last, e.g. a prompt cut mid-word)."""
+    eos = tokenizer.eos_token
+    alone = tokenizer(prompt).input_ids
+    fulls = [tokenizer(prompt + c + ("" if c.endswith(eos) else eos)).input_ids for c in completions]
+    cut = min(next((i for i, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full)))
+              for full in fulls)
+    return [(full[:cut], full[cut:]) for full in fulls]
+
+
 def encode_completions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]
                        ) -> SequenceBatch:
-    """Text (prompt, completion) pairs -> a SequenceBatch, tokenised the way TRL's trainers do it.
+    """Text (prompt, completion) pairs -> a SequenceBatch, split as TRL's trainers split them (`_split`), so the
+    log-probs and rewards computed here are those the DPO, reward and SFT trainers optimise."""
+    rows = [_split(tokenizer, p, [c])[0] for p, c in zip(prompts, completions, strict=True)]
+    return pad_sequences([p for p, _ in rows], [c for _, c in rows], tokenizer.pad_token_id)
 
-    TRL appends EOS to each completion, tokenises prompt + completion as one string, and takes the completion
-    to start where that diverges from the tokenised prompt alone; doing the same here makes the log-probs and
-    rewards computed on held-out pairs match what the DPO and reward trainers optimise.
-    """
-    eos = tokenizer.eos_token
-    prompt_rows, response_rows = [], []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        full = tokenizer(prompt + completion + (eos if not completion.endswith(eos) else ""),
-                         add_special_tokens=False).input_ids
-        alone = tokenizer(prompt, add_special_tokens=False).input_ids
-        cut = next((i for i, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full)))
-        prompt_rows.append(full[:cut])
-        response_rows.append(full[cut:])
-    return pad_sequences(prompt_rows, response_rows, tokenizer.pad_token_id)
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chosen: list[str], rejected: list[str]
+                 ) -> tuple[SequenceBatch, SequenceBatch]:
+    """Preference pairs -> (chosen, rejected) SequenceBatches, both sides of a pair cut at one place, as TRL's
+    DPOTrainer cuts them."""
+    rows = [_split(tokenizer, p, [c, r]) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+    return tuple(pad_sequences([pair[side][0] for pair in rows], [pair[side][1] for pair in rows],
+                               tokenizer.pad_token_id) for side in (0, 1))
 
 
 def pad_sequences(prompt_rows: list[list[int]], response_rows: list[list[int]], pad: int) -> SequenceBatch:
@@ -194,7 +205,7 @@ def shortest_first(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chose
     """Indices of preference pairs ordered by length in tokens (prompt + the longer response): batches cut from
     this order are padded to about their own length instead of to the longest pair in the set."""
     def n_tokens(texts: list[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
+        return [len(ids) for ids in tokenizer(list(texts)).input_ids]
     lengths = [p + max(c, r) for p, c, r in zip(n_tokens(prompts), n_tokens(chosen), n_tokens(rejected), strict=True)]
     return sorted(range(len(lengths)), key=lengths.__getitem__)
 

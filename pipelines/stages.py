@@ -12,7 +12,8 @@ from pipelines.config import PROJECT_ROOT, Config
 from pipelines.data import PreferenceSet, build_preferences, load_preferences
 from pipelines.distributed import is_main, main_process_first
 from pipelines.evaluate import EvalContext, evaluate
-from pipelines.models import autocast, default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
+from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path,
+                              resolve_precision)
 from pipelines.reference import reference_model
 from pipelines.rundir import RunDir
 from pipelines.tasks import load_task
@@ -50,9 +51,11 @@ def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, d
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     n = cfg.eval.n_prompts or len(task.eval_prompts)
     heldout = prefs.heldout.to_list()[:cfg.eval.n_heldout_pairs or None]
-    # pi_ref's own eval samples depend on the model (and precision), the prompts and the eval settings only
+    # pi_ref's own eval samples depend on the model, the prompts and the eval settings only, and on the arithmetic:
+    # `precision: auto` is fp32 on this CPU and bf16 on a GPU sharing the runs directory
+    arithmetic = f"{device.type}-{resolve_precision(cfg.model.precision, device)}"
     cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
-             f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}.pt")
+             f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic}.pt")
     return EvalContext(prompts=task.eval_prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
                        autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
                        heldout_pairs=heldout, reference_cache=cache)

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from pipelines.config import PROJECT_ROOT, ModelConfig, TaskConfig
 from pipelines.errors import UserError
-from pipelines.models import LOAD_ERRORS, default_device, resolve_model_path
+from pipelines.models import LOAD_ERRORS, added_special_tokens, default_device, resolve_model_path
 
 GoldReward = Callable[[list[str]], list[float]]
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -50,7 +50,12 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], syst
     if tokenizer.chat_template:
         if system_prompt is not None:
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Every stage tokenises text with the tokenizer's own special tokens, as TRL's trainers do. A template that
+        # writes BOS as text, for a tokenizer that adds BOS itself (Llama 3), would then give two: leave it to the
+        # tokenizer.
+        bos = tokenizer.decode(added_special_tokens(tokenizer)[0])
+        return text[len(bos):] if bos and text.startswith(bos) else text
     # A base model without a template: plain "Human:/Assistant:" text, as in HH-RLHF.
     turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
     return turns + "\n\nAssistant:"

@@ -173,7 +173,10 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 prompts = [task.train_prompts[prompt_order[(first + i) % len(prompt_order)]]
                            for i in range(local_batch)]
                 unwrapped = accelerator.unwrap_model(policy)
-                unwrapped.eval()  # detail: no dropout while sampling and scoring (the old policy is a fixed function)
+                # detail: eval mode while sampling and scoring, train mode in the update (dropout is off in both,
+                # models.disable_dropout; train mode is what turns gradient checkpointing on)
+                unwrapped.eval()
+                value_model.eval()
                 batch = sample(unwrapped, tokenizer, prompts, pc.max_new_tokens, pc.temperature, amp())
                 mask = batch.response_mask.float()
                 rollout_end = time.perf_counter()
@@ -203,6 +206,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
 
                 # ---- 4. PPO epochs over minibatches
                 unwrapped.train()
+                value_model.train()
                 stats: dict[str, list[float]] = {}
                 for _ in range(pc.ppo_epochs):
                     for idx in torch.randperm(local_batch).split(local_mini_batch):
@@ -250,7 +254,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                     "objective/scores": mean_across(scores.mean()),
                     "objective/rlhf_reward": mean_across((scores - beta * kl_per_episode).mean()),
                     "objective/kl_coef": beta,
-                    "val/explained_variance": explained_variance(old_values, returns, mask),
+                    "val/explained_variance": mean_across(explained_variance(old_values, returns, mask)),
                     "episode/length": mean_across(mask.sum(dim=1).mean()),
                     "episode/eos_rate": mean_across(ended.float().mean()),
                     "learning_rate": scheduler.get_last_lr()[0],

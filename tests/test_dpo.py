@@ -20,7 +20,7 @@ from pipelines.data import build_preferences, load_preferences
 from pipelines.errors import UserError
 from pipelines.models import freeze, load_causal_lm
 from pipelines.rundir import read_jsonl
-from pipelines.sequences import encode_completions, response_logprobs
+from pipelines.sequences import encode_pairs, response_logprobs
 
 TRAIN_KEYS = {"kind", "step", "wall_seconds", "tokens", "loss", "rewards/chosen", "rewards/rejected",
               "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm",
@@ -85,7 +85,8 @@ def _trl_loss_and_our_logps(cfg, prefs, tiny_path, tokenizer, tmp_path, n=4):
     rows = trainer.train_dataset.select(range(n)).select_columns(["prompt", "chosen", "rejected"]).to_dict()
     policy.train()
     loss = trainer.compute_loss(policy, trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
-    batches = {side: encode_completions(tokenizer, rows["prompt"], rows[side]) for side in ("chosen", "rejected")}
+    batches = dict(zip(("chosen", "rejected"), encode_pairs(tokenizer, rows["prompt"], rows["chosen"],
+                                                            rows["rejected"])))
     with torch.no_grad():
         logps = {(name, side): response_logprobs(model, batch)[0].sum(dim=1)
                  for name, model in (("policy", policy), ("ref", ref)) for side, batch in batches.items()}

@@ -41,3 +41,46 @@ def test_hub_profile_fails_fast_when_offline(monkeypatch):
     monkeypatch.setattr("pipelines.models.hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(UserError, match="'gpt2-large' must come from the Hugging Face hub, which is unreachable"):
         resolve_model_path(ModelConfig(name_or_path="gpt2-large"), hub_access=True)
+
+
+def _dropout_models():
+    """Two small randomly initialised models with heavy dropout of both kinds: GPT-2 (`nn.Dropout` modules, LoRA's
+    kind too) and Llama (attention dropout applied functionally from an attribute)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5,
+                                         attn_implementation="eager"))
+    return {"gpt2": gpt2, "llama": llama}
+
+
+def test_training_models_have_no_dropout(tiny_cfg):
+    """PPO's ratio pi/pi_old is exactly 1 before any update only if train-mode forward passes are deterministic and
+    equal to eval mode's (the old log-probs are computed in eval mode)."""
+    from pipelines.models import for_training
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    for name, model in _dropout_models().items():
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits), name  # dropout is really on before
+        model = for_training(model, tiny_cfg, "CAUSAL_LM")
+        model.train()
+        first = model(ids).logits
+        assert torch.equal(first, model(ids).logits), name
+        model.eval()
+        assert torch.allclose(first, model(ids).logits, atol=1e-6), name
+
+
+def test_sampling_ignores_a_checkpoints_generation_settings(tiny_path, tmp_path):
+    """A checkpoint's generation_config (a repetition penalty, banned n-grams) would make `generate` sample from
+    another distribution than the one the log-prob passes score: the loader keeps only its special tokens."""
+    model = load_causal_lm(tiny_path)
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.3, 2
+    model.save_pretrained(tmp_path / "shipped")
+    loaded = load_causal_lm(str(tmp_path / "shipped"))
+    shipped = load_causal_lm(tiny_path).generation_config
+    assert loaded.generation_config.repetition_penalty in (None, 1.0)
+    assert loaded.generation_config.no_repeat_ngram_size in (None, 0)
+    assert (loaded.generation_config.eos_token_id, loaded.generation_config.pad_token_id) == (
+        shipped.eos_token_id, shipped.pad_token_id)

@@ -68,7 +68,7 @@ def test_tf32_switches_the_cuda_matmul_and_cudnn_flags():
 
 
 @pytest.mark.parametrize("override, key", [("model.precision=fp8", "model.precision"), ("lora.r=0", "lora.r"),
-                                           ("lora.alpha=0", "lora.alpha"), ("lora.dropout=1.0", "lora.dropout"),
+                                           ("lora.alpha=0", "lora.alpha"), ("lora.dropout=0.1", "lora.dropout"),
                                            ("lora.rank=8", "lora.rank"), ("model.tf32=fast", "model.tf32")])
 def test_bad_precision_and_lora_values_are_config_errors(override, key):
     with pytest.raises(UserError, match=f"config key '{key}'"):

@@ -346,7 +346,8 @@ def test_killed_run_is_reported_as_killed(tmp_path):
 
 
 def test_over_long_pairs_are_counted(tiny_path, tokenizer, tmp_path):
-    """DPO: TRL cuts pairs longer than dpo.max_length and drops those whose prompt alone is that long; counted."""
+    """DPO: pairs whose prompt alone is dpo.max_length tokens long are dropped, and TRL cuts the other pairs longer
+    than that; counted."""
     import torch
 
     from dpo.trainer import build_trainer, count_long_pairs
@@ -367,5 +368,6 @@ def test_over_long_pairs_are_counted(tiny_path, tokenizer, tmp_path):
     longest = prompt_len + torch.maximum(chosen.response_mask.sum(dim=1), rejected.response_mask.sum(dim=1))
     dropped, cut = int((prompt_len >= 36).sum()), int(((prompt_len < 36) & (longest > 36)).sum())
     assert dropped > 0 and cut > 0
-    assert counts == {"given": len(prefs.train), "dropped_prompt_too_long": dropped, "truncated": cut}
+    assert counts == {"given": len(prefs.train), "dropped_prompt_too_long": dropped, "used": len(prefs.train) - dropped,
+                      "truncated": cut}
     assert count_long_pairs(trainer, None)["truncated"] == 0

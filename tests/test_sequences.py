@@ -86,3 +86,58 @@ def test_with_eos_terminates_only_cut_responses():
 
 def test_pad_token_differs_from_eos_so_the_reward_head_reads_eos(tokenizer):
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_a_tokenizer_that_adds_bos_gets_one_bos_and_trls_ids_everywhere(tiny_path):
+    """Llama 3-style: the tokenizer adds BOS to every text and the chat template writes BOS too (SmolLM2's BOS,
+    <|im_start|>, also opens its template). Prompts, sampled batches and held-out pairs must carry the ids TRL's
+    trainers train on (they tokenise text with the tokenizer's special tokens: trl.data_utils._tokenize), with
+    one BOS, not two."""
+    from pipelines.models import load_tokenizer
+    from pipelines.sequences import tokenize_prompts
+    from pipelines.tasks import format_prompt
+
+    plain = load_tokenizer(tiny_path)
+    messages = [{"role": "user", "content": "Review a film."}]
+    tokenizer = load_tokenizer(tiny_path)
+    tokenizer.add_bos_token = True
+    bos = tokenizer.bos_token_id
+    assert plain("a").input_ids[0] != bos and tokenizer("a").input_ids[0] == bos
+
+    prompt = format_prompt(tokenizer, messages, None)
+    ids = tokenize_prompts(tokenizer, [prompt])[0][0].tolist()
+    assert ids == tokenizer(prompt).input_ids and ids[0] == bos and ids[1] != bos
+    # the same ids as without the tokenizer's BOS, where the template's BOS stays in the text
+    assert ids == tokenize_prompts(plain, [format_prompt(plain, messages, None)])[0][0].tolist()
+    batch = encode_completions(tokenizer, [prompt], ["Great film."])
+    assert batch.prompt_ids[0].tolist() + batch.response_ids[0].tolist() == tokenizer(
+        prompt + "Great film." + tokenizer.eos_token).input_ids
+
+
+def test_a_tokenizer_that_appends_eos_to_every_text_is_refused(tiny_path, tmp_path):
+    import pytest
+
+    from pipelines.errors import UserError
+    from pipelines.models import load_tokenizer
+    tokenizer = load_tokenizer(tiny_path)
+    tokenizer.add_eos_token = True
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="appends a special token to every text it encodes"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_both_sides_of_a_pair_are_cut_where_the_first_diverges_from_the_prompt(tokenizer):
+    """A prompt cut mid-word (imdb's review prefixes): a completion's first token can merge with the prompt's last.
+    TRL's DPOTrainer then starts both completions where the first of them diverges from the tokenised prompt."""
+    from pipelines.sequences import encode_pairs
+    prompt, chosen, rejected = "I loved this mov", "ie, a lot", " and the book"
+    alone = tokenizer(prompt).input_ids
+    full = {c: tokenizer(prompt + c + tokenizer.eos_token).input_ids for c in (chosen, rejected)}
+    assert full[chosen][:len(alone)] != alone and full[rejected][:len(alone)] == alone  # "mov"+"ie" merge
+    pair = encode_pairs(tokenizer, [prompt], [chosen], [rejected])
+    cut = next(i for i, (a, b) in enumerate(zip(alone, full[chosen])) if a != b)
+    for batch, completion in zip(pair, (chosen, rejected)):
+        assert batch.prompt_ids[0].tolist() == alone[:cut]
+        assert batch.response_ids[0].tolist() == full[completion][cut:]
+    # one completion alone keeps its own cut
+    assert encode_completions(tokenizer, [prompt], [rejected]).prompt_ids[0].tolist() == alone
