@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from pipelines.config import Config
 from pipelines.data import PreferenceSet
-from pipelines.distributed import check_replicas, per_process
+from pipelines.distributed import check_replicas, num_processes, per_process
 from pipelines.errors import UserError, check_finite
 from pipelines.evaluate import evaluate
 from pipelines.models import for_training, freeze, load_policy_and_reference, load_scalar_model
@@ -182,7 +182,7 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
         load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
     run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256,
                                    extra={"reward_model_path": None if reward_model_path is None
-                                          else str(reward_model_path)})
+                                          else str(reward_model_path), "num_processes": num_processes()})
     run.manifest["reference_model"] = ref.name_or_path
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)

@@ -555,7 +555,7 @@ def load_config(profile: str, overrides: list[str] | None = None, config_dir: Pa
 
 
 def config_help(cls: type = Config, prefix: str = "") -> str:
-    """Every key with its default and help text (`python -m pipelines config --help-keys`)."""
+    """Every key with its default and help text (`python -m pipelines config --keys`)."""
     lines = []
     for f_ in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f_.name]
