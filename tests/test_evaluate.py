@@ -45,17 +45,17 @@ def test_evaluator_kl_zero_for_reference_and_positive_after_perturbation(tiny_cf
     assert 0 <= m0["heldout/gold_accuracy"] <= 1 and "eval/gold" in m0 and m0["eval/n"] == 8
     assert len(samples) == tiny_cfg.eval.n_samples_saved and {"prompt", "response", "gold", "kl"} <= set(samples[0])
 
-    rng_before = torch.get_rng_state()
-    again, _ = evaluate(policy, ctx)
-    assert torch.equal(rng_before, torch.get_rng_state())  # the eval seed does not disturb training RNG
-    assert again["eval/gold"] == m0["eval/gold"]  # same prompts, same sampling seed
-
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    m1, _ = evaluate(policy, ctx, implicit_beta=0.1)
+    rng_before = torch.get_rng_state()
+    m1, _ = evaluate(policy, ctx, implicit_beta=0.1)  # a trained policy: sampled for real (pi_ref's eval is cached)
+    assert m1["eval/sampled_tokens"] > 0
+    assert torch.equal(rng_before, torch.get_rng_state())  # the eval seed does not disturb training RNG
     assert m1["eval/kl"] > 0.01 and m1["eval/kl_k3"] > 0.01
     assert m1["heldout/implicit_margin"] != 0
+    again, _ = evaluate(policy, ctx, implicit_beta=0.1)
+    assert again["eval/gold"] == m1["eval/gold"] and again["eval/kl"] == m1["eval/kl"]  # same prompts and seed
 
 
 def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics(tiny_cfg, tiny_model, tiny_path,

@@ -63,6 +63,19 @@ def test_clipped_policy_loss_by_hand():
     assert math.isclose(loss.item(), (-1.2 - 0.5 + 2.2) / 3, rel_tol=1e-6)
     assert math.isclose(stats["policy/clipfrac"].item(), 1 / 3, rel_tol=1e-6)
     assert math.isclose(stats["policy/ratio_mean"].item(), (1.5 + 0.5 + 1.1) / 3, rel_tol=1e-6)
+    assert math.isclose(stats["policy/approxkl"].item(), 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 +
+                                                                math.log(1.1) ** 2) / 3, rel_tol=1e-6)
+
+
+def test_clipped_policy_loss_with_negative_advantages_by_hand():
+    """A < 0: a ratio below 1 - eps is clipped (no more pushing down), one above 1 + eps is not (the full
+    penalty for raising a bad token's probability)."""
+    new = torch.log(torch.tensor([[0.5, 1.5, 0.9]]))  # ratios 0.5, 1.5, 0.9
+    loss, stats = clipped_policy_loss(new, torch.zeros(1, 3), torch.tensor([[-1.0, -1.0, -1.0]]), torch.ones(1, 3),
+                                      cliprange=0.2)
+    # token 0: max(0.5, 0.8) = 0.8 (clipped); token 1: max(1.5, 1.2) = 1.5; token 2: max(0.9, 0.9) = 0.9
+    assert math.isclose(loss.item(), (0.8 + 1.5 + 0.9) / 3, rel_tol=1e-6)
+    assert math.isclose(stats["policy/clipfrac"].item(), 1 / 3, rel_tol=1e-6)
 
 
 def test_clipped_value_loss_by_hand():

@@ -68,11 +68,11 @@ def test_token_values_are_the_centred_reward_head_read_after_each_response_prefi
     rm.config.reward_shift = 0.7
     with torch.no_grad():
         values = TokenValueModel(rm)(batch)
-        for t in range(1, batch.response_ids.shape[1]):
+        for t in range(batch.response_ids.shape[1]):  # t = 0: the prompt alone
             prefix = SequenceBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids[:, :t],
                                    batch.response_mask[:, :t])
             real = batch.response_mask[:, t].bool()
-            assert torch.allclose(values[real, t], sequence_scores(rm, prefix)[real] - 0.7, atol=1e-5)
+            assert real.any() and torch.allclose(values[real, t], sequence_scores(rm, prefix)[real] - 0.7, atol=1e-5)
     assert (values[batch.response_mask == 0] == 0).all()
 
 
