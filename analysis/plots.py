@@ -45,14 +45,15 @@ TEXT = {
     "heldout": (
         "Held-out preference pairs: accuracy and margin by scorer",
         "Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of "
-        "each scorer's final accuracy and margin on the same held-out pairs; the gold bar is the ceiling the "
-        "labels' noise allows, and margins are in each scorer's own units, so compare accuracies across "
+        "each scorer's final accuracy and margin on the same held-out pairs; the gold bar (tasks with a gold "
+        "reward) is the ceiling the labels' noise allows, and margins are in each scorer's own units, so compare accuracies across "
         "scorers and margins only within one."),
     "overoptimisation": (
         "PPO: proxy (reward model) vs gold reward over training",
         "Both gains are measured from the run's first eval in units of that eval's sample std; a proxy "
         "line that keeps rising while the gold line flattens or falls is the reward model being "
-        "over-optimised (Gao et al. 2022)."),
+        "over-optimised (Gao et al. 2022); without a gold reward only the proxy line is drawn, and its rise "
+        "cannot tell progress from over-optimisation."),
     "seeds": (
         "Stability across seeds: per-seed curves and spread of final values",
         "Left: one line per run, so diverging lines of one colour mean seed-sensitive training; right: "

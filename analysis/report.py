@@ -183,20 +183,26 @@ def curves_section(runs: Runs, columns: dict[str, str]) -> Section:
     return Section("2. Reward and KL over training steps and wall-clock", plot=P.curves_plot(bands, columns))
 
 
-def heldout_section(runs: Runs) -> Section:
+def heldout_section(runs: Runs, has_gold: bool) -> Section:
     scores = M.heldout_scores(M.final_evals(runs.evals()))
-    section = Section("3. Held-out pairs: explicit RM vs DPO implicit reward vs gold ceiling",
+    section = Section("3. Held-out pairs: explicit RM vs DPO implicit reward" + (" vs gold ceiling" if has_gold else ""),
                       plot=P.heldout_plot(scores))
     section.notes.append("Each run's last eval point. Accuracy counts a tie as half; margin is the mean score of "
                          "the chosen minus the rejected response, in the scorer's own units.")
+    if not has_gold:
+        section.notes.append("No gold reward: the labels are human judgements, so no ceiling from label noise is "
+                             "known, and accuracy is against those labels. With n held-out pairs an accuracy p has "
+                             "a standard error of about sqrt(p(1-p)/n): 0.035 at p = 0.6 and n = 200.")
     if not scores.empty:
         section.tables.append(Table("heldout", M.summarize(scores, [*M.GROUP, "scorer"], ["accuracy", "margin"])))
     return section
 
 
-def overoptimisation_section(runs: Runs) -> Section:
+def overoptimisation_section(runs: Runs, has_gold: bool) -> Section:
     gains = M.overoptimisation(runs.evals(["ppo"]))
-    section = Section("4. Proxy vs gold reward over PPO training", plot=P.overoptimisation_plot(gains))
+    section = Section("4. Proxy vs gold reward over PPO training" if has_gold else
+                      "4. Proxy reward over PPO training (no gold reward: over-optimisation cannot be seen)",
+                      plot=P.overoptimisation_plot(gains))
     if not gains.empty:
         section.tables.append(Table("proxy_gold_gap", gains))
     return section
@@ -287,8 +293,8 @@ def build(runs: Runs, cfg: Config, profile_dir: Path) -> list[Section]:
         headline,
         frontier_section(runs, score, score_label),
         curves_section(runs, {score: score_label, "eval/kl": P.KL_LABEL}),
-        heldout_section(runs),
-        overoptimisation_section(runs),
+        heldout_section(runs, has_gold),
+        overoptimisation_section(runs, has_gold),
         *stability_sections(runs, cfg, score, score_label),
         cost_section(runs),
         provenance_section(runs, cfg, profile_dir),
