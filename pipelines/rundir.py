@@ -47,7 +47,7 @@ import yaml
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.distributed import from_main, is_main
 from pipelines.errors import Diverged, UserError
-from pipelines.models import sha256_file
+from pipelines.models import resolve_precision, sha256_file
 
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
 
@@ -191,6 +191,7 @@ class RunDir:
             "host": socket.gethostname(), "platform": platform.platform(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(), "cpu_threads": torch.get_num_threads(), "argv": sys.argv,
+            "precision": resolve_precision(cfg.model.precision, device),  # what `auto` became on this machine
             "run_key": run_key(cfg, method, seed, data_sha256, extra), "resumed": [], **(extra or {}),
         }
         run = cls(path, manifest, _try_lock(path))  # a fresh directory: nobody else holds its lock
