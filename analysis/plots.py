@@ -46,8 +46,8 @@ TEXT = {
         "Held-out preference pairs: accuracy and margin by scorer",
         "Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of "
         "each scorer's final accuracy and margin on the same held-out pairs; the gold bar (tasks with a gold "
-        "reward) is the ceiling the labels' noise allows, and margins are in each scorer's own units, so compare accuracies across "
-        "scorers and margins only within one."),
+        "reward) is the ceiling the labels' noise allows, and margins are in each scorer's own units, so "
+        "compare accuracies across scorers and margins only within one."),
     "overoptimisation": (
         "PPO: proxy (reward model) vs gold reward over training",
         "Both gains are measured from the run's first eval in units of that eval's sample std; a proxy "

@@ -185,8 +185,8 @@ def curves_section(runs: Runs, columns: dict[str, str]) -> Section:
 
 def heldout_section(runs: Runs, has_gold: bool) -> Section:
     scores = M.heldout_scores(M.final_evals(runs.evals()))
-    section = Section("3. Held-out pairs: explicit RM vs DPO implicit reward" + (" vs gold ceiling" if has_gold else ""),
-                      plot=P.heldout_plot(scores))
+    title = "3. Held-out pairs: explicit RM vs DPO implicit reward" + (" vs gold ceiling" if has_gold else "")
+    section = Section(title, plot=P.heldout_plot(scores))
     section.notes.append("Each run's last eval point. Accuracy counts a tie as half; margin is the mean score of "
                          "the chosen minus the rejected response, in the scorer's own units.")
     if not has_gold:

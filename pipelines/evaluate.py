@@ -91,9 +91,8 @@ class EvalContext:
         if self._pair_batches is None:
             pairs = self.heldout_pairs
             pairs = [pairs[i] for i in shortest_first(self.tokenizer, *([p[k] for p in pairs] for k in PAIR_FIELDS))]
-            self._pair_batches = []
-            for s in chunks(len(pairs), self.cfg.batch_size):
-                self._pair_batches.append(encode_pairs(self.tokenizer, *([p[k] for p in pairs[s]] for k in PAIR_FIELDS)))
+            self._pair_batches = [encode_pairs(self.tokenizer, *([p[k] for p in pairs[s]] for k in PAIR_FIELDS))
+                                  for s in chunks(len(pairs), self.cfg.batch_size)]
         return self._pair_batches
 
 

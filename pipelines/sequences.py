@@ -99,7 +99,8 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)
 
 
-def _split(tokenizer: PreTrainedTokenizerBase, prompt: str, completions: list[str]) -> list[tuple[list[int], list[int]]]:
+def _split(tokenizer: PreTrainedTokenizerBase, prompt: str, completions: list[str]
+           ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of each completion of one prompt, tokenised the way TRL's trainers do it: EOS
     appended to the completion, prompt + completion tokenised as one string, and every completion starting where
     the first of them diverges from the tokenised prompt alone (a completion's first token can merge with the
