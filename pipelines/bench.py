@@ -95,7 +95,8 @@ class Ceilings:
     def _train_step(self, model, ids, _new_tokens, scalar) -> None:
         model.train()
         if id(model) not in self.optimizers:
-            self.optimizers[id(model)] = torch.optim.AdamW(model.parameters(), lr=1e-9)
+            # fused, as every training stage's optimizer (PPO's and Trainer's default)
+            self.optimizers[id(model)] = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=True)
         optimizer = self.optimizers[id(model)]
         with autocast(self.precision, self.device):
             out = model(input_ids=ids, labels=None if scalar else ids, use_cache=False)

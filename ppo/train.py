@@ -117,9 +117,11 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         nn.init.zeros_(value_scalar.score.weight)
     value_model = TokenValueModel(for_training(value_scalar, cfg, "SEQ_CLS"))
     # One optimizer over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss. Only the
-    # trainable parameters: all of them, or with LoRA the adapters and the value head.
+    # trainable parameters: all of them, or with LoRA the adapters and the value head. Fused (one kernel over all
+    # tensors, as Trainer's default for the TRL stages): on a 2-core CPU 0.08 s a step for 135M parameters against
+    # 0.49 s for the per-tensor loop, which was ~10% of a default-profile PPO update.
     optimizer = torch.optim.AdamW([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad],
-                                  lr=pc.learning_rate, eps=1e-5)
+                                  lr=pc.learning_rate, eps=1e-5, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # detail: linear learning-rate annealing to 0
         optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0)
     policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
