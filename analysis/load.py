@@ -14,7 +14,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from pipelines.rundir import process_alive, read_jsonl
+from rlhf.rundir import process_alive, read_jsonl
 
 RUN_KEYS = ["method", "beta", "seed", "run_id"]  # identify a run; every frame carries them
 ROW_KEYS = ("kind", "step", "wall_seconds", "tokens")  # every metrics row has these (the schema's promise)

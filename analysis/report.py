@@ -19,8 +19,8 @@ import pandas as pd
 from analysis import metrics as M
 from analysis import plots as P
 from analysis.load import Runs, load_runs
-from pipelines.config import PROJECT_ROOT, Config
-from pipelines.rundir import atomic_write_text
+from rlhf.config import PROJECT_ROOT, Config
+from rlhf.rundir import atomic_write_text
 
 COMPARED = ("ppo", "dpo")  # the two methods the benchmark compares: their runs set the default comparison levels
 REFERENCE, BEST_OF_N = "reference", "bon"  # π_ref, every frontier's origin; Best of N, which trains nothing

@@ -24,15 +24,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pipelines.config import Config
-from pipelines.data import PreferenceSet
-from pipelines.evaluate import EvalContext, eval_batches, response_metrics, response_stats
-from pipelines.models import (default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
-                              resolve_model_path)
-from pipelines.reference import reference_model
-from pipelines.rundir import RunDir, atomic_write_text
-from pipelines.sequences import reward_scores
-from pipelines.stages import make_eval_context
+from rlhf.config import Config
+from rlhf.data import PreferenceSet
+from rlhf.evaluate import EvalContext, eval_batches, make_eval_context, response_metrics, response_stats
+from rlhf.models import (default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
+                         resolve_model_path)
+from rlhf.reference import reference_model
+from rlhf.rundir import RunDir, atomic_write_text
+from rlhf.sequences import reward_scores
 
 METHOD = "bon"
 

@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trl
+from accelerate.utils import set_seed
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from pipelines.config import Config
-from pipelines.data import PreferenceSet
-from pipelines.evaluate import evaluate
-from pipelines.models import for_training, load_policy_and_reference
-from pipelines.reference import reference_model
-from pipelines.rundir import RunDir
-from pipelines.stages import make_eval_context
-from pipelines.trl_callbacks import EvalAndLogCallback, save_policy
+from rlhf.config import Config
+from rlhf.data import PreferenceSet
+from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.models import for_training, load_policy_and_reference
+from rlhf.reference import reference_model
+from rlhf.rundir import RunDir
+from rlhf.trl_callbacks import EvalAndLogCallback, save_policy
 from sft import sft_trainer
 
 METHOD = "sft-chosen"
@@ -50,6 +50,7 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
 
 def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> PreferredFTResult:
     """One Preferred-FT run from pi_ref on the shared preference set's chosen responses."""
+    set_seed(seed)  # first: a new scalar head or LoRA adapters drawn below must not depend on the process
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)
     device = policy.device

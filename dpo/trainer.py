@@ -21,23 +21,23 @@ from pathlib import Path
 
 import torch
 import trl
+from accelerate.utils import set_seed
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from dpo.loss import dpo_gradient_weight, dpo_loss
-from pipelines.config import Config
-from pipelines.data import PreferenceSet
-from pipelines.distributed import check_replicas, num_processes, per_process
-from pipelines.errors import UserError, check_finite
-from pipelines.evaluate import evaluate
-from pipelines.models import for_training, freeze, load_policy_and_reference, load_scalar_model
-from pipelines.reference import reference_model
-from pipelines.rundir import RunDir, read_jsonl
-from pipelines.sequences import chunks, pad_sequences, response_logprobs, shortest_first
-from pipelines.stages import make_eval_context
-from pipelines.tasks import PAIR_FIELDS
-from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
+from rlhf.config import Config
+from rlhf.data import PreferenceSet
+from rlhf.distributed import check_replicas, num_processes, per_process
+from rlhf.errors import UserError, check_finite
+from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.models import for_training, freeze, load_policy_and_reference, load_scalar_model
+from rlhf.reference import reference_model
+from rlhf.rundir import RunDir, read_jsonl
+from rlhf.sequences import chunks, pad_sequences, response_logprobs, shortest_first
+from rlhf.tasks import PAIR_FIELDS
+from rlhf.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
 
 
 @dataclass
@@ -175,6 +175,7 @@ def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -
 def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path | None = None) -> DPOResult:
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/. With
     `reward_model_path` (PPO's r_phi), the evaluator also reports the proxy reward of DPO's samples under it."""
+    set_seed(seed)  # first: a new scalar head or LoRA adapters drawn below must not depend on the process
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: TRL's, evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
     device = policy.device

@@ -28,8 +28,8 @@ import sys
 
 import yaml
 
-from pipelines.config import available_profiles, config_help, load_config
-from pipelines.errors import Diverged, UserError
+from rlhf.config import available_profiles, config_help, load_config
+from rlhf.errors import Diverged, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "setup":
-        from pipelines.models import EMBEDDED, install_embedded
+        from rlhf.models import EMBEDDED, install_embedded
         for name in EMBEDDED:
             print(f"embedded:{name} -> {install_embedded(name)}")
         return 0
@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if args.command != "report":  # the report reads run directories only
-        from pipelines.hub import require_hub
+        from rlhf.hub import require_hub
         require_hub(cfg)
     from pipelines import stages
-    from pipelines.models import set_tf32
+    from rlhf.models import set_tf32
     set_tf32(cfg.model.tf32)  # once per process (each `accelerate launch` process runs this), before any model
     if args.command == "data":
         prefs = stages.build_preference_set(cfg)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reference evaluation: {run_dir.path}")
         return 0
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
-    module, function = {"sft": ("pipelines.reference", "main"),
+    module, function = {"sft": ("pipelines.stages", "sft_main"),
                         "ppo": ("pipelines.ppo_pipeline", "main"), "dpo": ("pipelines.dpo_pipeline", "main"),
                         "bon": ("pipelines.baselines_pipeline", "bon"),
                         "sft-chosen": ("pipelines.baselines_pipeline", "sft_chosen"),

@@ -4,9 +4,8 @@ the algorithms are in baselines/ (docs/baselines.md). PPO-GT is `make ppo-gt` (p
 from __future__ import annotations
 
 from baselines import best_of_n, train_preferred_ft
-from pipelines.config import Config
-from pipelines.ppo_pipeline import reward_model_for
-from pipelines.stages import build_preference_set
+from pipelines.stages import build_preference_set, reward_model_for
+from rlhf.config import Config
 
 
 def _line(metrics: dict[str, float]) -> str:

@@ -32,15 +32,15 @@ import pandas as pd
 import torch
 
 import dpo
-from pipelines.config import PROJECT_ROOT, Config
-from pipelines.data import build_preferences
-from pipelines.models import (autocast, default_device, load_causal_lm, load_scalar_model, load_tokenizer,
-                              resolve_model_path, resolve_precision)
-from pipelines.rundir import peak_memory_mb, read_jsonl, reset_peak_memory
-from pipelines.sequences import tokenize_prompts
-from pipelines.tasks import load_task
 from ppo.train import train_ppo
 from reward_model.train import train_reward_model
+from rlhf.config import PROJECT_ROOT, Config
+from rlhf.data import build_preferences
+from rlhf.models import (autocast, default_device, load_causal_lm, load_scalar_model, load_tokenizer,
+                         resolve_model_path, resolve_precision)
+from rlhf.rundir import peak_memory_mb, read_jsonl, reset_peak_memory
+from rlhf.sequences import tokenize_prompts
+from rlhf.tasks import load_task
 
 COLUMNS = ["precision", "stage", "kind", "shape", "tokens", "seconds", "tokens_per_s", "ceiling_tokens_per_s",
            "ratio", "peak_memory_mb"]

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import dpo
-from pipelines.config import Config
-from pipelines.distributed import is_main
-from pipelines.ppo_pipeline import find_reward_model, reward_model_seed
-from pipelines.stages import build_preference_set
+from pipelines.stages import build_preference_set, find_reward_model, reward_model_seed
+from rlhf.config import Config
+from rlhf.distributed import is_main
 
 
 def main(cfg: Config) -> int:

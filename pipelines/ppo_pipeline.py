@@ -10,40 +10,10 @@ With `ppo.reward=gold` (`make ppo-gt`) step 2 is skipped and PPO optimises the t
 
 from __future__ import annotations
 
-import json
-
-from pipelines.config import PROJECT_ROOT, Config
-from pipelines.data import PreferenceSet
-from pipelines.distributed import is_main
-from pipelines.stages import build_preference_set
+from pipelines.stages import build_preference_set, reward_model_for
 from ppo.train import train_ppo
-from reward_model.train import reward_model_key, train_reward_model
-
-
-def find_reward_model(cfg: Config, prefs: PreferenceSet, seed: int):
-    """A completed reward-model run with the same key (data, model, RM config, seed), or None."""
-    key = reward_model_key(cfg, prefs, seed)
-    root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "reward_model"
-    for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("status") == "completed" and manifest.get("reward_model_key") == key:
-            return manifest_path.parent / "checkpoints" / "final"
-    return None
-
-
-def reward_model_seed(cfg: Config, seed: int) -> int:
-    """The seed of the reward model that run seed `seed` uses (one shared RM unless `reward_model.per_seed`)."""
-    return seed if cfg.reward_model.per_seed else cfg.reward_model.seed
-
-
-def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int):
-    """The reward model PPO seed `seed` trains against: reused if already trained, else trained now."""
-    rm_seed = reward_model_seed(cfg, seed)
-    rm_path = find_reward_model(cfg, prefs, rm_seed)
-    if rm_path is None:
-        return train_reward_model(cfg, prefs, rm_seed).path
-    print(f"reward model reused: {rm_path}")
-    return rm_path
+from rlhf.config import Config
+from rlhf.distributed import is_main
 
 
 def main(cfg: Config) -> int:

@@ -1,29 +1,54 @@
-"""Orchestration shared by every method: the preference set, the evaluation context, the reference point.
+"""The steps every method's orchestration shares: pi_ref (the optional SFT stage), the preference set, the reward
+model a PPO seed (or a control) uses, and pi_ref's own evaluation.
 
-Stage packages (reward_model, ppo, dpo) take a typed config and return a result; this module only wires
-the shared pieces together and times them.
+Stage packages (sft, reward_model, ppo, dpo, baselines) take a typed config and return a result; this module only
+runs them in order and reuses what is already trained.
 """
 
 from __future__ import annotations
 
-import torch
+import json
+from pathlib import Path
 
-from pipelines.config import PROJECT_ROOT, Config
-from pipelines.data import PreferenceSet, build_preferences, load_preferences
-from pipelines.distributed import is_main, main_process_first
-from pipelines.evaluate import EvalContext, evaluate
-from pipelines.models import (autocast, default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path,
-                              resolve_precision)
-from pipelines.reference import reference_model
-from pipelines.rundir import RunDir
-from pipelines.tasks import load_task
+from reward_model.train import reward_model_key, train_reward_model
+from rlhf.config import PROJECT_ROOT, Config
+from rlhf.data import PreferenceSet, build_preferences, load_preferences
+from rlhf.distributed import is_main, main_process_first
+from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.reference import find_sft_model, reference_model
+from rlhf.rundir import RunDir
+from sft import train_sft
+
+
+def sft_step(cfg: Config) -> Path | None:
+    """The optional SFT stage (`sft_stage.enabled`): its model, reused when trained before, else trained now (once).
+    Under DDP every process calls this, and together they train it (if need be), or all find it."""
+    if not cfg.sft_stage.enabled:
+        return None
+    path = find_sft_model(cfg)
+    if path is not None:
+        print(f"pi_ref: the SFT stage's model {path} (reused)", flush=True)
+        return path
+    print("SFT stage: no completed run with this base model, sft_stage config and texts; training pi_ref", flush=True)
+    result = train_sft(cfg)
+    print(f"pi_ref: the SFT stage's model {result.path} ({result.steps} steps)", flush=True)
+    return result.path
+
+
+def sft_main(cfg: Config) -> int:
+    """`make sft`: train (or reuse) pi_ref; with the stage off, say so (`make all` runs this step on every profile)."""
+    if not cfg.sft_stage.enabled:
+        print(f"SFT stage off (sft_stage.enabled: false): pi_ref is model.name_or_path = {cfg.model.name_or_path}")
+        return 0
+    sft_step(cfg)
+    return 0
 
 
 def build_preference_set(cfg: Config) -> PreferenceSet:
     """Build or reuse the shared preference set and print what it holds. Under several processes the main one
     builds it and the others then load it."""
-    if cfg.sft_stage.enabled:  # pi_ref first: under DDP all processes train the SFT stage together, if need be
-        reference_model(cfg)
+    sft_step(cfg)  # pi_ref first: it samples the pairs
     with main_process_first():
         prefs = load_preferences(cfg)
         reused = "reused" if prefs is not None else "built"
@@ -46,19 +71,30 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
     return prefs
 
 
-def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, device: torch.device) -> EvalContext:
-    """The fixed evaluation setting of a profile: eval prompts, held-out pairs, pi_ref, gold reward."""
-    task = load_task(cfg.task, tokenizer, cfg.hub_access)
-    n = cfg.eval.n_prompts or len(task.eval_prompts)
-    heldout = prefs.heldout.to_list()[:cfg.eval.n_heldout_pairs or None]
-    # pi_ref's own eval samples depend on the model, the prompts and the eval settings only, and on the arithmetic:
-    # `precision: auto` is fp32 on this CPU and bf16 on a GPU sharing the runs directory
-    arithmetic = f"{device.type}-{resolve_precision(cfg.model.precision, device)}"
-    cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
-             f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic}.pt")
-    return EvalContext(prompts=task.eval_prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
-                       autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
-                       heldout_pairs=heldout, reference_cache=cache)
+def find_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> Path | None:
+    """A completed reward-model run with the same key (data, model, RM config, seed), or None."""
+    key = reward_model_key(cfg, prefs, seed)
+    root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "reward_model"
+    for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("status") == "completed" and manifest.get("reward_model_key") == key:
+            return manifest_path.parent / "checkpoints" / "final"
+    return None
+
+
+def reward_model_seed(cfg: Config, seed: int) -> int:
+    """The seed of the reward model that run seed `seed` uses (one shared RM unless `reward_model.per_seed`)."""
+    return seed if cfg.reward_model.per_seed else cfg.reward_model.seed
+
+
+def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int) -> Path:
+    """The reward model PPO seed `seed` trains against: reused if already trained, else trained now."""
+    rm_seed = reward_model_seed(cfg, seed)
+    rm_path = find_reward_model(cfg, prefs, rm_seed)
+    if rm_path is None:
+        return train_reward_model(cfg, prefs, rm_seed).path
+    print(f"reward model reused: {rm_path}")
+    return rm_path
 
 
 def evaluate_reference(cfg: Config) -> RunDir:

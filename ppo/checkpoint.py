@@ -5,7 +5,7 @@
                           fp16 loss scale
         rng_<rank>.pt     each process's torch / CUDA / python / numpy RNG (rollout sampling, minibatch order)
         progress.json     iteration, tokens, training seconds, the KL coefficient beta, the last eval's metrics
-        checkpoint.json   every file's sha256, written last (pipelines.rundir.commit_checkpoint)
+        checkpoint.json   every file's sha256, written last (rlhf.rundir.commit_checkpoint)
 
 The folder is written under a hidden temporary name and renamed when whole, so a kill mid-save leaves the
 previous checkpoint as the latest; that one is deleted only after the new one is in place. The prompt order
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from pipelines.rundir import commit_checkpoint, prune_checkpoints
+from rlhf.rundir import commit_checkpoint, prune_checkpoints
 
 
 def _rng_state() -> dict:

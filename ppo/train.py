@@ -35,21 +35,20 @@ from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipelines.config import Config
-from pipelines.data import PreferenceSet
-from pipelines.distributed import check_replicas, per_process
-from pipelines.errors import UserError, check_finite
-from pipelines.evaluate import evaluate
-from pipelines.models import (autocast, for_training, freeze, grad_scaler, load_causal_lm, load_scalar_model,
-                              load_tokenizer, resolve_model_path, save_model)
-from pipelines.reference import reference_model
-from pipelines.rundir import RunDir
-from pipelines.sequences import SequenceBatch, position_ids_from_mask, response_logprobs, reward_scores, sample
-from pipelines.stages import make_eval_context
-from pipelines.tasks import load_task
 from ppo import checkpoint
 from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
                       gae_advantages, kl_penalized_rewards, masked_mean, whiten)
+from rlhf.config import Config
+from rlhf.data import PreferenceSet
+from rlhf.distributed import check_replicas, per_process
+from rlhf.errors import UserError, check_finite
+from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.models import (autocast, for_training, freeze, grad_scaler, load_causal_lm, load_scalar_model,
+                         load_tokenizer, resolve_model_path, save_model)
+from rlhf.reference import reference_model
+from rlhf.rundir import RunDir
+from rlhf.sequences import SequenceBatch, position_ids_from_mask, response_logprobs, reward_scores, sample
+from rlhf.tasks import load_task
 
 
 class TokenValueModel(nn.Module):
@@ -103,7 +102,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
 
     # --- models: policy initialised from pi_ref; value model from the reward model (PPO-GT has none: from
     # pi_ref with a fresh scalar head); pi_ref and r_phi frozen
-    model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # pi_ref (pipelines/reference.py)
+    model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # pi_ref (rlhf/reference.py)
     tokenizer = load_tokenizer(model_path)
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     if gold and task.gold_reward is None:

@@ -5,7 +5,7 @@
 with TRL's RewardTrainer. Backbone = the policy's model with a one-output head. After training, r_phi is
 shifted so that pi_ref's own samples on train prompts score 0 on average (InstructGPT's normalisation): PPO's
 reward then starts centred, and the per-token KL penalty and the score live on comparable scales. The shift is
-stored in the saved model's config (`reward_shift`) and applied by `pipelines.sequences.reward_scores`.
+stored in the saved model's config (`reward_shift`) and applied by `rlhf.sequences.reward_scores`.
 """
 
 from __future__ import annotations
@@ -16,20 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from transformers import TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from pipelines.config import Config
-from pipelines.data import PreferenceSet
-from pipelines.distributed import check_replicas, from_main, is_main, per_process
-from pipelines.errors import UserError, check_finite
-from pipelines.evaluate import EvalContext, heldout_pair_metrics
-from pipelines.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
-                              load_tokenizer, merged, resolve_model_path, save_model, trainer_precision_args)
-from pipelines.reference import reference_model
-from pipelines.rundir import RunDir
-from pipelines.sequences import chunks, reward_scores, sample
-from pipelines.tasks import load_task
+from rlhf.config import Config
+from rlhf.data import PreferenceSet
+from rlhf.distributed import check_replicas, from_main, is_main, per_process
+from rlhf.errors import UserError, check_finite
+from rlhf.evaluate import EvalContext, heldout_pair_metrics
+from rlhf.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
+                         load_tokenizer, merged, resolve_model_path, save_model, trainer_precision_args)
+from rlhf.reference import reference_model
+from rlhf.rundir import RunDir
+from rlhf.sequences import chunks, reward_scores, sample
+from rlhf.tasks import load_task
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,7 @@ def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.
 def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardModelResult:
     """Train r_phi on `prefs.train` (eq. 1), centre it on pi_ref, report held-out accuracy and margin."""
     rc = cfg.reward_model
+    set_seed(seed)  # first: a new scalar head or LoRA adapters drawn below must not depend on the process
     device = default_device()
     model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # the backbone: pi_ref's
     tokenizer = load_tokenizer(model_path)

@@ -10,7 +10,7 @@ Two sources of text (`sft_stage.source`):
   only. Tasks that sample their pairs from pi_ref have none yet: the config rejects `chosen` for them.
 
 The model lands in runs/<profile>/sft/<run-id>/checkpoints/final, with the base model's tokenizer. Its manifest
-records `sft_key` (base model settings, sft_stage settings, sha256 of the training texts): pipelines/reference.py
+records `sft_key` (base model settings, sft_stage settings, sha256 of the training texts): rlhf/reference.py
 finds a completed run by that key and makes its model pi_ref for every stage.
 
 `sft_trainer` is also the trainer of the Preferred-FT baseline (baselines/preferred_ft.py): the same SFTTrainer on
@@ -19,24 +19,20 @@ prompt / completion rows.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import trl
+from accelerate.utils import set_seed
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from pipelines.config import Config, ModelConfig, PreferredFTConfig, SFTStageConfig
-from pipelines.distributed import per_process
-from pipelines.models import default_device, for_training, load_causal_lm, load_tokenizer, resolve_model_path
-from pipelines.rundir import RunDir
-from pipelines.tasks import load_task, read_rows, text_field
-from pipelines.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
-
-METHOD = "sft"
-
+from rlhf.config import Config, ModelConfig, PreferredFTConfig, SFTStageConfig
+from rlhf.distributed import per_process
+from rlhf.models import default_device, for_training, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.reference import SFT_METHOD, sft_key, sft_rows
+from rlhf.rundir import RunDir
+from rlhf.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
 
 @dataclass
 class SFTResult:
@@ -66,31 +62,16 @@ def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
                                              callbacks=callbacks))
 
 
-def sft_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-    """The stage's training rows: `text` rows from the corpus, or `prompt` / `completion` rows from the task's pairs."""
-    s = cfg.sft_stage
-    if s.source == "chosen":
-        pairs = load_task(cfg.task, tokenizer, cfg.hub_access).train_pairs
-        return Dataset.from_dict({"prompt": [p["prompt"] for p in pairs], "completion": [p["chosen"] for p in pairs]})
-    name, rows = read_rows(s.path, "sft_stage.path", cfg.hub_access)
-    return Dataset.from_dict({"text": text_field(rows, s.text_field, f"{name} (sft_stage.text_field)")})
-
-
-def sft_key(cfg: Config, rows: Dataset) -> dict:
-    """What the SFT model depends on: a completed run with the same key is reused (pipelines/reference.py)."""
-    texts = hashlib.sha256(json.dumps(rows.to_dict(), sort_keys=True).encode()).hexdigest()
-    return {"model": cfg.to_dict()["model"], "sft_stage": cfg.to_dict()["sft_stage"], "texts_sha256": texts}
-
-
 def train_sft(cfg: Config) -> SFTResult:
     """Fine-tune the base model on the configured texts into runs/<profile>/sft/<run-id>/checkpoints/final."""
     s = cfg.sft_stage
+    set_seed(s.seed)  # first: a new scalar head or LoRA adapters drawn below must not depend on the process
     base = resolve_model_path(cfg.model, cfg.hub_access)
     tokenizer = load_tokenizer(base)
     rows = sft_rows(cfg, tokenizer)
     key = sft_key(cfg, rows)
     device = default_device()
-    run = RunDir.create(cfg, METHOD, s.seed, device, key["texts_sha256"],
+    run = RunDir.create(cfg, SFT_METHOD, s.seed, device, key["texts_sha256"],
                         extra={"sft_key": key, "base_model_path": base, "texts": len(rows)})
     with run.running():
         model = for_training(load_causal_lm(base).to(device), cfg, "CAUSAL_LM", trainer_checkpointing=True)

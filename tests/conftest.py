@@ -9,8 +9,8 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
-from pipelines.config import load_config  # noqa: E402
-from pipelines.models import freeze, load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
+from rlhf.config import load_config  # noqa: E402
+from rlhf.models import freeze, load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 
 
 @pytest.fixture

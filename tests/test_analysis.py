@@ -14,8 +14,8 @@ import pytest
 from analysis import metrics as M
 from analysis.load import load_runs
 from analysis.report import main as report_main
-from pipelines.config import load_config
-from pipelines.errors import UserError
+from rlhf.config import load_config
+from rlhf.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

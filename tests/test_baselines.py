@@ -13,13 +13,13 @@ from analysis.report import frontier_section
 from baselines import kl_bound, pick_best
 from baselines.preferred_ft import build_trainer
 from pipelines import baselines_pipeline
-from pipelines.config import load_config
-from pipelines.data import build_preferences, load_preferences
-from pipelines.errors import UserError
-from pipelines.models import load_causal_lm
-from pipelines.rundir import read_jsonl
-from pipelines.sequences import encode_completions, response_logprobs
 from pipelines.stages import evaluate_reference
+from rlhf.config import load_config
+from rlhf.data import build_preferences, load_preferences
+from rlhf.errors import UserError
+from rlhf.models import load_causal_lm
+from rlhf.rundir import read_jsonl
+from rlhf.sequences import encode_completions, response_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_make_bon_on_tiny(tiny_runs, monkeypatch):
     def retrain(*args, **kwargs):
         raise AssertionError("Best-of-N retrained the reward model")
 
-    monkeypatch.setattr("pipelines.ppo_pipeline.train_reward_model", retrain)
+    monkeypatch.setattr("pipelines.stages.train_reward_model", retrain)
     assert baselines_pipeline.bon(cfg) == 0
     (run,) = (Path(cfg.runs_dir) / "tiny" / "bon").iterdir()
     manifest = json.loads((run / "manifest.json").read_text())

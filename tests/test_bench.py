@@ -7,8 +7,8 @@ import sys
 import pandas as pd
 
 from pipelines.bench import COLUMNS
-from pipelines.config import PROJECT_ROOT
-from pipelines.models import cpu_supports_fast_bf16
+from rlhf.config import PROJECT_ROOT
+from rlhf.models import cpu_supports_fast_bf16
 
 STAGES = {"data: sampling pi_ref", "reward model: training", "PPO: rollout", "PPO: scoring (pi_old, pi_ref, V, r_phi)",
           "PPO: update (policy + V)", "DPO: pi_ref log-probs", "DPO: training", "eval in PPO: sampling",

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from pipelines.config import PROJECT_ROOT, Config, load_config
-from pipelines.errors import UserError
+from rlhf.config import PROJECT_ROOT, Config, load_config
+from rlhf.errors import UserError
 
 
 def test_profiles_load_offline():
@@ -76,7 +76,7 @@ def test_keys_added_later_leave_the_cache_hash_as_it_was_while_at_their_default(
     import hashlib
     import json
 
-    from pipelines.config import ADDED_WITH_DEFAULT
+    from rlhf.config import ADDED_WITH_DEFAULT
 
     cfg = load_config("default")
     before = {s: {k: v for k, v in dataclasses.asdict(getattr(cfg, s)).items()

@@ -2,10 +2,10 @@ import random
 
 import pytest
 
-from pipelines.config import load_config
-from pipelines.data import build_preferences, label_pair, load_preferences, preference_dir
-from pipelines.tasks import check_pair
-from pipelines.errors import UserError
+from rlhf.config import load_config
+from rlhf.data import build_preferences, label_pair, load_preferences, preference_dir
+from rlhf.errors import UserError
+from rlhf.tasks import check_pair
 
 
 def test_same_seed_gives_byte_identical_preference_set(tmp_path):

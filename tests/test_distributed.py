@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import distributed
-from pipelines.config import PROJECT_ROOT
-from pipelines.errors import UserError
-from pipelines.models import load_causal_lm
+from rlhf import distributed
+from rlhf.config import PROJECT_ROOT
+from rlhf.errors import UserError
+from rlhf.models import load_causal_lm
 
 ABORT_AT_EXIT = "terminate called without an active exception"
 

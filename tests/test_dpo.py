@@ -12,15 +12,15 @@ import torch.nn.functional as F
 import trl
 import yaml
 
-import dpo
 from dpo import dpo_gradient_weight, dpo_loss
+import dpo
 from dpo.trainer import build_trainer
-from pipelines.config import PROJECT_ROOT, load_config
-from pipelines.data import build_preferences, load_preferences
-from pipelines.errors import UserError
-from pipelines.models import freeze, load_causal_lm
-from pipelines.rundir import read_jsonl
-from pipelines.sequences import encode_pairs, response_logprobs
+from rlhf.config import PROJECT_ROOT, load_config
+from rlhf.data import build_preferences, load_preferences
+from rlhf.errors import UserError
+from rlhf.models import freeze, load_causal_lm
+from rlhf.rundir import read_jsonl
+from rlhf.sequences import encode_pairs, response_logprobs
 
 TRAIN_KEYS = {"kind", "step", "wall_seconds", "tokens", "loss", "rewards/chosen", "rewards/rejected",
               "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm",

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from pipelines.config import PROJECT_ROOT
+from rlhf.config import PROJECT_ROOT
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -2,10 +2,10 @@ import math
 
 import torch
 
-from pipelines.data import build_preferences
-from pipelines.evaluate import distinct_n, evaluate, kl_estimates, mean_std_sem, pair_accuracy_margin
-from pipelines.models import load_causal_lm
-from pipelines.stages import make_eval_context
+from rlhf.data import build_preferences
+from rlhf.evaluate import distinct_n, evaluate, kl_estimates, mean_std_sem, pair_accuracy_margin
+from rlhf.evaluate import make_eval_context
+from rlhf.models import load_causal_lm
 
 
 def test_distinct_n_by_hand():
@@ -62,7 +62,7 @@ def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics
                                                                                   tokenizer, monkeypatch):
     import pytest
 
-    import pipelines.evaluate as E
+    import rlhf.evaluate as E
 
     prefs = build_preferences(tiny_cfg)
     ctx = make_eval_context(tiny_cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))

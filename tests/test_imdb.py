@@ -16,16 +16,16 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 
 from analysis.load import load_runs
 from analysis.report import frontier_section
-from pipelines import dpo_pipeline, ppo_pipeline, reference
-from pipelines.config import PROJECT_ROOT, TaskConfig, load_config
-from pipelines.errors import UserError
-from pipelines.hub import require_hub
-from pipelines.models import load_causal_lm
-from pipelines.rundir import read_jsonl
+from pipelines import dpo_pipeline, ppo_pipeline, stages
 from pipelines.stages import build_preference_set, evaluate_reference
-from pipelines.tasks import PREFIX_TOKENS, load_imdb, load_task, positive_probability, review_prefix
-from sft import sft_key, sft_trainer
-from sft.train import sft_rows
+from rlhf.config import PROJECT_ROOT, TaskConfig, load_config
+from rlhf.errors import UserError
+from rlhf.hub import require_hub
+from rlhf.models import load_causal_lm
+from rlhf.reference import reference_model, sft_key, sft_rows
+from rlhf.rundir import read_jsonl
+from rlhf.tasks import PREFIX_TOKENS, load_imdb, load_task, positive_probability, review_prefix
+from sft import sft_trainer
 
 _WORDS = ("the film was a quiet and moving story about two brothers who never speak and the acting is superb "
           "but the plot drags badly in the middle while the music carries every scene to a loud ending").split()
@@ -169,13 +169,21 @@ def _manifests(root: Path, method: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((root / method).glob("*/manifest.json"))]
 
 
+def test_pi_ref_without_its_sft_model_names_make_sft(tmp_path, imdb_file, classifier):
+    """The foundation only finds the SFT stage's model; it never trains it (that is `make sft`'s step)."""
+    cfg = _imdb_cfg(tmp_path / "runs", imdb_file, classifier)
+    with pytest.raises(UserError, match=r"no completed SFT run .* run `make sft PROFILE=imdb-gpt2` first"):
+        reference_model(cfg)
+    assert not (tmp_path / "runs").exists()  # nothing was trained or written
+
+
 def test_imdb_gpt2_profile_sft_then_data_ppo_dpo_offline(tmp_path, imdb_file, classifier, tiny_path, tokenizer,
                                                          monkeypatch):
     cfg = _imdb_cfg(tmp_path / "runs", imdb_file, classifier)
     root = tmp_path / "runs" / "imdb-gpt2"
 
     # The SFT stage: trained once from the base model on the corpus; its weights moved.
-    assert reference.main(cfg) == 0
+    assert stages.sft_main(cfg) == 0
     (sft_run,) = _manifests(root, "sft")
     assert sft_run["status"] == "completed" and sft_run["base_model_path"] == tiny_path and sft_run["texts"] == 48
     sft_path = sft_run["sft_model_path"]
@@ -187,8 +195,8 @@ def test_imdb_gpt2_profile_sft_then_data_ppo_dpo_offline(tmp_path, imdb_file, cl
     def no_retraining(*args, **kwargs):
         raise AssertionError("the SFT stage was trained again")
 
-    monkeypatch.setattr("pipelines.reference.train_sft", no_retraining)
-    assert reference.reference_model(cfg).name_or_path == sft_path
+    monkeypatch.setattr("pipelines.stages.train_sft", no_retraining)
+    assert reference_model(cfg).name_or_path == sft_path
 
     # The preference set is sampled from pi_ref = the SFT model, on 2-8-token prompts, scored with P(positive).
     prefs = build_preference_set(cfg)
@@ -237,7 +245,7 @@ def test_imdb_gpt2_fails_fast_naming_what_needs_the_unreachable_hub():
 
 def test_require_hub_probes_only_when_something_must_come_from_the_hub(monkeypatch, imdb_file, classifier, tmp_path):
     probes = []
-    monkeypatch.setattr("pipelines.hub.hub_reachable", lambda: probes.append(1) or False)
+    monkeypatch.setattr("rlhf.hub.hub_reachable", lambda: probes.append(1) or False)
     local = _imdb_cfg(tmp_path, imdb_file, classifier, "hub_access=true")
     require_hub(local)  # everything is on this machine: no probe, no error
     assert probes == []

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from pipelines.config import ModelConfig
-from pipelines.errors import UserError
-from pipelines.models import (EMBEDDED, cache_dir, load_causal_lm, load_scalar_model, resolve_model_path,
-                              sha256_file)
+from rlhf.config import ModelConfig
+from rlhf.errors import UserError
+from rlhf.models import (EMBEDDED, cache_dir, load_causal_lm, load_scalar_model, resolve_model_path,
+                         sha256_file)
 
 
 def test_embedded_model_is_float32_unquantized_and_checksummed():
@@ -38,7 +38,7 @@ def test_missing_model_is_a_clear_error():
 
 
 def test_hub_profile_fails_fast_when_offline(monkeypatch):
-    monkeypatch.setattr("pipelines.models.hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("rlhf.models.hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(UserError, match="'gpt2-large' must come from the Hugging Face hub, which is unreachable"):
         resolve_model_path(ModelConfig(name_or_path="gpt2-large"), hub_access=True)
 
@@ -59,7 +59,7 @@ def _dropout_models():
 def test_training_models_have_no_dropout(tiny_cfg):
     """PPO's ratio pi/pi_old is exactly 1 before any update only if train-mode forward passes are deterministic and
     equal to eval mode's (the old log-probs are computed in eval mode)."""
-    from pipelines.models import for_training
+    from rlhf.models import for_training
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     for name, model in _dropout_models().items():
         model.train()

@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.config import PROJECT_ROOT
-from pipelines.rundir import read_jsonl
+from rlhf.config import PROJECT_ROOT
+from rlhf.rundir import read_jsonl
 
 PPO_TRAIN_KEYS = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                   "objective/kl_coef", "policy/approxkl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var",
@@ -57,8 +57,8 @@ def test_token_values_are_the_centred_reward_head_read_after_each_response_prefi
     """V(s_t) must read the state before response token t (prompt + y_<t), centred by r_phi's shift."""
     import torch
 
-    from pipelines.models import autocast, load_scalar_model
-    from pipelines.sequences import SequenceBatch, sample, sequence_scores
+    from rlhf.models import autocast, load_scalar_model
+    from rlhf.sequences import SequenceBatch, sample, sequence_scores
     from ppo.train import TokenValueModel
 
     prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\na review<|im_end|>\n"]
@@ -78,9 +78,9 @@ def test_token_values_are_the_centred_reward_head_read_after_each_response_prefi
 
 def test_ppo_gt_optimises_the_gold_reward_and_never_touches_a_reward_model(tiny_cfg, monkeypatch):
     import ppo.train as ppo_train
-    from pipelines.config import load_config
+    from rlhf.config import load_config
     from pipelines.ppo_pipeline import main
-    from pipelines.tasks import load_task
+    from rlhf.tasks import load_task
 
     scored: list[int] = []
 
@@ -95,7 +95,7 @@ def test_ppo_gt_optimises_the_gold_reward_and_never_touches_a_reward_model(tiny_
 
     monkeypatch.setattr(ppo_train, "load_task", counting_task)
     monkeypatch.setattr(ppo_train, "reward_scores", no_reward_model)
-    monkeypatch.setattr("pipelines.ppo_pipeline.train_reward_model", no_reward_model)
+    monkeypatch.setattr("pipelines.stages.train_reward_model", no_reward_model)
     cfg = load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "ppo.reward=gold"])
     assert main(cfg) == 0
     profile = Path(tiny_cfg.runs_dir) / "tiny"

@@ -8,15 +8,15 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from pipelines.config import Config, load_config
-from pipelines.data import build_preferences
-from pipelines.errors import UserError
-from pipelines.models import (choose_precision, cuda_native_bf16, for_training, freeze, grad_scaler, load_causal_lm,
-                              load_scalar_model, resolve_precision, save_model, set_tf32, trainer_precision_args)
-from pipelines.rundir import read_jsonl
-from pipelines.sequences import encode_completions, response_logprobs
 from ppo.train import TokenValueModel, train_ppo
 from reward_model.train import reward_model_key, train_reward_model
+from rlhf.config import Config, load_config
+from rlhf.data import build_preferences
+from rlhf.errors import UserError
+from rlhf.models import (choose_precision, cuda_native_bf16, for_training, freeze, grad_scaler, load_causal_lm,
+                         load_scalar_model, resolve_precision, save_model, set_tf32, trainer_precision_args)
+from rlhf.rundir import read_jsonl
+from rlhf.sequences import encode_completions, response_logprobs
 
 CPU = torch.device("cpu")
 
@@ -47,7 +47,7 @@ def test_auto_precision_picks_bf16_where_native_else_fp16_on_gpu_and_fp32_on_cpu
 
 
 def test_trainers_and_scaler_follow_the_resolved_precision(monkeypatch):
-    monkeypatch.setattr("pipelines.models.cpu_supports_fast_bf16", lambda: False)
+    monkeypatch.setattr("rlhf.models.cpu_supports_fast_bf16", lambda: False)
     assert resolve_precision("auto", CPU) == "fp32"
     assert trainer_precision_args("auto", CPU) == {"bf16": False, "fp16": False}
     assert trainer_precision_args("fp16", CPU) == {"bf16": False, "fp16": True}

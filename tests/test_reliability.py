@@ -17,9 +17,9 @@ import pytest
 
 from analysis.load import read_run
 from pipelines.__main__ import main as cli
-from pipelines.config import PROJECT_ROOT, load_config
-from pipelines.models import resolve_model_path
-from pipelines.rundir import CHECKPOINT_RECORD, read_jsonl
+from rlhf.config import PROJECT_ROOT, load_config
+from rlhf.models import resolve_model_path
+from rlhf.rundir import CHECKPOINT_RECORD, read_jsonl
 
 # Allowed to differ between two runs: wall-clock, and the evaluator's own cost, which is 0 where pi_ref's samples
 # came from the eval cache that the first run wrote.
@@ -342,7 +342,7 @@ def test_corrupt_checkpoint_is_named_then_a_failed_run_resumes(tmp_path, monkeyp
 def test_killed_run_is_reported_as_killed(tmp_path):
     import torch
 
-    from pipelines.rundir import RunDir
+    from rlhf.rundir import RunDir
 
     run = RunDir.create(load_config("tiny", [f"runs_dir={tmp_path}"]), "dpo", 0, torch.device("cpu"), None)
     assert read_run(run.path)[0]["reason"] == "status running, still being written"
@@ -356,9 +356,9 @@ def test_over_long_pairs_are_counted(tiny_path, tokenizer, tmp_path):
     import torch
 
     from dpo.trainer import build_trainer, count_long_pairs
-    from pipelines.data import build_preferences
-    from pipelines.models import freeze, load_causal_lm
-    from pipelines.sequences import encode_completions
+    from rlhf.data import build_preferences
+    from rlhf.models import freeze, load_causal_lm
+    from rlhf.sequences import encode_completions
 
     cfg = load_config("tiny", [f"runs_dir={tmp_path}", "dpo.max_length=36"])
     prefs = build_preferences(cfg)
@@ -366,7 +366,7 @@ def test_over_long_pairs_are_counted(tiny_path, tokenizer, tmp_path):
                             prefs.train, 0, tmp_path / "out", [])
     counts = count_long_pairs(trainer, 36)
 
-    # The same counts from the pairs' token lengths, tokenised as TRL does (pipelines.sequences)
+    # The same counts from the pairs' token lengths, tokenised as TRL does (rlhf.sequences)
     prompts = prefs.train["prompt"]
     chosen, rejected = (encode_completions(tokenizer, prompts, prefs.train[side]) for side in ("chosen", "rejected"))
     prompt_len = chosen.prompt_mask.sum(dim=1)

@@ -6,11 +6,11 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from pipelines.config import load_config
-from pipelines.data import PreferenceSet
-from pipelines.models import load_scalar_model
-from pipelines.sequences import encode_completions, sequence_scores
 from reward_model.train import bradley_terry_loss, train_reward_model
+from rlhf.config import load_config
+from rlhf.data import PreferenceSet
+from rlhf.models import load_scalar_model
+from rlhf.sequences import encode_completions, sequence_scores
 
 
 def test_bradley_terry_loss_by_hand():
@@ -32,7 +32,7 @@ def _planted(prompts: list[str], seed: int) -> list[dict]:
 
 
 def test_our_scoring_matches_reward_trainer_loss(tiny_path, tokenizer):
-    """RewardTrainer's loss on a batch equals eq. (1) applied to scores from pipelines.sequences: the explicit
+    """RewardTrainer's loss on a batch equals eq. (1) applied to scores from rlhf.sequences: the explicit
     reward used at evaluation and in PPO is the very function RewardTrainer optimises."""
     rows = _planted([f"<|im_start|>user\nreview {i}<|im_end|>\n<|im_start|>assistant\n" for i in range(4)], 0)
     model = load_scalar_model(tiny_path, tokenizer.pad_token_id)
@@ -53,7 +53,7 @@ def test_our_scoring_matches_reward_trainer_loss(tiny_path, tokenizer):
 
 
 def test_reward_model_learns_a_planted_preference(tiny_cfg, tokenizer):
-    from pipelines.tasks import load_task
+    from rlhf.tasks import load_task
     task = load_task(tiny_cfg.task, tokenizer)
     prefs = PreferenceSet(path=None, manifest={"sha256": "planted"},
                           train=Dataset.from_list(_planted(task.train_prompts, 1)),

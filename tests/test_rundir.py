@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from pipelines.config import load_config
-from pipelines.errors import Diverged, UserError, check_finite
-from pipelines.rundir import (CHECKPOINT_RECORD, RunDir, atomic_write_text, commit_checkpoint, latest_checkpoint,
-                              read_jsonl)
+from rlhf.config import load_config
+from rlhf.errors import Diverged, UserError, check_finite
+from rlhf.rundir import (CHECKPOINT_RECORD, RunDir, atomic_write_text, commit_checkpoint, latest_checkpoint,
+                         read_jsonl)
 
 
 def test_run_directory_contents_and_status(tiny_cfg):
@@ -64,7 +64,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("pipelines.rundir.os.replace", crash)
+    monkeypatch.setattr("rlhf.rundir.os.replace", crash)
     with pytest.raises(OSError):
         atomic_write_text(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]

@@ -1,8 +1,8 @@
 import torch
 
-from pipelines.models import autocast
-from pipelines.sequences import (SequenceBatch, encode_completions, response_logprobs, sample, sequence_scores,
-                                 truncate_after_eos)
+from rlhf.models import autocast
+from rlhf.sequences import (SequenceBatch, encode_completions, response_logprobs, sample, sequence_scores,
+                            truncate_after_eos)
 
 
 def test_truncate_after_eos_keeps_first_eos_and_pads_the_rest():
@@ -57,7 +57,7 @@ def test_encode_completions_splits_like_trl_and_appends_eos(tokenizer):
 
 
 def test_sample_is_seeded_and_scores_are_per_sequence(tiny_model, tokenizer, tiny_path):
-    from pipelines.models import load_scalar_model
+    from rlhf.models import load_scalar_model
     prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nreview<|im_end|>\n"]
     cpu = torch.device("cpu")
     torch.manual_seed(5)
@@ -74,7 +74,7 @@ def test_sample_is_seeded_and_scores_are_per_sequence(tiny_model, tokenizer, tin
 
 
 def test_with_eos_terminates_only_cut_responses():
-    from pipelines.sequences import with_eos
+    from rlhf.sequences import with_eos
     eos, pad = 2, 0
     batch = SequenceBatch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
                           torch.tensor([[5, 2, 0], [5, 6, 7]]), torch.tensor([[1, 1, 0], [1, 1, 1]]))
@@ -93,9 +93,9 @@ def test_a_tokenizer_that_adds_bos_gets_one_bos_and_trls_ids_everywhere(tiny_pat
     <|im_start|>, also opens its template). Prompts, sampled batches and held-out pairs must carry the ids TRL's
     trainers train on (they tokenise text with the tokenizer's special tokens: trl.data_utils._tokenize), with
     one BOS, not two."""
-    from pipelines.models import load_tokenizer
-    from pipelines.sequences import tokenize_prompts
-    from pipelines.tasks import format_prompt
+    from rlhf.models import load_tokenizer
+    from rlhf.sequences import tokenize_prompts
+    from rlhf.tasks import format_prompt
 
     plain = load_tokenizer(tiny_path)
     messages = [{"role": "user", "content": "Review a film."}]
@@ -117,8 +117,8 @@ def test_a_tokenizer_that_adds_bos_gets_one_bos_and_trls_ids_everywhere(tiny_pat
 def test_a_tokenizer_that_appends_eos_to_every_text_is_refused(tiny_path, tmp_path):
     import pytest
 
-    from pipelines.errors import UserError
-    from pipelines.models import load_tokenizer
+    from rlhf.errors import UserError
+    from rlhf.models import load_tokenizer
     tokenizer = load_tokenizer(tiny_path)
     tokenizer.add_eos_token = True
     tokenizer.save_pretrained(tmp_path)
@@ -129,7 +129,7 @@ def test_a_tokenizer_that_appends_eos_to_every_text_is_refused(tiny_path, tmp_pa
 def test_both_sides_of_a_pair_are_cut_where_the_first_diverges_from_the_prompt(tokenizer):
     """A prompt cut mid-word (imdb's review prefixes): a completion's first token can merge with the prompt's last.
     TRL's DPOTrainer then starts both completions where the first of them diverges from the tokenised prompt."""
-    from pipelines.sequences import encode_pairs
+    from rlhf.sequences import encode_pairs
     prompt, chosen, rejected = "I loved this mov", "ie, a lot", " and the book"
     alone = tokenizer(prompt).input_ids
     full = {c: tokenizer(prompt + c + tokenizer.eos_token).input_ids for c in (chosen, rejected)}

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from pipelines.config import PROJECT_ROOT, load_config
-from pipelines.errors import UserError
-from pipelines.tasks import load_hh, load_task, parse_hh_dialogue, sentiment_instructions, split_hh_pair, vader_compound
+from rlhf.config import PROJECT_ROOT, load_config
+from rlhf.errors import UserError
+from rlhf.tasks import load_hh, load_task, parse_hh_dialogue, sentiment_instructions, split_hh_pair, vader_compound
 
 HH_FILE = PROJECT_ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 

@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from pipelines.config import PROJECT_ROOT, ModelConfig, TaskConfig
-from pipelines.errors import UserError
-from pipelines.models import LOAD_ERRORS, added_special_tokens, default_device, resolve_model_path
+from rlhf.config import PROJECT_ROOT, ModelConfig, TaskConfig
+from rlhf.errors import UserError
+from rlhf.models import LOAD_ERRORS, added_special_tokens, default_device, resolve_model_path
 
 GoldReward = Callable[[list[str]], list[float]]
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -39,7 +39,7 @@ class Task:
     train_prompts: list[str]  # chat-templated prompt strings, what the policy is conditioned on
     eval_prompts: list[str]
     gold_reward: GoldReward | None  # None: no ground truth (real human preferences)
-    # Tasks with real preference data carry it; gold-reward tasks build pairs by sampling (pipelines.data).
+    # Tasks with real preference data carry it; gold-reward tasks build pairs by sampling (rlhf.data).
     train_pairs: list[dict] | None = None
     heldout_pairs: list[dict] | None = None
     dropped: dict[str, int] = field(default_factory=dict)  # rows dropped while parsing, by reason

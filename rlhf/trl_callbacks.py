@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from pipelines.config import ModelConfig
-from pipelines.distributed import is_main, wait_for_everyone
-from pipelines.errors import check_finite
-from pipelines.models import save_model, trainer_precision_args
-from pipelines.rundir import RunDir, commit_checkpoint, prune_checkpoints
+from rlhf.config import ModelConfig
+from rlhf.distributed import is_main, wait_for_everyone
+from rlhf.errors import check_finite
+from rlhf.models import save_model, trainer_precision_args
+from rlhf.rundir import RunDir, commit_checkpoint, prune_checkpoints
 
 # Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
 # Trainer's speed figures, whose clock includes evaluation.

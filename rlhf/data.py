@@ -26,13 +26,13 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from tqdm.auto import tqdm
 
-from pipelines.config import PROJECT_ROOT, Config
-from pipelines.errors import UserError
-from pipelines.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
-from pipelines.reference import reference_model
-from pipelines.rundir import atomic_write_json
-from pipelines.sequences import chunks, sample
-from pipelines.tasks import Task, check_pair, load_task
+from rlhf.config import PROJECT_ROOT, Config
+from rlhf.errors import UserError
+from rlhf.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.reference import reference_model
+from rlhf.rundir import atomic_write_json
+from rlhf.sequences import chunks, sample
+from rlhf.tasks import Task, check_pair, load_task
 
 
 def data_sections(cfg: Config) -> tuple[str, ...]:

@@ -37,9 +37,9 @@ from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
                           LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
 
-from pipelines import distributed
-from pipelines.config import Config, ModelConfig
-from pipelines.errors import UserError
+from rlhf import distributed
+from rlhf.config import Config, ModelConfig
+from rlhf.errors import UserError
 
 EMBEDDED_PREFIX = "embedded:"
 # What from_pretrained raises for a folder that is not a model, lacks files, or holds a corrupt one.

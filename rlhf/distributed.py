@@ -17,7 +17,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from pipelines.errors import UserError
+from rlhf.errors import UserError
 
 
 def state() -> PartialState:

@@ -44,10 +44,10 @@ from typing import Any, Iterator
 import torch
 import yaml
 
-from pipelines.config import PROJECT_ROOT, Config
-from pipelines.distributed import from_main, is_main
-from pipelines.errors import Diverged, UserError
-from pipelines.models import resolve_precision, sha256_file
+from rlhf.config import PROJECT_ROOT, Config
+from rlhf.distributed import from_main, is_main
+from rlhf.errors import Diverged, UserError
+from rlhf.models import resolve_precision, sha256_file
 
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
 

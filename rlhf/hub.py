@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.config import Config
-from pipelines.errors import UserError
-from pipelines.models import EMBEDDED_PREFIX, hub_endpoint, hub_reachable
-from pipelines.tasks import project_path
+from rlhf.config import Config
+from rlhf.errors import UserError
+from rlhf.models import EMBEDDED_PREFIX, hub_endpoint, hub_reachable
+from rlhf.tasks import project_path
 
 
 def hub_names(cfg: Config) -> dict[str, str]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipelines.errors import Diverged
+from rlhf.errors import Diverged
 
 
 @dataclass

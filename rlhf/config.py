@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipelines.errors import UserError
+from rlhf.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -289,7 +289,7 @@ class PreferredFTConfig:
 class SFTStageConfig:
     """The optional supervised stage before everything (`make sft`): fine-tunes `model.name_or_path` into pi_ref with
     TRL's SFTTrainer. When enabled, every stage that loads "the policy / reference model" loads its output
-    (pipelines/reference.py); trained once, reused while base model, these settings and the texts are the same."""
+    (rlhf/reference.py); trained once, reused while base model, these settings and the texts are the same."""
     enabled: bool = _f(False, "run the SFT stage and use its output as pi_ref (off: pi_ref = model.name_or_path)")
     source: Literal["corpus", "chosen"] = _f(
         "corpus", "'corpus': a text corpus at sft_stage.path (loss on every token); 'chosen': the chosen responses of "

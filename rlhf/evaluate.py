@@ -30,11 +30,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipelines.config import EvalConfig
-from pipelines.errors import check_finite
-from pipelines.sequences import (SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample,
-                                 shortest_first)
-from pipelines.tasks import PAIR_FIELDS, GoldReward
+from rlhf.config import PROJECT_ROOT, Config, EvalConfig
+from rlhf.data import PreferenceSet
+from rlhf.errors import check_finite
+from rlhf.models import autocast, resolve_precision
+from rlhf.sequences import (SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample,
+                            shortest_first)
+from rlhf.tasks import PAIR_FIELDS, GoldReward, load_task
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
@@ -258,3 +260,18 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
         cost["scored_tokens"] += passes * sum(int(c.attention_mask.sum() + r.attention_mask.sum())
                                               for c, r in batches)
     return metrics
+
+
+def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, device: torch.device) -> EvalContext:
+    """The fixed evaluation setting of a profile: eval prompts, held-out pairs, pi_ref, gold reward."""
+    task = load_task(cfg.task, tokenizer, cfg.hub_access)
+    n = cfg.eval.n_prompts or len(task.eval_prompts)
+    heldout = prefs.heldout.to_list()[:cfg.eval.n_heldout_pairs or None]
+    # pi_ref's own eval samples depend on the model, the prompts and the eval settings only, and on the arithmetic:
+    # `precision: auto` is fp32 on this CPU and bf16 on a GPU sharing the runs directory
+    arithmetic = f"{device.type}-{resolve_precision(cfg.model.precision, device)}"
+    cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
+             f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic}.pt")
+    return EvalContext(prompts=task.eval_prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
+                       autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
+                       heldout_pairs=heldout, reference_cache=cache)

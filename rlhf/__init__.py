@@ -1,0 +1,15 @@
+"""The foundation every stage stands on, below all of them: it imports no stage and not `pipelines`.
+
+    config.py         typed dataclass configs from configs/<profile>.yaml (unknown keys are errors)
+    errors.py         UserError (one line naming the culprit), Diverged, the finite-value guard
+    models.py         loading and saving models, the embedded model, precision, LoRA, gradient checkpointing
+    distributed.py    several processes under accelerate: the main process, per-process batch sizes, replica checks
+    tasks.py          the tasks (prompts, gold reward) and reading preference files in TRL's format
+    data.py           the one preference set both methods train on (SPEC §4)
+    sequences.py      sampling, response log-probs, reward-model scores, padding
+    reference.py      which model is pi_ref (the base model, or the SFT stage's)
+    evaluate.py       the one evaluator for every policy at every eval point (SPEC §5)
+    rundir.py         run directories: manifests, metrics.jsonl, atomic writes, checkpoints (docs/run-directory.md)
+    trl_callbacks.py  TRL trainers' hooks into the evaluator and the run directory
+    hub.py            the profiles that may use the Hugging Face hub fail fast when it is unreachable
+"""
