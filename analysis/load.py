@@ -95,6 +95,9 @@ def _identity(path: Path, manifest: dict) -> dict:
         "data_sha256": manifest.get("data_sha256"), "git_commit": manifest.get("git_commit"),
         "host": manifest.get("host"), "device": manifest.get("device"), "device_name": manifest.get("device_name"),
         "packages": json.dumps(manifest.get("packages", {}), sort_keys=True), "path": str(path),
+        # the data a run trained on (PPO: its reward model's); absent for runs that train on no pairs
+        **{f"budget_{k}": (manifest.get("budget") or {}).get(k) for k in ("pairs", "passes", "pair_presentations")},
+        "reward_model_path": manifest.get("reward_model_path"),
     }
 
 

@@ -203,3 +203,29 @@ def stage_costs(timings: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         runs=("run_id", "nunique"), seconds=("seconds", "mean"), peak_memory_mb=("peak_memory_mb", "max"))
     tokens = metrics.groupby(RUN, dropna=False)["tokens"].max().groupby("method").mean().rename("tokens per run")
     return per_stage.reset_index().merge(tokens.reset_index(), on="method", how="left")
+
+
+BUDGET = {"budget_pairs": "pairs", "budget_passes": "passes", "budget_pair_presentations": "pair presentations"}
+
+
+def budgets(runs: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """Per method and beta of `methods`: the training pairs, passes and pair presentations its included runs
+    recorded (PPO's are its reward model's), each distinct value once ("640 / 320" where runs differ), and the
+    number of runs."""
+    included = runs[runs["included"] & runs["method"].isin(methods)]
+    if included.empty or not set(BUDGET) <= set(included):
+        return pd.DataFrame(columns=[*GROUP, *BUDGET.values(), "runs"])
+    rows = [{"method": method, "beta": beta, "runs": len(group),
+             **{name: " / ".join(f"{v:g}" for v in sorted(group[c].dropna().unique())) or "–"
+                for c, name in BUDGET.items()}}
+            for (method, beta), group in included.groupby(GROUP, sort=False)]
+    return pd.DataFrame(rows)[[*GROUP, *BUDGET.values(), "runs"]]
+
+
+def shared_reward_models(runs: pd.DataFrame, method: str = "ppo") -> dict[str, int]:
+    """Reward models that more than one included run of `method` trained against: path -> runs."""
+    if "reward_model_path" not in runs:
+        return {}
+    paths = runs.loc[runs["included"] & (runs["method"] == method), "reward_model_path"].dropna()
+    counts = paths.value_counts()
+    return {path: int(n) for path, n in counts.items() if n > 1}

@@ -124,8 +124,8 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
             "trajectory first reaches that KL, interpolated linearly (empty where a run never reaches it).",
             f"Target gold reward = {gold_level:.4g} ({gold_source}): seconds of the method's own training loop "
             "(evaluation excluded) and tokens until a run's eval trajectory first reaches it. What a method needs "
-            "before its loop starts is not in them: PPO's reward model (trained once, shared by its seeds) and "
-            "DPO's pass of pi_ref over its pairs; section 6 gives those stages' seconds.",
+            "before its loop starts is not in them: PPO's reward model and DPO's pass of pi_ref over its pairs; "
+            "section 6 gives those stages' seconds.",
             "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one run gives no interval, and "
             "`final eval/gold_sem` is then the standard error of its gold reward over the eval prompts."]
     elif not has_gold:
@@ -141,6 +141,7 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
             "(docs/baselines.md), so its gold reward at matched KL is read where the bound, not the KL, reaches the "
             "level, which understates it. Its seconds and tokens are inference, not training: sampling and scoring "
             "N responses per eval prompt, paid again on every prompt it serves.")
+    section.notes.append(budget_note(runs))
     if evals.empty:
         section.notes.append("No completed reference, PPO, DPO or baseline run: nothing to compare yet.")
         return section
@@ -148,7 +149,24 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
     section.tables.append(Table("headline", _in_legend_order(
         M.summarize(per_run, M.GROUP, [c for c in per_run if c not in M.RUN]))))
     section.tables.append(Table("headline_per_run", per_run))
+    section.tables.append(Table("budget", _in_legend_order(
+        M.budgets(runs.runs, [m for m in trained(runs) if m != "ppo-gt"]))))
     return section
+
+
+def budget_note(runs: Runs) -> str:
+    """The headline's line on the training budget: equal, or "unequal budget" with every method's numbers."""
+    table = M.budgets(runs.runs, [m for m in COMPARED + ("sft-chosen",) if m in runs.methods])
+    if table.empty:
+        return "Training budget: no completed PPO, DPO or Preferred-FT run records one yet."
+    said = "; ".join(f"{P.name(r['method'])} {r['pairs']} pairs × {r['passes']} passes = "
+                     f"{r['pair presentations']} pair presentations" for _, r in _in_legend_order(table).iterrows())
+    columns = list(M.BUDGET.values())
+    if len(table[columns].drop_duplicates()) == 1 and not table[columns].iloc[0].str.contains("/|–").any():
+        return (f"Equal budget: every method trained on the same pairs for the same passes ({said}; PPO's are its "
+                "reward model's, `budget:` in the config).")
+    return (f"**Unequal budget**: the methods did not train on the same pairs and passes ({said}; PPO's are its "
+            "reward model's). A difference below may come from the data each saw, not from the method.")
 
 
 def _with(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
@@ -216,6 +234,7 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) ->
     for _, run in runs.runs[runs.runs["status"] == "diverged"].iterrows():
         seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']:g} (β {run['beta']:g}) stopped at a non-finite "
                            f"training quantity: {str(run['error']).removeprefix('Diverged: ')}")
+    seeds.notes.append(spread_note(runs))
     if not final.empty:
         columns = [c for c in (score, "eval/kl") if c in final]
         seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns)))
@@ -230,6 +249,17 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) ->
     if not train.empty:
         health.tables.append(Table("training_series", M.series_summary(train, HEALTH_SERIES)))
     return [seeds, health]
+
+
+def spread_note(runs: Runs) -> str:
+    """What each method's spread across seeds includes: a seed's own reward model, or one shared by all."""
+    shared = M.shared_reward_models(runs.runs)
+    ppo = ("PPO's spread leaves out stage 1's variance: " + "; ".join(
+        f"{n} PPO runs share the reward model {path}" for path, n in shared.items())
+           if shared else "PPO's spread includes stage 1's: each PPO seed trained against a reward model trained "
+                          "with that seed (reward_model.per_seed)")
+    return (f"What a spread includes: {ppo}. DPO's and Preferred-FT's include their training order: every seed "
+            "trains on the same pairs (budget.pairs) in its own order.")
 
 
 def cost_section(runs: Runs) -> Section:

@@ -1,5 +1,5 @@
 """Preferred-FT (the DPO paper's Fig. 2): supervised fine-tuning of pi_ref on the chosen response of every pair of
-the shared preference set, with TRL's SFTTrainer.
+the training budget (`budget:`, the pairs the reward model and DPO train on), with TRL's SFTTrainer.
 
     train_preferred_ft(cfg, prefs, seed) -> PreferredFTResult
 
@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from rlhf.config import Config
-from rlhf.data import PreferenceSet
+from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.models import for_training, load_policy_and_reference
 from rlhf.reference import reference_model
@@ -45,7 +45,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
     copy: TRL's map() calls would otherwise write cache files into the shared preference set's folder, whose sha256
     its manifest guards."""
     rows = Dataset.from_dict({"prompt": pairs["prompt"], "completion": pairs["chosen"]})
-    return sft_trainer(policy, tokenizer, rows, cfg.sft, cfg.model, seed, output_dir, callbacks)
+    return sft_trainer(policy, tokenizer, rows, cfg.sft, budget_passes(cfg, cfg.sft.epochs), None, cfg.model, seed,
+                       output_dir, callbacks)
 
 
 def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> PreferredFTResult:
@@ -59,7 +60,9 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(run, lambda model, step: evaluate(model, ctx, desc=f"eval step {step}"),
                                       cfg.sft.eval_every, device, name="Preferred-FT step")
-        build_trainer(cfg, policy, tokenizer, prefs.train, seed, run.path / "checkpoints", [callback]).train()
+        pairs = budget_pairs(cfg, prefs)  # the budget's pairs, as the reward model's and DPO's
+        run.manifest["budget"] = budget_record(len(pairs), budget_passes(cfg, cfg.sft.epochs))
+        build_trainer(cfg, policy, tokenizer, pairs, seed, run.path / "checkpoints", [callback]).train()
         save_policy(policy, tokenizer, run, device)
     step, metrics = callback.last_eval
     return PreferredFTResult(run.path, step, metrics)

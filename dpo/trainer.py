@@ -2,8 +2,8 @@
 
     train(cfg, prefs, seed) -> DPOResult
 
-One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs once for every
-training pair the run will reach, train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL
+One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs once for the
+budget's pairs (`budget.pairs`, the reward model's too), train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL
 coefficient), run the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the
 final policy. `dpo.loss_type` swaps eq. (6) for one of TRL's variants (IPO, robust DPO) on the same pairs, into
 runs/<profile>/dpo-<loss_type>/. Metric names and the gradient-weight derivation are in docs/dpo.md.
@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from rlhf.config import Config
-from rlhf.data import PreferenceSet
+from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.distributed import check_replicas, num_processes, per_process
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import evaluate, make_eval_context
@@ -120,7 +120,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         precompute_ref_batch_size=cfg.eval.batch_size,  # forward passes only: the evaluator's scoring batch
         learning_rate=d.learning_rate, lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_steps,
         per_device_train_batch_size=per_process(d.batch_size, "dpo.batch_size"), gradient_accumulation_steps=d.gradient_accumulation_steps,
-        num_train_epochs=d.epochs, max_steps=d.max_steps or -1, max_grad_norm=d.max_grad_norm,
+        num_train_epochs=budget_passes(cfg, d.epochs), max_grad_norm=d.max_grad_norm,
         max_length=d.max_length,
         **run_dir_args(cfg.model, seed, device, d.checkpoint_every),
     )
@@ -132,8 +132,7 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     """The DPO trainer for one run. Building it computes pi_ref's log-probs of the pairs it uses (a progress bar)."""
     max_length, n_given = cfg.dpo.max_length, len(pairs)
     if max_length:
-        # TRL drops a pair whose prompt alone is max_length tokens or more. Dropped here, before the subset below, so
-        # that the run trains on as many distinct pairs as max_steps reaches (not fewer, some of them twice).
+        # TRL drops a pair whose prompt alone is max_length tokens or more: dropped here, counted and said.
         prompt_lengths = [len(ids) for ids in tokenizer(list(pairs["prompt"])).input_ids]  # tokenised as TRL does
         pairs = pairs.select([i for i, n in enumerate(prompt_lengths) if n < max_length])
         if not len(pairs):  # TRL would fail on the empty set with a cryptic error
@@ -141,11 +140,6 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
                             "pair is left to train on; raise dpo.max_length")
     n_kept = len(pairs)
     args = trainer_args(cfg, seed, output_dir, policy.device)
-    # TRL precomputes pi_ref's log-probs of every pair it is given, so give it only the pairs `max_steps` reaches:
-    # a seeded random subset, a draw like the one its shuffling sampler would make from all of them.
-    used = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    if 0 < used < len(pairs):
-        pairs = pairs.shuffle(seed=seed).select(range(used))
     # Shortest first, so each precompute batch is padded to about its own length (training shuffles them anyway).
     # An in-memory copy: TRL's map() calls would otherwise write cache files into the shared preference set's
     # folder and change the sha256 its manifest guards.
@@ -194,12 +188,13 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
                                               desc=f"eval step {step}"),
             cfg.dpo.eval_every, device, train_seconds=rows[-1]["wall_seconds"] if rows else 0.0, name="DPO step")
         with run.stage("ref_logps", device) as timing:
-            trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed, run.path / "checkpoints",
-                                    [callback])
+            trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed,
+                                    run.path / "checkpoints", [callback])
             timing["tokens"] = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(  # chosen and rejected rows
                 trainer.train_dataset["prompt_ids"], trainer.train_dataset["chosen_ids"],
                 trainer.train_dataset["rejected_ids"]))
         run.manifest["pairs"] = count_long_pairs(trainer, cfg.dpo.max_length)
+        run.manifest["budget"] = budget_record(len(trainer.train_dataset), budget_passes(cfg, cfg.dpo.epochs))
         run.write_manifest()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         check_replicas(policy, run.manifest)

@@ -46,7 +46,7 @@ from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.models import (autocast, for_training, freeze, grad_scaler, load_causal_lm, load_scalar_model,
                          load_tokenizer, resolve_model_path, save_model)
 from rlhf.reference import reference_model
-from rlhf.rundir import RunDir
+from rlhf.rundir import RunDir, manifest_of_model
 from rlhf.sequences import SequenceBatch, position_ids_from_mask, response_logprobs, reward_scores, sample
 from rlhf.tasks import load_task
 
@@ -136,6 +136,8 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                                    extra={"reward_model_path": None if gold else str(reward_model_path),
                                           "num_processes": accelerator.num_processes})
     run.manifest["reference_model"] = model_path
+    # PPO's data budget is its reward model's: the pairs and passes stage 1 trained on (PPO-GT trains on none)
+    run.manifest["budget"] = None if gold else manifest_of_model(reward_model_path).get("budget")
     ctx = make_eval_context(cfg, prefs, ref, tokenizer, device) if main else None
     train_seconds, tokens, final_eval = 0.0, 0, {}
 

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.config import Config
-from rlhf.data import PreferenceSet
+from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.distributed import check_replicas, from_main, is_main, per_process
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import EvalContext, heldout_pair_metrics
@@ -63,8 +63,11 @@ class _LogToRun(TrainerCallback):
 def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
     """What a trained reward model depends on: reused by any later run with the same key (the SFT stage's and the
     LoRA settings are in it only when they are on, so the keys of earlier reward models stay as they were)."""
-    key = {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": cfg.to_dict()[
-        "reward_model"] | {"seed": seed}, "task": cfg.task.name}
+    # `per_seed` only decides which seed a PPO run asks for: the model trained with seed s is the same either way
+    settings = {k: v for k, v in cfg.to_dict()["reward_model"].items() if k != "per_seed"}
+    key = {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": settings | {"seed": seed},
+           "task": cfg.task.name,
+           "budget": {"pairs": cfg.budget.pairs, "passes": budget_passes(cfg, cfg.reward_model.epochs)}}
     if cfg.sft_stage.enabled:  # the backbone is pi_ref: the SFT stage's model
         key["sft_stage"] = cfg.to_dict()["sft_stage"]
     if cfg.lora.enabled:
@@ -99,10 +102,11 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
     with run.running():
         rm = for_training(load_scalar_model(model_path, tokenizer.pad_token_id), cfg, "SEQ_CLS",
                           trainer_checkpointing=True)
-        train_set = prefs.train.select_columns(["prompt", "chosen", "rejected"])
+        train_set = budget_pairs(cfg, prefs).select_columns(["prompt", "chosen", "rejected"])
+        passes = budget_passes(cfg, rc.epochs)
         with tempfile.TemporaryDirectory() as scratch:
             args = RewardConfig(
-                output_dir=scratch, learning_rate=rc.learning_rate, num_train_epochs=rc.epochs,
+                output_dir=scratch, learning_rate=rc.learning_rate, num_train_epochs=passes,
                 per_device_train_batch_size=per_process(rc.batch_size, "reward_model.batch_size"),
                 warmup_steps=rc.warmup_ratio, lr_scheduler_type="linear", max_length=rc.max_length,
                 logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
@@ -116,6 +120,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
             # RewardTrainer drops pairs longer than max_length: counted here, and an error if none is left.
             dropped = len(train_set) - len(trainer.train_dataset)
             run.manifest["pairs"] = {"given": len(train_set), "dropped_too_long": dropped}
+            run.manifest["budget"] = budget_record(len(train_set) - dropped, passes)
             run.write_manifest()
             if dropped == len(train_set):
                 raise UserError(f"reward_model.max_length={rc.max_length}: every training pair is longer, so "

@@ -142,6 +142,20 @@ class DataConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """One training budget for every stage trained on the preference set: the reward model (eq. 1), DPO (eq. 6) and
+    its variants, and Preferred-FT train on the same pairs for the same number of passes. A stage's own `epochs`,
+    when set, overrides `budget.epochs` for that stage: a deliberately unequal budget, which the report's headline
+    flags with both numbers."""
+    pairs: int | None = _f(None, "training pairs of every stage: the first this many of the preference set's train "
+                                 "split (its order is random by construction; null = all of them)")
+    epochs: int = _f(1, "passes over those pairs; pairs x passes = the pair presentations each stage trains on")
+
+    def validate(self, prefix: str) -> None:
+        _require_positive(self, prefix, "pairs", "epochs")
+
+
+@dataclass
 class EvalConfig:
     n_prompts: int | None = _f(None, "eval prompts sampled at every eval point (null = all eval prompts)")
     max_new_tokens: int = _f(32, "response length cap at evaluation")
@@ -160,13 +174,14 @@ class EvalConfig:
 class RewardModelConfig:
     """Stage 1 of RLHF: the Bradley-Terry reward model r_phi of eq. (1), trained with TRL's RewardTrainer."""
     learning_rate: float = _f(3e-5, "AdamW learning rate")
-    epochs: float = _f(2.0, "passes over the training pairs")
+    epochs: int | None = _f(None, "passes over the training pairs; null = budget.epochs (set: an unequal budget)")
     batch_size: int = _f(8, "pairs per optimiser step")
     warmup_ratio: float = _f(0.1, "fraction of steps with linear learning-rate warm-up")
     max_length: int = _f(256, "prompt + response tokens; longer pairs are truncated by TRL")
     center_prompts: int = _f(64, "train prompts whose pi_ref samples set the reward shift (mean score -> 0)")
-    per_seed: bool = _f(False, "train one reward model per PPO seed (else one, shared by every seed)")
-    seed: int = _f(0, "training seed of the shared reward model (per_seed: the PPO seed instead)")
+    per_seed: bool = _f(True, "PPO seed s trains against a reward model trained with seed s, so PPO's spread across "
+                              "seeds includes stage 1's; false: one reward model shared by every seed")
+    seed: int = _f(0, "training seed of the shared reward model (read only with per_seed: false)")
 
     def validate(self, prefix: str) -> None:
         _require_positive(self, prefix, "learning_rate", "epochs", "batch_size", "max_length", "center_prompts")
@@ -232,8 +247,7 @@ class DPOConfig:
     gradient_accumulation_steps: int = _f(
         1, "micro-batches per optimiser step (pairs a step = batch_size x this)"
     )
-    epochs: int = _f(1, "passes over the training pairs")
-    max_steps: int | None = _f(None, "stop after this many optimiser steps (null: run all the epochs)")
+    epochs: int | None = _f(None, "passes over the training pairs; null = budget.epochs (set: an unequal budget)")
     max_grad_norm: float = _f(1.0, "clip the gradient to this global norm")
     max_length: int | None = _f(512, "tokens kept of each prompt + response (the end is cut); null: no limit")
     eval_every: int = _f(16, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
@@ -243,10 +257,10 @@ class DPOConfig:
     def validate(self, prefix: str) -> None:
         _require(self.learning_rate > 0, f"{prefix}.learning_rate", f"must be positive, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        for key in ("batch_size", "gradient_accumulation_steps", "epochs", "eval_every"):
+        for key in ("batch_size", "gradient_accumulation_steps", "eval_every"):
             value = getattr(self, key)
             _require(value > 0, f"{prefix}.{key}", f"must be positive, got {value}")
-        for key in ("max_steps", "max_length", "checkpoint_every"):
+        for key in ("epochs", "max_length", "checkpoint_every"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"{prefix}.{key}", f"must be positive or null, got {value}")
         _require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
@@ -275,14 +289,13 @@ class PreferredFTConfig:
     preference set, loss on the response tokens only (TRL's SFTTrainer; docs/baselines.md)."""
     learning_rate: float = _f(3e-5, "AdamW learning rate (constant)")
     batch_size: int = _f(8, "chosen responses per optimiser step")
-    epochs: int = _f(1, "passes over the chosen responses")
-    max_steps: int | None = _f(None, "stop after this many optimiser steps (null: run all the epochs)")
+    epochs: int | None = _f(None, "passes over the chosen responses of the budget's pairs; null = budget.epochs "
+                                  "(set: an unequal budget)")
     max_length: int | None = _f(512, "tokens kept of each prompt + response (the end is cut); null: no limit")
     eval_every: int = _f(40, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
 
     def validate(self, prefix: str) -> None:
-        _require_positive(self, prefix, "learning_rate", "batch_size", "epochs", "max_steps", "max_length",
-                          "eval_every")
+        _require_positive(self, prefix, "learning_rate", "batch_size", "epochs", "max_length", "eval_every")
 
 
 @dataclass
@@ -360,6 +373,7 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -52,6 +52,27 @@ class PreferenceSet:
         return self.manifest["sha256"]
 
 
+def budget_pairs(cfg: Config, prefs: PreferenceSet) -> Dataset:
+    """The pairs every stage trained on the preference set trains on (`budget.pairs`): the first that many of its
+    train split, the same for the reward model, DPO and Preferred-FT and for every seed (a seed draws their order,
+    not a different subset of them)."""
+    n = cfg.budget.pairs
+    if n is not None and n > len(prefs.train):
+        raise UserError(f"config key 'budget.pairs': {n}, but the preference set {prefs.path} has only "
+                        f"{len(prefs.train)} training pairs (raise data.n_prompts, or lower budget.pairs)")
+    return prefs.train if n is None else prefs.train.select(range(n))
+
+
+def budget_passes(cfg: Config, stage_epochs: int | None) -> int:
+    """Passes over the budget's pairs: `budget.epochs`, unless the stage's own `epochs` overrides it (unequal)."""
+    return cfg.budget.epochs if stage_epochs is None else stage_epochs
+
+
+def budget_record(pairs: int, passes: int) -> dict[str, int]:
+    """What a run's manifest records of the data it trained on: pairs, passes, and pair presentations."""
+    return {"pairs": pairs, "passes": passes, "pair_presentations": pairs * passes}
+
+
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 

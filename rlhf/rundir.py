@@ -455,3 +455,10 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
             except json.JSONDecodeError:
                 bad.append(i)
     return rows, bad
+
+
+def manifest_of_model(folder: Path) -> dict:
+    """The manifest of the run that saved the model in `folder` (<run-dir>/checkpoints/final), or {} for a model
+    that no run of this project saved."""
+    path = Path(folder).parent.parent / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

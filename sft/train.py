@@ -42,8 +42,9 @@ class SFTResult:
 
 
 def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset,
-                settings: SFTStageConfig | PreferredFTConfig, model_cfg: ModelConfig, seed: int, output_dir: Path,
-                callbacks: list[TrainerCallback]) -> trl.SFTTrainer:
+                settings: SFTStageConfig | PreferredFTConfig, epochs: int, max_steps: int | None,
+                model_cfg: ModelConfig, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
+                ) -> trl.SFTTrainer:
     """TRL's SFTTrainer on `rows`: `text` rows train on every token; `prompt` / `completion` rows on the completion
     only (the prompt is context). EOS is appended to each text or completion, as TRL does. Constant learning rate;
     precision and gradient checkpointing as `model_cfg` says."""
@@ -54,8 +55,7 @@ def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
         learning_rate=settings.learning_rate, lr_scheduler_type="constant",
         per_device_train_batch_size=per_process(
             settings.batch_size, f"{'sft_stage' if isinstance(settings, SFTStageConfig) else 'sft'}.batch_size"),
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps or -1, max_length=settings.max_length,
+        num_train_epochs=epochs, max_steps=max_steps or -1, max_length=settings.max_length,
         **run_dir_args(model_cfg, seed, model.device),
     )
     return quiet_progress_bar(trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
@@ -77,8 +77,8 @@ def train_sft(cfg: Config) -> SFTResult:
         model = for_training(load_causal_lm(base).to(device), cfg, "CAUSAL_LM", trainer_checkpointing=True)
         # train rows only: pi_ref's own evaluation is `make reference`, once this model is pi_ref
         callback = EvalAndLogCallback(run, None, None, device, name="SFT step")
-        trainer = sft_trainer(model, tokenizer, rows, s, cfg.model, s.seed, run.path / "checkpoints",
-                              [callback])
+        trainer = sft_trainer(model, tokenizer, rows, s, s.epochs, s.max_steps, cfg.model, s.seed,
+                              run.path / "checkpoints", [callback])
         trainer.train()
         final = save_policy(model, tokenizer, run, device)
         run.manifest["sft_model_path"] = str(final)

@@ -13,6 +13,7 @@ import pytest
 
 from analysis import metrics as M
 from analysis.load import load_runs
+from analysis.report import headline_section, stability_sections
 from analysis.report import main as report_main
 from rlhf.config import load_config
 from rlhf.errors import UserError
@@ -21,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(profile_dir, method, seed, evals, train=(), beta=0.1, status="completed",
-              timings=None, run_id=None):
+              timings=None, run_id=None, **manifest_extra):
     """A run directory as the pipelines write it (docs/run-directory.md). `evals` / `train` are lists of
     metric dicts; step i gets step 10*i, wall_seconds 100*i and tokens 1000*i unless the dict sets them."""
     run_id = run_id or f"20261125T000000-beta{beta:g}-seed{seed}"
@@ -30,7 +31,7 @@ def write_run(profile_dir, method, seed, evals, train=(), beta=0.1, status="comp
     manifest = {"method": method, "profile": profile_dir.name, "seed": seed, "beta": beta, "run_id": run_id,
                 "status": status, "error": "RuntimeError: loss is nan" if status == "failed" else None,
                 "data_sha256": "f" * 64, "packages": {"python": "3.11", "pandas": "3.1"}, "git_commit": "abc",
-                "host": "box", "device": "cpu", "device_name": "x86_64"}
+                "host": "box", "device": "cpu", "device_name": "x86_64", **manifest_extra}
     (path / "manifest.json").write_text(json.dumps(manifest))
     rows = [{"kind": kind, "step": 10 * i, "wall_seconds": 100.0 * i, "tokens": 1000 * i, **m}
             for kind, series in (("train", train), ("eval", evals)) for i, m in enumerate(series)]
@@ -332,3 +333,38 @@ def test_report_with_only_dpo_says_what_is_missing(tmp_path):
 def test_report_with_no_runs_at_all_still_writes_the_page(tmp_path):
     out = run_report(tmp_path, tmp_path / "runs" / "empty")
     assert "nothing to compare yet" in (out / "index.html").read_text()
+
+
+def _budget_profile(root, dpo_passes, rm_paths):
+    """PPO x2 seeds against `rm_paths`, DPO x2 seeds: PPO with its reward model's budget of 8 pairs x 2 passes,
+    DPO with 8 pairs x `dpo_passes`."""
+    p = root / "runs" / "budget"
+    write_run(p, "reference", 1234, [ev(0.0, 0.1)])
+    for seed, rm in enumerate(rm_paths):
+        write_run(p, "ppo", seed, [ev(0, 0.1), ev(2, 0.4)], reward_model_path=rm,
+                  budget={"pairs": 8, "passes": 2, "pair_presentations": 16})
+        write_run(p, "dpo", seed, [ev(0, 0.1), ev(2, 0.5)],
+                  budget={"pairs": 8, "passes": dpo_passes, "pair_presentations": 8 * dpo_passes})
+    return load_runs(p)
+
+
+def test_headline_says_equal_budget_and_what_each_spread_includes(tmp_path):
+    runs = _budget_profile(tmp_path, 2, ["rm/seed0", "rm/seed1"])
+    cfg = load_config("tiny", [])
+    headline = headline_section(runs, cfg, has_gold=True)
+    (note,) = [n for n in headline.notes if "budget" in n.lower()]
+    assert note.startswith("Equal budget") and "PPO 8 pairs × 2 passes = 16 pair presentations" in note
+    budget = {t.name: t.frame for t in headline.tables}["budget"]
+    assert budget[["method", "pair presentations", "runs"]].values.tolist() == [["ppo", "16", 2], ["dpo", "16", 2]]
+    (seeds, _) = stability_sections(runs, cfg, "eval/gold", "gold")
+    assert any("PPO's spread includes stage 1's" in n for n in seeds.notes)
+
+
+def test_an_unequal_budget_and_a_shared_reward_model_are_flagged(tmp_path):
+    runs = _budget_profile(tmp_path, 1, ["rm/shared", "rm/shared"])
+    cfg = load_config("tiny", [])
+    (note,) = [n for n in headline_section(runs, cfg, has_gold=True).notes if "budget" in n.lower()]
+    assert note.startswith("**Unequal budget**")
+    assert "PPO 8 pairs × 2 passes = 16 pair presentations; DPO 8 pairs × 1 passes = 8 pair presentations" in note
+    (seeds, _) = stability_sections(runs, cfg, "eval/gold", "gold")
+    assert any("leaves out stage 1's variance: 2 PPO runs share the reward model rm/shared" in n for n in seeds.notes)

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 import trl
 import yaml
 
-from dpo import dpo_gradient_weight, dpo_loss
 import dpo
+from dpo import dpo_gradient_weight, dpo_loss
 from dpo.trainer import build_trainer
 from rlhf.config import PROJECT_ROOT, load_config
-from rlhf.data import build_preferences, load_preferences
+from rlhf.data import budget_pairs, build_preferences, load_preferences
 from rlhf.errors import UserError
 from rlhf.models import freeze, load_causal_lm
 from rlhf.rundir import read_jsonl
@@ -136,16 +136,15 @@ def test_variants_are_trls_ipo_and_robust_dpo_losses(tiny_runs, tiny_path, token
     assert "dpo/grad_weight_mean" not in trainer._metrics["train"]  # eq. (6)'s weight is not these losses'
 
 
-def test_dpo_precomputes_reference_logps_only_for_the_pairs_max_steps_reaches(tiny_runs, tiny_path, tokenizer,
-                                                                             tmp_path):
+def test_dpo_precomputes_reference_logps_only_for_the_budget_pairs(tiny_runs, tiny_path, tokenizer, tmp_path):
     cfg, prefs = tiny_runs
-    cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, max_steps=2, batch_size=4))
+    cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, pairs=8))
     ref = freeze(load_causal_lm(tiny_path))
-    trainer = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, prefs.train, seed=0, output_dir=tmp_path,
-                            callbacks=[])
+    trainer = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, budget_pairs(cfg, prefs), seed=0,
+                            output_dir=tmp_path, callbacks=[])
     used = trainer.train_dataset
     assert len(used) == 8 < len(prefs.train) and "ref_chosen_logps" in used.column_names
-    assert set(used["prompt"]) <= set(prefs.train["prompt"])
+    assert sorted(used["prompt"]) == sorted(prefs.train["prompt"][:8])  # the first budget.pairs of the set
     lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"],
                                                                 used["rejected_ids"])]
     assert lengths[0] < lengths[-1]  # ordered by length, so precompute batches carry little padding
@@ -154,9 +153,10 @@ def test_dpo_precomputes_reference_logps_only_for_the_pairs_max_steps_reaches(ti
         trainer, used.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]), "check", 3)
     for side in ("ref_chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(torch.tensor(used[side]), torch.tensor(theirs[side]), atol=1e-4, rtol=1e-5)
-    again = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, prefs.train, seed=1, output_dir=tmp_path,
-                          callbacks=[])
-    assert set(again.train_dataset["chosen"]) != set(used["chosen"])  # each seed draws its own pairs
+    # Another seed trains on the same pairs (its sampler, seeded with data_seed = seed, draws their order)
+    again = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, budget_pairs(cfg, prefs), seed=1,
+                          output_dir=tmp_path, callbacks=[])
+    assert again.train_dataset["chosen"] == used["chosen"] and again.args.data_seed == 1 != trainer.args.data_seed
 
 
 def test_dpo_config_rejects_bad_values():

@@ -78,11 +78,11 @@ def _imdb_cfg(runs: Path, imdb_file: Path, classifier: Path, *extra: str):
         "task.gold_batch_size=8",
         "data.responses_per_prompt=2", "data.max_new_tokens=8", "data.batch_size=16",
         "eval.n_prompts=8", "eval.max_new_tokens=8", "eval.batch_size=8", "eval.n_samples_saved=4",
-        "reward_model.epochs=1", "reward_model.batch_size=8", "reward_model.max_length=64",
+        "reward_model.batch_size=8", "reward_model.max_length=64",
         "reward_model.center_prompts=8",
         "ppo.iterations=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1",
         "ppo.max_new_tokens=8", "ppo.eval_every=2", "ppo.checkpoint_every=null",
-        "dpo.learning_rate=1e-3", "dpo.warmup_steps=0", "dpo.batch_size=4", "dpo.max_steps=2", "dpo.max_length=64",
+        "dpo.learning_rate=1e-3", "dpo.warmup_steps=0", "dpo.batch_size=4", "budget.pairs=8", "dpo.max_length=64",
         "dpo.eval_every=2", "dpo.checkpoint_every=null", *extra])
 
 
@@ -264,7 +264,8 @@ def test_sft_stage_on_chosen_trains_on_the_responses_of_the_task_pairs_only(toke
     rows = sft_rows(cfg, tokenizer)
     pairs = load_task(cfg.task, tokenizer).train_pairs
     assert rows["prompt"] == [p["prompt"] for p in pairs] and rows["completion"] == [p["chosen"] for p in pairs]
-    trainer = sft_trainer(load_causal_lm(tiny_path), tokenizer, rows, cfg.sft_stage, cfg.model, 0, tmp_path / "out", [])
+    trainer = sft_trainer(load_causal_lm(tiny_path), tokenizer, rows, cfg.sft_stage, 1, None, cfg.model, 0,
+                          tmp_path / "out", [])
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     # The loss covers each chosen reply and the EOS TRL appends, never the dialogue before it.
     targets = sum(len(tokenizer(p["chosen"], add_special_tokens=False).input_ids) + 1 for p in pairs)

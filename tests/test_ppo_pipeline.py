@@ -47,10 +47,33 @@ def test_make_ppo_tiny_end_to_end_and_reward_model_reuse(tmp_path):
     timings = json.loads((ppo_dir / "timings.json").read_text())
     assert {"train", "eval"} <= set(timings)
 
+    # Each PPO seed trains against a reward model trained with its own seed (reward_model.per_seed)
     again = _run(["ppo", "--profile", "tiny", f"runs_dir={runs}", "seeds=[1]"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "reward model reused" in again.stdout
-    assert len(list((runs / "tiny" / "reward_model").iterdir())) == 1 and len(list((runs / "tiny" / "ppo").iterdir())) == 2
+    assert "reward model reused" not in again.stdout
+    def manifests(method):
+        paths = (runs / "tiny").glob(f"{method}/*/manifest.json")
+        return {m["seed"]: m for m in (json.loads(p.read_text()) for p in paths)}
+
+    rms, ppos = manifests("reward_model"), manifests("ppo")
+    assert sorted(rms) == [0, 1]
+    assert {s: ppos[s]["reward_model_path"] for s in (0, 1)} == {s: rms[s]["reward_model_path"] for s in (0, 1)}
+    import torch
+    from safetensors.torch import load_file
+    heads = [load_file(Path(rms[s]["reward_model_path"]) / "model.safetensors")["score.weight"] for s in (0, 1)]
+    assert not torch.equal(*heads)  # two reward models, not one counted twice
+    # PPO's data budget is its reward model's, and DPO trains on the same pair presentations
+    assert ppos[0]["budget"] == rms[0]["budget"] == {"pairs": 32, "passes": 1, "pair_presentations": 32}
+    dpo = _run(["dpo", "--profile", "tiny", f"runs_dir={runs}"])
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    (dpo_manifest,) = [json.loads(p.read_text()) for p in (runs / "tiny").glob("dpo/*/manifest.json")]
+    assert dpo_manifest["budget"] == rms[0]["budget"]
+    # A finished reward model is reused while its key matches; one shared by every seed where per_seed is off
+    shared = _run(["ppo", "--profile", "tiny", f"runs_dir={runs}", "seeds=[1]", "reward_model.per_seed=false",
+                   "reward_model.seed=0", "ppo.iterations=2"])
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert f"reward model reused: {rms[0]['reward_model_path']}" in shared.stdout
+    assert len(list((runs / "tiny" / "reward_model").iterdir())) == 2
 
 
 def test_token_values_are_the_centred_reward_head_read_after_each_response_prefix(tiny_model, tokenizer, tiny_path):

@@ -181,7 +181,7 @@ def test_dpo_step_with_lora_trains_only_adapters_against_a_full_frozen_reference
     from dpo.trainer import build_trainer
 
     cfg, prefs = tiny_prefs
-    cfg = with_overrides(cfg, lora={"enabled": True, "r": 4}, dpo={"max_steps": 2, "batch_size": 4})
+    cfg = with_overrides(cfg, lora={"enabled": True, "r": 4}, budget={"pairs": 8}, dpo={"batch_size": 4})
     policy = for_training(load_causal_lm(tiny_path), cfg, "CAUSAL_LM", trainer_checkpointing=True)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     ref = freeze(load_causal_lm(tiny_path))

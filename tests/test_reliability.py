@@ -26,7 +26,7 @@ from rlhf.rundir import CHECKPOINT_RECORD, read_jsonl
 TIMING = ("wall_seconds", "eval/seconds", "time/rollout", "time/scoring", "time/update", "eval/sampling_seconds",
           "eval/scoring_seconds", "eval/sampled_tokens", "eval/scored_tokens")
 PPO = ("ppo.iterations=8", "ppo.checkpoint_every=2", "ppo.adaptive_kl=true")  # adaptive: beta must resume too
-DPO = ("dpo.checkpoint_every=1", "dpo.batch_size=4", "dpo.max_steps=4")  # half batches: TRL's steps are slow on CPU
+DPO = ("dpo.checkpoint_every=1", "dpo.batch_size=4", "budget.pairs=16")  # 4 half batches: TRL's steps are slow on CPU
 
 
 def _command(method: str, runs: Path, *overrides: str) -> list[str]:
