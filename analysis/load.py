@@ -14,11 +14,13 @@ from typing import Iterable
 
 import pandas as pd
 
+from rlhf.errors import UserError
 from rlhf.rundir import process_alive, read_jsonl
 
 RUN_KEYS = ["method", "beta", "seed", "run_id"]  # identify a run; every frame carries them
 ROW_KEYS = ("kind", "step", "wall_seconds", "tokens")  # every metrics row has these (the schema's promise)
 DATA_DIR = "data"  # runs/<profile>/data holds the preference set, not a method
+UNEVALUATED = ("sft", "reward_model")  # stages whose runs have no policy eval points to pool
 
 
 @dataclass
@@ -98,6 +100,8 @@ def _identity(path: Path, manifest: dict) -> dict:
         # the data a run trained on (PPO: its reward model's); absent for runs that train on no pairs
         **{f"budget_{k}": (manifest.get("budget") or {}).get(k) for k in ("pairs", "passes", "pair_presentations")},
         "reward_model_path": manifest.get("reward_model_path"),
+        **{f"eval_{k}": (manifest.get("eval_settings") or {}).get(k) for k in ("hash", "split", "temperature")},
+        **{f"kl_{k}": (manifest.get("kl_control") or {}).get(k) for k in ("adaptive", "rollout_temperature")},
     }
 
 
@@ -118,6 +122,9 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict]]:
         if alive is not None:
             reason += ", still being written" if alive else ", killed (no live process; run it again to resume it)"
         return {**record, "included": False, "reason": reason}, [], []
+    if record["eval_split"] == "validation":
+        return {**record, "included": False, "reason": "evaluated on the validation prompts (eval.split=validation, "
+                                                       "a sweep's run): the report shows the test prompts only"}, [], []
     try:
         rows = _read_metrics(path / "metrics.jsonl")
         stages = _read_json(path / "timings.json")
@@ -128,6 +135,22 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict]]:
     timings = [{**keys, "stage": stage, "seconds": t.get("seconds"), "peak_memory_mb": t.get("peak_memory_mb")}
                for stage, t in stages.items()]
     return {**record, "included": True, "reason": ""}, metrics, timings
+
+
+def check_pooling(records: list[dict]) -> None:
+    """Refuse to pool eval points measured differently: every included policy run must carry the same eval
+    settings hash (pi_ref, prompts, pairs, eval settings; rlhf.config.Config.eval_settings). Runs written before
+    manifests recorded it carry none and are not checked."""
+    seen: dict[str, dict] = {}
+    for r in records:
+        if r["included"] and r["method"] not in UNEVALUATED and r.get("eval_hash"):
+            seen.setdefault(r["eval_hash"], r)
+    if len(seen) > 1:
+        (a, b) = list(seen.values())[:2]
+        raise UserError(f"runs {a['path']} and {b['path']} were evaluated with different settings (eval hash "
+                        f"{a['eval_hash']} vs {b['eval_hash']}: pi_ref, the task, the preference set or the eval "
+                        "section differ), and the report never pools them: move one set of runs out of "
+                        f"{Path(a['path']).parent.parent}, or rerun it with the other's config")
 
 
 def load_runs(profile_dir: Path) -> Runs:
@@ -146,6 +169,7 @@ def load_runs(profile_dir: Path) -> Runs:
             records.append(record)
             metrics += rows
             timings += stages
+    check_pooling(records)
     metrics_frame = pd.DataFrame(metrics, columns=None if metrics else [*RUN_KEYS, *ROW_KEYS])
     return Runs(
         runs=pd.DataFrame(records, columns=None if records else [*RUN_KEYS, "status", "included", "reason", "path"]),

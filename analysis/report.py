@@ -142,6 +142,7 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
             "level, which understates it. Its seconds and tokens are inference, not training: sampling and scoring "
             "N responses per eval prompt, paid again on every prompt it serves.")
     section.notes.append(budget_note(runs))
+    section.notes += beta_notes(runs)
     if evals.empty:
         section.notes.append("No completed reference, PPO, DPO or baseline run: nothing to compare yet.")
         return section
@@ -152,6 +153,24 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
     section.tables.append(Table("budget", _in_legend_order(
         M.budgets(runs.runs, [m for m in trained(runs) if m != "ppo-gt"]))))
     return section
+
+
+def beta_notes(runs: Runs) -> list[str]:
+    """A line for every run whose beta does not mean DPO's: PPO with an adaptive KL coefficient or rollouts at a
+    temperature other than 1, and any run evaluated at a temperature other than 1."""
+    notes = []
+    for _, r in runs.runs[runs.runs["included"]].iterrows():
+        adaptive, rollout, evaluation = (r.get(k) for k in ("kl_adaptive", "kl_rollout_temperature",
+                                                              "eval_temperature"))
+        why = ["an adaptive KL coefficient (ppo.adaptive_kl)"] if pd.notna(adaptive) and bool(adaptive) else []
+        if pd.notna(rollout) and rollout != 1.0:
+            why.append(f"rollouts at temperature {rollout:g} (ppo.temperature)")
+        if pd.notna(evaluation) and evaluation != 1.0:
+            why.append(f"evaluation at temperature {evaluation:g} (eval.temperature)")
+        if why:
+            notes.append(f"**β not matched**: {P.name(r['method'])} seed {r['seed']:g} (β {r['beta']:g}) ran with "
+                         f"{' and '.join(why)}, so its β is not DPO's and its KL is not comparable at face value.")
+    return notes
 
 
 def budget_note(runs: Runs) -> str:

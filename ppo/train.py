@@ -138,6 +138,8 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     run.manifest["reference_model"] = model_path
     # PPO's data budget is its reward model's: the pairs and passes stage 1 trained on (PPO-GT trains on none)
     run.manifest["budget"] = None if gold else manifest_of_model(reward_model_path).get("budget")
+    # beta means DPO's beta only with a fixed KL coefficient and rollouts from pi_theta itself (temperature 1)
+    run.manifest["kl_control"] = {"adaptive": pc.adaptive_kl, "rollout_temperature": pc.temperature}
     ctx = make_eval_context(cfg, prefs, ref, tokenizer, device) if main else None
     train_seconds, tokens, final_eval = 0.0, 0, {}
 

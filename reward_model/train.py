@@ -149,7 +149,7 @@ def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run:
         shift = _reward_shift(rm, tokenizer, task.train_prompts[:cfg.reward_model.center_prompts], cfg, device)
     rm.config.reward_shift = shift
     ctx = EvalContext(prompts=[], ref_model=None, tokenizer=tokenizer, cfg=cfg.eval,
-                      autocast=lambda: autocast(cfg.model.precision, device), heldout_pairs=prefs.heldout.to_list())
+                      autocast=lambda: autocast(cfg.model.precision, device), heldout_pairs=prefs.scored_pairs(cfg.eval.split).to_list())
     with run.stage("eval", device):
         heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None)
     check_finite("reward model on held-out pairs", **heldout)

@@ -97,6 +97,9 @@ class TaskConfig:
         "format at task.path, no gold)")
     n_train_prompts: int = _f(1000, "training prompts (sentiment: generated; imdb, hh: at most this many rows)")
     n_eval_prompts: int = _f(200, "evaluation prompts, disjoint from the training prompts")
+    n_validation_prompts: int = _f(
+        0, "the last this many eval prompts are set aside as validation prompts for hyper-parameter sweeps "
+           "(`make sweep`); the others are the test prompts every report shows. 0: no validation prompts")
     prompt_seed: int = _f(0, "seed that fixes which prompts are drawn and the train/eval split")
     system_prompt: str | None = _f(
         "", "system message put before each prompt; '' keeps it empty (short prompts are cheap on CPU), "
@@ -114,6 +117,8 @@ class TaskConfig:
 
     def validate(self, prefix: str) -> None:
         _require_positive(self, prefix, "n_train_prompts", "n_eval_prompts", "max_prompt_tokens", "gold_batch_size")
+        _require(self.n_validation_prompts >= 0, f"{prefix}.n_validation_prompts",
+                 f"must be >= 0, got {self.n_validation_prompts}")
         _require(self.name == "sentiment" or self.path is not None, f"{prefix}.path",
                  f"is required for task '{self.name}'")
         _require(self.name != "imdb" or bool(self.gold_model), f"{prefix}.gold_model",
@@ -164,6 +169,9 @@ class EvalConfig:
     seed: int = _f(1234, "sampling seed, the same at every eval point of every run")
     n_heldout_pairs: int | None = _f(None, "held-out pairs scored at every eval point (null = all)")
     n_samples_saved: int = _f(16, "eval samples written to the run directory at each eval point")
+    split: Literal["test", "validation"] = _f(
+        "test", "'test': the test prompts and held-out pairs every report shows; 'validation': the validation "
+                "prompts and pairs (task.n_validation_prompts) that sweeps choose hyper-parameters on")
 
     def validate(self, prefix: str) -> None:
         _require_positive(self, prefix, "n_prompts", "max_new_tokens", "temperature", "batch_size", "n_heldout_pairs",
@@ -355,7 +363,9 @@ NUMERICALLY_NEUTRAL = {"model": ("gradient_checkpointing",)}
 # Keys added after cached artefacts (preference sets, pi_ref's eval samples) were first hashed: left out of the hash
 # while they hold the value those artefacts were computed under, so adding a key never invalidates the caches.
 ADDED_WITH_DEFAULT = {"model": {"tf32": False},
-                      "task": {"gold_model": None, "gold_positive_label": "POSITIVE", "gold_batch_size": 32}}
+                      "task": {"gold_model": None, "gold_positive_label": "POSITIVE", "gold_batch_size": 32,
+                               "n_validation_prompts": 0},
+                      "eval": {"split": "test"}}
 
 
 @dataclass
@@ -408,6 +418,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def eval_settings(self) -> dict[str, Any]:
+        """What makes two runs' eval points comparable, for their manifests: the same pi_ref, prompts, pairs and
+        eval settings (`hash`), and the split and temperature in words. The report never pools two hashes."""
+        return {"hash": self.section_hash(*self.reference_sections(), "task", "data", "eval")[:16],
+                "split": self.eval.split, "temperature": self.eval.temperature}
 
     def section_hash(self, *sections: str) -> str:
         """sha256 of the named sections (what the preference set depends on, say): a cache key. Keys that change

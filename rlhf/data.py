@@ -45,11 +45,16 @@ class PreferenceSet:
     path: Path
     manifest: dict
     train: Dataset
-    heldout: Dataset
+    heldout: Dataset     # from the test prompts: the pairs every report scores
+    validation: Dataset  # from the validation prompts (`task.n_validation_prompts`): what sweeps score
 
     @property
     def sha256(self) -> str:
         return self.manifest["sha256"]
+
+    def scored_pairs(self, split: str) -> Dataset:
+        """The pairs an evaluation on `split` (`eval.split`) scores: held-out (test) or validation pairs."""
+        return self.validation if split == "validation" else self.heldout
 
 
 def budget_pairs(cfg: Config, prefs: PreferenceSet) -> Dataset:
@@ -163,7 +168,8 @@ def load_preferences(cfg: Config) -> PreferenceSet | None:
                         "half-written?); delete the folder to rebuild it")
     # In memory: later .map() calls by the trainers must not write cache files into the shared folder.
     ds = load_from_disk(str(path / "dataset"), keep_in_memory=True)
-    return PreferenceSet(path, manifest, ds["train"], ds["heldout"])
+    validation = ds["validation"] if "validation" in ds else ds["heldout"].select([])  # none set aside
+    return PreferenceSet(path, manifest, ds["train"], ds["heldout"], validation)
 
 
 def build_preferences(cfg: Config) -> PreferenceSet:
@@ -179,6 +185,7 @@ def build_preferences(cfg: Config) -> PreferenceSet:
     if task.gold_reward is None:
         train = [check_pair(p, f"train pair {i}") for i, p in enumerate(task.train_pairs or [])]
         heldout = [check_pair(p, f"held-out pair {i}") for i, p in enumerate(task.heldout_pairs or [])]
+        validation = [check_pair(p, f"validation pair {i}") for i, p in enumerate(task.validation_pairs or [])]
     else:
         policy = load_causal_lm(model_path).to(torch.device("cpu") if not torch.cuda.is_available() else "cuda")
         policy.eval()
@@ -191,6 +198,10 @@ def build_preferences(cfg: Config) -> PreferenceSet:
                                                         rng, "preference pairs (train)")
             heldout, stats["heldout"] = _pairs_from_samples(task.eval_prompts[:n_held], policy, tokenizer, task, cfg,
                                                             rng, "preference pairs (held-out)")
+            validation = []
+            if task.validation_prompts:
+                validation, stats["validation"] = _pairs_from_samples(task.validation_prompts, policy, tokenizer,
+                                                                      task, cfg, rng, "preference pairs (validation)")
     if not train or not heldout:
         raise UserError(f"the preference set has no usable pairs (train {len(train)}, held-out {len(heldout)}): "
                         f"{stats}")
@@ -198,13 +209,15 @@ def build_preferences(cfg: Config) -> PreferenceSet:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
     try:
-        DatasetDict({"train": Dataset.from_list(train), "heldout": Dataset.from_list(heldout)}).save_to_disk(
+        splits = {"train": train, "heldout": heldout, **({"validation": validation} if validation else {})}
+        DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
             str(tmp / "dataset"))
         manifest = {
             "config_hash": cfg.section_hash(*data_sections(cfg)),
             "config": {s: cfg.to_dict()[s] for s in data_sections(cfg)},
             "model": cfg.model.name_or_path, "model_path": model_path, "task": cfg.task.name,
-            "seed": cfg.data.seed, "counts": {"train": len(train), "heldout": len(heldout)},
+            "seed": cfg.data.seed, "counts": {"train": len(train), "heldout": len(heldout),
+                                              "validation": len(validation)},
             "sha256": _dataset_sha256(tmp / "dataset"), "stats": stats,
             "build_seconds": time.perf_counter() - start,
         }

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import PROJECT_ROOT, Config, EvalConfig
 from rlhf.data import PreferenceSet
-from rlhf.errors import check_finite
+from rlhf.errors import UserError, check_finite
 from rlhf.models import autocast, resolve_precision
 from rlhf.sequences import (SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample,
                             shortest_first)
@@ -265,13 +265,17 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
 def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, device: torch.device) -> EvalContext:
     """The fixed evaluation setting of a profile: eval prompts, held-out pairs, pi_ref, gold reward."""
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
-    n = cfg.eval.n_prompts or len(task.eval_prompts)
-    heldout = prefs.heldout.to_list()[:cfg.eval.n_heldout_pairs or None]
+    prompts = task.validation_prompts if cfg.eval.split == "validation" else task.eval_prompts
+    if not prompts:
+        raise UserError("config key 'eval.split': 'validation' needs validation prompts; set "
+                        "task.n_validation_prompts (the eval prompts set aside for tuning)")
+    n = cfg.eval.n_prompts or len(prompts)
+    heldout = prefs.scored_pairs(cfg.eval.split).to_list()[:cfg.eval.n_heldout_pairs or None]
     # pi_ref's own eval samples depend on the model, the prompts and the eval settings only, and on the arithmetic:
     # `precision: auto` is fp32 on this CPU and bf16 on a GPU sharing the runs directory
     arithmetic = f"{device.type}-{resolve_precision(cfg.model.precision, device)}"
     cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
              f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic}.pt")
-    return EvalContext(prompts=task.eval_prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
+    return EvalContext(prompts=prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
                        autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
                        heldout_pairs=heldout, reference_cache=cache)

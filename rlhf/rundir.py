@@ -192,7 +192,8 @@ class RunDir:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(), "cpu_threads": torch.get_num_threads(), "argv": sys.argv,
             "precision": resolve_precision(cfg.model.precision, device),  # what `auto` became on this machine
-            "run_key": run_key(cfg, method, seed, data_sha256, extra), "resumed": [], **(extra or {}),
+            "run_key": run_key(cfg, method, seed, data_sha256, extra), "resumed": [],
+            "eval_settings": cfg.eval_settings(), **(extra or {}),
         }
         run = cls(path, manifest, _try_lock(path))  # a fresh directory: nobody else holds its lock
         atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -37,11 +37,14 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 class Task:
     name: str
     train_prompts: list[str]  # chat-templated prompt strings, what the policy is conditioned on
-    eval_prompts: list[str]
+    eval_prompts: list[str]   # the test prompts: everything the report shows is measured on them
     gold_reward: GoldReward | None  # None: no ground truth (real human preferences)
     # Tasks with real preference data carry it; gold-reward tasks build pairs by sampling (rlhf.data).
     train_pairs: list[dict] | None = None
     heldout_pairs: list[dict] | None = None
+    # Set aside for choosing hyper-parameters (`task.n_validation_prompts`), disjoint from the test prompts
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_pairs: list[dict] | None = None
     dropped: dict[str, int] = field(default_factory=dict)  # rows dropped while parsing, by reason
 
 
@@ -448,6 +451,25 @@ def load_preference_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hu
 
 
 def load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: bool = False) -> Task:
+    """The task `cfg` names, its eval prompts split into test and validation prompts (`split_validation`)."""
+    return split_validation(_load_task(cfg, tokenizer, hub_access), cfg.n_validation_prompts)
+
+
+def split_validation(task: Task, n: int) -> Task:
+    """Set the last `n` eval prompts (and, for a task with its own pairs, their held-out pairs) aside as
+    validation prompts for tuning; the others stay the test prompts the report shows. Disjoint by construction."""
+    if n == 0:
+        return task
+    if n >= len(task.eval_prompts):
+        raise UserError(f"config key 'task.n_validation_prompts': {n}, but the task has only "
+                        f"{len(task.eval_prompts)} eval prompts, and some must stay test prompts")
+    task.validation_prompts, task.eval_prompts = task.eval_prompts[-n:], task.eval_prompts[:-n]
+    if task.heldout_pairs is not None:  # the eval prompts of such a task are its held-out pairs' prompts
+        task.validation_pairs, task.heldout_pairs = task.heldout_pairs[-n:], task.heldout_pairs[:-n]
+    return task
+
+
+def _load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: bool) -> Task:
     if cfg.name == "sentiment":
         train, eval_ = sentiment_instructions(cfg.n_train_prompts, cfg.n_eval_prompts, cfg.prompt_seed)
 

@@ -368,3 +368,32 @@ def test_an_unequal_budget_and_a_shared_reward_model_are_flagged(tmp_path):
     assert "PPO 8 pairs × 2 passes = 16 pair presentations; DPO 8 pairs × 1 passes = 8 pair presentations" in note
     (seeds, _) = stability_sections(runs, cfg, "eval/gold", "gold")
     assert any("leaves out stage 1's variance: 2 PPO runs share the reward model rm/shared" in n for n in seeds.notes)
+
+
+def test_sweep_runs_are_left_out_and_differently_evaluated_runs_are_never_pooled(tmp_path):
+    p = tmp_path / "runs" / "pool"
+    same = {"hash": "a" * 16, "split": "test", "temperature": 1.0}
+    write_run(p, "ppo", 0, [ev(0, 0.1), ev(2, 0.4)], eval_settings=same)
+    write_run(p, "dpo", 0, [ev(0, 0.1), ev(2, 0.5)], eval_settings=same)
+    write_run(p, "dpo", 1, [ev(0, 0.1), ev(2, 0.9)], eval_settings={**same, "split": "validation"})
+    runs = load_runs(p)
+    (swept,) = runs.runs[runs.runs["seed"] == 1].to_dict("records")
+    assert not swept["included"] and "validation prompts" in swept["reason"]
+    assert set(runs.evals()["seed"]) == {0}  # the report reads only runs evaluated on the test prompts
+    other = write_run(p, "dpo", 2, [ev(0, 0.1), ev(2, 0.5)], eval_settings={**same, "hash": "b" * 16})
+    with pytest.raises(UserError, match=rf"runs .*seed0 and {other} were evaluated with different settings "
+                                        rf"\(eval hash a{{16}} vs b{{16}}"):
+        load_runs(p)
+
+
+def test_a_beta_that_does_not_mean_dpos_is_flagged(tmp_path):
+    p = tmp_path / "runs" / "beta"
+    write_run(p, "ppo", 0, [ev(0, 0.1), ev(2, 0.4)], kl_control={"adaptive": True, "rollout_temperature": 1.0})
+    write_run(p, "ppo", 1, [ev(0, 0.1), ev(2, 0.4)], kl_control={"adaptive": False, "rollout_temperature": 0.7})
+    write_run(p, "dpo", 0, [ev(0, 0.1), ev(2, 0.5)], eval_settings={"hash": None, "split": "test", "temperature": 0.9})
+    write_run(p, "dpo", 1, [ev(0, 0.1), ev(2, 0.5)])
+    notes = [n for n in headline_section(load_runs(p), load_config("tiny", []), has_gold=True).notes
+             if "β not matched" in n]
+    assert [n.split(" ran with ")[1].split(", so")[0] for n in notes] == [
+        "evaluation at temperature 0.9 (eval.temperature)", "an adaptive KL coefficient (ppo.adaptive_kl)",
+        "rollouts at temperature 0.7 (ppo.temperature)"]

@@ -25,7 +25,7 @@ def test_preference_set_format_manifest_and_reuse(tiny_cfg):
     row = prefs.train[0]
     assert {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "p_chosen"} <= set(row)
     m = prefs.manifest
-    assert m["counts"] == {"train": len(prefs.train), "heldout": len(prefs.heldout)}
+    assert m["counts"] == {"train": len(prefs.train), "heldout": len(prefs.heldout), "validation": 0}
     assert m["config_hash"] == tiny_cfg.section_hash("model", "task", "data") and len(m["sha256"]) == 64
     assert m["model"] == "tiny" and m["seed"] == tiny_cfg.data.seed
     assert -1 <= m["stats"]["train"]["gold_mean"] <= 1
@@ -75,3 +75,35 @@ def test_bradley_terry_labels_follow_sigmoid():
 def test_malformed_pairs_are_rejected_with_the_row_named(row, message):
     with pytest.raises(UserError, match=message):
         check_pair(row, "row 3")
+
+
+def test_validation_prompts_are_set_aside_and_never_scored_by_a_test_evaluation(tmp_path, tokenizer, tiny_model):
+    """task.n_validation_prompts: the last eval prompts (and their pairs) are for sweeps; test evaluations, and the
+    held-out pairs the report scores, never see them."""
+    import torch
+
+    from rlhf.evaluate import make_eval_context
+    from rlhf.tasks import load_task
+
+    base = load_config("tiny", [f"runs_dir={tmp_path}"])
+    cfg = load_config("tiny", [f"runs_dir={tmp_path}", "task.n_validation_prompts=6"])
+    everything = load_task(base.task, tokenizer).eval_prompts
+    task = load_task(cfg.task, tokenizer)
+    assert task.eval_prompts == everything[:-6] and task.validation_prompts == everything[-6:]
+    prefs = build_preferences(cfg)
+    assert {r["prompt"] for r in prefs.heldout} <= set(task.eval_prompts)
+    assert {r["prompt"] for r in prefs.validation} <= set(task.validation_prompts) and len(prefs.validation) > 0
+    assert prefs.manifest["counts"]["validation"] == len(prefs.validation)
+    test = make_eval_context(cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))
+    assert not set(test.prompts) & set(task.validation_prompts)
+    assert not {p["prompt"] for p in test.heldout_pairs} & set(task.validation_prompts)
+    validation = make_eval_context(load_config("tiny", [f"runs_dir={tmp_path}", "task.n_validation_prompts=6",
+                                                        "eval.split=validation"]), prefs, tiny_model, tokenizer,
+                                   torch.device("cpu"))
+    assert set(validation.prompts) <= set(task.validation_prompts)
+    assert {p["prompt"] for p in validation.heldout_pairs} <= set(task.validation_prompts)
+    with pytest.raises(UserError, match="'task.n_validation_prompts': 16, but the task has only 16 eval prompts"):
+        load_task(load_config("tiny", ["task.n_validation_prompts=16"]).task, tokenizer)
+    with pytest.raises(UserError, match="'eval.split': 'validation' needs validation prompts"):
+        make_eval_context(load_config("tiny", [f"runs_dir={tmp_path}", "eval.split=validation"]), build_preferences(
+            base), tiny_model, tokenizer, torch.device("cpu"))

@@ -57,7 +57,8 @@ def test_reward_model_learns_a_planted_preference(tiny_cfg, tokenizer):
     task = load_task(tiny_cfg.task, tokenizer)
     prefs = PreferenceSet(path=None, manifest={"sha256": "planted"},
                           train=Dataset.from_list(_planted(task.train_prompts, 1)),
-                          heldout=Dataset.from_list(_planted(task.eval_prompts * 2, 2)))
+                          heldout=Dataset.from_list(_planted(task.eval_prompts * 2, 2)),
+                          validation=Dataset.from_list([]))
     cfg = load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "reward_model.learning_rate=0.002",
                                "reward_model.epochs=3"])
     result = train_reward_model(cfg, prefs, seed=0)
