@@ -8,6 +8,7 @@ report can list it by name; one bad directory never stops the report.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -29,7 +30,7 @@ class Runs:
 
     runs: pd.DataFrame  # one row per run directory: RUN_KEYS, status, included, reason, path, provenance
     metrics: pd.DataFrame  # one row per metrics line of the included runs: RUN_KEYS, kind, step, ... metrics
-    timings: pd.DataFrame  # one row per (included run, stage): RUN_KEYS, stage, seconds, peak_memory_mb
+    timings: pd.DataFrame  # one row per (included run, stage): RUN_KEYS, stage, seconds, flops, peak_memory_mb
     data_manifests: list[dict] = field(default_factory=list)  # runs/<profile>/data/*/manifest.json
 
     @property
@@ -96,6 +97,7 @@ def _identity(path: Path, manifest: dict) -> dict:
         "status": manifest.get("status", "unknown"), "error": manifest.get("error"),
         "data_sha256": manifest.get("data_sha256"), "git_commit": manifest.get("git_commit"),
         "host": manifest.get("host"), "device": manifest.get("device"), "device_name": manifest.get("device_name"),
+        "reward_model_path": manifest.get("reward_model_path"),  # whose training a PPO run's cost includes
         "packages": json.dumps(manifest.get("packages", {}), sort_keys=True), "path": str(path),
         # the data a run trained on (PPO: its reward model's); absent for runs that train on no pairs
         **{f"budget_{k}": (manifest.get("budget") or {}).get(k) for k in ("pairs", "passes", "pair_presentations")},
@@ -132,8 +134,8 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict]]:
         return {**record, "included": False, "reason": str(e)}, [], []
     keys = {k: record[k] for k in RUN_KEYS}
     metrics = [{**keys, **row} for row in rows]
-    timings = [{**keys, "stage": stage, "seconds": t.get("seconds"), "peak_memory_mb": t.get("peak_memory_mb")}
-               for stage, t in stages.items()]
+    timings = [{**keys, "stage": stage, "seconds": t.get("seconds"), "flops": t.get("flops", math.nan),
+                "peak_memory_mb": t.get("peak_memory_mb")} for stage, t in stages.items()]
     return {**record, "included": True, "reason": ""}, metrics, timings
 
 
@@ -174,6 +176,6 @@ def load_runs(profile_dir: Path) -> Runs:
     return Runs(
         runs=pd.DataFrame(records, columns=None if records else [*RUN_KEYS, "status", "included", "reason", "path"]),
         metrics=metrics_frame.sort_values([*RUN_KEYS, "kind", "step"], kind="stable").reset_index(drop=True),
-        timings=pd.DataFrame(timings, columns=[*RUN_KEYS, "stage", "seconds", "peak_memory_mb"]),
+        timings=pd.DataFrame(timings, columns=[*RUN_KEYS, "stage", "seconds", "flops", "peak_memory_mb"]),
         data_manifests=data_manifests,
     )

@@ -7,12 +7,18 @@ across runs (seeds) of a group: Student t, 95%, two-sided.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 RUN = ["method", "beta", "seed", "run_id"]
 GROUP = ["method", "beta"]
+# A method's cost from the start, its own earlier stages included (`earlier_stages`): the x axes of the curves and
+# the units of the headline's "to target gold" columns
+SECONDS, FLOPS = "end-to-end seconds", "training FLOPs"
+USES_REWARD_MODEL = ("ppo", "bon")  # trains against r_phi or ranks by it: the reward model's training is its cost
+OWN_EARLIER_STAGES = ("ref_logps",)  # DPO's pass of pi_ref over its pairs, before its loop
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 # t_{0.975, df} for df = 1..30 (scipy is not a dependency); larger df use a Cornish-Fisher expansion, which
@@ -100,15 +106,44 @@ def common_reach(evals: pd.DataFrame, column: str) -> float:
     return float(evals.groupby(RUN, dropna=False)[column].max().min())
 
 
+def earlier_stages(runs: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
+    """Per included run: seconds and FLOPs of what its method ran before its own loop. PPO and Best of N: the
+    training of the reward model their manifest names (stage `reward_model` of that run; NaN where that run is not
+    among the included ones); DPO and its variants: their pass of pi_ref over the pairs (stage `ref_logps`); 0 for
+    the others. The shared preference set (and the SFT stage) are left out: every method needs them alike."""
+    cost = timings.set_index(["method", "run_id", "stage"])[["seconds", "flops"]]
+    rows = []
+    for _, run in runs[runs["included"]].iterrows():
+        stages = [(run["method"], run["run_id"], s) for s in OWN_EARLIER_STAGES]
+        spent = cost.loc[[s for s in stages if s in cost.index]].sum()
+        rm = run.get("reward_model_path")
+        if run["method"] in USES_REWARD_MODEL and isinstance(rm, str):
+            rm_stage = ("reward_model", Path(rm).parent.parent.name, "reward_model")  # <run>/checkpoints/final
+            spent = spent + (cost.loc[rm_stage] if rm_stage in cost.index else math.nan)
+        rows.append({**run[RUN].to_dict(), "earlier seconds": spent["seconds"], "earlier FLOPs": spent["flops"]})
+    return pd.DataFrame(rows, columns=[*RUN, "earlier seconds", "earlier FLOPs"])
+
+
+def with_earlier_stages(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
+    """Metrics rows with their run's cost from the start: SECONDS = `wall_seconds` + the earlier stages' seconds,
+    FLOPS = `flops` (the run's own training FLOPs so far) + theirs (NaN for runs that logged no FLOPs)."""
+    out = frame.merge(earlier[["method", "run_id", "earlier seconds", "earlier FLOPs"]], on=["method", "run_id"],
+                      how="left")
+    out[SECONDS] = out["wall_seconds"] + out["earlier seconds"]
+    out[FLOPS] = (out["flops"] if "flops" in out else math.nan) + out["earlier FLOPs"]
+    return out.drop(columns=["earlier seconds", "earlier FLOPs"])
+
+
 def per_run_headline(evals: pd.DataFrame, kl_level: float | None, gold_level: float | None) -> pd.DataFrame:
-    """One row per run: final eval metrics, and where the task has a gold reward, the gold reward at the
-    matched KL and the seconds and tokens to first reach the target gold reward."""
+    """One row per run: final eval metrics, and where the task has a gold reward, the gold reward at the matched KL
+    and the end-to-end seconds and training FLOPs to first reach the target gold reward (`evals` carry SECONDS and
+    FLOPS: `with_earlier_stages`)."""
     final = final_evals(evals).set_index(RUN)
     out = pd.DataFrame(index=final.index)
     if "eval/gold" in evals:
         out["gold at matched KL"] = crossings(evals, "eval/kl", "eval/gold", kl_level)
-        out["seconds to target gold"] = crossings(evals, "eval/gold", "wall_seconds", gold_level)
-        out["tokens to target gold"] = crossings(evals, "eval/gold", "tokens", gold_level)
+        out["seconds to target gold"] = crossings(evals, "eval/gold", SECONDS, gold_level)
+        out["training FLOPs to target gold"] = crossings(evals, "eval/gold", FLOPS, gold_level)
     wanted = ["eval/gold", "eval/gold_sem", "eval/kl", "eval/proxy", "heldout/rm_accuracy",
               "heldout/implicit_accuracy"]
     out = out.join(final[[c for c in wanted if c in final]].add_prefix("final "))
@@ -116,13 +151,13 @@ def per_run_headline(evals: pd.DataFrame, kl_level: float | None, gold_level: fl
 
 
 def band(evals: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean and 95% t-interval of `column` across a group's runs at each eval step, with the mean
-    training wall-clock at that step (so the same band can be drawn over steps or seconds)."""
+    """Mean and 95% t-interval of `column` across a group's runs at each eval step, with the runs' mean SECONDS and
+    FLOPS at that step (`with_earlier_stages`), the axes the band is drawn over."""
     rows = []
     for (method, beta, step), at in evals.dropna(subset=[column]).groupby([*GROUP, "step"], dropna=False):
-        rows.append({"method": method, "beta": beta, "step": step, "wall_seconds": at["wall_seconds"].mean(),
-                     **t_interval(at[column])})
-    return pd.DataFrame(rows, columns=[*GROUP, "step", "wall_seconds", "n", "mean", "std", "lo", "hi"])
+        rows.append({"method": method, "beta": beta, "step": step, SECONDS: at[SECONDS].mean(),
+                     FLOPS: at[FLOPS].mean(), **t_interval(at[column])})
+    return pd.DataFrame(rows, columns=[*GROUP, "step", SECONDS, FLOPS, "n", "mean", "std", "lo", "hi"])
 
 
 def spikes(values, window: int, k: float) -> np.ndarray:
@@ -196,13 +231,43 @@ def heldout_scores(final: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts).dropna(subset=["accuracy"])[columns] if parts else pd.DataFrame(columns=columns)
 
 
-def stage_costs(timings: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per method and stage: runs, mean wall-clock seconds, max peak memory; plus each method's mean
-    training tokens per run (from the runs' last logged row)."""
+def stage_costs(timings: pd.DataFrame) -> pd.DataFrame:
+    """Per method and stage: runs, mean wall-clock seconds and FLOPs per run, max peak memory."""
     per_stage = timings.groupby(["method", "stage"]).agg(
-        runs=("run_id", "nunique"), seconds=("seconds", "mean"), peak_memory_mb=("peak_memory_mb", "max"))
-    tokens = metrics.groupby(RUN, dropna=False)["tokens"].max().groupby("method").mean().rename("tokens per run")
-    return per_stage.reset_index().merge(tokens.reset_index(), on="method", how="left")
+        runs=("run_id", "nunique"), seconds=("seconds", "mean"), flops=("flops", "mean"),
+        peak_memory_mb=("peak_memory_mb", "max"))
+    return per_stage.reset_index()
+
+
+def method_costs(metrics: pd.DataFrame, earlier: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
+    """Per method, means over its runs: the own loop's FLOPs and seconds (a run's largest logged `flops` and
+    `wall_seconds`), the earlier stages' (`earlier_stages`), their sums (training FLOPs, end-to-end seconds), and
+    the evaluation's FLOPs (stage `eval`), counted apart."""
+    metrics = metrics if "flops" in metrics else metrics.assign(flops=math.nan)  # runs from before FLOPs were logged
+    own = metrics.groupby(RUN, dropna=False).agg(own_flops=("flops", "max"), own_seconds=("wall_seconds", "max"))
+    evaluation = timings[timings["stage"] == "eval"].groupby(RUN, dropna=False)["flops"].sum(min_count=1)
+    evaluation = evaluation.rename("eval_flops")
+    runs = own.join(evaluation).reset_index().merge(earlier, on=RUN, how="left")
+    runs = runs.assign(**{"own loop FLOPs": runs["own_flops"], "earlier stages FLOPs": runs["earlier FLOPs"],
+                          FLOPS: runs["own_flops"] + runs["earlier FLOPs"],
+                          SECONDS: runs["own_seconds"] + runs["earlier seconds"],
+                          "evaluation FLOPs": runs["eval_flops"]})
+    columns = ["own loop FLOPs", "earlier stages FLOPs", FLOPS, SECONDS, "evaluation FLOPs"]
+    out = runs.groupby("method")[columns].mean()
+    return out.join(runs.groupby("method")["run_id"].nunique().rename("runs")).reset_index()[
+        ["method", "runs", *columns]]
+
+
+def preference_set_costs(data_manifests: list[dict], shas: set[str]) -> pd.DataFrame:
+    """The shared preference sets the included runs read (sha256 in `shas`): build seconds and the FLOPs of
+    sampling pi_ref's responses (train and held-out pairs; absent where the pairs come from a file)."""
+    rows = []
+    for d in data_manifests:
+        if d.get("sha256") in shas:
+            splits = [s for s in (d.get("stats") or {}).values() if isinstance(s, dict) and "sampling_flops" in s]
+            rows.append({"preference set": d["sha256"][:12], "seconds": d.get("build_seconds", math.nan),
+                         "flops": sum(s["sampling_flops"] for s in splits) if splits else math.nan})
+    return pd.DataFrame(rows, columns=["preference set", "seconds", "flops"])
 
 
 BUDGET = {"budget_pairs": "pairs", "budget_passes": "passes", "budget_pair_presentations": "pair presentations"}

@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from analysis.metrics import RUN  # noqa: E402
+from analysis.metrics import FLOPS, RUN, SECONDS  # noqa: E402
 
 # Legend names: the DPO paper's Fig. 2 names where it has one. Method ids (run-directory names) stay in the CSVs.
 NAMES = {"reference": "π_ref", "sft": "SFT stage (π_ref)", "reward_model": "reward model", "ppo": "PPO",
@@ -27,6 +28,9 @@ NAMES = {"reference": "π_ref", "sft": "SFT stage (π_ref)", "reward_model": "re
 PALETTE = {"reference": "#555555", "sft": "#7f7f7f", "reward_model": "#2ca02c", "ppo": "#1f77b4", "ppo-gt": "#17becf",
            "dpo": "#ff7f0e", "dpo-ipo": "#d62728", "dpo-robust": "#8c564b", "bon": "#9467bd", "sft-chosen": "#e377c2"}
 KL_LABEL = "KL(π‖π_ref) [nats per sequence]"
+# the x axes of progress: a method's cost from the start of its own earlier stages (analysis.metrics.earlier_stages)
+COST_AXES = {FLOPS: "training FLOPs, earlier stages included [FLOPs]",
+             SECONDS: "wall-clock, earlier stages included [s]"}
 Z95 = 1.959964  # a normal 95% interval is the mean ± Z95 standard errors
 
 # name -> (title, the sentence under the figure on how to read it)
@@ -39,9 +43,10 @@ TEXT = {
         "log N − (N−1)/N of its KL, so its true points lie at or left of where they are drawn."),
     "curves": (
         "Training curves: mean and 95% band across seeds",
-        "Each line is a method's mean over seeds at each eval step and the shaded band its 95% "
-        "t-interval (absent with one seed); the right column puts the same points at the mean training "
-        "wall-clock, so a curve further left got there sooner."),
+        "Each line is a method's mean over seeds at each eval point and the shaded band its 95% t-interval (absent "
+        "with one seed), placed at the runs' mean training FLOPs (left) and wall-clock seconds (right) counted from "
+        "the start of the method's own earlier stages (PPO: its reward model's training; DPO: π_ref's pass over "
+        "its pairs), evaluation excluded, so a curve further left got there with less compute or sooner."),
     "heldout": (
         "Held-out preference pairs: accuracy and margin by scorer",
         "Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of "
@@ -56,18 +61,20 @@ TEXT = {
         "cannot tell progress from over-optimisation."),
     "seeds": (
         "Stability across seeds: per-seed curves and spread of final values",
-        "Left: one line per run, so diverging lines of one colour mean seed-sensitive training; right: "
-        "each dot is one run's final value, and a wide spread of dots makes a difference of means weak."),
+        "Left: one line per run over its training FLOPs (earlier stages included), so diverging lines of one "
+        "colour mean seed-sensitive training; right: each dot is one run's final value, and a wide spread of dots "
+        "makes a difference of means weak."),
     "health": (
         "Training health: gradient norm, losses, PPO clipping, DPO log-probs",
         "One line per run; red crosses are spikes (a value above the median of the preceding window by "
         "more than k robust std); in the last panel solid lines are chosen and dashed rejected "
         "log-probs, and both falling together is DPO's known failure mode."),
     "cost": (
-        "Cost: wall-clock per stage, training tokens, peak memory",
-        "Bars are per-run means of each stage's wall-clock (eval is timed apart from training) and of the "
-        "tokens processed, and the largest peak memory seen; PPO's full cost is its bar plus the reward "
-        "model's, as is Best of N's, whose own cost is inference: sampling and scoring N responses per prompt."),
+        "Cost: wall-clock and FLOPs per stage, training FLOPs per method, peak memory",
+        "Bars are per-run means of each stage's wall-clock and FLOPs (eval is counted apart from training), each "
+        "method's training FLOPs from the start (dark: its earlier stages, the reward model's training for PPO and "
+        "Best of N, π_ref's pass for DPO; light: its own loop), and the largest peak memory seen; Best of N's own "
+        "cost is inference: sampling and scoring N responses per prompt."),
 }
 
 
@@ -153,7 +160,8 @@ def frontier_plot(points: pd.DataFrame, frontiers: pd.DataFrame, reference: pd.D
 
 
 def curves_plot(bands: dict[str, pd.DataFrame], labels: dict[str, str]) -> Plot:
-    """Rows: metrics; columns: over steps and over training seconds. Line = mean, band = 95% t-interval."""
+    """Rows: metrics; columns: over training FLOPs and over wall-clock seconds, earlier stages included (never over
+    steps: a PPO iteration and a DPO step are not the same work). Line = mean, band = 95% t-interval."""
     bands = {k: b for k, b in bands.items() if not b.empty}
     if not bands:
         return _plot("curves", missing="no PPO or DPO eval points")
@@ -161,13 +169,16 @@ def curves_plot(bands: dict[str, pd.DataFrame], labels: dict[str, str]) -> Plot:
     for row, (column, frame) in zip(axes, bands.items()):
         palette = _palette(frame["method"].unique())
         frame = _named(frame.assign(label=_label(frame)))
-        for ax, x, x_label in zip(row, ("step", "wall_seconds"), ("optimizer step", "training wall-clock [s]")):
-            for _, g in frame.groupby("label"):
+        for ax, (x, x_label) in zip(row, COST_AXES.items()):
+            drawn = frame.dropna(subset=[x])  # runs from before FLOPs were logged have none
+            for _, g in drawn.groupby("label"):
                 ax.fill_between(g[x], g["lo"], g["hi"], alpha=0.2, color=palette[g["method"].iloc[0]])
             sweep = frame["label"].nunique() > frame["method"].nunique()  # then line style tells β apart
-            sns.lineplot(data=frame, x=x, y="mean", hue="method", style="label" if sweep else None,
+            sns.lineplot(data=drawn, x=x, y="mean", hue="method", style="label" if sweep else None,
                          palette=palette, marker="o", ax=ax)
-            ax.set(xlabel=x_label, ylabel=labels[column], title=f"{labels[column].split(' [')[0]} over {x_label}")
+            ax.set(xlabel=x_label, ylabel=labels[column],
+                   title=f"{labels[column].split(' [')[0]} over {x_label.split(',')[0]}")
+        row[0].xaxis.set_major_formatter(EngFormatter())  # FLOPs ticks as 20 G, 3 T: no offset over the label
     return _plot("curves", fig, axes.ravel())
 
 
@@ -202,9 +213,10 @@ def seeds_plot(evals: pd.DataFrame, final: pd.DataFrame, y: str, y_label: str) -
         return _plot("seeds", missing="no PPO or DPO eval points")
     palette = _palette(evals["method"].unique())
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    sns.lineplot(data=_named(evals), x="step", y=y, hue="method", units="run_id", estimator=None, palette=palette,
-                 marker="o", ax=axes[0])
-    axes[0].set(xlabel="optimizer step", ylabel=y_label, title="per-seed curves")
+    sns.lineplot(data=_named(evals.dropna(subset=[FLOPS])), x=FLOPS, y=y, hue="method", units="run_id",
+                 estimator=None, palette=palette, marker="o", ax=axes[0])
+    axes[0].set(xlabel=COST_AXES[FLOPS], ylabel=y_label, title="per-seed curves")
+    axes[0].xaxis.set_major_formatter(EngFormatter())
     for ax, column, label in ((axes[1], y, y_label), (axes[2], "eval/kl", KL_LABEL)):
         sns.stripplot(data=_named(final.assign(label=_label(final))), x="label", y=column, hue="method",
                       palette=palette, size=7, ax=ax)
@@ -254,20 +266,32 @@ def health_plot(train: pd.DataFrame, flagged: pd.DataFrame) -> Plot:
     return _plot("health", fig, axes.ravel())
 
 
-def cost_plot(costs: pd.DataFrame) -> Plot:
+def cost_plot(costs: pd.DataFrame, per_method: pd.DataFrame) -> Plot:
+    """Per stage: seconds, FLOPs, peak memory; per method: training FLOPs from the start, stacked (earlier stages,
+    own loop)."""
     if costs.empty:
         return _plot("cost", missing="no timings.json in any included run")
     palette = _palette(costs["method"].unique())
     costs = _named(costs)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, ax=axes[0])
-    axes[0].set(xlabel="stage", ylabel="wall-clock per run [s]", title="wall-clock per stage")
-    tokens = costs.drop_duplicates("method")
-    sns.barplot(data=tokens, x="method", y="tokens per run", hue="method", palette=palette, ax=axes[1])
-    axes[1].set(xlabel="method", ylabel="training tokens per run [tokens]", title="tokens processed")
-    sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, ax=axes[2])
-    axes[2].set(xlabel="stage", ylabel="peak memory [MiB]", title="peak memory after each stage")
-    return _plot("cost", fig, axes)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    (seconds, flops), (stacked, memory) = axes
+    sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, ax=seconds)
+    seconds.set(xlabel="stage", ylabel="wall-clock per run [s]", title="wall-clock per stage")
+    sns.barplot(data=costs, x="stage", y="flops", hue="method", palette=palette, ax=flops)
+    flops.set(xlabel="stage", ylabel="FLOPs per run [FLOPs]", title="FLOPs per stage (eval: counted apart)")
+    per_method = _named(per_method.dropna(subset=[FLOPS]))
+    colors = [palette.get(m, "grey") for m in per_method["method"]]
+    stacked.bar(per_method["method"], per_method["earlier stages FLOPs"], color=colors, edgecolor="black")
+    stacked.bar(per_method["method"], per_method["own loop FLOPs"], bottom=per_method["earlier stages FLOPs"],
+                color=colors, alpha=0.45, edgecolor="black")
+    stacked.set(xlabel="method", ylabel="training FLOPs per run [FLOPs]",
+                title="training FLOPs from the start: earlier stages (dark) + own loop")
+    stacked.tick_params(axis="x", labelsize=7)
+    sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, ax=memory)
+    memory.set(xlabel="stage", ylabel="peak memory [MiB]", title="peak memory after each stage")
+    for ax in (seconds, flops, memory):
+        ax.tick_params(axis="x", labelsize=7)
+    return _plot("cost", fig, axes.ravel())
 
 
 def save(plot: Plot, folder: Path) -> None:

@@ -101,6 +101,11 @@ def _in_legend_order(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values("method", key=lambda col: col.map(P.legend_rank), kind="stable").reset_index(drop=True)
 
 
+def costed_evals(runs: Runs, methods: list[str] | None = None) -> pd.DataFrame:
+    """Eval rows (of `methods`) with each run's cost from the start: M.SECONDS and M.FLOPS (M.with_earlier_stages)."""
+    return M.with_earlier_stages(runs.evals(methods), M.earlier_stages(runs.runs, runs.timings))
+
+
 def _level(configured: float | None, key: str, level_runs: pd.DataFrame, who: str, column: str) -> tuple[float, str]:
     """The configured comparison level, else the highest level of `column` every run of `level_runs` reaches."""
     if configured is not None:
@@ -113,8 +118,8 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
     # The levels come from the PPO and DPO runs (the comparison), or from every trained run where neither exists.
     compared = runs.evals([m for m in COMPARED if m in runs.methods])
     level_runs, who = (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)), "trained")
-    evals = runs.evals(policies(runs))
-    section = Section("Headline: gold reward at matched KL, and the time to reach it")
+    evals = costed_evals(runs, policies(runs))
+    section = Section("Headline: gold reward at matched KL, and the time and compute to reach it")
     kl_level = gold_level = math.nan
     if has_gold and not level_runs.empty:
         kl_level, kl_source = _level(cfg.report.matched_kl, "report.matched_kl", level_runs, who, "eval/kl")
@@ -122,10 +127,11 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
         section.notes += [
             f"Matched KL = {kl_level:.4g} nats per sequence ({kl_source}): each run's gold reward where its eval "
             "trajectory first reaches that KL, interpolated linearly (empty where a run never reaches it).",
-            f"Target gold reward = {gold_level:.4g} ({gold_source}): seconds of the method's own training loop "
-            "(evaluation excluded) and tokens until a run's eval trajectory first reaches it. What a method needs "
-            "before its loop starts is not in them: PPO's reward model and DPO's pass of pi_ref over its pairs; "
-            "section 6 gives those stages' seconds.",
+            f"Target gold reward = {gold_level:.4g} ({gold_source}): wall-clock seconds and training FLOPs until a "
+            "run's eval trajectory first reaches it, each counted from the start of the method's own earlier "
+            "stages: PPO's include its own reward model's training, DPO's its pass of pi_ref over its pairs. FLOPs "
+            "are 6·N·tokens a training pass and 2·N·tokens a forward pass (docs/analysis.md); evaluation is excluded "
+            "from both, and so is the shared preference set (section 6).",
             "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one run gives no interval, and "
             "`final eval/gold_sem` is then the standard error of its gold reward over the eval prompts."]
     elif not has_gold:
@@ -139,8 +145,9 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
         section.notes.append(
             "Best of N: one row per N along its trajectory; its KL is the upper bound log N − (N−1)/N "
             "(docs/baselines.md), so its gold reward at matched KL is read where the bound, not the KL, reaches the "
-            "level, which understates it. Its seconds and tokens are inference, not training: sampling and scoring "
-            "N responses per eval prompt, paid again on every prompt it serves.")
+            "level, which understates it. Its seconds and FLOPs are inference, not training (plus its reward "
+            "model's training): sampling and scoring N responses per eval prompt, paid again on every prompt it "
+            "serves.")
     section.notes.append(budget_note(runs))
     section.notes += beta_notes(runs)
     if evals.empty:
@@ -215,9 +222,13 @@ def frontier_section(runs: Runs, score: str, score_label: str) -> Section:
 
 
 def curves_section(runs: Runs, columns: dict[str, str]) -> Section:
-    trained_evals = runs.evals(trained(runs))
+    trained_evals = costed_evals(runs, trained(runs))
     bands = {c: M.band(trained_evals, c) for c in columns if c in trained_evals}
-    return Section("2. Reward and KL over training steps and wall-clock", plot=P.curves_plot(bands, columns))
+    section = Section("2. Reward and KL over training FLOPs and wall-clock", plot=P.curves_plot(bands, columns))
+    section.notes.append("Both axes count from the start of each method's own earlier stages (PPO: its reward "
+                         "model's training; DPO: its pass of pi_ref over its pairs), evaluation excluded, so PPO's "
+                         "curve starts where its reward model ends.")
+    return section
 
 
 def heldout_section(runs: Runs, has_gold: bool) -> Section:
@@ -246,7 +257,7 @@ def overoptimisation_section(runs: Runs, has_gold: bool) -> Section:
 
 
 def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) -> list[Section]:
-    trained_evals = runs.evals(trained(runs))
+    trained_evals = costed_evals(runs, trained(runs))
     final = M.final_evals(trained_evals)
     seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained_evals, final, score, score_label))
     # A diverged run is a result about stability, though it is left out of every aggregate.
@@ -282,11 +293,28 @@ def spread_note(runs: Runs) -> str:
 
 
 def cost_section(runs: Runs) -> Section:
-    costs = M.stage_costs(runs.timings, runs.metrics)
-    section = Section("6. Cost: wall-clock per stage, tokens, peak memory", plot=P.cost_plot(costs))
-    section.notes.append("Peak memory is the process's resident set size on CPU, the CUDA allocator's peak on GPU.")
+    costs = M.stage_costs(runs.timings)
+    per_method = M.method_costs(runs.metrics, M.earlier_stages(runs.runs, runs.timings), runs.timings)
+    section = Section("6. Cost: wall-clock, FLOPs and peak memory per stage and method",
+                      plot=P.cost_plot(costs, per_method))
+    section.notes += [
+        "FLOPs: 6·N·tokens a training pass, 2·N·tokens a forward pass, N the non-embedding parameters plus the "
+        "output head of the model a pass runs through, tokens its non-padding ones (docs/analysis.md). Per stage "
+        "(`cost.csv`): PPO's `train` is its rollouts, scoring passes and updates; DPO's `ref_logps` its pass of "
+        "pi_ref, `train` its training; the reward model's `reward_model` its training, `reward_shift` and `eval` "
+        "its centring and held-out passes; every `eval` is the shared evaluator, counted apart from training.",
+        "Per method (`cost_per_method.csv`): training FLOPs = the own loop's plus the earlier stages' (PPO and "
+        "Best of N: the reward model's training; DPO: pi_ref's pass); end-to-end seconds likewise.",
+        "Peak memory is the process's resident set size on CPU, the CUDA allocator's peak on GPU."]
     if not costs.empty:
         section.tables.append(Table("cost", costs))
+        section.tables.append(Table("cost_per_method", _in_legend_order(per_method)))
+    shas = set(runs.runs.loc[runs.runs["included"], "data_sha256"].dropna()) if runs.methods else set()
+    shared = M.preference_set_costs(runs.data_manifests, shas)
+    if not shared.empty:
+        section.notes.append("The shared preference set, apart (both methods train on it): its build seconds and "
+                             "the FLOPs of sampling pi_ref's responses for its pairs (`preference_set_cost.csv`).")
+        section.tables.append(Table("preference_set_cost", shared))
     return section
 
 

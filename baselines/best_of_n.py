@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from rlhf.config import Config
 from rlhf.data import PreferenceSet
 from rlhf.evaluate import EvalContext, eval_batches, make_eval_context, response_metrics, response_stats
+from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import (default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
                          resolve_model_path)
 from rlhf.reference import reference_model
@@ -59,6 +60,7 @@ class Candidates:
     proxy: list[list[float]]    # r_phi(x, y)
     seconds: list[float]        # per round: wall-clock of sampling and scoring
     tokens: list[int]           # per round: prompt + response tokens sampled
+    flops: list[int]            # per round: FLOPs of sampling and scoring them (forward passes, rlhf/flops.py)
 
 
 @torch.inference_mode()
@@ -66,6 +68,7 @@ def draw_candidates(ctx: EvalContext, reward_model: PreTrainedModel, n_max: int)
     """n_max rounds of the evaluator's sampling from pi_ref, round j seeded with eval.seed + j, scored by r_phi."""
     rounds: dict[str, list[list]] = {"texts": [], "lengths": [], "ended": [], "proxy": []}  # [round][prompt]
     seconds, tokens = [], []
+    n_params = pass_parameters(ctx.ref_model) + pass_parameters(reward_model, "scalar")  # sampling, then r_phi
     for j in tqdm(range(n_max), desc="Best-of-N: rounds of samples from pi_ref"):
         start = time.perf_counter()
         this_round = {key: [] for key in rounds}
@@ -81,7 +84,7 @@ def draw_candidates(ctx: EvalContext, reward_model: PreTrainedModel, n_max: int)
         seconds.append(time.perf_counter() - start)
         tokens.append(n_tokens)
     by_prompt = {key: [list(row) for row in zip(*values)] for key, values in rounds.items()}
-    return Candidates(**by_prompt, seconds=seconds, tokens=tokens)
+    return Candidates(**by_prompt, seconds=seconds, tokens=tokens, flops=[forward_flops(n_params, n) for n in tokens])
 
 
 def _chosen(table: list[list], best: list[int]) -> list:
@@ -109,8 +112,9 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
     evals = {}
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
-        with run.stage("sample_and_score", device):
+        with run.stage("sample_and_score", device) as timing:
             c = draw_candidates(ctx, reward_model, ns[-1])
+            timing["flops"] = sum(c.flops)
         # The gold reward is the measurement, not part of Best-of-N: scored outside its clock.
         gold = [ctx.gold_reward(texts) for texts in c.texts] if ctx.gold_reward is not None else None
         atomic_write_text(run.path / "samples" / "candidates.jsonl", "".join(
@@ -125,7 +129,7 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
                        **response_metrics(texts, _chosen(c.lengths, best), _chosen(c.ended, best), golds, proxy)}
             # Best of n costs the sampling and scoring of n rounds, spent at inference on every prompt.
             run.log({"kind": "eval", "step": n, "wall_seconds": sum(c.seconds[:n]), "tokens": sum(c.tokens[:n]),
-                     **metrics})
+                     "flops": sum(c.flops[:n]), **metrics})
             run.write_samples(n, [{"prompt": p, "response": t, "proxy": r, **({"gold": g} if golds else {})}
                                   for p, t, r, g in zip(ctx.prompts, texts, proxy, golds or [None] * len(texts))
                                   ][:cfg.eval.n_samples_saved])

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.flops import pass_parameters
 from rlhf.models import for_training, load_policy_and_reference
 from rlhf.reference import reference_model
 from rlhf.rundir import RunDir
@@ -59,7 +60,7 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(run, lambda model, step: evaluate(model, ctx, desc=f"eval step {step}"),
-                                      cfg.sft.eval_every, device, name="Preferred-FT step")
+                                      cfg.sft.eval_every, device, pass_parameters(policy), name="Preferred-FT step")
         pairs = budget_pairs(cfg, prefs)  # the budget's pairs, as the reward model's and DPO's
         run.manifest["budget"] = budget_record(len(pairs), budget_passes(cfg, cfg.sft.epochs))
         build_trainer(cfg, policy, tokenizer, pairs, seed, run.path / "checkpoints", [callback]).train()

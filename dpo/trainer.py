@@ -32,6 +32,7 @@ from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.distributed import check_replicas, num_processes, per_process
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import for_training, freeze, load_policy_and_reference, load_scalar_model
 from rlhf.reference import reference_model
 from rlhf.rundir import RunDir, read_jsonl
@@ -186,13 +187,16 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
         callback = EvalAndLogCallback(
             run, lambda model, step: evaluate(model, ctx, reward_model=reward_model, implicit_beta=cfg.beta,
                                               desc=f"eval step {step}"),
-            cfg.dpo.eval_every, device, train_seconds=rows[-1]["wall_seconds"] if rows else 0.0, name="DPO step")
+            cfg.dpo.eval_every, device, pass_parameters(policy),
+            train_seconds=rows[-1]["wall_seconds"] if rows else 0.0, name="DPO step")
         with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed,
                                     run.path / "checkpoints", [callback])
-            timing["tokens"] = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(  # chosen and rejected rows
-                trainer.train_dataset["prompt_ids"], trainer.train_dataset["chosen_ids"],
-                trainer.train_dataset["rejected_ids"]))
+            # pi_ref's pass reads both rows of every pair, prompt included, cut to max_length as TRL cuts them
+            cut, used = trainer.args.max_length or None, trainer.train_dataset
+            timing["tokens"] = sum(len((p + c)[:cut]) + len((p + r)[:cut])
+                                   for p, c, r in zip(used["prompt_ids"], used["chosen_ids"], used["rejected_ids"]))
+            timing["flops"] = forward_flops(pass_parameters(ref), timing["tokens"])
         run.manifest["pairs"] = count_long_pairs(trainer, cfg.dpo.max_length)
         run.manifest["budget"] = budget_record(len(trainer.train_dataset), budget_passes(cfg, cfg.dpo.epochs))
         run.write_manifest()

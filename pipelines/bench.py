@@ -128,9 +128,10 @@ def shrunk(cfg: Config, runs_dir: Path, precision: str) -> Config:
              data=r(cfg.data, n_prompts=pairs * 2 // cfg.data.responses_per_prompt,
                     n_heldout_prompts=cfg.eval.batch_size),
              eval=r(cfg.eval, n_prompts=cfg.eval.batch_size, n_heldout_pairs=cfg.eval.batch_size),
-             reward_model=r(cfg.reward_model, epochs=1.0, center_prompts=cfg.eval.batch_size),
+             budget=r(cfg.budget, pairs=None, epochs=1),  # every pair once: 4 steps or more for RM and DPO
+             reward_model=r(cfg.reward_model, epochs=None, center_prompts=cfg.eval.batch_size),
              ppo=r(cfg.ppo, iterations=2, eval_every=2),
-             dpo=r(cfg.dpo, epochs=1, max_steps=4, eval_every=4))
+             dpo=r(cfg.dpo, epochs=None, eval_every=4))
 
 
 def _steady(rows: list[dict]) -> tuple[int, float]:

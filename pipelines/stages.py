@@ -107,9 +107,10 @@ def evaluate_reference(cfg: Config) -> RunDir:
     run = RunDir.create(cfg, "reference", cfg.eval.seed, device, prefs.sha256, extra={"reference_model": path})
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
-        with run.stage("eval", device):
+        with run.stage("eval", device) as timing:
             metrics, samples = evaluate(ref, ctx, desc="eval pi_ref")
-        run.log({"kind": "eval", "step": 0, "wall_seconds": 0.0, "tokens": 0, **metrics})
+            timing["flops"] = metrics["eval/flops"]
+        run.log({"kind": "eval", "step": 0, "wall_seconds": 0.0, "tokens": 0, "flops": 0, **metrics})
         run.write_samples(0, samples)
         print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return run

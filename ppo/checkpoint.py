@@ -4,7 +4,7 @@
         state.pt          policy and value-model weights, AdamW moments, the learning-rate schedule's position, the
                           fp16 loss scale
         rng_<rank>.pt     each process's torch / CUDA / python / numpy RNG (rollout sampling, minibatch order)
-        progress.json     iteration, tokens, training seconds, the KL coefficient beta, the last eval's metrics
+        progress.json     iteration, tokens, FLOPs, training seconds, the KL coefficient beta, the last eval's metrics
         checkpoint.json   every file's sha256, written last (rlhf.rundir.commit_checkpoint)
 
 The folder is written under a hidden temporary name and renamed when whole, so a kill mid-save leaves the

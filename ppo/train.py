@@ -43,6 +43,7 @@ from rlhf.data import PreferenceSet
 from rlhf.distributed import check_replicas, per_process
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.flops import forward_flops, pass_parameters, train_flops
 from rlhf.models import (autocast, for_training, freeze, grad_scaler, load_causal_lm, load_scalar_model,
                          load_tokenizer, resolve_model_path, save_model)
 from rlhf.reference import reference_model
@@ -114,6 +115,9 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     value_scalar = load_scalar_model(str(model_path if gold else reward_model_path), tokenizer.pad_token_id)
     if gold:  # a fresh head starts at V = 0 rather than at random values
         nn.init.zeros_(value_scalar.score.weight)
+    # N of each model's pass (rlhf/flops.py), counted on the plain models, before LoRA or DDP wraps them
+    n_policy, n_value = pass_parameters(ref), pass_parameters(value_scalar, "scalar")
+    n_scoring = 2 * n_policy + n_value + (0 if gold else pass_parameters(reward_model, "scalar"))
     value_model = TokenValueModel(for_training(value_scalar, cfg, "SEQ_CLS"))
     # One optimizer over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss. Only the
     # trainable parameters: all of them, or with LoRA the adapters and the value head. Fused (one kernel over all
@@ -141,15 +145,24 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     # beta means DPO's beta only with a fixed KL coefficient and rollouts from pi_theta itself (temperature 1)
     run.manifest["kl_control"] = {"adaptive": pc.adaptive_kl, "rollout_temperature": pc.temperature}
     ctx = make_eval_context(cfg, prefs, ref, tokenizer, device) if main else None
-    train_seconds, tokens, final_eval = 0.0, 0, {}
+    train_seconds, tokens, flops, final_eval = 0.0, 0, 0, {}
+
+    def phase_flops(n_tokens: int) -> dict[str, int]:
+        """FLOPs of one iteration's phases over `n_tokens` real rollout tokens: sampling runs the policy through
+        prompt and response (the KV cache makes each token one forward token); scoring runs pi_old, pi_ref, V (and
+        r_phi) forward; the update runs policy and V forward and backward every PPO epoch."""
+        return {"rollout": forward_flops(n_policy, n_tokens), "scoring": forward_flops(n_scoring, n_tokens),
+                "update": pc.ppo_epochs * train_flops(n_policy + n_value, n_tokens)}
 
     def run_eval(iteration: int) -> None:
         nonlocal final_eval
         if main:
-            with run.stage("eval", device):
+            with run.stage("eval", device) as timing:
                 metrics, samples = evaluate(accelerator.unwrap_model(policy), ctx, reward_model=reward_model,
                                             desc=f"eval @ {iteration}")
-            run.log({"kind": "eval", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens, **metrics})
+                timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
+            run.log({"kind": "eval", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
+                     "flops": flops, **metrics})
             run.write_samples(iteration, samples)
             final_eval = metrics
         accelerator.wait_for_everyone()
@@ -165,14 +178,14 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
             progress = checkpoint.restore(resume_from, accelerator, policy, value_model, optimizer, scheduler,
                                           scaler)
             first_iteration = progress["iteration"] + 1
-            tokens, train_seconds, beta, final_eval = (progress[k] for k in ("tokens", "train_seconds", "beta",
-                                                                              "final_eval"))
+            tokens, flops, train_seconds, beta, final_eval = (progress[k] for k in ("tokens", "flops", "train_seconds",
+                                                                                     "beta", "final_eval"))
             if kl_ctl is not None:
                 kl_ctl.beta = beta
         for iteration in tqdm(range(first_iteration, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main,
                               initial=first_iteration - 1, total=pc.iterations):
             start = time.perf_counter()
-            with run.stage("train", device):  # timings.json: train seconds, peak memory
+            with run.stage("train", device) as timing:  # timings.json: train seconds, peak memory, FLOPs
                 # ---- 1. rollout: this process's share of the next prompts, cycling through a seeded order
                 first = ((iteration - 1) * pc.rollout_batch_size + accelerator.process_index * local_batch)
                 prompts = [task.train_prompts[prompt_order[(first + i) % len(prompt_order)]]
@@ -250,8 +263,9 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 scheduler.step()
                 update_end = time.perf_counter()
 
-                # ---- 5. bookkeeping: KL controller, clock, tokens, metrics
+                # ---- 5. bookkeeping: KL controller, clock, tokens, FLOPs, metrics
                 kl_per_episode = kl.sum(dim=1)
+                rollout_tokens = int(batch.attention_mask.sum())
                 mean_kl = mean_across(kl_per_episode.mean())
                 row = {
                     "objective/kl": mean_kl,
@@ -264,11 +278,13 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                     "episode/eos_rate": mean_across(ended.float().mean()),
                     "learning_rate": scheduler.get_last_lr()[0],
                     # where this iteration's time went, and the tokens each phase pushed through a model (this
-                    # process): scoring runs pi_old, pi_ref, V (and r_phi); the update runs policy and V every epoch
+                    # process): scoring runs pi_old, pi_ref, V (and r_phi); the update runs policy and V every epoch;
+                    # and each phase's FLOPs
                     "time/rollout": rollout_end - start, "time/scoring": scoring_end - rollout_end,
                     "time/update": update_end - scoring_end, "tokens/rollout": int(batch.response_mask.sum()),
-                    "tokens/scoring": int(batch.attention_mask.sum()) * (3 if gold else 4),
-                    "tokens/update": int(batch.attention_mask.sum()) * 2 * pc.ppo_epochs,
+                    "tokens/scoring": rollout_tokens * (3 if gold else 4),
+                    "tokens/update": rollout_tokens * 2 * pc.ppo_epochs,
+                    **{f"flops/{phase}": n for phase, n in phase_flops(rollout_tokens).items()},
                     **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
                     **({"amp/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
                 }
@@ -276,15 +292,19 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                                                               if k != "val/explained_variance"})
                 if kl_ctl is not None:  # detail: adaptive KL coefficient (Ziegler et al. 2019)
                     beta = kl_ctl.update(mean_kl, pc.rollout_batch_size)
-                tokens += int(mean_across(batch.attention_mask.sum()) * accelerator.num_processes)
+                all_tokens = int(mean_across(rollout_tokens) * accelerator.num_processes)  # every process's
+                tokens += all_tokens
+                flops += sum(phase_flops(all_tokens).values())
+                timing["flops"] = flops
                 train_seconds += time.perf_counter() - start
-            run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens, **row})
+            run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
+                     "flops": flops, **row})
             if iteration % pc.eval_every == 0 or iteration == pc.iterations:
                 run_eval(iteration)
             if pc.checkpoint_every and iteration % pc.checkpoint_every == 0 and iteration < pc.iterations:
                 checkpoint.save(run.path / "checkpoints", iteration, accelerator, policy, value_model, optimizer,
-                                scheduler, scaler, {"tokens": tokens, "train_seconds": train_seconds, "beta": beta,
-                                            "final_eval": final_eval})
+                                scheduler, scaler, {"tokens": tokens, "flops": flops, "train_seconds": train_seconds,
+                                                    "beta": beta, "final_eval": final_eval})
 
         check_replicas(accelerator.unwrap_model(policy), run.manifest)
         policy_path = run.path / "checkpoints" / "final"

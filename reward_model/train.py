@@ -25,6 +25,7 @@ from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.distributed import check_replicas, from_main, is_main, per_process
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import EvalContext, heldout_pair_metrics
+from rlhf.flops import forward_flops, pass_parameters, train_flops
 from rlhf.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
                          load_tokenizer, merged, resolve_model_path, save_model, trainer_precision_args)
 from rlhf.reference import reference_model
@@ -47,15 +48,18 @@ class RewardModelResult:
 
 
 class _LogToRun(TrainerCallback):
-    """Copy TRL's per-step logs into the run's metrics.jsonl with training wall-clock and tokens."""
+    """Copy TRL's per-step logs into the run's metrics.jsonl with training wall-clock, tokens and FLOPs: 6 · N · the
+    chosen and rejected rows' non-padding tokens, N = `n_params` of the scalar model (rlhf/flops.py)."""
 
-    def __init__(self, run: RunDir):
-        self.run, self.start = run, time.perf_counter()
+    def __init__(self, run: RunDir, n_params: int):
+        self.run, self.n_params, self.start = run, n_params, time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": time.perf_counter() - self.start,
-                          "tokens": state.num_input_tokens_seen, "loss": logs["loss"], "accuracy": logs.get("accuracy"),
+                          "tokens": state.num_input_tokens_seen,
+                          "flops": train_flops(self.n_params, state.num_input_tokens_seen),
+                          "loss": logs["loss"], "accuracy": logs.get("accuracy"),
                           "margin": logs.get("margin"), "grad_norm": logs.get("grad_norm"),
                           "learning_rate": logs.get("learning_rate")})
 
@@ -76,10 +80,12 @@ def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
 
 
 @torch.inference_mode()
-def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.device) -> float:
-    """Mean raw score of pi_ref's samples on `prompts`: subtracting it centres r_phi on pi_ref."""
+def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.device) -> tuple[float, int]:
+    """Mean raw score of pi_ref's samples on `prompts` (subtracting it centres r_phi on pi_ref), and the FLOPs of
+    sampling them and scoring them (forward passes over prompt and response)."""
     policy = freeze(load_causal_lm(resolve_model_path(reference_model(cfg), cfg.hub_access)).to(device))
-    scores = []
+    n_params = pass_parameters(policy) + pass_parameters(rm, "scalar")
+    scores, flops = [], 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.data.seed)
         for s in chunks(len(prompts), cfg.eval.batch_size):
@@ -87,7 +93,8 @@ def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.
                            autocast(cfg.model.precision, device))
             with autocast(cfg.model.precision, device):
                 scores += reward_scores(rm, batch, tokenizer).tolist()  # no shift set yet: raw scores
-    return sum(scores) / len(scores)
+            flops += forward_flops(n_params, int(batch.attention_mask.sum()))
+    return sum(scores) / len(scores), flops
 
 
 def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardModelResult:
@@ -100,8 +107,9 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
     run = RunDir.create(cfg, "reward_model", seed, device, prefs.sha256,
                         extra={"reward_model_key": reward_model_key(cfg, prefs, seed), "reference_model": model_path})
     with run.running():
-        rm = for_training(load_scalar_model(model_path, tokenizer.pad_token_id), cfg, "SEQ_CLS",
-                          trainer_checkpointing=True)
+        rm = load_scalar_model(model_path, tokenizer.pad_token_id)
+        n_params = pass_parameters(rm, "scalar")  # counted before Trainer wraps it
+        rm = for_training(rm, cfg, "SEQ_CLS", trainer_checkpointing=True)
         train_set = budget_pairs(cfg, prefs).select_columns(["prompt", "chosen", "rejected"])
         passes = budget_passes(cfg, rc.epochs)
         with tempfile.TemporaryDirectory() as scratch:
@@ -116,7 +124,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
                 activation_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default is on: ~30% slower
             )
             trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
-                                    callbacks=[_LogToRun(run)])
+                                    callbacks=[_LogToRun(run, n_params)])
             # RewardTrainer drops pairs longer than max_length: counted here, and an error if none is left.
             dropped = len(train_set) - len(trainer.train_dataset)
             run.manifest["pairs"] = {"given": len(train_set), "dropped_too_long": dropped}
@@ -128,8 +136,9 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
             if dropped:
                 print(f"reward model: {dropped} of {len(train_set)} training pairs are longer than "
                       f"reward_model.max_length={rc.max_length} tokens and were dropped")
-            with run.stage("reward_model", device):
+            with run.stage("reward_model", device) as timing:
                 trainer.train()
+                timing["flops"] = train_flops(n_params, trainer.state.num_input_tokens_seen)
         rm = freeze(merged(trainer.model))  # a plain model from here on: LoRA adapters folded in
         check_replicas(rm, run.manifest)
         final = run.path / "checkpoints" / "final"
@@ -143,19 +152,25 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
 
 def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run: RunDir, state, final: Path,
                           device: torch.device) -> tuple[float, dict[str, float]]:
-    """Centre the trained r_phi on pi_ref's samples, measure it on the held-out pairs, save it to `final`."""
+    """Centre the trained r_phi on pi_ref's samples, measure it on the held-out pairs, save it to `final`. Both are
+    forward passes, their FLOPs counted apart from training (stages `reward_shift` and `eval`)."""
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
-    with run.stage("reward_shift", device):
-        shift = _reward_shift(rm, tokenizer, task.train_prompts[:cfg.reward_model.center_prompts], cfg, device)
+    with run.stage("reward_shift", device) as timing:
+        shift, timing["flops"] = _reward_shift(rm, tokenizer, task.train_prompts[:cfg.reward_model.center_prompts],
+                                               cfg, device)
     rm.config.reward_shift = shift
     ctx = EvalContext(prompts=[], ref_model=None, tokenizer=tokenizer, cfg=cfg.eval,
-                      autocast=lambda: autocast(cfg.model.precision, device), heldout_pairs=prefs.scored_pairs(cfg.eval.split).to_list())
-    with run.stage("eval", device):
-        heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None)
+                      autocast=lambda: autocast(cfg.model.precision, device),
+                      heldout_pairs=prefs.scored_pairs(cfg.eval.split).to_list())
+    cost = {"scoring_seconds": 0.0, "scored_tokens": 0, "flops": 0}
+    with run.stage("eval", device) as timing:
+        heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None, cost=cost)
+        timing["flops"] = cost["flops"]
     check_finite("reward model on held-out pairs", **heldout)
     save_model(rm, tokenizer, final)
     run.log({"kind": "eval", "step": state.global_step, "wall_seconds": run.timings["reward_model"]["seconds"],
-             "tokens": state.num_input_tokens_seen, "reward_shift": shift, **heldout})
+             "tokens": state.num_input_tokens_seen, "flops": run.timings["reward_model"]["flops"],
+             "reward_shift": shift, "eval/flops": cost["flops"], **heldout})
     run.manifest["reward_model_path"] = str(final)
     print(f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "
           f"{heldout.get('heldout/gold_accuracy', float('nan')):.3f}), margin {heldout['heldout/rm_margin']:.3f}, "

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.errors import UserError
+from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import reference_model
 from rlhf.rundir import atomic_write_json
@@ -102,7 +103,7 @@ def _pairs_from_samples(prompts: list[str], policy, tokenizer, task: Task, cfg: 
     k = d.responses_per_prompt
     device = next(policy.parameters()).device
     pairs, golds, stats = [], [], {"empty": 0, "identical": 0, "tie_dropped": 0, "agree": 0, "decisive": 0,
-                                   "sampling_seconds": 0.0, "sampled_tokens": 0}
+                                   "sampling_seconds": 0.0, "sampled_tokens": 0, "sampling_flops": 0}
     for s in tqdm(list(chunks(len(prompts), d.batch_size)), desc=desc, unit="batch"):
         batch_prompts = [p for p in prompts[s] for _ in range(k)]  # prompt i's K samples are rows iK..iK+K-1
         start = time.perf_counter()
@@ -110,6 +111,7 @@ def _pairs_from_samples(prompts: list[str], policy, tokenizer, task: Task, cfg: 
                        autocast(cfg.model.precision, device))
         stats["sampling_seconds"] += time.perf_counter() - start
         stats["sampled_tokens"] += int(batch.response_mask.sum())
+        stats["sampling_flops"] += forward_flops(pass_parameters(policy), int(batch.attention_mask.sum()))
         texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
         scores = task.gold_reward(texts)
         golds += scores

@@ -10,7 +10,8 @@ time, without disturbing the training RNG) and reports:
 * response length, distinct-2, EOS rate;
 * on held-out pairs, accuracy and mean margin s(x, y_w) - s(x, y_l) of each scorer: gold (the label-noise
   ceiling), the explicit reward model r_phi, DPO's implicit reward beta * log pi / pi_ref;
-* its own cost: seconds and tokens spent sampling and scoring (forward passes).
+* its own cost: seconds, tokens and FLOPs spent sampling and scoring (forward passes; rlhf/flops.py), counted
+  apart from every method's training.
 
 A policy with pi_ref's very weights (every run's step 0, and the reference run) is not sampled again: its
 samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
@@ -33,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf.config import PROJECT_ROOT, Config, EvalConfig
 from rlhf.data import PreferenceSet
 from rlhf.errors import UserError, check_finite
+from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import autocast, resolve_precision
 from rlhf.sequences import (SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample,
                             shortest_first)
@@ -151,16 +153,21 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
     if is_reference and cache is not None and cache.exists():
         return torch.load(cache, map_location=device, weights_only=True)
     out = []
+    n_policy = pass_parameters(policy)
+    n_scoring = n_policy + (0 if is_reference else pass_parameters(ctx.ref_model))
     start = time.perf_counter()
     for batch in eval_batches(policy, ctx, cfg.seed, desc):  # the same sampling seed at every eval point
         scoring = time.perf_counter()
         with ctx.autocast():
             logp = response_logprobs(policy, batch, cfg.temperature)[0]
             ref_logp = logp if is_reference else response_logprobs(ctx.ref_model, batch, cfg.temperature)[0]
+        real_tokens = int(batch.attention_mask.sum())
         cost["sampling_seconds"] += scoring - start
         cost["sampled_tokens"] += int(batch.response_mask.sum())
         cost["scoring_seconds"] += time.perf_counter() - scoring
-        cost["scored_tokens"] += int(batch.attention_mask.sum()) * (1 if is_reference else 2)
+        cost["scored_tokens"] += real_tokens * (1 if is_reference else 2)
+        # sampling (the KV cache makes each prompt and response token one forward token), then the log-prob passes
+        cost["flops"] += forward_flops(n_policy + n_scoring, real_tokens)
         out.append({**vars(batch), "logp": logp, "ref_logp": ref_logp})
         start = time.perf_counter()
     if is_reference and cache is not None:  # written whole, then renamed: readers never see half a file
@@ -180,7 +187,7 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     was_training = policy.training
     policy.eval()
     tok = ctx.tokenizer
-    cost = dict.fromkeys(("sampling_seconds", "sampled_tokens", "scoring_seconds", "scored_tokens"), 0.0)
+    cost = dict.fromkeys(("sampling_seconds", "sampled_tokens", "scoring_seconds", "scored_tokens", "flops"), 0)
     is_reference = has_reference_weights(policy, ctx)
     texts, k1s, k3s, lengths, ended, proxies = [], [], [], [], [], []
     for b in _samples_with_logprobs(policy, ctx, is_reference, cost, desc):
@@ -191,6 +198,7 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
                 proxies += reward_scores(reward_model, batch, tok).tolist()
             cost["scoring_seconds"] += time.perf_counter() - scoring
             cost["scored_tokens"] += int(batch.attention_mask.sum())
+            cost["flops"] += forward_flops(pass_parameters(reward_model, "scalar"), int(batch.attention_mask.sum()))
         k1, k3 = kl_estimates(b["logp"], b["ref_logp"], batch.response_mask)
         k1s += k1.tolist()
         k3s += k3.tolist()
@@ -219,7 +227,8 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
                          implicit_beta: float | None, cost: dict[str, float] | None = None,
                          is_reference: bool = False) -> dict[str, float]:
     """Accuracy and margin on held-out pairs for gold, the explicit RM and DPO's implicit reward. Each frozen
-    model's scores of the fixed pairs are computed once per context; `cost` (if given) counts the passes run."""
+    model's scores of the fixed pairs are computed once per context; `cost` (if given) counts the passes run, their
+    tokens and FLOPs."""
     pairs = ctx.heldout_pairs
     if not pairs:
         return {}
@@ -229,14 +238,14 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
         metrics.update({"heldout/gold_accuracy": acc, "heldout/gold_margin": margin})
     if reward_model is None and implicit_beta is None:
         return metrics
-    start, passes = time.perf_counter(), 0
+    start, passes = time.perf_counter(), []  # N of each pass over the pairs run here
     batches, tok = ctx.pair_batches(), ctx.tokenizer
     if reward_model is not None:
         if id(reward_model) not in ctx._rm_pair_metrics:
             with ctx.autocast():
                 chosen = torch.cat([reward_scores(reward_model, c, tok) for c, _ in batches]).tolist()
                 rejected = torch.cat([reward_scores(reward_model, r, tok) for _, r in batches]).tolist()
-            passes += 1
+            passes.append(pass_parameters(reward_model, "scalar"))
             acc, margin = pair_accuracy_margin(chosen, rejected)
             ctx._rm_pair_metrics[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
         metrics.update(ctx._rm_pair_metrics[id(reward_model)])
@@ -244,21 +253,22 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
         if ctx._ref_pair_logps is None:
             ctx._ref_pair_logps = (torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
                                    torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches]))
-            passes += 1
+            passes.append(pass_parameters(ctx.ref_model))
         ref_c, ref_r = ctx._ref_pair_logps
         if is_reference:  # pi / pi_ref = 1 on every pair: the margins are 0 without another pass
             pol_c, pol_r = ref_c, ref_r
         else:
             pol_c = torch.cat([_sequence_logps(policy, c, ctx) for c, _ in batches])
             pol_r = torch.cat([_sequence_logps(policy, r, ctx) for _, r in batches])
-            passes += 1
+            passes.append(pass_parameters(policy))
         acc, margin = pair_accuracy_margin((implicit_beta * (pol_c - ref_c)).tolist(),
                                            (implicit_beta * (pol_r - ref_r)).tolist())
         metrics.update({"heldout/implicit_accuracy": acc, "heldout/implicit_margin": margin})
     if cost is not None:
+        pair_tokens = sum(int(c.attention_mask.sum() + r.attention_mask.sum()) for c, r in batches)
         cost["scoring_seconds"] += time.perf_counter() - start
-        cost["scored_tokens"] += passes * sum(int(c.attention_mask.sum() + r.attention_mask.sum())
-                                              for c, r in batches)
+        cost["scored_tokens"] += len(passes) * pair_tokens
+        cost["flops"] += forward_flops(sum(passes), pair_tokens)
     return metrics
 
 

@@ -17,6 +17,7 @@ from transformers.trainer_callback import ProgressCallback
 from rlhf.config import ModelConfig
 from rlhf.distributed import is_main, wait_for_everyone
 from rlhf.errors import check_finite
+from rlhf.flops import train_flops
 from rlhf.models import save_model, trainer_precision_args
 from rlhf.rundir import RunDir, commit_checkpoint, prune_checkpoints
 
@@ -67,20 +68,25 @@ class EvalAndLogCallback(TrainerCallback):
 
     The training clock (`wall_seconds`) runs only between evaluations, so eval time never counts as training;
     each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`. A resumed
-    run starts the clock at `train_seconds`, where its checkpoint left it.
+    run starts the clock at `train_seconds`, where its checkpoint left it. Every row carries `flops`, the training
+    FLOPs so far: 6 · N · the non-padding tokens Trainer has fed the model (rlhf/flops.py), N = `n_params`, the
+    trained model's `pass_parameters`; stage `train` records them too, and stage `eval` the evaluator's own.
 
     Also: stops the run at a non-finite logged value, and commits each checkpoint Trainer saves (a sha256 record
     written last, so a half-written one is never resumed from) and deletes the older ones.
     """
 
     def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]] | None,
-                 eval_every: int | None, device: torch.device, train_seconds: float = 0.0, name: str = "step"):
+                 eval_every: int | None, device: torch.device, n_params: int, train_seconds: float = 0.0,
+                 name: str = "step"):
         self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
+        self.n_params = n_params  # counted before Trainer wraps the model (sharded parameters would count short)
         self.name = name  # how a step is named in a divergence message, e.g. "DPO step"
         self.train_seconds = train_seconds  # closed stretches only; see `clock`
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
         self._stretch: contextlib.ExitStack | None = None
         self._stretch_start = 0.0
+        self._timing: dict[str, float] = {}  # the `train` stage's timings.json entry
 
     def clock(self) -> float:
         """Training wall-clock seconds so far, evaluation excluded."""
@@ -89,7 +95,7 @@ class EvalAndLogCallback(TrainerCallback):
 
     def _start_clock(self) -> None:
         self._stretch = contextlib.ExitStack()
-        self._stretch.enter_context(self.run.stage("train", self.device))
+        self._timing = self._stretch.enter_context(self.run.stage("train", self.device))
         self._stretch_start = time.perf_counter()
 
     def _stop_clock(self) -> None:
@@ -100,10 +106,11 @@ class EvalAndLogCallback(TrainerCallback):
     def _evaluate(self, model: PreTrainedModel, step: int, tokens: int) -> None:
         metrics: dict[str, float] = {}
         if self.evaluate_policy is not None and is_main():  # once: under DDP the others wait at the next all-reduce
-            with self.run.stage("eval", self.device):
+            with self.run.stage("eval", self.device) as timing:
                 metrics, samples = self.evaluate_policy(model, step)
+                timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
             self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
-                          **metrics})
+                          "flops": train_flops(self.n_params, tokens), **metrics})
             self.run.write_samples(step, samples)
             shown = ("eval/gold", "eval/gold_sem", "eval/kl", "heldout/implicit_accuracy", "heldout/implicit_margin",
                      "heldout/gold_accuracy", "heldout/gold_margin")
@@ -128,8 +135,10 @@ class EvalAndLogCallback(TrainerCallback):
             return
         trl_logs = {k: v for k, v in logs.items() if k not in _UNLOGGED_KEYS}
         check_finite(f"{self.name} {state.global_step}", **{k: v for k, v in trl_logs.items() if isinstance(v, float)})
+        flops = train_flops(self.n_params, state.num_input_tokens_seen)
+        self._timing["flops"] = flops
         self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": self.clock(),
-                      "tokens": state.num_input_tokens_seen, **trl_logs})
+                      "tokens": state.num_input_tokens_seen, "flops": flops, **trl_logs})
 
     def on_save(self, args, state, control, **kwargs):
         wait_for_everyone()  # under DDP each process writes its own RNG state into the folder first

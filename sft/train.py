@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 
 from rlhf.config import Config, ModelConfig, PreferredFTConfig, SFTStageConfig
 from rlhf.distributed import per_process
+from rlhf.flops import pass_parameters
 from rlhf.models import default_device, for_training, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import SFT_METHOD, sft_key, sft_rows
 from rlhf.rundir import RunDir
@@ -76,7 +77,7 @@ def train_sft(cfg: Config) -> SFTResult:
     with run.running():
         model = for_training(load_causal_lm(base).to(device), cfg, "CAUSAL_LM", trainer_checkpointing=True)
         # train rows only: pi_ref's own evaluation is `make reference`, once this model is pi_ref
-        callback = EvalAndLogCallback(run, None, None, device, name="SFT step")
+        callback = EvalAndLogCallback(run, None, None, device, pass_parameters(model), name="SFT step")
         trainer = sft_trainer(model, tokenizer, rows, s, s.epochs, s.max_steps, cfg.model, s.seed,
                               run.path / "checkpoints", [callback])
         trainer.train()

@@ -24,7 +24,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def write_run(profile_dir, method, seed, evals, train=(), beta=0.1, status="completed",
               timings=None, run_id=None, **manifest_extra):
     """A run directory as the pipelines write it (docs/run-directory.md). `evals` / `train` are lists of
-    metric dicts; step i gets step 10*i, wall_seconds 100*i and tokens 1000*i unless the dict sets them."""
+    metric dicts; step i gets step 10*i, wall_seconds 100*i, tokens 1000*i and flops 1e9*i unless the dict sets
+    them."""
     run_id = run_id or f"20261125T000000-beta{beta:g}-seed{seed}"
     path = profile_dir / method / run_id
     path.mkdir(parents=True)
@@ -33,7 +34,7 @@ def write_run(profile_dir, method, seed, evals, train=(), beta=0.1, status="comp
                 "data_sha256": "f" * 64, "packages": {"python": "3.11", "pandas": "3.1"}, "git_commit": "abc",
                 "host": "box", "device": "cpu", "device_name": "x86_64", **manifest_extra}
     (path / "manifest.json").write_text(json.dumps(manifest))
-    rows = [{"kind": kind, "step": 10 * i, "wall_seconds": 100.0 * i, "tokens": 1000 * i, **m}
+    rows = [{"kind": kind, "step": 10 * i, "wall_seconds": 100.0 * i, "tokens": 1000 * i, "flops": 1e9 * i, **m}
             for kind, series in (("train", train), ("eval", evals)) for i, m in enumerate(series)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "timings.json").write_text(json.dumps(timings or {"train": {"seconds": 200.0, "peak_memory_mb": 900.0},
@@ -50,24 +51,27 @@ def ev(kl, gold=None, **extra):
 
 
 def gold_profile(root):
-    """reference, RM, PPO x2 seeds, DPO x2 seeds, with numbers the tests compute by hand."""
+    """reference, RM, PPO x2 seeds (against that RM: 50 s and 5e8 FLOPs of training), DPO x2 seeds (pi_ref's pass:
+    10 s, 2e8 FLOPs), with numbers the tests compute by hand."""
     p = root / "runs" / "synthetic"
     write_run(p, "reference", 1234, [ev(0.0, 0.1)])
-    write_run(p, "reward_model", 0, [{"heldout/rm_accuracy": 0.7, "heldout/rm_margin": 1.5, **ev(0.0, 0.1)}],
-              timings={"reward_model": {"seconds": 50.0, "peak_memory_mb": 700.0}})
+    rm = write_run(p, "reward_model", 0, [{"heldout/rm_accuracy": 0.7, "heldout/rm_margin": 1.5, **ev(0.0, 0.1)}],
+                   timings={"reward_model": {"seconds": 50.0, "flops": 5e8, "peak_memory_mb": 700.0}})
     ppo_train = [{"grad_norm": g, "loss/value": 1.0, "policy/clipfrac": 0.1, "policy/approxkl": 0.01}
                  for g in [1, 2] * 6 + [50]]
     for seed, kls, golds, proxies in ((0, [0, 1, 3], [0.1, 0.3, 0.5], [0, 1, 3]),
                                       (1, [0, 2, 4], [0.1, 0.4, 0.4], [0, 2, 4])):
         write_run(p, "ppo", seed, [ev(k, g, **{"eval/proxy": x, "eval/proxy_std": 2.0, "heldout/rm_accuracy": 0.7,
                                                "heldout/rm_margin": 1.5}) for k, g, x in zip(kls, golds, proxies)],
-                  train=ppo_train)
+                  train=ppo_train, reward_model_path=str(rm / "checkpoints" / "final"))
     dpo_train = [{"loss": 0.69, "grad_norm": 1.0, "logps/chosen": -10.0 - i, "logps/rejected": -10.0 - 2 * i}
                  for i in range(5)]
     for seed, kls, golds in ((0, [0, 2, 6], [0.1, 0.6, 0.8]), (1, [0, 1, 2], [0.1, 0.2, 0.7])):
         write_run(p, "dpo", seed, [ev(k, g, **{"heldout/implicit_accuracy": 0.6 + 0.1 * seed,
                                                "heldout/implicit_margin": 0.3}) for k, g in zip(kls, golds)],
-                  train=dpo_train)
+                  train=dpo_train, timings={"ref_logps": {"seconds": 10.0, "flops": 2e8, "peak_memory_mb": 800.0},
+                                            "train": {"seconds": 200.0, "flops": 2e9, "peak_memory_mb": 900.0},
+                                            "eval": {"seconds": 20.0, "flops": 3e7, "peak_memory_mb": 950.0}})
     (p / "data" / "preferences-abc").mkdir(parents=True)
     (p / "data" / "preferences-abc" / "manifest.json").write_text(json.dumps({"sha256": "f" * 64,
                                                                               "counts": {"train": 8}}))
@@ -139,15 +143,19 @@ def test_headline_metrics_by_hand(tmp_path):
     trained = runs.evals(["ppo", "dpo"])
     assert M.common_reach(trained, "eval/kl") == 2  # max KLs 3, 4, 6, 2
     assert M.common_reach(trained, "eval/gold") == pytest.approx(0.4)  # max golds 0.5, 0.4, 0.8, 0.7
+    trained = M.with_earlier_stages(trained, M.earlier_stages(runs.runs, runs.timings))
     per_run = M.per_run_headline(trained, 2.0, 0.4).set_index(["method", "seed"])
     # gold at KL 2: ppo0 between (1,.3) and (3,.5) -> .4; ppo1 .4 at KL 2; dpo0 .6 at KL 2; dpo1 .7 at KL 2.
     assert per_run["gold at matched KL"].to_dict() == pytest.approx(
         {("dpo", 0): 0.6, ("dpo", 1): 0.7, ("ppo", 0): 0.4, ("ppo", 1): 0.4})
-    # seconds to gold .4: ppo0 halfway 100..200 s -> 150; ppo1 at 100; dpo0 0.1->0.6 over 0..100 -> 60;
-    # dpo1 0.2->0.7 over 100..200 -> 140.
+    # seconds to gold .4, from the start of the earlier stages (PPO: the RM's 50 s; DPO: pi_ref's pass, 10 s): ppo0
+    # halfway 100..200 s -> 150 + 50; ppo1 at 100 + 50; dpo0 0.1->0.6 over 0..100 -> 60 + 10; dpo1 0.2->0.7 over
+    # 100..200 -> 140 + 10.
     assert per_run["seconds to target gold"].to_dict() == pytest.approx(
-        {("dpo", 0): 60, ("dpo", 1): 140, ("ppo", 0): 150, ("ppo", 1): 100})
-    assert per_run.loc[("ppo", 0), "tokens to target gold"] == pytest.approx(1500)
+        {("dpo", 0): 70, ("dpo", 1): 150, ("ppo", 0): 200, ("ppo", 1): 150})
+    # FLOPs likewise: ppo0 halfway 1e9..2e9 + the RM's 5e8; dpo1 1.4e9 + pi_ref's 2e8
+    assert per_run.loc[("ppo", 0), "training FLOPs to target gold"] == pytest.approx(2.0e9)
+    assert per_run.loc[("dpo", 1), "training FLOPs to target gold"] == pytest.approx(1.6e9)
     head = M.summarize(per_run.reset_index(), M.GROUP, ["gold at matched KL", "seconds to target gold"])
     dpo = head[head["method"] == "dpo"].iloc[0]
     half = 12.706 * math.sqrt(0.005) / math.sqrt(2)  # sd of (0.6, 0.7) is sqrt(0.005)
@@ -164,9 +172,18 @@ def test_overoptimisation_heldout_and_costs_by_hand(tmp_path):
     by = scores.groupby(["method", "scorer"])["accuracy"].mean()
     assert by[("dpo", M.SCORERS["implicit"])] == pytest.approx(0.65) and by[("ppo", M.SCORERS["rm"])] == 0.7
     assert by[("reference", M.SCORERS["gold"])] == 0.9
-    costs = M.stage_costs(runs.timings, runs.metrics).set_index(["method", "stage"])
-    assert costs.loc[("reward_model", "reward_model"), "seconds"] == 50
-    assert costs.loc[("ppo", "train"), "tokens per run"] == 12000  # 13 train rows: last has 1000 * 12 tokens
+    costs = M.stage_costs(runs.timings).set_index(["method", "stage"])
+    assert costs.loc[("reward_model", "reward_model"), ["seconds", "flops"]].tolist() == [50, 5e8]
+    assert costs.loc[("dpo", "ref_logps"), "flops"] == 2e8
+    per_method = M.method_costs(runs.metrics, M.earlier_stages(runs.runs, runs.timings), runs.timings)
+    per_method = per_method.set_index("method")
+    # PPO: 13 train rows, the last with 1e9 * 12 FLOPs, plus the RM's training; DPO: its 5 train rows' 4e9 (eval
+    # rows reach 2e9) plus pi_ref's pass; evaluation apart
+    assert per_method.loc["ppo", ["own loop FLOPs", "earlier stages FLOPs", "training FLOPs"]].tolist() == [
+        12e9, 5e8, 12.5e9]
+    assert per_method.loc["ppo", "end-to-end seconds"] == 1200 + 50
+    assert per_method.loc["dpo", ["training FLOPs", "evaluation FLOPs"]].tolist() == [4.2e9, 3e7]
+    assert per_method.loc["reward_model", "training FLOPs"] == 0  # its own loop logged 0; nothing before it
 
 
 def test_spike_counts_and_series_summary(tmp_path):
@@ -202,6 +219,11 @@ def test_report_on_a_gold_task(tmp_path):
     assert set(head["method"]) == {"reference", "ppo", "dpo"}
     assert head.set_index("method").loc["dpo", "gold at matched KL mean"] == pytest.approx(0.65)
     assert "Matched KL = 2 nats" in page and "Target gold reward = 0.4 (" in page  # the levels are stated
+    assert {"seconds to target gold mean", "training FLOPs to target gold mean"} <= set(head)
+    assert not any("tokens" in column for column in head)  # compute is counted in FLOPs, alike for every method
+    cost = pd.read_csv(out / "cost.csv").set_index(["method", "stage"])
+    assert cost.loc[("dpo", "ref_logps"), "flops"] == 2e8 and cost.loc[("reward_model", "reward_model"), "flops"] == 5e8
+    assert pd.read_csv(out / "cost_per_method.csv").set_index("method").loc["ppo", "training FLOPs"] == 12.5e9
     assert "f" * 64 in page and "x86_64" in page  # provenance: data sha256 and machine
     assert pd.read_csv(out / "spikes.csv")["spikes"].sum() == 2  # one grad-norm spike per PPO seed
 
@@ -259,7 +281,7 @@ def test_configured_comparison_levels_and_their_validation(tmp_path):
     # At KL 1: ppo0 0.3 (a point), ppo1 halfway from (0, .1) to (2, .4) = 0.25. Gold .3: ppo0 at 100 s,
     # ppo1 two thirds of the way from 0 to 100 s.
     assert head.loc["ppo", "gold at matched KL mean"] == pytest.approx(0.275)
-    assert head.loc["ppo", "seconds to target gold mean"] == pytest.approx((100 + 200 / 3) / 2)
+    assert head.loc["ppo", "seconds to target gold mean"] == pytest.approx((100 + 200 / 3) / 2 + 50)  # + the RM
     assert "Matched KL = 1 nats per sequence (set by report.matched_kl)" in (out / "index.html").read_text()
     with pytest.raises(UserError, match="report.spike_window"):
         load_config("tiny", ["report.spike_window=2"])
@@ -397,3 +419,21 @@ def test_a_beta_that_does_not_mean_dpos_is_flagged(tmp_path):
     assert [n.split(" ran with ")[1].split(", so")[0] for n in notes] == [
         "evaluation at temperature 0.9 (eval.temperature)", "an adaptive KL coefficient (ppo.adaptive_kl)",
         "rollouts at temperature 0.7 (ppo.temperature)"]
+
+
+def test_curves_are_drawn_over_flops_and_seconds_from_the_start_never_over_steps(tmp_path):
+    from matplotlib.colors import same_color
+
+    from analysis import plots as P
+    from analysis.report import curves_section
+
+    plot = curves_section(load_runs(gold_profile(tmp_path)), {"eval/gold": "gold reward [VADER]"}).plot
+    flops_ax, seconds_ax = plot.figure.axes
+    assert (flops_ax.get_xlabel(), seconds_ax.get_xlabel()) == (P.COST_AXES[M.FLOPS], P.COST_AXES[M.SECONDS])
+    # PPO's first eval point sits where its reward model's training ends, DPO's after pi_ref's pass
+    def start(ax, method):
+        return min(x for line in ax.lines if same_color(line.get_color(), P.PALETTE[method]) for x in line.get_xdata())
+
+    for ax, ppo_start, dpo_start in ((flops_ax, 5e8, 2e8), (seconds_ax, 50, 10)):
+        assert (start(ax, "ppo"), start(ax, "dpo")) == (ppo_start, dpo_start)
+    P.plt.close(plot.figure)

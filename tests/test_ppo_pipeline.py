@@ -12,7 +12,8 @@ PPO_TRAIN_KEYS = {"objective/kl", "objective/entropy", "objective/scores", "obje
                   "objective/kl_coef", "policy/approxkl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var",
                   "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance", "grad_norm", "val/grad_norm",
                   "learning_rate", "kind", "step", "wall_seconds", "tokens", "time/rollout", "time/scoring",
-                  "time/update", "tokens/rollout", "tokens/scoring", "tokens/update"}
+                  "time/update", "tokens/rollout", "tokens/scoring", "tokens/update", "flops", "flops/rollout",
+                  "flops/scoring", "flops/update"}
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:

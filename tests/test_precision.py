@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 from ppo.train import TokenValueModel, train_ppo
 from reward_model.train import reward_model_key, train_reward_model
 from rlhf.config import Config, load_config
-from rlhf.data import build_preferences
+from rlhf.data import budget_pairs, build_preferences
 from rlhf.errors import UserError
 from rlhf.models import (choose_precision, cuda_native_bf16, for_training, freeze, grad_scaler, load_causal_lm,
                          load_scalar_model, resolve_precision, save_model, set_tf32, trainer_precision_args)
@@ -185,7 +185,8 @@ def test_dpo_step_with_lora_trains_only_adapters_against_a_full_frozen_reference
     policy = for_training(load_causal_lm(tiny_path), cfg, "CAUSAL_LM", trainer_checkpointing=True)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     ref = freeze(load_causal_lm(tiny_path))
-    trainer = build_trainer(cfg, policy, ref, tokenizer, prefs.train, seed=0, output_dir=tmp_path, callbacks=[])
+    trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed=0, output_dir=tmp_path,
+                            callbacks=[])
     assert trainer.ref_model is ref  # pi_ref: the full frozen copy, not the adapter-disabled policy
     trainer.train()
     assert trainer.state.global_step == 2  # lora_B starts at 0, so lora_A first moves in the second step

@@ -24,7 +24,7 @@ from rlhf.rundir import CHECKPOINT_RECORD, read_jsonl
 # Allowed to differ between two runs: wall-clock, and the evaluator's own cost, which is 0 where pi_ref's samples
 # came from the eval cache that the first run wrote.
 TIMING = ("wall_seconds", "eval/seconds", "time/rollout", "time/scoring", "time/update", "eval/sampling_seconds",
-          "eval/scoring_seconds", "eval/sampled_tokens", "eval/scored_tokens")
+          "eval/scoring_seconds", "eval/sampled_tokens", "eval/scored_tokens", "eval/flops")
 PPO = ("ppo.iterations=8", "ppo.checkpoint_every=2", "ppo.adaptive_kl=true")  # adaptive: beta must resume too
 DPO = ("dpo.checkpoint_every=1", "dpo.batch_size=4", "budget.pairs=16")  # 4 half batches: TRL's steps are slow on CPU
 
