@@ -12,7 +12,7 @@ ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 &&
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all setup test sft data reference ppo ppo-gt dpo bon sft-chosen report bench config
+.PHONY: all setup test sft data reference ppo ppo-gt dpo bon sft-chosen sweep report bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false).
 all: setup sft data reference ppo dpo report
@@ -65,6 +65,11 @@ bon: setup
 
 sft-chosen: setup
 	$(TRAIN_CLI) sft-chosen --profile $(PROFILE) $(ARGS)
+
+# The tuning protocol (docs/tuning.md): METHOD's grid on the validation prompts, reports/$(PROFILE)/sweep-METHOD.csv
+METHOD ?= dpo
+sweep: setup
+	$(CLI) sweep --profile $(PROFILE) sweep.method=$(METHOD) $(ARGS)
 
 report: setup
 	$(CLI) report --profile $(PROFILE) $(ARGS)

@@ -77,7 +77,8 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A table as Markdown, numbers shown as the report shows them."""
     cells = display(frame)
     rows = [list(cells.columns), ["---"] * len(cells.columns), *cells.astype(str).values.tolist()]
     return "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows)
@@ -411,7 +412,7 @@ def render_markdown(sections: list[Section], profile: str) -> str:
         if s.plot is not None:
             parts.append(f"![{s.plot.title}]({s.plot.name}.png)\n\n*{s.plot.caption}*" if s.plot.figure is not None
                          else f"Not drawn: {s.plot.missing}.")
-        parts += [f"`{t.name}.csv`\n\n{_markdown(t.frame)}" for t in s.tables]
+        parts += [f"`{t.name}.csv`\n\n{markdown_table(t.frame)}" for t in s.tables]
     return "\n\n".join(parts) + "\n"
 
 

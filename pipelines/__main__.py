@@ -8,6 +8,7 @@
     dpo       DPO (eq. 6), one run per beta x seed (dpo.loss_type=ipo|robust: a variant, runs/<profile>/dpo-<variant>/)
     bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
     sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
+    sweep     the tuning protocol: a grid of sweep.method's learning rate x passes on the validation prompts
     report    tables, plots and an HTML page from every run of the profile
     bench     each stage's speed against the bare model's ceilings: reports/<profile>/bench.csv
     config    print the resolved config, or every key with its help text (--keys)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["setup", "sft", "data", "reference", "ppo", "dpo", "bon", "sft-chosen",
-                                            "report", "bench", "config"])
+                                            "sweep", "report", "bench", "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                         "ppo": ("pipelines.ppo_pipeline", "main"), "dpo": ("pipelines.dpo_pipeline", "main"),
                         "bon": ("pipelines.baselines_pipeline", "bon"),
                         "sft-chosen": ("pipelines.baselines_pipeline", "sft_chosen"),
-                        "report": ("analysis.report", "main"), "bench": ("pipelines.bench", "main")}[args.command]
+                        "sweep": ("pipelines.sweep", "main"), "report": ("analysis.report", "main"),
+                        "bench": ("pipelines.bench", "main")}[args.command]
     import importlib
     return getattr(importlib.import_module(module), function)(cfg)
 

@@ -334,6 +334,33 @@ class SFTStageConfig:
 
 
 @dataclass
+class SweepConfig:
+    """The tuning protocol (`make sweep METHOD=...`, docs/tuning.md): a grid of one method's decisive knobs, one
+    training run per grid point, judged on the validation prompts only (eval.split=validation). PPO and DPO get the
+    same number of grid points; each point is a whole training run of the profile's length."""
+    method: Literal["reward_model", "ppo", "dpo"] = _f("dpo", "the method whose grid runs (set by METHOD=)")
+    learning_rates: list[float] = _f([1e-5, 3e-5, 1e-4], "learning rates tried, for whichever method runs")
+    epochs: list[int] = _f([1, 2], "reward model and DPO: budget.epochs tried (passes over the budget's pairs)")
+    ppo_epochs: list[int] = _f([1, 2], "PPO: ppo.ppo_epochs tried (passes over each rollout batch)")
+    seed: int = _f(0, "the one training seed of every grid point")
+    max_kl: float | None = _f(
+        None, "PPO and DPO: only grid points whose final validation KL is at most this compete (null: all), so that "
+              "neither method wins the sweep by drifting further from pi_ref")
+
+    def validate(self, prefix: str) -> None:
+        _require(len(self.learning_rates) > 0 and all(x > 0 for x in self.learning_rates),
+                 f"{prefix}.learning_rates", f"must list positive learning rates, got {self.learning_rates}")
+        for key in ("epochs", "ppo_epochs"):
+            values = getattr(self, key)
+            _require(len(values) > 0 and all(x > 0 for x in values), f"{prefix}.{key}",
+                     f"must list positive integers, got {values}")
+        _require(len(self.epochs) == len(self.ppo_epochs), f"{prefix}.ppo_epochs",
+                 f"must list as many values as sweep.epochs ({len(self.epochs)}), so that PPO's grid and DPO's "
+                 f"have the same number of points (the same tuning budget); got {len(self.ppo_epochs)}")
+        _require(self.max_kl is None or self.max_kl > 0, f"{prefix}.max_kl", f"must be positive, got {self.max_kl}")
+
+
+@dataclass
 class ReportConfig:
     """The report (`make report`, analysis/): where it goes and the levels its headline compares at."""
 
@@ -391,6 +418,7 @@ class Config:
     bon: BestOfNConfig = field(default_factory=BestOfNConfig)
     sft: PreferredFTConfig = field(default_factory=PreferredFTConfig)
     sft_stage: SFTStageConfig = field(default_factory=SFTStageConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> None:
@@ -418,6 +446,15 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_values(self, values: dict[str, Any]) -> "Config":
+        """This config with dotted keys set (`{"dpo.learning_rate": 1e-5}`), checked as an override would be."""
+        tree = self.to_dict()
+        for key, value in values.items():
+            _set_dotted(tree, key, value)
+        cfg = from_dict(Config, tree)
+        cfg.validate()
+        return cfg
 
     def eval_settings(self) -> dict[str, Any]:
         """What makes two runs' eval points comparable, for their manifests: the same pi_ref, prompts, pairs and

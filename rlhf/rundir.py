@@ -116,7 +116,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # Config keys that do not change what a run computes: a run killed under one value resumes under another.
-_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report")
+_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep")  # decide nothing a run computes
 _RESUMABLE = ("running", "failed")  # `diverged` is not: it would diverge again at the same step
 
 

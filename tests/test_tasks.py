@@ -90,7 +90,8 @@ def test_hh_file_with_no_usable_rows_is_an_error(tmp_path, tokenizer):
 
 
 def _pref_cfg(path, *more):
-    return load_config("hh", ["task.name=preferences", f"task.path={path}", "task.n_eval_prompts=1", *more]).task
+    return load_config("hh", ["task.name=preferences", f"task.path={path}", "task.n_eval_prompts=1",
+                               "task.n_validation_prompts=0", *more]).task
 
 
 def test_any_trl_preference_format_loads(tmp_path, tokenizer):

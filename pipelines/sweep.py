@@ -1,0 +1,98 @@
+"""`make sweep METHOD=dpo|ppo|reward_model`: the tuning protocol (docs/tuning.md). Orchestration only.
+
+One training run per point of a grid over the method's decisive knobs, with `sweep.seed`, evaluated on the
+validation prompts and pairs only (`eval.split=validation`, `task.n_validation_prompts`), never on the test prompts
+the report shows. The runs go to <runs_dir>/sweep/<profile>/, a runs directory of their own, on the profile's shared
+preference set; the table goes to reports/<profile>/sweep-<method>.csv and .md, the chosen point marked.
+
+    reward model  learning rate x budget.epochs   judged by validation pair accuracy
+    DPO           learning rate x budget.epochs   judged by final validation gold reward (no gold: the proxy), among
+    PPO           learning rate x ppo.ppo_epochs  the points whose final KL is at most sweep.max_kl
+
+PPO's and DPO's grids have the same number of points (the config insists), each a whole training run of the
+profile's length: the same tuning budget. PPO's points train against one reward model of the profile's settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+import dpo
+from analysis.report import markdown_table
+from pipelines.stages import build_preference_set, reward_model_for
+from ppo.train import train_ppo
+from reward_model.train import train_reward_model
+from rlhf.config import PROJECT_ROOT, Config
+from rlhf.data import PreferenceSet
+from rlhf.rundir import atomic_write_text, read_jsonl
+
+# The two knobs each method's grid varies: the learning rate, and the passes over its data.
+GRIDS = {"reward_model": ("reward_model.learning_rate", "budget.epochs"),
+         "dpo": ("dpo.learning_rate", "budget.epochs"),
+         "ppo": ("ppo.learning_rate", "ppo.ppo_epochs")}
+SHOWN = ("eval/gold", "eval/gold_sem", "eval/proxy", "eval/kl", "heldout/rm_accuracy", "heldout/implicit_accuracy")
+
+
+def grid(cfg: Config) -> list[dict]:
+    """The grid points of `sweep.method`, as dotted config keys and values."""
+    s = cfg.sweep
+    lr_key, passes_key = GRIDS[s.method]
+    return [{lr_key: lr, passes_key: n} for lr in s.learning_rates
+            for n in (s.ppo_epochs if s.method == "ppo" else s.epochs)]
+
+
+def point_config(cfg: Config, values: dict) -> Config:
+    """One grid point's config: its values, one seed, judged on the validation split, in the sweep's runs dir."""
+    return cfg.with_values({**values, "eval.split": "validation", "seeds": [cfg.sweep.seed], "beta_sweep": [],
+                            "runs_dir": str(Path(cfg.runs_dir) / "sweep")})
+
+
+def train_point(cfg: Config, prefs: PreferenceSet) -> tuple[Path, dict[str, float]]:
+    """Train one grid point: its run directory and its final validation metrics."""
+    seed = cfg.sweep.seed
+    if cfg.sweep.method == "reward_model":
+        result = train_reward_model(cfg, prefs, seed)
+        return result.run_dir, result.heldout
+    if cfg.sweep.method == "ppo":
+        result = train_ppo(cfg, prefs, reward_model_for(cfg, prefs, seed), seed)
+        return result.run_dir, result.final_eval
+    result = dpo.train(cfg, prefs, seed)
+    return result.run_dir, result.final_metrics
+
+
+def choose(table: pd.DataFrame, cfg: Config) -> int | None:
+    """The row the protocol picks: the best validation accuracy (reward model), or the best final validation gold
+    reward (proxy where there is no gold) among the points within sweep.max_kl (PPO, DPO); None if none qualifies."""
+    if cfg.sweep.method == "reward_model":
+        return int(table["heldout/rm_accuracy"].idxmax())
+    score = "eval/gold" if "eval/gold" in table else "eval/proxy"
+    within = table if cfg.sweep.max_kl is None else table[table["eval/kl"] <= cfg.sweep.max_kl]
+    return None if within.empty else int(within[score].idxmax())
+
+
+def main(cfg: Config) -> int:
+    prefs = build_preference_set(cfg)  # the profile's own set: every point trains on the pairs the report's runs do
+    points = grid(cfg)
+    rows = []
+    for i, values in enumerate(points, start=1):
+        print(f"sweep {cfg.sweep.method} {i}/{len(points)}: " + ", ".join(f"{k}={v:g}" for k, v in values.items()),
+              flush=True)
+        run_dir, metrics = train_point(point_config(cfg, values), prefs)
+        train_rows = [r for r in read_jsonl(run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
+        rows.append({**values, "train FLOPs": max((r.get("flops", 0) for r in train_rows), default=0),
+                     **{k: metrics[k] for k in SHOWN if k in metrics}, "run_dir": str(run_dir)})
+    table = pd.DataFrame(rows)
+    chosen = choose(table, cfg)
+    table.insert(0, "chosen", ["←" if i == chosen else "" for i in range(len(table))])
+    out = PROJECT_ROOT / cfg.report.out_dir / cfg.profile / f"sweep-{cfg.sweep.method}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".csv"), table.to_csv(index=False))
+    shown = table.drop(columns="run_dir")
+    atomic_write_text(out.with_suffix(".md"), markdown_table(shown) + "\n")
+    print(shown.to_string(index=False))
+    print(f"chosen: {', '.join(f'{k}={points[chosen][k]:g}' for k in points[chosen])}" if chosen is not None else
+          f"chosen: none (no grid point ended within sweep.max_kl={cfg.sweep.max_kl})")
+    print(f"sweep table: {out.with_suffix('.csv')}")
+    return 0

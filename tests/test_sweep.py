@@ -1,0 +1,46 @@
+"""`make sweep`: the tuning protocol runs its grid on the validation prompts only, in a runs directory of its own."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from pipelines.sweep import choose, grid
+from rlhf.config import PROJECT_ROOT, load_config
+from rlhf.errors import UserError
+from rlhf.tasks import load_task
+
+
+def test_dpo_sweep_on_tiny_judges_every_point_on_validation_prompts_only(tmp_path, tokenizer):
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    overrides = [f"runs_dir={runs}", f"report.out_dir={reports}", "task.n_validation_prompts=6",
+                 "sweep.learning_rates=[1e-4,1e-3]", "sweep.epochs=[1]", "sweep.ppo_epochs=[1]"]
+    out = subprocess.run([sys.executable, "-m", "pipelines", "sweep", "--profile", "tiny", "sweep.method=dpo",
+                          *overrides], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = pd.read_csv(reports / "tiny" / "sweep-dpo.csv")
+    assert table["dpo.learning_rate"].tolist() == [1e-4, 1e-3] and (table["chosen"] == "←").sum() == 1
+    assert table.loc[table["chosen"] == "←", "eval/gold"].item() == table["eval/gold"].max()
+    task = load_task(load_config("tiny", overrides).task, tokenizer)
+    for run_dir in table["run_dir"]:
+        manifest = json.loads((tmp_path / run_dir / "manifest.json").read_text())
+        assert manifest["eval_settings"]["split"] == "validation" and str(runs / "sweep") in run_dir
+        prompts = {json.loads(line)["prompt"] for f in (tmp_path / run_dir / "samples").iterdir()
+                   for line in f.read_text().splitlines()}
+        assert prompts and prompts <= set(task.validation_prompts)  # never a test prompt
+    assert not (runs / "tiny" / "dpo").exists()  # the profile's own runs directory holds no sweep run
+
+
+def test_grids_have_equal_sizes_and_the_choice_respects_max_kl():
+    cfg = load_config("tiny", ["sweep.method=ppo", "sweep.learning_rates=[1e-5,3e-5]", "sweep.ppo_epochs=[1,2,4]",
+                               "sweep.epochs=[1,2,3]"])
+    assert grid(cfg) == [{"ppo.learning_rate": lr, "ppo.ppo_epochs": n} for lr in (1e-5, 3e-5) for n in (1, 2, 4)]
+    dpo = cfg.with_values({"sweep.method": "dpo"})
+    assert len(grid(dpo)) == len(grid(cfg)) and {"budget.epochs", "dpo.learning_rate"} == set(grid(dpo)[0])
+    with pytest.raises(UserError, match="sweep.ppo_epochs.*same number of points"):
+        load_config("tiny", ["sweep.ppo_epochs=[1]", "sweep.epochs=[1,2]"])
+    table = pd.DataFrame({"eval/gold": [0.2, 0.9, 0.5], "eval/kl": [1.0, 9.0, 3.0]})
+    assert choose(table, cfg) == 1 and choose(table, cfg.with_values({"sweep.max_kl": 5.0})) == 2
+    assert choose(table, cfg.with_values({"sweep.max_kl": 0.5})) is None
