@@ -241,28 +241,33 @@ HEALTH_PANELS = [
 
 
 def health_plot(train: pd.DataFrame, flagged: pd.DataFrame) -> Plot:
-    """Per-run training series; red crosses mark spikes (analysis.metrics.spikes)."""
+    """Per-run training series against each run's own training FLOPs (a PPO iteration and a DPO step are not the
+    same unit of work; optimizer steps where a run logged no FLOPs); red crosses mark spikes
+    (analysis.metrics.spikes)."""
     if train.empty:
         return _plot("health", missing="no training rows")
+    x = "flops" if "flops" in train and train["flops"].notna().all() else "step"
+    x_label = "training FLOPs of the run's own loop" if x == "flops" else "optimizer step"
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     palette = _palette(train["method"].unique())
     for ax, (families, column, label) in zip(axes.ravel(), HEALTH_PANELS):
         rows = train[train["method"].map(family).isin(families)]
+        ax.set(title=label.split(" [")[0], xlabel=x_label, ylabel=label)
         if column not in rows or rows[column].isna().all():
             ax.text(0.5, 0.5, f"no {' or '.join(name(f) for f in families)} rows with {column}", ha="center",
                     transform=ax.transAxes)
-            ax.set(title=label.split(" [")[0], xlabel="optimizer step", ylabel=label)
             continue
         rows = _named(rows.dropna(subset=[column]))
-        sns.lineplot(data=rows, x="step", y=column, hue="method", units="run_id", estimator=None, palette=palette,
+        sns.lineplot(data=rows, x=x, y=column, hue="method", units="run_id", estimator=None, palette=palette,
                      lw=1, ax=ax)
         if column == "logps/chosen":
-            sns.lineplot(data=rows, x="step", y="logps/rejected", hue="method", units="run_id", estimator=None,
+            sns.lineplot(data=rows, x=x, y="logps/rejected", hue="method", units="run_id", estimator=None,
                          palette=palette, lw=1, ls="--", legend=False, ax=ax)
         marks = flagged[(flagged["series"] == column) & flagged["spike"].astype(bool)]
         if not marks.empty:
-            ax.scatter(marks["step"], marks["value"], color="red", marker="x", zorder=3, label="spike")
-        ax.set(title=label.split(" [")[0], xlabel="optimizer step", ylabel=label)
+            if x != "step":  # where each spike's step lies on the FLOPs axis
+                marks = marks.merge(train[[*RUN, "step", x]], on=[*RUN, "step"], how="left")
+            ax.scatter(marks[x], marks["value"], color="red", marker="x", zorder=3, label="spike")
     return _plot("health", fig, axes.ravel())
 
 

@@ -9,6 +9,7 @@
     sequences.py      sampling, response log-probs, reward-model scores, padding
     reference.py      which model is pi_ref (the base model, or the SFT stage's)
     evaluate.py       the one evaluator for every policy at every eval point (SPEC §5)
+    flops.py          compute counted alike: 2·N·tokens a forward pass, 6·N·tokens a training pass
     flops.py          compute in FLOPs: 2·N·tokens a forward pass, 6·N·tokens forward + backward
     rundir.py         run directories: manifests, metrics.jsonl, atomic writes, checkpoints (docs/run-directory.md)
     trl_callbacks.py  TRL trainers' hooks into the evaluator and the run directory
