@@ -46,8 +46,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
     copy: TRL's map() calls would otherwise write cache files into the shared preference set's folder, whose sha256
     its manifest guards."""
     rows = Dataset.from_dict({"prompt": pairs["prompt"], "completion": pairs["chosen"]})
-    return sft_trainer(policy, tokenizer, rows, cfg.sft, budget_passes(cfg, cfg.sft.epochs), None, cfg.model, seed,
-                       output_dir, callbacks)
+    return sft_trainer(policy, tokenizer, rows, cfg.sft, budget_passes(cfg, cfg.sft.epochs), None, cfg.model,
+                       cfg.weight_decay, seed, output_dir, callbacks)
 
 
 def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> PreferredFTResult:

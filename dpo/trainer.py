@@ -123,7 +123,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         per_device_train_batch_size=per_process(d.batch_size, "dpo.batch_size"), gradient_accumulation_steps=d.gradient_accumulation_steps,
         num_train_epochs=budget_passes(cfg, d.epochs), max_grad_norm=d.max_grad_norm,
         max_length=d.max_length,
-        **run_dir_args(cfg.model, seed, device, d.checkpoint_every),
+        **run_dir_args(cfg.model, cfg.weight_decay, seed, device, d.checkpoint_every),
     )
 
 

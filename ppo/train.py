@@ -2,17 +2,20 @@
 
     max_pi  E_{x ~ D, y ~ pi(.|x)} [ r_phi(x, y) ] - beta * KL( pi(.|x) || pi_ref(.|x) )        (2)
 
-written in the manner of CleanRL's ppo.py, with each implementation detail of "The N+ Implementation Details
-of RLHF with PPO" (Huang et al. 2024) named where it happens. One iteration:
+written in the manner of CleanRL's ppo.py: `ppo_iteration` is the algorithm, one function per step, and each
+implementation detail of Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", is named where it
+happens (by its number in that paper where it has one). One iteration:
 
-  1. rollout: sample one response per prompt from the current policy (KV cache, temperature T), truncate
-     after the first EOS;
-  2. score: in one no-grad pass each, log pi_old, log pi_ref (both at temperature T), V_old per token, and
-     r_phi(x, y) per sequence; optional penalty for responses without EOS;
-  3. rewards: -beta * (log pi_old - log pi_ref) per token + r_phi on the last token (eq. 2); GAE; whitening;
-  4. PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss, gradient clipping;
-  5. optional adaptive KL controller; log; evaluate every `eval_every` iterations (time excluded); save a
-     resume point every `checkpoint_every` iterations (ppo/checkpoint.py).
+  1. `rollout`: sample one response per prompt from the current policy (KV cache, temperature T), truncated after
+     the first EOS;
+  2. `score`: in one no-grad pass each, log pi_old and log pi_ref (both at temperature T), V_old per token, and the
+     reward r(x, y) per sequence; optional penalty for responses without EOS;
+  3. `rewards_and_advantages`: -beta * (log pi_old - log pi_ref) per token + r on the last token (eq. 2); GAE;
+     whitening;
+  4. `update`: PPO epochs over shuffled minibatches, clipped surrogate + clipped value loss, gradient clipping;
+  5. bookkeeping (`train_ppo`, `iteration_metrics`): the adaptive KL controller, clock, tokens, FLOPs, metrics,
+     evaluation every `eval_every` iterations (time excluded), a resume point every `checkpoint_every` iterations
+     (ppo/checkpoint.py).
 
 A NaN or infinite reward, KL, loss or gradient norm stops the run at that iteration (`Diverged`), before the
 optimizer step it would poison. With `resume`, a killed or failed run with the same config and seed is
@@ -27,6 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -34,11 +38,12 @@ from accelerate.utils import set_seed
 from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from ppo import checkpoint
 from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
                       gae_advantages, kl_penalized_rewards, masked_mean, whiten)
-from rlhf.config import Config
+from rlhf.config import Config, PPOConfig
 from rlhf.data import PreferenceSet
 from rlhf.distributed import check_replicas, per_process
 from rlhf.errors import UserError, check_finite
@@ -85,9 +90,182 @@ class PPOResult:
     policy_path: Path
 
 
-def _index(batch: SequenceBatch, idx: torch.Tensor) -> SequenceBatch:
-    return SequenceBatch(batch.prompt_ids[idx], batch.prompt_mask[idx], batch.response_ids[idx],
-                         batch.response_mask[idx])
+@dataclass
+class Learner:
+    """What one PPO iteration acts on. `policy` and `value_model` are as accelerate prepared them (DDP-wrapped under
+    several processes); `reward` is r(x, y) per sequence, [B]: the reward model's score, or the task's gold reward."""
+    policy: nn.Module
+    value_model: nn.Module
+    ref: nn.Module
+    reward: Callable[[SequenceBatch], torch.Tensor]
+    tokenizer: PreTrainedTokenizerBase
+    accelerator: Accelerator
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Callable  # a fresh autocast context each call (rlhf.models.autocast), or a no-op one
+
+
+@dataclass
+class Experience:
+    """One iteration's rollout, scored, as the PPO epochs learn from it: [B, R] per response token (zero on
+    padding), [B] per episode."""
+    batch: SequenceBatch
+    mask: torch.Tensor          # float response mask
+    old_logprobs: torch.Tensor  # log pi_old(y_t), the policy that sampled the rollout
+    ref_logprobs: torch.Tensor  # log pi_ref(y_t)
+    old_values: torch.Tensor    # V_old(s_t)
+    scores: torch.Tensor        # r(x, y) per episode, after the missing-EOS penalty
+    rewards: torch.Tensor       # per-token KL-penalised rewards, eq. (2)
+    kl: torch.Tensor            # per-token log pi_old - log pi_ref
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def make_optimizer(policy: nn.Module, value_model: nn.Module, pc: PPOConfig, weight_decay: float
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """One AdamW over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss. Only the trainable
+    parameters: all of them, or with LoRA the adapters and the value head. Fused (one kernel over all tensors, as
+    Trainer's default for the TRL stages): on a 2-core CPU 0.08 s a step for 135M parameters against 0.49 s for the
+    per-tensor loop, which was ~10% of a default-profile PPO update. Adam's epsilon 1e-5 (CleanRL's, and Huang et
+    al.'s), where TRL's stages keep 1e-8; the weight decay is every stage's (`weight_decay`)."""
+    optimizer = torch.optim.AdamW([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad],
+                                  lr=pc.learning_rate, eps=1e-5, weight_decay=weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # detail: linear learning-rate annealing to 0
+        optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0)
+    return optimizer, scheduler
+
+
+def rollout(learner: Learner, prompts: list[str], pc: PPOConfig) -> SequenceBatch:
+    """Step 1: one response per prompt from the current policy, truncated after its first EOS (Huang et al. 2024,
+    detail 23.2: truncate and pad after EOS), which is also where `batch.ended` is set, once."""
+    policy = learner.accelerator.unwrap_model(learner.policy)
+    # detail: eval mode while sampling and scoring, train mode in the update (dropout is off in both, detail 7,
+    # models.disable_dropout; train mode is what turns gradient checkpointing on)
+    policy.eval()
+    learner.value_model.eval()
+    return sample(policy, learner.tokenizer, prompts, pc.max_new_tokens, pc.temperature, learner.amp())
+
+
+def score(learner: Learner, batch: SequenceBatch, pc: PPOConfig, where: str
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 2: (log pi_old, log pi_ref, V_old, r) of the rollout, one batched pass per model with no autograd at all.
+    Log-probs at the sampling temperature: those of the distribution the tokens came from."""
+    policy = learner.accelerator.unwrap_model(learner.policy)
+    with torch.inference_mode(), learner.amp():
+        old_logprobs, _ = response_logprobs(policy, batch, pc.temperature)
+        ref_logprobs, _ = response_logprobs(learner.ref, batch, pc.temperature)
+        old_values = learner.value_model(batch).detach()
+        scores = learner.reward(batch)
+    check_finite(where, reward=scores.sum())
+    if pc.missing_eos_penalty is not None:  # detail 23.3: penalise responses cut off by the length cap
+        scores = torch.where(batch.ended, scores, scores - pc.missing_eos_penalty)
+    return old_logprobs, ref_logprobs, old_values, scores
+
+
+def rewards_and_advantages(scores: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                           old_values: torch.Tensor, mask: torch.Tensor, beta: float, pc: PPOConfig, where: str
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3: per-token KL-penalised rewards (eq. 2), GAE advantages and returns (Schulman et al. 2016, eq. 16),
+    advantages whitened over the batch's response tokens. Returns (rewards, kl, advantages, returns)."""
+    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+    check_finite(where, kl=kl.sum())
+    advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
+    if pc.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return rewards, kl, advantages, returns
+
+
+def update(learner: Learner, exp: Experience, pc: PPOConfig, local_mini_batch: int, where: str
+           ) -> dict[str, list[float]]:
+    """Step 4: `ppo_epochs` passes over shuffled minibatches, each one gradient step on the clipped surrogate
+    (Schulman et al. 2017, eq. 7) + vf_coef * the clipped value loss. Returns each minibatch's statistics, in order."""
+    learner.accelerator.unwrap_model(learner.policy).train()
+    learner.value_model.train()
+    stats: dict[str, list[float]] = {}
+    for _ in range(pc.ppo_epochs):
+        for idx in torch.randperm(len(exp.scores)).split(local_mini_batch):
+            mb, mask = exp.batch.select(idx), exp.mask[idx]
+            with learner.amp():
+                new_logprobs, entropy = response_logprobs(learner.policy, mb, pc.temperature, with_entropy=True)
+                new_values = learner.value_model(mb)
+            pg_loss, pg_stats = clipped_policy_loss(new_logprobs, exp.old_logprobs[idx], exp.advantages[idx], mask,
+                                                    pc.cliprange)
+            vf_loss, vf_stats = clipped_value_loss(new_values, exp.old_values[idx], exp.returns[idx], mask,
+                                                   pc.cliprange_value)
+            loss = pg_loss + pc.vf_coef * vf_loss
+            check_finite(where, loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
+            step_stats = optimizer_step(learner, loss, pc.max_grad_norm, where)
+            for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
+                               "policy/entropy_token": masked_mean(entropy, mask), **step_stats}.items():
+                stats.setdefault(key, []).append(float(value.detach() if torch.is_tensor(value) else value))
+    return stats
+
+
+def optimizer_step(learner: Learner, loss: torch.Tensor, max_grad_norm: float, where: str) -> dict[str, float]:
+    """Backward, clip, step, through accelerate (DDP averages the gradients) and the fp16 loss scaler (a no-op in
+    other precisions). Returns the gradient norms, and with fp16 whether the scaler skipped the step."""
+    accelerator, optimizer, scaler = learner.accelerator, learner.optimizer, learner.scaler
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(scaler.scale(loss))
+    scaler.unscale_(optimizer)  # clip (and log) the true gradients, not the scaled ones
+    # detail: gradient clipping, each model on its own: one global norm lets the value loss's large early
+    # gradients shrink the policy's step
+    grad_norm = accelerator.clip_grad_norm_(learner.policy.parameters(), max_grad_norm)
+    vf_grad_norm = accelerator.clip_grad_norm_(learner.value_model.parameters(), max_grad_norm)
+    norms = {"grad_norm": grad_norm, "val/grad_norm": vf_grad_norm}
+    if not scaler.is_enabled():
+        check_finite(where, grad_norm=grad_norm, value_grad_norm=vf_grad_norm)
+        optimizer.step()
+        return norms
+    # fp16: an overflow is routine; the scaler skips that step
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
+    skipped = scaler.get_scale() < scale
+    return {"amp/skip_rate": float(skipped), **({} if skipped else norms)}  # an inf norm is the overflow itself
+
+
+def ppo_iteration(learner: Learner, prompts: list[str], beta: float, pc: PPOConfig, local_mini_batch: int,
+                  where: str) -> tuple[Experience, dict[str, list[float]], dict[str, float]]:
+    """Steps 1-4 of one PPO iteration on this process's `prompts`. Returns the experience, each minibatch's
+    statistics, and the seconds each phase took."""
+    start = time.perf_counter()
+    batch = rollout(learner, prompts, pc)
+    rollout_end = time.perf_counter()
+    mask = batch.response_mask.float()
+    old_logprobs, ref_logprobs, old_values, scores = score(learner, batch, pc, where)
+    rewards, kl, advantages, returns = rewards_and_advantages(scores, old_logprobs, ref_logprobs, old_values, mask,
+                                                              beta, pc, where)
+    exp = Experience(batch, mask, old_logprobs, ref_logprobs, old_values, scores, rewards, kl, advantages, returns)
+    scoring_end = time.perf_counter()
+    stats = update(learner, exp, pc, local_mini_batch, where)
+    seconds = {"time/rollout": rollout_end - start, "time/scoring": scoring_end - rollout_end,
+               "time/update": time.perf_counter() - scoring_end}
+    return exp, stats, seconds
+
+
+def iteration_metrics(exp: Experience, stats: dict[str, list[float]], beta: float, pc: PPOConfig, gold: bool,
+                      mean_across: Callable[[torch.Tensor | float], float]) -> dict[str, float]:
+    """Step 5's train row (docs/ppo.md, Metrics): the rollout's objective terms, averaged across processes, and the
+    update's statistics, each averaged over its minibatches and then across processes. `tokens/*` count this
+    process's tokens through a model in each phase: scoring runs pi_old, pi_ref, V (and r_phi); the update runs
+    policy and V every epoch."""
+    mask, kl_per_episode = exp.mask, exp.kl.sum(dim=1)
+    rollout_tokens = int(exp.batch.attention_mask.sum())
+    return {
+        "objective/kl": mean_across(kl_per_episode.mean()),
+        "objective/entropy": mean_across((-exp.old_logprobs * mask).sum(dim=1).mean()),
+        "objective/scores": mean_across(exp.scores.mean()),
+        "objective/rlhf_reward": mean_across((exp.scores - beta * kl_per_episode).mean()),
+        "objective/kl_coef": beta,
+        "val/explained_variance": mean_across(explained_variance(exp.old_values, exp.returns, mask)),
+        "episode/length": mean_across(mask.sum(dim=1).mean()),
+        "episode/eos_rate": mean_across(exp.batch.ended.float().mean()),
+        "tokens/rollout": int(exp.batch.response_mask.sum()),
+        "tokens/scoring": rollout_tokens * (3 if gold else 4),
+        "tokens/update": rollout_tokens * 2 * pc.ppo_epochs,
+        **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
+    }
 
 
 def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None, seed: int) -> PPOResult:
@@ -98,8 +276,6 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     set_seed(seed)
-    amp = lambda: autocast(cfg.model.precision, device)  # noqa: E731  (a fresh context each use)
-    scaler = grad_scaler(cfg.model.precision, device)  # fp16 only; otherwise it passes everything through
 
     # --- models: policy initialised from pi_ref; value model from the reward model (PPO-GT has none: from
     # pi_ref with a fresh scalar head); pi_ref and r_phi frozen
@@ -119,15 +295,18 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     n_policy, n_value = pass_parameters(ref), pass_parameters(value_scalar, "scalar")
     n_scoring = 2 * n_policy + n_value + (0 if gold else pass_parameters(reward_model, "scalar"))
     value_model = TokenValueModel(for_training(value_scalar, cfg, "SEQ_CLS"))
-    # One optimizer over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss. Only the
-    # trainable parameters: all of them, or with LoRA the adapters and the value head. Fused (one kernel over all
-    # tensors, as Trainer's default for the TRL stages): on a 2-core CPU 0.08 s a step for 135M parameters against
-    # 0.49 s for the per-tensor loop, which was ~10% of a default-profile PPO update.
-    optimizer = torch.optim.AdamW([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad],
-                                  lr=pc.learning_rate, eps=1e-5, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # detail: linear learning-rate annealing to 0
-        optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0)
+    optimizer, scheduler = make_optimizer(policy, value_model, pc, cfg.weight_decay)
     policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+
+    def reward(batch: SequenceBatch) -> torch.Tensor:
+        if gold:  # PPO-GT: the true reward of the decoded text, as the evaluator scores it
+            texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+            return torch.tensor(task.gold_reward(texts), device=device, dtype=torch.float32)
+        return reward_scores(reward_model, batch, tokenizer)
+
+    scaler = grad_scaler(cfg.model.precision, device)  # fp16 only; otherwise it passes everything through
+    learner = Learner(policy, value_model, ref, reward, tokenizer, accelerator, optimizer, scaler,
+                      amp=lambda: autocast(cfg.model.precision, device))
 
     local_batch = per_process(pc.rollout_batch_size, "ppo.rollout_batch_size")  # each samples its own share
     local_mini_batch = per_process(pc.mini_batch_size, "ppo.mini_batch_size")
@@ -186,112 +365,23 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                               initial=first_iteration - 1, total=pc.iterations):
             start = time.perf_counter()
             with run.stage("train", device) as timing:  # timings.json: train seconds, peak memory, FLOPs
-                # ---- 1. rollout: this process's share of the next prompts, cycling through a seeded order
-                first = ((iteration - 1) * pc.rollout_batch_size + accelerator.process_index * local_batch)
+                # this process's share of the next prompts, cycling through one seeded order
+                first = (iteration - 1) * pc.rollout_batch_size + accelerator.process_index * local_batch
                 prompts = [task.train_prompts[prompt_order[(first + i) % len(prompt_order)]]
                            for i in range(local_batch)]
-                unwrapped = accelerator.unwrap_model(policy)
-                # detail: eval mode while sampling and scoring, train mode in the update (dropout is off in both,
-                # models.disable_dropout; train mode is what turns gradient checkpointing on)
-                unwrapped.eval()
-                value_model.eval()
-                batch = sample(unwrapped, tokenizer, prompts, pc.max_new_tokens, pc.temperature, amp())
-                mask = batch.response_mask.float()
-                rollout_end = time.perf_counter()
-
-                # ---- 2. score the rollout, one batched pass per frozen model (inference mode: no autograd at all)
-                with torch.inference_mode(), amp():
-                    old_logprobs, _ = response_logprobs(unwrapped, batch, pc.temperature)
-                    ref_logprobs, _ = response_logprobs(ref, batch, pc.temperature)
-                    old_values = value_model(batch).detach()
-                    if gold:  # PPO-GT: the true reward of the decoded text, as the evaluator scores it
-                        texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
-                        scores = torch.tensor(task.gold_reward(texts), device=device, dtype=torch.float32)
-                    else:
-                        scores = reward_scores(reward_model, batch, tokenizer)
-                check_finite(f"PPO iteration {iteration}", reward=scores.sum())
-                ended = (batch.response_ids == tokenizer.eos_token_id).any(dim=1)
-                if pc.missing_eos_penalty is not None:  # detail: penalise responses cut off by the length cap
-                    scores = torch.where(ended, scores, scores - pc.missing_eos_penalty)
-
-                # ---- 3. per-token KL-penalised rewards (eq. 2), GAE, advantage whitening
-                rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
-                check_finite(f"PPO iteration {iteration}", kl=kl.sum())
-                advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
-                if pc.whiten_advantages:
-                    advantages = whiten(advantages, mask)
-                scoring_end = time.perf_counter()
-
-                # ---- 4. PPO epochs over minibatches
-                unwrapped.train()
-                value_model.train()
-                stats: dict[str, list[float]] = {}
-                for _ in range(pc.ppo_epochs):
-                    for idx in torch.randperm(local_batch).split(local_mini_batch):
-                        mb = _index(batch, idx)
-                        with amp():
-                            new_logprobs, entropy = response_logprobs(policy, mb, pc.temperature, with_entropy=True)
-                            new_values = value_model(mb)
-                        pg_loss, pg_stats = clipped_policy_loss(new_logprobs, old_logprobs[idx], advantages[idx],
-                                                                mask[idx], pc.cliprange)
-                        vf_loss, vf_stats = clipped_value_loss(new_values, old_values[idx], returns[idx], mask[idx],
-                                                               pc.cliprange_value)
-                        loss = pg_loss + pc.vf_coef * vf_loss
-                        check_finite(f"PPO iteration {iteration}", loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
-                        optimizer.zero_grad(set_to_none=True)
-                        accelerator.backward(scaler.scale(loss))
-                        scaler.unscale_(optimizer)  # clip (and log) the true gradients, not the scaled ones
-                        # detail: gradient clipping, each model on its own: one global norm lets the value
-                        # loss's large early gradients shrink the policy's step
-                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), pc.max_grad_norm)
-                        vf_grad_norm = accelerator.clip_grad_norm_(value_model.parameters(), pc.max_grad_norm)
-                        norms = {"grad_norm": grad_norm, "val/grad_norm": vf_grad_norm}
-                        if scaler.is_enabled():  # fp16: an overflow is routine; the scaler skips that step
-                            scale = scaler.get_scale()
-                            scaler.step(optimizer)
-                            scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
-                            skipped = scaler.get_scale() < scale
-                            stats.setdefault("amp/skip_rate", []).append(float(skipped))
-                            norms = {} if skipped else norms  # an inf norm is the overflow itself, not a divergence
-                        else:
-                            check_finite(f"PPO iteration {iteration}", grad_norm=grad_norm,
-                                         value_grad_norm=vf_grad_norm)
-                            optimizer.step()
-                        for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
-                                           "policy/entropy_token": masked_mean(entropy, mask[idx]), **norms}.items():
-                            stats.setdefault(key, []).append(float(value.detach()))
+                where = f"PPO iteration {iteration}"
+                exp, stats, seconds = ppo_iteration(learner, prompts, beta, pc, local_mini_batch, where)
                 scheduler.step()
-                update_end = time.perf_counter()
 
-                # ---- 5. bookkeeping: KL controller, clock, tokens, FLOPs, metrics
-                kl_per_episode = kl.sum(dim=1)
-                rollout_tokens = int(batch.attention_mask.sum())
-                mean_kl = mean_across(kl_per_episode.mean())
-                row = {
-                    "objective/kl": mean_kl,
-                    "objective/entropy": mean_across((-old_logprobs * mask).sum(dim=1).mean()),
-                    "objective/scores": mean_across(scores.mean()),
-                    "objective/rlhf_reward": mean_across((scores - beta * kl_per_episode).mean()),
-                    "objective/kl_coef": beta,
-                    "val/explained_variance": mean_across(explained_variance(old_values, returns, mask)),
-                    "episode/length": mean_across(mask.sum(dim=1).mean()),
-                    "episode/eos_rate": mean_across(ended.float().mean()),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    # where this iteration's time went, and the tokens each phase pushed through a model (this
-                    # process): scoring runs pi_old, pi_ref, V (and r_phi); the update runs policy and V every epoch;
-                    # and each phase's FLOPs
-                    "time/rollout": rollout_end - start, "time/scoring": scoring_end - rollout_end,
-                    "time/update": update_end - scoring_end, "tokens/rollout": int(batch.response_mask.sum()),
-                    "tokens/scoring": rollout_tokens * (3 if gold else 4),
-                    "tokens/update": rollout_tokens * 2 * pc.ppo_epochs,
-                    **{f"flops/{phase}": n for phase, n in phase_flops(rollout_tokens).items()},
-                    **{k: mean_across(sum(v) / len(v)) for k, v in stats.items()},
-                    **({"amp/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
-                }
-                check_finite(f"PPO iteration {iteration}", **{k: v for k, v in row.items()
-                                                              if k != "val/explained_variance"})
+                # ---- 5. bookkeeping: metrics, KL controller, tokens, FLOPs, clock
+                rollout_tokens = int(exp.batch.attention_mask.sum())
+                row = {**iteration_metrics(exp, stats, beta, pc, gold, mean_across),
+                       "learning_rate": scheduler.get_last_lr()[0], **seconds,
+                       **{f"flops/{phase}": n for phase, n in phase_flops(rollout_tokens).items()},
+                       **({"amp/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})}
+                check_finite(where, **{k: v for k, v in row.items() if k != "val/explained_variance"})
                 if kl_ctl is not None:  # detail: adaptive KL coefficient (Ziegler et al. 2019)
-                    beta = kl_ctl.update(mean_kl, pc.rollout_batch_size)
+                    beta = kl_ctl.update(row["objective/kl"], pc.rollout_batch_size)
                 all_tokens = int(mean_across(rollout_tokens) * accelerator.num_processes)  # every process's
                 tokens += all_tokens
                 flops += sum(phase_flops(all_tokens).values())

@@ -66,7 +66,7 @@ class _LogToRun(TrainerCallback):
 
 def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
     """What a trained reward model depends on: reused by any later run with the same key (the SFT stage's and the
-    LoRA settings are in it only when they are on, so the keys of earlier reward models stay as they were)."""
+    LoRA settings, and the weight decay, are in it only when they are on, so the keys of earlier reward models stay as they were)."""
     # `per_seed` only decides which seed a PPO run asks for: the model trained with seed s is the same either way
     settings = {k: v for k, v in cfg.to_dict()["reward_model"].items() if k != "per_seed"}
     key = {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": settings | {"seed": seed},
@@ -76,6 +76,8 @@ def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
         key["sft_stage"] = cfg.to_dict()["sft_stage"]
     if cfg.lora.enabled:
         key["lora"] = cfg.to_dict()["lora"]
+    if cfg.weight_decay:
+        key["weight_decay"] = cfg.weight_decay
     return key
 
 
@@ -114,7 +116,8 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
         passes = budget_passes(cfg, rc.epochs)
         with tempfile.TemporaryDirectory() as scratch:
             args = RewardConfig(
-                output_dir=scratch, learning_rate=rc.learning_rate, num_train_epochs=passes,
+                output_dir=scratch, learning_rate=rc.learning_rate, weight_decay=cfg.weight_decay,
+                num_train_epochs=passes,
                 per_device_train_batch_size=per_process(rc.batch_size, "reward_model.batch_size"),
                 warmup_steps=rc.warmup_ratio, lr_scheduler_type="linear", max_length=rc.max_length,
                 logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed,

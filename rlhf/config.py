@@ -399,6 +399,10 @@ ADDED_WITH_DEFAULT = {"model": {"tf32": False},
 class Config:
     profile: str = _f("default", "profile name (configs/<profile>.yaml); set by --profile")
     beta: float = _f(0.1, "KL coefficient beta: PPO's KL penalty in eq. (2) and DPO's beta in eq. (6)")
+    weight_decay: float = _f(
+        0.0, "AdamW weight decay of every trained model of both methods: the reward model, PPO's policy and value "
+             "model, DPO, Preferred-FT and the SFT stage (0 = TRL's default; torch's own AdamW default, 0.01, would "
+             "pull every weight toward 0, a regulariser eq. (2) and (6) do not have)")
     beta_sweep: list[float] = _f([], "`make ppo` / `make dpo` run every beta listed here x every seed (each run's "
                                      "config carries its own beta); empty: just `beta`")
     seeds: list[int] = _f([0, 1], "one run per seed for each method")
@@ -423,6 +427,7 @@ class Config:
 
     def validate(self) -> None:
         _require(self.beta > 0, "beta", f"must be positive, got {self.beta}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.seeds) > 0, "seeds", "must list at least one seed")
         _require(all(b > 0 for b in self.beta_sweep), "beta_sweep",
                  f"every beta must be positive, got {self.beta_sweep}")

@@ -43,7 +43,10 @@ def sft_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Dataset:
 def sft_key(cfg: Config, rows: Dataset) -> dict:
     """What the SFT model depends on: a completed SFT run with the same key is pi_ref."""
     texts = hashlib.sha256(json.dumps(rows.to_dict(), sort_keys=True).encode()).hexdigest()
-    return {"model": cfg.to_dict()["model"], "sft_stage": cfg.to_dict()["sft_stage"], "texts_sha256": texts}
+    key = {"model": cfg.to_dict()["model"], "sft_stage": cfg.to_dict()["sft_stage"], "texts_sha256": texts}
+    if cfg.weight_decay:  # only when set, so the keys of earlier SFT models (trained without) stay as they were
+        key["weight_decay"] = cfg.weight_decay
+    return key
 
 
 def find_sft_model(cfg: Config) -> Path | None:

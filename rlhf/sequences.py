@@ -28,6 +28,9 @@ class SequenceBatch:
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
+    # [B] bool: the response produced an EOS within the length cap. Set once, by `sample`, where truncation finds
+    # it (recomputing it from the ids would count a cut response as ended wherever the pad token is EOS)
+    ended: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -42,8 +45,14 @@ class SequenceBatch:
         return self.response_mask.sum(dim=1)
 
     def to(self, device: torch.device) -> "SequenceBatch":
-        return SequenceBatch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.response_ids,
-                                                       self.response_mask)))
+        return SequenceBatch(*(None if t is None else t.to(device) for t in self._fields()))
+
+    def select(self, idx: torch.Tensor) -> "SequenceBatch":
+        """The rows `idx` (a minibatch)."""
+        return SequenceBatch(*(None if t is None else t[idx] for t in self._fields()))
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        return self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask, self.ended
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -94,9 +103,9 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
             if "inf" in str(e) and "nan" in str(e):
                 raise Diverged(f"sampling: the model's next-token probabilities are not finite ({e})") from e
             raise
-    response_ids, response_mask, _ = truncate_after_eos(out[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
-                                                        tokenizer.pad_token_id)
-    return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)
+    response_ids, response_mask, ended = truncate_after_eos(out[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
+                                                            tokenizer.pad_token_id)
+    return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask, ended)
 
 
 def _split(tokenizer: PreTrainedTokenizerBase, prompt: str, completions: list[str]
@@ -146,7 +155,8 @@ def response_logprobs(model: PreTrainedModel, batch: SequenceBatch, temperature:
 
     The logits are divided by the sampling temperature first, so the log-probs are those of the distribution
     the tokens were actually sampled from. With `with_entropy`, also the per-token entropy of that
-    distribution. Gradients flow when called outside no_grad (PPO, DPO); callers choose.
+    distribution, without autograd (it is only logged). Gradients flow into the log-probs when called outside
+    no_grad (PPO, DPO); callers choose.
     """
     r_len = batch.response_ids.shape[1]
     attention_mask = batch.attention_mask
@@ -162,8 +172,9 @@ def response_logprobs(model: PreTrainedModel, batch: SequenceBatch, temperature:
     logprobs = (token_logits - log_z) * batch.response_mask
     entropy = None
     if with_entropy:
-        probs = F.softmax(logits, dim=-1)
-        entropy = (log_z - (probs * logits).sum(-1)) * batch.response_mask
+        with torch.no_grad():  # no graph through a second full-vocabulary softmax
+            probs = F.softmax(logits, dim=-1)
+            entropy = (log_z - (probs * logits).sum(-1)) * batch.response_mask
     return logprobs, entropy
 
 

@@ -26,12 +26,12 @@ from rlhf.rundir import RunDir, commit_checkpoint, prune_checkpoints
 _UNLOGGED_KEYS = ("num_tokens", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
 
 
-def run_dir_args(model: ModelConfig, seed: int, device: torch.device, checkpoint_every: int | None = None
-                 ) -> dict[str, Any]:
+def run_dir_args(model: ModelConfig, weight_decay: float, seed: int, device: torch.device,
+                 checkpoint_every: int | None = None) -> dict[str, Any]:
     """TrainingArguments common to every TRL trainer here: `EvalAndLogCallback` writes the metrics into the run
     directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points;
-    precision and gradient checkpointing as `model.*` says."""
-    return dict(logging_steps=1, report_to="none", eval_strategy="no",
+    precision and gradient checkpointing as `model.*` says; AdamW's weight decay every stage's (`weight_decay`)."""
+    return dict(logging_steps=1, report_to="none", eval_strategy="no", weight_decay=weight_decay,
                 **trainer_precision_args(model.precision, device),
                 # transformers' new name for gradient checkpointing (the old one warns that it is deprecated)
                 activation_checkpointing=model.gradient_checkpointing,

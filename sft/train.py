@@ -44,7 +44,8 @@ class SFTResult:
 
 def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset,
                 settings: SFTStageConfig | PreferredFTConfig, epochs: int, max_steps: int | None,
-                model_cfg: ModelConfig, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
+                model_cfg: ModelConfig, weight_decay: float, seed: int, output_dir: Path,
+                callbacks: list[TrainerCallback]
                 ) -> trl.SFTTrainer:
     """TRL's SFTTrainer on `rows`: `text` rows train on every token; `prompt` / `completion` rows on the completion
     only (the prompt is context). EOS is appended to each text or completion, as TRL does. Constant learning rate;
@@ -57,7 +58,7 @@ def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
         per_device_train_batch_size=per_process(
             settings.batch_size, f"{'sft_stage' if isinstance(settings, SFTStageConfig) else 'sft'}.batch_size"),
         num_train_epochs=epochs, max_steps=max_steps or -1, max_length=settings.max_length,
-        **run_dir_args(model_cfg, seed, model.device),
+        **run_dir_args(model_cfg, weight_decay, seed, model.device),
     )
     return quiet_progress_bar(trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                                              callbacks=callbacks))
@@ -78,7 +79,7 @@ def train_sft(cfg: Config) -> SFTResult:
         model = for_training(load_causal_lm(base).to(device), cfg, "CAUSAL_LM", trainer_checkpointing=True)
         # train rows only: pi_ref's own evaluation is `make reference`, once this model is pi_ref
         callback = EvalAndLogCallback(run, None, None, device, pass_parameters(model), name="SFT step")
-        trainer = sft_trainer(model, tokenizer, rows, s, s.epochs, s.max_steps, cfg.model, s.seed,
+        trainer = sft_trainer(model, tokenizer, rows, s, s.epochs, s.max_steps, cfg.model, cfg.weight_decay, s.seed,
                               run.path / "checkpoints", [callback])
         trainer.train()
         final = save_policy(model, tokenizer, run, device)

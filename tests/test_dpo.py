@@ -1,4 +1,4 @@
-"""DPO (eq. 6): the loss by hand, against TRL's DPOTrainer, on a discrete bandit, and `make dpo` end to end."""
+"""DPO (eq. 6): the loss by hand, against TRL's DPOTrainer, and `make dpo` end to end (its bandit: test_bandit.py)."""
 
 import dataclasses
 import json

@@ -264,8 +264,8 @@ def test_sft_stage_on_chosen_trains_on_the_responses_of_the_task_pairs_only(toke
     rows = sft_rows(cfg, tokenizer)
     pairs = load_task(cfg.task, tokenizer).train_pairs
     assert rows["prompt"] == [p["prompt"] for p in pairs] and rows["completion"] == [p["chosen"] for p in pairs]
-    trainer = sft_trainer(load_causal_lm(tiny_path), tokenizer, rows, cfg.sft_stage, 1, None, cfg.model, 0,
-                          tmp_path / "out", [])
+    trainer = sft_trainer(load_causal_lm(tiny_path), tokenizer, rows, cfg.sft_stage, 1, None, cfg.model,
+                          cfg.weight_decay, 0, tmp_path / "out", [])
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     # The loss covers each chosen reply and the EOS TRL appends, never the dialogue before it.
     targets = sum(len(tokenizer(p["chosen"], add_special_tokens=False).input_ids) + 1 for p in pairs)

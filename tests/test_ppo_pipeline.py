@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from rlhf.config import PROJECT_ROOT
 from rlhf.rundir import read_jsonl
 
@@ -131,3 +134,56 @@ def test_ppo_gt_optimises_the_gold_reward_and_never_touches_a_reward_model(tiny_
     rows, _ = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
     assert scored == [8] * 4  # every rollout (4 iterations x 8 episodes) scored by the gold reward
+
+
+@pytest.fixture(scope="module")
+def ratio_runs(tmp_path_factory) -> Path:
+    """One runs directory for the ratio checks: the second run reuses the first one's preference set and pi_ref's
+    eval samples."""
+    return tmp_path_factory.mktemp("ratio") / "runs"
+
+
+def _first_minibatch_ratios(runs_dir: Path, monkeypatch) -> tuple[torch.Tensor, float]:
+    """pi / pi_old on the real response tokens of the first minibatch of the first PPO epoch of a real tiny run
+    (PPO-GT, one iteration, a smaller preference set), and that minibatch's approximate KL, as
+    `clipped_policy_loss` saw them."""
+    import ppo.train as ppo_train
+    from pipelines.ppo_pipeline import main
+    from rlhf.config import load_config
+
+    seen: list[tuple[torch.Tensor, float]] = []
+    real = ppo_train.clipped_policy_loss
+
+    def spy(logprobs, old_logprobs, advantages, mask, cliprange):
+        loss, stats = real(logprobs, old_logprobs, advantages, mask, cliprange)
+        seen.append((torch.exp(logprobs - old_logprobs)[mask.bool()].detach(), float(stats["policy/approxkl"])))
+        return loss, stats
+
+    monkeypatch.setattr(ppo_train, "clipped_policy_loss", spy)
+    assert main(load_config("tiny", [f"runs_dir={runs_dir}", "ppo.reward=gold", "ppo.iterations=1",
+                                     "data.n_prompts=8", "data.n_heldout_prompts=4"])) == 0
+    return seen[0]
+
+
+def test_the_first_minibatch_of_the_first_epoch_has_ratio_1_and_approx_kl_0(ratio_runs, monkeypatch):
+    """The ratio check of every RLHF-PPO: before its first step the policy is pi_old, so the update's pass must
+    reproduce the scoring pass's log-probs (same temperature, positions, precision; dropout off in both)."""
+    ratios, approx_kl = _first_minibatch_ratios(ratio_runs, monkeypatch)
+    assert len(ratios) > 0 and (ratios - 1).abs().max() < 1e-6 and approx_kl < 1e-6, (ratios, approx_kl)
+
+
+def test_the_ratio_check_catches_dropout_left_on(ratio_runs, monkeypatch):
+    """Attention dropout on (off only in eval mode, where the rollout is scored): the check fails."""
+    import ppo.train as ppo_train
+    real = ppo_train.for_training
+
+    def with_dropout(*args, **kwargs):
+        model = real(*args, **kwargs)
+        for module in model.modules():
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.5
+        return model
+
+    monkeypatch.setattr(ppo_train, "for_training", with_dropout)
+    ratios, approx_kl = _first_minibatch_ratios(ratio_runs, monkeypatch)
+    assert (ratios - 1).abs().max() > 1e-2 and approx_kl > 1e-6, (ratios, approx_kl)

@@ -174,13 +174,14 @@ def test_nan_reward_stops_ppo_at_that_iteration_keeps_the_checkpoint_and_shows_d
 
 
 def test_divergence_is_one_line_with_exit_status_3(baseline):
-    """A learning rate of 1e30 makes the first gradients NaN; PPO stops there, before the optimizer step."""
+    """A learning rate of 1e30: the first step throws the weights to ~1e30 and the next minibatch's loss is NaN; PPO
+    stops there, before the backward pass and the optimizer step."""
     runs, _ = baseline
     before = set(_runs_of(runs, "ppo"))
     out = subprocess.run(_command("ppo", runs, "ppo.learning_rate=1e30"), cwd=PROJECT_ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 3 and "Traceback" not in out.stderr
-    assert _message(out.stderr).startswith("diverged: PPO iteration 1: grad_norm is nan")
+    assert _message(out.stderr).startswith("diverged: PPO iteration 1: loss is nan")
     (run,) = set(_runs_of(runs, "ppo")) - before
     assert json.loads((run / "manifest.json").read_text())["status"] == "diverged"
 
