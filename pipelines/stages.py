@@ -7,7 +7,6 @@ runs them in order and reuses what is already trained.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from reward_model.train import reward_model_key, train_reward_model
@@ -17,7 +16,7 @@ from rlhf.distributed import is_main, main_process_first
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import find_sft_model, reference_model
-from rlhf.rundir import RunDir
+from rlhf.rundir import RunDir, run_manifests
 from sft import train_sft
 
 
@@ -74,11 +73,9 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
 def find_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> Path | None:
     """A completed reward-model run with the same key (data, model, RM config, seed), or None."""
     key = reward_model_key(cfg, prefs, seed)
-    root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "reward_model"
-    for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
-        manifest = json.loads(manifest_path.read_text())
+    for path, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / "reward_model"):
         if manifest.get("status") == "completed" and manifest.get("reward_model_key") == key:
-            return manifest_path.parent / "checkpoints" / "final"
+            return path / "checkpoints" / "final"
     return None
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, unreadable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -586,7 +586,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise UserError(f"override {item!r}: value is not valid YAML ({e})") from None
+            raise unreadable(f"override {item!r}", e) from None
         parsed.append((key.strip(), value))
     return parsed
 
@@ -602,9 +602,9 @@ def load_config(profile: str, overrides: list[str] | None = None, config_dir: Pa
         names = sorted(p.stem for p in config_dir.glob("*.yaml"))
         raise UserError(f"unknown profile '{profile}': no file {path} (profiles: {', '.join(names)})")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise unreadable(path, e) from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: the top level must be a mapping of config keys")
     if "profile" in tree:

@@ -27,7 +27,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from tqdm.auto import tqdm
 
 from rlhf.config import PROJECT_ROOT, Config
-from rlhf.errors import UserError
+from rlhf.errors import UserError, read_json
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import reference_model
@@ -162,7 +162,10 @@ def load_preferences(cfg: Config) -> PreferenceSet | None:
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
         return None
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = read_json(manifest_path)
+    except UserError as e:
+        raise UserError(f"{e}; delete {path} to rebuild the preference set") from None
     if manifest.get("config_hash") != cfg.section_hash(*data_sections(cfg)):
         return None
     if _dataset_sha256(path / "dataset") != manifest.get("sha256"):

@@ -39,7 +39,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from rlhf import distributed
 from rlhf.config import Config, ModelConfig
-from rlhf.errors import UserError
+from rlhf.errors import UserError, read_json
 
 EMBEDDED_PREFIX = "embedded:"
 # What from_pretrained raises for a folder that is not a model, lacks files, or holds a corrupt one.
@@ -203,6 +203,8 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False, key: str = "m
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise UserError(f"{key}: '{name}' has no config.json: not a Hugging Face model folder")
+        for f in sorted(path.glob("*.json")):  # config, tokenizer...: from_pretrained's errors do not name the file
+            read_json(f)
         return str(path)
     if not hub_access:
         raise UserError(f"{key}: '{name}' is not a local folder, and this profile is offline "

@@ -46,7 +46,7 @@ import yaml
 
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.distributed import from_main, is_main
-from rlhf.errors import Diverged, UserError
+from rlhf.errors import Diverged, UserError, read_json
 from rlhf.models import resolve_precision, sha256_file
 
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
@@ -248,20 +248,15 @@ class RunDir:
     def _interrupted(cls, cfg: Config, method: str, key: str) -> Iterator["RunDir"]:
         """Runs of `method` with run key `key` that were killed (status running, nobody holds the lock) or
         failed, newest first, each locked for the caller (who releases the ones it does not take)."""
-        root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / method
-        for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
-            try:
-                manifest = json.loads(manifest_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
+        for path, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / method):
             if manifest.get("run_key") != key or manifest.get("status") not in _RESUMABLE:
                 continue
-            lock = _try_lock(manifest_path.parent)
+            lock = _try_lock(path)
             if lock is None:
                 continue  # a live process is writing it
-            manifest = json.loads(manifest_path.read_text())  # again under the lock: it may have just finished
+            manifest = read_json(path / "manifest.json")  # again under the lock: it may have just finished
             if manifest.get("status") in _RESUMABLE:
-                yield cls(manifest_path.parent, manifest, lock)
+                yield cls(path, manifest, lock)
             else:
                 lock.close()
 
@@ -272,7 +267,8 @@ class RunDir:
         kept, rows = [], []
         metrics = self.path / "metrics.jsonl"
         if metrics.exists():
-            for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True):
+            # a torn last line may end inside a UTF-8 character: undecodable bytes fail to parse, like the rest of it
+            for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -447,7 +443,7 @@ def prune_checkpoints(root: Path, keep: Path | None) -> None:
 def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     """Rows of a JSONL file and the line numbers that could not be parsed (a crash's truncated last line)."""
     rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a torn line may end inside a UTF-8 character
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -462,4 +458,14 @@ def manifest_of_model(folder: Path) -> dict:
     """The manifest of the run that saved the model in `folder` (<run-dir>/checkpoints/final), or {} for a model
     that no run of this project saved."""
     path = Path(folder).parent.parent / "manifest.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
+
+
+def run_manifests(root: Path) -> Iterator[tuple[Path, dict]]:
+    """(run directory, manifest) of every run under `root` (runs/<profile>/<method>), newest first. Manifests are
+    written atomically, so one that does not parse was damaged afterwards: an error naming it."""
+    for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
+        try:
+            yield manifest_path.parent, read_json(manifest_path)
+        except UserError as e:
+            raise UserError(f"{e}; move that run directory out of {root}, or delete it") from None
