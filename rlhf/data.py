@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from rlhf.errors import UserError, read_json
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import reference_model
-from rlhf.rundir import atomic_write_json
+from rlhf.rundir import atomic_write_json, temporary_name
 from rlhf.sequences import chunks, sample
 from rlhf.tasks import Task, check_pair, load_task
 
@@ -212,7 +211,8 @@ def build_preferences(cfg: Config) -> PreferenceSet:
                         f"{stats}")
     path = preference_dir(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
+    tmp = temporary_name(path)
+    tmp.mkdir()
     try:
         splits = {"train": train, "heldout": heldout, **({"validation": validation} if validation else {})}
         DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(

@@ -29,11 +29,11 @@ import json
 import os
 import platform
 import resource
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -52,10 +52,18 @@ from rlhf.models import resolve_precision, sha256_file
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
 
 
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path`, to write under and then rename to `path`. Unlike mkstemp's and mkdtemp's
+    files (mode 0600, 0700, which the rename would keep), what is created under it gets the permissions the
+    user's umask gives an ordinary file or folder: a report or run directory others may read."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old version or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask, as open() gives
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
