@@ -108,6 +108,13 @@ def method_name(cfg: Config) -> str:
     return "dpo" if cfg.dpo.loss_type == "sigmoid" else f"dpo-{cfg.dpo.loss_type}"
 
 
+def run_identity(cfg: Config, reward_model_path: Path | None) -> tuple[str, dict]:
+    """The method and the extra inputs a DPO run's directory is keyed by (rlhf.rundir.run_key): the same for the
+    run and for the pipeline asking whether it is done already."""
+    return method_name(cfg), {"reward_model_path": None if reward_model_path is None else str(reward_model_path),
+                              "num_processes": num_processes()}
+
+
 def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device) -> trl.DPOConfig:
     """TRL's arguments for eq. (6) (or the configured variant), our beta, pi_ref's log-probs computed once before
     training."""
@@ -176,9 +183,8 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
     device = policy.device
     reward_model = None if reward_model_path is None else freeze(
         load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
-    run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256,
-                                   extra={"reward_model_path": None if reward_model_path is None
-                                          else str(reward_model_path), "num_processes": num_processes()})
+    method, extra = run_identity(cfg, reward_model_path)
+    run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     run.manifest["reference_model"] = ref.name_or_path
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)

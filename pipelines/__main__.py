@@ -81,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"preference set: {prefs.path}")
         return 0
     if args.command == "reference":
-        run_dir = stages.evaluate_reference(cfg)
-        print(f"reference evaluation: {run_dir.path}")
+        print(f"reference evaluation: {stages.evaluate_reference(cfg)}")
         return 0
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
     module, function = {"sft": ("pipelines.stages", "sft_main"),

@@ -16,7 +16,7 @@ from rlhf.distributed import is_main, main_process_first
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import find_sft_model, reference_model
-from rlhf.rundir import RunDir, run_manifests
+from rlhf.rundir import RunDir, completed_run, run_manifests
 from sft import train_sft
 
 
@@ -94,11 +94,16 @@ def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int) -> Path:
     return rm_path
 
 
-def evaluate_reference(cfg: Config) -> RunDir:
-    """Evaluate pi_ref with the shared evaluator into runs/<profile>/reference/ (KL 0 by construction)."""
+def evaluate_reference(cfg: Config) -> Path:
+    """Evaluate pi_ref with the shared evaluator into runs/<profile>/reference/ (KL 0 by construction); the run
+    directory (an earlier one with the same key, reused where there is one)."""
     prefs = build_preference_set(cfg)
-    device = default_device()
     path = resolve_model_path(reference_model(cfg), cfg.hub_access)
+    done = completed_run(cfg, "reference", cfg.eval.seed, prefs.sha256, {"reference_model": path})
+    if done is not None:
+        print(f"pi_ref's evaluation reused: {done} (resume=false evaluates it again)")
+        return done
+    device = default_device()
     tokenizer = load_tokenizer(path)
     ref = freeze(load_causal_lm(path).to(device))
     run = RunDir.create(cfg, "reference", cfg.eval.seed, device, prefs.sha256, extra={"reference_model": path})
@@ -110,4 +115,4 @@ def evaluate_reference(cfg: Config) -> RunDir:
         run.log({"kind": "eval", "step": 0, "wall_seconds": 0.0, "tokens": 0, "flops": 0, **metrics})
         run.write_samples(0, samples)
         print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return run
+    return run.path

@@ -40,7 +40,7 @@ from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_l
                       gae_advantages, kl_penalized_rewards, masked_mean, whiten)
 from rlhf.config import Config
 from rlhf.data import PreferenceSet
-from rlhf.distributed import check_replicas, per_process
+from rlhf.distributed import check_replicas, num_processes, per_process
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters, train_flops
@@ -90,6 +90,14 @@ def _index(batch: SequenceBatch, idx: torch.Tensor) -> SequenceBatch:
                          batch.response_mask[idx])
 
 
+def run_identity(cfg: Config, reward_model_path: Path | None) -> tuple[str, dict]:
+    """The method and the extra inputs a PPO (or PPO-GT) run's directory is keyed by (rlhf.rundir.run_key): the same
+    for the run and for the pipeline asking whether it is done already."""
+    gold = cfg.ppo.reward == "gold"
+    return ("ppo-gt" if gold else "ppo"), {"reward_model_path": None if gold else str(reward_model_path),
+                                           "num_processes": num_processes()}
+
+
 def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None, seed: int) -> PPOResult:
     """Run PPO (eq. 2) from pi_ref against the reward model at `reward_model_path`, or against the task's gold
     reward when `cfg.ppo.reward == "gold"` (PPO-GT; `reward_model_path` is then None); one run directory."""
@@ -136,9 +144,8 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     beta = cfg.beta
 
     main = accelerator.is_main_process
-    run, resume_from = RunDir.open(cfg, "ppo-gt" if gold else "ppo", seed, device, prefs.sha256,
-                                   extra={"reward_model_path": None if gold else str(reward_model_path),
-                                          "num_processes": accelerator.num_processes})
+    method, extra = run_identity(cfg, reward_model_path)
+    run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     run.manifest["reference_model"] = model_path
     # PPO's data budget is its reward model's: the pairs and passes stage 1 trained on (PPO-GT trains on none)
     run.manifest["budget"] = None if gold else manifest_of_model(reward_model_path).get("budget")

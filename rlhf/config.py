@@ -404,8 +404,9 @@ class Config:
     seeds: list[int] = _f([0, 1], "one run per seed for each method")
     runs_dir: str = _f("runs", "where run directories and the preference set go (relative to the project)")
     hub_access: bool = _f(False, "may this profile download from the Hugging Face hub? (off: fully offline)")
-    resume: bool = _f(True, "continue an interrupted PPO or DPO run (same config and seed, killed or failed) from its "
-                            "last checkpoint, in its own directory; false: always start a new run")
+    resume: bool = _f(True, "reuse a completed reference, PPO or DPO run with the same config and seed rather than run "
+                            "it again, and continue an interrupted one (killed or failed) from its last checkpoint, "
+                            "in its own directory; false: always start a new run")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

@@ -136,6 +136,18 @@ def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def completed_run(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
+                  ) -> Path | None:
+    """With `cfg.resume`, the newest completed run of `method` with this run key (the arguments `RunDir.open` gets):
+    a command run again reuses it rather than add a second run of the same seed, which would count twice. Under
+    several processes each reads the same manifests before any of them writes one, so all get the same answer."""
+    if not cfg.resume:
+        return None
+    key = run_key(cfg, method, seed, data_sha256, extra)
+    return next((path for path, m in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / method)
+                 if m.get("status") == "completed" and m.get("run_key") == key), None)
+
+
 def _try_lock(path: Path):
     """flock `path/.lock` without waiting: the open file (the lock lives as long as it stays open, and dies
     with the process, even on kill -9), or None when another process holds it."""
