@@ -154,7 +154,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     order = shortest_first(tokenizer, *(pairs[k] for k in PAIR_FIELDS))
     pairs = Dataset.from_dict(pairs.select(order).select_columns(list(PAIR_FIELDS)).to_dict())
     trainer = quiet_progress_bar(WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
-                                                         processing_class=tokenizer, callbacks=callbacks))
+                                                         processing_class=tokenizer, callbacks=callbacks),
+                                 f"{method_name(cfg).upper()} seed {seed}")
     trainer.pair_counts = {"given": n_given, "dropped_prompt_too_long": n_given - n_kept}  # for count_long_pairs
     return trainer
 

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                                             "sweep", "report", "bench", "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output: TRL's log dict "
+                                                                "at every step, a bar for every model load and dataset "
+                                                                "map, transformers' warnings")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
     args = parser.parse_intermixed_args(argv)
     # A polite kill (SIGTERM) unwinds like an exception, so the run in progress is marked failed, not left
@@ -75,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         require_hub(cfg)
     from pipelines import stages
     from rlhf.models import set_tf32
+    from rlhf.trl_callbacks import set_verbose
     set_tf32(cfg.model.tf32)  # once per process (each `accelerate launch` process runs this), before any model
+    set_verbose(args.verbose)
     if args.command == "data":
         prefs = stages.build_preference_set(cfg)
         print(f"preference set: {prefs.path}")

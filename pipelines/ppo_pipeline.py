@@ -15,6 +15,7 @@ from ppo.train import run_identity, train_ppo
 from rlhf.config import Config
 from rlhf.distributed import is_main
 from rlhf.rundir import completed_run
+from rlhf.trl_callbacks import brief
 
 
 def main(cfg: Config) -> int:
@@ -33,8 +34,5 @@ def main(cfg: Config) -> int:
             result = train_ppo(run_cfg, prefs, rm_path, seed)
             if not is_main():  # under DDP the main process evaluated and reports
                 continue
-            e = result.final_eval
-            shown = [f"{name} {e[key]:.3f}" for name, key in (("gold", "eval/gold"), ("±", "eval/gold_sem"),
-                                                               ("proxy", "eval/proxy"), ("KL", "eval/kl")) if key in e]
-            print(f"{label}: {result.run_dir}\n  final: {', '.join(shown)}")
+            print(f"{label}: {result.run_dir}\n  final: {brief(result.final_eval)}")
     return 0

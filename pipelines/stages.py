@@ -17,6 +17,7 @@ from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import find_sft_model, reference_model
 from rlhf.rundir import RunDir, completed_run, run_manifests
+from rlhf.trl_callbacks import brief
 from sft import train_sft
 
 
@@ -57,6 +58,8 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
     m = prefs.manifest
     print(f"preference set {reused}: {m['counts']['train']} train / {m['counts']['heldout']} held-out pairs, "
           f"sha256 {m['sha256'][:12]}, built in {m['build_seconds']:.0f} s")
+    if reused == "reused":  # what it holds was said when it was built (`make data`)
+        return prefs
     dropped = m["stats"].get("dropped_while_parsing")
     if dropped:
         print(f"  rows dropped while reading {m['config']['task'].get('path')}: {dropped}")
@@ -114,5 +117,5 @@ def evaluate_reference(cfg: Config) -> Path:
             timing["flops"] = metrics["eval/flops"]
         run.log({"kind": "eval", "step": 0, "wall_seconds": 0.0, "tokens": 0, "flops": 0, **metrics})
         run.write_samples(0, samples)
-        print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        print(f"pi_ref: {brief(metrics)}")
     return run.path

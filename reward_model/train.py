@@ -32,6 +32,7 @@ from rlhf.reference import reference_model
 from rlhf.rundir import RunDir
 from rlhf.sequences import chunks, reward_scores, sample
 from rlhf.tasks import load_task
+from rlhf.trl_callbacks import quiet_progress_bar
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -123,8 +124,9 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
                 **trainer_precision_args(cfg.model.precision, device),
                 activation_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default is on: ~30% slower
             )
-            trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
-                                    callbacks=[_LogToRun(run, n_params)])
+            trainer = quiet_progress_bar(RewardTrainer(model=rm, args=args, train_dataset=train_set,
+                                                       processing_class=tokenizer, callbacks=[_LogToRun(run, n_params)]),
+                                         f"reward model seed {seed}")
             # RewardTrainer drops pairs longer than max_length: counted here, and an error if none is left.
             dropped = len(train_set) - len(trainer.train_dataset)
             run.manifest["pairs"] = {"given": len(train_set), "dropped_too_long": dropped}
