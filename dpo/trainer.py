@@ -29,8 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
-from rlhf.distributed import check_replicas, num_processes, per_process
-from rlhf.errors import UserError, check_finite
+from rlhf.distributed import check_finite_everywhere, check_replicas, num_processes, per_process
+from rlhf.errors import UserError
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import for_training, freeze, load_policy_and_reference, load_scalar_model
@@ -68,7 +68,7 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
         finally:
             hook.remove()
         # Stop before the backward pass of a non-finite loss (Trainer would step on it, and log it as if fine).
-        check_finite(f"DPO step {self.state.global_step + 1}", loss=result[0] if return_outputs else result)
+        check_finite_everywhere(f"DPO step {self.state.global_step + 1}", loss=result[0] if return_outputs else result)
         if self.loss_types != ["sigmoid"]:
             return result
         # The first forward is the policy's: per-token log-probs, zero off the responses; rows are [chosen; rejected].

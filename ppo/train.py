@@ -40,7 +40,7 @@ from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_l
                       gae_advantages, kl_penalized_rewards, masked_mean, whiten)
 from rlhf.config import Config
 from rlhf.data import PreferenceSet
-from rlhf.distributed import check_replicas, num_processes, per_process
+from rlhf.distributed import check_finite_everywhere, check_replicas, num_processes, per_process, stop_together
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters, train_flops
@@ -163,16 +163,16 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
 
     def run_eval(iteration: int) -> None:
         nonlocal final_eval
-        if main:
-            with run.stage("eval", device) as timing:
-                metrics, samples = evaluate(accelerator.unwrap_model(policy), ctx, reward_model=reward_model,
-                                            desc=f"eval @ {iteration}")
-                timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
-            run.log({"kind": "eval", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
-                     "flops": flops, **metrics})
-            run.write_samples(iteration, samples)
-            final_eval = metrics
-        accelerator.wait_for_everyone()
+        with stop_together():  # the others wait here for the main process's evaluation, and stop with it
+            if main:
+                with run.stage("eval", device) as timing:
+                    metrics, samples = evaluate(accelerator.unwrap_model(policy), ctx, reward_model=reward_model,
+                                                desc=f"eval @ {iteration}")
+                    timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
+                run.log({"kind": "eval", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
+                         "flops": flops, **metrics})
+                run.write_samples(iteration, samples)
+                final_eval = metrics
 
     def mean_across(x: torch.Tensor | float) -> float:
         return accelerator.gather(torch.as_tensor(x, device=device, dtype=torch.float32).reshape(1)).mean().item()
@@ -216,14 +216,14 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                         scores = torch.tensor(task.gold_reward(texts), device=device, dtype=torch.float32)
                     else:
                         scores = reward_scores(reward_model, batch, tokenizer)
-                check_finite(f"PPO iteration {iteration}", reward=scores.sum())
+                check_finite_everywhere(f"PPO iteration {iteration}", reward=scores.sum())
                 ended = (batch.response_ids == tokenizer.eos_token_id).any(dim=1)
                 if pc.missing_eos_penalty is not None:  # detail: penalise responses cut off by the length cap
                     scores = torch.where(ended, scores, scores - pc.missing_eos_penalty)
 
                 # ---- 3. per-token KL-penalised rewards (eq. 2), GAE, advantage whitening
                 rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
-                check_finite(f"PPO iteration {iteration}", kl=kl.sum())
+                check_finite_everywhere(f"PPO iteration {iteration}", kl=kl.sum())
                 advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
                 if pc.whiten_advantages:
                     advantages = whiten(advantages, mask)
@@ -244,7 +244,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                         vf_loss, vf_stats = clipped_value_loss(new_values, old_values[idx], returns[idx], mask[idx],
                                                                pc.cliprange_value)
                         loss = pg_loss + pc.vf_coef * vf_loss
-                        check_finite(f"PPO iteration {iteration}", loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
+                        check_finite_everywhere(f"PPO iteration {iteration}", loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
                         optimizer.zero_grad(set_to_none=True)
                         accelerator.backward(scaler.scale(loss))
                         scaler.unscale_(optimizer)  # clip (and log) the true gradients, not the scaled ones

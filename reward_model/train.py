@@ -22,7 +22,7 @@ from trl import RewardConfig, RewardTrainer
 
 from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
-from rlhf.distributed import check_replicas, from_main, is_main, per_process
+from rlhf.distributed import check_replicas, from_main, is_main, per_process, stop_together
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import EvalContext, heldout_pair_metrics
 from rlhf.flops import forward_flops, pass_parameters, train_flops
@@ -145,9 +145,10 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
         check_replicas(rm, run.manifest)
         final = run.path / "checkpoints" / "final"
         # Centring, held-out metrics and the save happen once, on the main process; the others wait, then share
-        # its numbers.
-        shift, heldout = (_centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trainer.state, final, device)
-                          if is_main() else (None, None))
+        # its numbers (or stop with its error).
+        with stop_together():
+            shift, heldout = (_centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trainer.state, final, device)
+                              if is_main() else (None, None))
         shift, heldout = from_main(shift, heldout)
     return RewardModelResult(path=final, run_dir=run.path, shift=shift, heldout=heldout)
 

@@ -18,7 +18,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from rlhf.config import ModelConfig
-from rlhf.distributed import is_main, wait_for_everyone
+from rlhf.distributed import is_main, stop_together, wait_for_everyone
 from rlhf.errors import check_finite
 from rlhf.flops import train_flops
 from rlhf.models import save_model, trainer_precision_args
@@ -146,14 +146,15 @@ class EvalAndLogCallback(TrainerCallback):
 
     def _evaluate(self, model: PreTrainedModel, step: int, tokens: int) -> None:
         metrics: dict[str, float] = {}
-        if self.evaluate_policy is not None and is_main():  # once: under DDP the others wait at the next all-reduce
-            with self.run.stage("eval", self.device) as timing:
-                metrics, samples = self.evaluate_policy(model, step)
-                timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
-            self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
-                          "flops": train_flops(self.n_params, tokens), **metrics})
-            self.run.write_samples(step, samples)
-            tqdm.write(f"  step {step}: {brief(metrics)}")
+        with stop_together():  # once, on the main process: the others wait for it here, and stop with it
+            if self.evaluate_policy is not None and is_main():
+                with self.run.stage("eval", self.device) as timing:
+                    metrics, samples = self.evaluate_policy(model, step)
+                    timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
+                self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
+                              "flops": train_flops(self.n_params, tokens), **metrics})
+                self.run.write_samples(step, samples)
+                tqdm.write(f"  step {step}: {brief(metrics)}")
         self.last_eval = (step, metrics)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
