@@ -152,8 +152,8 @@ def keep_latest(records: list[dict]) -> None:
                                                                              latest[key]["run_id"]):
                 latest[key] = r
     for r in records:
-        kept = latest.get((r["method"], r["beta"], r["seed"]))
-        if r["included"] and kept is not None and kept is not r:
+        kept = latest.get((r["method"], r["beta"], r["seed"])) if r["included"] else None
+        if kept is not None and kept is not r:
             r.update(included=False, reason=f"superseded by {kept['run_id']}, a later complete run of {r['method']} "
                                             f"with β {r['beta']} and seed {r['seed']}: one run a seed is kept, "
                                             "the latest, so that no seed counts twice")

@@ -48,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     # A polite kill (SIGTERM) unwinds like an exception, so the run in progress is marked failed, not left
     # "running"; kill -9 cannot be caught, and the analysis treats a stale "running" run as killed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"terminated by signal {signum}"))
+    # tqdm.write: the message on a line of its own, even when a stage's progress bar was left mid-line
+    from tqdm.auto import tqdm
     try:
         return run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        tqdm.write(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
-        print(f"diverged: {e}", file=sys.stderr)
+        tqdm.write(f"diverged: {e}", file=sys.stderr)
         return 3
 
 

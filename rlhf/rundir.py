@@ -15,7 +15,8 @@ with an exclusive mkdir, so two runs started at once never share a directory.
 
 Resume (docs/reliability.md): a run killed (status `running`, lock free) or `failed` is continued by the next
 run of the same method, config and seed from its last checkpoint, in the same directory: metrics rows and
-samples after the checkpoint's step are dropped and written again. A checkpoint counts only once its
+samples after the checkpoint's step are dropped and written again; a completed run with the same key is reused
+as it is (`completed_run`), never run twice. A checkpoint counts only once its
 `checkpoint.json` (every file's sha256, written last) exists; a half-written one is ignored, a corrupt one
 is an error naming it.
 """

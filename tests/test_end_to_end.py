@@ -10,8 +10,10 @@ from rlhf.config import PROJECT_ROOT
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=PROJECT_ROOT, capture_output=True, timeout=900)
+    # decoded by hand: text=True would turn a progress bar's carriage returns into new lines
+    out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
+    return out
 
 
 def _screen_lines(text: str) -> list[str]:
