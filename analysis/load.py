@@ -95,6 +95,7 @@ def _identity(path: Path, manifest: dict) -> dict:
         "method": manifest.get("method", path.parent.name), "beta": manifest.get("beta"),
         "seed": manifest.get("seed"), "run_id": manifest.get("run_id", path.name),
         "status": manifest.get("status", "unknown"), "error": manifest.get("error"),
+        "finished_at": manifest.get("finished_at"),
         "data_sha256": manifest.get("data_sha256"), "git_commit": manifest.get("git_commit"),
         "host": manifest.get("host"), "device": manifest.get("device"), "device_name": manifest.get("device_name"),
         "reward_model_path": manifest.get("reward_model_path"),  # whose training a PPO run's cost includes
@@ -139,6 +140,25 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict]]:
     return {**record, "included": True, "reason": ""}, metrics, timings
 
 
+def keep_latest(records: list[dict]) -> None:
+    """Two included runs of one method, beta and seed are one seed run twice (a command rerun with resume=false):
+    pooled, they would count as two seeds and narrow every interval. Keep the latest to finish; leave the others
+    out, saying why. (Reward-model and SFT runs are not pooled as seeds; PPO's cost reads its own reward model.)"""
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        if r["included"] and r["method"] not in UNEVALUATED:
+            key = (r["method"], r["beta"], r["seed"])
+            if key not in latest or (r["finished_at"] or "", r["run_id"]) > (latest[key]["finished_at"] or "",
+                                                                             latest[key]["run_id"]):
+                latest[key] = r
+    for r in records:
+        kept = latest.get((r["method"], r["beta"], r["seed"])) if r["included"] else None
+        if kept is not None and kept is not r:
+            r.update(included=False, reason=f"superseded by {kept['run_id']}, a later complete run of {r['method']} "
+                                            f"with β {r['beta']} and seed {r['seed']}: one run a seed is kept, "
+                                            "the latest, so that no seed counts twice")
+
+
 def check_pooling(records: list[dict]) -> None:
     """Refuse to pool eval points measured differently: every included policy run must carry the same eval
     settings hash (pi_ref, prompts, pairs, eval settings; rlhf.config.Config.eval_settings). Runs written before
@@ -157,7 +177,7 @@ def check_pooling(records: list[dict]) -> None:
 
 def load_runs(profile_dir: Path) -> Runs:
     """Every run directory under runs/<profile>/<method>/ plus the preference sets' manifests."""
-    records, metrics, timings, data_manifests = [], [], [], []
+    read, metrics, timings, data_manifests = [], [], [], []
     for method_dir in sorted(p for p in profile_dir.glob("*") if p.is_dir()):
         if method_dir.name == DATA_DIR:
             for manifest in sorted(method_dir.glob("*/manifest.json")):
@@ -166,9 +186,11 @@ def load_runs(profile_dir: Path) -> Runs:
                 except BadRunDir as e:
                     data_manifests.append({"path": str(manifest.parent), "error": str(e)})
             continue
-        for run_dir in sorted(p for p in method_dir.iterdir() if p.is_dir()):
-            record, rows, stages = read_run(run_dir)
-            records.append(record)
+        read += [read_run(run_dir) for run_dir in sorted(p for p in method_dir.iterdir() if p.is_dir())]
+    records = [record for record, _, _ in read]
+    keep_latest(records)
+    for record, rows, stages in read:
+        if record["included"]:
             metrics += rows
             timings += stages
     check_pooling(records)

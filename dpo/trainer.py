@@ -29,8 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dpo.loss import dpo_gradient_weight, dpo_loss
 from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
-from rlhf.distributed import check_replicas, num_processes, per_process
-from rlhf.errors import UserError, check_finite
+from rlhf.distributed import check_finite_everywhere, check_replicas, num_processes, per_process
+from rlhf.errors import UserError
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import for_training, freeze, load_policy_and_reference, load_scalar_model
@@ -68,7 +68,7 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
         finally:
             hook.remove()
         # Stop before the backward pass of a non-finite loss (Trainer would step on it, and log it as if fine).
-        check_finite(f"DPO step {self.state.global_step + 1}", loss=result[0] if return_outputs else result)
+        check_finite_everywhere(f"DPO step {self.state.global_step + 1}", loss=result[0] if return_outputs else result)
         if self.loss_types != ["sigmoid"]:
             return result
         # The first forward is the policy's: per-token log-probs, zero off the responses; rows are [chosen; rejected].
@@ -106,6 +106,13 @@ def method_name(cfg: Config) -> str:
     """The run-directory method of a DPO run: `dpo` for eq. (6), `dpo-<loss_type>` for a variant, so the report
     never pools a variant's runs with DPO's."""
     return "dpo" if cfg.dpo.loss_type == "sigmoid" else f"dpo-{cfg.dpo.loss_type}"
+
+
+def run_identity(cfg: Config, reward_model_path: Path | None) -> tuple[str, dict]:
+    """The method and the extra inputs a DPO run's directory is keyed by (rlhf.rundir.run_key): the same for the
+    run and for the pipeline asking whether it is done already."""
+    return method_name(cfg), {"reward_model_path": None if reward_model_path is None else str(reward_model_path),
+                              "num_processes": num_processes()}
 
 
 def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device) -> trl.DPOConfig:
@@ -147,7 +154,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     order = shortest_first(tokenizer, *(pairs[k] for k in PAIR_FIELDS))
     pairs = Dataset.from_dict(pairs.select(order).select_columns(list(PAIR_FIELDS)).to_dict())
     trainer = quiet_progress_bar(WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
-                                                         processing_class=tokenizer, callbacks=callbacks))
+                                                         processing_class=tokenizer, callbacks=callbacks),
+                                 f"{method_name(cfg).upper()} seed {seed}")
     trainer.pair_counts = {"given": n_given, "dropped_prompt_too_long": n_given - n_kept}  # for count_long_pairs
     return trainer
 
@@ -176,9 +184,8 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
     device = policy.device
     reward_model = None if reward_model_path is None else freeze(
         load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
-    run, resume_from = RunDir.open(cfg, method_name(cfg), seed, device, prefs.sha256,
-                                   extra={"reward_model_path": None if reward_model_path is None
-                                          else str(reward_model_path), "num_processes": num_processes()})
+    method, extra = run_identity(cfg, reward_model_path)
+    run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     run.manifest["reference_model"] = ref.name_or_path
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)

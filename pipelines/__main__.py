@@ -40,18 +40,23 @@ def main(argv: list[str] | None = None) -> int:
                                             "sweep", "report", "bench", "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output: TRL's log dict "
+                                                                "at every step, a bar for every model load and dataset "
+                                                                "map, transformers' warnings")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
     args = parser.parse_intermixed_args(argv)
     # A polite kill (SIGTERM) unwinds like an exception, so the run in progress is marked failed, not left
     # "running"; kill -9 cannot be caught, and the analysis treats a stale "running" run as killed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"terminated by signal {signum}"))
+    # tqdm.write: the message on a line of its own, even when a stage's progress bar was left mid-line
+    from tqdm.auto import tqdm
     try:
         return run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        tqdm.write(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
-        print(f"diverged: {e}", file=sys.stderr)
+        tqdm.write(f"diverged: {e}", file=sys.stderr)
         return 3
 
 
@@ -75,14 +80,15 @@ def run(args: argparse.Namespace) -> int:
         require_hub(cfg)
     from pipelines import stages
     from rlhf.models import set_tf32
+    from rlhf.trl_callbacks import set_verbose
     set_tf32(cfg.model.tf32)  # once per process (each `accelerate launch` process runs this), before any model
+    set_verbose(args.verbose)
     if args.command == "data":
         prefs = stages.build_preference_set(cfg)
         print(f"preference set: {prefs.path}")
         return 0
     if args.command == "reference":
-        run_dir = stages.evaluate_reference(cfg)
-        print(f"reference evaluation: {run_dir.path}")
+        print(f"reference evaluation: {stages.evaluate_reference(cfg)}")
         return 0
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
     module, function = {"sft": ("pipelines.stages", "sft_main"),

@@ -6,11 +6,7 @@ from __future__ import annotations
 from baselines import best_of_n, train_preferred_ft
 from pipelines.stages import build_preference_set, reward_model_for
 from rlhf.config import Config
-
-
-def _line(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k}={metrics[k]:.4g}" for k in ("eval/gold", "eval/gold_sem", "eval/proxy", "eval/kl")
-                     if k in metrics)
+from rlhf.trl_callbacks import brief
 
 
 def bon(cfg: Config) -> int:
@@ -19,7 +15,7 @@ def bon(cfg: Config) -> int:
     # it exists, else trained once here and reused by `make ppo` in turn.
     result = best_of_n(cfg, prefs, reward_model_for(cfg, prefs, cfg.seeds[0]))
     for n, metrics in result.evals.items():
-        print(f"best of {n}: {_line(metrics)} (KL: the upper bound)")
+        print(f"best of {n}: {brief(metrics)} (KL: the upper bound)")
     print(f"run directory: {result.run_dir}")
     return 0
 
@@ -29,6 +25,6 @@ def sft_chosen(cfg: Config) -> int:
     for i, seed in enumerate(cfg.seeds, start=1):
         print(f"Preferred-FT run {i}/{len(cfg.seeds)}: seed {seed}", flush=True)
         result = train_preferred_ft(cfg, prefs, seed)
-        print(f"  {result.steps} steps; final: {_line(result.final_metrics)}\n  run directory: {result.run_dir}",
+        print(f"  {result.steps} steps; final: {brief(result.final_metrics)}\n  run directory: {result.run_dir}",
               flush=True)
     return 0

@@ -7,7 +7,6 @@ runs them in order and reuses what is already trained.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from reward_model.train import reward_model_key, train_reward_model
@@ -17,7 +16,8 @@ from rlhf.distributed import is_main, main_process_first
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import find_sft_model, reference_model
-from rlhf.rundir import RunDir
+from rlhf.rundir import RunDir, completed_run, run_manifests
+from rlhf.trl_callbacks import brief
 from sft import train_sft
 
 
@@ -58,6 +58,8 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
     m = prefs.manifest
     print(f"preference set {reused}: {m['counts']['train']} train / {m['counts']['heldout']} held-out pairs, "
           f"sha256 {m['sha256'][:12]}, built in {m['build_seconds']:.0f} s")
+    if reused == "reused":  # what it holds was said when it was built (`make data`)
+        return prefs
     dropped = m["stats"].get("dropped_while_parsing")
     if dropped:
         print(f"  rows dropped while reading {m['config']['task'].get('path')}: {dropped}")
@@ -74,11 +76,9 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
 def find_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> Path | None:
     """A completed reward-model run with the same key (data, model, RM config, seed), or None."""
     key = reward_model_key(cfg, prefs, seed)
-    root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "reward_model"
-    for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
-        manifest = json.loads(manifest_path.read_text())
+    for path, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / "reward_model"):
         if manifest.get("status") == "completed" and manifest.get("reward_model_key") == key:
-            return manifest_path.parent / "checkpoints" / "final"
+            return path / "checkpoints" / "final"
     return None
 
 
@@ -97,11 +97,16 @@ def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int) -> Path:
     return rm_path
 
 
-def evaluate_reference(cfg: Config) -> RunDir:
-    """Evaluate pi_ref with the shared evaluator into runs/<profile>/reference/ (KL 0 by construction)."""
+def evaluate_reference(cfg: Config) -> Path:
+    """Evaluate pi_ref with the shared evaluator into runs/<profile>/reference/ (KL 0 by construction); the run
+    directory (an earlier one with the same key, reused where there is one)."""
     prefs = build_preference_set(cfg)
-    device = default_device()
     path = resolve_model_path(reference_model(cfg), cfg.hub_access)
+    done = completed_run(cfg, "reference", cfg.eval.seed, prefs.sha256, {"reference_model": path})
+    if done is not None:
+        print(f"pi_ref's evaluation reused: {done} (resume=false evaluates it again)")
+        return done
+    device = default_device()
     tokenizer = load_tokenizer(path)
     ref = freeze(load_causal_lm(path).to(device))
     run = RunDir.create(cfg, "reference", cfg.eval.seed, device, prefs.sha256, extra={"reference_model": path})
@@ -112,5 +117,5 @@ def evaluate_reference(cfg: Config) -> RunDir:
             timing["flops"] = metrics["eval/flops"]
         run.log({"kind": "eval", "step": 0, "wall_seconds": 0.0, "tokens": 0, "flops": 0, **metrics})
         run.write_samples(0, samples)
-        print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return run
+        print(f"pi_ref: {brief(metrics)}")
+    return run.path

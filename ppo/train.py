@@ -45,7 +45,7 @@ from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_l
                       gae_advantages, kl_penalized_rewards, masked_mean, whiten)
 from rlhf.config import Config, PPOConfig
 from rlhf.data import PreferenceSet
-from rlhf.distributed import check_replicas, per_process
+from rlhf.distributed import check_finite_everywhere, check_replicas, num_processes, per_process, stop_together
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters, train_flops
@@ -156,7 +156,7 @@ def score(learner: Learner, batch: SequenceBatch, pc: PPOConfig, where: str
         ref_logprobs, _ = response_logprobs(learner.ref, batch, pc.temperature)
         old_values = learner.value_model(batch).detach()
         scores = learner.reward(batch)
-    check_finite(where, reward=scores.sum())
+    check_finite_everywhere(where, reward=scores.sum())
     if pc.missing_eos_penalty is not None:  # detail 23.3: penalise responses cut off by the length cap
         scores = torch.where(batch.ended, scores, scores - pc.missing_eos_penalty)
     return old_logprobs, ref_logprobs, old_values, scores
@@ -168,7 +168,7 @@ def rewards_and_advantages(scores: torch.Tensor, old_logprobs: torch.Tensor, ref
     """Step 3: per-token KL-penalised rewards (eq. 2), GAE advantages and returns (Schulman et al. 2016, eq. 16),
     advantages whitened over the batch's response tokens. Returns (rewards, kl, advantages, returns)."""
     rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
-    check_finite(where, kl=kl.sum())
+    check_finite_everywhere(where, kl=kl.sum())
     advantages, returns = gae_advantages(rewards, old_values, mask, pc.gamma, pc.lam)
     if pc.whiten_advantages:
         advantages = whiten(advantages, mask)
@@ -193,7 +193,7 @@ def update(learner: Learner, exp: Experience, pc: PPOConfig, local_mini_batch: i
             vf_loss, vf_stats = clipped_value_loss(new_values, exp.old_values[idx], exp.returns[idx], mask,
                                                    pc.cliprange_value)
             loss = pg_loss + pc.vf_coef * vf_loss
-            check_finite(where, loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
+            check_finite_everywhere(where, loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
             step_stats = optimizer_step(learner, loss, pc.max_grad_norm, where)
             for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
                                "policy/entropy_token": masked_mean(entropy, mask), **step_stats}.items():
@@ -268,6 +268,14 @@ def iteration_metrics(exp: Experience, stats: dict[str, list[float]], beta: floa
     }
 
 
+def run_identity(cfg: Config, reward_model_path: Path | None) -> tuple[str, dict]:
+    """The method and the extra inputs a PPO (or PPO-GT) run's directory is keyed by (rlhf.rundir.run_key): the same
+    for the run and for the pipeline asking whether it is done already."""
+    gold = cfg.ppo.reward == "gold"
+    return ("ppo-gt" if gold else "ppo"), {"reward_model_path": None if gold else str(reward_model_path),
+                                           "num_processes": num_processes()}
+
+
 def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None, seed: int) -> PPOResult:
     """Run PPO (eq. 2) from pi_ref against the reward model at `reward_model_path`, or against the task's gold
     reward when `cfg.ppo.reward == "gold"` (PPO-GT; `reward_model_path` is then None); one run directory."""
@@ -315,9 +323,8 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     beta = cfg.beta
 
     main = accelerator.is_main_process
-    run, resume_from = RunDir.open(cfg, "ppo-gt" if gold else "ppo", seed, device, prefs.sha256,
-                                   extra={"reward_model_path": None if gold else str(reward_model_path),
-                                          "num_processes": accelerator.num_processes})
+    method, extra = run_identity(cfg, reward_model_path)
+    run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     run.manifest["reference_model"] = model_path
     # PPO's data budget is its reward model's: the pairs and passes stage 1 trained on (PPO-GT trains on none)
     run.manifest["budget"] = None if gold else manifest_of_model(reward_model_path).get("budget")
@@ -335,16 +342,16 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
 
     def run_eval(iteration: int) -> None:
         nonlocal final_eval
-        if main:
-            with run.stage("eval", device) as timing:
-                metrics, samples = evaluate(accelerator.unwrap_model(policy), ctx, reward_model=reward_model,
-                                            desc=f"eval @ {iteration}")
-                timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
-            run.log({"kind": "eval", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
-                     "flops": flops, **metrics})
-            run.write_samples(iteration, samples)
-            final_eval = metrics
-        accelerator.wait_for_everyone()
+        with stop_together():  # the others wait here for the main process's evaluation, and stop with it
+            if main:
+                with run.stage("eval", device) as timing:
+                    metrics, samples = evaluate(accelerator.unwrap_model(policy), ctx, reward_model=reward_model,
+                                                desc=f"eval @ {iteration}")
+                    timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
+                run.log({"kind": "eval", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
+                         "flops": flops, **metrics})
+                run.write_samples(iteration, samples)
+                final_eval = metrics
 
     def mean_across(x: torch.Tensor | float) -> float:
         return accelerator.gather(torch.as_tensor(x, device=device, dtype=torch.float32).reshape(1)).mean().item()

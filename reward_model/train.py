@@ -22,7 +22,7 @@ from trl import RewardConfig, RewardTrainer
 
 from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
-from rlhf.distributed import check_replicas, from_main, is_main, per_process
+from rlhf.distributed import check_replicas, from_main, is_main, per_process, stop_together
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import EvalContext, heldout_pair_metrics
 from rlhf.flops import forward_flops, pass_parameters, train_flops
@@ -32,6 +32,7 @@ from rlhf.reference import reference_model
 from rlhf.rundir import RunDir
 from rlhf.sequences import chunks, reward_scores, sample
 from rlhf.tasks import load_task
+from rlhf.trl_callbacks import quiet_progress_bar
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -126,8 +127,9 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
                 **trainer_precision_args(cfg.model.precision, device),
                 activation_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default is on: ~30% slower
             )
-            trainer = RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
-                                    callbacks=[_LogToRun(run, n_params)])
+            trainer = quiet_progress_bar(RewardTrainer(model=rm, args=args, train_dataset=train_set,
+                                                       processing_class=tokenizer, callbacks=[_LogToRun(run, n_params)]),
+                                         f"reward model seed {seed}")
             # RewardTrainer drops pairs longer than max_length: counted here, and an error if none is left.
             dropped = len(train_set) - len(trainer.train_dataset)
             run.manifest["pairs"] = {"given": len(train_set), "dropped_too_long": dropped}
@@ -146,9 +148,10 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
         check_replicas(rm, run.manifest)
         final = run.path / "checkpoints" / "final"
         # Centring, held-out metrics and the save happen once, on the main process; the others wait, then share
-        # its numbers.
-        shift, heldout = (_centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trainer.state, final, device)
-                          if is_main() else (None, None))
+        # its numbers (or stop with its error).
+        with stop_together():
+            shift, heldout = (_centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trainer.state, final, device)
+                              if is_main() else (None, None))
         shift, heldout = from_main(shift, heldout)
     return RewardModelResult(path=final, run_dir=run.path, shift=shift, heldout=heldout)
 

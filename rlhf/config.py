@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, unreadable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -408,8 +408,9 @@ class Config:
     seeds: list[int] = _f([0, 1], "one run per seed for each method")
     runs_dir: str = _f("runs", "where run directories and the preference set go (relative to the project)")
     hub_access: bool = _f(False, "may this profile download from the Hugging Face hub? (off: fully offline)")
-    resume: bool = _f(True, "continue an interrupted PPO or DPO run (same config and seed, killed or failed) from its "
-                            "last checkpoint, in its own directory; false: always start a new run")
+    resume: bool = _f(True, "reuse a completed reference, PPO or DPO run with the same config and seed rather than run "
+                            "it again, and continue an interrupted one (killed or failed) from its last checkpoint, "
+                            "in its own directory; false: always start a new run")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -591,7 +592,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise UserError(f"override {item!r}: value is not valid YAML ({e})") from None
+            raise unreadable(f"override {item!r}", e) from None
         parsed.append((key.strip(), value))
     return parsed
 
@@ -607,9 +608,9 @@ def load_config(profile: str, overrides: list[str] | None = None, config_dir: Pa
         names = sorted(p.stem for p in config_dir.glob("*.yaml"))
         raise UserError(f"unknown profile '{profile}': no file {path} (profiles: {', '.join(names)})")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise unreadable(path, e) from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: the top level must be a mapping of config keys")
     if "profile" in tree:

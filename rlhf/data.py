@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,11 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from tqdm.auto import tqdm
 
 from rlhf.config import PROJECT_ROOT, Config
-from rlhf.errors import UserError
+from rlhf.errors import UserError, read_json
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import reference_model
-from rlhf.rundir import atomic_write_json
+from rlhf.rundir import atomic_write_json, temporary_name
 from rlhf.sequences import chunks, sample
 from rlhf.tasks import Task, check_pair, load_task
 
@@ -162,7 +161,10 @@ def load_preferences(cfg: Config) -> PreferenceSet | None:
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
         return None
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = read_json(manifest_path)
+    except UserError as e:
+        raise UserError(f"{e}; delete {path} to rebuild the preference set") from None
     if manifest.get("config_hash") != cfg.section_hash(*data_sections(cfg)):
         return None
     if _dataset_sha256(path / "dataset") != manifest.get("sha256"):
@@ -209,7 +211,8 @@ def build_preferences(cfg: Config) -> PreferenceSet:
                         f"{stats}")
     path = preference_dir(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
+    tmp = temporary_name(path)
+    tmp.mkdir()
     try:
         splits = {"train": train, "heldout": heldout, **({"validation": validation} if validation else {})}
         DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(

@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, gather_object, reduce
 
-from rlhf.errors import UserError
+from rlhf.errors import Diverged, UserError, check_finite
 
 
 def state() -> PartialState:
@@ -59,6 +59,37 @@ def main_process_first() -> Iterator[None]:
     """Run the block on the main process, then on the others (e.g. build a cached artefact once, then load it)."""
     with state().main_process_first():
         yield
+
+
+@contextlib.contextmanager
+def stop_together() -> Iterator[None]:
+    """Around a block that some processes may leave with a UserError or Diverged (the main process's evaluation, a
+    check of each process's own numbers): at its end, a collective where every process learns whether any of them
+    raised, and all raise the first one's error, same kind, same message. Otherwise the others would wait at their
+    next collective for a process that has stopped, until the launcher kills them with another message. Every
+    process must enter the block."""
+    error: UserError | Diverged | None = None
+    try:
+        yield
+    except (UserError, Diverged) as e:
+        error = e
+    if num_processes() > 1:
+        # one number across processes on the way (cheap), the messages only when some process has one
+        flag = torch.tensor([float(error is not None)], device=state().device)
+        if reduce(flag, "sum").item() > 0:
+            errors = gather_object([None if error is None else (isinstance(error, Diverged), str(error))])
+            diverged, message = next(e for e in errors if e is not None)
+            if error is None or str(error) != message:
+                raise (Diverged if diverged else UserError)(message) from error
+    if error is not None:
+        raise error
+
+
+def check_finite_everywhere(where: str, **values: object) -> None:
+    """`check_finite` of each process's own values (its rollouts' rewards, its batch's loss), a collective: a NaN on
+    any process stops every process with that process's message. Every process must call it at the same point."""
+    with stop_together():
+        check_finite(where, **values)
 
 
 def parameter_digest(model: torch.nn.Module) -> str:

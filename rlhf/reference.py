@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.config import PROJECT_ROOT, Config, ModelConfig
 from rlhf.errors import UserError
 from rlhf.models import load_tokenizer, resolve_model_path
+from rlhf.rundir import run_manifests
 from rlhf.tasks import load_task, read_rows, text_field
 
 SFT_METHOD = "sft"  # the SFT stage's run directories: runs/<profile>/sft/
@@ -52,9 +53,7 @@ def sft_key(cfg: Config, rows: Dataset) -> dict:
 def find_sft_model(cfg: Config) -> Path | None:
     """The model folder of a completed SFT run with this config's key (sft_key), or None."""
     key = sft_key(cfg, sft_rows(cfg, load_tokenizer(resolve_model_path(cfg.model, cfg.hub_access))))
-    for manifest_path in sorted((PROJECT_ROOT / cfg.runs_dir / cfg.profile / SFT_METHOD).glob("*/manifest.json"),
-                                reverse=True):
-        manifest = json.loads(manifest_path.read_text())
+    for _, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / SFT_METHOD):
         if manifest.get("status") == "completed" and manifest.get("sft_key") == key:
             return Path(manifest["sft_model_path"])
     return None

@@ -15,7 +15,8 @@ with an exclusive mkdir, so two runs started at once never share a directory.
 
 Resume (docs/reliability.md): a run killed (status `running`, lock free) or `failed` is continued by the next
 run of the same method, config and seed from its last checkpoint, in the same directory: metrics rows and
-samples after the checkpoint's step are dropped and written again. A checkpoint counts only once its
+samples after the checkpoint's step are dropped and written again; a completed run with the same key is reused
+as it is (`completed_run`), never run twice. A checkpoint counts only once its
 `checkpoint.json` (every file's sha256, written last) exists; a half-written one is ignored, a corrupt one
 is an error naming it.
 """
@@ -29,11 +30,11 @@ import json
 import os
 import platform
 import resource
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -46,16 +47,24 @@ import yaml
 
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.distributed import from_main, is_main
-from rlhf.errors import Diverged, UserError
+from rlhf.errors import Diverged, UserError, read_json
 from rlhf.models import resolve_precision, sha256_file
 
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
 
 
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path`, to write under and then rename to `path`. Unlike mkstemp's and mkdtemp's
+    files (mode 0600, 0700, which the rename would keep), what is created under it gets the permissions the
+    user's umask gives an ordinary file or folder: a report or run directory others may read."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old version or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask, as open() gives
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -126,6 +135,18 @@ def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra:
     config = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_RUN_KEY}
     payload = {"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {}, "config": config}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def completed_run(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
+                  ) -> Path | None:
+    """With `cfg.resume`, the newest completed run of `method` with this run key (the arguments `RunDir.open` gets):
+    a command run again reuses it rather than add a second run of the same seed, which would count twice. Under
+    several processes each reads the same manifests before any of them writes one, so all get the same answer."""
+    if not cfg.resume:
+        return None
+    key = run_key(cfg, method, seed, data_sha256, extra)
+    return next((path for path, m in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / method)
+                 if m.get("status") == "completed" and m.get("run_key") == key), None)
 
 
 def _try_lock(path: Path):
@@ -248,20 +269,15 @@ class RunDir:
     def _interrupted(cls, cfg: Config, method: str, key: str) -> Iterator["RunDir"]:
         """Runs of `method` with run key `key` that were killed (status running, nobody holds the lock) or
         failed, newest first, each locked for the caller (who releases the ones it does not take)."""
-        root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / method
-        for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
-            try:
-                manifest = json.loads(manifest_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
+        for path, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / method):
             if manifest.get("run_key") != key or manifest.get("status") not in _RESUMABLE:
                 continue
-            lock = _try_lock(manifest_path.parent)
+            lock = _try_lock(path)
             if lock is None:
                 continue  # a live process is writing it
-            manifest = json.loads(manifest_path.read_text())  # again under the lock: it may have just finished
+            manifest = read_json(path / "manifest.json")  # again under the lock: it may have just finished
             if manifest.get("status") in _RESUMABLE:
-                yield cls(manifest_path.parent, manifest, lock)
+                yield cls(path, manifest, lock)
             else:
                 lock.close()
 
@@ -272,7 +288,8 @@ class RunDir:
         kept, rows = [], []
         metrics = self.path / "metrics.jsonl"
         if metrics.exists():
-            for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True):
+            # a torn last line may end inside a UTF-8 character: undecodable bytes fail to parse, like the rest of it
+            for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -447,7 +464,7 @@ def prune_checkpoints(root: Path, keep: Path | None) -> None:
 def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     """Rows of a JSONL file and the line numbers that could not be parsed (a crash's truncated last line)."""
     rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a torn line may end inside a UTF-8 character
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -462,4 +479,14 @@ def manifest_of_model(folder: Path) -> dict:
     """The manifest of the run that saved the model in `folder` (<run-dir>/checkpoints/final), or {} for a model
     that no run of this project saved."""
     path = Path(folder).parent.parent / "manifest.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
+
+
+def run_manifests(root: Path) -> Iterator[tuple[Path, dict]]:
+    """(run directory, manifest) of every run under `root` (runs/<profile>/<method>), newest first. Manifests are
+    written atomically, so one that does not parse was damaged afterwards: an error naming it."""
+    for manifest_path in sorted(root.glob("*/manifest.json"), reverse=True):
+        try:
+            yield manifest_path.parent, read_json(manifest_path)
+        except UserError as e:
+            raise UserError(f"{e}; move that run directory out of {root}, or delete it") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf.config import PROJECT_ROOT, ModelConfig, TaskConfig
-from rlhf.errors import UserError
+from rlhf.errors import UserError, unreadable
 from rlhf.models import LOAD_ERRORS, added_special_tokens, default_device, resolve_model_path
 
 GoldReward = Callable[[list[str]], list[float]]
@@ -277,9 +278,20 @@ def split_hh_pair(row: dict, where: str) -> tuple[list[dict], str, str]:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every line of a .jsonl or .jsonl.gz file; a line that is not UTF-8, or a gzip file
+    cut short, is an error naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return list(enumerate(f, start=1))
+    lines = []
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    lines.append((line_no, raw.decode("utf-8")))
+                except UnicodeDecodeError as e:
+                    raise unreadable(f"{path.name} line {line_no}", e) from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise unreadable(path.name, e) from None
+    return lines
 
 
 def _split(name: str, pairs: list[dict], dropped: dict[str, int], cfg: TaskConfig) -> Task:
@@ -358,35 +370,48 @@ def read_rows(source: str, key: str, hub_access: bool, split: str = "train", opt
 
 
 def _read_split(source: str, key: str, hub_access: bool, split: str) -> tuple[str, list | None]:
-    from datasets import Dataset, DatasetDict, get_dataset_split_names, load_dataset, load_from_disk
+    from datasets import get_dataset_split_names, load_dataset
+    from datasets.exceptions import DatasetGenerationError
     path = project_path(source)
-    if path.is_dir():
-        ds = load_from_disk(str(path))
-        if isinstance(ds, DatasetDict):
-            return path.name, ds[split].to_list() if split in ds else None
-        return path.name, ds.to_list() if split == "train" else None
     if path.exists():
-        if split != "train":
-            return path.name, None
-        if path.suffix == ".parquet":
-            return path.name, Dataset.from_parquet(str(path)).to_list()
-        if path.suffix == ".csv":
-            return path.name, Dataset.from_csv(str(path)).to_list()
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            return path.name, data if isinstance(data, list) else [data]
-        rows = []
-        for line_no, line in _read_jsonl(path):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path.name} row {line_no}: invalid JSON ({e.msg})") from None
-        return path.name, rows
+        try:
+            return path.name, _read_local(path, split)
+        # What the readers raise for a file that is not what its name says (not UTF-8, not JSON, not parquet, not
+        # a `datasets` folder): one line naming it. `datasets`' csv reader wraps the real error in its own.
+        except (OSError, ValueError, DatasetGenerationError) as e:
+            cause = e.__cause__ if isinstance(e, DatasetGenerationError) and e.__cause__ else e
+            raise unreadable(path.name, cause) from None
     if not hub_access:
         raise UserError(f"{key}: '{source}' is not a local file or folder, and this profile is offline")
     if split not in get_dataset_split_names(source):
         return source, None
     return source, load_dataset(source, split=split).to_list()
+
+
+def _read_local(path: Path, split: str) -> list | None:
+    """The rows of one split of a local file or `datasets` folder (None: no such split)."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+    if path.is_dir():
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            return ds[split].to_list() if split in ds else None
+        return ds.to_list() if split == "train" else None
+    if split != "train":
+        return None
+    if path.suffix == ".parquet":
+        return Dataset.from_parquet(str(path)).to_list()
+    if path.suffix == ".csv":
+        return Dataset.from_csv(str(path)).to_list()
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, list) else [data]
+    rows = []
+    for line_no, line in _read_jsonl(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path.name} row {line_no}: invalid JSON ({e.msg})") from None
+    return rows
 
 
 def text_field(rows: list, field_name: str, where: str) -> list[str]:

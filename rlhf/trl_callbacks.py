@@ -1,5 +1,6 @@
 """What the methods trained with a TRL trainer (DPO, Preferred-FT) share: the Trainer arguments that keep TRL's own
-files off disk, a progress bar, and the callback that writes the run directory and runs the shared evaluator.
+files off disk, a progress bar, and the callback that writes the run directory and runs the shared evaluator. Also
+what the console shows of the libraries (`set_verbose`).
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.utils import logging as hf_logging
 
 from rlhf.config import ModelConfig
-from rlhf.distributed import is_main, wait_for_everyone
+from rlhf.distributed import is_main, stop_together, wait_for_everyone
 from rlhf.errors import check_finite
 from rlhf.flops import train_flops
 from rlhf.models import save_model, trainer_precision_args
@@ -32,6 +35,7 @@ def run_dir_args(model: ModelConfig, weight_decay: float, seed: int, device: tor
     directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points;
     precision and gradient checkpointing as `model.*` says; AdamW's weight decay every stage's (`weight_decay`)."""
     return dict(logging_steps=1, report_to="none", eval_strategy="no", weight_decay=weight_decay,
+                disable_tqdm=False,  # Trainer's own default turns the bar off (and prints log dicts) below warnings
                 **trainer_precision_args(model.precision, device),
                 # transformers' new name for gradient checkpointing (the old one warns that it is deprecated)
                 activation_checkpointing=model.gradient_checkpointing,
@@ -45,20 +49,57 @@ def run_dir_args(model: ModelConfig, weight_decay: float, seed: int, device: tor
                 seed=seed, data_seed=seed)
 
 
+_verbose = False  # `python -m pipelines --verbose`: the libraries' own output too (set_verbose)
+
+
+def set_verbose(verbose: bool) -> None:
+    """What the console shows of the libraries. By default not their chatter, which drowns the stage bars: a
+    "Loading weights" bar for every model load and one for every dataset map, transformers' warnings, TRL's log
+    dict at every step (the bar's postfix shows the key numbers instead). `verbose` brings all of it back."""
+    global _verbose
+    _verbose = verbose
+    hf_logging.set_verbosity(hf_logging.WARNING if verbose else hf_logging.ERROR)
+    (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
+    (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
+
+
+# An eval point in one short line: the numbers the comparison turns on (the run directory has the rest)
+_BRIEF = (("gold", "eval/gold"), ("±", "eval/gold_sem"), ("proxy", "eval/proxy"), ("KL", "eval/kl"),
+          ("implicit acc", "heldout/implicit_accuracy"), ("margin", "heldout/implicit_margin"))
+
+
+def brief(metrics: dict[str, float]) -> str:
+    """`gold 0.052, ± 0.107, proxy 0.011, KL 0.285, ...`: the evaluator's key metrics that `metrics` has."""
+    return ", ".join(f"{name} {metrics[key]:.3f}" for name, key in _BRIEF if key in metrics)
+
+
 class _ProgressBar(ProgressCallback):
-    """Trainer's progress bar (with ETA), showing the loss (and DPO's margin) instead of printing every step's log
-    dict."""
+    """Trainer's progress bar (with ETA), named after its stage, showing the loss (and the margin and accuracy:
+    DPO's implicit reward's, or the reward model's) instead of printing every step's log dict."""
+
+    SHOWN = {"loss": "loss", "rewards/margins": "margin", "margin": "margin", "rewards/accuracies": "acc",
+             "accuracy": "acc"}
+
+    def __init__(self, desc: str):
+        super().__init__()
+        self.desc = desc
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.desc)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if _verbose:
+            super().on_log(args, state, control, logs=logs, **kwargs)
         if self.training_bar is not None and "loss" in logs:
-            shown = {"loss": "loss", "rewards/margins": "margin"}
-            self.training_bar.set_postfix({name: f"{logs[k]:.3f}" for k, name in shown.items() if k in logs})
+            self.training_bar.set_postfix({name: f"{logs[k]:.3f}" for k, name in self.SHOWN.items() if k in logs})
 
 
-def quiet_progress_bar(trainer: Trainer) -> Trainer:
-    """The trainer with Trainer's progress bar swapped for `_ProgressBar`."""
+def quiet_progress_bar(trainer: Trainer, desc: str) -> Trainer:
+    """The trainer with Trainer's progress bar swapped for `_ProgressBar` named `desc` (e.g. "DPO seed 0")."""
     if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_ProgressBar())
+        trainer.add_callback(_ProgressBar(desc))
     return trainer
 
 
@@ -105,16 +146,15 @@ class EvalAndLogCallback(TrainerCallback):
 
     def _evaluate(self, model: PreTrainedModel, step: int, tokens: int) -> None:
         metrics: dict[str, float] = {}
-        if self.evaluate_policy is not None and is_main():  # once: under DDP the others wait at the next all-reduce
-            with self.run.stage("eval", self.device) as timing:
-                metrics, samples = self.evaluate_policy(model, step)
-                timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
-            self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
-                          "flops": train_flops(self.n_params, tokens), **metrics})
-            self.run.write_samples(step, samples)
-            shown = ("eval/gold", "eval/gold_sem", "eval/kl", "heldout/implicit_accuracy", "heldout/implicit_margin",
-                     "heldout/gold_accuracy", "heldout/gold_margin")
-            tqdm.write(f"  step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
+        with stop_together():  # once, on the main process: the others wait for it here, and stop with it
+            if self.evaluate_policy is not None and is_main():
+                with self.run.stage("eval", self.device) as timing:
+                    metrics, samples = self.evaluate_policy(model, step)
+                    timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
+                self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
+                              "flops": train_flops(self.n_params, tokens), **metrics})
+                self.run.write_samples(step, samples)
+                tqdm.write(f"  step {step}: {brief(metrics)}")
         self.last_eval = (step, metrics)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

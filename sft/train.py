@@ -60,8 +60,9 @@ def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
         num_train_epochs=epochs, max_steps=max_steps or -1, max_length=settings.max_length,
         **run_dir_args(model_cfg, weight_decay, seed, model.device),
     )
+    stage = "SFT stage" if isinstance(settings, SFTStageConfig) else "Preferred-FT"
     return quiet_progress_bar(trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                                             callbacks=callbacks))
+                                             callbacks=callbacks), f"{stage} seed {seed}")
 
 
 def train_sft(cfg: Config) -> SFTResult:

@@ -337,6 +337,27 @@ def test_bad_and_unfinished_runs_are_named_and_left_out(tmp_path):
     assert head.loc["dpo", "final eval/gold n"] == 2
 
 
+def test_a_seed_run_twice_counts_once_the_latest_kept_and_said(tmp_path):
+    """Issue #20, item 0: two complete runs of one method, beta and seed (a rerun with resume=false) are one seed, not
+    two: the latest to finish is kept, the other left out naming it."""
+    p = gold_profile(tmp_path)
+    write_run(p, "dpo", 0, [ev(0, 0.1), ev(2, 0.9)], run_id="20261126T000000-beta0.1-seed0",
+              finished_at="2026-11-26T01:00:00+00:00")
+    write_run(p, "reference", 1234, [ev(0.0, 0.3)], run_id="20261126T000000-beta0.1-seed1234",
+              finished_at="2026-11-26T01:00:00+00:00")
+    out = run_report(tmp_path, p)
+    head = pd.read_csv(out / "headline.csv").set_index("method")
+    dpo = head.loc["dpo"]
+    assert dpo["final eval/gold n"] == 2 and dpo["final eval/gold mean"] == pytest.approx(0.8)  # (0.9 + 0.7) / 2
+    assert head.loc["reference", "final eval/gold mean"] == pytest.approx(0.3)  # pi_ref's rerun alone
+    excluded = pd.read_csv(out / "runs_excluded.csv").set_index(["method", "run_id"])["reason"]
+    for method, seed, kept in (("dpo", 0, "20261126T000000-beta0.1-seed0"),
+                               ("reference", 1234, "20261126T000000-beta0.1-seed1234")):
+        assert excluded[(method, f"20261125T000000-beta0.1-seed{seed}")].startswith(
+            f"superseded by {kept}, a later complete run of {method} with β 0.1 and seed {seed}")
+    assert len(excluded) == 2 and "superseded by" in (out / "index.html").read_text()
+
+
 def test_report_with_only_dpo_says_what_is_missing(tmp_path):
     p = tmp_path / "runs" / "onlydpo"
     write_run(p, "dpo", 0, [ev(0, 0.1), ev(1, 0.3)], train=[{"loss": 0.6, "grad_norm": 1.0}])

@@ -3,6 +3,7 @@ loss against TRL's, and `make bon` / `make sft-chosen` on tiny, judged by the ru
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,20 @@ def tiny_runs(tmp_path_factory):
     cfg = load_config("tiny", [f"runs_dir={tmp_path_factory.mktemp('runs')}"])
     prefs = build_preferences(cfg)
     reference = evaluate_reference(cfg)
-    rows, _ = read_jsonl(reference.path / "metrics.jsonl")
+    rows, _ = read_jsonl(reference / "metrics.jsonl")
     return cfg, prefs, rows[0]
+
+
+def test_pi_refs_evaluation_run_again_is_reused_not_added(tiny_runs, capsys):
+    """Issue #20, item 0: `make reference` run again adds no second pi_ref run (the report would pool both)."""
+    cfg, _, _ = tiny_runs
+    (first,) = (Path(cfg.runs_dir) / "tiny" / "reference").iterdir()
+    assert evaluate_reference(cfg) == first
+    assert f"pi_ref's evaluation reused: {first}" in capsys.readouterr().out
+    assert list((Path(cfg.runs_dir) / "tiny" / "reference").iterdir()) == [first]
+    again = evaluate_reference(cfg.with_values({"resume": False}))  # asked for: a new run
+    assert sorted((Path(cfg.runs_dir) / "tiny" / "reference").iterdir()) == sorted([first, again])
+    shutil.rmtree(again)  # the module's other tests expect one pi_ref run
 
 
 def _rows(run: Path, kind: str) -> list[dict]:

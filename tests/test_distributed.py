@@ -11,29 +11,37 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf import distributed
-from rlhf.config import PROJECT_ROOT
+from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
 from rlhf.models import load_causal_lm
+from rlhf.rundir import RunDir, commit_checkpoint
 
 ABORT_AT_EXIT = "terminate called without an active exception"
 
 
-def _launch(runs: Path, command: str, last_line: str, *overrides: str) -> None:
-    """`accelerate launch` the CLI in 2 processes with the shipped CPU config; fail on any real error."""
+def _accelerate_launch(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """`accelerate launch` in 2 processes with the shipped CPU config."""
     launcher = Path(sys.executable).parent / "accelerate"
-    proc = subprocess.run(
+    return subprocess.run(
         [str(launcher), "launch", "--config_file", str(PROJECT_ROOT / "configs" / "accelerate" / "cpu-ddp.yaml"),
-         "--num_processes", "2", "-m", "pipelines", command, "--profile", "tiny", f"runs_dir={runs}", *overrides],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread per process: 2 processes on 2 cores
+         "--num_processes", "2", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+        # one thread per process: 2 processes on 2 cores; this checkout's packages for a script outside it
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)})
+
+
+def _launch(runs: Path, command: str, last_line: str, *overrides: str) -> None:
+    """`accelerate launch` the CLI in 2 processes; fail on any real error."""
+    proc = _accelerate_launch("-m", "pipelines", command, "--profile", "tiny", f"runs_dir={runs}", *overrides)
     statuses = [json.loads(m.read_text()).get("status") for m in runs.glob("tiny/*/*/manifest.json")
                 if m.parent.parent.name != "data"]
     finished = last_line in proc.stdout and statuses and all(s == "completed" for s in statuses)
@@ -92,3 +100,93 @@ def test_a_batch_that_does_not_split_over_the_processes_is_an_error_naming_the_k
     with pytest.raises(UserError, match=r"dpo.batch_size=8 does not split evenly over 3 processes"):
         distributed.per_process(8, "dpo.batch_size")
     assert distributed.per_process(9, "dpo.batch_size") == 3
+
+
+STOPS = """
+import json, sys
+from pathlib import Path
+import torch
+from rlhf import distributed
+from rlhf.config import load_config
+from rlhf.errors import Diverged, UserError
+from rlhf.rundir import RunDir
+
+rank, seen = distributed.state().process_index, {}
+
+
+def attempt(case, stop):
+    try:
+        stop()
+        seen[case] = None
+    except (UserError, Diverged) as e:
+        seen[case] = f"{type(e).__name__}: {e}"
+
+
+def main_process_fails():
+    with distributed.stop_together():
+        if distributed.is_main():
+            raise UserError("evaluation on the main process: no eval prompts")
+
+
+attempt("NaN on process 1 only", lambda: distributed.check_finite_everywhere(
+    "PPO iteration 3", reward=float("nan") if rank == 1 else 0.5))
+attempt("error on the main process only", main_process_fails)
+attempt("corrupt checkpoint", lambda: RunDir.open(load_config("tiny", [f"runs_dir={sys.argv[1]}"]), "dpo", 0,
+                                                  torch.device("cpu"), None))
+attempt("nothing wrong", lambda: distributed.check_finite_everywhere("PPO iteration 4", reward=0.5))
+Path(sys.argv[2], f"process{rank}.json").write_text(json.dumps(seen))
+"""
+
+
+def test_what_one_process_meets_stops_every_process_with_the_same_message(tmp_path):
+    """Issue #20, item 6: a NaN seen by one process, an error on the main process alone, a corrupt checkpoint: every
+    process stops there with the same message, none left waiting at a collective the others never reach. Judged by
+    what each process wrote (a gloo run may abort at interpreter exit after its work is done)."""
+    cfg = load_config("tiny", [f"runs_dir={tmp_path / 'runs'}"])
+    crashed = RunDir.create(cfg, "dpo", 0, torch.device("cpu"), None)  # failed after its checkpoint at step 2
+    checkpoint = crashed.path / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.pt").write_bytes(b"weights")
+    commit_checkpoint(checkpoint, 2)
+    (checkpoint / "state.pt").write_bytes(b"torn")
+    crashed.finish("failed")
+    (tmp_path / "script.py").write_text(STOPS)
+    out = _accelerate_launch(str(tmp_path / "script.py"), str(tmp_path / "runs"), str(tmp_path), timeout=600)
+
+    seen = [tmp_path / f"process{rank}.json" for rank in (0, 1)]
+    assert all(p.exists() for p in seen), f"exit {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    first, second = (json.loads(p.read_text()) for p in seen)
+    assert first == second
+    assert first == {
+        "NaN on process 1 only": "Diverged: PPO iteration 3: reward is nan",
+        "error on the main process only": "UserError: evaluation on the main process: no eval prompts",
+        "corrupt checkpoint": f"UserError: checkpoint {checkpoint} is corrupt: state.pt differs from what was saved "
+                              "(sha256); delete that folder to resume from an earlier checkpoint (or from the start), "
+                              "or set resume=false to leave this run as it is and start a new one",
+        "nothing wrong": None}
+
+
+NAN_ON_PROCESS_1 = """
+import os, sys
+import rlhf.tasks
+if os.environ["LOCAL_RANK"] == "1":  # process 1's rollouts alone get a NaN gold reward
+    rlhf.tasks.vader_compound = lambda texts: [float("nan")] * len(texts)
+from pipelines.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_nan_in_one_process_rollouts_stops_both_and_marks_the_run_diverged(tmp_path):
+    """PPO-GT (no reward model to train first) in 2 processes where process 1's rewards are NaN: both processes stop
+    at iteration 1 with the same message and the run says `diverged`, rather than process 0 waiting in the gradient
+    all-reduce for a process that has stopped."""
+    (tmp_path / "nan.py").write_text(NAN_ON_PROCESS_1)
+    out = _accelerate_launch(str(tmp_path / "nan.py"), "ppo", "--profile", "tiny", f"runs_dir={tmp_path / 'runs'}",
+                             "ppo.reward=gold", timeout=600)
+    # both processes write to one stderr: one's message may follow the other's progress bar on its line
+    stops = re.findall(r"diverged: [^\n]*", out.stderr)
+    assert len(stops) == 2 and all(s.startswith("diverged: PPO iteration 1: reward is nan") for s in stops), \
+        f"exit {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    (run,) = (tmp_path / "runs" / "tiny" / "ppo-gt").iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "diverged" and manifest["error"] == "Diverged: PPO iteration 1: reward is nan"

@@ -10,15 +10,28 @@ from rlhf.config import PROJECT_ROOT
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=PROJECT_ROOT, capture_output=True, timeout=900)
+    # decoded by hand: text=True would turn a progress bar's carriage returns into new lines
+    out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
+    return out
+
+
+def _screen_lines(text: str) -> list[str]:
+    """The lines a terminal is left showing: a progress bar redraws its line after each carriage return."""
+    return [seen for line in text.split("\n") if (seen := next((s for s in reversed(line.split("\r")) if s.strip()),
+                                                                  ""))]
 
 
 def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
     common = ["--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}"]
+    console = []
     for command in ("reference", "ppo", "dpo", "bon", "sft-chosen", "report"):
         out = _cli(command, *common)
         assert out.returncode == 0, f"{command}: {out.stderr[-3000:]}"
+        console += _screen_lines(out.stdout) + _screen_lines(out.stderr)
+    # Issue #20, item 3: the stages' own bars and summary lines, not the libraries' chatter; two screens at most
+    assert not [line for line in console if "{'loss'" in line or "Loading weights" in line or "LOAD REPORT" in line]
+    assert len(console) <= 100 and all(len(line) <= 200 for line in console), "\n".join(console)
 
     page = tmp_path / "reports" / "tiny" / "index.html"
     html = page.read_text()

@@ -8,6 +8,7 @@ wall-clock fields aside), the eval samples and the final weights must be identic
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -103,9 +104,16 @@ def baseline(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     return runs, {"ppo": _runs_of(runs, "ppo")[0], "dpo": _runs_of(runs, "dpo")[0]}
 
 
+def _without(runs: Path, method: str, to: Path) -> Path:
+    """A copy of the runs directory `runs` without `method`'s runs: `method` then trains anew there (a completed run
+    with the same key would be reused), on the same preference set and reward model."""
+    shutil.copytree(runs, to, ignore=lambda folder, names: [method] if Path(folder) == runs / "tiny" else [])
+    return to
+
+
 @pytest.mark.parametrize("method, overrides, step", [("ppo", PPO, 2), ("dpo", DPO, 2)])
 def test_kill_9_then_rerun_resumes_and_ends_as_an_uninterrupted_run(baseline, tmp_path, method, overrides, step):
-    runs, uninterrupted = baseline
+    runs, uninterrupted = _without(baseline[0], method, tmp_path / "runs"), baseline[1]
     rm_runs = _runs_of(runs, "reward_model")
     killed, step = _kill_after_checkpoint(method, runs, step, *overrides, log=tmp_path / "killed.log")
     before = _runs_of(runs, method)
@@ -124,17 +132,29 @@ def test_kill_9_then_rerun_resumes_and_ends_as_an_uninterrupted_run(baseline, tm
 @pytest.mark.parametrize("method, overrides", [("ppo", PPO), ("dpo", DPO)])
 def test_same_seed_gives_identical_metrics(baseline, method, overrides):
     """A second run with the baseline's seed and config (here in this process, the baseline in a subprocess):
-    identical numbers, wall-clock aside. A completed run is not resumed: the second run is a new one."""
+    identical numbers, wall-clock aside. With resume=false the completed run is not reused: the second is a new one."""
     import importlib
 
     runs, first = baseline
     before = set(_runs_of(runs, method))
     pipeline = importlib.import_module(f"pipelines.{method}_pipeline")
-    assert pipeline.main(load_config("tiny", [f"runs_dir={runs}", *overrides])) == 0
+    assert pipeline.main(load_config("tiny", [f"runs_dir={runs}", *overrides, "resume=false"])) == 0
     (second,) = set(_runs_of(runs, method)) - before
     evals = [r for r in _numbers(second) if r["kind"] == "eval"]
     assert len(evals) >= 3 and evals[-1]["eval/kl"] != 0  # the policy moved: the comparison is not vacuous
     _assert_same_run(first[method], second)
+
+
+@pytest.mark.parametrize("method, overrides", [("ppo", PPO), ("dpo", DPO)])
+def test_a_command_run_again_reuses_its_completed_runs(baseline, method, overrides):
+    """Issue #20, item 0: `make ppo` / `make dpo` run again over completed runs adds no run (the report would count
+    a seed twice) and trains nothing: the newest completed run with the same key is reused, and said so."""
+    runs, _ = baseline
+    before = {p: _files(p) for p in _runs_of(runs, method)}
+    out = _run(method, runs, *overrides)
+    assert {p: _files(p) for p in _runs_of(runs, method)} == before  # no new run, not a byte changed
+    (reused,) = [line for line in out.stdout.splitlines() if "completed before: reused" in line]
+    assert f"{max(before)} (completed before" in reused  # the newest (run ids start with the time)
 
 
 # --- numerical guards ------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from reward_model.train import bradley_terry_loss, train_reward_model
-from rlhf.config import load_config
+from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.data import PreferenceSet
 from rlhf.models import load_scalar_model
 from rlhf.sequences import encode_completions, sequence_scores
@@ -70,3 +73,34 @@ def test_reward_model_learns_a_planted_preference(tiny_cfg, tokenizer):
     assert saved.config.reward_shift == result.shift  # the centring shift travels with the model
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kind"] == "train" and rows[-1]["kind"] == "eval" and rows[-1]["heldout/rm_accuracy"] >= 0.9
+
+
+TRAIN_ONE = """
+import sys
+from pipelines.stages import build_preference_set
+from reward_model.train import train_reward_model
+from rlhf.config import load_config
+cfg = load_config("tiny", sys.argv[1:])
+print(train_reward_model(cfg, build_preference_set(cfg), 0).path)
+"""
+
+
+def test_same_seed_same_reward_model_in_two_fresh_processes(tmp_path):
+    """Issue #20, item 0: the scalar head `from_pretrained` adds is drawn from torch's global generator, which a fresh
+    process seeds at random; seeded first, two processes (two runs directories) train bit-identical reward models."""
+    from safetensors.torch import load_file
+
+    pairs = tmp_path / "pairs.jsonl"  # the task's own pairs: nothing to sample before training
+    pairs.write_text("".join(json.dumps({"prompt": f"Review film {i}.", "chosen": f"A fine film, {i} stars.",
+                                         "rejected": f"Dull, {i} minutes too long."}) + "\n" for i in range(40)))
+    saved = []
+    for name in ("runs_a", "runs_b"):
+        out = subprocess.run([sys.executable, "-c", TRAIN_ONE, f"runs_dir={tmp_path / name}", "task.name=preferences",
+                              f"task.path={pairs}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        saved.append(out.stdout.strip().splitlines()[-1])
+    a, b = (load_file(f"{path}/model.safetensors") for path in saved)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        [k for k in a if not torch.equal(a[k], b[k])]
+    shifts = [json.loads((Path(path) / "config.json").read_text())["reward_shift"] for path in saved]
+    assert shifts[0] == shifts[1]

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import threading
 
@@ -196,3 +197,39 @@ def test_each_stage_records_its_own_peak_memory(tiny_cfg):
     t = json.loads((run.path / "timings.json").read_text())
     assert t["big"]["tokens"] == 7
     assert t["big"]["peak_memory_mb"] - t["small"]["peak_memory_mb"] > 200  # not the process's peak so far
+
+
+@pytest.fixture
+def umask_027():
+    """Run under umask 027 (group may read, others nothing): neither the usual 022 nor mkstemp's private 0600."""
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_what_people_read_gets_the_permissions_the_umask_gives(umask_027, tmp_path, tiny_path, tokenizer):
+    """Issue #20, item 2: the report (page, summary, tables, images), a run directory, the preference set and a
+    saved model are written with 0666 / 0777 less the umask, atomic writes kept (no temporary file left)."""
+    from rlhf.data import build_preferences
+    from rlhf.models import load_causal_lm, save_model
+    from tests.test_analysis import gold_profile, run_report
+
+    out = run_report(tmp_path, gold_profile(tmp_path))
+    cfg = load_config("tiny", [f"runs_dir={tmp_path / 'runs'}"])
+    run = RunDir.create(cfg, "dpo", 0, torch.device("cpu"), None)
+    run.finish()
+    save_model(load_causal_lm(tiny_path), tokenizer, run.path / "checkpoints" / "final")
+    pairs = tmp_path / "pairs.jsonl"  # a task with its own pairs: nothing to sample, so the set is built in a blink
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n"
+                             for i in range(10)))
+    prefs = build_preferences(load_config("tiny", [f"runs_dir={tmp_path / 'runs'}", "task.name=preferences",
+                                                   f"task.path={pairs}"]))
+
+    written = [out, run.path, prefs.path]
+    files = [p for root in written for p in root.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert {"index.html", "summary.md", "headline.csv", "frontier.png", "manifest.json", "config.yaml",
+            "model.safetensors", "dataset_dict.json"} <= {p.name for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o640" for p in files}
+    folders = [*written, *(p for root in written for p in root.rglob("*") if p.is_dir())]
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in folders} == {str(p): "0o750" for p in folders}
+    assert not [p for root in written for p in root.rglob(".*") if p.name != ".lock"], "a temporary file was left"
