@@ -11,7 +11,10 @@ time, without disturbing the training RNG) and reports:
 * on held-out pairs, accuracy and mean margin s(x, y_w) - s(x, y_l) of each scorer: gold (the label-noise
   ceiling), the explicit reward model r_phi, DPO's implicit reward beta * log pi / pi_ref;
 * its own cost: seconds, tokens and FLOPs spent sampling and scoring (forward passes; rlhf/flops.py), counted
-  apart from every method's training.
+  apart from every method's training;
+* per prompt (`per_prompt`): the response, its gold and proxy rewards, k1 and k3, length and EOS flag, which the run
+  directory keeps for every eval prompt: the paired design (same prompts, same sampling seed for every policy)
+  stays usable afterwards.
 
 A policy with pi_ref's very weights (every run's step 0, and the reference run) is not sampled again: its
 samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
@@ -216,11 +219,19 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     metrics["eval/seconds"] = time.perf_counter() - start
     metrics.update({f"eval/{k}": v for k, v in cost.items()})
 
-    samples = [{"prompt": p, "response": t, "kl": k, **({"gold": g} if golds else {}),
-                **({"proxy": r} if proxies else {})}
-               for p, t, k, g, r in zip(ctx.prompts, texts, k1s, golds or [None] * len(texts),
-                                        proxies or [None] * len(texts))][:ctx.cfg.n_samples_saved]
-    return metrics, samples
+    return metrics, per_prompt(ctx.prompts, texts, k1s, k3s, lengths, ended, golds, proxies)
+
+
+def per_prompt(prompts: list[str], texts: list[str], k1s: list[float] | None, k3s: list[float] | None,
+               lengths: list[int], ended: list[bool], golds: list[float] | None, proxies: list[float] | None
+               ) -> list[dict]:
+    """One record per eval prompt, in prompt order: the sample and every number the evaluator measured on it. The
+    run directory keeps them all (RunDir.write_samples), so the report can pair policies by prompt and bootstrap
+    over prompts (docs/analysis.md)."""
+    columns = {"kl": k1s, "kl_k3": k3s, "gold": golds, "proxy": proxies}
+    return [{"prompt_index": i, "prompt": p, "response": t, "length": n, "eos": bool(e),
+             **{k: v[i] for k, v in columns.items() if v}}
+            for i, (p, t, n, e) in enumerate(zip(prompts, texts, lengths, ended, strict=True))]
 
 
 def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, reward_model: PreTrainedModel | None,
