@@ -187,33 +187,42 @@ def curves_plot(bands: dict[str, pd.DataFrame], evals: pd.DataFrame, labels: dic
     return _plot("curves", fig, axes.ravel())
 
 
-MARGIN_UNITS = {"explicit RM r_φ": "r_φ logits", "DPO implicit β·log π/π_ref": "β · nats",
-                "gold (label-noise ceiling)": "gold units"}
+# scorer -> (short name, margin unit)
+SCORER_AXES = {"explicit RM r_φ": ("RM r_φ", "r_φ logits"), "DPO implicit β·log π/π_ref": ("DPO implicit", "β · nats"),
+               "gold (label-noise ceiling)": ("gold labels", "gold units")}
+GOLD_SCORER = "gold (label-noise ceiling)"
 
 
 def heldout_plot(summary: pd.DataFrame) -> Plot:
-    """Accuracy of every scorer in one panel; margins one panel per scorer, each in its own units."""
+    """Accuracy of every scorer in one panel; margins one panel per scorer, each in its own units. The gold labels
+    are the same for every run: one grey bar, not one per method."""
     if summary.empty:
         return _plot("heldout", missing="no eval row carries held-out accuracies")
-    scorers = [s for s in MARGIN_UNITS if s in set(summary["scorer"])]
+    gold = summary[summary["scorer"] == GOLD_SCORER].head(1).assign(method="gold labels")
+    summary = pd.concat([summary[summary["scorer"] != GOLD_SCORER], gold])
+    scorers = [s for s in SCORER_AXES if s in set(summary["scorer"])]
     fig, axes = plt.subplots(1, 1 + len(scorers), figsize=(4 + 3.5 * len(scorers), 4), squeeze=False)
     axes = axes.ravel()
-    palette = _palette(summary["method"].unique())
+    palette = {**_palette(summary["method"].unique()), "gold labels": "#999999"}
     methods = sorted(summary["method"].unique(), key=legend_rank)
-    width = 0.8 / len(methods)
+    labelled = set()  # one legend entry per method
     for panel, (ax, scorer) in enumerate(zip(axes, [None, *scorers])):
         column = "accuracy" if scorer is None else "margin"
         rows = summary if scorer is None else summary[summary["scorer"] == scorer]
         ticks = scorers if scorer is None else [scorer]
-        for j, method in enumerate(methods):
-            at = rows[rows["method"] == method].set_index("scorer").reindex(ticks).dropna(subset=[f"{column} mean"])
-            xs = [ticks.index(t) + (j - (len(methods) - 1) / 2) * width for t in at.index]
-            ax.bar(xs, at[f"{column} mean"], width, yerr=_errors(at, column), color=palette[name(method)],
-                   capsize=3, label=name(method) if panel == 0 else None)
-        ax.set_xticks(range(len(ticks)), [t.split(" (")[0] for t in ticks], fontsize=7)
-        unit = "fraction of pairs" if scorer is None else MARGIN_UNITS[scorer]
+        for tick, scorer_rows in rows.groupby("scorer", sort=False):
+            present = [m for m in methods if m in set(scorer_rows["method"])]
+            width = 0.8 / len(present)
+            for j, method in enumerate(present):
+                at = scorer_rows[scorer_rows["method"] == method]
+                ax.bar(ticks.index(tick) + (j - (len(present) - 1) / 2) * width, at[f"{column} mean"], width,
+                       yerr=_errors(at, column), color=palette.get(name(method), palette.get(method)), capsize=3,
+                       label=name(method) if panel == 0 and method not in labelled else None)
+                labelled.add(method)
+        ax.set_xticks(range(len(ticks)), [SCORER_AXES[t][0] for t in ticks], fontsize=8)
+        unit = "fraction of pairs" if scorer is None else SCORER_AXES[scorer][1]
         ax.set(xlabel="scorer", ylabel=f"held-out {column} [{unit}]",
-               title="held-out accuracy" if scorer is None else f"margin: {scorer.split(' (')[0]}")
+               title="held-out accuracy" if scorer is None else f"margin: {SCORER_AXES[scorer][0]}")
     axes[0].axhline(0.5, color="black", ls=":", lw=1, label="chance")
     return _plot("heldout", fig, axes)
 

@@ -156,14 +156,19 @@ def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Sect
     table = M.verdict(matched, a, b)
     first = table.iloc[0]
     section.notes.append(
-        f"**PPO − DPO = {first['difference']:+.3f} [{_num(first['lo'])}, {_num(first['hi'])}]** in gold reward at the "
+        f"**PPO − DPO = {_signed(first['difference'])} [{_signed(first['lo'])}, {_signed(first['hi'])}]** in gold "
+        "reward at the "
         f"matched KL of {first['KL level']:.3g} nats ({_level_source(cfg)}), {int(first['seeds a'])} PPO and "
         f"{int(first['seeds b'])} DPO seeds, 95% hierarchical bootstrap (seeds, then prompts paired across methods). "
         f"{first['verdict']}")
     for _, row in table.iloc[1:].iterrows():
         section.notes.append(f"At {row['fraction of matched KL']:g} × the matched KL ({row['KL level']:.3g} nats): "
-                             f"PPO − DPO = {row['difference']:+.3f} [{_num(row['lo'])}, {_num(row['hi'])}]. "
+                             f"PPO − DPO = {_signed(row['difference'])} [{_signed(row['lo'])}, {_signed(row['hi'])}]. "
                              f"{row['verdict']}")
+    if first["KL level"] <= 0:
+        section.notes.append("**The matched KL is 0**: some PPO or DPO run never moved from π_ref (its largest eval "
+                             "KL is at most 0), so both methods are read at π_ref and the comparison says nothing; "
+                             "train longer, or set report.matched_kl.")
     section.notes.append(power_line(first))
     section.notes.append(
         "How it is read: each run's gold at a KL level is interpolated from its eval points by a monotone cubic in √KL "
@@ -179,6 +184,10 @@ def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Sect
                              "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md).")
     section.tables.append(Table("verdict", table))
     return section
+
+
+def _signed(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:+.3f}"
 
 
 def _level_source(cfg: Config) -> str:

@@ -18,7 +18,9 @@ time, without disturbing the training RNG) and reports:
 
 A policy with pi_ref's very weights (every run's step 0, and the reference run) is not sampled again: its
 samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
-in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass.
+in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass. pi_ref's log-probs of
+the held-out pairs, the same at every eval point of every DPO run, are likewise computed once per profile
+(`reference_pairs_cache`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class EvalContext:
     gold_reward: GoldReward | None = None
     heldout_pairs: list[dict] = field(default_factory=list)  # prompt / chosen / rejected (/ gold_chosen ...)
     reference_cache: Path | None = None  # where pi_ref's own eval samples are kept (see the module docstring)
+    reference_pairs_cache: Path | None = None  # where pi_ref's log-probs of the held-out pairs are kept
     _ref_pair_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # pi_ref on held-out pairs, computed once
     _pair_batches: list | None = None
     _rm_pair_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -173,12 +176,17 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
         cost["flops"] += forward_flops(n_policy + n_scoring, real_tokens)
         out.append({**vars(batch), "logp": logp, "ref_logp": ref_logp})
         start = time.perf_counter()
-    if is_reference and cache is not None:  # written whole, then renamed: readers never see half a file
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        torch.save(out, tmp)
-        os.replace(tmp, cache)
+    if is_reference and cache is not None:
+        _save(out, cache)
     return out
+
+
+def _save(value, path: Path) -> None:
+    """torch.save written whole, then renamed: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.save(value, tmp)
+    os.replace(tmp, tmp.with_name(path.name))
 
 
 @torch.inference_mode()
@@ -261,10 +269,15 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
             ctx._rm_pair_metrics[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
         metrics.update(ctx._rm_pair_metrics[id(reward_model)])
     if implicit_beta is not None and policy is not None:
-        if ctx._ref_pair_logps is None:
+        cache = ctx.reference_pairs_cache
+        if ctx._ref_pair_logps is None and cache is not None and cache.exists():
+            ctx._ref_pair_logps = tuple(torch.load(cache, weights_only=True))
+        if ctx._ref_pair_logps is None:  # once per profile: every run's pi_ref scores the same pairs alike
             ctx._ref_pair_logps = (torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
                                    torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches]))
             passes.append(pass_parameters(ctx.ref_model))
+            if cache is not None:
+                _save(list(ctx._ref_pair_logps), cache)
         ref_c, ref_r = ctx._ref_pair_logps
         if is_reference:  # pi / pi_ref = 1 on every pair: the margins are 0 without another pass
             pol_c, pol_r = ref_c, ref_r
@@ -297,6 +310,7 @@ def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, d
     arithmetic = f"{device.type}-{resolve_precision(cfg.model.precision, device)}"
     cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
              f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic}.pt")
+    pairs_cache = cache.with_name(f"{cache.stem}-pairs-{prefs.sha256[:12]}.pt")  # the pairs: this preference set's
     return EvalContext(prompts=prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
                        autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
-                       heldout_pairs=heldout, reference_cache=cache)
+                       heldout_pairs=heldout, reference_cache=cache, reference_pairs_cache=pairs_cache)

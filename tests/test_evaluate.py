@@ -86,6 +86,8 @@ def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics
     other_run = make_eval_context(tiny_cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))
     reused, _ = evaluate(load_causal_lm(tiny_path), other_run, implicit_beta=0.1)
     assert reused["eval/sampled_tokens"] == 0 and first["eval/sampled_tokens"] > 0
+    # pi_ref's log-probs of the held-out pairs come from the profile's cache as well: nothing is scored again
+    assert other_run.reference_pairs_cache.exists() and reused["eval/scored_tokens"] == 0
     for key, value in full.items():
         if not key.endswith(("seconds", "tokens", "flops")):
             assert reused[key] == pytest.approx(value, abs=1e-5), key
