@@ -2,7 +2,8 @@
 
 A run enters the aggregates only if its manifest says `completed` and its three files (manifest.json,
 metrics.jsonl, timings.json) are whole, as are the per-prompt files of its eval points (samples/*.prompts.csv, which
-runs written before they existed lack: the report then has their eval means only). Anything else is kept in the `runs` frame with the reason, so the
+runs written before they existed lack: the report then has their eval means only). Anything else is kept in the
+`runs` frame with the reason, so the
 report can list it by name; one bad directory never stops the report.
 """
 
@@ -146,8 +147,9 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict], pd.DataFrame]:
             reason += ", still being written" if alive else ", killed (no live process; run it again to resume it)"
         return {**record, "included": False, "reason": reason}, [], [], nothing
     if record["eval_split"] == "validation":
-        return {**record, "included": False, "reason": "evaluated on the validation prompts (eval.split=validation, "
-                                                       "a sweep's run): the report shows the test prompts only"}, [], [], nothing
+        reason = "evaluated on the validation prompts (eval.split=validation, a sweep's run): the report shows the test " \
+                 "prompts only"
+        return {**record, "included": False, "reason": reason}, [], [], nothing
     try:
         rows = _read_metrics(path / "metrics.jsonl")
         stages = _read_json(path / "timings.json")

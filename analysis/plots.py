@@ -69,7 +69,8 @@ TEXT = {
         "log-probs, and both falling together is DPO's known failure mode."),
     "cost": (
         "Cost: wall-clock and FLOPs per stage, training FLOPs per method, peak memory",
-        "Bars are per-run means of each stage's wall-clock and FLOPs (eval is counted apart from training), each "
+        "Bars are per-run means (no interval: costs are measured, not compared by a test) of each stage's wall-clock "
+        "and FLOPs (eval is counted apart from training), each "
         "method's training FLOPs from the start (dark: its earlier stages, the reward model's training for PPO and "
         "Best of N, π_ref's pass for DPO; light: its own loop), and the largest peak memory seen; Best of N's own "
         "cost is inference: sampling and scoring N responses per prompt."),
@@ -128,7 +129,8 @@ def _plot(name: str, fig: Figure | None = None, axes=(), missing: str = "", **ti
 def _errors(frame: pd.DataFrame, column: str):
     """Asymmetric error bars [2, n] from `<column> mean|lo|hi` (0 where there is no interval)."""
     mean = frame[f"{column} mean"]
-    return [(mean - frame[f"{column} lo"]).fillna(0).clip(lower=0), (frame[f"{column} hi"] - mean).fillna(0).clip(lower=0)]
+    return [(mean - frame[f"{column} lo"]).fillna(0).clip(lower=0),
+            (frame[f"{column} hi"] - mean).fillna(0).clip(lower=0)]
 
 
 def frontier_plot(trajectories: pd.DataFrame, reference: pd.DataFrame, y: str, y_label: str) -> Plot:
@@ -188,7 +190,8 @@ def curves_plot(bands: dict[str, pd.DataFrame], evals: pd.DataFrame, labels: dic
 
 
 # scorer -> (short name, margin unit)
-SCORER_AXES = {"explicit RM r_φ": ("RM r_φ", "r_φ logits"), "DPO implicit β·log π/π_ref": ("DPO implicit", "β · nats"),
+SCORER_AXES = {"explicit RM r_φ": ("RM r_φ", "r_φ logits"),
+               "DPO implicit β·log π/π_ref": ("DPO implicit", "β · nats"),
                "gold (label-noise ceiling)": ("gold labels", "gold units")}
 GOLD_SCORER = "gold (label-noise ceiling)"
 
@@ -241,7 +244,8 @@ def overoptimisation_plot(gains: pd.DataFrame, fits: pd.DataFrame) -> Plot:
             drawn = points.dropna(subset=[f"{reward} gain"])
             if drawn.empty:
                 continue
-            ax.scatter(drawn["d"], drawn[f"{reward} gain"], color=color, s=14, alpha=0.6, label=f"{reward} (eval points)")
+            ax.scatter(drawn["d"], drawn[f"{reward} gain"], color=color, s=14, alpha=0.6,
+                       label=f"{reward} (eval points)")
             fit = fits[(fits["method"] == method) & (fits["reward"] == reward)]
             if not fit.empty:
                 f = fit.iloc[0]
@@ -325,9 +329,10 @@ def cost_plot(costs: pd.DataFrame, per_method: pd.DataFrame) -> Plot:
     costs = _named(costs)
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     (seconds, flops), (stacked, memory) = axes
-    sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, ax=seconds)
+    sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, errorbar=None,
+                ax=seconds)
     seconds.set(xlabel="stage", ylabel="wall-clock per run [s]", title="wall-clock per stage")
-    sns.barplot(data=costs, x="stage", y="flops", hue="method", palette=palette, ax=flops)
+    sns.barplot(data=costs, x="stage", y="flops", hue="method", palette=palette, errorbar=None, ax=flops)
     flops.set(xlabel="stage", ylabel="FLOPs per run [FLOPs]", title="FLOPs per stage (eval: counted apart)")
     per_method = _named(per_method.dropna(subset=[FLOPS]))
     colors = [palette.get(m, "grey") for m in per_method["method"]]
@@ -337,7 +342,8 @@ def cost_plot(costs: pd.DataFrame, per_method: pd.DataFrame) -> Plot:
     stacked.set(xlabel="method", ylabel="training FLOPs per run [FLOPs]",
                 title="training FLOPs from the start: earlier stages (dark) + own loop")
     stacked.tick_params(axis="x", labelsize=7)
-    sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, ax=memory)
+    sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, errorbar=None,
+                ax=memory)
     memory.set(xlabel="stage", ylabel="peak memory [MiB]", title="peak memory after each stage")
     for ax in (seconds, flops, memory):
         ax.tick_params(axis="x", labelsize=7)

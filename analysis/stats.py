@@ -53,7 +53,8 @@ def gold_at_kl(kl, gold, level):
 
     def at(k):  # values at index k (clipped into range), and whether k is in range
         kc = np.clip(k, 0, E - 1)
-        return np.take_along_axis(d, kc, -1)[..., 0], np.take_along_axis(y, kc, -1)[..., 0], ((k >= 0) & (k < E))[..., 0]
+        inside = ((k >= 0) & (k < E))[..., 0]
+        return np.take_along_axis(d, kc, -1)[..., 0], np.take_along_axis(y, kc, -1)[..., 0], inside
 
     (x0, y0, _), (x1, y1, _) = at(i - 1), at(i)
     (xp, yp, has_p), (xn, yn, has_n) = at(i - 2), at(i + 1)
