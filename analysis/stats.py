@@ -73,18 +73,6 @@ def gold_at_kl(kl, gold, level):
     return np.where(~reached.any(axis=-1), np.nan, np.where(i == 0, y[..., 0], value))
 
 
-def chord_at_kl(kl, gold, level):
-    """The old estimator, kept for the tests that show its bias: a straight chord in KL across the first crossing."""
-    kl, gold = np.asarray(kl, dtype=float), np.asarray(gold, dtype=float)
-    hits = np.flatnonzero(kl >= level)
-    if hits.size == 0:
-        return math.nan
-    i = hits[0]
-    if i == 0:
-        return float(gold[0])
-    return float(gold[i - 1] + (level - kl[i - 1]) / (kl[i] - kl[i - 1]) * (gold[i] - gold[i - 1]))
-
-
 # --- the bootstrap -----------------------------------------------------------------------------------------------
 
 
