@@ -39,7 +39,8 @@ TEXT = {
     "frontier": (
         "{reward} vs KL: each method's trajectory, seed means with intervals",
         "Up and to the left is better: each point is a method's mean over seeds at one eval point, joined in training "
-        "order, with 95% hierarchical-bootstrap bars in both reward and KL; π_ref is the origin, and Best of N "
+        "order, with 95% hierarchical-bootstrap bars in both reward and KL (thin lines: each seed, where a method has "
+        "fewer than 5); π_ref is the origin, and Best of N "
         "(dashed) stands at the upper bound log N − (N−1)/N of its KL, so its true points lie at or left of them."),
     "curves": (
         "Training curves: seed means, with each seed or a 95% band",
@@ -126,6 +127,9 @@ def _plot(name: str, fig: Figure | None = None, axes=(), missing: str = "", **ti
     return Plot(name, title, caption, fig, missing)
 
 
+SEEDS_FOR_A_BAND = 5  # fewer seeds: draw them, not a band (a bootstrap over 2-4 values is about their range)
+
+
 def _errors(frame: pd.DataFrame, column: str):
     """Asymmetric error bars [2, n] from `<column> mean|lo|hi` (0 where there is no interval)."""
     mean = frame[f"{column} mean"]
@@ -133,9 +137,11 @@ def _errors(frame: pd.DataFrame, column: str):
             (frame[f"{column} hi"] - mean).fillna(0).clip(lower=0)]
 
 
-def frontier_plot(trajectories: pd.DataFrame, reference: pd.DataFrame, y: str, y_label: str) -> Plot:
+def frontier_plot(trajectories: pd.DataFrame, reference: pd.DataFrame, y: str, y_label: str,
+                  evals: pd.DataFrame) -> Plot:
     """Per method and β, the seed means of every eval point joined in step order, with bootstrap bars in reward
-    and KL (analysis.metrics.frontier); π_ref's point at KL 0 with its interval."""
+    and KL (analysis.metrics.frontier), and each seed's own trajectory (thin) where there are fewer than
+    SEEDS_FOR_A_BAND; π_ref's point at KL 0 with its interval."""
     reward = y_label.split(" [")[0]  # the label without its unit
     if trajectories.empty:
         return _plot("frontier", missing=f"no eval point has both {y} and eval/kl", reward=reward)
@@ -146,9 +152,14 @@ def frontier_plot(trajectories: pd.DataFrame, reference: pd.DataFrame, y: str, y
     for label, group in trajectories.groupby(labels, sort=False):
         method = group["method"].iloc[0]
         group = group.sort_values("step")
+        color = palette[name(method)]
         ax.errorbar(group["eval/kl mean"], group[f"{y} mean"], xerr=_errors(group, "eval/kl"),
-                    yerr=_errors(group, y), color=palette[name(method)], ls="--" if method == "bon" else "-",
+                    yerr=_errors(group, y), color=color, ls="--" if method == "bon" else "-",
                     marker="o", ms=4, capsize=2, lw=1.5, label=label)
+        if 1 < group[f"{y} n"].max() < SEEDS_FOR_A_BAND:
+            runs = evals[(evals["method"] == method) & (evals["beta"] == group["beta"].iloc[0])]
+            for _, run in runs.dropna(subset=["eval/kl", y]).sort_values("step").groupby("run_id"):
+                ax.plot(run["eval/kl"], run[y], color=color, lw=0.7, alpha=0.4)
     if not reference.empty:
         color = palette[name("reference")]
         ax.axhline(reference[f"{y} mean"].iloc[-1], color=color, ls=":", lw=1)
@@ -156,9 +167,6 @@ def frontier_plot(trajectories: pd.DataFrame, reference: pd.DataFrame, y: str, y
                     fmt="o", capsize=3, label=f"{name('reference')} (origin)", zorder=3)
     ax.set(xlabel=KL_LABEL, ylabel=y_label)
     return _plot("frontier", fig, [ax], reward=reward)
-
-
-SEEDS_FOR_A_BAND = 5  # fewer seeds: draw them, not a band (a bootstrap over 2-4 values is about their range)
 
 
 def curves_plot(bands: dict[str, pd.DataFrame], evals: pd.DataFrame, labels: dict[str, str]) -> Plot:

@@ -311,7 +311,7 @@ def frontier_section(runs: Runs, score: str, score_label: str, stats: Stats | No
     reference = points[points["method"] == REFERENCE]
     trajectories = points[points["method"] != REFERENCE]
     section = Section("1. Reward vs KL: the frontier",
-                      plot=P.frontier_plot(trajectories, reference, score, score_label))
+                      plot=P.frontier_plot(trajectories, reference, score, score_label, runs.evals(methods)))
     section.notes.append("Each point is a method's mean over its seeds at one eval point (β apart), with 95% "
                          "hierarchical-bootstrap intervals in both reward and KL (seeds, then prompts); the points "
                          "are joined in training order. There is no envelope over single runs' points: it would "
