@@ -1,7 +1,9 @@
 """Read every run directory of a profile into tidy pandas frames (schema: docs/run-directory.md).
 
 A run enters the aggregates only if its manifest says `completed` and its three files (manifest.json,
-metrics.jsonl, timings.json) are whole. Anything else is kept in the `runs` frame with the reason, so the
+metrics.jsonl, timings.json) are whole, as are the per-prompt files of its eval points (samples/*.prompts.csv, which
+runs written before they existed lack: the report then has their eval means only). Anything else is kept in the
+`runs` frame with the reason, so the
 report can list it by name; one bad directory never stops the report.
 """
 
@@ -16,7 +18,7 @@ from typing import Iterable
 import pandas as pd
 
 from rlhf.errors import UserError
-from rlhf.rundir import process_alive, read_jsonl
+from rlhf.rundir import PROMPT_COLUMNS, PROMPTS_SUFFIX, process_alive, read_jsonl
 
 RUN_KEYS = ["method", "beta", "seed", "run_id"]  # identify a run; every frame carries them
 ROW_KEYS = ("kind", "step", "wall_seconds", "tokens")  # every metrics row has these (the schema's promise)
@@ -31,6 +33,8 @@ class Runs:
     runs: pd.DataFrame  # one row per run directory: RUN_KEYS, status, included, reason, path, provenance
     metrics: pd.DataFrame  # one row per metrics line of the included runs: RUN_KEYS, kind, step, ... metrics
     timings: pd.DataFrame  # one row per (included run, stage): RUN_KEYS, stage, seconds, flops, peak_memory_mb
+    prompts: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (included run, eval step, prompt): RUN_KEYS,
+    # step, PROMPT_COLUMNS (rlhf.rundir): what the bootstrap resamples
     data_manifests: list[dict] = field(default_factory=list)  # runs/<profile>/data/*/manifest.json
 
     @property
@@ -89,6 +93,23 @@ def _read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def _read_prompts(path: Path) -> pd.DataFrame:
+    """Every eval point's per-prompt values (samples/eval_stepN.prompts.csv) of one run, with its step; empty for a
+    run written before they were kept."""
+    frames = []
+    for csv in sorted((path / "samples").glob(f"eval_step*{PROMPTS_SUFFIX}")):
+        try:
+            frame = pd.read_csv(csv)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise BadRunDir(f"samples/{csv.name} is not a readable CSV ({e})") from None
+        unknown = set(frame) - set(PROMPT_COLUMNS)
+        if "prompt_index" not in frame or unknown:
+            raise BadRunDir(f"samples/{csv.name} has columns {list(frame)}, expected some of {list(PROMPT_COLUMNS)} "
+                            "with prompt_index")
+        frames.append(frame.assign(step=int(csv.name.removeprefix("eval_step")[:6])))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def _identity(path: Path, manifest: dict) -> dict:
     """The run's keys and provenance from its manifest (method falls back to the parent folder's name)."""
     return {
@@ -108,14 +129,15 @@ def _identity(path: Path, manifest: dict) -> dict:
     }
 
 
-def read_run(path: Path) -> tuple[dict, list[dict], list[dict]]:
-    """One run directory -> (run record, metrics rows, timings rows). Never raises for a bad directory:
-    the record's `included` is False and `reason` says why."""
+def read_run(path: Path) -> tuple[dict, list[dict], list[dict], pd.DataFrame]:
+    """One run directory -> (run record, metrics rows, timings rows, per-prompt values). Never raises for a bad
+    directory: the record's `included` is False and `reason` says why."""
+    nothing = pd.DataFrame()
     try:
         manifest = _read_json(path / "manifest.json")
     except BadRunDir as e:
         record = {"method": path.parent.name, "run_id": path.name, "status": "unknown", "path": str(path)}
-        return {**record, "included": False, "reason": str(e)}, [], []
+        return {**record, "included": False, "reason": str(e)}, [], [], nothing
     record = _identity(path, manifest)
     if record["status"] != "completed":
         # A failed or diverged run says why in `error`. A run still `running` whose lock nobody holds was killed
@@ -124,20 +146,23 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict]]:
         alive = process_alive(path) if record["status"] == "running" else None
         if alive is not None:
             reason += ", still being written" if alive else ", killed (no live process; run it again to resume it)"
-        return {**record, "included": False, "reason": reason}, [], []
+        return {**record, "included": False, "reason": reason}, [], [], nothing
     if record["eval_split"] == "validation":
-        return {**record, "included": False, "reason": "evaluated on the validation prompts (eval.split=validation, "
-                                                       "a sweep's run): the report shows the test prompts only"}, [], []
+        reason = "evaluated on the validation prompts (eval.split=validation, a sweep's run): the report shows the test " \
+                 "prompts only"
+        return {**record, "included": False, "reason": reason}, [], [], nothing
     try:
         rows = _read_metrics(path / "metrics.jsonl")
         stages = _read_json(path / "timings.json")
+        prompts = _read_prompts(path)
     except BadRunDir as e:
-        return {**record, "included": False, "reason": str(e)}, [], []
+        return {**record, "included": False, "reason": str(e)}, [], [], nothing
     keys = {k: record[k] for k in RUN_KEYS}
     metrics = [{**keys, **row} for row in rows]
     timings = [{**keys, "stage": stage, "seconds": t.get("seconds"), "flops": t.get("flops", math.nan),
                 "peak_memory_mb": t.get("peak_memory_mb")} for stage, t in stages.items()]
-    return {**record, "included": True, "reason": ""}, metrics, timings
+    prompts = prompts.assign(**keys)[[*RUN_KEYS, "step", *prompts.columns.drop("step")]] if len(prompts) else prompts
+    return {**record, "included": True, "reason": ""}, metrics, timings, prompts
 
 
 def keep_latest(records: list[dict]) -> None:
@@ -177,7 +202,7 @@ def check_pooling(records: list[dict]) -> None:
 
 def load_runs(profile_dir: Path) -> Runs:
     """Every run directory under runs/<profile>/<method>/ plus the preference sets' manifests."""
-    read, metrics, timings, data_manifests = [], [], [], []
+    read, metrics, timings, data_manifests, prompts = [], [], [], [], []
     for method_dir in sorted(p for p in profile_dir.glob("*") if p.is_dir()):
         if method_dir.name == DATA_DIR:
             for manifest in sorted(method_dir.glob("*/manifest.json")):
@@ -187,12 +212,13 @@ def load_runs(profile_dir: Path) -> Runs:
                     data_manifests.append({"path": str(manifest.parent), "error": str(e)})
             continue
         read += [read_run(run_dir) for run_dir in sorted(p for p in method_dir.iterdir() if p.is_dir())]
-    records = [record for record, _, _ in read]
+    records = [record for record, *_ in read]
     keep_latest(records)
-    for record, rows, stages in read:
+    for record, rows, stages, values in read:
         if record["included"]:
             metrics += rows
             timings += stages
+            prompts.append(values)
     check_pooling(records)
     metrics_frame = pd.DataFrame(metrics, columns=None if metrics else [*RUN_KEYS, *ROW_KEYS])
     return Runs(
@@ -200,4 +226,6 @@ def load_runs(profile_dir: Path) -> Runs:
         metrics=metrics_frame.sort_values([*RUN_KEYS, "kind", "step"], kind="stable").reset_index(drop=True),
         timings=pd.DataFrame(timings, columns=[*RUN_KEYS, "stage", "seconds", "flops", "peak_memory_mb"]),
         data_manifests=data_manifests,
+        prompts=pd.concat([p for p in prompts if len(p)] or [pd.DataFrame(columns=[*RUN_KEYS, "step"])],
+                          ignore_index=True),
     )

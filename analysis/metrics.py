@@ -1,7 +1,8 @@
 """The comparison's metrics as small pure functions of the tidy frames; definitions in docs/analysis.md.
 
-Frames carry RUN (one run) and GROUP (one method at one β: the unit seeds are aggregated over). Intervals are
-across runs (seeds) of a group: Student t, 95%, two-sided.
+Frames carry RUN (one run) and GROUP (one method at one β: the unit seeds are aggregated over). Every interval is
+the 95% hierarchical bootstrap of analysis/stats.py: over a group's runs (seeds), then over the eval prompts where the
+value is a mean over them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import stats as S
+
 RUN = ["method", "beta", "seed", "run_id"]
 GROUP = ["method", "beta"]
 # A method's cost from the start, its own earlier stages included (`earlier_stages`): the x axes of the curves and
@@ -21,45 +24,54 @@ USES_REWARD_MODEL = ("ppo", "bon")  # trains against r_phi or ranks by it: the r
 OWN_EARLIER_STAGES = ("ref_logps",)  # DPO's pass of pi_ref over its pairs, before its loop
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
-# t_{0.975, df} for df = 1..30 (scipy is not a dependency); larger df use a Cornish-Fisher expansion, which
-# is within 1e-3 of the exact quantile from df = 30 on.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
-         2.042]
+# The evaluator's per-prompt column (samples/*.prompts.csv) behind each eval mean: these are bootstrapped over prompts
+PER_PROMPT = {"eval/gold": "gold", "eval/proxy": "proxy", "eval/kl": "kl", "eval/kl_k3": "kl_k3",
+              "eval/length": "length", "eval/eos_rate": "eos"}
+STATS = ("n", "mean", "std", "lo", "hi")
 
 
-def t_critical(df: int) -> float:
-    """Two-sided 95% critical value of Student's t with `df` degrees of freedom."""
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+class PromptValues:
+    """Per-prompt values of the included runs (Runs.prompts), as [eval points x prompts] arrays. A run without them
+    (written before they were kept), or whose prompts are not the common ones, gives its eval means instead ([E, 1]):
+    the bootstrap then resamples it over seeds alone."""
+
+    def __init__(self, prompts: pd.DataFrame):
+        self.n_prompts = int(prompts["prompt_index"].nunique()) if "prompt_index" in prompts else 0
+        self._runs = dict(iter(prompts.groupby(["method", "run_id"]))) if len(prompts) else {}
+        self._tables: dict[tuple, pd.DataFrame | None] = {}
+
+    def get(self, run: pd.DataFrame, column: str) -> np.ndarray:
+        """`run`'s eval rows (one run, in step order) -> [E, P] values of `column` per prompt, or [E, 1] its means."""
+        means = run[column].to_numpy(float)[:, None]
+        key = (run["method"].iloc[0], run["run_id"].iloc[0], column)
+        if key not in self._tables:
+            rows, name = self._runs.get(key[:2]), PER_PROMPT.get(column)
+            ok = rows is not None and name in rows and rows[name].notna().all()
+            table = rows.pivot(index="step", columns="prompt_index", values=name) if ok else None
+            self._tables[key] = table if table is not None and table.shape[1] == self.n_prompts else None
+        table = self._tables[key]
+        if table is None or not set(run["step"]) <= set(table.index):
+            return means
+        return table.loc[run["step"]].to_numpy(float)
 
 
-def t_interval(values) -> dict[str, float]:
-    """n, mean, sample std and the 95% t-interval of the mean (NaN where n is too small to say)."""
-    x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
-    n = len(x)
-    if n == 0:
-        return {"n": 0, "mean": math.nan, "std": math.nan, "lo": math.nan, "hi": math.nan}
-    mean = float(x.mean())
-    if n == 1:
-        return {"n": 1, "mean": mean, "std": math.nan, "lo": math.nan, "hi": math.nan}
-    std = float(x.std(ddof=1))
-    half = t_critical(n - 1) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "lo": mean - half, "hi": mean + half}
+def make_draws(values: PromptValues, reps: int, seed: int) -> S.Draws:
+    return S.Draws.make(max(values.n_prompts, 1), reps, seed)
 
 
-def summarize(frame: pd.DataFrame, by: list[str], columns: list[str]) -> pd.DataFrame:
-    """One row per group: for each column, `<col> n|mean|std|lo|hi` across the group's rows (runs)."""
+def summarize(frame: pd.DataFrame, by: list[str], columns: list[str], draws: S.Draws) -> pd.DataFrame:
+    """One row per group: for each column, `<col> n|mean|std|lo|hi`: the mean over the group's rows (runs), the
+    between-run std and the 95% bootstrap interval over runs (S.bootstrap_mean, seeds only: these are run-level
+    numbers)."""
     rows = []
     for key, group in frame.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
         for col in columns:
-            row.update({f"{col} {stat}": v for stat, v in t_interval(group[col]).items()})
+            values = [np.array([v]) for v in group[col].dropna()]
+            row.update({f"{col} {stat}": v for stat, v in S.bootstrap_mean(values, draws, key).items()})
         rows.append(row)
-    return pd.DataFrame(rows, columns=by + [f"{c} {s}" for c in columns for s in ("n", "mean", "std", "lo", "hi")])
+    return pd.DataFrame(rows, columns=by + [f"{c} {s}" for c in columns for s in STATS])
 
 
 def final_evals(evals: pd.DataFrame) -> pd.DataFrame:
@@ -67,15 +79,28 @@ def final_evals(evals: pd.DataFrame) -> pd.DataFrame:
     return evals.sort_values("step", kind="stable").groupby(RUN, dropna=False).tail(1).reset_index(drop=True)
 
 
-def frontier(points: pd.DataFrame, x: str = "eval/kl", y: str = "eval/gold") -> pd.DataFrame:
-    """Upper envelope F(k) = max{y_i : x_i <= k} of a cloud of eval points, as the points where F steps up.
+def runs_of(evals: pd.DataFrame, *columns: str):
+    """(group, RUN key, the run's eval rows with every one of `columns`, in step order), run by run."""
+    rows = evals.dropna(subset=list(columns)) if set(columns) <= set(evals) else evals.iloc[0:0]
+    for key, run in rows.sort_values("step", kind="stable").groupby(RUN, dropna=False, sort=True):
+        yield key[:2], key, run
 
-    F is a non-decreasing step function of k; the returned points (ordered by x, with all their columns) are
-    exactly those not dominated by another point with lower-or-equal x and higher-or-equal y.
-    """
-    pts = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, False], kind="stable")
-    previous_best = pts[y].cummax().shift(1, fill_value=-np.inf)
-    return pts[pts[y] > previous_best].reset_index(drop=True)
+
+def frontier(evals: pd.DataFrame, values: PromptValues, draws: S.Draws, y: str = "eval/gold") -> pd.DataFrame:
+    """Per group and eval step: the mean over its runs of KL and of `y`, each with its 95% hierarchical bootstrap
+    interval (`<col> n|mean|std|lo|hi`), in step order: the group's trajectory through the reward-KL plane, drawn
+    joined along training. No envelope over single noisy points, which would pick the luckiest of them."""
+    at: dict[tuple, dict[str, list]] = {}
+    for group, _, run in runs_of(evals, "eval/kl", y):
+        kl, score = values.get(run, "eval/kl"), values.get(run, y)
+        for i, step in enumerate(run["step"]):
+            point = at.setdefault((*group, step), {"eval/kl": [], y: []})
+            point["eval/kl"].append(kl[i])
+            point[y].append(score[i])
+    rows = [{"method": m, "beta": b, "step": step,
+             **{f"{c} {k}": v for c in ("eval/kl", y) for k, v in S.bootstrap_mean(cols[c], draws, (m, b)).items()}}
+            for (m, b, step), cols in sorted(at.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2]))]
+    return pd.DataFrame(rows, columns=[*GROUP, "step", *(f"{c} {k}" for c in ("eval/kl", y) for k in STATS)])
 
 
 def first_crossing(track, values, level: float) -> float:
@@ -134,14 +159,35 @@ def with_earlier_stages(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFr
     return out.drop(columns=["earlier seconds", "earlier FLOPs"])
 
 
-def per_run_headline(evals: pd.DataFrame, kl_level: float | None, gold_level: float | None) -> pd.DataFrame:
-    """One row per run: final eval metrics, and where the task has a gold reward, the gold reward at the matched KL
-    and the end-to-end seconds and training FLOPs to first reach the target gold reward (`evals` carry SECONDS and
-    FLOPS: `with_earlier_stages`)."""
+def matched_gold(evals: pd.DataFrame, values: PromptValues, draws: S.Draws, compared: list[str],
+                 fractions: list[float], fixed_level: float | None) -> tuple[S.MatchedKL, dict[tuple, list]]:
+    """Gold at fractions of the matched KL for every group with gold and KL (S.matched_kl), its level set by the
+    groups of the `compared` methods; and each group's RUN keys, in the order of its `per_run` rows."""
+    curves: dict[tuple, list] = {}
+    keys: dict[tuple, list] = {}
+    for group, key, run in runs_of(evals, "eval/kl", "eval/gold"):
+        curves.setdefault(group, []).append((values.get(run, "eval/kl"), values.get(run, "eval/gold")))  # [E, P]
+        keys.setdefault(group, []).append(key)
+    levels_from = [g for g in curves if g[0] in compared] or list(curves)
+    return S.matched_kl(curves, levels_from, fractions, draws, fixed_level), keys
+
+
+def kl_column(fraction: float) -> str:
+    """The headline's name for gold at a fraction of the matched KL."""
+    return "gold at matched KL" if fraction == 1 else f"gold at {fraction:g} × matched KL"
+
+
+def per_run_headline(evals: pd.DataFrame, matched: S.MatchedKL | None, keys: dict[tuple, list],
+                     gold_level: float | None) -> pd.DataFrame:
+    """One row per run: final eval metrics, and where the task has a gold reward, its gold at each fraction of the
+    matched KL (`matched_gold`) and the end-to-end seconds and training FLOPs to first reach the target gold reward
+    (`evals` carry SECONDS and FLOPS: `with_earlier_stages`)."""
     final = final_evals(evals).set_index(RUN)
     out = pd.DataFrame(index=final.index)
-    if "eval/gold" in evals:
-        out["gold at matched KL"] = crossings(evals, "eval/kl", "eval/gold", kl_level)
+    if matched is not None:
+        read = pd.DataFrame([dict(zip(RUN, key), **{kl_column(f): v for f, v in zip(matched.fractions, row)})
+                             for group, rows in matched.per_run.items() for key, row in zip(keys[group], rows)])
+        out = out.join(read.set_index(RUN)) if len(read) else out
         out["seconds to target gold"] = crossings(evals, "eval/gold", SECONDS, gold_level)
         out["training FLOPs to target gold"] = crossings(evals, "eval/gold", FLOPS, gold_level)
     wanted = ["eval/gold", "eval/gold_sem", "eval/kl", "eval/proxy", "heldout/rm_accuracy",
@@ -150,14 +196,51 @@ def per_run_headline(evals: pd.DataFrame, kl_level: float | None, gold_level: fl
     return out.reset_index()
 
 
-def band(evals: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean and 95% t-interval of `column` across a group's runs at each eval step, with the runs' mean SECONDS and
-    FLOPS at that step (`with_earlier_stages`), the axes the band is drawn over."""
+def headline_summary(per_run: pd.DataFrame, matched: S.MatchedKL | None, draws: S.Draws) -> pd.DataFrame:
+    """Per group, every per-run headline column as `<col> n|mean|std|lo|hi`; gold at matched KL with the interval of
+    the hierarchical bootstrap (seeds, then prompts, the matched KL recomputed in each replicate), the others over
+    seeds."""
+    columns = [c for c in per_run if c not in RUN]
+    table = summarize(per_run, GROUP, columns, draws)
+    if matched is None:
+        return table
+    for i, f in enumerate(matched.fractions):
+        for group, replicates in matched.replicates.items():
+            row = (table["method"] == group[0]) & (table["beta"] == group[1])
+            table.loc[row, [f"{kl_column(f)} lo", f"{kl_column(f)} hi"]] = S.interval(replicates[:, i])
+    return table
+
+
+def verdict(matched: S.MatchedKL, a: tuple, b: tuple) -> pd.DataFrame:
+    """Group a − group b in gold reward at each fraction of the matched KL: the KL level, the observed difference of
+    means, its 95% hierarchical bootstrap interval, the seeds of each, their between-seed std, the seeds per method a
+    difference of this size needs (S.seeds_for_power) and the sentence (S.verdict_words)."""
     rows = []
-    for (method, beta, step), at in evals.dropna(subset=[column]).groupby([*GROUP, "step"], dropna=False):
-        rows.append({"method": method, "beta": beta, "step": step, SECONDS: at[SECONDS].mean(),
-                     FLOPS: at[FLOPS].mean(), **t_interval(at[column])})
-    return pd.DataFrame(rows, columns=[*GROUP, "step", SECONDS, FLOPS, "n", "mean", "std", "lo", "hi"])
+    for i, f in enumerate(matched.fractions):
+        va, vb = matched.per_run[a][:, i], matched.per_run[b][:, i]
+        na, nb = int(np.sum(~np.isnan(va))), int(np.sum(~np.isnan(vb)))
+        sd = [float(np.nanstd(v, ddof=1)) if n > 1 else math.nan for v, n in ((va, na), (vb, nb))]
+        diff = float(np.nanmean(va) - np.nanmean(vb))
+        lo, hi = S.interval(matched.replicates[a][:, i] - matched.replicates[b][:, i])
+        rows.append({"KL level": matched.level * f, "fraction of matched KL": f, "difference": diff, "lo": lo,
+                     "hi": hi, "seeds a": na, "seeds b": nb, "sd a": sd[0], "sd b": sd[1],
+                     "seeds per method for 80% power": S.seeds_for_power(diff, *sd),
+                     "verdict": S.verdict_words(lo, hi, na, nb)})
+    return pd.DataFrame(rows)
+
+
+def band(evals: pd.DataFrame, values: PromptValues, draws: S.Draws, column: str) -> pd.DataFrame:
+    """Mean and 95% bootstrap interval of `column` across a group's runs at each eval step (over prompts too, where
+    it is a mean over them), with the runs' mean SECONDS and FLOPS at that step (`with_earlier_stages`), the axes
+    the band is drawn over."""
+    at: dict[tuple, list] = {}
+    for group, _, run in runs_of(evals, column):
+        for i, (step, v) in enumerate(zip(run["step"], values.get(run, column))):
+            at.setdefault((*group, step), []).append((v, run[SECONDS].iloc[i], run[FLOPS].iloc[i]))
+    rows = [{"method": m, "beta": b, "step": step, SECONDS: np.mean([p[1] for p in points]),
+             FLOPS: np.mean([p[2] for p in points]), **S.bootstrap_mean([p[0] for p in points], draws, (m, b))}
+            for (m, b, step), points in at.items()]
+    return pd.DataFrame(rows, columns=[*GROUP, "step", SECONDS, FLOPS, *STATS])
 
 
 def spikes(values, window: int, k: float) -> np.ndarray:
@@ -200,35 +283,64 @@ def series_summary(train: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def overoptimisation(ppo_evals: pd.DataFrame) -> pd.DataFrame:
-    """Per PPO eval point: proxy and gold gains since the run's first eval, each in units of that first
-    eval's sample std (so the RM's logit scale and the gold scale are comparable), and their gap
-    proxy gain - gold gain. A gap that grows over training is over-optimisation of the reward model."""
-    columns = [*RUN, "step", "proxy gain", "gold gain", "gap"]
-    if "eval/proxy" not in ppo_evals:
-        return pd.DataFrame(columns=columns)
+GAO_FORM = {"ppo": "rl", "ppo-gt": "rl", "bon": "bon"}  # which of Gao et al.'s forms a method's gains follow
+
+
+def overoptimisation(evals: pd.DataFrame) -> pd.DataFrame:
+    """Gao et al.'s (2022) coordinates, per eval point of the PPO and Best-of-N runs: d = √KL (Best of N: of its KL
+    bound) and the proxy and gold gains since the run's first eval, each in units of that first eval's sample std
+    (so the reward model's logits and the gold scale share an axis). A proxy gain that keeps rising while the gold
+    gain bends down is over-optimisation of the reward model."""
+    columns = [*RUN, "step", "d", "proxy gain", "gold gain"]
     out = []
-    for _, run in ppo_evals.dropna(subset=["eval/proxy"]).groupby(RUN, dropna=False):
-        run = run.sort_values("step").copy()
+    for _, _, run in runs_of(evals[evals["method"].isin(list(GAO_FORM))], "eval/kl"):
+        run = run.assign(d=np.sqrt(run["eval/kl"].clip(lower=0)))
+        first = run.iloc[0]
         for name in ("proxy", "gold"):
-            if f"eval/{name}" in run:
-                first = run.iloc[0]
+            if f"eval/{name}" in run and run[f"eval/{name}"].notna().all():
                 run[f"{name} gain"] = (run[f"eval/{name}"] - first[f"eval/{name}"]) / first[f"eval/{name}_std"]
-        run["gap"] = run["proxy gain"] - run["gold gain"] if "gold gain" in run else math.nan
         out.append(run)
     return pd.concat(out).reindex(columns=columns) if out else pd.DataFrame(columns=columns)
+
+
+def gao_fits(gains: pd.DataFrame) -> pd.DataFrame:
+    """Per method and reward (proxy, gold): Gao et al.'s form fitted by least squares over every eval point of its
+    runs (S.fit_gao): RL R(d) = d(α − β log d) for PPO, R(d) = d(α − β d) for Best of N."""
+    rows = []
+    for method, runs in gains.groupby("method", sort=False):
+        form = GAO_FORM[method]
+        for reward in ("proxy", "gold"):
+            points = runs.dropna(subset=["d", f"{reward} gain"])
+            if len(points) >= 3:  # two coefficients: at least one point beyond them to judge the fit
+                alpha, beta = S.fit_gao(points["d"], points[f"{reward} gain"], form)
+                rows.append({"method": method, "reward": reward, "form": S.GAO_FORMS[form], "α": alpha, "β": beta,
+                             "points": len(points)})
+    return pd.DataFrame(rows, columns=["method", "reward", "form", "α", "β", "points"])
 
 
 SCORERS = {"rm": "explicit RM r_φ", "implicit": "DPO implicit β·log π/π_ref", "gold": "gold (label-noise ceiling)"}
 
 
-def heldout_scores(final: pd.DataFrame) -> pd.DataFrame:
-    """Long frame: per run and scorer present in its final eval, held-out accuracy and mean margin."""
-    parts = [final[RUN].assign(scorer=label, accuracy=final[f"heldout/{key}_accuracy"],
-                               margin=final[f"heldout/{key}_margin"])
-             for key, label in SCORERS.items() if f"heldout/{key}_accuracy" in final]
+def heldout_scores(final: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Long frame: per run and scorer present in its final eval, held-out accuracy and mean margin. A model scored
+    by several runs counts once: the explicit RM of PPO seeds that share one reward model, and the gold labels, the
+    same pairs for every run (one row per group)."""
+    rm_of = runs.set_index(["method", "run_id"])["reward_model_path"] if "reward_model_path" in runs else None
+    parts = []
+    for key, label in SCORERS.items():
+        if f"heldout/{key}_accuracy" not in final:
+            continue
+        rows = final.dropna(subset=[f"heldout/{key}_accuracy"])
+        if key == "gold":
+            rows = rows.drop_duplicates(GROUP)
+        elif key == "rm" and rm_of is not None:
+            model = [rm_of.get((m, r)) for m, r in zip(rows["method"], rows["run_id"])]
+            rows = rows.assign(model=[m if isinstance(m, str) else r for m, r in zip(model, rows["run_id"])])
+            rows = rows.drop_duplicates([*GROUP, "model"])
+        parts.append(rows[RUN].assign(scorer=label, accuracy=rows[f"heldout/{key}_accuracy"],
+                                      margin=rows[f"heldout/{key}_margin"]))
     columns = [*RUN, "scorer", "accuracy", "margin"]
-    return pd.concat(parts).dropna(subset=["accuracy"])[columns] if parts else pd.DataFrame(columns=columns)
+    return pd.concat(parts)[columns] if parts else pd.DataFrame(columns=columns)
 
 
 def stage_costs(timings: pd.DataFrame) -> pd.DataFrame:

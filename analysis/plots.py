@@ -14,12 +14,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only: the report must render on a headless box
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from analysis.metrics import FLOPS, RUN, SECONDS  # noqa: E402
+from analysis import stats as S  # noqa: E402
+from analysis.metrics import FLOPS, GAO_FORM, RUN, SECONDS  # noqa: E402
 
 # Legend names: the DPO paper's Fig. 2 names where it has one. Method ids (run-directory names) stay in the CSVs.
 NAMES = {"reference": "π_ref", "sft": "SFT stage (π_ref)", "reward_model": "reward model", "ppo": "PPO",
@@ -31,34 +33,31 @@ KL_LABEL = "KL(π‖π_ref) [nats per sequence]"
 # the x axes of progress: a method's cost from the start of its own earlier stages (analysis.metrics.earlier_stages)
 COST_AXES = {FLOPS: "training FLOPs, earlier stages included [FLOPs]",
              SECONDS: "wall-clock, earlier stages included [s]"}
-Z95 = 1.959964  # a normal 95% interval is the mean ± Z95 standard errors
 
 # name -> (title, the sentence under the figure on how to read it)
 TEXT = {
     "frontier": (
-        "{reward} vs KL: every eval point and each method's frontier",
-        "Up and to the left is better: each step line is the best reward a method reached at or below that KL "
-        "(dots: every eval point of every seed), bars are 95% intervals of the reward over the eval prompts "
-        "(±1.96 standard errors), and π_ref is the origin; Best of N (dashed) stands at the upper bound "
-        "log N − (N−1)/N of its KL, so its true points lie at or left of where they are drawn."),
+        "{reward} vs KL: each method's trajectory, seed means with intervals",
+        "Up and to the left is better: each point is a method's mean over seeds at one eval point, joined in training "
+        "order, with 95% hierarchical-bootstrap bars in both reward and KL (thin lines: each seed, where a method has "
+        "fewer than 5); π_ref is the origin, and Best of N "
+        "(dashed) stands at the upper bound log N − (N−1)/N of its KL, so its true points lie at or left of them."),
     "curves": (
-        "Training curves: mean and 95% band across seeds",
-        "Each line is a method's mean over seeds at each eval point and the shaded band its 95% t-interval (absent "
-        "with one seed), placed at the runs' mean training FLOPs (left) and wall-clock seconds (right) counted from "
-        "the start of the method's own earlier stages (PPO: its reward model's training; DPO: π_ref's pass over "
-        "its pairs), evaluation excluded, so a curve further left got there with less compute or sooner."),
+        "Training curves: seed means, with each seed or a 95% band",
+        "Each thick line is a method's mean over seeds at each eval point; with fewer than 5 seeds the thin lines are "
+        "the seeds themselves, with 5 or more the shaded band is the 95% bootstrap interval; x is training FLOPs "
+        "(left) and wall-clock seconds (right) from the start of the method's own earlier stages, evaluation "
+        "excluded, so a curve further left got there with less compute or sooner."),
     "heldout": (
-        "Held-out preference pairs: accuracy and margin by scorer",
-        "Bars are means over runs (black ticks: 95% bootstrap interval; the table gives t-intervals) of "
-        "each scorer's final accuracy and margin on the same held-out pairs; the gold bar (tasks with a gold "
-        "reward) is the ceiling the labels' noise allows, and margins are in each scorer's own units, so "
-        "compare accuracies across scorers and margins only within one."),
+        "Held-out preference pairs: accuracy, and margin in each scorer's units",
+        "Bars are means over runs with 95% bootstrap intervals (over seeds; a model several runs share counts "
+        "once) of each scorer's final accuracy (left; the gold bar is the ceiling the labels' noise allows) and "
+        "margin, one panel per unit, so margins are compared only within a panel."),
     "overoptimisation": (
-        "PPO: proxy (reward model) vs gold reward over training",
-        "Both gains are measured from the run's first eval in units of that eval's sample std; a proxy "
-        "line that keeps rising while the gold line flattens or falls is the reward model being "
-        "over-optimised (Gao et al. 2022); without a gold reward only the proxy line is drawn, and its rise "
-        "cannot tell progress from over-optimisation."),
+        "Over-optimisation: proxy and gold gains against √KL, with Gao et al.'s fitted forms",
+        "Dots are eval points of every run (gains since the run's first eval, in that eval's std units), lines the "
+        "fitted forms (PPO: d(α − β log d); Best of N: d(α − β d)); a gold line that bends down while the proxy "
+        "line keeps rising is the reward model being over-optimised; without a gold reward only the proxy is drawn."),
     "seeds": (
         "Stability across seeds: per-seed curves and spread of final values",
         "Left: one line per run over its training FLOPs (earlier stages included), so diverging lines of one "
@@ -71,7 +70,8 @@ TEXT = {
         "log-probs, and both falling together is DPO's known failure mode."),
     "cost": (
         "Cost: wall-clock and FLOPs per stage, training FLOPs per method, peak memory",
-        "Bars are per-run means of each stage's wall-clock and FLOPs (eval is counted apart from training), each "
+        "Bars are per-run means (no interval: costs are measured, not compared by a test) of each stage's wall-clock "
+        "and FLOPs (eval is counted apart from training), each "
         "method's training FLOPs from the start (dark: its earlier stages, the reward model's training for PPO and "
         "Best of N, π_ref's pass for DPO; light: its own loop), and the largest peak memory seen; Best of N's own "
         "cost is inference: sampling and scoring N responses per prompt."),
@@ -127,85 +127,142 @@ def _plot(name: str, fig: Figure | None = None, axes=(), missing: str = "", **ti
     return Plot(name, title, caption, fig, missing)
 
 
-def _with_interval(ax, frame: pd.DataFrame, y: str, color: str, **kwargs) -> None:
-    """Points of `frame` with bars of ±Z95 standard errors where it has `<y>_sem` (the sampling error over the eval
-    prompts); fmt="none" draws the bars alone."""
-    yerr = Z95 * frame[f"{y}_sem"] if f"{y}_sem" in frame else None
-    ax.errorbar(frame["eval/kl"], frame[y], yerr=yerr, color=color, capsize=3, lw=1, **kwargs)
+SEEDS_FOR_A_BAND = 5  # fewer seeds: draw them, not a band (a bootstrap over 2-4 values is about their range)
 
 
-def frontier_plot(points: pd.DataFrame, frontiers: pd.DataFrame, reference: pd.DataFrame, y: str,
-                  y_label: str) -> Plot:
-    """Every eval point (colour = method, marker = β), each method's frontier as a step line with 95% intervals at
-    its vertices, and π_ref's point at KL 0 with its interval."""
+def _errors(frame: pd.DataFrame, column: str):
+    """Asymmetric error bars [2, n] from `<column> mean|lo|hi` (0 where there is no interval)."""
+    mean = frame[f"{column} mean"]
+    return [(mean - frame[f"{column} lo"]).fillna(0).clip(lower=0),
+            (frame[f"{column} hi"] - mean).fillna(0).clip(lower=0)]
+
+
+def frontier_plot(trajectories: pd.DataFrame, reference: pd.DataFrame, y: str, y_label: str,
+                  evals: pd.DataFrame) -> Plot:
+    """Per method and β, the seed means of every eval point joined in step order, with bootstrap bars in reward
+    and KL (analysis.metrics.frontier), and each seed's own trajectory (thin) where there are fewer than
+    SEEDS_FOR_A_BAND; π_ref's point at KL 0 with its interval."""
     reward = y_label.split(" [")[0]  # the label without its unit
-    if points.empty:
+    if trajectories.empty:
         return _plot("frontier", missing=f"no eval point has both {y} and eval/kl", reward=reward)
     fig, ax = plt.subplots(figsize=(8, 5))
-    palette = _palette([*points["method"].unique(), "reference"])
-    sweep = points["beta"].nunique() > 1  # the markers then tell β apart, and need a legend
-    sns.scatterplot(data=_named(points).assign(β=points["beta"].map("{:g}".format)), x="eval/kl", y=y,
-                    hue="method", style="β", palette=palette, alpha=0.35, legend="brief" if sweep else False, ax=ax)
-    for method, front in frontiers.groupby("method", sort=False):
+    palette = _palette([*trajectories["method"].unique(), "reference"])
+    trajectories = trajectories.sort_values("method", key=lambda m: m.map(legend_rank), kind="stable")
+    labels = _label(trajectories)
+    for label, group in trajectories.groupby(labels, sort=False):
+        method = group["method"].iloc[0]
+        group = group.sort_values("step")
         color = palette[name(method)]
-        ax.step(front["eval/kl"], front[y], where="post", color=color, lw=2, ls="--" if method == "bon" else "-",
-                label=name(method))
-        _with_interval(ax, front, y, color, fmt="none")
+        ax.errorbar(group["eval/kl mean"], group[f"{y} mean"], xerr=_errors(group, "eval/kl"),
+                    yerr=_errors(group, y), color=color, ls="--" if method == "bon" else "-",
+                    marker="o", ms=4, capsize=2, lw=1.5, label=label)
+        if 1 < group[f"{y} n"].max() < SEEDS_FOR_A_BAND:
+            runs = evals[(evals["method"] == method) & (evals["beta"] == group["beta"].iloc[0])]
+            for _, run in runs.dropna(subset=["eval/kl", y]).sort_values("step").groupby("run_id"):
+                ax.plot(run["eval/kl"], run[y], color=color, lw=0.7, alpha=0.4)
     if not reference.empty:
         color = palette[name("reference")]
-        ax.axhline(reference[y].iloc[-1], color=color, ls=":", lw=1)
-        _with_interval(ax, reference.tail(1), y, color, fmt="o", label=f"{name('reference')} (origin)", zorder=3)
+        ax.axhline(reference[f"{y} mean"].iloc[-1], color=color, ls=":", lw=1)
+        ax.errorbar([0.0], reference[f"{y} mean"].iloc[-1:], yerr=_errors(reference.tail(1), y), color=color,
+                    fmt="o", capsize=3, label=f"{name('reference')} (origin)", zorder=3)
     ax.set(xlabel=KL_LABEL, ylabel=y_label)
     return _plot("frontier", fig, [ax], reward=reward)
 
 
-def curves_plot(bands: dict[str, pd.DataFrame], labels: dict[str, str]) -> Plot:
+def curves_plot(bands: dict[str, pd.DataFrame], evals: pd.DataFrame, labels: dict[str, str]) -> Plot:
     """Rows: metrics; columns: over training FLOPs and over wall-clock seconds, earlier stages included (never over
-    steps: a PPO iteration and a DPO step are not the same work). Line = mean, band = 95% t-interval."""
+    steps: a PPO iteration and a DPO step are not the same work). Thick line = mean over seeds; thin lines = the
+    seeds (fewer than SEEDS_FOR_A_BAND), or band = 95% bootstrap interval."""
     bands = {k: b for k, b in bands.items() if not b.empty}
     if not bands:
         return _plot("curves", missing="no PPO or DPO eval points")
     fig, axes = plt.subplots(len(bands), 2, figsize=(11, 3.4 * len(bands)), squeeze=False)
     for row, (column, frame) in zip(axes, bands.items()):
         palette = _palette(frame["method"].unique())
-        frame = _named(frame.assign(label=_label(frame)))
+        frame = frame.assign(label=_label(frame))
         for ax, (x, x_label) in zip(row, COST_AXES.items()):
-            drawn = frame.dropna(subset=[x])  # runs from before FLOPs were logged have none
-            for _, g in drawn.groupby("label"):
-                ax.fill_between(g[x], g["lo"], g["hi"], alpha=0.2, color=palette[g["method"].iloc[0]])
-            sweep = frame["label"].nunique() > frame["method"].nunique()  # then line style tells β apart
-            sns.lineplot(data=drawn, x=x, y="mean", hue="method", style="label" if sweep else None,
-                         palette=palette, marker="o", ax=ax)
+            for label, g in frame.dropna(subset=[x]).groupby("label", sort=False):  # runs before FLOPs have none
+                method = g["method"].iloc[0]
+                color = palette[name(method)]
+                if g["n"].min() >= SEEDS_FOR_A_BAND:
+                    ax.fill_between(g[x], g["lo"], g["hi"], alpha=0.2, color=color)
+                else:
+                    runs = evals[(evals["method"] == method) & (evals["beta"] == g["beta"].iloc[0])]
+                    for _, run in runs.dropna(subset=[x, column]).groupby("run_id"):
+                        ax.plot(run[x], run[column], color=color, lw=0.7, alpha=0.5)
+                ax.plot(g[x], g["mean"], color=color, lw=2, marker="o", ms=4, label=f"{label} (n={g['n'].max()})")
             ax.set(xlabel=x_label, ylabel=labels[column],
                    title=f"{labels[column].split(' [')[0]} over {x_label.split(',')[0]}")
         row[0].xaxis.set_major_formatter(EngFormatter())  # FLOPs ticks as 20 G, 3 T: no offset over the label
     return _plot("curves", fig, axes.ravel())
 
 
-def heldout_plot(scores: pd.DataFrame) -> Plot:
-    if scores.empty:
+# scorer -> (short name, margin unit)
+SCORER_AXES = {"explicit RM r_φ": ("RM r_φ", "r_φ logits"),
+               "DPO implicit β·log π/π_ref": ("DPO implicit", "β · nats"),
+               "gold (label-noise ceiling)": ("gold labels", "gold units")}
+GOLD_SCORER = "gold (label-noise ceiling)"
+
+
+def heldout_plot(summary: pd.DataFrame) -> Plot:
+    """Accuracy of every scorer in one panel; margins one panel per scorer, each in its own units. The gold labels
+    are the same for every run: one grey bar, not one per method."""
+    if summary.empty:
         return _plot("heldout", missing="no eval row carries held-out accuracies")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    palette = _palette(scores["method"].unique())
-    for ax, column, unit in zip(axes, ("accuracy", "margin"), ("fraction of pairs", "score units")):
-        sns.barplot(data=_named(scores), x="scorer", y=column, hue="method", palette=palette, errorbar=("ci", 95),
-                    ax=ax)
-        ax.set(xlabel="scorer", ylabel=f"held-out {column} [{unit}]", title=f"held-out {column}")
-        ax.tick_params(axis="x", labelsize=7)
+    gold = summary[summary["scorer"] == GOLD_SCORER].head(1).assign(method="gold labels")
+    summary = pd.concat([summary[summary["scorer"] != GOLD_SCORER], gold])
+    scorers = [s for s in SCORER_AXES if s in set(summary["scorer"])]
+    fig, axes = plt.subplots(1, 1 + len(scorers), figsize=(4 + 3.5 * len(scorers), 4), squeeze=False)
+    axes = axes.ravel()
+    palette = {**_palette(summary["method"].unique()), "gold labels": "#999999"}
+    methods = sorted(summary["method"].unique(), key=legend_rank)
+    labelled = set()  # one legend entry per method
+    for panel, (ax, scorer) in enumerate(zip(axes, [None, *scorers])):
+        column = "accuracy" if scorer is None else "margin"
+        rows = summary if scorer is None else summary[summary["scorer"] == scorer]
+        ticks = scorers if scorer is None else [scorer]
+        for tick, scorer_rows in rows.groupby("scorer", sort=False):
+            present = [m for m in methods if m in set(scorer_rows["method"])]
+            width = 0.8 / len(present)
+            for j, method in enumerate(present):
+                at = scorer_rows[scorer_rows["method"] == method]
+                ax.bar(ticks.index(tick) + (j - (len(present) - 1) / 2) * width, at[f"{column} mean"], width,
+                       yerr=_errors(at, column), color=palette.get(name(method), palette.get(method)), capsize=3,
+                       label=name(method) if panel == 0 and method not in labelled else None)
+                labelled.add(method)
+        ax.set_xticks(range(len(ticks)), [SCORER_AXES[t][0] for t in ticks], fontsize=8)
+        unit = "fraction of pairs" if scorer is None else SCORER_AXES[scorer][1]
+        ax.set(xlabel="scorer", ylabel=f"held-out {column} [{unit}]",
+               title="held-out accuracy" if scorer is None else f"margin: {SCORER_AXES[scorer][0]}")
     axes[0].axhline(0.5, color="black", ls=":", lw=1, label="chance")
     return _plot("heldout", fig, axes)
 
 
-def overoptimisation_plot(gains: pd.DataFrame) -> Plot:
+def overoptimisation_plot(gains: pd.DataFrame, fits: pd.DataFrame) -> Plot:
+    """One panel per method (PPO, Best of N): proxy and gold gains against d = √KL and the fitted Gao forms."""
     if gains.empty:
-        return _plot("overoptimisation", missing="no PPO eval points with a proxy reward")
-    long = gains.melt(id_vars=[*RUN, "step"], value_vars=["proxy gain", "gold gain"], var_name="reward")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=long.dropna(subset=["value"]), x="step", y="value", hue="reward", errorbar=("ci", 95),
-                 marker="o", ax=ax)
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set(xlabel="PPO optimizer step", ylabel="gain since first eval [first-eval std units]")
-    return _plot("overoptimisation", fig, [ax])
+        return _plot("overoptimisation", missing="no PPO or Best-of-N eval points")
+    methods = sorted(gains["method"].unique(), key=legend_rank)
+    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), squeeze=False)
+    colors = {"proxy": "#2ca02c", "gold": "#d4a017"}
+    for ax, method in zip(axes.ravel(), methods):
+        points = gains[gains["method"] == method]
+        grid = np.linspace(0, points["d"].max(), 100)
+        for reward, color in colors.items():
+            drawn = points.dropna(subset=[f"{reward} gain"])
+            if drawn.empty:
+                continue
+            ax.scatter(drawn["d"], drawn[f"{reward} gain"], color=color, s=14, alpha=0.6,
+                       label=f"{reward} (eval points)")
+            fit = fits[(fits["method"] == method) & (fits["reward"] == reward)]
+            if not fit.empty:
+                f = fit.iloc[0]
+                ax.plot(grid, S.gao_curve(grid, f["α"], f["β"], GAO_FORM[method]), color=color, lw=1.5,
+                        label=f"{reward} fit: α={f['α']:.3g}, β={f['β']:.3g}")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(xlabel="d = √KL [√nats]" + (" (of the KL bound)" if method == "bon" else ""),
+               ylabel="gain since first eval [first-eval std units]", title=name(method))
+    return _plot("overoptimisation", fig, axes.ravel())
 
 
 def seeds_plot(evals: pd.DataFrame, final: pd.DataFrame, y: str, y_label: str) -> Plot:
@@ -280,9 +337,10 @@ def cost_plot(costs: pd.DataFrame, per_method: pd.DataFrame) -> Plot:
     costs = _named(costs)
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     (seconds, flops), (stacked, memory) = axes
-    sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, ax=seconds)
+    sns.barplot(data=costs, x="stage", y="seconds", hue="method", palette=palette, errorbar=None,
+                ax=seconds)
     seconds.set(xlabel="stage", ylabel="wall-clock per run [s]", title="wall-clock per stage")
-    sns.barplot(data=costs, x="stage", y="flops", hue="method", palette=palette, ax=flops)
+    sns.barplot(data=costs, x="stage", y="flops", hue="method", palette=palette, errorbar=None, ax=flops)
     flops.set(xlabel="stage", ylabel="FLOPs per run [FLOPs]", title="FLOPs per stage (eval: counted apart)")
     per_method = _named(per_method.dropna(subset=[FLOPS]))
     colors = [palette.get(m, "grey") for m in per_method["method"]]
@@ -292,7 +350,8 @@ def cost_plot(costs: pd.DataFrame, per_method: pd.DataFrame) -> Plot:
     stacked.set(xlabel="method", ylabel="training FLOPs per run [FLOPs]",
                 title="training FLOPs from the start: earlier stages (dark) + own loop")
     stacked.tick_params(axis="x", labelsize=7)
-    sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, ax=memory)
+    sns.barplot(data=costs, x="stage", y="peak_memory_mb", hue="method", palette=palette, errorbar=None,
+                ax=memory)
     memory.set(xlabel="stage", ylabel="peak memory [MiB]", title="peak memory after each stage")
     for ax in (seconds, flops, memory):
         ax.tick_params(axis="x", labelsize=7)

@@ -18,8 +18,9 @@ import pandas as pd
 
 from analysis import metrics as M
 from analysis import plots as P
+from analysis import stats as S
 from analysis.load import Runs, load_runs
-from rlhf.config import PROJECT_ROOT, Config
+from rlhf.config import PROJECT_ROOT, Config, ReportConfig
 from rlhf.rundir import atomic_write_text
 
 COMPARED = ("ppo", "dpo")  # the two methods the benchmark compares: their runs set the default comparison levels
@@ -114,27 +115,129 @@ def _level(configured: float | None, key: str, level_runs: pd.DataFrame, who: st
     return M.common_reach(level_runs, column), f"the highest {column} every {who} run reaches"
 
 
-def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
-    """Gold reward at matched KL and time to reach the target gold reward, per method (SPEC §7.7)."""
+@dataclass
+class Stats:
+    """What every section's intervals share: the per-prompt values and one set of bootstrap draws."""
+    values: M.PromptValues
+    draws: S.Draws
+    matched: S.MatchedKL | None = None  # gold at fractions of the matched KL, per group (tasks with a gold reward)
+    keys: dict = field(default_factory=dict)  # per group, the RUN keys of matched.per_run's rows
+
+
+def make_stats(runs: Runs, report: ReportConfig | None = None) -> Stats:
+    """The shared draws and, where the runs have a gold reward, gold at fractions of the matched KL."""
+    report = report or ReportConfig()
+    values = M.PromptValues(runs.prompts)
+    stats = Stats(values, M.make_draws(values, report.bootstrap_reps, report.bootstrap_seed))
+    evals = runs.evals(policies(runs))
+    compared = [m for m in COMPARED if m in runs.methods] or trained(runs)
+    if has_gold(runs) and not runs.evals(compared).empty:
+        stats.matched, stats.keys = M.matched_gold(evals, values, stats.draws, compared, report.kl_fractions,
+                                                   report.matched_kl)
+    return stats
+
+
+def has_gold(runs: Runs) -> bool:
+    evals = runs.evals()
+    return "eval/gold" in evals and bool(evals["eval/gold"].notna().any())
+
+
+def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Section:
+    """The verdict first: PPO − DPO in gold at matched KL, its interval, the sentence, the seeds, the power line."""
+    stats = stats or make_stats(runs, cfg.report)
+    section = Section("Verdict: PPO vs DPO in gold reward at matched KL")
+    a, b = ("ppo", cfg.beta), ("dpo", cfg.beta)
+    matched = stats.matched
+    if matched is None or a not in matched.per_run or b not in matched.per_run:
+        missing = [P.name(g[0]) for g in (a, b) if matched is None or g not in matched.per_run]
+        section.notes.append(f"No verdict: no completed {' or '.join(missing)} run at β = {cfg.beta:g} with a gold "
+                             "reward and a KL (see the headline's notes for what is missing).")
+        return section
+    table = M.verdict(matched, a, b)
+    first = table.iloc[0]
+    section.notes.append(
+        f"**PPO − DPO = {_signed(first['difference'])} [{_signed(first['lo'])}, {_signed(first['hi'])}]** in gold "
+        "reward at the "
+        f"matched KL of {first['KL level']:.3g} nats ({_level_source(cfg)}), {int(first['seeds a'])} PPO and "
+        f"{int(first['seeds b'])} DPO seeds, 95% hierarchical bootstrap (seeds, then prompts paired across methods). "
+        f"{first['verdict']}")
+    for _, row in table.iloc[1:].iterrows():
+        section.notes.append(f"At {row['fraction of matched KL']:g} × the matched KL ({row['KL level']:.3g} nats): "
+                             f"PPO − DPO = {_signed(row['difference'])} [{_signed(row['lo'])}, {_signed(row['hi'])}]. "
+                             f"{row['verdict']}")
+    if first["KL level"] <= 0:
+        section.notes.append("**The matched KL is 0**: some PPO or DPO run never moved from π_ref (its largest eval "
+                             "KL is at most 0), so both methods are read at π_ref and the comparison says nothing; "
+                             "train longer, or set report.matched_kl.")
+    section.notes.append(power_line(first))
+    section.notes.append(
+        "How it is read: each run's gold at a KL level is interpolated from its eval points by a monotone cubic in √KL "
+        "(docs/analysis.md; a straight chord in KL reads the concave gold-KL curve low); a method's value is the "
+        "mean over its seeds; the interval resamples seeds within each method, then the eval prompts (one draw "
+        "shared by every run, every policy being scored on the same prompts with the same sampling seed), and "
+        f"recomputes the matched KL in each of {cfg.report.bootstrap_reps} replicates. With fewer than 5 seeds a "
+        "bootstrap over seeds has few distinct draws and its interval is too narrow: read it with the power line.")
+    few = [f"{P.name(g[0])} {len(stats.keys[g])} run(s)" for g in (a, b)
+           if any(len(run) < 5 for run in _eval_counts(runs, g, stats.keys[g]))]
+    if few:
+        section.notes.append(f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at the matched KL "
+                             "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md).")
+    section.tables.append(Table("verdict", table))
+    return section
+
+
+def _signed(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:+.3f}"
+
+
+def _level_source(cfg: Config) -> str:
+    return ("set by report.matched_kl" if cfg.report.matched_kl is not None else
+            "the largest KL every PPO and DPO run reaches")
+
+
+def _eval_counts(runs: Runs, group: tuple, keys: list) -> list[list]:
+    evals = runs.evals([group[0]])
+    return [evals[(evals["run_id"] == key[3])]["step"].tolist() for key in keys]
+
+
+def power_line(row: pd.Series) -> str:
+    """The power line: how many seeds per method would resolve a difference of the observed size."""
+    n = row["seeds per method for 80% power"]
+    if math.isnan(n):
+        return ("Power: unknown: one seed of a method gives no between-seed variance. With 2 or more seeds each, this "
+                "line says how many would resolve a difference of the observed size.")
+    if math.isinf(n):
+        return "Power: the observed difference is 0; no number of seeds resolves it."
+    return (f"Power: from the observed between-seed sd ({row['sd a']:.3g} PPO, {row['sd b']:.3g} DPO), resolving a "
+            f"difference of {abs(row['difference']):.3g} (two-sided 5% test, 80% power) takes about {n:.0f} seeds per "
+            f"method; this report has {int(row['seeds a'])} and {int(row['seeds b'])}.")
+
+
+def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | None = None) -> Section:
+    """Gold reward at matched KL (and fractions of it) and the time and compute to reach the target gold reward,
+    per method (SPEC §7.7)."""
+    stats = stats or make_stats(runs, cfg.report)
     # The levels come from the PPO and DPO runs (the comparison), or from every trained run where neither exists.
     compared = runs.evals([m for m in COMPARED if m in runs.methods])
     level_runs, who = (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)), "trained")
     evals = costed_evals(runs, policies(runs))
     section = Section("Headline: gold reward at matched KL, and the time and compute to reach it")
-    kl_level = gold_level = math.nan
-    if has_gold and not level_runs.empty:
-        kl_level, kl_source = _level(cfg.report.matched_kl, "report.matched_kl", level_runs, who, "eval/kl")
+    gold_level = math.nan
+    if has_gold and stats.matched is not None:
         gold_level, gold_source = _level(cfg.report.target_gold, "report.target_gold", level_runs, who, "eval/gold")
         section.notes += [
-            f"Matched KL = {kl_level:.4g} nats per sequence ({kl_source}): each run's gold reward where its eval "
-            "trajectory first reaches that KL, interpolated linearly (empty where a run never reaches it).",
+            f"Matched KL = {stats.matched.level:.4g} nats per sequence ({_level_source(cfg)}), and "
+            f"{', '.join(f'{f:g}' for f in stats.matched.fractions[1:])} of it: each run's gold reward where its eval "
+            "trajectory first reaches that KL, read from a monotone cubic interpolation in √KL (empty where a run "
+            "never reaches it).",
             f"Target gold reward = {gold_level:.4g} ({gold_source}): wall-clock seconds and training FLOPs until a "
             "run's eval trajectory first reaches it, each counted from the start of the method's own earlier "
             "stages: PPO's include its own reward model's training, DPO's its pass of pi_ref over its pairs. FLOPs "
             "are 6·N·tokens a training pass and 2·N·tokens a forward pass (docs/analysis.md); evaluation is excluded "
             "from both, and so is the shared preference set (section 6).",
-            "Cells read: mean over runs [95% t-interval] sd sample std (n = runs); one run gives no interval, and "
-            "`final eval/gold_sem` is then the standard error of its gold reward over the eval prompts."]
+            "Cells read: mean over runs [95% bootstrap interval] sd between-run std (n = runs). Gold at matched KL: "
+            "the hierarchical bootstrap (seeds, then prompts); the other columns are run-level numbers, resampled "
+            "over seeds. One run of run-level numbers gives no interval."]
     elif not has_gold:
         section.notes.append("This task has no gold reward: the table gives the final KL, the proxy reward (PPO's "
                              "learned RM; DPO's samples are scored by the same RM where `make ppo` trained it first) "
@@ -154,9 +257,9 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool) -> Section:
     if evals.empty:
         section.notes.append("No completed reference, PPO, DPO or baseline run: nothing to compare yet.")
         return section
-    per_run = _in_legend_order(M.per_run_headline(evals, kl_level, gold_level))
-    section.tables.append(Table("headline", _in_legend_order(
-        M.summarize(per_run, M.GROUP, [c for c in per_run if c not in M.RUN]))))
+    per_run = _in_legend_order(M.per_run_headline(evals, stats.matched, stats.keys, gold_level))
+    section.tables.append(Table("headline", _in_legend_order(M.headline_summary(per_run, stats.matched,
+                                                                                stats.draws))))
     section.tables.append(Table("headline_per_run", per_run))
     section.tables.append(Table("budget", _in_legend_order(
         M.budgets(runs.runs, [m for m in trained(runs) if m != "ppo-gt"]))))
@@ -201,63 +304,81 @@ def _with(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
     return frame.dropna(subset=list(columns)) if set(columns) <= set(frame) else frame.iloc[0:0]
 
 
-def frontier_section(runs: Runs, score: str, score_label: str) -> Section:
+def frontier_section(runs: Runs, score: str, score_label: str, stats: Stats | None = None) -> Section:
+    stats = stats or make_stats(runs)
     methods = [m for m in policies(runs) if m != REFERENCE]
-    points = _with(runs.evals(methods), score, "eval/kl")
-    reference = _with(runs.evals([REFERENCE]), score, "eval/kl")
-    # π_ref is the origin of every method's frontier: its eval point joins each method's cloud.
-    frontiers = pd.concat([M.frontier(pd.concat([points[points["method"] == m], reference]), y=score).assign(method=m)
-                           for m in methods if (points["method"] == m).any()] or [pd.DataFrame()])
+    points = M.frontier(runs.evals(policies(runs)), stats.values, stats.draws, score)
+    reference = points[points["method"] == REFERENCE]
+    trajectories = points[points["method"] != REFERENCE]
     section = Section("1. Reward vs KL: the frontier",
-                      plot=P.frontier_plot(points, frontiers, reference, score, score_label))
+                      plot=P.frontier_plot(trajectories, reference, score, score_label, runs.evals(methods)))
+    section.notes.append("Each point is a method's mean over its seeds at one eval point (β apart), with 95% "
+                         "hierarchical-bootstrap intervals in both reward and KL (seeds, then prompts); the points "
+                         "are joined in training order. There is no envelope over single runs' points: it would "
+                         "pick the luckiest of them and favour the method with more points or more spread.")
     if reference.empty:
         section.notes.append(
-            "No reference run (`make reference`) with this score: frontiers start at each method's first eval."
+            "No reference run (`make reference`) with this score: trajectories start at each method's first eval."
             if runs.evals([REFERENCE]).empty else
-            f"The reference run has no {score} (π_ref is evaluated without the reward model): frontiers start at "
+            f"The reference run has no {score} (π_ref is evaluated without the reward model): trajectories start at "
             "each method's first eval, which is π_ref itself at step 0.")
-    if not frontiers.empty:
-        columns = [c for c in ("method", "beta", "step", "eval/kl", score, f"{score}_sem") if c in frontiers]
-        section.tables.append(Table("frontier", frontiers[columns]))
+    if not trajectories.empty:
+        section.tables.append(Table("frontier", trajectories[trajectories["method"].isin(methods)]))
     return section
 
 
-def curves_section(runs: Runs, columns: dict[str, str]) -> Section:
+def curves_section(runs: Runs, columns: dict[str, str], stats: Stats | None = None) -> Section:
+    stats = stats or make_stats(runs)
     trained_evals = costed_evals(runs, trained(runs))
-    bands = {c: M.band(trained_evals, c) for c in columns if c in trained_evals}
-    section = Section("2. Reward and KL over training FLOPs and wall-clock", plot=P.curves_plot(bands, columns))
+    bands = {c: M.band(trained_evals, stats.values, stats.draws, c) for c in columns if c in trained_evals}
+    section = Section("2. Reward and KL over training FLOPs and wall-clock",
+                      plot=P.curves_plot(bands, trained_evals, columns))
     section.notes.append("Both axes count from the start of each method's own earlier stages (PPO: its reward "
                          "model's training; DPO: its pass of pi_ref over its pairs), evaluation excluded, so PPO's "
                          "curve starts where its reward model ends.")
     return section
 
 
-def heldout_section(runs: Runs, has_gold: bool) -> Section:
-    scores = M.heldout_scores(M.final_evals(runs.evals()))
+def heldout_section(runs: Runs, has_gold: bool, stats: Stats | None = None) -> Section:
+    stats = stats or make_stats(runs)
+    scores = M.heldout_scores(M.final_evals(runs.evals()), runs.runs)
+    summary = M.summarize(scores, [*M.GROUP, "scorer"], ["accuracy", "margin"], stats.draws)
     title = "3. Held-out pairs: explicit RM vs DPO implicit reward" + (" vs gold ceiling" if has_gold else "")
-    section = Section(title, plot=P.heldout_plot(scores))
+    section = Section(title, plot=P.heldout_plot(summary))
     section.notes.append("Each run's last eval point. Accuracy counts a tie as half; margin is the mean score of "
-                         "the chosen minus the rejected response, in the scorer's own units.")
+                         "the chosen minus the rejected response, in the scorer's own units (one panel per unit). A "
+                         "model scored by several runs counts once: a reward model shared by PPO seeds, and the gold "
+                         "labels (the same pairs for every run).")
     if not has_gold:
         section.notes.append("No gold reward: the labels are human judgements, so no ceiling from label noise is "
                              "known, and accuracy is against those labels. With n held-out pairs an accuracy p has "
                              "a standard error of about sqrt(p(1-p)/n): 0.035 at p = 0.6 and n = 200.")
     if not scores.empty:
-        section.tables.append(Table("heldout", M.summarize(scores, [*M.GROUP, "scorer"], ["accuracy", "margin"])))
+        section.tables.append(Table("heldout", summary))
     return section
 
 
 def overoptimisation_section(runs: Runs, has_gold: bool) -> Section:
-    gains = M.overoptimisation(runs.evals(["ppo"]))
-    section = Section("4. Proxy vs gold reward over PPO training" if has_gold else
-                      "4. Proxy reward over PPO training (no gold reward: over-optimisation cannot be seen)",
-                      plot=P.overoptimisation_plot(gains))
+    gains = M.overoptimisation(runs.evals(list(M.GAO_FORM)))
+    fits = M.gao_fits(gains)
+    section = Section("4. Over-optimisation: proxy and gold reward against √KL (Gao et al. 2022)" if has_gold else
+                      "4. Proxy reward against √KL (no gold reward: over-optimisation cannot be seen)",
+                      plot=P.overoptimisation_plot(gains, fits))
+    section.notes.append("Gao et al.'s forms, fitted by least squares over every eval point of a method's runs, gains "
+                         "in units of the first eval's std: RL (PPO) R(d) = d(α − β log d), Best of N "
+                         "R(d) = d(α − β d), d = √KL (Best of N: of its KL bound). A fitted gold curve that peaks "
+                         "while the proxy's keeps rising is over-optimisation; the peak of the RL form is at "
+                         "d = exp(α/β − 1).")
     if not gains.empty:
         section.tables.append(Table("proxy_gold_gap", gains))
+    if not fits.empty:
+        section.tables.append(Table("gao_fits", fits))
     return section
 
 
-def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) -> list[Section]:
+def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str,
+                       stats: Stats | None = None) -> list[Section]:
+    stats = stats or make_stats(runs, cfg.report)
     trained_evals = costed_evals(runs, trained(runs))
     final = M.final_evals(trained_evals)
     seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained_evals, final, score, score_label))
@@ -268,7 +389,7 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str) ->
     seeds.notes.append(spread_note(runs))
     if not final.empty:
         columns = [c for c in (score, "eval/kl") if c in final]
-        seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns)))
+        seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns, stats.draws)))
     train = runs.train(trained(runs))
     flagged = M.flag_spikes(train, SPIKE_SERIES, cfg.report.spike_window, cfg.report.spike_k)
     health = Section("5b. Training health: spikes, PPO clipping, DPO log-probs", plot=P.health_plot(train, flagged))
@@ -360,20 +481,21 @@ def missing_notes(runs: Runs, has_gold: bool) -> list[str]:
 
 
 def build(runs: Runs, cfg: Config, profile_dir: Path) -> list[Section]:
-    evals = runs.evals()
-    has_gold = "eval/gold" in evals and evals["eval/gold"].notna().any()
+    gold = has_gold(runs)
     unit = GOLD_UNITS.get(cfg.task.name, "the task's gold score")
-    score, score_label = (("eval/gold", f"gold reward [{unit}]") if has_gold else
+    score, score_label = (("eval/gold", f"gold reward [{unit}]") if gold else
                           ("eval/proxy", "proxy reward, learned RM [RM score]"))
-    headline = headline_section(runs, cfg, has_gold)
-    headline.notes = missing_notes(runs, has_gold) + headline.notes
+    stats = make_stats(runs, cfg.report)
+    headline = headline_section(runs, cfg, gold, stats)
+    headline.notes = missing_notes(runs, gold) + headline.notes
     return [
+        *([verdict_section(runs, cfg, stats)] if gold else []),
         headline,
-        frontier_section(runs, score, score_label),
-        curves_section(runs, {score: score_label, "eval/kl": P.KL_LABEL}),
-        heldout_section(runs, has_gold),
-        overoptimisation_section(runs, has_gold),
-        *stability_sections(runs, cfg, score, score_label),
+        frontier_section(runs, score, score_label, stats),
+        curves_section(runs, {score: score_label, "eval/kl": P.KL_LABEL}, stats),
+        heldout_section(runs, gold, stats),
+        overoptimisation_section(runs, gold),
+        *stability_sections(runs, cfg, score, score_label, stats),
         cost_section(runs),
         provenance_section(runs, cfg, profile_dir),
     ]
@@ -435,6 +557,9 @@ def main(cfg: Config) -> int:
     runs = load_runs(profile_dir)
     for _, bad in runs.runs[~runs.runs["included"]].iterrows():
         print(f"left out: {bad['path']}: {bad['reason']}")
-    write(build(runs, cfg, profile_dir), out, cfg.profile)
+    sections = build(runs, cfg, profile_dir)
+    write(sections, out, cfg.profile)
+    if sections[0].title.startswith("Verdict"):
+        print("verdict: " + sections[0].notes[0].replace("**", ""))
     print(f"report: {out / 'index.html'} ({int(runs.runs['included'].sum())} of {len(runs.runs)} runs included)")
     return 0

@@ -26,7 +26,8 @@ from transformers import PreTrainedModel
 
 from rlhf.config import Config
 from rlhf.data import PreferenceSet
-from rlhf.evaluate import EvalContext, eval_batches, make_eval_context, response_metrics, response_stats
+from rlhf.evaluate import (EvalContext, eval_batches, make_eval_context, per_prompt, response_metrics,
+                           response_stats)
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import (default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
                          resolve_model_path)
@@ -125,13 +126,12 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
             best = pick_best(torch.tensor(c.proxy), n).tolist()
             texts, proxy = _chosen(c.texts, best), _chosen(c.proxy, best)
             golds = _chosen(gold, best) if gold else None
-            metrics = {"eval/kl": kl_bound(n), "bon/n": n,
-                       **response_metrics(texts, _chosen(c.lengths, best), _chosen(c.ended, best), golds, proxy)}
+            lengths, ended = _chosen(c.lengths, best), _chosen(c.ended, best)
+            metrics = {"eval/kl": kl_bound(n), "bon/n": n, **response_metrics(texts, lengths, ended, golds, proxy)}
             # Best of n costs the sampling and scoring of n rounds, spent at inference on every prompt.
             run.log({"kind": "eval", "step": n, "wall_seconds": sum(c.seconds[:n]), "tokens": sum(c.tokens[:n]),
                      "flops": sum(c.flops[:n]), **metrics})
-            run.write_samples(n, [{"prompt": p, "response": t, "proxy": r, **({"gold": g} if golds else {})}
-                                  for p, t, r, g in zip(ctx.prompts, texts, proxy, golds or [None] * len(texts))
-                                  ][:cfg.eval.n_samples_saved])
+            bound = [kl_bound(n)] * len(texts)  # every prompt's KL is the bound: no estimate exists (docs/baselines.md)
+            run.write_samples(n, per_prompt(ctx.prompts, texts, bound, None, lengths, ended, golds, proxy))
             evals[n] = metrics
     return BestOfNResult(run.path, evals)

@@ -168,14 +168,12 @@ class EvalConfig:
     batch_size: int = _f(32, "prompts per generation / scoring batch")
     seed: int = _f(1234, "sampling seed, the same at every eval point of every run")
     n_heldout_pairs: int | None = _f(None, "held-out pairs scored at every eval point (null = all)")
-    n_samples_saved: int = _f(16, "eval samples written to the run directory at each eval point")
     split: Literal["test", "validation"] = _f(
         "test", "'test': the test prompts and held-out pairs every report shows; 'validation': the validation "
                 "prompts and pairs (task.n_validation_prompts) that sweeps choose hyper-parameters on")
 
     def validate(self, prefix: str) -> None:
-        _require_positive(self, prefix, "n_prompts", "max_new_tokens", "temperature", "batch_size", "n_heldout_pairs",
-                          "n_samples_saved")
+        _require_positive(self, prefix, "n_prompts", "max_new_tokens", "temperature", "batch_size", "n_heldout_pairs")
 
 
 @dataclass
@@ -373,6 +371,10 @@ class ReportConfig:
         None, "gold reward whose first crossing gives time- and tokens-to-reach; null = the highest gold reward "
         "that every included PPO and DPO run reaches"
     )
+    kl_fractions: list[float] = _f(
+        [1.0, 0.5, 0.25], "the headline reads gold at these fractions of the matched KL (1: the matched KL itself)")
+    bootstrap_reps: int = _f(2000, "replicates of the hierarchical bootstrap behind every interval (docs/analysis.md)")
+    bootstrap_seed: int = _f(0, "seed of the bootstrap's draws: the same runs give the same intervals")
     spike_window: int = _f(10, "a spike is judged against the median and MAD of this many preceding training steps")
     spike_k: float = _f(5.0, "a spike exceeds the window's median by more than spike_k robust standard deviations "
                              "(1.4826 x MAD)")
@@ -381,6 +383,11 @@ class ReportConfig:
         _require(bool(self.out_dir), f"{prefix}.out_dir", "must not be empty")
         _require(self.matched_kl is None or self.matched_kl >= 0, f"{prefix}.matched_kl",
                  f"must be >= 0 or null, got {self.matched_kl}")
+        fractions = self.kl_fractions
+        _require(len(fractions) > 0 and fractions[0] == 1.0 and all(0 < f <= 1 for f in fractions),
+                 f"{prefix}.kl_fractions", f"must start with 1.0 and hold fractions in (0, 1], got {self.kl_fractions}")
+        _require(self.bootstrap_reps >= 100, f"{prefix}.bootstrap_reps", f"must be at least 100, got "
+                 f"{self.bootstrap_reps}")
         _require(self.spike_window >= 3, f"{prefix}.spike_window", f"must be at least 3, got {self.spike_window}")
         _require(self.spike_k > 0, f"{prefix}.spike_k", f"must be positive, got {self.spike_k}")
 

@@ -11,11 +11,16 @@ time, without disturbing the training RNG) and reports:
 * on held-out pairs, accuracy and mean margin s(x, y_w) - s(x, y_l) of each scorer: gold (the label-noise
   ceiling), the explicit reward model r_phi, DPO's implicit reward beta * log pi / pi_ref;
 * its own cost: seconds, tokens and FLOPs spent sampling and scoring (forward passes; rlhf/flops.py), counted
-  apart from every method's training.
+  apart from every method's training;
+* per prompt (`per_prompt`): the response, its gold and proxy rewards, k1 and k3, length and EOS flag, which the run
+  directory keeps for every eval prompt: the paired design (same prompts, same sampling seed for every policy)
+  stays usable afterwards.
 
 A policy with pi_ref's very weights (every run's step 0, and the reference run) is not sampled again: its
 samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
-in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass.
+in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass. pi_ref's log-probs of
+the held-out pairs, the same at every eval point of every DPO run, are likewise computed once per profile
+(`reference_pairs_cache`).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class EvalContext:
     gold_reward: GoldReward | None = None
     heldout_pairs: list[dict] = field(default_factory=list)  # prompt / chosen / rejected (/ gold_chosen ...)
     reference_cache: Path | None = None  # where pi_ref's own eval samples are kept (see the module docstring)
+    reference_pairs_cache: Path | None = None  # where pi_ref's log-probs of the held-out pairs are kept
     _ref_pair_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # pi_ref on held-out pairs, computed once
     _pair_batches: list | None = None
     _rm_pair_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -152,11 +158,7 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
     cfg, cache = ctx.cfg, ctx.reference_cache
     device = next(policy.parameters()).device
     if is_reference and cache is not None and cache.exists():
-        try:
-            return torch.load(cache, map_location=device, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # written whole, so damaged afterwards
-            raise UserError(f"{cache}: not a whole torch file ({type(e).__name__}); delete it (pi_ref's eval samples "
-                            "are sampled again)") from None
+        return _load(cache, device)
     out = []
     n_policy = pass_parameters(policy)
     n_scoring = n_policy + (0 if is_reference else pass_parameters(ctx.ref_model))
@@ -175,12 +177,26 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
         cost["flops"] += forward_flops(n_policy + n_scoring, real_tokens)
         out.append({**vars(batch), "logp": logp, "ref_logp": ref_logp})
         start = time.perf_counter()
-    if is_reference and cache is not None:  # written whole, then renamed: readers never see half a file
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        torch.save(out, tmp)
-        os.replace(tmp, cache)
+    if is_reference and cache is not None:
+        _save(out, cache)
     return out
+
+
+def _load(path: Path, device: torch.device | str = "cpu"):
+    """A cache file of the evaluator's (rlhf.evaluate._save), or one line naming it where it is damaged."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # written whole, so damaged afterwards
+        raise UserError(f"{path}: not a whole torch file ({type(e).__name__}); delete it (what it caches of pi_ref "
+                        "is computed again)") from None
+
+
+def _save(value, path: Path) -> None:
+    """torch.save written whole, then renamed: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.save(value, tmp)
+    os.replace(tmp, tmp.with_name(path.name))
 
 
 @torch.inference_mode()
@@ -221,11 +237,19 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     metrics["eval/seconds"] = time.perf_counter() - start
     metrics.update({f"eval/{k}": v for k, v in cost.items()})
 
-    samples = [{"prompt": p, "response": t, "kl": k, **({"gold": g} if golds else {}),
-                **({"proxy": r} if proxies else {})}
-               for p, t, k, g, r in zip(ctx.prompts, texts, k1s, golds or [None] * len(texts),
-                                        proxies or [None] * len(texts))][:ctx.cfg.n_samples_saved]
-    return metrics, samples
+    return metrics, per_prompt(ctx.prompts, texts, k1s, k3s, lengths, ended, golds, proxies)
+
+
+def per_prompt(prompts: list[str], texts: list[str], k1s: list[float] | None, k3s: list[float] | None,
+               lengths: list[int], ended: list[bool], golds: list[float] | None, proxies: list[float] | None
+               ) -> list[dict]:
+    """One record per eval prompt, in prompt order: the sample and every number the evaluator measured on it. The
+    run directory keeps them all (RunDir.write_samples), so the report can pair policies by prompt and bootstrap
+    over prompts (docs/analysis.md)."""
+    columns = {"kl": k1s, "kl_k3": k3s, "gold": golds, "proxy": proxies}
+    return [{"prompt_index": i, "prompt": p, "response": t, "length": n, "eos": bool(e),
+             **{k: v[i] for k, v in columns.items() if v}}
+            for i, (p, t, n, e) in enumerate(zip(prompts, texts, lengths, ended, strict=True))]
 
 
 def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, reward_model: PreTrainedModel | None,
@@ -255,10 +279,15 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
             ctx._rm_pair_metrics[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
         metrics.update(ctx._rm_pair_metrics[id(reward_model)])
     if implicit_beta is not None and policy is not None:
-        if ctx._ref_pair_logps is None:
+        cache = ctx.reference_pairs_cache
+        if ctx._ref_pair_logps is None and cache is not None and cache.exists():
+            ctx._ref_pair_logps = tuple(_load(cache))
+        if ctx._ref_pair_logps is None:  # once per profile: every run's pi_ref scores the same pairs alike
             ctx._ref_pair_logps = (torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
                                    torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches]))
             passes.append(pass_parameters(ctx.ref_model))
+            if cache is not None:
+                _save(list(ctx._ref_pair_logps), cache)
         ref_c, ref_r = ctx._ref_pair_logps
         if is_reference:  # pi / pi_ref = 1 on every pair: the margins are 0 without another pass
             pol_c, pol_r = ref_c, ref_r
@@ -291,6 +320,7 @@ def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, d
     arithmetic = f"{device.type}-{resolve_precision(cfg.model.precision, device)}"
     cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
              f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic}.pt")
+    pairs_cache = cache.with_name(f"{cache.stem}-pairs-{prefs.sha256[:12]}.pt")  # the pairs: this preference set's
     return EvalContext(prompts=prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
                        autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
-                       heldout_pairs=heldout, reference_cache=cache)
+                       heldout_pairs=heldout, reference_cache=cache, reference_pairs_cache=pairs_cache)

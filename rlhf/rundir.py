@@ -4,7 +4,8 @@
         config.yaml      resolved config
         manifest.json    versions, git commit, data sha256, seed, host, device, status, error
         metrics.jsonl    one JSON object a line: {"kind": "train"|"eval", "step", "wall_seconds", "tokens", ...}
-        samples/         eval samples, one file per eval point
+        samples/         every eval prompt's sample at each eval point (eval_stepN.jsonl) and its numbers alone
+                         (eval_stepN.prompts.csv: PROMPT_COLUMNS)
         timings.json     wall-clock seconds and peak memory per stage
         checkpoints/     final/ (the trained model) and checkpoint-<step>/ (resume points, removed on success)
         .lock            held (flock) by the process writing the run; the kernel drops it when that process dies
@@ -50,6 +51,10 @@ from rlhf.distributed import from_main, is_main
 from rlhf.errors import Diverged, UserError, read_json
 from rlhf.models import resolve_precision, sha256_file
 
+# Per eval prompt, what the report's bootstrap and pairing read (rlhf.evaluate.per_prompt); a task without a gold
+# reward, or an evaluation without a reward model, leaves its column out
+PROMPT_COLUMNS = ("prompt_index", "gold", "proxy", "kl", "kl_k3", "length", "eos")
+PROMPTS_SUFFIX = ".prompts.csv"
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
 
 
@@ -299,8 +304,8 @@ class RunDir:
                     rows.append(row)
                     self.last_step = row.get("step")
         atomic_write_text(metrics, "".join(kept))
-        for sample in (self.path / "samples").glob("eval_step*.jsonl"):
-            if int(sample.stem.removeprefix("eval_step")) > step:
+        for sample in (self.path / "samples").glob("eval_step*"):
+            if int(sample.name.removeprefix("eval_step")[:6]) > step:
                 sample.unlink()
         try:
             self.timings = json.loads((self.path / "timings.json").read_text())
@@ -327,8 +332,17 @@ class RunDir:
         self.last_step = row.get("step")
 
     def write_samples(self, step: int, samples: list[dict]) -> None:
-        atomic_write_text(self.path / "samples" / f"eval_step{step:06d}.jsonl",
-                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        """Every eval prompt's record (rlhf.evaluate.per_prompt) at eval point `step`: the samples with their text
+        as JSONL, and beside them their numbers alone (PROMPT_COLUMNS) as a compact CSV, what the report reads."""
+        stem = self.path / "samples" / f"eval_step{step:06d}"
+        atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n"
+                                                              for s in samples))
+        columns = [c for c in PROMPT_COLUMNS if samples and c in samples[0]]
+        if "prompt_index" not in columns:
+            return  # records without the evaluator's numbers
+        atomic_write_text(stem.with_suffix(PROMPTS_SUFFIX), ",".join(columns) + "\n" + "".join(
+            ",".join(repr(float(s[c])) if c not in ("prompt_index", "length", "eos") else str(int(s[c]))
+                     for c in columns) + "\n" for s in samples))
 
     @contextmanager
     def stage(self, name: str, device: torch.device) -> Iterator[dict[str, float]]:

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis import metrics as M
+from analysis import stats as S
 from analysis.load import load_runs
 from analysis.report import headline_section, stability_sections
 from analysis.report import main as report_main
@@ -106,20 +107,16 @@ def run_report(tmp_path, profile_dir, base_profile="tiny", overrides=()):
 # --- metrics, by hand -----------------------------------------------------------------------------------------
 
 
-def test_t_interval_by_hand():
-    s = M.t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t_{0.975,2} = 4.303, half width 4.303 / sqrt(3)
-    assert s["n"] == 3 and s["mean"] == 2 and s["std"] == pytest.approx(1.0)
-    assert (s["lo"], s["hi"]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
-    one = M.t_interval([5.0, math.nan])  # NaN ignored; one value has no interval
-    assert one["n"] == 1 and one["mean"] == 5 and math.isnan(one["lo"])
-    assert M.t_critical(30) == pytest.approx(2.042) and M.t_critical(100) == pytest.approx(1.984, abs=1e-3)
-
-
-def test_frontier_is_the_upper_envelope():
-    pts = pd.DataFrame({"eval/kl": [2, 0, 1, 2, 3, 4, 5], "eval/gold": [0.2, 0.1, 0.3, 0.5, 0.4, 0.7, 0.7]})
-    front = M.frontier(pts)
-    # (3, 0.4) is dominated by (2, 0.5); (2, 0.2) by (2, 0.5); (5, 0.7) adds nothing over (4, 0.7).
-    assert front.values.tolist() == [[0, 0.1], [1, 0.3], [2, 0.5], [4, 0.7]]
+def test_frontier_is_seed_means_joined_along_training(tmp_path):
+    runs = load_runs(gold_profile(tmp_path))
+    values = M.PromptValues(runs.prompts)
+    front = M.frontier(runs.evals(["ppo", "dpo"]), values, M.make_draws(values, 200, 0)).set_index(["method", "step"])
+    # PPO at step 10: KL (1 + 2) / 2, gold (0.3 + 0.4) / 2, an interval over its 2 seeds between them (run-level
+    # values: these synthetic runs keep no per-prompt files); every step of both methods, in order
+    assert front.loc[("ppo", 10), ["eval/kl mean", "eval/gold mean", "eval/gold n"]].tolist() == pytest.approx(
+        [1.5, 0.35, 2])
+    assert 0.3 <= front.loc[("ppo", 10), "eval/gold lo"] <= 0.35 <= front.loc[("ppo", 10), "eval/gold hi"] <= 0.4
+    assert front.index.tolist() == [("dpo", 0), ("dpo", 10), ("dpo", 20), ("ppo", 0), ("ppo", 10), ("ppo", 20)]
 
 
 def test_first_crossing_interpolates_the_first_reach():
@@ -144,10 +141,18 @@ def test_headline_metrics_by_hand(tmp_path):
     assert M.common_reach(trained, "eval/kl") == 2  # max KLs 3, 4, 6, 2
     assert M.common_reach(trained, "eval/gold") == pytest.approx(0.4)  # max golds 0.5, 0.4, 0.8, 0.7
     trained = M.with_earlier_stages(trained, M.earlier_stages(runs.runs, runs.timings))
-    per_run = M.per_run_headline(trained, 2.0, 0.4).set_index(["method", "seed"])
-    # gold at KL 2: ppo0 between (1,.3) and (3,.5) -> .4; ppo1 .4 at KL 2; dpo0 .6 at KL 2; dpo1 .7 at KL 2.
+    values = M.PromptValues(runs.prompts)
+    draws = M.make_draws(values, 200, 0)
+    matched, keys = M.matched_gold(trained, values, draws, ["ppo", "dpo"], [1.0, 0.5], None)
+    # the common reach is recomputed from each replicate's drawn seeds (maxima: PPO 3, 4; DPO 6, 2)
+    assert matched.level == 2 and set(matched.levels) == {2, 3, 4}
+    per_run = M.per_run_headline(trained, matched, keys, 0.4).set_index(["method", "seed"])
+    # gold at KL 2: ppo1 .4, dpo0 .6, dpo1 .7 at measured points; ppo0 read between (1, .3) and (3, .5) by the cubic
+    ppo0 = float(S.gold_at_kl([0, 1, 3], [0.1, 0.3, 0.5], 2.0))
     assert per_run["gold at matched KL"].to_dict() == pytest.approx(
-        {("dpo", 0): 0.6, ("dpo", 1): 0.7, ("ppo", 0): 0.4, ("ppo", 1): 0.4})
+        {("dpo", 0): 0.6, ("dpo", 1): 0.7, ("ppo", 0): ppo0, ("ppo", 1): 0.4})
+    assert 0.4 < ppo0 < 0.5 and per_run.loc[("dpo", 1), "gold at 0.5 × matched KL"] == pytest.approx(
+        S.gold_at_kl([0, 1, 2], [0.1, 0.2, 0.7], 1.0))
     # seconds to gold .4, from the start of the earlier stages (PPO: the RM's 50 s; DPO: pi_ref's pass, 10 s): ppo0
     # halfway 100..200 s -> 150 + 50; ppo1 at 100 + 50; dpo0 0.1->0.6 over 0..100 -> 60 + 10; dpo1 0.2->0.7 over
     # 100..200 -> 140 + 10.
@@ -156,19 +161,29 @@ def test_headline_metrics_by_hand(tmp_path):
     # FLOPs likewise: ppo0 halfway 1e9..2e9 + the RM's 5e8; dpo1 1.4e9 + pi_ref's 2e8
     assert per_run.loc[("ppo", 0), "training FLOPs to target gold"] == pytest.approx(2.0e9)
     assert per_run.loc[("dpo", 1), "training FLOPs to target gold"] == pytest.approx(1.6e9)
-    head = M.summarize(per_run.reset_index(), M.GROUP, ["gold at matched KL", "seconds to target gold"])
-    dpo = head[head["method"] == "dpo"].iloc[0]
-    half = 12.706 * math.sqrt(0.005) / math.sqrt(2)  # sd of (0.6, 0.7) is sqrt(0.005)
+    head = M.headline_summary(per_run.reset_index(), matched, draws).set_index("method")
+    # DPO: mean 0.65 of (.6, .7), its interval from the replicates of the hierarchical bootstrap
+    dpo = head.loc["dpo"]
     assert dpo["gold at matched KL mean"] == pytest.approx(0.65)
-    assert dpo["gold at matched KL hi"] == pytest.approx(0.65 + half)
+    assert (dpo["gold at matched KL lo"], dpo["gold at matched KL hi"]) == S.interval(
+        matched.replicates[("dpo", 0.1)][:, 0])
+    assert dpo["gold at matched KL lo"] - 1e-9 <= 0.65 < dpo["gold at matched KL hi"]
+    assert head.loc["dpo", "gold at matched KL std"] == pytest.approx(math.sqrt(0.005))
+    verdict = M.verdict(matched, ("ppo", 0.1), ("dpo", 0.1)).iloc[0]
+    assert verdict["difference"] == pytest.approx((ppo0 + 0.4) / 2 - 0.65) and verdict["hi"] < 0
+    assert verdict["verdict"].startswith("DPO ahead") and verdict["seeds a"] == verdict["seeds b"] == 2
 
 
 def test_overoptimisation_heldout_and_costs_by_hand(tmp_path):
     runs = load_runs(gold_profile(tmp_path))
     gains = M.overoptimisation(runs.evals(["ppo"])).set_index(["seed", "step"])
-    # ppo0 at step 20: proxy (3 - 0) / 2 = 1.5 std, gold (0.5 - 0.1) / 0.5 = 0.8 std, gap 0.7.
-    assert gains.loc[(0, 20), ["proxy gain", "gold gain", "gap"]].tolist() == pytest.approx([1.5, 0.8, 0.7])
-    scores = M.heldout_scores(M.final_evals(runs.evals()))
+    # ppo0 at step 20: d = √3, proxy (3 - 0) / 2 = 1.5 std, gold (0.5 - 0.1) / 0.5 = 0.8 std.
+    assert gains.loc[(0, 20), ["d", "proxy gain", "gold gain"]].tolist() == pytest.approx([math.sqrt(3), 1.5, 0.8])
+    fits = M.gao_fits(gains).set_index("reward")
+    assert fits.loc["gold", "points"] == 6 and fits.loc["gold", "form"] == "R(d) = d(α − β log d)"
+    scores = M.heldout_scores(M.final_evals(runs.evals()), runs.runs)
+    # the two PPO seeds share one reward model: its held-out accuracy counts once
+    assert len(scores[(scores["method"] == "ppo") & (scores["scorer"] == M.SCORERS["rm"])]) == 1
     by = scores.groupby(["method", "scorer"])["accuracy"].mean()
     assert by[("dpo", M.SCORERS["implicit"])] == pytest.approx(0.65) and by[("ppo", M.SCORERS["rm"])] == 0.7
     assert by[("reference", M.SCORERS["gold"])] == 0.9
@@ -240,8 +255,11 @@ def test_report_puts_the_baselines_on_the_frontier_and_in_the_headline(tmp_path)
     # 0.5) and N = 64 (3.175, gold 0.6); Preferred-FT between (0.5, 0.2) and (3, 0.3).
     b16, b64 = math.log(16) - 15 / 16, math.log(64) - 63 / 64
     assert "Matched KL = 2 nats" in page
-    assert head.loc["bon", "gold at matched KL mean"] == pytest.approx(0.5 + 0.1 * (2 - b16) / (b64 - b16))
-    assert head.loc["sft-chosen", "gold at matched KL mean"] == pytest.approx(0.2 + 0.1 * 1.5 / 2.5)
+    bound = [math.log(n) - (n - 1) / n for n in (1, 4, 16, 64)]
+    assert head.loc["bon", "gold at matched KL mean"] == pytest.approx(S.gold_at_kl(bound, [0.1, 0.3, 0.5, 0.6], 2))
+    assert b16 < 2 < b64 and 0.5 < head.loc["bon", "gold at matched KL mean"] < 0.6
+    assert head.loc["sft-chosen", "gold at matched KL mean"] == pytest.approx(S.gold_at_kl([0, 0.5, 3], [0.1, 0.2, 0.3],
+                                                                                         2))
     assert head.loc["ppo-gt", "gold at matched KL mean"] == pytest.approx(0.9)
     assert head.loc["bon", "final eval/gold_sem mean"] == 0.05  # a single run's interval is its sampling error
     assert "upper bound log N − (N−1)/N" in page and "Baselines not run" not in page
@@ -261,26 +279,27 @@ def test_frontier_figure_has_legend_names_intervals_and_the_origin(tmp_path):
     (ax,) = plot.figure.axes
     handles, labels = ax.get_legend_handles_labels()
     assert labels == ["PPO", "PPO-GT", "DPO", "IPO", "Best of N (KL: upper bound)", "Preferred-FT", "π_ref (origin)"]
-    lines = dict(zip(labels, handles))
-    assert lines["Best of N (KL: upper bound)"].get_linestyle() == "--" and lines["DPO"].get_linestyle() == "-"
-    # Bars of ±1.96 standard errors: π_ref's at KL 0 (sem 0.1), and at every frontier vertex (sem 0.1; Best of N's
-    # rows carry 0.05).
-    def spans(bars):
-        return {round(float(top[1] - bottom[1]), 6) for bottom, top in bars.lines[2][0].get_segments()}
-
-    (origin,) = [bars for bars in ax.containers if bars.get_label() == "π_ref (origin)"]
-    assert origin.lines[0].get_xydata().tolist() == [[0.0, 0.1]] and spans(origin) == {round(2 * P.Z95 * 0.1, 6)}
-    vertices = set().union(*(spans(bars) for bars in ax.containers if bars is not origin))
-    assert vertices == {round(2 * P.Z95 * sem, 6) for sem in (0.05, 0.1)}
+    bars = {c.get_label(): c for c in ax.containers}
+    assert bars["Best of N (KL: upper bound)"].lines[0].get_linestyle() == "--"
+    assert bars["DPO"].lines[0].get_linestyle() == "-"
+    # PPO: seed means joined along training, at steps 0, 10, 20: KL (0, 1.5, 3.5), gold (0.1, 0.35, 0.45), with bars
+    # in both directions (2 seeds: KL 1 and 2 at step 10)
+    ppo = bars["PPO"]
+    assert ppo.has_xerr and ppo.has_yerr
+    assert ppo.lines[0].get_xydata().ravel().tolist() == pytest.approx([0, 0.1, 1.5, 0.35, 3.5, 0.45])
+    x_bars, y_bars = (collection.get_segments() for collection in ppo.lines[2])
+    assert x_bars[1][1][0] - x_bars[1][0][0] > 0 and y_bars[1][1][1] - y_bars[1][0][1] > 0
+    assert bars["π_ref (origin)"].lines[0].get_xydata().tolist() == [[0.0, 0.1]]  # one run-level point: no bar
     P.plt.close(plot.figure)
 
 
 def test_configured_comparison_levels_and_their_validation(tmp_path):
     out = run_report(tmp_path, gold_profile(tmp_path), overrides=["report.matched_kl=1", "report.target_gold=0.3"])
     head = pd.read_csv(out / "headline.csv").set_index("method")
-    # At KL 1: ppo0 0.3 (a point), ppo1 halfway from (0, .1) to (2, .4) = 0.25. Gold .3: ppo0 at 100 s,
+    # At KL 1: ppo0 0.3 (a point), ppo1 between (0, .1) and (2, .4) by the cubic in √KL. Gold .3: ppo0 at 100 s,
     # ppo1 two thirds of the way from 0 to 100 s.
-    assert head.loc["ppo", "gold at matched KL mean"] == pytest.approx(0.275)
+    assert head.loc["ppo", "gold at matched KL mean"] == pytest.approx((0.3 + S.gold_at_kl([0, 2, 4], [0.1, 0.4, 0.4], 1))
+                                                                       / 2)
     assert head.loc["ppo", "seconds to target gold mean"] == pytest.approx((100 + 200 / 3) / 2 + 50)  # + the RM
     assert "Matched KL = 1 nats per sequence (set by report.matched_kl)" in (out / "index.html").read_text()
     with pytest.raises(UserError, match="report.spike_window"):
@@ -369,7 +388,7 @@ def test_report_with_only_dpo_says_what_is_missing(tmp_path):
     page, images = assert_page_complete(out)
     assert "No completed PPO run" in page and "No completed reference run" in page
     assert "Baselines not run, so absent from the frontier and the headline: PPO-GT (`make ppo-gt`), Best of N" in page
-    assert "overoptimisation.png" not in images and "Not drawn: no PPO eval points" in page
+    assert "overoptimisation.png" not in images and "Not drawn: no PPO or Best-of-N eval points" in page
     assert pd.read_csv(out / "headline.csv")["method"].tolist() == ["dpo"]
 
 

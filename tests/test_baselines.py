@@ -6,6 +6,7 @@ import math
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -140,7 +141,11 @@ def test_make_bon_on_tiny(tiny_runs, monkeypatch):
     assert evals[-1]["eval/proxy"] > evals[0]["eval/proxy"]  # the maximum of more draws of the same scores
     assert all(a["wall_seconds"] < b["wall_seconds"] and a["tokens"] < b["tokens"] for a, b in zip(evals, evals[1:]))
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        "candidates.jsonl", *(f"eval_step{n:06d}.jsonl" for n in cfg.bon.n)]
+        "candidates.jsonl", *(f"eval_step{n:06d}{suffix}" for n in cfg.bon.n for suffix in (".jsonl", ".prompts.csv"))]
+    # the per-prompt file of N: every prompt's chosen response, its KL the bound
+    chosen = pd.read_csv(run / "samples" / f"eval_step{cfg.bon.n[-1]:06d}.prompts.csv")
+    assert len(chosen) == cfg.eval.n_prompts and chosen["kl"].nunique() == 1
+    assert chosen["gold"].mean() == pytest.approx(evals[-1]["eval/gold"], abs=1e-6)
     assert "sample_and_score" in json.loads((run / "timings.json").read_text())
     # The analysis reads it as its own series on the frontier.
     runs = load_runs(Path(cfg.runs_dir) / "tiny")

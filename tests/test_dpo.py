@@ -207,6 +207,7 @@ def test_make_dpo_tiny_end_to_end(tiny_runs, tiny_path):
     timings = json.loads((run / "timings.json").read_text())
     assert {"ref_logps", "train", "eval", "save"} <= set(timings)
     assert timings["train"]["seconds"] == pytest.approx(train[-1]["wall_seconds"], abs=0.5)
-    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"eval_step{r['step']:06d}.jsonl" for r in evals]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"eval_step{r['step']:06d}{suffix}" for r in evals
+                                                                   for suffix in (".jsonl", ".prompts.csv")]
     final, ref = load_causal_lm(str(run / "checkpoints" / "final")), load_causal_lm(tiny_path)
     assert not torch.equal(final.lm_head.weight, ref.lm_head.weight)  # the trained policy, not a copy of pi_ref

@@ -2,6 +2,7 @@
 what lands on disk."""
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -48,3 +49,16 @@ def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
         assert {row["method"] for row in csv.DictReader(f)} == methods - {"reference"}  # π_ref: every one's origin
     summary = (page.parent / "summary.md").read_text()
     assert re.search(r"^\| PPO \|", summary, re.M) and re.search(r"^\| DPO \|", summary, re.M)  # legend names
+    # The verdict opens the page and the summary; every eval point of every run kept its per-prompt values
+    assert summary.split("\n## ")[1].startswith("Verdict: PPO vs DPO") and "PPO − DPO = " in summary
+    assert html.index("Verdict: PPO vs DPO") < html.index("Headline")
+    runs = tmp_path / "runs" / "tiny"
+    for metrics in runs.glob("*/*/metrics.jsonl"):
+        if metrics.parent.parent.name == "reward_model":
+            continue  # its eval row is held-out pair accuracy: no policy samples
+        steps = {row["step"] for row in map(json.loads, metrics.read_text().splitlines()) if row["kind"] == "eval"}
+        kept = {int(p.name[9:15]) for p in (metrics.parent / "samples").glob("eval_step*.prompts.csv")}
+        assert steps == kept, metrics.parent
+        for step in steps:
+            with open(metrics.parent / "samples" / f"eval_step{step:06d}.prompts.csv") as f:
+                assert len(list(csv.DictReader(f))) == 8  # tiny's eval prompts

@@ -1,11 +1,13 @@
 import math
 
+import pytest
 import torch
 
 from rlhf.data import build_preferences
 from rlhf.evaluate import distinct_n, evaluate, kl_estimates, mean_std_sem, pair_accuracy_margin
 from rlhf.evaluate import make_eval_context
 from rlhf.models import load_causal_lm
+from rlhf.rundir import PROMPT_COLUMNS
 
 
 def test_distinct_n_by_hand():
@@ -43,16 +45,22 @@ def test_evaluator_kl_zero_for_reference_and_positive_after_perturbation(tiny_cf
     assert abs(m0["eval/kl"]) < 1e-5 and abs(m0["eval/kl_k3"]) < 1e-5
     assert abs(m0["heldout/implicit_margin"]) < 1e-6 and m0["heldout/implicit_accuracy"] == 0.5  # all ties
     assert 0 <= m0["heldout/gold_accuracy"] <= 1 and "eval/gold" in m0 and m0["eval/n"] == 8
-    assert len(samples) == tiny_cfg.eval.n_samples_saved and {"prompt", "response", "gold", "kl"} <= set(samples[0])
+    # every eval prompt's record, with every number the per-prompt file keeps; their means are the metrics
+    assert [s["prompt_index"] for s in samples] == list(range(8)) and {"prompt", "response"} <= set(samples[0])
+    assert set(PROMPT_COLUMNS) - {"proxy"} <= set(samples[0])  # no reward model given: no proxy
+    for column, metric in (("gold", "eval/gold"), ("kl", "eval/kl"), ("kl_k3", "eval/kl_k3"), ("length", "eval/length"),
+                           ("eos", "eval/eos_rate")):
+        assert sum(s[column] for s in samples) / 8 == pytest.approx(m0[metric], abs=1e-9), column
 
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     rng_before = torch.get_rng_state()
-    m1, _ = evaluate(policy, ctx, implicit_beta=0.1)  # a trained policy: sampled for real (pi_ref's eval is cached)
+    m1, trained = evaluate(policy, ctx, implicit_beta=0.1)  # a trained policy: sampled for real (pi_ref's is cached)
     assert m1["eval/sampled_tokens"] > 0
     assert torch.equal(rng_before, torch.get_rng_state())  # the eval seed does not disturb training RNG
     assert m1["eval/kl"] > 0.01 and m1["eval/kl_k3"] > 0.01
+    assert sum(s["kl"] for s in trained) / 8 == pytest.approx(m1["eval/kl"]) and all(s["kl_k3"] >= 0 for s in trained)
     assert m1["heldout/implicit_margin"] != 0
     again, _ = evaluate(policy, ctx, implicit_beta=0.1)
     assert again["eval/gold"] == m1["eval/gold"] and again["eval/kl"] == m1["eval/kl"]  # same prompts and seed
@@ -78,6 +86,8 @@ def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics
     other_run = make_eval_context(tiny_cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))
     reused, _ = evaluate(load_causal_lm(tiny_path), other_run, implicit_beta=0.1)
     assert reused["eval/sampled_tokens"] == 0 and first["eval/sampled_tokens"] > 0
+    # pi_ref's log-probs of the held-out pairs come from the profile's cache as well: nothing is scored again
+    assert other_run.reference_pairs_cache.exists() and reused["eval/scored_tokens"] == 0
     for key, value in full.items():
         if not key.endswith(("seconds", "tokens", "flops")):
             assert reused[key] == pytest.approx(value, abs=1e-5), key

@@ -77,7 +77,7 @@ def _imdb_cfg(runs: Path, imdb_file: Path, classifier: Path, *extra: str):
         f"task.path={imdb_file}", f"task.gold_model={classifier}", "task.n_train_prompts=16", "task.n_eval_prompts=8",
         "task.n_validation_prompts=0", "task.gold_batch_size=8",
         "data.responses_per_prompt=2", "data.max_new_tokens=8", "data.batch_size=16",
-        "eval.n_prompts=8", "eval.max_new_tokens=8", "eval.batch_size=8", "eval.n_samples_saved=4",
+        "eval.n_prompts=8", "eval.max_new_tokens=8", "eval.batch_size=8",
         "reward_model.batch_size=8", "reward_model.max_length=64",
         "reward_model.center_prompts=8",
         "ppo.iterations=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1",

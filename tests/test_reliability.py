@@ -184,7 +184,7 @@ def test_nan_reward_stops_ppo_at_that_iteration_keeps_the_checkpoint_and_shows_d
                        f"{run}; last good checkpoint: {run / 'checkpoints' / 'checkpoint-2'}]")
     assert (run / "checkpoints" / "checkpoint-2" / CHECKPOINT_RECORD).exists()
     assert max(r["step"] for r in _numbers(run)) == 2
-    record, _, _ = read_run(run)  # what the report's tables say
+    record, *_ = read_run(run)  # what the report's tables say
     assert not record["included"] and record["status"] == "diverged"
     assert record["reason"] == "status diverged: Diverged: PPO iteration 3: reward is nan"
 

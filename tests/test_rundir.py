@@ -78,7 +78,7 @@ def _interrupted_run(cfg, steps=(0, 1, 2, 3), checkpoints=(2,)):
     run = RunDir.create(cfg, "ppo", 0, torch.device("cpu"), "abc")
     for step in steps:
         run.log({"kind": "train", "step": step, "wall_seconds": float(step), "tokens": 10 * step})
-        run.write_samples(step, [{"prompt": "p", "response": f"r{step}"}])
+        run.write_samples(step, [{"prompt_index": 0, "prompt": "p", "response": f"r{step}", "kl": 0.5}])
     with open(run.path / "metrics.jsonl", "a") as f:
         f.write('{"kind": "eval", "step": 4, "wall')
     for step in checkpoints:
@@ -108,7 +108,8 @@ def test_a_killed_run_is_resumed_once_from_its_checkpoint_and_a_live_one_never(t
     assert resumed.path == run.path and checkpoint == run.path / "checkpoints" / "checkpoint-2"
     rows, bad = read_jsonl(run.path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2] and bad == []  # rows after the checkpoint (and the torn line) go
-    assert sorted(p.name for p in (run.path / "samples").iterdir()) == [f"eval_step00000{s}.jsonl" for s in (0, 1, 2)]
+    assert sorted(p.name for p in (run.path / "samples").iterdir()) == [f"eval_step00000{s}{suffix}" for s in (0, 1, 2)
+                                                                         for suffix in (".jsonl", ".prompts.csv")]
     m = json.loads((run.path / "manifest.json").read_text())
     assert m["status"] == "running" and m["resumed"][0]["from_step"] == 2
     assert m["resumed"][0]["previous_status"] == "running"
