@@ -46,7 +46,8 @@ def test_make_ppo_tiny_end_to_end_and_reward_model_reuse(tmp_path):
         assert b["tokens/scoring"] == 4 * (b["tokens"] - a["tokens"]) and b["tokens/update"] > b["tokens/rollout"] > 0
     assert {"eval/gold", "eval/proxy", "eval/kl", "heldout/rm_accuracy", "heldout/gold_accuracy"} <= set(evals[-1])
     assert evals[0]["eval/kl"] == 0.0 and evals[-1]["wall_seconds"] == train[-1]["wall_seconds"]
-    assert len(list((ppo_dir / "samples").iterdir())) == 3
+    samples = ppo_dir / "samples"
+    assert len(list(samples.glob("*.jsonl"))) == 3 and len(list(samples.glob("*.prompts.csv"))) == 3
     assert (ppo_dir / "checkpoints" / "final" / "model.safetensors").exists()
     timings = json.loads((ppo_dir / "timings.json").read_text())
     assert {"train", "eval"} <= set(timings)

@@ -27,7 +27,7 @@ def test_dpo_sweep_on_tiny_judges_every_point_on_validation_prompts_only(tmp_pat
     for run_dir in table["run_dir"]:
         manifest = json.loads((tmp_path / run_dir / "manifest.json").read_text())
         assert manifest["eval_settings"]["split"] == "validation" and str(runs / "sweep") in run_dir
-        prompts = {json.loads(line)["prompt"] for f in (tmp_path / run_dir / "samples").iterdir()
+        prompts = {json.loads(line)["prompt"] for f in (tmp_path / run_dir / "samples").glob("*.jsonl")
                    for line in f.read_text().splitlines()}
         assert prompts and prompts <= set(task.validation_prompts)  # never a test prompt
     assert not (runs / "tiny" / "dpo").exists()  # the profile's own runs directory holds no sweep run
