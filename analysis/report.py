@@ -559,7 +559,10 @@ def main(cfg: Config) -> int:
         print(f"left out: {bad['path']}: {bad['reason']}")
     sections = build(runs, cfg, profile_dir)
     write(sections, out, cfg.profile)
-    if sections[0].title.startswith("Verdict"):
-        print("verdict: " + sections[0].notes[0].replace("**", ""))
+    verdict = sections[0].tables[0].frame.iloc[0] if sections[0].title.startswith("Verdict") and sections[0].tables \
+        else None
+    if verdict is not None:  # the estimate on one line, the words on the next: what a person reads first
+        print(f"verdict: PPO − DPO = {_signed(verdict['difference'])} [{_signed(verdict['lo'])}, "
+              f"{_signed(verdict['hi'])}] in gold at matched KL {verdict['KL level']:.3g} nats\n  {verdict['verdict']}")
     print(f"report: {out / 'index.html'} ({int(runs.runs['included'].sum())} of {len(runs.runs)} runs included)")
     return 0

@@ -161,7 +161,7 @@ def _first_minibatch_ratios(runs_dir: Path, monkeypatch) -> tuple[torch.Tensor, 
         return loss, stats
 
     monkeypatch.setattr(ppo_train, "clipped_policy_loss", spy)
-    assert main(load_config("tiny", [f"runs_dir={runs_dir}", "ppo.reward=gold", "ppo.iterations=1",
+    assert main(load_config("tiny", [f"runs_dir={runs_dir}", "ppo.reward=gold", "ppo.iterations=1", "resume=false",
                                      "data.n_prompts=8", "data.n_heldout_prompts=4"])) == 0
     return seen[0]
 
