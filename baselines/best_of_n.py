@@ -99,6 +99,13 @@ class BestOfNResult:
     evals: dict[int, dict[str, float]]  # N -> the metrics of its eval row
 
 
+def run_identity(cfg: Config, reward_model_path: Path) -> tuple[str, int, dict]:
+    """The method, seed and extra inputs a Best-of-N run's directory is keyed by (rlhf.rundir.run_key): the same
+    for the run and for the pipeline asking whether it is done already."""
+    return METHOD, cfg.eval.seed, {"reward_model_path": str(reward_model_path), "bon_n": sorted(set(cfg.bon.n)),
+                                   "reference_model": resolve_model_path(reference_model(cfg), cfg.hub_access)}
+
+
 def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> BestOfNResult:
     """Best-of-N for every N in `bon.n`, ranked by the reward model at `reward_model_path`, into one run directory
     runs/<profile>/bon/<run-id>/ with one eval row per N (step = N, `eval/kl` = the bound)."""
@@ -108,8 +115,8 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
     ref = freeze(load_causal_lm(path).to(device))
     reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id).to(device))
     ns = sorted(set(cfg.bon.n))
-    run = RunDir.create(cfg, METHOD, cfg.eval.seed, device, prefs.sha256,
-                        extra={"reward_model_path": str(reward_model_path), "bon_n": ns, "reference_model": path})
+    method, seed, extra = run_identity(cfg, reward_model_path)
+    run = RunDir.create(cfg, method, seed, device, prefs.sha256, extra=extra)
     evals = {}
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)

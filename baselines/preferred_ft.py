@@ -24,7 +24,7 @@ from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import pass_parameters
-from rlhf.models import for_training, load_policy_and_reference
+from rlhf.models import for_training, load_policy_and_reference, resolve_model_path
 from rlhf.reference import reference_model
 from rlhf.rundir import RunDir
 from rlhf.trl_callbacks import EvalAndLogCallback, save_policy
@@ -50,13 +50,19 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
                        cfg.weight_decay, seed, output_dir, callbacks)
 
 
+def run_identity(cfg: Config) -> tuple[str, dict]:
+    """The method and extra inputs a Preferred-FT run's directory is keyed by (rlhf.rundir.run_key), as for DPO."""
+    return METHOD, {"reference_model": resolve_model_path(reference_model(cfg), cfg.hub_access)}
+
+
 def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> PreferredFTResult:
     """One Preferred-FT run from pi_ref on the shared preference set's chosen responses."""
     set_seed(seed)  # first: a new scalar head or LoRA adapters drawn below must not depend on the process
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)
     device = policy.device
-    run = RunDir.create(cfg, METHOD, seed, device, prefs.sha256, extra={"reference_model": ref.name_or_path})
+    method, extra = run_identity(cfg)
+    run = RunDir.create(cfg, method, seed, device, prefs.sha256, extra=extra)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(run, lambda model, step: evaluate(model, ctx, desc=f"eval step {step}"),

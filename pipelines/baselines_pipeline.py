@@ -4,8 +4,11 @@ the algorithms are in baselines/ (docs/baselines.md). PPO-GT is `make ppo-gt` (p
 from __future__ import annotations
 
 from baselines import best_of_n, train_preferred_ft
+from baselines.best_of_n import run_identity as bon_identity
+from baselines.preferred_ft import run_identity as preferred_ft_identity
 from pipelines.stages import build_preference_set, reward_model_for
 from rlhf.config import Config
+from rlhf.rundir import completed_run
 from rlhf.trl_callbacks import brief
 
 
@@ -13,7 +16,13 @@ def bon(cfg: Config) -> int:
     prefs = build_preference_set(cfg)
     # Ranked by the reward model PPO trains against (the first seed's, where each seed has its own): reused when
     # it exists, else trained once here and reused by `make ppo` in turn.
-    result = best_of_n(cfg, prefs, reward_model_for(cfg, prefs, cfg.seeds[0]))
+    rm_path = reward_model_for(cfg, prefs, cfg.seeds[0])
+    method, seed, extra = bon_identity(cfg, rm_path)
+    done = completed_run(cfg, method, seed, prefs.sha256, extra)
+    if done is not None:
+        print(f"Best of N: {done} (completed before: reused; resume=false runs it again)")
+        return 0
+    result = best_of_n(cfg, prefs, rm_path)
     for n, metrics in result.evals.items():
         print(f"best of {n}: {brief(metrics)} (KL: the upper bound)")
     print(f"run directory: {result.run_dir}")
@@ -24,6 +33,11 @@ def sft_chosen(cfg: Config) -> int:
     prefs = build_preference_set(cfg)
     for i, seed in enumerate(cfg.seeds, start=1):
         print(f"Preferred-FT run {i}/{len(cfg.seeds)}: seed {seed}", flush=True)
+        method, extra = preferred_ft_identity(cfg)
+        done = completed_run(cfg, method, seed, prefs.sha256, extra)
+        if done is not None:
+            print(f"  {done} (completed before: reused; resume=false trains it again)")
+            continue
         result = train_preferred_ft(cfg, prefs, seed)
         print(f"  {result.steps} steps; final: {brief(result.final_metrics)}\n  run directory: {result.run_dir}",
               flush=True)

@@ -157,6 +157,18 @@ def test_a_command_run_again_reuses_its_completed_runs(baseline, method, overrid
     assert f"{max(before)} (completed before" in reused  # the newest (run ids start with the time)
 
 
+@pytest.mark.parametrize("method", ["bon", "sft-chosen"])
+def test_a_baseline_run_again_is_reused_not_added(baseline, tmp_path, method):
+    """`make bon` / `make sft-chosen` run again: the completed run is reused (the same run key), not added."""
+    runs = _without(baseline[0], method, tmp_path / "runs")
+    _run(method, runs)
+    (first,) = _runs_of(runs, method)
+    files = _files(first)
+    out = _run(method, runs)
+    assert _runs_of(runs, method) == [first] and _files(first) == files
+    assert f"{first} (completed before: reused" in out.stdout
+
+
 # --- numerical guards ------------------------------------------------------------------------------------------
 
 def _nan_reward_at(iteration: int, monkeypatch) -> None:
