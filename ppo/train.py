@@ -368,8 +368,9 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                                                                                      "beta", "final_eval"))
             if kl_ctl is not None:
                 kl_ctl.beta = beta
-        for iteration in tqdm(range(first_iteration, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main,
-                              initial=first_iteration - 1, total=pc.iterations):
+        bar = tqdm(range(first_iteration, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main,
+                   initial=first_iteration - 1, total=pc.iterations)
+        for iteration in bar:
             start = time.perf_counter()
             with run.stage("train", device) as timing:  # timings.json: train seconds, peak memory, FLOPs
                 # this process's share of the next prompts, cycling through one seeded order
@@ -396,6 +397,8 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 train_seconds += time.perf_counter() - start
             run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
                      "flops": flops, **row})
+            bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
+                            clip=f"{row['policy/clipfrac']:.3f}")
             if iteration % pc.eval_every == 0 or iteration == pc.iterations:
                 run_eval(iteration)
             if pc.checkpoint_every and iteration % pc.checkpoint_every == 0 and iteration < pc.iterations:
