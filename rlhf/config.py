@@ -413,6 +413,9 @@ class Config:
     beta_sweep: list[float] = _f([], "`make ppo` / `make dpo` run every beta listed here x every seed (each run's "
                                      "config carries its own beta); empty: just `beta`")
     seeds: list[int] = _f([0, 1], "one run per seed for each method")
+    report_to: list[str] = _f([], "experiment trackers every run's metrics rows also go to, as they are written "
+                                   "(accelerate's: tensorboard, wandb, trackio, mlflow, ...; rlhf/trackers.py); "
+                                   "TensorBoard writes into each run directory's tracker/")
     runs_dir: str = _f("runs", "where run directories and the preference set go (relative to the project)")
     hub_access: bool = _f(False, "may this profile download from the Hugging Face hub? (off: fully offline)")
     resume: bool = _f(True, "reuse a completed reference, PPO or DPO run with the same config and seed rather than run "
@@ -437,6 +440,9 @@ class Config:
         _require(self.beta > 0, "beta", f"must be positive, got {self.beta}")
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        if self.report_to:
+            from rlhf.trackers import check  # accelerate's tracker list: only when asked for
+            check(self.report_to)
         _require(all(b > 0 for b in self.beta_sweep), "beta_sweep",
                  f"every beta must be positive, got {self.beta_sweep}")
         _require(not (self.sft_stage.enabled and self.sft_stage.source == "chosen" and

@@ -8,6 +8,7 @@
                          (eval_stepN.prompts.csv: PROMPT_COLUMNS)
         timings.json     wall-clock seconds and peak memory per stage
         checkpoints/     final/ (the trained model) and checkpoint-<step>/ (resume points, removed on success)
+        tracker/         TensorBoard's event files, with `report_to: [tensorboard]` (rlhf/trackers.py)
         .lock            held (flock) by the process writing the run; the kernel drops it when that process dies
 
 Every file is written whole or not at all (temporary file, then rename); a metrics line is appended in one
@@ -50,6 +51,7 @@ from rlhf.config import PROJECT_ROOT, Config
 from rlhf.distributed import from_main, is_main
 from rlhf.errors import Diverged, UserError, read_json
 from rlhf.models import resolve_precision, sha256_file
+from rlhf.trackers import open_trackers, scalars
 
 # Per eval prompt, what the report's bootstrap and pairing read (rlhf.evaluate.per_prompt); a task without a gold
 # reward, or an evaluation without a reward model, leaves its column out
@@ -130,7 +132,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # Config keys that do not change what a run computes: a run killed under one value resumes under another.
-_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep")  # decide nothing a run computes
+_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "report_to")  # decide nothing a run computes
 _RESUMABLE = ("running", "failed")  # `diverged` is not: it would diverge again at the same step
 
 
@@ -186,6 +188,7 @@ class RunDir:
         self.manifest = manifest
         self.timings: dict[str, dict[str, float]] = {}
         self.last_step: int | None = None  # step of the last metrics row written
+        self.trackers: list = []  # `report_to`'s, fed every metrics row (rlhf/trackers.py)
         self._lock = lock
 
     @classmethod
@@ -224,6 +227,7 @@ class RunDir:
         run = cls(path, manifest, _try_lock(path))  # a fresh directory: nobody else holds its lock
         atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.write_manifest()
+        run.trackers = open_trackers(cfg.report_to, path, cfg.profile, cfg.to_dict())
         return run
 
     @classmethod
@@ -266,6 +270,7 @@ class RunDir:
                     step = checkpoint_step(checkpoint)
                     print(f"resuming {run.path} (status {run.manifest['status']}) from its checkpoint at step {step}")
                     run.resume(step)
+                    run.trackers = open_trackers(cfg.report_to, run.path, cfg.profile, cfg.to_dict(), step)
                     return run, checkpoint
                 run.release()  # stopped before its first checkpoint: left as it is, and a new run starts
         return cls._create(cfg, method, seed, device, data_sha256, extra), None
@@ -330,6 +335,8 @@ class RunDir:
             f.write(line)
             f.flush()
         self.last_step = row.get("step")
+        for tracker in self.trackers:
+            tracker.log(scalars(row), step=row.get("step"))
 
     def write_samples(self, step: int, samples: list[dict]) -> None:
         """Every eval prompt's record (rlhf.evaluate.per_prompt) at eval point `step`: the samples with their text
@@ -366,6 +373,9 @@ class RunDir:
             self.manifest["error"] = f"{type(error).__name__}: {error}"
             self.manifest["traceback"] = "".join(traceback.format_exception(error))[-4000:]
         self.write_manifest()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
         self.release()
 
     def release(self) -> None:

@@ -44,6 +44,8 @@ def test_dotted_overrides_parse_yaml_values():
     ("seeds=1", "'seeds': expected a list"),
     ("model=3", "section 'model' must be a mapping"),
     ("beta", "must look like key=value"),
+    ("report_to=[tensorbord]", "'report_to': 'tensorbord' is not one of"),
+    ("report_to=[wandb]", "'report_to': wandb is not installed here"),  # not a dependency: CI never has it
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):

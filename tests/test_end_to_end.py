@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from rlhf.config import PROJECT_ROOT
 
 
@@ -24,7 +26,8 @@ def _screen_lines(text: str) -> list[str]:
 
 
 def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
-    common = ["--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}"]
+    common = ["--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}",
+              "report_to=[tensorboard]"]
     console = []
     for command in ("reference", "ppo", "dpo", "bon", "sft-chosen", "report"):
         out = _cli(command, *common)
@@ -62,3 +65,23 @@ def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
         for step in steps:
             with open(metrics.parent / "samples" / f"eval_step{step:06d}.prompts.csv") as f:
                 assert len(list(csv.DictReader(f))) == 8  # tiny's eval prompts
+    _check_tensorboard(runs)
+
+
+def _check_tensorboard(runs):
+    """Issue #20, item 4: `report_to: [tensorboard]` puts every metrics row of every run into its tracker/ event
+    files, and the evaluator's numbers arrive under the same tags for both methods."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    eval_tags = {}
+    for metrics in runs.glob("*/*/metrics.jsonl"):
+        events = EventAccumulator(str(metrics.parent / "tracker"))
+        events.Reload()
+        rows = [row for row in map(json.loads, metrics.read_text().splitlines()) if row["kind"] == "eval"]
+        for key in ("eval/gold", "eval/kl"):
+            if key in rows[0]:
+                logged = events.Scalars(key)  # float32 there
+                assert [e.step for e in logged] == [row["step"] for row in rows], (metrics.parent, key)
+                assert [e.value for e in logged] == pytest.approx([row[key] for row in rows], rel=1e-6, abs=1e-7)
+        eval_tags[metrics.parent.parent.name] = {t for t in events.Tags()["scalars"] if t.startswith("eval/")}
+    assert eval_tags["ppo"] == eval_tags["dpo"] and {"eval/gold", "eval/kl", "eval/kl_k3"} <= eval_tags["ppo"]

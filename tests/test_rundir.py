@@ -121,6 +121,23 @@ def test_a_killed_run_is_resumed_once_from_its_checkpoint_and_a_live_one_never(t
     assert _open(tiny_cfg)[0].path == run.path  # a failed run resumes too
 
 
+def test_a_tracker_sees_a_resumed_run_once(tiny_cfg):
+    """`report_to: [tensorboard]`: the rows a resume drops and writes again are hidden from TensorBoard too
+    (purge_step), so each step shows once, with the value the resumed run wrote."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg.with_values({"report_to": ["tensorboard"]})
+    run = _interrupted_run(cfg)  # rows 0..3 (tracked as train/wall_seconds), a checkpoint at 2
+    run.release()
+    resumed, _ = _open(cfg)
+    resumed.log({"kind": "train", "step": 3, "wall_seconds": 30.0, "loss": 0.5})
+    resumed.finish()
+    events = EventAccumulator(str(run.path / "tracker"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/wall_seconds")] == [(0, 0), (1, 1), (2, 2), (3, 30)]
+    assert [e.step for e in events.Scalars("train/loss")] == [3]
+
+
 def test_only_a_run_with_the_same_config_and_seed_is_resumed(tiny_cfg):
     run = _interrupted_run(tiny_cfg)
     run.release()
