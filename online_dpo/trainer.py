@@ -54,7 +54,8 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
     o = cfg.online_dpo
     return OnlineDPOConfig(
         output_dir=str(output_dir),
-        loss_type="sigmoid", beta=[cfg.beta],  # a list: TRL can change beta by epoch; one beta, eq. (6)'s
+        loss_type="sigmoid", beta=cfg.beta,  # eq. (6)'s beta, the same key as PPO's KL coefficient (TRL could also
+        # take a list, one beta an epoch)
         temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=o.max_new_tokens, max_length=o.max_length,
         per_device_train_batch_size=per_process(o.batch_size, "online_dpo.batch_size"),  # prompts: a pair each
         max_steps=o.iterations, learning_rate=o.learning_rate, lr_scheduler_type=o.lr_scheduler,
