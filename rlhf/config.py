@@ -454,7 +454,8 @@ ADDED_WITH_DEFAULT = {"model": {"tf32": False},
 @dataclass
 class Config:
     profile: str = _f("default", "profile name (configs/<profile>.yaml); set by --profile")
-    beta: float = _f(0.1, "KL coefficient beta: PPO's KL penalty in eq. (2) and DPO's beta in eq. (6)")
+    beta: float = _f(0.1, "KL coefficient beta: PPO's and RLOO's KL penalty in eq. (2), DPO's and online DPO's beta "
+                          "in eq. (6)")
     weight_decay: float = _f(
         0.0, "AdamW weight decay of every trained model of both methods: the reward model, PPO's policy and value "
              "model, DPO, Preferred-FT and the SFT stage (0 = TRL's default; torch's own AdamW default, 0.01, would "
