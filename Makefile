@@ -5,14 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
-# Training commands (sft, ppo, ppo-gt, dpo, sft-chosen) run in NPROC processes under `accelerate launch` (DDP) when
+# Training commands (sft, ppo, ppo-gt, dpo, rloo, online-dpo, sft-chosen) run in NPROC processes under `accelerate launch` (DDP) when
 # NPROC > 1: `make ppo NPROC=8`. ACCELERATE_CONFIG picks another launch config (FSDP, ZeRO: configs/accelerate/).
 NPROC ?= 1
 ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 && echo multi-gpu-ddp || echo cpu-ddp).yaml
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all setup test sft data reference ppo ppo-gt dpo bon sft-chosen sweep report bench config
+.PHONY: all setup test sft data reference ppo ppo-gt dpo rloo online-dpo bon sft-chosen sweep report bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false).
 all: setup sft data reference ppo dpo report
@@ -57,6 +57,14 @@ ppo-gt: setup
 
 dpo: setup
 	$(TRAIN_CLI) dpo --profile $(PROFILE) $(ARGS)
+
+# The online methods (docs/online.md), each seed against PPO's reward model for that seed (reused, or trained once):
+# RLOO (no value model) and online DPO (eq. 6 on pairs sampled from the policy and ranked by that reward model).
+rloo: setup
+	$(TRAIN_CLI) rloo --profile $(PROFILE) $(ARGS)
+
+online-dpo: setup
+	$(TRAIN_CLI) online-dpo --profile $(PROFILE) $(ARGS)
 
 # The DPO paper's other controls (docs/baselines.md): Best-of-N from pi_ref under PPO's reward model (reused, or
 # trained once), and Preferred-FT (supervised fine-tuning on the chosen responses).

@@ -20,7 +20,8 @@ GROUP = ["method", "beta"]
 # A method's cost from the start, its own earlier stages included (`earlier_stages`): the x axes of the curves and
 # the units of the headline's "to target gold" columns
 SECONDS, FLOPS = "end-to-end seconds", "training FLOPs"
-USES_REWARD_MODEL = ("ppo", "bon")  # trains against r_phi or ranks by it: the reward model's training is its cost
+# trains against r_phi or ranks by it: the reward model's training is its cost
+USES_REWARD_MODEL = ("ppo", "rloo", "online-dpo", "bon")
 OWN_EARLIER_STAGES = ("ref_logps",)  # DPO's pass of pi_ref over its pairs, before its loop
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
@@ -132,10 +133,10 @@ def common_reach(evals: pd.DataFrame, column: str) -> float:
 
 
 def earlier_stages(runs: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
-    """Per included run: seconds and FLOPs of what its method ran before its own loop. PPO and Best of N: the
-    training of the reward model their manifest names (stage `reward_model` of that run; NaN where that run is not
-    among the included ones); DPO and its variants: their pass of pi_ref over the pairs (stage `ref_logps`); 0 for
-    the others. The shared preference set (and the SFT stage) are left out: every method needs them alike."""
+    """Per included run: seconds and FLOPs of what its method ran before its own loop. PPO, RLOO, online DPO and
+    Best of N: the training of the reward model their manifest names (stage `reward_model` of that run; NaN where
+    that run is not among the included ones); DPO and its variants: their pass of pi_ref over the pairs (stage
+    `ref_logps`); 0 for the others. The shared preference set (and the SFT stage) are left out: every method needs them alike."""
     cost = timings.set_index(["method", "run_id", "stage"])[["seconds", "flops"]]
     rows = []
     for _, run in runs[runs["included"]].iterrows():
@@ -211,10 +212,10 @@ def headline_summary(per_run: pd.DataFrame, matched: S.MatchedKL | None, draws: 
     return table
 
 
-def verdict(matched: S.MatchedKL, a: tuple, b: tuple) -> pd.DataFrame:
+def verdict(matched: S.MatchedKL, a: tuple, b: tuple, names: tuple[str, str] = ("PPO", "DPO")) -> pd.DataFrame:
     """Group a − group b in gold reward at each fraction of the matched KL: the KL level, the observed difference of
     means, its 95% hierarchical bootstrap interval, the seeds of each, their between-seed std, the seeds per method a
-    difference of this size needs (S.seeds_for_power) and the sentence (S.verdict_words)."""
+    difference of this size needs (S.seeds_for_power) and the sentence (S.verdict_words, the groups called `names`)."""
     rows = []
     for i, f in enumerate(matched.fractions):
         va, vb = matched.per_run[a][:, i], matched.per_run[b][:, i]
@@ -225,7 +226,7 @@ def verdict(matched: S.MatchedKL, a: tuple, b: tuple) -> pd.DataFrame:
         rows.append({"KL level": matched.level * f, "fraction of matched KL": f, "difference": diff, "lo": lo,
                      "hi": hi, "seeds a": na, "seeds b": nb, "sd a": sd[0], "sd b": sd[1],
                      "seeds per method for 80% power": S.seeds_for_power(diff, *sd),
-                     "verdict": S.verdict_words(lo, hi, na, nb)})
+                     "verdict": S.verdict_words(lo, hi, na, nb, *names)})
     return pd.DataFrame(rows)
 
 

@@ -25,10 +25,11 @@ from analysis.metrics import FLOPS, GAO_FORM, RUN, SECONDS  # noqa: E402
 
 # Legend names: the DPO paper's Fig. 2 names where it has one. Method ids (run-directory names) stay in the CSVs.
 NAMES = {"reference": "π_ref", "sft": "SFT stage (π_ref)", "reward_model": "reward model", "ppo": "PPO",
-         "ppo-gt": "PPO-GT", "dpo": "DPO", "dpo-ipo": "IPO", "dpo-robust": "rDPO", "bon": "Best of N (KL: upper bound)",
-         "sft-chosen": "Preferred-FT"}
+         "ppo-gt": "PPO-GT", "rloo": "RLOO", "dpo": "DPO", "online-dpo": "online DPO", "dpo-ipo": "IPO",
+         "dpo-robust": "rDPO", "bon": "Best of N (KL: upper bound)", "sft-chosen": "Preferred-FT"}
 PALETTE = {"reference": "#555555", "sft": "#7f7f7f", "reward_model": "#2ca02c", "ppo": "#1f77b4", "ppo-gt": "#17becf",
-           "dpo": "#ff7f0e", "dpo-ipo": "#d62728", "dpo-robust": "#8c564b", "bon": "#9467bd", "sft-chosen": "#e377c2"}
+           "rloo": "#bcbd22", "dpo": "#ff7f0e", "online-dpo": "#ffbb78", "dpo-ipo": "#d62728", "dpo-robust": "#8c564b",
+           "bon": "#9467bd", "sft-chosen": "#e377c2"}
 KL_LABEL = "KL(π‖π_ref) [nats per sequence]"
 # the x axes of progress: a method's cost from the start of its own earlier stages (analysis.metrics.earlier_stages)
 COST_AXES = {FLOPS: "training FLOPs, earlier stages included [FLOPs]",

@@ -23,7 +23,11 @@ from analysis.load import Runs, load_runs
 from rlhf.config import PROJECT_ROOT, Config, ReportConfig
 from rlhf.rundir import atomic_write_text
 
-COMPARED = ("ppo", "dpo")  # the two methods the benchmark compares: their runs set the default comparison levels
+# The methods the benchmark compares: their runs set the default comparison levels (the matched KL every one reaches)
+COMPARED = ("ppo", "dpo", "rloo", "online-dpo")
+# Why PPO wins or loses (docs/online.md): each pair is read as the verdict reads PPO − DPO, at the same matched KL
+CAUSES = (("online vs offline", "ppo", "dpo"), ("online vs offline", "rloo", "dpo"),
+          ("online vs offline", "online-dpo", "dpo"), ("critic vs none", "ppo", "rloo"))
 REFERENCE, BEST_OF_N = "reference", "bon"  # π_ref, every frontier's origin; Best of N, which trains nothing
 BASELINES = {"ppo-gt": "make ppo-gt", "bon": "make bon", "sft-chosen": "make sft-chosen"}  # the DPO paper's controls
 SPIKE_SERIES = ["loss", "loss/policy", "loss/value", "grad_norm"]
@@ -158,7 +162,7 @@ def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Sect
     section.notes.append(
         f"**PPO − DPO = {_signed(first['difference'])} [{_signed(first['lo'])}, {_signed(first['hi'])}]** in gold "
         "reward at the "
-        f"matched KL of {first['KL level']:.3g} nats ({_level_source(cfg)}), {int(first['seeds a'])} PPO and "
+        f"matched KL of {first['KL level']:.3g} nats ({_level_source(cfg, runs)}), {int(first['seeds a'])} PPO and "
         f"{int(first['seeds b'])} DPO seeds, 95% hierarchical bootstrap (seeds, then prompts paired across methods). "
         f"{first['verdict']}")
     for _, row in table.iloc[1:].iterrows():
@@ -183,16 +187,56 @@ def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Sect
         section.notes.append(f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at the matched KL "
                              "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md).")
     section.tables.append(Table("verdict", table))
+    causes = causes_table(matched, cfg.beta)
+    if len(causes) > len(table):  # RLOO or online DPO ran: what PPO's difference comes from
+        section.notes.append(causes_paragraph(causes))
+        section.tables.append(Table("verdict_causes", causes))
     return section
+
+
+def causes_table(matched: S.MatchedKL, beta: float) -> pd.DataFrame:
+    """`CAUSES` at every fraction of the matched KL, for the pairs of methods that both have runs at `beta`: one
+    verdict table (M.verdict) each, with the question it answers and the comparison in words."""
+    tables = [M.verdict(matched, (a, beta), (b, beta), (P.name(a), P.name(b))).assign(
+                  question=question, comparison=f"{P.name(a)} − {P.name(b)}")
+              for question, a, b in CAUSES if (a, beta) in matched.per_run and (b, beta) in matched.per_run]
+    if not tables:
+        return pd.DataFrame()
+    table = pd.concat(tables, ignore_index=True)
+    return table[["question", "comparison", *table.columns.drop(["question", "comparison"])]]
+
+
+def causes_paragraph(causes: pd.DataFrame) -> str:
+    """One paragraph that reads the four methods together at the matched KL: online vs offline (each online method
+    against DPO), then critic vs none (PPO against RLOO)."""
+    at = causes[causes["fraction of matched KL"] == 1]
+
+    def said(question: str) -> str:
+        rows = at[at["question"] == question]
+        return "; ".join(f"{r['comparison']} = {_signed(r['difference'])} [{_signed(r['lo'])}, {_signed(r['hi'])}]: "
+                         f"{r['verdict']}" for _, r in rows.iterrows()) or "not run"
+    return ("**Why PPO wins or loses** (docs/online.md), in gold at the same matched KL. Online vs offline (PPO, "
+            "RLOO and online DPO sample from the current policy and are scored by the same reward model; DPO learns "
+            f"from the fixed pairs): {said('online vs offline')}. Critic vs none (PPO and RLOO optimise the same eq. "
+            f"(2) against the same reward model; only PPO has a value model): {said('critic vs none')}. Where every "
+            "online method is ahead of DPO, sampling from the policy is what helps, whatever the loss; where PPO is "
+            "ahead of RLOO too, its critic adds to that; where PPO and RLOO are not distinguishable, the critic is "
+            "not what PPO's difference comes from at this many seeds.")
 
 
 def _signed(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:+.3f}"
 
 
-def _level_source(cfg: Config) -> str:
+def _compared_names(runs: Runs) -> str:
+    """'PPO, DPO and RLOO': the compared methods that have runs, which set the matched KL."""
+    names = [P.name(m) for m in COMPARED if m in runs.methods] or ["trained"]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _level_source(cfg: Config, runs: Runs) -> str:
     return ("set by report.matched_kl" if cfg.report.matched_kl is not None else
-            "the largest KL every PPO and DPO run reaches")
+            f"the largest KL every {_compared_names(runs)} run reaches")
 
 
 def _eval_counts(runs: Runs, group: tuple, keys: list) -> list[list]:
@@ -217,16 +261,17 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
     """Gold reward at matched KL (and fractions of it) and the time and compute to reach the target gold reward,
     per method (SPEC §7.7)."""
     stats = stats or make_stats(runs, cfg.report)
-    # The levels come from the PPO and DPO runs (the comparison), or from every trained run where neither exists.
+    # The levels come from the compared methods' runs, or from every trained run where none exists.
     compared = runs.evals([m for m in COMPARED if m in runs.methods])
-    level_runs, who = (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)), "trained")
+    level_runs, who = ((compared, _compared_names(runs)) if not compared.empty else
+                       (runs.evals(trained(runs)), "trained"))
     evals = costed_evals(runs, policies(runs))
     section = Section("Headline: gold reward at matched KL, and the time and compute to reach it")
     gold_level = math.nan
     if has_gold and stats.matched is not None:
         gold_level, gold_source = _level(cfg.report.target_gold, "report.target_gold", level_runs, who, "eval/gold")
         section.notes += [
-            f"Matched KL = {stats.matched.level:.4g} nats per sequence ({_level_source(cfg)}), and "
+            f"Matched KL = {stats.matched.level:.4g} nats per sequence ({_level_source(cfg, runs)}), and "
             f"{', '.join(f'{f:g}' for f in stats.matched.fractions[1:])} of it: each run's gold reward where its eval "
             "trajectory first reaches that KL, read from a monotone cubic interpolation in √KL (empty where a run "
             "never reaches it).",
@@ -293,10 +338,11 @@ def budget_note(runs: Runs) -> str:
                      f"{r['pair presentations']} pair presentations" for _, r in _in_legend_order(table).iterrows())
     columns = list(M.BUDGET.values())
     if len(table[columns].drop_duplicates()) == 1 and not table[columns].iloc[0].str.contains("/|–").any():
-        return (f"Equal budget: every method trained on the same pairs for the same passes ({said}; PPO's are its "
-                "reward model's, `budget:` in the config).")
-    return (f"**Unequal budget**: the methods did not train on the same pairs and passes ({said}; PPO's are its "
-            "reward model's). A difference below may come from the data each saw, not from the method.")
+        return (f"Equal budget: every method trained on the same pairs for the same passes ({said}; PPO's, RLOO's and "
+                "online DPO's are their reward model's, `budget:` in the config).")
+    return (f"**Unequal budget**: the methods did not train on the same pairs and passes ({said}; PPO's, RLOO's and "
+            "online DPO's are their reward model's). A difference below may come from the data each saw, not from the "
+            "method.")
 
 
 def _with(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
@@ -469,7 +515,7 @@ def provenance_section(runs: Runs, cfg: Config, profile_dir: Path) -> Section:
 
 def missing_notes(runs: Runs, has_gold: bool) -> list[str]:
     present = set(runs.methods)
-    notes = [f"No completed {m.upper()} run: its rows, curves and panels are absent (run `make {m}`)."
+    notes = [f"No completed {P.name(m)} run: its rows, curves and panels are absent (run `make {m}`)."
              for m in COMPARED if m not in present]
     if REFERENCE not in present:
         notes.append("No completed reference run (`make reference`): π_ref's point is missing from the frontier.")

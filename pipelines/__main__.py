@@ -6,6 +6,8 @@
     reference evaluate pi_ref itself with the shared evaluator (the origin of the reward-KL frontier)
     ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per beta x seed (ppo.reward=gold: PPO-GT)
     dpo       DPO (eq. 6), one run per beta x seed (dpo.loss_type=ipo|robust: a variant, runs/<profile>/dpo-<variant>/)
+    rloo      RLOO: REINFORCE leave-one-out against PPO's reward model (eq. 2, no value model), one run per beta x seed
+    online-dpo  online DPO: eq. (6) on pairs sampled from the policy, ranked by PPO's reward model, per beta x seed
     bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
     sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
     sweep     the tuning protocol: a grid of sweep.method's learning rate x passes on the validation prompts
@@ -36,8 +38,8 @@ from rlhf.errors import Diverged, UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["setup", "sft", "data", "reference", "ppo", "dpo", "bon", "sft-chosen",
-                                            "sweep", "report", "bench", "config"])
+    parser.add_argument("command", choices=["setup", "sft", "data", "reference", "ppo", "dpo", "rloo", "online-dpo",
+                                            "bon", "sft-chosen", "sweep", "report", "bench", "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output: TRL's log dict "
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
     module, function = {"sft": ("pipelines.stages", "sft_main"),
                         "ppo": ("pipelines.ppo_pipeline", "main"), "dpo": ("pipelines.dpo_pipeline", "main"),
+                        "rloo": ("pipelines.online_pipeline", "rloo_main"),
+                        "online-dpo": ("pipelines.online_pipeline", "online_dpo_main"),
                         "bon": ("pipelines.baselines_pipeline", "bon"),
                         "sft-chosen": ("pipelines.baselines_pipeline", "sft_chosen"),
                         "sweep": ("pipelines.sweep", "main"), "report": ("analysis.report", "main"),

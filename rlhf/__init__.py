@@ -13,5 +13,6 @@
     flops.py          compute in FLOPs: 2·N·tokens a forward pass, 6·N·tokens forward + backward
     rundir.py         run directories: manifests, metrics.jsonl, atomic writes, checkpoints (docs/run-directory.md)
     trl_callbacks.py  TRL trainers' hooks into the evaluator and the run directory
+    online.py         what the online methods share (RLOO, online DPO): r_phi as a TRL reward function, one run
     hub.py            the profiles that may use the Hugging Face hub fail fast when it is unreachable
 """

@@ -279,6 +279,55 @@ class DPOConfig:
 
 
 @dataclass
+class RLOOConfig:
+    """RLOO (`make rloo`; Ahmadian et al. 2024): TRL's RLOOTrainer, REINFORCE with a leave-one-out baseline, against the
+    same reward model as PPO with eq. (2)'s KL penalty on the sequence; its coefficient is the top-level `beta`, no
+    value model (docs/online.md). Rollouts at temperature 1, so beta means DPO's."""
+    iterations: int = _f(16, "optimiser steps; each samples a fresh rollout batch from the current policy")
+    rollout_batch_size: int = _f(16, "completions sampled a step, over all processes (each takes its share): "
+                                     "rollout_batch_size / num_generations prompts")
+    num_generations: int = _f(2, "completions per prompt (k); each one's baseline is the mean reward of the other k-1")
+    num_iterations: int = _f(1, "passes over each rollout batch (TRL's mu); 1: plain REINFORCE, the ratio is 1 and "
+                                "never clipped")
+    cliprange: float = _f(0.2, "epsilon of the clipped sequence-level ratio (read only with num_iterations > 1)")
+    normalize_advantages: bool = _f(False, "normalise the advantages to mean 0, std 1 over each rollout batch")
+    learning_rate: float = _f(1e-5, "AdamW learning rate")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f(
+        "constant", "learning-rate schedule ('linear' and 'cosine' decay to 0 at the last step)")
+    max_new_tokens: int = _f(32, "response length cap during rollouts")
+    max_grad_norm: float = _f(1.0, "clip the gradient to this global norm")
+    eval_every: int = _f(5, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
+
+    def validate(self, prefix: str) -> None:
+        _require_positive(self, prefix, "iterations", "rollout_batch_size", "num_iterations", "cliprange",
+                          "learning_rate", "max_new_tokens", "max_grad_norm", "eval_every")
+        _require(self.num_generations >= 2, f"{prefix}.num_generations",
+                 f"must be at least 2 (the leave-one-out baseline needs another completion), got {self.num_generations}")
+        _require(self.rollout_batch_size % self.num_generations == 0, f"{prefix}.rollout_batch_size",
+                 f"must be a multiple of num_generations ({self.num_generations}), got {self.rollout_batch_size}")
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Online DPO (`make online-dpo`; Guo et al. 2024): TRL's OnlineDPOTrainer, eq. (6)'s loss on two completions per
+    prompt sampled from the current policy and ranked by the same reward model as PPO; its beta is the top-level
+    `beta` (docs/online.md). Sampling at temperature 1."""
+    iterations: int = _f(16, "optimiser steps; each samples two completions for each of its prompts")
+    batch_size: int = _f(8, "prompts a step, over all processes (each takes its share): one pair each")
+    learning_rate: float = _f(3e-5, "AdamW learning rate")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f(
+        "constant", "learning-rate schedule ('linear' and 'cosine' decay to 0 at the last step)")
+    max_new_tokens: int = _f(32, "response length cap when sampling the pairs")
+    max_length: int = _f(512, "prompt + response tokens kept for the log-probs (TRL cuts the prompt's start)")
+    max_grad_norm: float = _f(1.0, "clip the gradient to this global norm")
+    eval_every: int = _f(5, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
+
+    def validate(self, prefix: str) -> None:
+        _require_positive(self, prefix, "iterations", "batch_size", "learning_rate", "max_new_tokens", "max_length",
+                          "max_grad_norm", "eval_every")
+
+
+@dataclass
 class BestOfNConfig:
     """Best-of-N (`make bon`): N samples from pi_ref per eval prompt, keep the one the learned reward model scores
     highest. Nothing is trained; the reward model is PPO's (docs/baselines.md)."""
@@ -405,7 +454,8 @@ ADDED_WITH_DEFAULT = {"model": {"tf32": False},
 @dataclass
 class Config:
     profile: str = _f("default", "profile name (configs/<profile>.yaml); set by --profile")
-    beta: float = _f(0.1, "KL coefficient beta: PPO's KL penalty in eq. (2) and DPO's beta in eq. (6)")
+    beta: float = _f(0.1, "KL coefficient beta: PPO's and RLOO's KL penalty in eq. (2), DPO's and online DPO's beta "
+                          "in eq. (6)")
     weight_decay: float = _f(
         0.0, "AdamW weight decay of every trained model of both methods: the reward model, PPO's policy and value "
              "model, DPO, Preferred-FT and the SFT stage (0 = TRL's default; torch's own AdamW default, 0.01, would "
@@ -430,6 +480,8 @@ class Config:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     bon: BestOfNConfig = field(default_factory=BestOfNConfig)
     sft: PreferredFTConfig = field(default_factory=PreferredFTConfig)
     sft_stage: SFTStageConfig = field(default_factory=SFTStageConfig)

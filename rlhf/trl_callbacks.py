@@ -75,10 +75,11 @@ def brief(metrics: dict[str, float]) -> str:
 
 class _ProgressBar(ProgressCallback):
     """Trainer's progress bar (with ETA), named after its stage, showing the loss (and the margin and accuracy:
-    DPO's implicit reward's, or the reward model's) instead of printing every step's log dict."""
+    DPO's implicit reward's, or the reward model's; an online method's reward-model score) instead of printing every
+    step's log dict."""
 
     SHOWN = {"loss": "loss", "rewards/margins": "margin", "margin": "margin", "rewards/accuracies": "acc",
-             "accuracy": "acc"}
+             "accuracy": "acc", "reward": "score", "objective/scores": "score"}  # the last two: RLOO's, online DPO's
 
     def __init__(self, desc: str):
         super().__init__()
@@ -111,7 +112,8 @@ class EvalAndLogCallback(TrainerCallback):
     each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`. A resumed
     run starts the clock at `train_seconds`, where its checkpoint left it. Every row carries `flops`, the training
     FLOPs so far: 6 · N · the non-padding tokens Trainer has fed the model (rlhf/flops.py), N = `n_params`, the
-    trained model's `pass_parameters`; stage `train` records them too, and stage `eval` the evaluator's own.
+    trained model's `pass_parameters`; stage `train` records them too, and stage `eval` the evaluator's own. An
+    online method's tokens also go through sampling and scoring passes: `flops_per_token` then replaces 6 · N.
 
     Also: stops the run at a non-finite logged value, and commits each checkpoint Trainer saves (a sha256 record
     written last, so a half-written one is never resumed from) and deletes the older ones.
@@ -119,9 +121,10 @@ class EvalAndLogCallback(TrainerCallback):
 
     def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]] | None,
                  eval_every: int | None, device: torch.device, n_params: int, train_seconds: float = 0.0,
-                 name: str = "step"):
+                 name: str = "step", flops_per_token: int | None = None):
         self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
-        self.n_params = n_params  # counted before Trainer wraps the model (sharded parameters would count short)
+        # n_params counted before Trainer wraps the model (sharded parameters would count short)
+        self.flops_per_token = flops_per_token or train_flops(n_params, 1)
         self.name = name  # how a step is named in a divergence message, e.g. "DPO step"
         self.train_seconds = train_seconds  # closed stretches only; see `clock`
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
@@ -152,7 +155,7 @@ class EvalAndLogCallback(TrainerCallback):
                     metrics, samples = self.evaluate_policy(model, step)
                     timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
                 self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
-                              "flops": train_flops(self.n_params, tokens), **metrics})
+                              "flops": self.flops_per_token * tokens, **metrics})
                 self.run.write_samples(step, samples)
                 tqdm.write(f"  step {step}: {brief(metrics)}")
         self.last_eval = (step, metrics)
@@ -175,7 +178,7 @@ class EvalAndLogCallback(TrainerCallback):
             return
         trl_logs = {k: v for k, v in logs.items() if k not in _UNLOGGED_KEYS}
         check_finite(f"{self.name} {state.global_step}", **{k: v for k, v in trl_logs.items() if isinstance(v, float)})
-        flops = train_flops(self.n_params, state.num_input_tokens_seen)
+        flops = self.flops_per_token * state.num_input_tokens_seen
         self._timing["flops"] = flops
         self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": self.clock(),
                       "tokens": state.num_input_tokens_seen, "flops": flops, **trl_logs})

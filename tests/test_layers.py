@@ -2,6 +2,7 @@
 
     rlhf/                                the foundation: imports no other package of the project
     sft/ reward_model/ ppo/ dpo/         the stages: the foundation only, never another stage or method
+    rloo/ online_dpo/
     analysis/                            beside the stages: the foundation only
     baselines/                           the controls: the foundation and the stages
     pipelines/                           orchestration on top: anything
@@ -19,7 +20,7 @@ import pytest
 
 from rlhf.config import PROJECT_ROOT
 
-STAGES = ("sft", "reward_model", "ppo", "dpo")
+STAGES = ("sft", "reward_model", "ppo", "dpo", "rloo", "online_dpo")
 PACKAGES = ("rlhf", *STAGES, "analysis", "baselines", "pipelines")
 # What each package may import from the project besides itself.
 ALLOWED = {"rlhf": set(), **{stage: {"rlhf"} for stage in STAGES}, "analysis": {"rlhf"},

@@ -1,0 +1,114 @@
+"""What the online methods trained with a TRL trainer share (RLOO, online DPO; docs/online.md): both sample from the
+current policy during training, score the samples with PPO's reward model r_phi (never the gold reward), and report
+into a run directory through `EvalAndLogCallback`, like DPO.
+
+    run_online(cfg, prefs, seed, reward_model_path, method, ...) -> OnlineResult
+
+`reward_function` wraps a reward of `SequenceBatch`es (r_phi's `reward_scores`, or a test's known reward) in the
+signature TRL's trainers call, so the samples are scored on the very tokens the policy produced, EOS read where the
+reward model was trained to read it, and with its shift (TRL's own reward-model path would re-tokenise the decoded
+text and read the last token, not the EOS). FLOPs are counted per token of prompt + response through every pass a
+sample takes (sampling, scoring, training): the method's `flops_per_token`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate.utils import set_seed
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+from rlhf.config import Config
+from rlhf.data import PreferenceSet
+from rlhf.distributed import check_replicas, num_processes
+from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.flops import pass_parameters
+from rlhf.models import autocast, for_training, freeze, load_policy_and_reference, load_scalar_model
+from rlhf.reference import reference_model
+from rlhf.rundir import RunDir, manifest_of_model
+from rlhf.sequences import SequenceBatch, pad_sequences, reward_scores
+from rlhf.tasks import load_task
+from rlhf.trl_callbacks import EvalAndLogCallback, save_policy
+
+# TRL's signature of a reward function: (prompts, completions, completion_ids, **columns) -> one float per completion
+RewardFunction = Callable[..., list[float]]
+# (config, policy, tokenizer, prompts, reward function, seed, output dir, callbacks) -> the method's TRL trainer
+BuildTrainer = Callable[[Config, PreTrainedModel, PreTrainedTokenizerBase, Dataset, RewardFunction, int, Path,
+                         list[TrainerCallback]], Trainer]
+
+
+@dataclass
+class OnlineResult:
+    run_dir: Path
+    steps: int                        # optimiser steps taken
+    final_metrics: dict[str, float]   # the shared evaluator's metrics at the last step
+
+
+def until_eos(ids: list[int], eos_token_id: int) -> list[int]:
+    """A completion's tokens up to and including its first EOS (TRL's online DPO pads its rows after it; RLOO's end
+    there). One without EOS was cut by the length cap and is kept whole."""
+    return ids[:ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
+
+
+def reward_function(reward: Callable[[SequenceBatch], torch.Tensor], tokenizer: PreTrainedTokenizerBase,
+                    add_special_tokens: bool) -> RewardFunction:
+    """`reward` (r(x, y) of a batch, [B]) as a TRL reward function. TRL hands over the prompts as text and the
+    completions as token ids; the prompts are tokenised as the trainer tokenised them for sampling
+    (`add_special_tokens`: RLOOTrainer adds the tokenizer's special tokens, OnlineDPOTrainer does not)."""
+    def reward_model(prompts: list[str], completion_ids: list[list[int]], **_) -> list[float]:
+        prompt_rows = tokenizer(prompts, add_special_tokens=add_special_tokens).input_ids
+        responses = [until_eos(list(ids), tokenizer.eos_token_id) for ids in completion_ids]
+        with torch.inference_mode():
+            return reward(pad_sequences(prompt_rows, responses, tokenizer.pad_token_id)).tolist()
+    return reward_model  # TRL logs its mean as `rewards/reward_model/mean`
+
+
+def run_identity(method: str, reward_model_path: Path) -> tuple[str, dict]:
+    """The method and the extra inputs an online run's directory is keyed by (rlhf.rundir.run_key): the same for the
+    run and for the pipeline asking whether it is done already."""
+    return method, {"reward_model_path": str(reward_model_path), "num_processes": num_processes()}
+
+
+def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path, method: str, name: str,
+               eval_every: int, build_trainer: BuildTrainer, flops_per_token: Callable[[int, int], int],
+               add_special_tokens: bool, implicit_beta: float | None = None) -> OnlineResult:
+    """One run of an online method from pi_ref on the task's training prompts, against the reward model at
+    `reward_model_path` (PPO's for this seed), into runs/<profile>/<method>/<run-id>/. The shared evaluator runs at
+    step 0, every `eval_every` steps and at the end (with `implicit_beta`, also DPO's implicit reward on the held-out
+    pairs); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per sampled token."""
+    set_seed(seed)  # first: LoRA adapters drawn below must not depend on the process
+    policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
+    policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
+    device = policy.device
+    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
+    method, extra = run_identity(method, reward_model_path)
+    run = RunDir.create(cfg, method, seed, device, prefs.sha256, extra=extra)
+    run.manifest["reference_model"] = ref.name_or_path
+    # The data budget is the reward model's: the pairs and passes it trained on (as PPO's)
+    run.manifest["budget"] = manifest_of_model(reward_model_path).get("budget")
+    run.manifest["kl_control"] = {"adaptive": False, "rollout_temperature": 1.0}  # beta means DPO's (sampling at 1)
+    with run.running():
+        ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
+        callback = EvalAndLogCallback(
+            run, lambda model, step: evaluate(model, ctx, reward_model=reward_model, implicit_beta=implicit_beta,
+                                              desc=f"eval step {step}"),
+            eval_every, device, pass_parameters(policy), name=f"{name} step",
+            flops_per_token=flops_per_token(pass_parameters(ref), pass_parameters(reward_model, "scalar")))
+
+        def r_phi(batch: SequenceBatch) -> torch.Tensor:
+            with autocast(cfg.model.precision, device):
+                return reward_scores(reward_model, batch.to(device), tokenizer)
+
+        prompts = Dataset.from_dict({"prompt": load_task(cfg.task, tokenizer, cfg.hub_access).train_prompts})
+        trainer = build_trainer(cfg, policy, tokenizer, prompts, reward_function(r_phi, tokenizer, add_special_tokens),
+                                seed, run.path / "checkpoints", [callback])
+        run.write_manifest()
+        trainer.train()
+        check_replicas(policy, run.manifest)
+        save_policy(policy, tokenizer, run, device)
+    step, metrics = callback.last_eval
+    return OnlineResult(run.path, step, metrics)
