@@ -133,13 +133,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # Config keys that do not change what a run computes: a run killed under one value resumes under another.
 _NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "report_to")  # decide nothing a run computes
+# Sections read by one method alone, added after the other methods' runs were first keyed: in that method's run keys
+# only, so adding a method never changes the keys of the others' runs (their completed runs stay reusable).
+_OWN_SECTIONS = {"rloo": "rloo", "online_dpo": "online-dpo"}  # section -> the method whose runs it keys
 _RESUMABLE = ("running", "failed")  # `diverged` is not: it would diverge again at the same step
 
 
 def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None) -> str:
     """sha256 of what a run computes from: method, seed, data, extra inputs (the reward model's path) and every
     config key that affects it. Only a run with the same key continues an interrupted one."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_RUN_KEY}
+    config = {k: v for k, v in cfg.to_dict().items()
+              if k not in _NOT_IN_RUN_KEY and _OWN_SECTIONS.get(k, method) == method}
     payload = {"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {}, "config": config}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

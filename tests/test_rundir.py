@@ -10,7 +10,7 @@ import yaml
 from rlhf.config import load_config
 from rlhf.errors import Diverged, UserError, check_finite
 from rlhf.rundir import (CHECKPOINT_RECORD, RunDir, atomic_write_text, commit_checkpoint, latest_checkpoint,
-                         read_jsonl)
+                         read_jsonl, run_key)
 
 
 def test_run_directory_contents_and_status(tiny_cfg):
@@ -136,6 +136,18 @@ def test_a_tracker_sees_a_resumed_run_once(tiny_cfg):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/wall_seconds")] == [(0, 0), (1, 1), (2, 2), (3, 30)]
     assert [e.step for e in events.Scalars("train/loss")] == [3]
+
+
+def test_a_methods_own_section_keys_its_runs_alone(tiny_cfg):
+    """RLOO's settings key RLOO's runs, not PPO's: adding a method (or tuning it) leaves the others' runs reusable.
+    A shared key (beta) keys them all; trackers key none."""
+    def key(method, **values):
+        return run_key(tiny_cfg.with_values(values), method, 0, "abc", None)
+    assert key("ppo", **{"rloo.learning_rate": 0.123}) == key("ppo") != key("ppo", beta=0.2)
+    assert key("rloo", **{"rloo.learning_rate": 0.123}) != key("rloo") and key("rloo") != key("ppo")
+    assert key("online-dpo", **{"online_dpo.batch_size": 6}) != key("online-dpo") == key("online-dpo", **{
+        "rloo.learning_rate": 0.123})
+    assert key("dpo", report_to=["tensorboard"]) == key("dpo")
 
 
 def test_only_a_run_with_the_same_config_and_seed_is_resumed(tiny_cfg):
