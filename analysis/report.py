@@ -23,9 +23,11 @@ from analysis.load import Runs, load_runs
 from rlhf.config import PROJECT_ROOT, Config, ReportConfig
 from rlhf.rundir import atomic_write_text
 
-# The methods the benchmark compares: their runs set the default comparison levels (the matched KL every one reaches)
-COMPARED = ("ppo", "dpo", "rloo", "online-dpo")
-# Why PPO wins or loses (docs/online.md): each pair is read as the verdict reads PPO − DPO, at the same matched KL
+# The two methods the benchmark compares: their runs set the verdict's and the headline's levels (the matched KL
+# every one reaches), whatever else ran, so running RLOO or online DPO never moves the PPO − DPO verdict
+COMPARED = ("ppo", "dpo")
+ONLINE = ("rloo", "online-dpo")  # docs/online.md
+# Why PPO wins or loses: each pair is read as the verdict reads PPO − DPO, at the KL every one of the four reaches
 CAUSES = (("online vs offline", "ppo", "dpo"), ("online vs offline", "rloo", "dpo"),
           ("online vs offline", "online-dpo", "dpo"), ("critic vs none", "ppo", "rloo"))
 REFERENCE, BEST_OF_N = "reference", "bon"  # π_ref, every frontier's origin; Best of N, which trains nothing
@@ -126,6 +128,7 @@ class Stats:
     draws: S.Draws
     matched: S.MatchedKL | None = None  # gold at fractions of the matched KL, per group (tasks with a gold reward)
     keys: dict = field(default_factory=dict)  # per group, the RUN keys of matched.per_run's rows
+    four: S.MatchedKL | None = None  # the same at the KL every PPO, DPO, RLOO and online DPO run reaches (CAUSES)
 
 
 def make_stats(runs: Runs, report: ReportConfig | None = None) -> Stats:
@@ -138,6 +141,9 @@ def make_stats(runs: Runs, report: ReportConfig | None = None) -> Stats:
     if has_gold(runs) and not runs.evals(compared).empty:
         stats.matched, stats.keys = M.matched_gold(evals, values, stats.draws, compared, report.kl_fractions,
                                                    report.matched_kl)
+        if any(m in runs.methods for m in ONLINE):
+            four = [m for m in COMPARED + ONLINE if m in runs.methods]
+            stats.four = M.matched_gold(evals, values, stats.draws, four, report.kl_fractions, report.matched_kl)[0]
     return stats
 
 
@@ -162,7 +168,7 @@ def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Sect
     section.notes.append(
         f"**PPO − DPO = {_signed(first['difference'])} [{_signed(first['lo'])}, {_signed(first['hi'])}]** in gold "
         "reward at the "
-        f"matched KL of {first['KL level']:.3g} nats ({_level_source(cfg, runs)}), {int(first['seeds a'])} PPO and "
+        f"matched KL of {first['KL level']:.3g} nats ({_level_source(cfg)}), {int(first['seeds a'])} PPO and "
         f"{int(first['seeds b'])} DPO seeds, 95% hierarchical bootstrap (seeds, then prompts paired across methods). "
         f"{first['verdict']}")
     for _, row in table.iloc[1:].iterrows():
@@ -187,7 +193,7 @@ def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Sect
         section.notes.append(f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at the matched KL "
                              "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md).")
     section.tables.append(Table("verdict", table))
-    causes = causes_table(matched, cfg.beta)
+    causes = causes_table(stats.four, cfg.beta) if stats.four is not None else pd.DataFrame()
     if len(causes) > len(table):  # RLOO or online DPO ran: what PPO's difference comes from
         section.notes.append(causes_paragraph(causes))
         section.tables.append(Table("verdict_causes", causes))
@@ -215,7 +221,10 @@ def causes_paragraph(causes: pd.DataFrame) -> str:
         rows = at[at["question"] == question]
         return "; ".join(f"{r['comparison']} = {_signed(r['difference'])} [{_signed(r['lo'])}, {_signed(r['hi'])}]: "
                          f"{r['verdict']}" for _, r in rows.iterrows()) or "not run"
-    return ("**Why PPO wins or loses** (docs/online.md), in gold at the same matched KL. Online vs offline (PPO, "
+    level = at["KL level"].iloc[0]
+    return (f"**Why PPO wins or loses** (docs/online.md), in gold at {level:.3g} nats, the largest KL every PPO, DPO, "
+            "RLOO and online DPO run reaches (lower than the verdict's where an online method stops short of it; PPO − "
+            "DPO is read again there). Online vs offline (PPO, "
             "RLOO and online DPO sample from the current policy and are scored by the same reward model; DPO learns "
             f"from the fixed pairs): {said('online vs offline')}. Critic vs none (PPO and RLOO optimise the same eq. "
             f"(2) against the same reward model; only PPO has a value model): {said('critic vs none')}. Where every "
@@ -228,15 +237,9 @@ def _signed(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:+.3f}"
 
 
-def _compared_names(runs: Runs) -> str:
-    """'PPO, DPO and RLOO': the compared methods that have runs, which set the matched KL."""
-    names = [P.name(m) for m in COMPARED if m in runs.methods] or ["trained"]
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-
-
-def _level_source(cfg: Config, runs: Runs) -> str:
+def _level_source(cfg: Config) -> str:
     return ("set by report.matched_kl" if cfg.report.matched_kl is not None else
-            f"the largest KL every {_compared_names(runs)} run reaches")
+            "the largest KL every PPO and DPO run reaches")
 
 
 def _eval_counts(runs: Runs, group: tuple, keys: list) -> list[list]:
@@ -263,15 +266,14 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
     stats = stats or make_stats(runs, cfg.report)
     # The levels come from the compared methods' runs, or from every trained run where none exists.
     compared = runs.evals([m for m in COMPARED if m in runs.methods])
-    level_runs, who = ((compared, _compared_names(runs)) if not compared.empty else
-                       (runs.evals(trained(runs)), "trained"))
+    level_runs, who = (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)), "trained")
     evals = costed_evals(runs, policies(runs))
     section = Section("Headline: gold reward at matched KL, and the time and compute to reach it")
     gold_level = math.nan
     if has_gold and stats.matched is not None:
         gold_level, gold_source = _level(cfg.report.target_gold, "report.target_gold", level_runs, who, "eval/gold")
         section.notes += [
-            f"Matched KL = {stats.matched.level:.4g} nats per sequence ({_level_source(cfg, runs)}), and "
+            f"Matched KL = {stats.matched.level:.4g} nats per sequence ({_level_source(cfg)}), and "
             f"{', '.join(f'{f:g}' for f in stats.matched.fractions[1:])} of it: each run's gold reward where its eval "
             "trajectory first reaches that KL, read from a monotone cubic interpolation in √KL (empty where a run "
             "never reaches it).",
@@ -331,7 +333,7 @@ def beta_notes(runs: Runs) -> list[str]:
 
 def budget_note(runs: Runs) -> str:
     """The headline's line on the training budget: equal, or "unequal budget" with every method's numbers."""
-    table = M.budgets(runs.runs, [m for m in COMPARED + ("sft-chosen",) if m in runs.methods])
+    table = M.budgets(runs.runs, [m for m in COMPARED + ONLINE + ("sft-chosen",) if m in runs.methods])
     if table.empty:
         return "Training budget: no completed PPO, DPO or Preferred-FT run records one yet."
     said = "; ".join(f"{P.name(r['method'])} {r['pairs']} pairs × {r['passes']} passes = "

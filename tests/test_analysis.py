@@ -477,3 +477,19 @@ def test_curves_are_drawn_over_flops_and_seconds_from_the_start_never_over_steps
     for ax, ppo_start, dpo_start in ((flops_ax, 5e8, 2e8), (seconds_ax, 50, 10)):
         assert (start(ax, "ppo"), start(ax, "dpo")) == (ppo_start, dpo_start)
     P.plt.close(plot.figure)
+
+
+def test_an_online_method_that_stops_short_never_moves_the_verdict(tmp_path):
+    """RLOO reaching a lower KL than PPO and DPO gets its own, lower level in `verdict_causes`; the PPO − DPO verdict
+    stays at the KL every PPO and DPO run reaches (gold_profile: 2 nats, the least of the runs' maxima 3, 4, 6, 2)."""
+    p = gold_profile(tmp_path)
+    before = pd.read_csv(run_report(tmp_path, p) / "verdict.csv")
+    for seed in (0, 1):
+        write_run(p, "rloo", seed, [ev(k, g) for k, g in ((0, 0.1), (0.5, 0.2), (1, 0.3 + 0.05 * seed))])
+    out = run_report(tmp_path, p)
+    after = pd.read_csv(out / "verdict.csv")
+    pd.testing.assert_frame_equal(before, after)
+    causes = pd.read_csv(out / "verdict_causes.csv")
+    assert before["KL level"].iloc[0] == 2 and set(causes["KL level"]) == {1, 0.5, 0.25}
+    assert {"PPO − DPO", "RLOO − DPO", "PPO − RLOO"} == set(causes["comparison"])
+    assert "the largest KL every PPO, DPO, RLOO and online DPO run reaches" in (out / "summary.md").read_text()
