@@ -129,16 +129,30 @@ def peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# Config keys that do not change what a run computes: a run killed under one value resumes under another.
-_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep")  # decide nothing a run computes
+# Config keys that do not change what a run computes: a run killed under one value resumes under another; a dotted
+# name is a key of a section. (dpo.checkpoint_every and ppo.checkpoint_every change nothing either, but are in the keys
+# of earlier runs, which leaving them out now would orphan.)
+_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "reward_model.checkpoint_every")
 _RESUMABLE = ("running", "failed")  # `diverged` is not: it would diverge again at the same step
+
+
+def _keyed_config(cfg: Config) -> dict[str, Any]:
+    """The config as a run key reads it: without `_NOT_IN_RUN_KEY` (a dotted name is a key of a section)."""
+    config = cfg.to_dict()
+    for name in _NOT_IN_RUN_KEY:
+        *sections, key = name.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        del node[key]
+    return config
 
 
 def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None) -> str:
     """sha256 of what a run computes from: method, seed, data, extra inputs (the reward model's path) and every
     config key that affects it. Only a run with the same key continues an interrupted one."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_RUN_KEY}
-    payload = {"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {}, "config": config}
+    payload = {"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {},
+               "config": _keyed_config(cfg)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
