@@ -15,11 +15,11 @@ write and flushed, so a crash leaves at most a truncated last line, which reader
 with an exclusive mkdir, so two runs started at once never share a directory.
 
 Resume (docs/reliability.md): a run killed (status `running`, lock free) or `failed` is continued by the next
-run of the same method, config and seed from its last checkpoint, in the same directory: metrics rows and
-samples after the checkpoint's step are dropped and written again; a completed run with the same key is reused
-as it is (`completed_run`), never run twice. A checkpoint counts only once its
-`checkpoint.json` (every file's sha256, written last) exists; a half-written one is ignored, a corrupt one
-is an error naming it.
+run of the same method, config and seed from its last checkpoint (or from its start, where it had none), in the
+same directory: metrics rows and samples after the checkpoint's step are dropped and written again; a completed
+run with the same key is reused as it is (`completed_run`), never run twice. A checkpoint counts only once its
+`checkpoint.json` (every file's sha256, written last) exists; a half-written one is ignored, a corrupt one is an
+error naming it.
 """
 
 from __future__ import annotations
@@ -65,20 +65,24 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old version or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask, as open() gives
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -244,8 +248,9 @@ class RunDir:
     def open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
              extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
         """The run to write and the checkpoint to continue from. With `cfg.resume`: the newest interrupted run
-        with the same key that has a checkpoint, rewound to it. Otherwise (or if there is none) a new run, and
-        None. A corrupt checkpoint raises UserError before anything in its run directory changes.
+        with the same key, rewound to its last checkpoint (or to its start, and None, where it has none).
+        Otherwise (or if there is none) a new run, and None. A corrupt checkpoint raises UserError before anything
+        in its run directory changes.
 
         Under several processes every process calls it: the main process opens the run, the others get a
         `ReplicaRunDir` on the same path (and the same checkpoint, or the same error)."""
@@ -269,25 +274,31 @@ class RunDir:
     @classmethod
     def _open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
               extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
-        if cfg.resume:
-            for run in cls._interrupted(cfg, method, run_key(cfg, method, seed, data_sha256, extra)):
-                try:
-                    checkpoint = latest_checkpoint(run.path / "checkpoints")
-                except UserError:
-                    run.release()
-                    raise
-                if checkpoint is not None:
-                    step = checkpoint_step(checkpoint)
-                    print(f"resuming {run.path} (status {run.manifest['status']}) from its checkpoint at step {step}")
-                    run.resume(step)
-                    return run, checkpoint
-                run.release()  # stopped before its first checkpoint: left as it is, and a new run starts
-        return cls._create(cfg, method, seed, device, data_sha256, extra), None
+        key = run_key(cfg, method, seed, data_sha256, extra)
+        run = next(cls._interrupted(cfg, method, key), None) if cfg.resume else None  # the newest
+        if run is None:
+            return cls._create(cfg, method, seed, device, data_sha256, extra), None
+        return run, run._rewind()
+
+    def _rewind(self) -> Path | None:
+        """Rewind this interrupted run to its last checkpoint, returned; or, where it stopped before its first, to its
+        start (None), so that it runs again in its own directory rather than stay behind as a dead run."""
+        try:
+            checkpoint = latest_checkpoint(self.path / "checkpoints")
+        except UserError:
+            self.release()
+            raise
+        step = None if checkpoint is None else checkpoint_step(checkpoint)
+        print(f"resuming {self.path} (status {self.manifest['status']}) " + (
+            "from the start: it stopped before its first checkpoint" if step is None
+            else f"from its checkpoint at step {step}"))
+        self.resume(step)
+        return checkpoint
 
     @classmethod
     def _interrupted(cls, cfg: Config, method: str, key: str) -> Iterator["RunDir"]:
         """Runs of `method` with run key `key` that were killed (status running, nobody holds the lock) or
-        failed, newest first, each locked for the caller (who releases the ones it does not take)."""
+        failed, newest first, each locked for the caller as it is yielded."""
         for path, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / method):
             if manifest.get("run_key") != key or manifest.get("status") not in _RESUMABLE:
                 continue
@@ -300,10 +311,12 @@ class RunDir:
             else:
                 lock.close()
 
-    def resume(self, step: int) -> list[dict]:
-        """Continue this interrupted run after its checkpoint at `step`: metrics rows and eval samples after that
-        step are dropped (the resumed run writes them again), timings keep adding up (they are the real cost,
-        lost work included), and the manifest says `running` again and records the resume. Returns the rows kept."""
+    def resume(self, step: int | None) -> list[dict]:
+        """Continue this interrupted run after its checkpoint at `step`, or from its start (None): metrics rows and
+        eval samples after that step are dropped (the resumed run writes them again), timings keep adding up (they
+        are the real cost, lost work included), and the manifest says `running` again and records the resume.
+        Returns the rows kept."""
+        last = -1 if step is None else step  # from the start: step 0's eval is written again too
         kept, rows = [], []
         metrics = self.path / "metrics.jsonl"
         if metrics.exists():
@@ -313,13 +326,13 @@ class RunDir:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the truncated last line of a killed run
-                if row.get("step", 0) <= step:
+                if row.get("step", 0) <= last:
                     kept.append(line if line.endswith("\n") else line + "\n")
                     rows.append(row)
                     self.last_step = row.get("step")
         atomic_write_text(metrics, "".join(kept))
         for sample in (self.path / "samples").glob("eval_step*"):
-            if int(sample.name.removeprefix("eval_step")[:6]) > step:
+            if int(sample.name.removeprefix("eval_step")[:6]) > last:
                 sample.unlink()
         try:
             self.timings = json.loads((self.path / "timings.json").read_text())
