@@ -205,7 +205,8 @@ def load_runs(profile_dir: Path) -> Runs:
     read, metrics, timings, data_manifests, prompts = [], [], [], [], []
     for method_dir in sorted(p for p in profile_dir.glob("*") if p.is_dir()):
         if method_dir.name == DATA_DIR:
-            for manifest in sorted(method_dir.glob("*/manifest.json")):
+            # a set being built (or whose build a kill stopped) is under a hidden temporary name: not one yet
+            for manifest in sorted(m for m in method_dir.glob("*/manifest.json") if not m.parent.name.startswith(".")):
                 try:
                     data_manifests.append({"path": str(manifest.parent), **_read_json(manifest)})
                 except BadRunDir as e:

@@ -6,6 +6,7 @@ on how to read it. Colours are fixed per method so every figure reads the same w
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from analysis import stats as S  # noqa: E402
 from analysis.metrics import FLOPS, GAO_FORM, RUN, SECONDS  # noqa: E402
+from rlhf.rundir import atomic_write_bytes  # noqa: E402
 
 # Legend names: the DPO paper's Fig. 2 names where it has one. Method ids (run-directory names) stay in the CSVs.
 NAMES = {"reference": "π_ref", "sft": "SFT stage (π_ref)", "reward_model": "reward model", "ppo": "PPO",
@@ -360,6 +362,9 @@ def cost_plot(costs: pd.DataFrame, per_method: pd.DataFrame) -> Plot:
 
 
 def save(plot: Plot, folder: Path) -> None:
-    """Write the figure as <folder>/<name>.png and free it (a report draws many figures in one process)."""
-    plot.figure.savefig(folder / f"{plot.name}.png", dpi=100)
+    """Write the figure as <folder>/<name>.png, whole or not at all, and free it (a report draws many figures in one
+    process)."""
+    png = io.BytesIO()
+    plot.figure.savefig(png, format="png", dpi=100)
+    atomic_write_bytes(folder / f"{plot.name}.png", png.getvalue())
     plt.close(plot.figure)

@@ -587,16 +587,23 @@ def render_markdown(sections: list[Section], profile: str) -> str:
 
 
 def write(sections: list[Section], out: Path, profile: str) -> None:
+    """Every file is written whole (a temporary name, then renamed), the pages last. A figure or table this report no
+    longer has must not linger beside the new page, and is deleted only then: a kill midway leaves no file torn and
+    none that the page on disk shows missing."""
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.png"), *out.glob("*.csv")]:
-        stale.unlink()  # a figure or table this report no longer has must not linger beside the new page
+    written = set()
     for s in sections:
         if s.plot is not None and s.plot.figure is not None:
             P.save(s.plot, out)
+            written.add(f"{s.plot.name}.png")
         for t in s.tables:
             atomic_write_text(out / f"{t.name}.csv", t.frame.to_csv(index=False))
+            written.add(f"{t.name}.csv")
     atomic_write_text(out / "summary.md", render_markdown(sections, profile))
     atomic_write_text(out / "index.html", render_html(sections, profile))
+    for stale in [*out.glob("*.png"), *out.glob("*.csv")]:
+        if stale.name not in written:
+            stale.unlink()
 
 
 def main(cfg: Config) -> int:

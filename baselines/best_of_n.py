@@ -116,7 +116,8 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
     reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id).to(device))
     ns = sorted(set(cfg.bon.n))
     method, seed, extra = run_identity(cfg, reward_model_path)
-    run = RunDir.create(cfg, method, seed, device, prefs.sha256, extra=extra)
+    # no resume points: a killed run starts again from the start, in its own directory
+    run, _ = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     evals = {}
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)

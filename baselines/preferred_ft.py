@@ -62,7 +62,8 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)
     device = policy.device
     method, extra = run_identity(cfg)
-    run = RunDir.create(cfg, method, seed, device, prefs.sha256, extra=extra)
+    # no resume points: a killed run starts again from the start, in its own directory
+    run, _ = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(run, lambda model, step: evaluate(model, ctx, desc=f"eval step {step}"),

@@ -35,10 +35,10 @@ from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import for_training, freeze, load_policy_and_reference, load_scalar_model
 from rlhf.reference import reference_model
-from rlhf.rundir import RunDir, read_jsonl
+from rlhf.rundir import RunDir
 from rlhf.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from rlhf.tasks import PAIR_FIELDS
-from rlhf.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
+from rlhf.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, resumed_clock, run_dir_args, save_policy
 
 
 @dataclass
@@ -189,13 +189,10 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
     run.manifest["reference_model"] = ref.name_or_path
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
-        # A resumed run's clock goes on from its last row (the checkpoint's step); Trainer restores the rest.
-        rows = read_jsonl(run.path / "metrics.jsonl")[0] if resume_from else []
         callback = EvalAndLogCallback(
             run, lambda model, step: evaluate(model, ctx, reward_model=reward_model, implicit_beta=cfg.beta,
                                               desc=f"eval step {step}"),
-            cfg.dpo.eval_every, device, pass_parameters(policy),
-            train_seconds=rows[-1]["wall_seconds"] if rows else 0.0, name="DPO step")
+            cfg.dpo.eval_every, device, pass_parameters(policy), resumed_clock(run, resume_from), name="DPO step")
         with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed,
                                     run.path / "checkpoints", [callback])

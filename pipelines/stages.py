@@ -109,7 +109,8 @@ def evaluate_reference(cfg: Config) -> Path:
     device = default_device()
     tokenizer = load_tokenizer(path)
     ref = freeze(load_causal_lm(path).to(device))
-    run = RunDir.create(cfg, "reference", cfg.eval.seed, device, prefs.sha256, extra={"reference_model": path})
+    # nothing to resume from: a killed evaluation is done again in its own directory
+    run, _ = RunDir.open(cfg, "reference", cfg.eval.seed, device, prefs.sha256, extra={"reference_model": path})
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         with run.stage("eval", device) as timing:

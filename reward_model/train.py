@@ -6,12 +6,14 @@ with TRL's RewardTrainer. Backbone = the policy's model with a one-output head. 
 shifted so that pi_ref's own samples on train prompts score 0 on average (InstructGPT's normalisation): PPO's
 reward then starts centred, and the per-token KL penalty and the score live on comparable scales. The shift is
 stored in the saved model's config (`reward_shift`) and applied by `rlhf.sequences.reward_scores`.
+
+Every `reward_model.checkpoint_every` steps Trainer saves a resume point, as DPO's does (rlhf/trl_callbacks.py); a
+killed or failed run with the same config and seed goes on from the last one (`RunDir.open`, Trainer's own
+`resume_from_checkpoint`) and ends with the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +29,12 @@ from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import EvalContext, heldout_pair_metrics
 from rlhf.flops import forward_flops, pass_parameters, train_flops
 from rlhf.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
-                         load_tokenizer, merged, resolve_model_path, save_model, trainer_precision_args)
+                         load_tokenizer, merged, resolve_model_path, save_model)
 from rlhf.reference import reference_model
 from rlhf.rundir import RunDir
 from rlhf.sequences import chunks, reward_scores, sample
 from rlhf.tasks import load_task
-from rlhf.trl_callbacks import quiet_progress_bar
+from rlhf.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, resumed_clock, run_dir_args
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -48,28 +50,12 @@ class RewardModelResult:
     heldout: dict[str, float]
 
 
-class _LogToRun(TrainerCallback):
-    """Copy TRL's per-step logs into the run's metrics.jsonl with training wall-clock, tokens and FLOPs: 6 · N · the
-    chosen and rejected rows' non-padding tokens, N = `n_params` of the scalar model (rlhf/flops.py)."""
-
-    def __init__(self, run: RunDir, n_params: int):
-        self.run, self.n_params, self.start = run, n_params, time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": time.perf_counter() - self.start,
-                          "tokens": state.num_input_tokens_seen,
-                          "flops": train_flops(self.n_params, state.num_input_tokens_seen),
-                          "loss": logs["loss"], "accuracy": logs.get("accuracy"),
-                          "margin": logs.get("margin"), "grad_norm": logs.get("grad_norm"),
-                          "learning_rate": logs.get("learning_rate")})
-
-
 def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
     """What a trained reward model depends on: reused by any later run with the same key (the SFT stage's and the
     LoRA settings, and the weight decay, are in it only when they are on, so the keys of earlier reward models stay as they were)."""
-    # `per_seed` only decides which seed a PPO run asks for: the model trained with seed s is the same either way
-    settings = {k: v for k, v in cfg.to_dict()["reward_model"].items() if k != "per_seed"}
+    # `per_seed` only decides which seed a PPO run asks for: the model trained with seed s is the same either way;
+    # `checkpoint_every` only when resume points are saved
+    settings = {k: v for k, v in cfg.to_dict()["reward_model"].items() if k not in ("per_seed", "checkpoint_every")}
     key = {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": settings | {"seed": seed},
            "task": cfg.task.name,
            "budget": {"pairs": cfg.budget.pairs, "passes": budget_passes(cfg, cfg.reward_model.epochs)}}
@@ -100,66 +86,77 @@ def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.
     return sum(scores) / len(scores), flops
 
 
-def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardModelResult:
-    """Train r_phi on `prefs.train` (eq. 1), centre it on pi_ref, report held-out accuracy and margin."""
+def _trainer(cfg: Config, rm, tokenizer, train_set, seed: int, run: RunDir, callback: TrainerCallback,
+             device: torch.device) -> RewardTrainer:
+    """TRL's RewardTrainer for eq. (1) on `train_set`, writing into `run` through `callback`, with its resume points
+    (checkpoint-<step>/) in the run's checkpoints/ folder."""
     rc = cfg.reward_model
+    args = RewardConfig(
+        output_dir=str(run.path / "checkpoints"), learning_rate=rc.learning_rate,
+        num_train_epochs=budget_passes(cfg, rc.epochs),
+        per_device_train_batch_size=per_process(rc.batch_size, "reward_model.batch_size"),
+        warmup_steps=rc.warmup_ratio, lr_scheduler_type="linear", max_length=rc.max_length,
+        **run_dir_args(cfg.model, cfg.weight_decay, seed, device, rc.checkpoint_every))
+    return quiet_progress_bar(RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
+                                            callbacks=[callback]), f"reward model seed {seed}")
+
+
+def _count_long_pairs(trainer: RewardTrainer, train_set, run: RunDir, cfg: Config) -> None:
+    """RewardTrainer drops pairs longer than `reward_model.max_length`: counted in the manifest, said, and an error if
+    none is left."""
+    max_length, given = cfg.reward_model.max_length, len(train_set)
+    dropped = given - len(trainer.train_dataset)
+    run.manifest["pairs"] = {"given": given, "dropped_too_long": dropped}
+    run.manifest["budget"] = budget_record(given - dropped, budget_passes(cfg, cfg.reward_model.epochs))
+    run.write_manifest()
+    if dropped == given:
+        raise UserError(f"reward_model.max_length={max_length}: every training pair is longer, so RewardTrainer drops "
+                        "them all; raise reward_model.max_length")
+    if dropped:
+        print(f"reward model: {dropped} of {given} training pairs are longer than reward_model.max_length="
+              f"{max_length} tokens and were dropped")
+
+
+def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardModelResult:
+    """Train r_phi on `prefs.train` (eq. 1), centre it on pi_ref, report held-out accuracy and margin. An interrupted
+    run with the same config and seed is resumed from its last checkpoint."""
     set_seed(seed)  # first: a new scalar head or LoRA adapters drawn below must not depend on the process
     device = default_device()
     model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # the backbone: pi_ref's
     tokenizer = load_tokenizer(model_path)
-    run = RunDir.create(cfg, "reward_model", seed, device, prefs.sha256,
-                        extra={"reward_model_key": reward_model_key(cfg, prefs, seed), "reference_model": model_path})
+    run, resume_from = RunDir.open(cfg, "reward_model", seed, device, prefs.sha256, extra={
+        "reward_model_key": reward_model_key(cfg, prefs, seed), "reference_model": model_path})
     with run.running():
         rm = load_scalar_model(model_path, tokenizer.pad_token_id)
         n_params = pass_parameters(rm, "scalar")  # counted before Trainer wraps it
         rm = for_training(rm, cfg, "SEQ_CLS", trainer_checkpointing=True)
+        # train rows, their clock and FLOPs, checkpoints committed; the stage keeps the name PPO's cost reads
+        callback = EvalAndLogCallback(run, None, None, device, n_params, resumed_clock(run, resume_from),
+                                      name="reward model step", stage="reward_model")
         train_set = budget_pairs(cfg, prefs).select_columns(["prompt", "chosen", "rejected"])
-        passes = budget_passes(cfg, rc.epochs)
-        with tempfile.TemporaryDirectory() as scratch:
-            args = RewardConfig(
-                output_dir=scratch, learning_rate=rc.learning_rate, weight_decay=cfg.weight_decay,
-                num_train_epochs=passes,
-                per_device_train_batch_size=per_process(rc.batch_size, "reward_model.batch_size"),
-                warmup_steps=rc.warmup_ratio, lr_scheduler_type="linear", max_length=rc.max_length,
-                logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-                use_cpu=device.type == "cpu", disable_tqdm=False, dataloader_num_workers=0,
-                include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
-                **trainer_precision_args(cfg.model.precision, device),
-                activation_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default is on: ~30% slower
-            )
-            trainer = quiet_progress_bar(RewardTrainer(model=rm, args=args, train_dataset=train_set,
-                                                       processing_class=tokenizer, callbacks=[_LogToRun(run, n_params)]),
-                                         f"reward model seed {seed}")
-            # RewardTrainer drops pairs longer than max_length: counted here, and an error if none is left.
-            dropped = len(train_set) - len(trainer.train_dataset)
-            run.manifest["pairs"] = {"given": len(train_set), "dropped_too_long": dropped}
-            run.manifest["budget"] = budget_record(len(train_set) - dropped, passes)
-            run.write_manifest()
-            if dropped == len(train_set):
-                raise UserError(f"reward_model.max_length={rc.max_length}: every training pair is longer, so "
-                                "RewardTrainer drops them all; raise reward_model.max_length")
-            if dropped:
-                print(f"reward model: {dropped} of {len(train_set)} training pairs are longer than "
-                      f"reward_model.max_length={rc.max_length} tokens and were dropped")
-            with run.stage("reward_model", device) as timing:
-                trainer.train()
-                timing["flops"] = train_flops(n_params, trainer.state.num_input_tokens_seen)
+        trainer = _trainer(cfg, rm, tokenizer, train_set, seed, run, callback, device)
+        _count_long_pairs(trainer, train_set, run, cfg)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        tokens = trainer.state.num_input_tokens_seen
+        trained = {"step": trainer.state.global_step, "wall_seconds": callback.train_seconds, "tokens": tokens,
+                   "flops": train_flops(n_params, tokens)}  # where the eval row stands
         rm = freeze(merged(trainer.model))  # a plain model from here on: LoRA adapters folded in
         check_replicas(rm, run.manifest)
         final = run.path / "checkpoints" / "final"
         # Centring, held-out metrics and the save happen once, on the main process; the others wait, then share
         # its numbers (or stop with its error).
         with stop_together():
-            shift, heldout = (_centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trainer.state, final, device)
+            shift, heldout = (_centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trained, final, device)
                               if is_main() else (None, None))
         shift, heldout = from_main(shift, heldout)
     return RewardModelResult(path=final, run_dir=run.path, shift=shift, heldout=heldout)
 
 
-def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run: RunDir, state, final: Path,
+def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run: RunDir, trained: dict, final: Path,
                           device: torch.device) -> tuple[float, dict[str, float]]:
-    """Centre the trained r_phi on pi_ref's samples, measure it on the held-out pairs, save it to `final`. Both are
-    forward passes, their FLOPs counted apart from training (stages `reward_shift` and `eval`)."""
+    """Centre the trained r_phi on pi_ref's samples, measure it on the held-out pairs, save it to `final`, and log the
+    eval row at `trained` (step, clock, tokens, FLOPs). Both are forward passes, their FLOPs counted apart from
+    training (stages `reward_shift` and `eval`)."""
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     with run.stage("reward_shift", device) as timing:
         shift, timing["flops"] = _reward_shift(rm, tokenizer, task.train_prompts[:cfg.reward_model.center_prompts],
@@ -174,9 +171,7 @@ def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run:
         timing["flops"] = cost["flops"]
     check_finite("reward model on held-out pairs", **heldout)
     save_model(rm, tokenizer, final)
-    run.log({"kind": "eval", "step": state.global_step, "wall_seconds": run.timings["reward_model"]["seconds"],
-             "tokens": state.num_input_tokens_seen, "flops": run.timings["reward_model"]["flops"],
-             "reward_shift": shift, "eval/flops": cost["flops"], **heldout})
+    run.log({"kind": "eval", **trained, "reward_shift": shift, "eval/flops": cost["flops"], **heldout})
     run.manifest["reward_model_path"] = str(final)
     print(f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "
           f"{heldout.get('heldout/gold_accuracy', float('nan')):.3f}), margin {heldout['heldout/rm_margin']:.3f}, "

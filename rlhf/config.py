@@ -188,9 +188,13 @@ class RewardModelConfig:
     per_seed: bool = _f(True, "PPO seed s trains against a reward model trained with seed s, so PPO's spread across "
                               "seeds includes stage 1's; false: one reward model shared by every seed")
     seed: int = _f(0, "training seed of the shared reward model (read only with per_seed: false)")
+    checkpoint_every: int | None = _f(16, "save a resume point (Trainer's checkpoint: weights, optimizer, scheduler, "
+                                          "RNG, data position) every N optimiser steps; null: none. Not part of any "
+                                          "key: it changes no result")
 
     def validate(self, prefix: str) -> None:
-        _require_positive(self, prefix, "learning_rate", "epochs", "batch_size", "max_length", "center_prompts")
+        _require_positive(self, prefix, "learning_rate", "epochs", "batch_size", "max_length", "center_prompts",
+                          "checkpoint_every")
         _require(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio", "must be in [0, 1)")
 
 

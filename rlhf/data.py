@@ -227,9 +227,13 @@ def build_preferences(cfg: Config) -> PreferenceSet:
             "build_seconds": time.perf_counter() - start,
         }
         atomic_write_json(tmp / "manifest.json", manifest)
-        if path.exists():  # a stale folder for this hash (manifest missing or mismatched): replace it whole
-            shutil.rmtree(path)
+        # A stale folder for this hash (manifest missing or mismatched) is moved aside whole before it is deleted:
+        # deleted in place, a kill could leave its manifest beside half its data, a set that looks tampered with.
+        stale = temporary_name(path)
+        if path.exists():
+            os.replace(path, stale)
         os.replace(tmp, path)
+        shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,11 +16,11 @@ write and flushed, so a crash leaves at most a truncated last line, which reader
 with an exclusive mkdir, so two runs started at once never share a directory.
 
 Resume (docs/reliability.md): a run killed (status `running`, lock free) or `failed` is continued by the next
-run of the same method, config and seed from its last checkpoint, in the same directory: metrics rows and
-samples after the checkpoint's step are dropped and written again; a completed run with the same key is reused
-as it is (`completed_run`), never run twice. A checkpoint counts only once its
-`checkpoint.json` (every file's sha256, written last) exists; a half-written one is ignored, a corrupt one
-is an error naming it.
+run of the same method, config and seed from its last checkpoint (or from its start, where it had none), in the
+same directory: metrics rows and samples after the checkpoint's step are dropped and written again; a completed
+run with the same key is reused as it is (`completed_run`), never run twice. A checkpoint counts only once its
+`checkpoint.json` (every file's sha256, written last) exists; a half-written one is ignored, a corrupt one is an
+error naming it.
 """
 
 from __future__ import annotations
@@ -67,20 +67,24 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old version or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask, as open() gives
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -131,20 +135,34 @@ def peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# Config keys that do not change what a run computes: a run killed under one value resumes under another.
-_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "report_to")  # decide nothing a run computes
+# Config keys that do not change what a run computes: a run killed under one value resumes under another; a dotted
+# name is a key of a section. (dpo.checkpoint_every and ppo.checkpoint_every change nothing either, but are in the keys
+# of earlier runs, which leaving them out now would orphan.)
+_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "report_to", "reward_model.checkpoint_every")
 # Sections read by one method alone, added after the other methods' runs were first keyed: in that method's run keys
 # only, so adding a method never changes the keys of the others' runs (their completed runs stay reusable).
 _OWN_SECTIONS = {"rloo": "rloo", "online_dpo": "online-dpo"}  # section -> the method whose runs it keys
 _RESUMABLE = ("running", "failed")  # `diverged` is not: it would diverge again at the same step
 
 
+def _keyed_config(cfg: Config, method: str) -> dict[str, Any]:
+    """The config as a run key of `method` reads it: without `_NOT_IN_RUN_KEY` (a dotted name is a key of a section)
+    and without the sections other methods own (`_OWN_SECTIONS`)."""
+    config = {k: v for k, v in cfg.to_dict().items() if _OWN_SECTIONS.get(k, method) == method}
+    for name in _NOT_IN_RUN_KEY:
+        *sections, key = name.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        del node[key]
+    return config
+
+
 def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None) -> str:
     """sha256 of what a run computes from: method, seed, data, extra inputs (the reward model's path) and every
     config key that affects it. Only a run with the same key continues an interrupted one."""
-    config = {k: v for k, v in cfg.to_dict().items()
-              if k not in _NOT_IN_RUN_KEY and _OWN_SECTIONS.get(k, method) == method}
-    payload = {"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {}, "config": config}
+    payload = {"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {},
+               "config": _keyed_config(cfg, method)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -238,8 +256,9 @@ class RunDir:
     def open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
              extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
         """The run to write and the checkpoint to continue from. With `cfg.resume`: the newest interrupted run
-        with the same key that has a checkpoint, rewound to it. Otherwise (or if there is none) a new run, and
-        None. A corrupt checkpoint raises UserError before anything in its run directory changes.
+        with the same key, rewound to its last checkpoint (or to its start, and None, where it has none).
+        Otherwise (or if there is none) a new run, and None. A corrupt checkpoint raises UserError before anything
+        in its run directory changes.
 
         Under several processes every process calls it: the main process opens the run, the others get a
         `ReplicaRunDir` on the same path (and the same checkpoint, or the same error)."""
@@ -263,26 +282,34 @@ class RunDir:
     @classmethod
     def _open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
               extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
-        if cfg.resume:
-            for run in cls._interrupted(cfg, method, run_key(cfg, method, seed, data_sha256, extra)):
-                try:
-                    checkpoint = latest_checkpoint(run.path / "checkpoints")
-                except UserError:
-                    run.release()
-                    raise
-                if checkpoint is not None:
-                    step = checkpoint_step(checkpoint)
-                    print(f"resuming {run.path} (status {run.manifest['status']}) from its checkpoint at step {step}")
-                    run.resume(step)
-                    run.trackers = open_trackers(cfg.report_to, run.path, cfg.profile, cfg.to_dict(), step)
-                    return run, checkpoint
-                run.release()  # stopped before its first checkpoint: left as it is, and a new run starts
-        return cls._create(cfg, method, seed, device, data_sha256, extra), None
+        key = run_key(cfg, method, seed, data_sha256, extra)
+        run = next(cls._interrupted(cfg, method, key), None) if cfg.resume else None  # the newest
+        if run is None:
+            return cls._create(cfg, method, seed, device, data_sha256, extra), None
+        checkpoint = run._rewind()
+        run.trackers = open_trackers(cfg.report_to, run.path, cfg.profile, cfg.to_dict(),
+                                     rewritten_from=0 if checkpoint is None else checkpoint_step(checkpoint) + 1)
+        return run, checkpoint
+
+    def _rewind(self) -> Path | None:
+        """Rewind this interrupted run to its last checkpoint, returned; or, where it stopped before its first, to its
+        start (None), so that it runs again in its own directory rather than stay behind as a dead run."""
+        try:
+            checkpoint = latest_checkpoint(self.path / "checkpoints")
+        except UserError:
+            self.release()
+            raise
+        step = None if checkpoint is None else checkpoint_step(checkpoint)
+        print(f"resuming {self.path} (status {self.manifest['status']}) " + (
+            "from the start: it stopped before its first checkpoint" if step is None
+            else f"from its checkpoint at step {step}"))
+        self.resume(step)
+        return checkpoint
 
     @classmethod
     def _interrupted(cls, cfg: Config, method: str, key: str) -> Iterator["RunDir"]:
         """Runs of `method` with run key `key` that were killed (status running, nobody holds the lock) or
-        failed, newest first, each locked for the caller (who releases the ones it does not take)."""
+        failed, newest first, each locked for the caller as it is yielded."""
         for path, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / method):
             if manifest.get("run_key") != key or manifest.get("status") not in _RESUMABLE:
                 continue
@@ -295,10 +322,12 @@ class RunDir:
             else:
                 lock.close()
 
-    def resume(self, step: int) -> list[dict]:
-        """Continue this interrupted run after its checkpoint at `step`: metrics rows and eval samples after that
-        step are dropped (the resumed run writes them again), timings keep adding up (they are the real cost,
-        lost work included), and the manifest says `running` again and records the resume. Returns the rows kept."""
+    def resume(self, step: int | None) -> list[dict]:
+        """Continue this interrupted run after its checkpoint at `step`, or from its start (None): metrics rows and
+        eval samples after that step are dropped (the resumed run writes them again), timings keep adding up (they
+        are the real cost, lost work included), and the manifest says `running` again and records the resume.
+        Returns the rows kept."""
+        last = -1 if step is None else step  # from the start: step 0's eval is written again too
         kept, rows = [], []
         metrics = self.path / "metrics.jsonl"
         if metrics.exists():
@@ -308,13 +337,13 @@ class RunDir:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the truncated last line of a killed run
-                if row.get("step", 0) <= step:
+                if row.get("step", 0) <= last:
                     kept.append(line if line.endswith("\n") else line + "\n")
                     rows.append(row)
                     self.last_step = row.get("step")
         atomic_write_text(metrics, "".join(kept))
         for sample in (self.path / "samples").glob("eval_step*"):
-            if int(sample.name.removeprefix("eval_step")[:6]) > step:
+            if int(sample.name.removeprefix("eval_step")[:6]) > last:
                 sample.unlink()
         try:
             self.timings = json.loads((self.path / "timings.json").read_text())

@@ -55,10 +55,10 @@ def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _make(name: str, run_path: Path, project: str, label: str, resume_step: int | None) -> GeneralTracker:
+def _make(name: str, run_path: Path, project: str, label: str, rewritten_from: int | None) -> GeneralTracker:
     cls = LOGGER_TYPE_TO_CLASS[name]
-    if name == "tensorboard":  # a resumed run rewrites the steps after its checkpoint: hide the old ones
-        return cls(TRACKER_DIR, run_path, **({"purge_step": resume_step + 1} if resume_step is not None else {}))
+    if name == "tensorboard":  # a resumed run writes the steps after its checkpoint again: hide the old ones
+        return cls(TRACKER_DIR, run_path, **({"purge_step": rewritten_from} if rewritten_from is not None else {}))
     if cls.requires_logging_directory:
         return cls(TRACKER_DIR, run_path)
     if name in ("wandb", "trackio"):  # one project per profile, one tracker run per run directory
@@ -69,14 +69,15 @@ def _make(name: str, run_path: Path, project: str, label: str, resume_step: int 
 
 
 def open_trackers(names: list[str], run_path: Path, profile: str, config: dict[str, Any],
-                  resume_step: int | None = None) -> list[GeneralTracker]:
+                  rewritten_from: int | None = None) -> list[GeneralTracker]:
     """Start the trackers `names` for the run at `run_path` (called on the main process only), its config stored
     as the tracker run's hyper-parameters where the tracker keeps them apart from the run directory (whose
-    config.yaml sits beside a file-based tracker's files already)."""
+    config.yaml sits beside a file-based tracker's files already). A resumed run passes `rewritten_from`, the first
+    step it writes again."""
     trackers = []
     label = f"{run_path.parent.name}/{run_path.name}"  # method/run id
     for name in names:
-        tracker = _make(name, run_path, f"ppo-vs-dpo-{profile}", label, resume_step)
+        tracker = _make(name, run_path, f"ppo-vs-dpo-{profile}", label, rewritten_from)
         tracker.start()
         if not tracker.requires_logging_directory:
             tracker.store_init_configuration(flat_config(config))

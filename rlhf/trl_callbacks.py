@@ -1,6 +1,6 @@
-"""What the methods trained with a TRL trainer (DPO, Preferred-FT) share: the Trainer arguments that keep TRL's own
-files off disk, a progress bar, and the callback that writes the run directory and runs the shared evaluator. Also
-what the console shows of the libraries (`set_verbose`).
+"""What the stages trained with a TRL trainer (the reward model, DPO, Preferred-FT, the SFT stage) share: the Trainer
+arguments that keep TRL's own files off disk, a progress bar, and the callback that writes the run directory, runs the
+shared evaluator and commits resume points. Also what the console shows of the libraries (`set_verbose`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rlhf.distributed import is_main, stop_together, wait_for_everyone
 from rlhf.errors import check_finite
 from rlhf.flops import train_flops
 from rlhf.models import save_model, trainer_precision_args
-from rlhf.rundir import RunDir, commit_checkpoint, prune_checkpoints
+from rlhf.rundir import RunDir, commit_checkpoint, prune_checkpoints, read_jsonl
 
 # Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
 # Trainer's speed figures, whose clock includes evaluation.
@@ -106,14 +106,16 @@ def quiet_progress_bar(trainer: Trainer, desc: str) -> Trainer:
 
 class EvalAndLogCallback(TrainerCallback):
     """Writes every training step as a `train` row and runs the shared evaluator (an `eval` row and samples) at
-    step 0, every `eval_every` steps and at the end; with `evaluate_policy` None, train rows only (the SFT stage).
+    step 0, every `eval_every` steps and at the end; with `evaluate_policy` None, train rows only (the SFT stage,
+    the reward model).
 
     The training clock (`wall_seconds`) runs only between evaluations, so eval time never counts as training;
-    each stretch is also recorded as stage `train` in timings.json, each evaluation as stage `eval`. A resumed
-    run starts the clock at `train_seconds`, where its checkpoint left it. Every row carries `flops`, the training
-    FLOPs so far: 6 · N · the non-padding tokens Trainer has fed the model (rlhf/flops.py), N = `n_params`, the
-    trained model's `pass_parameters`; stage `train` records them too, and stage `eval` the evaluator's own. An
-    online method's tokens also go through sampling and scoring passes: `flops_per_token` then replaces 6 · N.
+    each stretch is also recorded as stage `stage` (`train`) in timings.json, each evaluation as stage `eval`. A
+    resumed run starts the clock at `train_seconds` (`resumed_clock`), where its checkpoint left it. Every row carries
+    `flops`, the training FLOPs so far: 6 · N · the non-padding tokens Trainer has fed the model (rlhf/flops.py),
+    N = `n_params`, the trained model's `pass_parameters`; stage `stage` records them too, and stage `eval` the
+    evaluator's own. An online method's tokens also go through sampling and scoring passes: `flops_per_token` then
+    replaces 6 · N.
 
     Also: stops the run at a non-finite logged value, and commits each checkpoint Trainer saves (a sha256 record
     written last, so a half-written one is never resumed from) and deletes the older ones.
@@ -121,16 +123,17 @@ class EvalAndLogCallback(TrainerCallback):
 
     def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]] | None,
                  eval_every: int | None, device: torch.device, n_params: int, train_seconds: float = 0.0,
-                 name: str = "step", flops_per_token: int | None = None):
+                 name: str = "step", stage: str = "train", flops_per_token: int | None = None):
         self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
         # n_params counted before Trainer wraps the model (sharded parameters would count short)
         self.flops_per_token = flops_per_token or train_flops(n_params, 1)
         self.name = name  # how a step is named in a divergence message, e.g. "DPO step"
+        self.stage = stage  # the timings.json entry of the training stretches
         self.train_seconds = train_seconds  # closed stretches only; see `clock`
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
         self._stretch: contextlib.ExitStack | None = None
         self._stretch_start = 0.0
-        self._timing: dict[str, float] = {}  # the `train` stage's timings.json entry
+        self._timing: dict[str, float] = {}  # the training stage's timings.json entry
 
     def clock(self) -> float:
         """Training wall-clock seconds so far, evaluation excluded."""
@@ -139,7 +142,7 @@ class EvalAndLogCallback(TrainerCallback):
 
     def _start_clock(self) -> None:
         self._stretch = contextlib.ExitStack()
-        self._timing = self._stretch.enter_context(self.run.stage("train", self.device))
+        self._timing = self._stretch.enter_context(self.run.stage(self.stage, self.device))
         self._stretch_start = time.perf_counter()
 
     def _stop_clock(self) -> None:
@@ -195,6 +198,14 @@ class EvalAndLogCallback(TrainerCallback):
         self._stop_clock()
         if self.last_eval is None or self.last_eval[0] != state.global_step:
             self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+
+
+def resumed_clock(run: RunDir, resume_from: Path | None) -> float:
+    """Where the training clock of a run opened with `RunDir.open` starts: 0 for a new run; for a resumed one, its last
+    metrics row's `wall_seconds` (the rows after its checkpoint were dropped), so its clock reads as an uninterrupted
+    run's. Trainer restores everything else from the checkpoint."""
+    rows = read_jsonl(run.path / "metrics.jsonl")[0] if resume_from else []
+    return rows[-1]["wall_seconds"] if rows else 0.0
 
 
 def save_policy(policy: PreTrainedModel, tokenizer, run: RunDir, device: torch.device) -> Path:

@@ -74,8 +74,9 @@ def train_sft(cfg: Config) -> SFTResult:
     rows = sft_rows(cfg, tokenizer)
     key = sft_key(cfg, rows)
     device = default_device()
-    run = RunDir.create(cfg, SFT_METHOD, s.seed, device, key["texts_sha256"],
-                        extra={"sft_key": key, "base_model_path": base, "texts": len(rows)})
+    # no resume points: a killed run starts again from the start, in its own directory
+    run, _ = RunDir.open(cfg, SFT_METHOD, s.seed, device, key["texts_sha256"],
+                         extra={"sft_key": key, "base_model_path": base, "texts": len(rows)})
     with run.running():
         model = for_training(load_causal_lm(base).to(device), cfg, "CAUSAL_LM", trainer_checkpointing=True)
         # train rows only: pi_ref's own evaluation is `make reference`, once this model is pi_ref

@@ -1,7 +1,10 @@
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 
+from analysis.load import load_runs
 from rlhf.config import load_config
 from rlhf.data import build_preferences, label_pair, load_preferences, preference_dir
 from rlhf.errors import UserError
@@ -52,6 +55,20 @@ def test_tampered_preference_set_is_detected(tiny_cfg):
     arrow.write_bytes(arrow.read_bytes()[:-10])
     with pytest.raises(UserError, match="does not match its manifest"):
         load_preferences(tiny_cfg)
+
+
+def test_a_build_a_kill_stopped_is_never_taken_for_a_set(tiny_cfg):
+    """Issue #20, item 5: a kill mid-build leaves a hidden temporary folder, which the report never lists as a set; a
+    stale folder under the set's own name (its manifest gone) is replaced whole, nothing of it left beside."""
+    prefs = build_preferences(tiny_cfg)
+    half = prefs.path.with_name(f".{prefs.path.name}.123.abcd")  # killed after its manifest, before the rename
+    shutil.copytree(prefs.path, half)
+    (prefs.path / "manifest.json").unlink()
+    again = build_preferences(tiny_cfg)
+    assert again.sha256 == prefs.sha256
+    assert sorted(p.name for p in prefs.path.parent.iterdir()) == [half.name, prefs.path.name]
+    profile = Path(tiny_cfg.runs_dir) / tiny_cfg.profile
+    assert [d["path"] for d in load_runs(profile).data_manifests] == [str(prefs.path)]
 
 
 def test_bradley_terry_labels_follow_sigmoid():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import random
@@ -5,14 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from reward_model.train import bradley_terry_loss, train_reward_model
+from reward_model.train import bradley_terry_loss, reward_model_key, train_reward_model
 from rlhf.config import PROJECT_ROOT, load_config
-from rlhf.data import PreferenceSet
+from rlhf.data import PreferenceSet, build_preferences
 from rlhf.models import load_scalar_model
+from rlhf.rundir import read_jsonl, run_key
 from rlhf.sequences import encode_completions, sequence_scores
 
 
@@ -104,3 +107,45 @@ def test_same_seed_same_reward_model_in_two_fresh_processes(tmp_path):
         [k for k in a if not torch.equal(a[k], b[k])]
     shifts = [json.loads((Path(path) / "config.json").read_text())["reward_shift"] for path in saved]
     assert shifts[0] == shifts[1]
+
+
+def test_a_reward_model_cut_mid_training_resumes_and_ends_as_an_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch,
+                                                                                  power_cut):
+    """Issue #20, item 5: a crash at step 3 of 4 leaves the resume point of step 2; run again, the reward model goes on
+    from it in the same directory, trains steps 3 and 4 only, and ends with an uninterrupted run's weights, metrics
+    and held-out numbers."""
+    cfg = tiny_cfg.with_values({"reward_model.checkpoint_every": 1})
+    prefs = build_preferences(cfg)
+
+    def train(runs: Path):
+        return train_reward_model(dataclasses.replace(cfg, runs_dir=str(runs)), prefs, seed=0)
+
+    uninterrupted = train(tmp_path / "a")
+    power_cut(RewardTrainer, "compute_loss", 3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(tmp_path / "b")
+    monkeypatch.undo()
+    (cut,) = (tmp_path / "b" / "tiny" / "reward_model").iterdir()
+    real, steps = RewardTrainer.compute_loss, []
+    monkeypatch.setattr(RewardTrainer, "compute_loss", lambda self, *a, **kw: steps.append(1) or real(self, *a, **kw))
+    resumed = train(tmp_path / "b")
+
+    assert resumed.run_dir == cut and len(steps) == 2  # steps 3 and 4, in the run that was cut
+    manifest = json.loads((cut / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert [(r["from_step"], r["previous_status"]) for r in manifest["resumed"]] == [(2, "failed")]
+    assert (resumed.path / "model.safetensors").read_bytes() == (uninterrupted.path / "model.safetensors").read_bytes()
+    assert (resumed.shift, resumed.heldout) == (uninterrupted.shift, uninterrupted.heldout)
+    numbers = [[{k: v for k, v in row.items() if k != "wall_seconds"} for row in read_jsonl(run / "metrics.jsonl")[0]]
+               for run in (uninterrupted.run_dir, cut)]
+    assert numbers[0] == numbers[1] and [r["step"] for r in numbers[0]] == [1, 2, 3, 4, 4]  # 4 train rows, 1 eval
+
+
+def test_the_checkpoint_interval_is_in_no_key(tiny_cfg):
+    """It changes no result: a reward model killed under one interval resumes under another, a completed one is
+    reused, and every run keyed before `reward_model.checkpoint_every` existed keeps its key."""
+    other = tiny_cfg.with_values({"reward_model.checkpoint_every": 3})
+    prefs = PreferenceSet(path=None, manifest={"sha256": "pairs"}, train=None, heldout=None, validation=None)
+    assert reward_model_key(tiny_cfg, prefs, 0) == reward_model_key(other, prefs, 0)
+    for method in ("reward_model", "ppo", "dpo", "reference"):
+        assert run_key(tiny_cfg, method, 0, "pairs", None) == run_key(other, method, 0, "pairs", None)

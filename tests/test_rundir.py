@@ -182,8 +182,22 @@ def test_half_written_checkpoint_is_ignored_and_corrupt_one_is_named_with_nothin
     with pytest.raises(UserError, match=r"checkpoint-2 is incomplete: state\.pt is missing"):
         _open(tiny_cfg)
     shutil.rmtree(run.path / "checkpoints" / "checkpoint-2")  # what the message advises
-    new, checkpoint = _open(tiny_cfg)  # no whole checkpoint left: the run stays as it is, a new one starts
-    assert new.path != run.path and checkpoint is None
+    again, checkpoint = _open(tiny_cfg)  # no whole checkpoint left: the run starts again from its start
+    assert again.path == run.path and checkpoint is None
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_own_directory(tiny_cfg, capsys):
+    """Not left behind as a dead run beside a new one, which the report would list as killed for ever (issue #20,
+    item 5): everything it wrote but its timings (the real cost) goes, and it runs again from step 0."""
+    run = _interrupted_run(tiny_cfg, checkpoints=())
+    run.release()
+    again, checkpoint = _open(tiny_cfg)
+    assert again.path == run.path and checkpoint is None
+    assert (f"resuming {run.path} (status running) from the start: it stopped before its first checkpoint"
+            in capsys.readouterr().out)
+    assert read_jsonl(run.path / "metrics.jsonl") == ([], []) and not list((run.path / "samples").iterdir())
+    m = json.loads((run.path / "manifest.json").read_text())
+    assert m["status"] == "running" and m["resumed"][0]["from_step"] is None
 
 
 def test_diverged_run_keeps_its_last_checkpoint_and_is_not_resumed(tiny_cfg):
