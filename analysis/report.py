@@ -220,7 +220,7 @@ def causes_paragraph(causes: pd.DataFrame) -> str:
     def said(question: str) -> str:
         rows = at[at["question"] == question]
         return "; ".join(f"{r['comparison']} = {_signed(r['difference'])} [{_signed(r['lo'])}, {_signed(r['hi'])}]: "
-                         f"{r['verdict']}" for _, r in rows.iterrows()) or "not run"
+                         f"{r['verdict'].rstrip('.')}" for _, r in rows.iterrows()) or "not run"
     level = at["KL level"].iloc[0]
     return (f"**Why PPO wins or loses** (docs/online.md), in gold at {level:.3g} nats, the largest KL every PPO, DPO, "
             "RLOO and online DPO run reaches (lower than the verdict's where an online method stops short of it; PPO − "
