@@ -12,7 +12,7 @@ ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 &&
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all setup test sft data reference ppo ppo-gt dpo rloo online-dpo bon sft-chosen sweep report bench config
+.PHONY: all setup test test-kill sft data reference ppo ppo-gt dpo rloo online-dpo bon sft-chosen sweep report bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false).
 all: setup sft data reference ppo dpo report
@@ -37,6 +37,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The kill test alone (`make test` runs it too): `make all PROFILE=tiny` killed in each stage and run again, minutes
+test-kill: setup
+	$(PY) -m pytest -q tests/test_kill_anywhere.py
 
 # The optional SFT stage: the base model fine-tuned into pi_ref (trained once, reused while its key matches).
 sft: setup
