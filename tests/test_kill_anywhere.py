@@ -2,7 +2,7 @@
 
 The uninterrupted run is timed stage by stage. Then `make all` is started again and again in a second folder, each time
 killed (SIGKILL to make and the stage it runs, as a power cut would) a seeded random fraction of one stage's duration
-after that stage began, or at its end if it ends sooner (a busy machine times stages differently): the preference
+after that stage began, or at its end if it comes sooner (a busy machine times stages differently): the preference
 set's build, pi_ref's evaluation, the reward model, PPO, DPO, the report, in turn. A last run goes to the end. Its
 report must hold the uninterrupted run's numbers (wall-clock aside), its models the same weights, and nothing a kill
 left half-written may count as whole. `make test-kill` runs it alone (several minutes).
@@ -27,12 +27,12 @@ from rlhf.config import PROJECT_ROOT
 SEED = 20
 # A resume point at every step of every stage that saves them, so that kills land between resume points
 CHECKPOINTS = "reward_model.checkpoint_every=1 ppo.checkpoint_every=1 dpo.checkpoint_every=1"
-# Each stage of `make all` that a kill aims at, with the console text that says it has begun and the one that says it
-# has ended, in their order
-STAGES = [("preference set", "preference pairs (train)", "preference set: "),
-          ("pi_ref's evaluation", "eval pi_ref", "reference evaluation: "),
+# Each stage of `make all` that a kill aims at, with the console text that says it has begun and the last it shows
+# before its run completes, in their order
+STAGES = [("preference set", "preference pairs (train)", "preference set built"),
+          ("pi_ref's evaluation", "eval pi_ref", "pi_ref: gold"),
           ("reward model", "reward model seed 0", "reward model: held-out accuracy"),
-          ("PPO", "PPO seed 0", "PPO beta 0.1 seed 0: "), ("DPO", "pi_ref log-probs", "wall-clock per stage"),
+          ("PPO", "PPO seed 0", "eval @ 4"), ("DPO", "pi_ref log-probs", "eval step 4"),
           ("report", "-m pipelines report", "runs included)")]
 # Not results: what differs from run to run (wall-clock: every column named "... seconds ..."; peak memory), what counts
 # the work a kill threw away (the evaluator's FLOPs: timings.json adds them up, docs/reliability.md) and run names
@@ -125,6 +125,12 @@ def _weights(runs: Path) -> list[tuple[str, str]]:
                   if json.loads((p.parents[2] / "manifest.json").read_text())["status"] == "completed")
 
 
+def _resumes(runs: Path) -> list[tuple[str, int]]:
+    """(method, times resumed) of every run (the preference set's folder is none)."""
+    manifests = [p for p in runs.glob("tiny/*/*/manifest.json") if p.parts[-3] != "data"]
+    return sorted((p.parts[-3], len(json.loads(p.read_text())["resumed"])) for p in manifests)
+
+
 def test_make_all_killed_at_random_moments_ends_with_the_uninterrupted_report(tmp_path):
     durations = _timed_run(tmp_path / "a", tmp_path / "uninterrupted.log")
     rng = random.Random(SEED)
@@ -136,6 +142,10 @@ def test_make_all_killed_at_random_moments_ends_with_the_uninterrupted_report(tm
     landed = [f"{name} ({seconds:.1f} s): {when}" for (name, *_), seconds, when in zip(STAGES, durations, kills)]
     print("killed during " + "; ".join(landed))
     assert None not in kills, landed  # each kill found the run still going
+    # one run a method: a killed run is gone on with (a kill at a stage's end may come just after its run completed)
+    resumes = _resumes(out / "runs")
+    assert [method for method, _ in resumes] == ["dpo", "ppo", "reference", "reward_model"], resumes
+    assert sum(n for _, n in resumes) >= 1, resumes
 
     reports = [tmp_path / run / "reports" / "tiny" for run in ("a", "b")]
     expected, got = (_numbers(r) for r in reports)
