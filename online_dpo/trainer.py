@@ -61,7 +61,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         max_steps=o.iterations, learning_rate=o.learning_rate, lr_scheduler_type=o.lr_scheduler,
         max_grad_norm=o.max_grad_norm,
         disable_dropout=True,
-        **{**run_dir_args(cfg.model, cfg.weight_decay, seed, device),
+        **{**run_dir_args(cfg.model, cfg.weight_decay, seed, device, o.checkpoint_every),
            "include_num_input_tokens_seen": "no"},  # counted by TokenCountingOnlineDPOTrainer instead
     )
 

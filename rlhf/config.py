@@ -301,10 +301,12 @@ class RLOOConfig:
     max_new_tokens: int = _f(32, "response length cap during rollouts")
     max_grad_norm: float = _f(1.0, "clip the gradient to this global norm")
     eval_every: int = _f(5, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
+    checkpoint_every: int | None = _f(4, "save a resume point (Trainer's checkpoint: policy, optimizer, scheduler, "
+                                         "RNG, data position) every N optimiser steps; null: none")
 
     def validate(self, prefix: str) -> None:
         _require_positive(self, prefix, "iterations", "rollout_batch_size", "num_iterations", "cliprange",
-                          "learning_rate", "max_new_tokens", "max_grad_norm", "eval_every")
+                          "learning_rate", "max_new_tokens", "max_grad_norm", "eval_every", "checkpoint_every")
         _require(self.num_generations >= 2, f"{prefix}.num_generations",
                  f"must be at least 2 (the leave-one-out baseline needs another completion), got {self.num_generations}")
         _require(self.rollout_batch_size % self.num_generations == 0, f"{prefix}.rollout_batch_size",
@@ -325,10 +327,12 @@ class OnlineDPOConfig:
     max_length: int = _f(512, "prompt + response tokens kept for the log-probs (TRL cuts the prompt's start)")
     max_grad_norm: float = _f(1.0, "clip the gradient to this global norm")
     eval_every: int = _f(5, "run the shared evaluator every N optimiser steps (and always at step 0 and at the end)")
+    checkpoint_every: int | None = _f(4, "save a resume point (Trainer's checkpoint: policy, optimizer, scheduler, "
+                                         "RNG, data position) every N optimiser steps; null: none")
 
     def validate(self, prefix: str) -> None:
         _require_positive(self, prefix, "iterations", "batch_size", "learning_rate", "max_new_tokens", "max_length",
-                          "max_grad_norm", "eval_every")
+                          "max_grad_norm", "eval_every", "checkpoint_every")
 
 
 @dataclass

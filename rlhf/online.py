@@ -32,7 +32,7 @@ from rlhf.reference import reference_model
 from rlhf.rundir import RunDir, manifest_of_model
 from rlhf.sequences import SequenceBatch, pad_sequences, reward_scores
 from rlhf.tasks import load_task
-from rlhf.trl_callbacks import EvalAndLogCallback, save_policy
+from rlhf.trl_callbacks import EvalAndLogCallback, resumed_clock, save_policy
 
 # TRL's signature of a reward function: (prompts, completions, completion_ids, **columns) -> one float per completion
 RewardFunction = Callable[..., list[float]]
@@ -79,14 +79,15 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
     """One run of an online method from pi_ref on the task's training prompts, against the reward model at
     `reward_model_path` (PPO's for this seed), into runs/<profile>/<method>/<run-id>/. The shared evaluator runs at
     step 0, every `eval_every` steps and at the end (with `implicit_beta`, also DPO's implicit reward on the held-out
-    pairs); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per sampled token."""
+    pairs); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per sampled token. A
+    killed run with the same key goes on from its last resume point (Trainer's checkpoint), as DPO's."""
     set_seed(seed)  # first: LoRA adapters drawn below must not depend on the process
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
     device = policy.device
     reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
     method, extra = run_identity(method, reward_model_path)
-    run = RunDir.create(cfg, method, seed, device, prefs.sha256, extra=extra)
+    run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)  # a killed run goes on
     run.manifest["reference_model"] = ref.name_or_path
     # The data budget is the reward model's: the pairs and passes it trained on (as PPO's)
     run.manifest["budget"] = manifest_of_model(reward_model_path).get("budget")
@@ -96,7 +97,7 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
         callback = EvalAndLogCallback(
             run, lambda model, step: evaluate(model, ctx, reward_model=reward_model, implicit_beta=implicit_beta,
                                               desc=f"eval step {step}"),
-            eval_every, device, pass_parameters(policy), name=f"{name} step",
+            eval_every, device, pass_parameters(policy), resumed_clock(run, resume_from), name=f"{name} step",
             flops_per_token=flops_per_token(pass_parameters(ref), pass_parameters(reward_model, "scalar")))
 
         def r_phi(batch: SequenceBatch) -> torch.Tensor:
@@ -107,7 +108,7 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
         trainer = build_trainer(cfg, policy, tokenizer, prompts, reward_function(r_phi, tokenizer, add_special_tokens),
                                 seed, run.path / "checkpoints", [callback])
         run.write_manifest()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         check_replicas(policy, run.manifest)
         save_policy(policy, tokenizer, run, device)
     step, metrics = callback.last_eval

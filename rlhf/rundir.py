@@ -138,7 +138,8 @@ def peak_memory_mb(device: torch.device) -> float:
 # Config keys that do not change what a run computes: a run killed under one value resumes under another; a dotted
 # name is a key of a section. (dpo.checkpoint_every and ppo.checkpoint_every change nothing either, but are in the keys
 # of earlier runs, which leaving them out now would orphan.)
-_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "report_to", "reward_model.checkpoint_every")
+_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "report_to", "reward_model.checkpoint_every",
+                   "rloo.checkpoint_every", "online_dpo.checkpoint_every")
 # Sections read by one method alone, added after the other methods' runs were first keyed: in that method's run keys
 # only, so adding a method never changes the keys of the others' runs (their completed runs stay reusable).
 _OWN_SECTIONS = {"rloo": "rloo", "online_dpo": "online-dpo"}  # section -> the method whose runs it keys
@@ -153,8 +154,8 @@ def _keyed_config(cfg: Config, method: str) -> dict[str, Any]:
         *sections, key = name.split(".")
         node = config
         for section in sections:
-            node = node[section]
-        del node[key]
+            node = node.get(section, {})  # {}: a section another method owns, dropped above
+        node.pop(key, None)
     return config
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,9 +56,13 @@ _verbose = False  # `python -m pipelines --verbose`: the libraries' own output t
 def set_verbose(verbose: bool) -> None:
     """What the console shows of the libraries. By default not their chatter, which drowns the stage bars: a
     "Loading weights" bar for every model load and one for every dataset map, transformers' warnings, TRL's log
-    dict at every step (the bar's postfix shows the key numbers instead). `verbose` brings all of it back."""
+    dict at every step (the bar's postfix shows the key numbers instead), and the deprecation warning TRL's online
+    trainers trigger in transformers at every run (`is_gradient_checkpointing`: TRL's to fix, not ours). `verbose`
+    brings all of it back."""
     global _verbose
     _verbose = verbose
+    warnings.filterwarnings("default" if verbose else "ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
     hf_logging.set_verbosity(hf_logging.WARNING if verbose else hf_logging.ERROR)
     (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
     (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()

@@ -49,7 +49,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         temperature=1.0, top_k=0, top_p=1.0,  # TRL's defaults too: said here because beta's meaning rests on them
         learning_rate=r.learning_rate, lr_scheduler_type=r.lr_scheduler, max_grad_norm=r.max_grad_norm,
         disable_dropout=True,  # the ratio pi/pi_old is exactly 1 on the first pass, and the KL carries no dropout
-        **{**run_dir_args(cfg.model, cfg.weight_decay, seed, device),
+        **{**run_dir_args(cfg.model, cfg.weight_decay, seed, device, r.checkpoint_every),
            # RLOOTrainer counts the prompt + completion tokens it samples itself; Trainer's counter finds no ids
            "include_num_input_tokens_seen": "no"},
     )

@@ -25,9 +25,13 @@ from rlhf.rundir import CHECKPOINT_RECORD, read_jsonl
 # Allowed to differ between two runs: wall-clock, and the evaluator's own cost, which is 0 where pi_ref's samples
 # came from the eval cache that the first run wrote.
 TIMING = ("wall_seconds", "eval/seconds", "time/rollout", "time/scoring", "time/update", "eval/sampling_seconds",
-          "eval/scoring_seconds", "eval/sampled_tokens", "eval/scored_tokens", "eval/flops")
+          "eval/scoring_seconds", "eval/sampled_tokens", "eval/scored_tokens", "eval/flops",
+          "step_time")  # TRL's RLOO and online DPO log each step's seconds
 PPO = ("ppo.iterations=8", "ppo.checkpoint_every=2", "ppo.adaptive_kl=true")  # adaptive: beta must resume too
 DPO = ("dpo.checkpoint_every=1", "dpo.batch_size=4", "budget.pairs=16")  # 4 half batches: TRL's steps are slow on CPU
+RLOO = ("rloo.checkpoint_every=1",)  # the online methods: TRL's Trainer checkpoints, as DPO's
+ONLINE_DPO = ("online_dpo.checkpoint_every=1",)
+KILLED = [("ppo", PPO), ("dpo", DPO), ("rloo", RLOO), ("online-dpo", ONLINE_DPO)]
 
 
 def _command(method: str, runs: Path, *overrides: str) -> list[str]:
@@ -97,11 +101,12 @@ def _kill_after_checkpoint(method: str, runs: Path, step: int, *overrides: str, 
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
-    """A runs directory with an uninterrupted PPO run and DPO run (and the preference set, the reward model)."""
+    """A runs directory with an uninterrupted run of PPO, DPO, RLOO and online DPO (and the preference set, the reward
+    model)."""
     runs = tmp_path_factory.mktemp("runs")
-    _run("ppo", runs, *PPO)
-    _run("dpo", runs, *DPO)
-    return runs, {"ppo": _runs_of(runs, "ppo")[0], "dpo": _runs_of(runs, "dpo")[0]}
+    for method, overrides in KILLED:
+        _run(method, runs, *overrides)
+    return runs, {method: _runs_of(runs, method)[0] for method, _ in KILLED}
 
 
 def _without(runs: Path, method: str, to: Path) -> Path:
@@ -111,8 +116,8 @@ def _without(runs: Path, method: str, to: Path) -> Path:
     return to
 
 
-@pytest.mark.parametrize("method, overrides, step", [("ppo", PPO, 2), ("dpo", DPO, 2)])
-def test_kill_9_then_rerun_resumes_and_ends_as_an_uninterrupted_run(baseline, tmp_path, method, overrides, step):
+@pytest.mark.parametrize("method, overrides", KILLED)
+def test_kill_9_then_rerun_resumes_and_ends_as_an_uninterrupted_run(baseline, tmp_path, method, overrides, step=2):
     runs, uninterrupted = _without(baseline[0], method, tmp_path / "runs"), baseline[1]
     rm_runs = _runs_of(runs, "reward_model")
     killed, step = _kill_after_checkpoint(method, runs, step, *overrides, log=tmp_path / "killed.log")
