@@ -211,3 +211,41 @@ def test_make_dpo_tiny_end_to_end(tiny_runs, tiny_path):
                                                                    for suffix in (".jsonl", ".prompts.csv")]
     final, ref = load_causal_lm(str(run / "checkpoints" / "final")), load_causal_lm(tiny_path)
     assert not torch.equal(final.lm_head.weight, ref.lm_head.weight)  # the trained policy, not a copy of pi_ref
+
+
+def test_trls_fused_lm_head_projects_only_the_response_positions_on_a_cpu(tiny_path, monkeypatch):
+    """rlhf.trl_callbacks has TRL's fused LM head (DPO's, RLOO's, Preferred-FT's log-probs) project only the labelled
+    positions on a CPU, as TRL does on a GPU: the prompt's rows are never projected, and the log-probs and gradients
+    equal those of projecting every row (up to rounding)."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton as every_position_on_a_cpu
+
+    import rlhf.trl_callbacks  # noqa: F401  (installs it)
+    real = trl_utils._ChunkedLogProbFunction
+    projected = []
+
+    class Counting:
+        @staticmethod
+        def apply(hidden, *args):
+            projected.append(hidden.shape[0])
+            return real.apply(hidden, *args)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
+    torch.manual_seed(0)
+    model = load_causal_lm(tiny_path)
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    labels = ids.masked_fill(torch.arange(12) < 7, -100)  # a 7-token prompt, then the response
+
+    def logps_and_grads():
+        model.zero_grad()
+        logps = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        logps.sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    compact, compact_grads = logps_and_grads()
+    monkeypatch.setattr(trl_utils, "_use_triton", every_position_on_a_cpu)
+    every, every_grads = logps_and_grads()
+    assert projected == [3 * 5, 3 * 11]  # the 5 labelled next-token positions a row, then all 11
+    torch.testing.assert_close(compact, every)
+    for a, b in zip(compact_grads, every_grads, strict=True):
+        torch.testing.assert_close(a, b)
