@@ -21,12 +21,13 @@ import pandas as pd
 
 import dpo
 from analysis.report import markdown_table
-from pipelines.stages import build_preference_set, reward_model_for
+from pipelines.stages import build_preference_set, find_reward_model, reward_model_for, reward_model_seed
+from ppo.train import run_identity as ppo_identity
 from ppo.train import train_ppo
 from reward_model.train import train_reward_model
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.data import PreferenceSet
-from rlhf.rundir import atomic_write_text, read_jsonl
+from rlhf.rundir import atomic_write_text, completed_run, read_jsonl
 
 # The two knobs each method's grid varies: the learning rate, and the passes over its data.
 GRIDS = {"reward_model": ("reward_model.learning_rate", "budget.epochs"),
@@ -50,8 +51,14 @@ def point_config(cfg: Config, values: dict) -> Config:
 
 
 def train_point(cfg: Config, prefs: PreferenceSet) -> tuple[Path, dict[str, float]]:
-    """Train one grid point: its run directory and its final validation metrics."""
+    """Train one grid point, or reuse its completed run (a sweep run again, or killed, goes on from the first point
+    not yet done; a killed point resumes from its last checkpoint): its run directory and its final validation
+    metrics."""
     seed = cfg.sweep.seed
+    done = completed_point(cfg, prefs)
+    if done is not None:
+        print(f"  completed before, reused: {done}", flush=True)
+        return done, final_eval(done)
     if cfg.sweep.method == "reward_model":
         result = train_reward_model(cfg, prefs, seed)
         return result.run_dir, result.heldout
@@ -60,6 +67,27 @@ def train_point(cfg: Config, prefs: PreferenceSet) -> tuple[Path, dict[str, floa
         return result.run_dir, result.final_eval
     result = dpo.train(cfg, prefs, seed)
     return result.run_dir, result.final_metrics
+
+
+def completed_point(cfg: Config, prefs: PreferenceSet) -> Path | None:
+    """The completed run of this grid point's config and seed, if there is one (the key its training would use)."""
+    seed = cfg.sweep.seed
+    if cfg.sweep.method == "reward_model":
+        final = find_reward_model(cfg, prefs, seed)
+        return None if final is None else final.parents[1]  # <run>/checkpoints/final
+    if cfg.sweep.method == "ppo":
+        rm_path = find_reward_model(cfg, prefs, reward_model_seed(cfg, seed))
+        if rm_path is None:  # PPO's reward model not trained yet: nor is the point
+            return None
+        method, extra = ppo_identity(cfg, rm_path)
+    else:
+        method, extra = dpo.run_identity(cfg, reward_model_path=None)
+    return completed_run(cfg, method, seed, prefs.sha256, extra)
+
+
+def final_eval(run_dir: Path) -> dict[str, float]:
+    """A completed run's last eval row: what its training returned as its final validation metrics."""
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl")[0] if r["kind"] == "eval"][-1]
 
 
 def choose(table: pd.DataFrame, cfg: Config) -> int | None:

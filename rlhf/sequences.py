@@ -165,7 +165,9 @@ def response_logprobs(model: PreTrainedModel, batch: SequenceBatch, temperature:
     logits = model(input_ids=batch.input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                    logits_to_keep=r_len + 1).logits
-    logits = logits[:, :-1].float() / temperature
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:  # x / 1.0 is x: at temperature 1 (the default) no copy of the [B, R, vocab] logits
+        logits = logits / temperature
     # gather minus logsumexp: the same as log_softmax + gather without materialising log_softmax twice
     token_logits = torch.gather(logits, 2, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     log_z = torch.logsumexp(logits, dim=-1)

@@ -59,7 +59,6 @@ def run_dir_args(model: ModelConfig, weight_decay: float, seed: int, device: tor
     directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points;
     precision and gradient checkpointing as `model.*` says; AdamW's weight decay every stage's (`weight_decay`)."""
     return dict(logging_steps=1, report_to="none", eval_strategy="no", weight_decay=weight_decay,
-                optim="adamw_torch_fused",  # one kernel for AdamW's update (PPO's too): 0.3-0.7 s less a DPO step here
                 disable_tqdm=False,  # Trainer's own default turns the bar off (and prints log dicts) below warnings
                 **trainer_precision_args(model.precision, device),
                 # transformers' new name for gradient checkpointing (the old one warns that it is deprecated)

@@ -17,9 +17,7 @@ def test_dpo_sweep_on_tiny_judges_every_point_on_validation_prompts_only(tmp_pat
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     overrides = [f"runs_dir={runs}", f"report.out_dir={reports}", "task.n_validation_prompts=6",
                  "sweep.learning_rates=[1e-4,1e-3]", "sweep.epochs=[1]", "sweep.ppo_epochs=[1]"]
-    out = subprocess.run([sys.executable, "-m", "pipelines", "sweep", "--profile", "tiny", "sweep.method=dpo",
-                          *overrides], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    _sweep("dpo", overrides)
     table = pd.read_csv(reports / "tiny" / "sweep-dpo.csv")
     assert table["dpo.learning_rate"].tolist() == [1e-4, 1e-3] and (table["chosen"] == "←").sum() == 1
     assert table.loc[table["chosen"] == "←", "eval/gold"].item() == table["eval/gold"].max()
@@ -31,6 +29,30 @@ def test_dpo_sweep_on_tiny_judges_every_point_on_validation_prompts_only(tmp_pat
                    for line in f.read_text().splitlines()}
         assert prompts and prompts <= set(task.validation_prompts)  # never a test prompt
     assert not (runs / "tiny" / "dpo").exists()  # the profile's own runs directory holds no sweep run
+
+    again = _sweep("dpo", overrides)  # run again (or after a kill): completed points are reused, not trained twice
+    assert again.stdout.count("completed before, reused") == 2
+    pd.testing.assert_frame_equal(pd.read_csv(reports / "tiny" / "sweep-dpo.csv"), table)
+
+
+def _sweep(method: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "pipelines", "sweep", "--profile", "tiny", f"sweep.method={method}",
+                          *overrides], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("method", ["reward_model", "ppo"])
+def test_a_sweep_run_again_reuses_its_completed_points(tmp_path, method):
+    overrides = [f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}",
+                 "task.n_validation_prompts=6", "sweep.learning_rates=[1e-4]", "sweep.epochs=[1]",
+                 "sweep.ppo_epochs=[1]"]
+    _sweep(method, overrides)
+    runs = sorted((tmp_path / "runs" / "sweep" / "tiny").glob("*/*/manifest.json"))
+    table = pd.read_csv(tmp_path / "reports" / "tiny" / f"sweep-{method}.csv")
+    assert "completed before, reused" in _sweep(method, overrides).stdout
+    assert sorted((tmp_path / "runs" / "sweep" / "tiny").glob("*/*/manifest.json")) == runs  # nothing trained again
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "reports" / "tiny" / f"sweep-{method}.csv"), table)
 
 
 def test_grids_have_equal_sizes_and_the_choice_respects_max_kl():
