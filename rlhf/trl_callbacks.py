@@ -38,7 +38,7 @@ def _labelled_positions_only() -> None:
     that is pure waste: the prompt's and the padding's positions are projected through the 49k-word head, forward and
     backward, and their log-probs then masked to 0. Here the CPU takes the labelled positions only too (TRL's own GPU
     path, `compact`): the same sums, in other tile shapes, so equal up to rounding; a DPO step on the default profile
-    ~1.5x faster (docs/performance.md). `_use_triton` decides only `compact` in trl.trainer.utils (its kernels keep
+    ~1.35x faster (docs/performance.md). `_use_triton` decides only `compact` in trl.trainer.utils (its kernels keep
     their own)."""
     real = trl_utils._use_triton
     if getattr(real, "labelled_only", False):
