@@ -41,13 +41,7 @@ def _labelled_positions_only() -> None:
     ~1.35x faster (docs/performance.md). `_use_triton` decides only `compact` in trl.trainer.utils (its kernels keep
     their own)."""
     real = trl_utils._use_triton
-    if getattr(real, "labelled_only", False):
-        return
-
-    def compact_on_cpu(device: torch.device) -> bool:
-        return device.type == "cpu" or real(device)
-    compact_on_cpu.labelled_only = True
-    trl_utils._use_triton = compact_on_cpu
+    trl_utils._use_triton = lambda device: device.type == "cpu" or real(device)
 
 
 _labelled_positions_only()
