@@ -136,20 +136,23 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # Config keys that do not change what a run computes: a run killed under one value resumes under another; a dotted
-# name is a key of a section. (dpo.checkpoint_every and ppo.checkpoint_every change nothing either, but are in the keys
-# of earlier runs, which leaving them out now would orphan.)
+# name is a key of a section.
 _NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "report_to", "reward_model.checkpoint_every",
-                   "rloo.checkpoint_every", "online_dpo.checkpoint_every")
-# Sections read by one method alone, added after the other methods' runs were first keyed: in that method's run keys
-# only, so adding a method never changes the keys of the others' runs (their completed runs stay reusable).
-_OWN_SECTIONS = {"rloo": "rloo", "online_dpo": "online-dpo"}  # section -> the method whose runs it keys
+                   "ppo.checkpoint_every", "dpo.checkpoint_every", "rloo.checkpoint_every",
+                   "online_dpo.checkpoint_every")
+# A method's own section keys that method's runs alone: tuning DPO's learning rate leaves PPO's completed runs (and the
+# sweep's points of the other methods) reusable. The reward model reaches PPO, RLOO, online DPO and Best-of-N as the
+# path in their key's `extra`; the shared sections (beta, model, task, data, budget, eval, sft_stage) key every run.
+_OWN_SECTIONS = {"reward_model": ("reward_model",), "ppo": ("ppo", "ppo-gt"), "dpo": ("dpo",), "sft": ("sft-chosen",),
+                 "bon": ("bon",), "rloo": ("rloo",), "online_dpo": ("online-dpo",)}  # section -> the methods it keys
 _RESUMABLE = ("running", "failed")  # `diverged` is not: it would diverge again at the same step
 
 
 def _keyed_config(cfg: Config, method: str) -> dict[str, Any]:
     """The config as a run key of `method` reads it: without `_NOT_IN_RUN_KEY` (a dotted name is a key of a section)
     and without the sections other methods own (`_OWN_SECTIONS`)."""
-    config = {k: v for k, v in cfg.to_dict().items() if _OWN_SECTIONS.get(k, method) == method}
+    family = "dpo" if method.startswith("dpo-") else method  # DPO's loss variants read DPO's section
+    config = {k: v for k, v in cfg.to_dict().items() if family in _OWN_SECTIONS.get(k, (family,))}
     for name in _NOT_IN_RUN_KEY:
         *sections, key = name.split(".")
         node = config

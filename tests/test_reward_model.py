@@ -143,7 +143,7 @@ def test_a_reward_model_cut_mid_training_resumes_and_ends_as_an_uninterrupted_on
 
 def test_the_checkpoint_interval_is_in_no_key(tiny_cfg):
     """It changes no result: a reward model killed under one interval resumes under another, a completed one is
-    reused, and every run keyed before `reward_model.checkpoint_every` existed keeps its key."""
+    reused, and every reward model trained before `reward_model.checkpoint_every` existed keeps its key."""
     other = tiny_cfg.with_values({"reward_model.checkpoint_every": 3})
     prefs = PreferenceSet(path=None, manifest={"sha256": "pairs"}, train=None, heldout=None, validation=None)
     assert reward_model_key(tiny_cfg, prefs, 0) == reward_model_key(other, prefs, 0)

@@ -139,15 +139,27 @@ def test_a_tracker_sees_a_resumed_run_once(tiny_cfg):
 
 
 def test_a_methods_own_section_keys_its_runs_alone(tiny_cfg):
-    """RLOO's settings key RLOO's runs, not PPO's: adding a method (or tuning it) leaves the others' runs reusable.
-    A shared key (beta) keys them all; trackers key none."""
+    """DPO's settings key DPO's runs, not PPO's (and the reward model's key PPO's through its path alone): tuning one
+    method leaves the others' completed runs reusable. A shared key (beta, the budget) keys them all; trackers and
+    resume intervals key none."""
     def key(method, **values):
         return run_key(tiny_cfg.with_values(values), method, 0, "abc", None)
-    assert key("ppo", **{"rloo.learning_rate": 0.123}) == key("ppo") != key("ppo", beta=0.2)
+    assert key("ppo", **{"rloo.learning_rate": 0.123, "dpo.learning_rate": 0.123, "reward_model.learning_rate": 0.123,
+                         "sft.learning_rate": 0.123, "bon.n": [1]}) == key("ppo") != key("ppo", beta=0.2)
+    assert key("ppo-gt", **{"ppo.learning_rate": 0.123}) != key("ppo-gt")
+    assert key("dpo", **{"ppo.learning_rate": 0.123, "reward_model.learning_rate": 0.123}) == key("dpo")
+    assert key("dpo", **{"dpo.learning_rate": 0.123}) != key("dpo") != key("dpo", **{"budget.epochs": 3})
+    assert key("dpo-ipo", **{"dpo.learning_rate": 0.123}) != key("dpo-ipo") == key("dpo-ipo", **{
+        "ppo.learning_rate": 0.123})
+    assert key("reward_model", **{"dpo.learning_rate": 0.123}) == key("reward_model") != key(
+        "reward_model", **{"reward_model.learning_rate": 0.123})
+    assert key("sft-chosen", **{"sft.learning_rate": 0.123}) != key("sft-chosen") == key(
+        "sft-chosen", **{"dpo.learning_rate": 0.123})
     assert key("rloo", **{"rloo.learning_rate": 0.123}) != key("rloo") and key("rloo") != key("ppo")
     assert key("online-dpo", **{"online_dpo.batch_size": 6}) != key("online-dpo") == key("online-dpo", **{
-        "rloo.learning_rate": 0.123})
-    assert key("dpo", report_to=["tensorboard"]) == key("dpo")
+        "rloo.learning_rate": 0.123, "dpo.learning_rate": 0.123})
+    assert key("dpo", report_to=["tensorboard"]) == key("dpo") == key("dpo", **{"dpo.checkpoint_every": 3})
+    assert key("ppo", **{"ppo.checkpoint_every": 3}) == key("ppo")
 
 
 def test_only_a_run_with_the_same_config_and_seed_is_resumed(tiny_cfg):
