@@ -7,6 +7,7 @@
   within each method, then prompts, one draw shared by every run (every policy is scored on the same prompts with
   the same sampling seed, so a difference between methods is paired by prompt). Values measured per run only
   (seconds, FLOPs, held-out accuracy) are resampled over seeds alone.
+* `paired_difference`, `proportion_difference`: the tuning sweep's comparisons of a grid point with the chosen one.
 * `seeds_for_power`, `verdict_words`: how many seeds would resolve the observed difference, and the sentence.
 * `fit_gao`: the over-optimisation forms of Gao et al. (2022), fitted by least squares.
 """
@@ -186,6 +187,20 @@ def matched_kl(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], compared:
                            for k, g in boot[m]], axis=1)  # [reps, n_runs, F]
         replicates[m] = seed_mean(values, seeds[m])
     return MatchedKL(level, levels, fractions, per_run, replicates)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, draws: Draws) -> tuple[float, float, float]:
+    """Mean of a − b over prompts both were scored on, with the 95% interval of the report's prompt bootstrap (one
+    run each: the interval holds the prompts' variation, not the seeds')."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return (float(d.mean()), *interval(prompt_means(d, draws)))
+
+
+def proportion_difference(p_a: float, p_b: float, n: int) -> tuple[float, float, float]:
+    """p_a − p_b of two accuracies on n items each, with the normal approximation's 95% interval, as if unpaired:
+    where both score the same items the true interval is narrower, so "not distinguishable" errs towards caution."""
+    se = math.sqrt((p_a * (1 - p_a) + p_b * (1 - p_b)) / n)
+    return p_a - p_b, p_a - p_b - Z975 * se, p_a - p_b + Z975 * se
 
 
 # --- the verdict's words ------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import dpo
+from analysis import stats as S
 from analysis.report import markdown_table
 from pipelines.stages import build_preference_set, find_reward_model, reward_model_for, reward_model_seed
 from ppo.train import run_identity as ppo_identity
@@ -100,6 +102,35 @@ def choose(table: pd.DataFrame, cfg: Config) -> int | None:
     return None if within.empty else int(within[score].idxmax())
 
 
+def compare_with_chosen(table: pd.DataFrame, chosen: int | None, cfg: Config, n_pairs: int) -> pd.DataFrame:
+    """Each point's difference from the chosen one in the score the protocol chose by, with a 95% interval and its
+    reading: the reward model's accuracies on the validation pairs (`proportion_difference`), PPO's and DPO's final
+    gold (proxy) paired over the validation prompts (`paired_difference`). One training seed a point: the intervals
+    hold the validation set's variation only, not the seeds'."""
+    if chosen is None:
+        return table
+    if cfg.sweep.method == "reward_model":
+        acc = table["heldout/rm_accuracy"]
+        diffs = [S.proportion_difference(a, acc[chosen], n_pairs) for a in acc]
+    else:
+        score = "gold" if "eval/gold" in table else "proxy"
+        values = [final_prompt_values(Path(d), score) for d in table["run_dir"]]
+        draws = S.Draws.make(len(values[chosen]), cfg.report.bootstrap_reps, cfg.report.bootstrap_seed)
+        diffs = [S.paired_difference(v, values[chosen], draws) for v in values]
+    within = (table["eval/kl"] <= cfg.sweep.max_kl if cfg.sweep.method != "reward_model" and cfg.sweep.max_kl
+              else pd.Series(True, index=table.index))
+    words = ["chosen" if i == chosen else f"KL over {cfg.sweep.max_kl:g}" if not within[i] else
+             "below" if hi < 0 else "not distinguishable" for i, (_, _, hi) in enumerate(diffs)]
+    return table.assign(**{"Δ vs chosen": [d for d, _, _ in diffs], "Δ lo": [lo for _, lo, _ in diffs],
+                           "Δ hi": [hi for _, _, hi in diffs], "vs chosen": words})
+
+
+def final_prompt_values(run_dir: Path, score: str) -> np.ndarray:
+    """A run's per-prompt `score` at its last eval point, in prompt order (samples/eval_step*.prompts.csv)."""
+    prompts = pd.read_csv(sorted((run_dir / "samples").glob("eval_step*.prompts.csv"))[-1])
+    return prompts.sort_values("prompt_index")[score].to_numpy(float)
+
+
 def main(cfg: Config) -> int:
     prefs = build_preference_set(cfg)  # the profile's own set: every point trains on the pairs the report's runs do
     points = grid(cfg)
@@ -113,6 +144,7 @@ def main(cfg: Config) -> int:
                      **{k: metrics[k] for k in SHOWN if k in metrics}, "run_dir": str(run_dir)})
     table = pd.DataFrame(rows)
     chosen = choose(table, cfg)
+    table = compare_with_chosen(table, chosen, cfg, len(prefs.scored_pairs("validation")))
     table.insert(0, "chosen", ["←" if i == chosen else "" for i in range(len(table))])
     out = PROJECT_ROOT / cfg.report.out_dir / cfg.profile / f"sweep-{cfg.sweep.method}"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import sys
 import pandas as pd
 import pytest
 
-from pipelines.sweep import choose, grid
+from analysis import stats as S
+from pipelines.sweep import choose, compare_with_chosen, grid
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
 from rlhf.tasks import load_task
@@ -66,3 +67,31 @@ def test_grids_have_equal_sizes_and_the_choice_respects_max_kl():
     table = pd.DataFrame({"eval/gold": [0.2, 0.9, 0.5], "eval/kl": [1.0, 9.0, 3.0]})
     assert choose(table, cfg) == 1 and choose(table, cfg.with_values({"sweep.max_kl": 5.0})) == 2
     assert choose(table, cfg.with_values({"sweep.max_kl": 0.5})) is None
+
+
+def test_every_point_is_compared_with_the_chosen_one_by_a_stated_interval(tmp_path):
+    """The reward model's accuracies by the unpaired normal interval, PPO's and DPO's final gold paired over the
+    validation prompts; a point over the KL cap is named as such, not compared."""
+    cfg = load_config("tiny", ["sweep.method=reward_model"])
+    table = compare_with_chosen(pd.DataFrame({"heldout/rm_accuracy": [0.5, 0.75, 0.25]}), 1, cfg, n_pairs=16)
+    se = (0.5 * 0.5 / 16 + 0.75 * 0.25 / 16) ** 0.5  # by hand: sqrt(p1 q1 / n + p2 q2 / n)
+    assert table["Δ vs chosen"].tolist() == [-0.25, 0.0, -0.5]
+    assert table["Δ lo"][0] == pytest.approx(-0.25 - 1.959964 * se)
+    assert table["vs chosen"].tolist() == ["not distinguishable", "chosen", "below"]  # 0.25 below: se(0.25, 0.75)
+
+    runs = []
+    for i, gold in enumerate(([0.5, 0.6, 0.7, 0.8], [0.9, 0.8, 1.0, 0.9], [1.2, 0.4, 1.2, 0.6], [1.0, 1.0, 1.0, 1.0])):
+        (tmp_path / str(i) / "samples").mkdir(parents=True)
+        for step, scale in ((0, 0.0), (8, 1.0)):  # the last eval point is the one compared
+            order = [3, 2, 1, 0] if i % 2 else [0, 1, 2, 3]  # rows in another order: paired by prompt_index
+            pd.DataFrame({"prompt_index": order, "gold": [scale * gold[j] for j in order]}).to_csv(
+                tmp_path / str(i) / "samples" / f"eval_step{step:06d}.prompts.csv", index=False)
+        runs.append(str(tmp_path / str(i)))
+    points = pd.DataFrame({"eval/gold": [0.65, 0.9, 0.85, 1.0], "eval/kl": [1.0, 2.0, 3.0, 9.0], "run_dir": runs})
+    dpo = load_config("tiny", ["sweep.method=dpo", "sweep.max_kl=5"])
+    table = compare_with_chosen(points, choose(points, dpo), dpo, n_pairs=0)
+    assert table["vs chosen"].tolist() == ["below", "chosen", "not distinguishable", "KL over 5"]
+    assert table["Δ vs chosen"].tolist() == pytest.approx([-0.25, 0.0, -0.05, 0.1])
+    draws = S.Draws.make(4, dpo.report.bootstrap_reps, dpo.report.bootstrap_seed)
+    assert (table["Δ lo"][2], table["Δ hi"][2]) == S.paired_difference([1.2, 0.4, 1.2, 0.6], [0.9, 0.8, 1.0, 0.9], draws)[1:]
+    assert table["Δ hi"][2] > 0 > table["Δ hi"][0]  # point 2's prompts disagree: its interval spans 0
