@@ -16,6 +16,9 @@ at that step (`Diverged`).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.distributed import check_finite_everywhere, check_replicas, num_processes, per_process
 from rlhf.errors import UserError
-from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.evaluate import evaluate, load_cached, make_eval_context, save_cached
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import for_training, freeze, load_policy_and_reference, load_scalar_model
 from rlhf.reference import reference_model
@@ -60,6 +63,11 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
     and robust losses weight pairs differently, so it is logged for the sigmoid loss only.
     """
 
+    def __init__(self, *args, ref_logps_cache: Path | None = None, **kwargs):
+        self.ref_logps_cache = ref_logps_cache  # set first: TRL's __init__ runs `_precompute_ref_logps`
+        self.ref_logps_cached_seconds = 0.0  # what computing the pass took, where it was read from the cache
+        super().__init__(*args, **kwargs)
+
     def _compute_loss(self, model, inputs, return_outputs):
         outputs = []
         hook = model.register_forward_hook(lambda _module, _args, output: outputs.append(output))
@@ -86,8 +94,23 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
         """pi_ref's log-probs of every pair, once, with the project's one log-prob function, on the ids TRL tokenised
         (their first `max_length` tokens, as TRL's collator keeps). TRL's own pass runs its fused LM head over
         every position, prompt and padding included, wherever Triton is missing (a CPU); this one projects only
-        the response positions. Each process computes every pair (TRL's shards them): fine for one frozen pass."""
+        the response positions. Each process computes every pair (TRL's shards them): fine for one frozen pass.
+
+        Every DPO run on the same pairs (each seed, each sweep point: a seed draws the order of training, not of
+        this pass) computes the same numbers, so they are kept in `ref_logps_cache`, keyed by everything they are
+        computed from; a run that reads them is charged the seconds computing them took (`train`)."""
         cut = self.args.max_length or None
+        key = hashlib.sha256(json.dumps({
+            "reference": self.ref_model.name_or_path, "cut": cut, "batch_size": batch_size, "torch": torch.__version__,
+            "arithmetic": f"{self.ref_model.device.type}-{self.accelerator.mixed_precision}",
+            "ids": [list(dataset[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]}).encode()).hexdigest()
+        cache = None if self.ref_logps_cache is None else self.ref_logps_cache / f"dpo-ref-logps-{key[:16]}.pt"
+        if cache is not None and cache.exists():
+            cached = load_cached(cache)
+            self.ref_logps_cached_seconds = cached["seconds"]
+            return dataset.add_column("ref_chosen_logps", cached["chosen"]).add_column("ref_rejected_logps",
+                                                                                       cached["rejected"])
+        start = time.perf_counter()
         logps: dict[str, list[float]] = {"chosen": [], "rejected": []}
         for s in tqdm(list(chunks(len(dataset), batch_size)), desc=f"pi_ref log-probs ({name} pairs)", leave=False):
             rows = dataset[s]
@@ -98,6 +121,8 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
                                       self.processing_class.pad_token_id)
                 with self.accelerator.autocast():  # the precision of TRL's own forward passes
                     out += response_logprobs(self.ref_model, batch.to(self.ref_model.device))[0].sum(dim=1).tolist()
+        if cache is not None:
+            save_cached({**logps, "seconds": time.perf_counter() - start}, cache)
         return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column("ref_rejected_logps",
                                                                                    logps["rejected"])
 
@@ -135,9 +160,10 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
 
 
 def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                  pairs: Dataset, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
-                  ) -> WeightLoggingDPOTrainer:
-    """The DPO trainer for one run. Building it computes pi_ref's log-probs of the pairs it uses (a progress bar)."""
+                  pairs: Dataset, seed: int, output_dir: Path, callbacks: list[TrainerCallback],
+                  ref_logps_cache: Path | None = None) -> WeightLoggingDPOTrainer:
+    """The DPO trainer for one run. Building it computes pi_ref's log-probs of the pairs it uses (a progress bar),
+    or reads them from `ref_logps_cache` where a run on the same pairs computed them."""
     max_length, n_given = cfg.dpo.max_length, len(pairs)
     if max_length:
         # TRL drops a pair whose prompt alone is max_length tokens or more: dropped here, counted and said.
@@ -154,7 +180,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     order = shortest_first(tokenizer, *(pairs[k] for k in PAIR_FIELDS))
     pairs = Dataset.from_dict(pairs.select(order).select_columns(list(PAIR_FIELDS)).to_dict())
     trainer = quiet_progress_bar(WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
-                                                         processing_class=tokenizer, callbacks=callbacks),
+                                                         processing_class=tokenizer, callbacks=callbacks,
+                                                         ref_logps_cache=ref_logps_cache),
                                  f"{method_name(cfg).upper()} seed {seed}")
     trainer.pair_counts = {"given": n_given, "dropped_prompt_too_long": n_given - n_kept}  # for count_long_pairs
     return trainer
@@ -195,7 +222,10 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
             cfg.dpo.eval_every, device, pass_parameters(policy), resumed_clock(run, resume_from), name="DPO step")
         with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed,
-                                    run.path / "checkpoints", [callback])
+                                    run.path / "checkpoints", [callback], ctx.reference_cache.parent)
+            # a pass read from the cache is charged what computing it took: every seed's DPO costs the same
+            timing["seconds"] += trainer.ref_logps_cached_seconds
+            timing["cached_seconds"] = timing.get("cached_seconds", 0.0) + trainer.ref_logps_cached_seconds
             # pi_ref's pass reads both rows of every pair, prompt included, cut to max_length as TRL cuts them
             cut, used = trainer.args.max_length or None, trainer.train_dataset
             timing["tokens"] = sum(len((p + c)[:cut]) + len((p + r)[:cut])

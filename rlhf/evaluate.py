@@ -158,7 +158,7 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
     cfg, cache = ctx.cfg, ctx.reference_cache
     device = next(policy.parameters()).device
     if is_reference and cache is not None and cache.exists():
-        return _load(cache, device)
+        return load_cached(cache, device)
     out = []
     n_policy = pass_parameters(policy)
     n_scoring = n_policy + (0 if is_reference else pass_parameters(ctx.ref_model))
@@ -178,12 +178,12 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
         out.append({**vars(batch), "logp": logp, "ref_logp": ref_logp})
         start = time.perf_counter()
     if is_reference and cache is not None:
-        _save(out, cache)
+        save_cached(out, cache)
     return out
 
 
-def _load(path: Path, device: torch.device | str = "cpu"):
-    """A cache file of the evaluator's (rlhf.evaluate._save), or one line naming it where it is damaged."""
+def load_cached(path: Path, device: torch.device | str = "cpu"):
+    """A cache file of pi_ref's (`save_cached`), or one line naming it where it is damaged."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # written whole, so damaged afterwards
@@ -191,7 +191,7 @@ def _load(path: Path, device: torch.device | str = "cpu"):
                         "is computed again)") from None
 
 
-def _save(value, path: Path) -> None:
+def save_cached(value, path: Path) -> None:
     """torch.save written whole, then renamed: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -281,13 +281,13 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
     if implicit_beta is not None and policy is not None:
         cache = ctx.reference_pairs_cache
         if ctx._ref_pair_logps is None and cache is not None and cache.exists():
-            ctx._ref_pair_logps = tuple(_load(cache))
+            ctx._ref_pair_logps = tuple(load_cached(cache))
         if ctx._ref_pair_logps is None:  # once per profile: every run's pi_ref scores the same pairs alike
             ctx._ref_pair_logps = (torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
                                    torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches]))
             passes.append(pass_parameters(ctx.ref_model))
             if cache is not None:
-                _save(list(ctx._ref_pair_logps), cache)
+                save_cached(list(ctx._ref_pair_logps), cache)
         ref_c, ref_r = ctx._ref_pair_logps
         if is_reference:  # pi / pi_ref = 1 on every pair: the margins are 0 without another pass
             pol_c, pol_r = ref_c, ref_r

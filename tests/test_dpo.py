@@ -159,6 +159,26 @@ def test_dpo_precomputes_reference_logps_only_for_the_budget_pairs(tiny_runs, ti
     assert again.train_dataset["chosen"] == used["chosen"] and again.args.data_seed == 1 != trainer.args.data_seed
 
 
+def test_every_run_on_the_same_pairs_reads_pi_refs_pass_from_the_cache(tiny_runs, tiny_path, tokenizer, tmp_path):
+    """The first run computes pi_ref's log-probs of its pairs and keeps them; another seed reads the very numbers
+    and is charged the seconds they took; other pairs are computed afresh."""
+    cfg, prefs = tiny_runs
+    cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, pairs=8))
+    ref, cache = freeze(load_causal_lm(tiny_path)), tmp_path / "eval-cache"
+
+    def build(seed, pairs=budget_pairs(cfg, prefs)):
+        return build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, pairs, seed=seed,
+                             output_dir=tmp_path / str(seed), callbacks=[], ref_logps_cache=cache)
+    first = build(0)
+    assert first.ref_logps_cached_seconds == 0 and len(list(cache.glob("dpo-ref-logps-*.pt"))) == 1
+    again = build(1)
+    assert again.ref_logps_cached_seconds > 0
+    for side in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert again.train_dataset[side] == first.train_dataset[side]
+    build(2, prefs.train.select(range(1, 9)))  # other pairs: another key, computed
+    assert len(list(cache.glob("dpo-ref-logps-*.pt"))) == 2
+
+
 def test_dpo_config_rejects_bad_values():
     with pytest.raises(UserError, match="dpo.eval_every"):
         load_config("tiny", ["dpo.eval_every=0"])
