@@ -223,9 +223,11 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
         with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed,
                                     run.path / "checkpoints", [callback], ctx.reference_cache.parent)
-            # a pass read from the cache is charged what computing it took: every seed's DPO costs the same
-            timing["seconds"] += trainer.ref_logps_cached_seconds
-            timing["cached_seconds"] = timing.get("cached_seconds", 0.0) + trainer.ref_logps_cached_seconds
+            # a pass read from the cache is charged what computing it took: every seed's DPO costs the same (`get`:
+            # a process other than the main one records no timings)
+            cached = trainer.ref_logps_cached_seconds
+            timing["seconds"], timing["cached_seconds"] = (timing.get("seconds", 0.0) + cached,
+                                                           timing.get("cached_seconds", 0.0) + cached)
             # pi_ref's pass reads both rows of every pair, prompt included, cut to max_length as TRL cuts them
             cut, used = trainer.args.max_length or None, trainer.train_dataset
             timing["tokens"] = sum(len((p + c)[:cut]) + len((p + r)[:cut])

@@ -140,17 +140,25 @@ def main(cfg: Config) -> int:
               flush=True)
         run_dir, metrics = train_point(point_config(cfg, values), prefs)
         train_rows = [r for r in read_jsonl(run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
-        rows.append({**values, "train FLOPs": max((r.get("flops", 0) for r in train_rows), default=0),
+        rows.append({**values, "train FLOPs": float(max((r.get("flops", 0) for r in train_rows), default=0)),
                      **{k: metrics[k] for k in SHOWN if k in metrics}, "run_dir": str(run_dir)})
     table = pd.DataFrame(rows)
     chosen = choose(table, cfg)
-    table = compare_with_chosen(table, chosen, cfg, len(prefs.scored_pairs("validation")))
+    n_pairs = len(prefs.scored_pairs("validation"))
+    table = compare_with_chosen(table, chosen, cfg, n_pairs)
     table.insert(0, "chosen", ["←" if i == chosen else "" for i in range(len(table))])
     out = PROJECT_ROOT / cfg.report.out_dir / cfg.profile / f"sweep-{cfg.sweep.method}"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".csv"), table.to_csv(index=False))
     shown = table.drop(columns="run_dir")
-    atomic_write_text(out.with_suffix(".md"), markdown_table(shown) + "\n")
+    how = (f"accuracy on the {n_pairs} validation pairs; Δ: a difference of two "
+           "accuracies, the normal 95% interval as if unpaired" if cfg.sweep.method == "reward_model" else
+           "final gold reward (proxy without gold) on the validation prompts"
+           + (f", among the points within KL {cfg.sweep.max_kl:g} nats" if cfg.sweep.max_kl else "")
+           + "; Δ: paired by prompt, the report's prompt bootstrap, 95%")
+    atomic_write_text(out.with_suffix(".md"), markdown_table(shown) + f"\n\nJudged by {how}. One training seed "
+                      f"({cfg.sweep.seed}) a point: the intervals hold the validation set's variation only, not the "
+                      "seeds' (docs/tuning.md).\n")
     print(shown.to_string(index=False))
     print(f"chosen: {', '.join(f'{k}={points[chosen][k]:g}' for k in points[chosen])}" if chosen is not None else
           f"chosen: none (no grid point ended within sweep.max_kl={cfg.sweep.max_kl})")
