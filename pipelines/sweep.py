@@ -131,6 +131,22 @@ def final_prompt_values(run_dir: Path, score: str) -> np.ndarray:
     return prompts.sort_values("prompt_index")[score].to_numpy(float)
 
 
+def shared_budget(tables: dict[str, pd.DataFrame], cfg: Config) -> dict[str, float] | None:
+    """The protocol's values for the budget the reward model and DPO share (docs/tuning.md): the passes both sweeps
+    chose, or the smaller of the two, and each method's best learning rate at those passes by its own rule. None
+    where DPO has no point at those passes within the KL cap."""
+    chosen = {m: choose(t, cfg.with_values({"sweep.method": m})) for m, t in tables.items()}
+    passes = min(int(tables[m]["budget.epochs"][i]) for m, i in chosen.items() if i is not None)
+    values: dict[str, float] = {"budget.epochs": passes}
+    for m, t in tables.items():
+        at = t[t["budget.epochs"] == passes].reset_index(drop=True)
+        best = choose(at, cfg.with_values({"sweep.method": m}))
+        if best is None:
+            return None
+        values[f"{m}.learning_rate"] = float(at[f"{m}.learning_rate"][best])
+    return values
+
+
 def main(cfg: Config) -> int:
     prefs = build_preference_set(cfg)  # the profile's own set: every point trains on the pairs the report's runs do
     points = grid(cfg)
@@ -163,4 +179,11 @@ def main(cfg: Config) -> int:
     print(f"chosen: {', '.join(f'{k}={points[chosen][k]:g}' for k in points[chosen])}" if chosen is not None else
           f"chosen: none (no grid point ended within sweep.max_kl={cfg.sweep.max_kl})")
     print(f"sweep table: {out.with_suffix('.csv')}")
+    tables = {m: pd.read_csv(out.with_name(f"sweep-{m}.csv")) for m in ("reward_model", "dpo")
+              if out.with_name(f"sweep-{m}.csv").exists()}
+    if cfg.sweep.method in tables and len(tables) == 2:
+        values = shared_budget(tables, cfg)
+        print("the shared budget by docs/tuning.md's rule: " + (
+            ", ".join(f"{k}={v:g}" for k, v in values.items()) if values is not None else
+            f"none (DPO has no point within sweep.max_kl={cfg.sweep.max_kl} at the chosen passes)"))
     return 0

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis import stats as S
-from pipelines.sweep import choose, compare_with_chosen, grid
+from pipelines.sweep import choose, compare_with_chosen, grid, shared_budget
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
 from rlhf.tasks import load_task
@@ -95,3 +95,19 @@ def test_every_point_is_compared_with_the_chosen_one_by_a_stated_interval(tmp_pa
     draws = S.Draws.make(4, dpo.report.bootstrap_reps, dpo.report.bootstrap_seed)
     assert (table["Δ lo"][2], table["Δ hi"][2]) == S.paired_difference([1.2, 0.4, 1.2, 0.6], [0.9, 0.8, 1.0, 0.9], draws)[1:]
     assert table["Δ hi"][2] > 0 > table["Δ hi"][0]  # point 2's prompts disagree: its interval spans 0
+
+
+def test_the_shared_budget_takes_the_smaller_chosen_passes_and_each_methods_best_rate_there():
+    cfg = load_config("tiny", ["sweep.max_kl=10"])
+    rm = pd.DataFrame({"reward_model.learning_rate": [1e-5, 1e-5, 1e-4, 1e-4], "budget.epochs": [1, 2, 1, 2],
+                       "heldout/rm_accuracy": [0.6, 0.55, 0.5, 0.7]})  # chooses 2 passes; at 1 pass: 1e-5
+    dpo = pd.DataFrame({"dpo.learning_rate": [1e-5, 1e-5, 1e-4, 1e-4], "budget.epochs": [1, 2, 1, 2],
+                        "eval/gold": [0.3, 0.4, 0.9, 0.95], "eval/kl": [2.0, 3.0, 8.0, 20.0]})  # 1e-4 x 2: over 10
+    assert shared_budget({"reward_model": rm, "dpo": dpo}, cfg) == {
+        "budget.epochs": 1, "reward_model.learning_rate": 1e-5, "dpo.learning_rate": 1e-4}
+    both_two = dpo.assign(**{"eval/kl": [2.0, 3.0, 8.0, 9.0]})  # both choose 2 passes: each its best there
+    assert shared_budget({"reward_model": rm, "dpo": both_two}, cfg) == {
+        "budget.epochs": 2, "reward_model.learning_rate": 1e-4, "dpo.learning_rate": 1e-4}
+    assert shared_budget({"reward_model": rm, "dpo": dpo.assign(**{"eval/kl": [20.0, 20.0, 20.0, 3.0]})},
+                         cfg.with_values({"sweep.max_kl": 5.0})) == {
+        "budget.epochs": 2, "reward_model.learning_rate": 1e-4, "dpo.learning_rate": 1e-4}
