@@ -93,7 +93,7 @@ def _read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _read_prompts(path: Path) -> pd.DataFrame:
+def read_prompts(path: Path) -> pd.DataFrame:
     """Every eval point's per-prompt values (samples/eval_stepN.prompts.csv) of one run, with its step; empty for a
     run written before they were kept."""
     frames = []
@@ -154,7 +154,7 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict], pd.DataFrame]:
     try:
         rows = _read_metrics(path / "metrics.jsonl")
         stages = _read_json(path / "timings.json")
-        prompts = _read_prompts(path)
+        prompts = read_prompts(path)
     except BadRunDir as e:
         return {**record, "included": False, "reason": str(e)}, [], [], nothing
     keys = {k: record[k] for k in RUN_KEYS}

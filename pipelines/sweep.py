@@ -22,6 +22,7 @@ import pandas as pd
 
 import dpo
 from analysis import stats as S
+from analysis.load import read_prompts
 from analysis.report import markdown_table
 from pipelines.stages import build_preference_set, find_reward_model, reward_model_for, reward_model_seed
 from ppo.train import run_identity as ppo_identity
@@ -98,8 +99,15 @@ def choose(table: pd.DataFrame, cfg: Config) -> int | None:
     if cfg.sweep.method == "reward_model":
         return int(table["heldout/rm_accuracy"].idxmax())
     score = "eval/gold" if "eval/gold" in table else "eval/proxy"
-    within = table if cfg.sweep.max_kl is None else table[table["eval/kl"] <= cfg.sweep.max_kl]
+    within = table[competing(table, cfg)]
     return None if within.empty else int(within[score].idxmax())
+
+
+def competing(table: pd.DataFrame, cfg: Config) -> pd.Series:
+    """Which points compete: all for the reward model; for PPO and DPO those within `sweep.max_kl` (all without it)."""
+    if cfg.sweep.method == "reward_model" or cfg.sweep.max_kl is None:
+        return pd.Series(True, index=table.index)
+    return table["eval/kl"] <= cfg.sweep.max_kl
 
 
 def compare_with_chosen(table: pd.DataFrame, chosen: int | None, cfg: Config, n_pairs: int) -> pd.DataFrame:
@@ -117,8 +125,7 @@ def compare_with_chosen(table: pd.DataFrame, chosen: int | None, cfg: Config, n_
         values = [final_prompt_values(Path(d), score) for d in table["run_dir"]]
         draws = S.Draws.make(len(values[chosen]), cfg.report.bootstrap_reps, cfg.report.bootstrap_seed)
         diffs = [S.paired_difference(v, values[chosen], draws) for v in values]
-    within = (table["eval/kl"] <= cfg.sweep.max_kl if cfg.sweep.method != "reward_model" and cfg.sweep.max_kl
-              else pd.Series(True, index=table.index))
+    within = competing(table, cfg)
     words = ["chosen" if i == chosen else f"KL over {cfg.sweep.max_kl:g}" if not within[i] else
              "below" if hi < 0 else "not distinguishable" for i, (_, _, hi) in enumerate(diffs)]
     return table.assign(**{"Δ vs chosen": [d for d, _, _ in diffs], "Δ lo": [lo for _, lo, _ in diffs],
@@ -127,8 +134,8 @@ def compare_with_chosen(table: pd.DataFrame, chosen: int | None, cfg: Config, n_
 
 def final_prompt_values(run_dir: Path, score: str) -> np.ndarray:
     """A run's per-prompt `score` at its last eval point, in prompt order (samples/eval_step*.prompts.csv)."""
-    prompts = pd.read_csv(sorted((run_dir / "samples").glob("eval_step*.prompts.csv"))[-1])
-    return prompts.sort_values("prompt_index")[score].to_numpy(float)
+    prompts = read_prompts(run_dir)
+    return prompts[prompts["step"] == prompts["step"].max()].sort_values("prompt_index")[score].to_numpy(float)
 
 
 def shared_budget(tables: dict[str, pd.DataFrame], cfg: Config) -> dict[str, float] | None:
