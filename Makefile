@@ -12,10 +12,13 @@ ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 &&
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all setup test test-kill sft data reference ppo ppo-gt dpo rloo online-dpo bon sft-chosen sweep report bench config
+.PHONY: all setup test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen sweep report bench config
 
-# `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false).
-all: setup sft data reference ppo dpo report
+# `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false). The runs are the profile's grid:
+# pi_ref's evaluation, the reward models, then grid.methods x beta x seed (default: ppo and dpo), JOBS at a time
+# (`make all PROFILE=gpu JOBS=8`).
+JOBS ?= 1
+all: setup sft data grid report
 
 # The virtual environment is rebuilt when pyproject.toml changes; a second `make setup` takes seconds.
 $(VENV)/.installed: pyproject.toml
@@ -51,6 +54,14 @@ data: setup
 
 reference: setup
 	$(CLI) reference --profile $(PROFILE) $(ARGS)
+
+# Independent runs side by side, each a process of its own (pipelines/grid.py): the reward models, then the rest.
+grid: setup
+	GRID_TRAIN_CLI="$(if $(filter 1,$(NPROC)),,$(TRAIN_CLI))" $(CLI) grid --profile $(PROFILE) grid.jobs=$(JOBS) $(ARGS)
+
+# Stage 1 of RLHF alone: every seed's reward model (`make ppo` trains it where it is missing).
+reward-model: setup
+	$(TRAIN_CLI) reward-model --profile $(PROFILE) $(ARGS)
 
 ppo: setup
 	$(TRAIN_CLI) ppo --profile $(PROFILE) $(ARGS)

@@ -4,12 +4,14 @@
     sft       the optional SFT stage: fine-tune model.name_or_path into pi_ref (sft_stage.enabled; else a no-op)
     data      build the shared preference set (reused while its manifest matches)
     reference evaluate pi_ref itself with the shared evaluator (the origin of the reward-KL frontier)
+    reward-model  stage 1 of RLHF alone: the reward model (eq. 1) of every seed (trained once, reused by its key)
     ppo       RLHF: reward model (eq. 1), then PPO against it (eq. 2), one run per beta x seed (ppo.reward=gold: PPO-GT)
     dpo       DPO (eq. 6), one run per beta x seed (dpo.loss_type=ipo|robust: a variant, runs/<profile>/dpo-<variant>/)
     rloo      RLOO: REINFORCE leave-one-out against PPO's reward model (eq. 2, no value model), one run per beta x seed
     online-dpo  online DPO: eq. (6) on pairs sampled from the policy, ranked by PPO's reward model, per beta x seed
     bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
     sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
+    grid      `make all`'s runs: grid.methods x beta x seed, each its own process, grid.jobs at a time (JOBS=)
     sweep     the tuning protocol: a grid of sweep.method's learning rate x passes on the validation prompts
     report    tables, plots and an HTML page from every run of the profile
     bench     each stage's speed against the bare model's ceilings: reports/<profile>/bench.csv
@@ -38,8 +40,9 @@ from rlhf.errors import Diverged, UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["setup", "sft", "data", "reference", "ppo", "dpo", "rloo", "online-dpo",
-                                            "bon", "sft-chosen", "sweep", "report", "bench", "config"])
+    parser.add_argument("command", choices=["setup", "sft", "data", "reference", "reward-model", "ppo", "dpo", "rloo",
+                                            "online-dpo", "bon", "sft-chosen", "grid", "sweep", "report", "bench",
+                                            "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output: TRL's log dict "
@@ -92,8 +95,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "reference":
         print(f"reference evaluation: {stages.evaluate_reference(cfg)}")
         return 0
+    if args.command == "grid":  # each job is a command line of its own: the user's overrides go to every one
+        from pipelines import grid
+        return grid.main(cfg, args.overrides)
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
     module, function = {"sft": ("pipelines.stages", "sft_main"),
+                        "reward-model": ("pipelines.stages", "reward_model_main"),
                         "ppo": ("pipelines.ppo_pipeline", "main"), "dpo": ("pipelines.dpo_pipeline", "main"),
                         "rloo": ("pipelines.online_pipeline", "rloo_main"),
                         "online-dpo": ("pipelines.online_pipeline", "online_dpo_main"),

@@ -97,6 +97,14 @@ def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int) -> Path:
     return rm_path
 
 
+def reward_model_main(cfg: Config) -> int:
+    """`make reward-model`: the reward model every seed's PPO run trains against, reused or trained now."""
+    prefs = build_preference_set(cfg)
+    for seed in cfg.seeds:
+        print(f"seed {seed}: {reward_model_for(cfg, prefs, seed)}", flush=True)
+    return 0
+
+
 def evaluate_reference(cfg: Config) -> Path:
     """Evaluate pi_ref with the shared evaluator into runs/<profile>/reference/ (KL 0 by construction); the run
     directory (an earlier one with the same key, reused where there is one)."""

@@ -415,6 +415,28 @@ class SweepConfig:
         _require(self.max_kl is None or self.max_kl > 0, f"{prefix}.max_kl", f"must be positive, got {self.max_kl}")
 
 
+GRID_METHODS = ("ppo", "ppo-gt", "dpo", "rloo", "online-dpo", "bon", "sft-chosen")
+
+
+@dataclass
+class GridConfig:
+    """`make all` / `make grid` (pipelines/grid.py): the profile's methods x betas x seeds as independent runs, each in
+    a process of its own, `jobs` at a time. Never in a run key: how runs are scheduled does not change them."""
+    methods: list[str] = _f(["ppo", "dpo"], f"the methods `make all` runs, each for every beta and seed: any of "
+                                            f"{', '.join(GRID_METHODS)}")
+    jobs: int = _f(1, "runs side by side (set by JOBS=): on GPUs spread round-robin over the visible devices; on a "
+                      "CPU they share its cores (one at a time is fastest there)")
+    threads_per_job: int | None = _f(None, "CPU threads of each job's process; null: the machine's cores / jobs")
+
+    def validate(self, prefix: str) -> None:
+        _require(len(self.methods) > 0, f"{prefix}.methods", "must list at least one method")
+        for m in self.methods:
+            _require(m in GRID_METHODS, f"{prefix}.methods", f"unknown method '{m}' (one of {', '.join(GRID_METHODS)})")
+        _require(len(set(self.methods)) == len(self.methods), f"{prefix}.methods",
+                 f"lists a method twice: {self.methods}")
+        _require_positive(self, prefix, "jobs", "threads_per_job")
+
+
 @dataclass
 class ReportConfig:
     """The report (`make report`, analysis/): where it goes and the levels its headline compares at."""
@@ -494,6 +516,7 @@ class Config:
     sft: PreferredFTConfig = field(default_factory=PreferredFTConfig)
     sft_stage: SFTStageConfig = field(default_factory=SFTStageConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> None:

@@ -8,10 +8,21 @@ from rlhf.errors import UserError
 
 
 def test_profiles_load_offline():
-    for name in ("default", "tiny", "hh", "imdb-gpt2"):
+    for name in ("default", "tiny", "hh", "imdb-gpt2", "gpu"):
         cfg = load_config(name)
         assert isinstance(cfg, Config) and cfg.profile == name
     assert load_config("imdb-gpt2").hub_access and not load_config("default").hub_access
+
+
+def test_the_gpu_profile_is_the_frontier_offline():
+    """Issue #22, item 1: a beta sweep x several seeds of both methods and the controls, thousands of pairs and at
+    least 500 test prompts, with no hub."""
+    cfg = load_config("gpu")
+    assert not cfg.hub_access and cfg.model.name_or_path.startswith("embedded:") and cfg.task.name == "sentiment"
+    assert len(cfg.beta_sweep) >= 3 and len(cfg.seeds) >= 3
+    assert {"ppo", "dpo", "ppo-gt", "bon", "sft-chosen"} <= set(cfg.grid.methods)
+    assert cfg.data.n_prompts * cfg.data.responses_per_prompt // 2 >= 2000
+    assert cfg.task.n_eval_prompts - cfg.task.n_validation_prompts >= 500 and cfg.eval.n_prompts is None
 
 
 def test_unknown_key_names_key_and_neighbours():

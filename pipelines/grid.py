@@ -1,0 +1,157 @@
+"""`make grid` (and so `make all`): the profile's grid of independent runs, `grid.jobs` processes at a time.
+
+The grid is `grid.methods` x every beta (`beta_sweep`, or just `beta`) x every seed. Each job is the command line
+`make <method>` would run for that one beta and seed, in a process of its own: it writes its own run directory, and
+it computes what it would compute run alone (every run seeds itself; a job's device and thread count are the same
+whatever `grid.jobs` is, see `job_environment`). The shared preference set is built (or found) first, in this process; then three phases, because jobs share what
+they reuse:
+
+1. pi_ref's evaluation (`reference`), whose samples every run's first eval point reads from the cache rather than
+   draw them again, once a job;
+2. the reward model of every seed (`reward-model`), so that two PPO jobs of one seed at two betas never both train it,
+   and DPO finds it for its proxy reward, as it does when `make ppo` ran first;
+3. every method x beta x seed job.
+
+Under `make all NPROC=8` the training jobs run under `accelerate launch` (make's launcher, in `GRID_TRAIN_CLI`), one at
+a time: a run's processes then take every device. A killed grid resumes when run again: completed runs are reused by their keys, and a killed run continues from its
+last checkpoint (each job is an ordinary command, docs/reliability.md). A job that fails is named with its log; the
+other jobs of its phase go on, and a failed phase stops the grid before the next.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pipelines.stages import build_preference_set, reward_model_seed
+from rlhf.config import PROJECT_ROOT, Config
+from rlhf.errors import UserError
+
+# Methods whose runs need PPO's reward model (trained in phase 1). DPO reads it only for its proxy reward.
+_NEEDS_REWARD_MODEL = ("ppo", "dpo", "rloo", "online-dpo", "bon")
+# Commands that train: under NPROC > 1 make runs them through `accelerate launch`, and so does the grid.
+_TRAINING = ("reward-model", "ppo", "dpo", "rloo", "online-dpo", "sft-chosen")
+# Methods without beta: Best-of-N samples pi_ref (one run, ranked by the first seed's reward model); Preferred-FT is
+# supervised fine-tuning. Both run at the profile's `beta` once, not once per beta of the sweep.
+_WITHOUT_BETA = ("bon", "sft-chosen")
+
+
+@dataclass(frozen=True)
+class Job:
+    label: str                     # what the progress lines and the log file are called
+    command: str                   # a `python -m pipelines` command
+    overrides: tuple[str, ...]     # key=value, after the user's own
+
+
+def phases(cfg: Config) -> list[list[Job]]:
+    """The grid's jobs in the order they may run: pi_ref's evaluation, the reward models, then method x beta x seed."""
+    betas = [c.beta for c in cfg.betas()]
+    runs = []
+    for method in cfg.grid.methods:
+        command, extra = ("ppo", ("ppo.reward=gold",)) if method == "ppo-gt" else (method, ())
+        if method == "bon":
+            runs.append(Job("bon", command, extra))
+            continue
+        for beta in [cfg.beta] if method in _WITHOUT_BETA else betas:
+            for seed in cfg.seeds:
+                runs.append(Job(f"{method}-beta{beta:g}-seed{seed}", command,
+                                (*extra, f"beta={beta}", "beta_sweep=[]", f"seeds=[{seed}]")))
+    reward_models = []
+    if any(m in _NEEDS_REWARD_MODEL for m in cfg.grid.methods):
+        rm_seeds = dict.fromkeys(reward_model_seed(cfg, s) for s in cfg.seeds)
+        reward_models = [Job(f"reward_model-seed{s}", "reward-model", (f"seeds=[{s}]",)) for s in rm_seeds]
+    return [p for p in ([Job("reference", "reference", ())], reward_models, runs) if p]
+
+
+def job_environment(cfg: Config, slot: int, jobs: int) -> dict[str, str]:
+    """The environment of the job in worker slot `slot`: on GPUs, slots go round-robin over the visible devices (at
+    most ceil(jobs / GPUs) processes a GPU); several jobs split the CPU's threads evenly (`grid.threads_per_job`
+    fixes the count: on a CPU a run's numbers depend on it, through the order of its sums). One job alone keeps
+    torch's own choice, as `make ppo` does."""
+    import torch
+    env = dict(os.environ)
+    if torch.cuda.is_available():
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    threads = cfg.grid.threads_per_job or (jobs > 1 and max(1, (os.cpu_count() or 1) // jobs))
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def command_line(job: Job, profile: str, overrides: list[str], launcher: list[str]) -> list[str]:
+    """`job`'s argv: the user's overrides, then the job's own (the later wins); a training job through `launcher`
+    where there is one."""
+    cli = launcher if launcher and job.command in _TRAINING else [sys.executable, "-m", "pipelines"]
+    return [*cli, job.command, "--profile", profile, *overrides, *job.overrides]
+
+
+def main(cfg: Config, overrides: list[str]) -> int:
+    """Run the grid; `overrides` are the user's key=value (every job gets them, then its own)."""
+    launcher = shlex.split(os.environ.get("GRID_TRAIN_CLI", ""))
+    if launcher and cfg.grid.jobs > 1:
+        raise UserError(f"grid.jobs={cfg.grid.jobs} with NPROC > 1: a run under `accelerate launch` takes every device; "
+                        "run the grid one job at a time (JOBS=1), or each job on one device (NPROC=1)")
+    build_preference_set(cfg)  # before any job: jobs side by side would each build it
+    log_dir = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "grid-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    all_jobs = phases(cfg)
+    total = sum(len(p) for p in all_jobs)
+    print(f"grid: {total} jobs ({', '.join(cfg.grid.methods)} x {len(cfg.betas())} beta x {len(cfg.seeds)} seeds, "
+          f"reward models first), {cfg.grid.jobs} at a time; logs in {log_dir}", flush=True)
+    with tqdm(total=total, desc="grid", unit="job", dynamic_ncols=True, disable=cfg.grid.jobs == 1) as bar:
+        for phase in all_jobs:
+            failed = _run_phase(cfg, phase, overrides, launcher, log_dir, bar)
+            if failed:
+                for job, code in failed:
+                    where = "above" if cfg.grid.jobs == 1 else f"in {log_dir / (job.label + '.log')}"
+                    tqdm.write(f"grid: {job.label} failed (exit {code}); its output is {where}", file=sys.stderr)
+                tqdm.write(f"grid: {len(failed)} of {len(phase)} jobs of this phase failed; run it again to resume "
+                           "(completed runs are reused, killed ones continue from their last checkpoint)",
+                           file=sys.stderr)
+                return 1
+    print(f"grid: all {total} jobs completed")
+    return 0
+
+
+def _run_phase(cfg: Config, phase: list[Job], overrides: list[str], launcher: list[str], log_dir: Path,
+               bar: tqdm) -> list[tuple[Job, int]]:
+    """Run `phase`'s jobs, at most `grid.jobs` at once; the jobs that failed, with their exit codes. With one job at a
+    time its output goes to the terminal (and its progress bars with it); with several, each to its log file."""
+    pending, running, failed = list(phase), {}, []
+    free = list(range(cfg.grid.jobs))
+    try:
+        while pending or running:
+            while pending and free:
+                job, slot = pending.pop(0), free.pop(0)
+                argv = command_line(job, cfg.profile, overrides, launcher)
+                # appended to: a resumed job's log keeps what its killed attempt wrote
+                log = None if cfg.grid.jobs == 1 else open(log_dir / f"{job.label}.log", "a")
+                running[subprocess.Popen(argv, env=job_environment(cfg, slot, cfg.grid.jobs), stdout=log,
+                                         stderr=subprocess.STDOUT if log else None)] = (job, slot, log)
+                tqdm.write(f"grid: started {job.label}")
+            time.sleep(0.2)
+            for process in [p for p in running if p.poll() is not None]:
+                job, slot, log = running.pop(process)
+                if log:
+                    log.close()
+                free.append(slot)
+                bar.update(1)
+                if process.returncode:
+                    failed.append((job, process.returncode))
+                else:
+                    tqdm.write(f"grid: done {job.label}")
+    finally:  # the grid interrupted (Ctrl-C, SIGTERM): stop its jobs too; each marks its run failed, to resume
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.wait()
+    return failed
