@@ -105,8 +105,9 @@ def main(cfg: Config, overrides: list[str]) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     all_jobs = phases(cfg)
     total = sum(len(p) for p in all_jobs)
-    print(f"grid: {total} jobs ({', '.join(cfg.grid.methods)} x {len(cfg.betas())} beta x {len(cfg.seeds)} seeds, "
-          f"reward models first), {cfg.grid.jobs} at a time; logs in {log_dir}", flush=True)
+    logs = f"; logs in {log_dir}" if cfg.grid.jobs > 1 else ""
+    print(f"grid: {total} jobs (pi_ref's evaluation, the reward models, then {', '.join(cfg.grid.methods)} x "
+          f"{len(cfg.betas())} beta x {len(cfg.seeds)} seeds), {cfg.grid.jobs} at a time{logs}", flush=True)
     with tqdm(total=total, desc="grid", unit="job", dynamic_ncols=True, disable=cfg.grid.jobs == 1) as bar:
         for phase in all_jobs:
             failed = _run_phase(cfg, phase, overrides, launcher, log_dir, bar)
