@@ -66,7 +66,7 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
     run, _ = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
-        callback = EvalAndLogCallback(run, lambda model, step: evaluate(model, ctx, desc=f"eval step {step}"),
+        callback = EvalAndLogCallback(run, lambda model, step, _final: evaluate(model, ctx, desc=f"eval step {step}"),
                                       cfg.sft.eval_every, device, pass_parameters(policy), name="Preferred-FT step")
         pairs = budget_pairs(cfg, prefs)  # the budget's pairs, as the reward model's and DPO's
         run.manifest["budget"] = budget_record(len(pairs), budget_passes(cfg, cfg.sft.epochs))

@@ -217,8 +217,10 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(
-            run, lambda model, step: evaluate(model, ctx, reward_model=reward_model, implicit_beta=cfg.beta,
-                                              desc=f"eval step {step}"),
+            # the implicit reward's held-out pass (~20k tokens) only at the last point: the report reads it only there
+            run, lambda model, step, final: evaluate(model, ctx, reward_model=reward_model,
+                                                     implicit_beta=cfg.beta if final else None,
+                                                     desc=f"eval step {step}"),
             cfg.dpo.eval_every, device, pass_parameters(policy), resumed_clock(run, resume_from), name="DPO step")
         with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed,

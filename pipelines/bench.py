@@ -15,8 +15,9 @@ first logged step to the last (the first step's one-off set-up is left out). A r
 less work per token than the plain step: PPO's log-prob passes skip the LM head over the prompt, and the value
 and reward models have no LM head at all.
 
-Prints the table and writes it to reports/<profile>/bench.csv; fp32 and the mixed precision `model.precision: auto`
-picks side by side where there is a fast one (a GPU: bf16, or fp16 before Ampere; a CPU with native bf16: bf16).
+Prints the table and writes it to reports/<profile>/bench.csv, in the precision the profile resolves to
+(`model.precision`; `auto`: bf16 on a GPU, fp16 before Ampere, bf16 on a CPU with native bf16, else fp32). Another
+precision is another invocation: `make bench ARGS=model.precision=fp32`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pandas as pd
 import torch
 
 import dpo
+from baselines import train_preferred_ft
 from ppo.train import train_ppo
 from reward_model.train import train_reward_model
 from rlhf.config import PROJECT_ROOT, Config
@@ -131,7 +133,8 @@ def shrunk(cfg: Config, runs_dir: Path, precision: str) -> Config:
              budget=r(cfg.budget, pairs=None, epochs=1),  # every pair once: 4 steps or more for RM and DPO
              reward_model=r(cfg.reward_model, epochs=None, center_prompts=cfg.eval.batch_size),
              ppo=r(cfg.ppo, iterations=2, eval_every=2),
-             dpo=r(cfg.dpo, epochs=None, eval_every=4))
+             dpo=r(cfg.dpo, epochs=None, eval_every=4),
+             sft=r(cfg.sft, epochs=None, eval_every=4))
 
 
 def _steady(rows: list[dict]) -> tuple[int, float]:
@@ -221,6 +224,13 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
                  _row("DPO: training", tokens, seconds, timings["train"]["peak_memory_mb"], "train", b, length),
                  *_eval_rows("DPO", result.run_dir, metrics, e.batch_size, eval_len, e.max_new_tokens)]
 
+        result = train_preferred_ft(small, prefs, seed)
+        sft_train = [r for r in read_jsonl(result.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
+        tokens, seconds = _steady(sft_train)
+        b = small.sft.batch_size  # one chosen response a row
+        rows.append(_row("Preferred-FT: training", tokens, seconds, _timings(result.run_dir)["train"]["peak_memory_mb"],
+                         "train", b, round(tokens / (len(sft_train) - 1) / b)))
+
         ceilings = Ceilings(small, device)
         for row in rows:
             row["ceiling_tokens_per_s"] = ceilings.rate(*row.pop("ceiling"))
@@ -256,15 +266,13 @@ def machine(device: torch.device) -> str:
 
 def main(cfg: Config) -> int:
     device = default_device()
-    fast = resolve_precision("auto", device)  # bf16 or fp16 where the hardware has it, else fp32
-    precisions = ["fp32", fast] if fast != "fp32" else ["fp32"]
-    table = pd.DataFrame([row for precision in precisions for row in bench_precision(cfg, precision, device)],
-                         columns=COLUMNS)
+    precision = resolve_precision(cfg.model.precision, device)  # what the profile's runs compute in
+    table = pd.DataFrame(bench_precision(cfg, precision, device), columns=COLUMNS)
     out = Path(PROJECT_ROOT / cfg.report.out_dir / cfg.profile / "bench.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     print(f"\nbench, profile {cfg.profile}: {machine(device)}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}" + ("" if len(precisions) > 1 else "; no fast mixed precision here: fp32 only"))
+          f"torch {torch.__version__}, {precision} (model.precision: {cfg.model.precision})")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"\nwritten: {out}")
     shares = eval_shares(cfg)

@@ -26,7 +26,7 @@ from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
 from rlhf.distributed import check_replicas, from_main, is_main, per_process, stop_together
 from rlhf.errors import UserError, check_finite
-from rlhf.evaluate import EvalContext, heldout_pair_metrics
+from rlhf.evaluate import EvalContext, arithmetic, heldout_pair_metrics, store_rm_pair_metrics
 from rlhf.flops import forward_flops, pass_parameters, train_flops
 from rlhf.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
                          load_tokenizer, merged, resolve_model_path, save_model)
@@ -163,14 +163,15 @@ def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run:
                                                cfg, device)
     rm.config.reward_shift = shift
     ctx = EvalContext(prompts=[], ref_model=None, tokenizer=tokenizer, cfg=cfg.eval,
-                      autocast=lambda: autocast(cfg.model.precision, device),
-                      heldout_pairs=prefs.scored_pairs(cfg.eval.split).to_list())
+                      autocast=lambda: autocast(cfg.model.precision, device), arithmetic=arithmetic(cfg, device),
+                      heldout_pairs=prefs.scored_pairs(cfg.eval.split).to_list()[:cfg.eval.n_heldout_pairs or None])
     cost = {"scoring_seconds": 0.0, "scored_tokens": 0, "flops": 0}
     with run.stage("eval", device) as timing:
         heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None, cost=cost)
         timing["flops"] = cost["flops"]
     check_finite("reward model on held-out pairs", **heldout)
     save_model(rm, tokenizer, final)
+    store_rm_pair_metrics(final, ctx, heldout)  # what every run evaluated against this model reads, not recomputes
     run.log({"kind": "eval", **trained, "reward_shift": shift, "eval/flops": cost["flops"], **heldout})
     run.manifest["reward_model_path"] = str(final)
     print(f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "

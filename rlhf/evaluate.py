@@ -20,11 +20,14 @@ A policy with pi_ref's very weights (every run's step 0, and the reference run) 
 samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
 in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass. pi_ref's log-probs of
 the held-out pairs, the same at every eval point of every DPO run, are likewise computed once per profile
-(`reference_pairs_cache`).
+(`reference_pairs_cache`). A reward model's scores of them are computed once, by its own stage, which keeps their
+accuracy and margin in the model's folder (`store_rm_pair_metrics`): every run evaluated against it reads them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -42,6 +45,7 @@ from rlhf.data import PreferenceSet
 from rlhf.errors import UserError, check_finite
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import autocast, resolve_precision
+from rlhf.rundir import atomic_write_text
 from rlhf.sequences import (SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample,
                             shortest_first)
 from rlhf.tasks import PAIR_FIELDS, GoldReward, load_task
@@ -90,6 +94,7 @@ class EvalContext:
     autocast: Callable[[], object]
     gold_reward: GoldReward | None = None
     heldout_pairs: list[dict] = field(default_factory=list)  # prompt / chosen / rejected (/ gold_chosen ...)
+    arithmetic: str = ""  # device type and precision (`arithmetic`): a frozen model's scores depend on them too
     reference_cache: Path | None = None  # where pi_ref's own eval samples are kept (see the module docstring)
     reference_pairs_cache: Path | None = None  # where pi_ref's log-probs of the held-out pairs are kept
     _ref_pair_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # pi_ref on held-out pairs, computed once
@@ -105,6 +110,30 @@ class EvalContext:
             self._pair_batches = [encode_pairs(self.tokenizer, *([p[k] for p in pairs[s]] for k in PAIR_FIELDS))
                                   for s in chunks(len(pairs), self.cfg.batch_size)]
         return self._pair_batches
+
+    def pairs_key(self) -> str:
+        """What a frozen model's scores of the held-out pairs depend on besides the model: the pairs, the batch size
+        they are scored in (padding), the arithmetic."""
+        pairs = [[p[k] for k in PAIR_FIELDS] for p in self.heldout_pairs]
+        text = json.dumps([self.arithmetic, self.cfg.batch_size, pairs])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def arithmetic(cfg: Config, device: torch.device) -> str:
+    """`cpu-bf16`, `cuda-fp32`, ...: what numbers a pass computes depends on besides its inputs (`precision: auto` is
+    bf16 on one machine and fp32 on another sharing the runs directory)."""
+    return f"{device.type}-{resolve_precision(cfg.model.precision, device)}"
+
+
+def _rm_pair_metrics_file(folder: Path, ctx: EvalContext) -> Path:
+    return Path(folder) / f"heldout-pairs-{ctx.pairs_key()}.json"
+
+
+def store_rm_pair_metrics(folder: Path, ctx: EvalContext, metrics: dict[str, float]) -> None:
+    """Keep a reward model's held-out accuracy and margin in its saved folder, for every run evaluated against it
+    (`heldout_pair_metrics` reads them back where the pairs and arithmetic are the same)."""
+    kept = {k: metrics[k] for k in ("heldout/rm_accuracy", "heldout/rm_margin")}
+    atomic_write_text(_rm_pair_metrics_file(folder, ctx), json.dumps(kept) + "\n")
 
 
 def has_reference_weights(policy: PreTrainedModel, ctx: EvalContext) -> bool:
@@ -270,6 +299,9 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
     start, passes = time.perf_counter(), []  # N of each pass over the pairs run here
     batches, tok = ctx.pair_batches(), ctx.tokenizer
     if reward_model is not None:
+        stored = _rm_pair_metrics_file(reward_model.name_or_path, ctx)  # the folder it was loaded from
+        if id(reward_model) not in ctx._rm_pair_metrics and stored.is_file():  # its own stage scored these pairs
+            ctx._rm_pair_metrics[id(reward_model)] = json.loads(stored.read_text())
         if id(reward_model) not in ctx._rm_pair_metrics:
             with ctx.autocast():
                 chosen = torch.cat([reward_scores(reward_model, c, tok) for c, _ in batches]).tolist()
@@ -317,10 +349,10 @@ def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, d
     heldout = prefs.scored_pairs(cfg.eval.split).to_list()[:cfg.eval.n_heldout_pairs or None]
     # pi_ref's own eval samples depend on the model, the prompts and the eval settings only, and on the arithmetic:
     # `precision: auto` is fp32 on this CPU and bf16 on a GPU sharing the runs directory
-    arithmetic = f"{device.type}-{resolve_precision(cfg.model.precision, device)}"
     cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
-             f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic}.pt")
+             f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic(cfg, device)}.pt")
     pairs_cache = cache.with_name(f"{cache.stem}-pairs-{prefs.sha256[:12]}.pt")  # the pairs: this preference set's
     return EvalContext(prompts=prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
                        autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
-                       heldout_pairs=heldout, reference_cache=cache, reference_pairs_cache=pairs_cache)
+                       heldout_pairs=heldout, arithmetic=arithmetic(cfg, device), reference_cache=cache,
+                       reference_pairs_cache=pairs_cache)

@@ -79,8 +79,8 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
     """One run of an online method from pi_ref on the task's training prompts, against the reward model at
     `reward_model_path` (PPO's for this seed), into runs/<profile>/<method>/<run-id>/. The shared evaluator runs at
     step 0, every `eval_every` steps and at the end (with `implicit_beta`, also DPO's implicit reward on the held-out
-    pairs); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per sampled token. A
-    killed run with the same key goes on from its last resume point (Trainer's checkpoint), as DPO's."""
+    pairs, at the last point); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per
+    sampled token. A killed run with the same key goes on from its last resume point (Trainer's checkpoint), as DPO's."""
     set_seed(seed)  # first: LoRA adapters drawn below must not depend on the process
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
@@ -95,8 +95,9 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(
-            run, lambda model, step: evaluate(model, ctx, reward_model=reward_model, implicit_beta=implicit_beta,
-                                              desc=f"eval step {step}"),
+            run, lambda model, step, final: evaluate(model, ctx, reward_model=reward_model,
+                                                     implicit_beta=implicit_beta if final else None,
+                                                     desc=f"eval step {step}"),
             eval_every, device, pass_parameters(policy), resumed_clock(run, resume_from), name=f"{name} step",
             flops_per_token=flops_per_token(pass_parameters(ref), pass_parameters(reward_model, "scalar")))
 

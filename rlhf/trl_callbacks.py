@@ -129,7 +129,8 @@ def quiet_progress_bar(trainer: Trainer, desc: str) -> Trainer:
 class EvalAndLogCallback(TrainerCallback):
     """Writes every training step as a `train` row and runs the shared evaluator (an `eval` row and samples) at
     step 0, every `eval_every` steps and at the end; with `evaluate_policy` None, train rows only (the SFT stage,
-    the reward model).
+    the reward model). `evaluate_policy(model, step, final)` is told whether the point is the run's last, so that a
+    measurement the report reads only there (DPO's implicit reward on the held-out pairs) is made only there.
 
     The training clock (`wall_seconds`) runs only between evaluations, so eval time never counts as training;
     each stretch is also recorded as stage `stage` (`train`) in timings.json, each evaluation as stage `eval`. A
@@ -143,7 +144,7 @@ class EvalAndLogCallback(TrainerCallback):
     written last, so a half-written one is never resumed from) and deletes the older ones.
     """
 
-    def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int], tuple[dict, list]] | None,
+    def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int, bool], tuple[dict, list]] | None,
                  eval_every: int | None, device: torch.device, n_params: int, train_seconds: float = 0.0,
                  name: str = "step", stage: str = "train", flops_per_token: int | None = None):
         self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
@@ -172,12 +173,12 @@ class EvalAndLogCallback(TrainerCallback):
         self._stretch.close()
         self._stretch = None
 
-    def _evaluate(self, model: PreTrainedModel, step: int, tokens: int) -> None:
+    def _evaluate(self, model: PreTrainedModel, step: int, tokens: int, final: bool = False) -> None:
         metrics: dict[str, float] = {}
         with stop_together():  # once, on the main process: the others wait for it here, and stop with it
             if self.evaluate_policy is not None and is_main():
                 with self.run.stage("eval", self.device) as timing:
-                    metrics, samples = self.evaluate_policy(model, step)
+                    metrics, samples = self.evaluate_policy(model, step, final)
                     timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
                 self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
                               "flops": self.flops_per_token * tokens, **metrics})
@@ -191,11 +192,12 @@ class EvalAndLogCallback(TrainerCallback):
         self._start_clock()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step >= state.max_steps:
+        final = state.global_step >= state.max_steps
+        if final:
             control.should_save = False  # the last step: the run is about to complete, no resume point needed
         if self.eval_every and state.global_step % self.eval_every == 0:
             self._stop_clock()
-            self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+            self._evaluate(model, state.global_step, state.num_input_tokens_seen, final)
             self._start_clock()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -219,7 +221,7 @@ class EvalAndLogCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._stop_clock()
         if self.last_eval is None or self.last_eval[0] != state.global_step:
-            self._evaluate(model, state.global_step, state.num_input_tokens_seen)
+            self._evaluate(model, state.global_step, state.num_input_tokens_seen, final=True)
 
 
 def resumed_clock(run: RunDir, resume_from: Path | None) -> float:

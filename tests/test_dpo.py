@@ -26,7 +26,8 @@ TRAIN_KEYS = {"kind", "step", "wall_seconds", "tokens", "loss", "rewards/chosen"
               "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm",
               "learning_rate", "dpo/grad_weight_mean", "dpo/grad_weight_std"}
 EVAL_KEYS = {"kind", "step", "wall_seconds", "tokens", "eval/gold", "eval/gold_sem", "eval/kl", "eval/kl_k3",
-             "heldout/implicit_accuracy", "heldout/implicit_margin", "heldout/gold_accuracy"}
+             "heldout/gold_accuracy"}
+IMPLICIT_KEYS = {"heldout/implicit_accuracy", "heldout/implicit_margin"}  # the last eval point only
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,8 @@ def test_make_dpo_tiny_end_to_end(tiny_runs, tiny_path):
         assert 0 < r["dpo/grad_weight_mean"] < 1 and r["dpo/grad_weight_std"] >= 0
     for r in evals:
         assert EVAL_KEYS <= set(r), EVAL_KEYS - set(r)
+    # DPO's implicit reward on the held-out pairs is measured where the report reads it, at the last point only
+    assert IMPLICIT_KEYS <= set(evals[-1]) and not any(IMPLICIT_KEYS & set(r) for r in evals[:-1])
     assert evals[0]["wall_seconds"] == 0 and evals[0]["tokens"] == 0 and evals[0]["eval/kl"] == pytest.approx(0)
     assert all(a["tokens"] < b["tokens"] and a["wall_seconds"] < b["wall_seconds"] for a, b in zip(train, train[1:]))
     # The training clock stops during evaluation: the last eval point's clock equals the last step's.

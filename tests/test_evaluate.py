@@ -96,3 +96,37 @@ def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics
         next(policy.parameters()).add_(0.01)
     with pytest.raises(pytest.fail.Exception, match="sampled again"):
         evaluate(policy, other_run)
+
+
+def test_a_reward_models_heldout_scores_are_kept_in_its_folder_and_read_back(tiny_cfg, tiny_path, tokenizer,
+                                                                               tmp_path, monkeypatch):
+    """The reward-model stage scores the held-out pairs once; every run evaluated against the saved model reads the
+    accuracy and margin back instead of scoring them again, unless the pairs would be scored differently."""
+    import dataclasses
+
+    import rlhf.evaluate as E
+    from rlhf.models import load_scalar_model, save_model
+
+    def cost():
+        return dict.fromkeys(("scoring_seconds", "scored_tokens", "flops"), 0)
+
+    cpu, prefs = torch.device("cpu"), build_preferences(tiny_cfg)
+    rm = load_scalar_model(tiny_path, tokenizer.pad_token_id)
+    stage, spent = make_eval_context(tiny_cfg, prefs, None, tokenizer, cpu), cost()
+    computed = E.heldout_pair_metrics(None, stage, rm, None, spent)
+    assert spent["scored_tokens"] > 0
+    save_model(rm, tokenizer, tmp_path / "rm")
+    E.store_rm_pair_metrics(tmp_path / "rm", stage, computed)
+
+    saved = load_scalar_model(str(tmp_path / "rm"), tokenizer.pad_token_id)
+    with monkeypatch.context() as m:
+        m.setattr(E, "reward_scores", lambda *a, **k: pytest.fail("the reward model scored the pairs again"))
+        run, spent = make_eval_context(tiny_cfg, prefs, None, tokenizer, cpu), cost()
+        read = E.heldout_pair_metrics(None, run, saved, None, spent)
+        assert spent["scored_tokens"] == 0 and spent["flops"] == 0
+        for key in ("heldout/rm_accuracy", "heldout/rm_margin"):
+            assert read[key] == computed[key], key
+        # other batches pad the pairs otherwise (and other arithmetic rounds otherwise): scored again, not read
+        batched = dataclasses.replace(tiny_cfg, eval=dataclasses.replace(tiny_cfg.eval, batch_size=3))
+        with pytest.raises(pytest.fail.Exception, match="scored the pairs again"):
+            E.heldout_pair_metrics(None, make_eval_context(batched, prefs, None, tokenizer, cpu), saved, None)
