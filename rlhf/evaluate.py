@@ -299,17 +299,19 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
     start, passes = time.perf_counter(), []  # N of each pass over the pairs run here
     batches, tok = ctx.pair_batches(), ctx.tokenizer
     if reward_model is not None:
-        stored = _rm_pair_metrics_file(reward_model.name_or_path, ctx)  # the folder it was loaded from
-        if id(reward_model) not in ctx._rm_pair_metrics and stored.is_file():  # its own stage scored these pairs
-            ctx._rm_pair_metrics[id(reward_model)] = json.loads(stored.read_text())
-        if id(reward_model) not in ctx._rm_pair_metrics:
-            with ctx.autocast():
-                chosen = torch.cat([reward_scores(reward_model, c, tok) for c, _ in batches]).tolist()
-                rejected = torch.cat([reward_scores(reward_model, r, tok) for _, r in batches]).tolist()
-            passes.append(pass_parameters(reward_model, "scalar"))
-            acc, margin = pair_accuracy_margin(chosen, rejected)
-            ctx._rm_pair_metrics[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
-        metrics.update(ctx._rm_pair_metrics[id(reward_model)])
+        known = ctx._rm_pair_metrics
+        if id(reward_model) not in known:
+            stored = _rm_pair_metrics_file(reward_model.name_or_path, ctx)  # the folder it was loaded from
+            if stored.is_file():  # its own stage scored these very pairs alike
+                known[id(reward_model)] = json.loads(stored.read_text())
+            else:
+                with ctx.autocast():
+                    chosen = torch.cat([reward_scores(reward_model, c, tok) for c, _ in batches]).tolist()
+                    rejected = torch.cat([reward_scores(reward_model, r, tok) for _, r in batches]).tolist()
+                passes.append(pass_parameters(reward_model, "scalar"))
+                acc, margin = pair_accuracy_margin(chosen, rejected)
+                known[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
+        metrics.update(known[id(reward_model)])
     if implicit_beta is not None and policy is not None:
         cache = ctx.reference_pairs_cache
         if ctx._ref_pair_logps is None and cache is not None and cache.exists():
