@@ -122,7 +122,9 @@ def evaluate_reference(cfg: Config) -> Path:
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         with run.stage("eval", device) as timing:
-            metrics, samples = evaluate(ref, ctx, desc="eval pi_ref")
+            # with beta, pi_ref's log-probs of the held-out pairs are computed here, once, into the profile's cache:
+            # every DPO run's last eval point reads them, so its cost does not depend on which seed ran first
+            metrics, samples = evaluate(ref, ctx, implicit_beta=cfg.beta, desc="eval pi_ref")
             timing["flops"] = metrics["eval/flops"]
         run.log({"kind": "eval", "step": 0, "wall_seconds": 0.0, "tokens": 0, "flops": 0, **metrics})
         run.write_samples(0, samples)

@@ -19,8 +19,8 @@ time, without disturbing the training RNG) and reports:
 A policy with pi_ref's very weights (every run's step 0, and the reference run) is not sampled again: its
 samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
 in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass. pi_ref's log-probs of
-the held-out pairs, the same at every eval point of every DPO run, are likewise computed once per profile
-(`reference_pairs_cache`). A reward model's scores of them are computed once, by its own stage, which keeps their
+the held-out pairs, the same at every eval point of every DPO run, are likewise computed once per profile, by
+pi_ref's own evaluation (`reference_pairs_cache`). A reward model's scores of them are computed once, by its own stage, which keeps their
 accuracy and margin in the model's folder (`store_rm_pair_metrics`): every run evaluated against it reads them.
 """
 
@@ -145,8 +145,9 @@ def has_reference_weights(policy: PreTrainedModel, ctx: EvalContext) -> bool:
 
 @torch.inference_mode()
 def _sequence_logps(model: PreTrainedModel, batch: SequenceBatch, ctx: EvalContext) -> torch.Tensor:
+    """log pi(y | x) of each sequence, as float32 on the CPU: where the cache of pi_ref's keeps them."""
     with ctx.autocast():
-        return response_logprobs(model, batch, temperature=1.0)[0].sum(dim=1)
+        return response_logprobs(model, batch, temperature=1.0)[0].sum(dim=1).float().cpu()
 
 
 def eval_batches(policy: PreTrainedModel, ctx: EvalContext, seed: int, desc: str) -> Iterator[SequenceBatch]:

@@ -65,6 +65,12 @@ def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
         for step in steps:
             with open(metrics.parent / "samples" / f"eval_step{step:06d}.prompts.csv") as f:
                 assert len(list(csv.DictReader(f))) == 8  # tiny's eval prompts
+    # pi_ref's evaluation scores the held-out pairs for every DPO run (implicit reward 0: ties), so no DPO seed's
+    # last eval point pays for that pass and their costs do not depend on which seed ran first
+    (reference,) = runs.glob("reference/*/metrics.jsonl")
+    row = json.loads(reference.read_text().splitlines()[-1])
+    assert (row["heldout/implicit_accuracy"], row["heldout/implicit_margin"]) == (0.5, 0.0)
+    assert len(list(runs.glob("eval-cache/pi_ref-*-pairs-*.pt"))) == 1
     _check_tensorboard(runs)
 
 
