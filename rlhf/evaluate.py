@@ -145,9 +145,11 @@ def has_reference_weights(policy: PreTrainedModel, ctx: EvalContext) -> bool:
 
 @torch.inference_mode()
 def _sequence_logps(model: PreTrainedModel, batch: SequenceBatch, ctx: EvalContext) -> torch.Tensor:
-    """log pi(y | x) of each sequence, as float32 on the CPU: where the cache of pi_ref's keeps them."""
+    """log pi(y | x) of each sequence of a held-out batch (kept on the CPU, `pair_batches`), as float32 on the CPU:
+    where the cache of pi_ref's keeps them."""
     with ctx.autocast():
-        return response_logprobs(model, batch, temperature=1.0)[0].sum(dim=1).float().cpu()
+        logps = response_logprobs(model, batch.to(model.device), temperature=1.0)[0]
+    return logps.sum(dim=1).float().cpu()
 
 
 def eval_batches(policy: PreTrainedModel, ctx: EvalContext, seed: int, desc: str) -> Iterator[SequenceBatch]:
@@ -306,9 +308,10 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
             if stored.is_file():  # its own stage scored these very pairs alike
                 known[id(reward_model)] = json.loads(stored.read_text())
             else:
+                on = reward_model.device
                 with ctx.autocast():
-                    chosen = torch.cat([reward_scores(reward_model, c, tok) for c, _ in batches]).tolist()
-                    rejected = torch.cat([reward_scores(reward_model, r, tok) for _, r in batches]).tolist()
+                    chosen = torch.cat([reward_scores(reward_model, c.to(on), tok) for c, _ in batches]).tolist()
+                    rejected = torch.cat([reward_scores(reward_model, r.to(on), tok) for _, r in batches]).tolist()
                 passes.append(pass_parameters(reward_model, "scalar"))
                 acc, margin = pair_accuracy_margin(chosen, rejected)
                 known[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
