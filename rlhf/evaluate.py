@@ -20,8 +20,9 @@ A policy with pi_ref's very weights (every run's step 0, and the reference run) 
 samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
 in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass. pi_ref's log-probs of
 the held-out pairs, the same at every eval point of every DPO run, are likewise computed once per profile, by
-pi_ref's own evaluation (`reference_pairs_cache`). A reward model's scores of them are computed once, by its own stage, which keeps their
-accuracy and margin in the model's folder (`store_rm_pair_metrics`): every run evaluated against it reads them.
+pi_ref's own evaluation (`reference_pairs_cache`). A reward model's scores of them are computed once, by its own
+stage, which keeps their accuracy and margin in the model's folder (`store_rm_pair_metrics`): every run evaluated
+against it reads them. The pairs are tokenised once, on the CPU; each pass moves them to its model's device.
 """
 
 from __future__ import annotations
