@@ -13,7 +13,7 @@ TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --co
 	--num_processes $(NPROC) -m pipelines)
 
 .PHONY: all setup bundle test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
-	sweep report bench config
+	sweep report coverage bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false). The runs are the profile's grid:
 # pi_ref's evaluation, the reward models, then grid.methods x beta x seed (default: ppo and dpo), JOBS at a time
@@ -112,6 +112,10 @@ sweep: setup
 
 report: setup
 	$(CLI) report --profile $(PROFILE) $(ARGS)
+
+# The verdict's interval checked by simulation (analysis/coverage.py): coverage, false "ahead" and power at 2-8 seeds
+coverage: setup
+	$(PY) -m analysis.coverage $(ARGS)
 
 # Each stage's tokens/s against the bare model's ceilings on this machine: reports/$(PROFILE)/bench.csv
 bench: setup

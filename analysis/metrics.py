@@ -1,13 +1,15 @@
 """The comparison's metrics as small pure functions of the tidy frames; definitions in docs/analysis.md.
 
-Frames carry RUN (one run) and GROUP (one method at one β: the unit seeds are aggregated over). Every interval is
-the 95% hierarchical bootstrap of analysis/stats.py: over a group's runs (seeds), then over the eval prompts where the
-value is a mean over them.
+Frames carry RUN (one run) and GROUP (one method at one β: the unit seeds are aggregated over). Every number the
+report states with an interval, and every comparison it words, has the 95% t-interval of analysis/stats.py over a
+group's runs (seeds), with the eval prompts' term where the value is a mean over them (docs/analysis.md, "The
+verdict"). The plots' bands alone are drawn from the hierarchical bootstrap (seeds, then prompts), and say so.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,17 +62,15 @@ def make_draws(values: PromptValues, reps: int, seed: int) -> S.Draws:
     return S.Draws.make(max(values.n_prompts, 1), reps, seed)
 
 
-def summarize(frame: pd.DataFrame, by: list[str], columns: list[str], draws: S.Draws) -> pd.DataFrame:
+def summarize(frame: pd.DataFrame, by: list[str], columns: list[str]) -> pd.DataFrame:
     """One row per group: for each column, `<col> n|mean|std|lo|hi`: the mean over the group's rows (runs), the
-    between-run std and the 95% bootstrap interval over runs (S.bootstrap_mean, seeds only: these are run-level
-    numbers)."""
+    between-run std and the 95% t-interval over runs (S.t_mean: these are run-level numbers)."""
     rows = []
     for key, group in frame.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
         for col in columns:
-            values = [np.array([v]) for v in group[col].dropna()]
-            row.update({f"{col} {stat}": v for stat, v in S.bootstrap_mean(values, draws, key).items()})
+            row.update({f"{col} {stat}": v for stat, v in S.t_mean(group[col].dropna().to_numpy(float)).items()})
         rows.append(row)
     return pd.DataFrame(rows, columns=by + [f"{c} {s}" for c in columns for s in STATS])
 
@@ -150,6 +150,22 @@ def earlier_stages(runs: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*RUN, "earlier seconds", "earlier FLOPs"])
 
 
+def seed_seconds(runs: pd.DataFrame, timings: pd.DataFrame, method: str) -> tuple[float, float]:
+    """Mean over `method`'s included runs: every second one seed costs (each stage of its run, evaluation included,
+    and, for a method trained against a reward model, each stage of that model's run), and its evaluation's seconds."""
+    per_run = timings.groupby(["method", "run_id"])["seconds"].sum()
+    evaluation = timings[timings["stage"] == "eval"].groupby(["method", "run_id"])["seconds"].sum()
+    total, evals = [], []
+    for _, run in runs[runs["included"] & (runs["method"] == method)].iterrows():
+        seconds = per_run.get((method, run["run_id"]), math.nan)
+        rm = run.get("reward_model_path")
+        if method in USES_REWARD_MODEL and isinstance(rm, str):
+            seconds += per_run.get(("reward_model", Path(rm).parent.parent.name), math.nan)
+        total.append(seconds)
+        evals.append(evaluation.get((method, run["run_id"]), math.nan))
+    return (float(np.mean(total)), float(np.mean(evals))) if total else (math.nan, math.nan)
+
+
 def with_earlier_stages(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
     """Metrics rows with their run's cost from the start: SECONDS = `wall_seconds` + the earlier stages' seconds,
     FLOPS = `flops` (the run's own training FLOPs so far) + theirs (NaN for runs that logged no FLOPs)."""
@@ -160,34 +176,50 @@ def with_earlier_stages(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFr
     return out.drop(columns=["earlier seconds", "earlier FLOPs"])
 
 
-def matched_gold(evals: pd.DataFrame, values: PromptValues, draws: S.Draws, compared: list[str],
-                 fractions: list[float], fixed_level: float | None) -> tuple[S.MatchedKL, dict[tuple, list]]:
-    """Gold at fractions of the matched KL for every group with gold and KL (S.matched_kl), its level set by the
-    groups of the `compared` methods; and each group's RUN keys, in the order of its `per_run` rows."""
-    curves: dict[tuple, list] = {}
-    keys: dict[tuple, list] = {}
+@dataclass
+class AtLevels:
+    """One group's runs read at the verdict's KL levels (S.at_levels): `keys` their RUN keys, `values` [n, L], `pseudo`
+    [n, L, P] their prompt pseudo-values (None where some run keeps no per-prompt values, or other prompts), `reached`
+    [n, L] whether each run's mean KL got to each level."""
+    keys: list
+    values: np.ndarray
+    pseudo: np.ndarray | None
+    reached: np.ndarray
+
+
+def gold_at_levels(evals: pd.DataFrame, values: PromptValues, levels) -> dict[tuple, AtLevels]:
+    """Every group with gold and KL, its runs read at `levels` (nats per sequence)."""
+    runs: dict[tuple, list] = {}
     for group, key, run in runs_of(evals, "eval/kl", "eval/gold"):
-        curves.setdefault(group, []).append((values.get(run, "eval/kl"), values.get(run, "eval/gold")))  # [E, P]
-        keys.setdefault(group, []).append(key)
-    levels_from = [g for g in curves if g[0] in compared] or list(curves)
-    return S.matched_kl(curves, levels_from, fractions, draws, fixed_level), keys
+        runs.setdefault(group, []).append((key, values.get(run, "eval/kl"), values.get(run, "eval/gold")))  # [E, P]
+    out = {}
+    for group, rows in runs.items():
+        read = [S.at_levels(kl, gold, levels) for _, kl, gold in rows]
+        prompts = {pseudo.shape[-1] for _, pseudo, _ in read}
+        pseudo = np.stack([p for _, p, _ in read]) if len(prompts) == 1 and prompts != {1} else None
+        out[group] = AtLevels([k for k, _, _ in rows], np.stack([v for v, _, _ in read]), pseudo,
+                              np.stack([r for _, _, r in read]))
+    return out
 
 
-def kl_column(fraction: float) -> str:
-    """The headline's name for gold at a fraction of the matched KL."""
-    return "gold at matched KL" if fraction == 1 else f"gold at {fraction:g} × matched KL"
+def kl_column(level: float) -> str:
+    """The headline's name for gold at a KL level."""
+    return f"gold at KL {level:.3g}"
 
 
-def per_run_headline(evals: pd.DataFrame, matched: S.MatchedKL | None, keys: dict[tuple, list],
-                     gold_level: float | None) -> pd.DataFrame:
-    """One row per run: final eval metrics, and where the task has a gold reward, its gold at each fraction of the
-    matched KL (`matched_gold`) and the end-to-end seconds and training FLOPs to first reach the target gold reward
-    (`evals` carry SECONDS and FLOPS: `with_earlier_stages`)."""
+def per_run_headline(evals: pd.DataFrame, at: dict[tuple, AtLevels] | None, levels, gold_level: float | None
+                     ) -> pd.DataFrame:
+    """One row per run: final eval metrics, and where the task has a gold reward, its gold at each of the verdict's KL
+    levels (`gold_at_levels`; a run short of a level counts with its last eval point, and `reached` says whether it
+    got there) and the end-to-end seconds and training FLOPs to first reach the target gold reward (`evals` carry
+    SECONDS and FLOPS: `with_earlier_stages`)."""
     final = final_evals(evals).set_index(RUN)
     out = pd.DataFrame(index=final.index)
-    if matched is not None:
-        read = pd.DataFrame([dict(zip(RUN, key), **{kl_column(f): v for f, v in zip(matched.fractions, row)})
-                             for group, rows in matched.per_run.items() for key, row in zip(keys[group], rows)])
+    if at is not None:
+        read = pd.DataFrame([dict(zip(RUN, key), **{kl_column(level): v for level, v in zip(levels, row)},
+                                  **{f"reached KL {level:.3g}": bool(r) for level, r in zip(levels, reached)})
+                             for group in at.values() for key, row, reached in zip(group.keys, group.values,
+                                                                                   group.reached)])
         out = out.join(read.set_index(RUN)) if len(read) else out
         out["seconds to target gold"] = crossings(evals, "eval/gold", SECONDS, gold_level)
         out["training FLOPs to target gold"] = crossings(evals, "eval/gold", FLOPS, gold_level)
@@ -197,37 +229,125 @@ def per_run_headline(evals: pd.DataFrame, matched: S.MatchedKL | None, keys: dic
     return out.reset_index()
 
 
-def headline_summary(per_run: pd.DataFrame, matched: S.MatchedKL | None, draws: S.Draws) -> pd.DataFrame:
-    """Per group, every per-run headline column as `<col> n|mean|std|lo|hi`; gold at matched KL with the interval of
-    the hierarchical bootstrap (seeds, then prompts, the matched KL recomputed in each replicate), the others over
-    seeds."""
-    columns = [c for c in per_run if c not in RUN]
-    table = summarize(per_run, GROUP, columns, draws)
-    if matched is None:
-        return table
-    for i, f in enumerate(matched.fractions):
-        for group, replicates in matched.replicates.items():
-            row = (table["method"] == group[0]) & (table["beta"] == group[1])
-            table.loc[row, [f"{kl_column(f)} lo", f"{kl_column(f)} hi"]] = S.interval(replicates[:, i])
+def headline_summary(per_run: pd.DataFrame, at: dict[tuple, AtLevels] | None, levels) -> pd.DataFrame:
+    """Per group, every per-run headline column as `<col> n|mean|std|lo|hi` with its t-interval over runs (`summarize`);
+    gold at each KL level with the prompts' term added where the runs keep per-prompt values (S.t_contrast, w = 1)."""
+    columns = [c for c in per_run if c not in RUN and not c.startswith("reached ")]
+    table = summarize(per_run, GROUP, columns)
+    for group, g in (at or {}).items():
+        if len(g.keys) < 2 or g.pseudo is None:
+            continue
+        row = (table["method"] == group[0]) & (table["beta"] == group[1])
+        for i, level in enumerate(levels):
+            c = S.t_contrast([g.values[:, i]], [g.pseudo[:, i]], weights=(1.0,))
+            table.loc[row, [f"{kl_column(level)} lo", f"{kl_column(level)} hi"]] = float(c.lo), float(c.hi)
     return table
 
 
-def verdict(matched: S.MatchedKL, a: tuple, b: tuple, names: tuple[str, str] = ("PPO", "DPO")) -> pd.DataFrame:
-    """Group a − group b in gold reward at each fraction of the matched KL: the KL level, the observed difference of
-    means, its 95% hierarchical bootstrap interval, the seeds of each, their between-seed std, the seeds per method a
-    difference of this size needs (S.seeds_for_power) and the sentence (S.verdict_words, the groups called `names`)."""
+def compare(at: dict[tuple, AtLevels], a: tuple, b: tuple, level: int) -> S.Contrast | None:
+    """Group a − group b at the `level`-th KL level (S.t_contrast); None where either has fewer than 2 runs."""
+    ga, gb = at[a], at[b]
+    if min(len(ga.keys), len(gb.keys)) < 2:
+        return None
+    pseudo = [ga.pseudo[:, level], gb.pseudo[:, level]] if ga.pseudo is not None and gb.pseudo is not None else None
+    if pseudo is not None and pseudo[0].shape[-1] != pseudo[1].shape[-1]:
+        pseudo = None
+    return S.t_contrast([ga.values[:, level], gb.values[:, level]], pseudo)
+
+
+def verdict(at: dict[tuple, AtLevels], a: tuple, b: tuple, levels, worded: bool,
+            names: tuple[str, str] = ("PPO", "DPO")) -> pd.DataFrame:
+    """Group a − group b in gold at each KL level: the difference of means, its 95% Welch interval with the prompts'
+    term (S.t_contrast), its p-value, the seeds and how many reached the level, the between-seed sds, and the words:
+    only at the first (primary) level, and only where `worded` (the levels were fixed before the runs); the others
+    are shown as intervals without words, so one test carries the verdict and its error rate is the test's 5%."""
     rows = []
-    for i, f in enumerate(matched.fractions):
-        va, vb = matched.per_run[a][:, i], matched.per_run[b][:, i]
-        na, nb = int(np.sum(~np.isnan(va))), int(np.sum(~np.isnan(vb)))
-        sd = [float(np.nanstd(v, ddof=1)) if n > 1 else math.nan for v, n in ((va, na), (vb, nb))]
-        diff = float(np.nanmean(va) - np.nanmean(vb))
-        lo, hi = S.interval(matched.replicates[a][:, i] - matched.replicates[b][:, i])
-        rows.append({"KL level": matched.level * f, "fraction of matched KL": f, "difference": diff, "lo": lo,
-                     "hi": hi, "seeds a": na, "seeds b": nb, "sd a": sd[0], "sd b": sd[1],
-                     "seeds per method for 80% power": S.seeds_for_power(diff, *sd),
-                     "verdict": S.verdict_words(lo, hi, na, nb, *names)})
+    for i, level in enumerate(levels):
+        c = compare(at, a, b, i)
+        va, vb = at[a].values[:, i], at[b].values[:, i]
+        row = {"KL level": level, "primary": i == 0, "difference": float(va.mean() - vb.mean()),
+               "lo": math.nan, "hi": math.nan, "p": math.nan, "df": math.nan,
+               "seeds a": len(va), "seeds b": len(vb), "reached a": int(at[a].reached[:, i].sum()),
+               "reached b": int(at[b].reached[:, i].sum()),
+               "sd a": float(va.std(ddof=1)) if len(va) > 1 else math.nan,
+               "sd b": float(vb.std(ddof=1)) if len(vb) > 1 else math.nan,
+               "prompt term sd": math.nan, "n prompts": 1}
+        if c is not None:
+            row.update(lo=float(c.lo), hi=float(c.hi), p=float(c.p), df=float(c.df),
+                       **{"prompt term sd": float(np.sqrt(c.prompt_var)), "n prompts": c.n_prompts})
+        words = S.verdict_words(row["lo"], row["hi"], len(va), len(vb), *names)
+        if i > 0:
+            words = "A secondary level: shown without words (only the primary level is tested)."
+        elif not worded:
+            words = ("No verdict: no KL level was fixed before these runs (report.kl_levels), so this level was read "
+                     "from the runs it scores; the interval is shown without words.")
+        rows.append({**row, "verdict": words})
     return pd.DataFrame(rows)
+
+
+POWER_AT = (0.1, 0.05)  # gold differences the power table always answers for, beside the observed one
+
+
+def power(row: pd.Series) -> pd.DataFrame:
+    """Seeds per method for 80% power of the verdict's test (S.seeds_for_power) at the observed difference and at
+    `POWER_AT`, with the range the between-seed sds' 80% confidence limits give (S.sd_limits)."""
+    n_a, n_b = int(row["seeds a"]), int(row["seeds b"])
+    prompt_var, P = row["prompt term sd"] ** 2, int(row["n prompts"])
+    prompt_var = 0.0 if math.isnan(prompt_var) else prompt_var
+    limits = [S.sd_limits(row["sd a"], n_a), S.sd_limits(row["sd b"], n_b)]
+    rows = []
+    for label, diff in (("observed", abs(row["difference"])), *((f"{d:g}", d) for d in POWER_AT)):
+        rows.append({"difference": label, "gold": diff,
+                     "seeds per method": S.seeds_for_power(diff, row["sd a"], row["sd b"], prompt_var, P),
+                     "if the sds are at their lower limits": S.seeds_for_power(diff, limits[0][0], limits[1][0],
+                                                                               prompt_var, P),
+                     "if at their upper limits": S.seeds_for_power(diff, limits[0][1], limits[1][1], prompt_var, P)})
+    return pd.DataFrame(rows)
+
+
+def variance_split(at: dict[tuple, AtLevels], a: tuple, b: tuple, names: tuple[str, str] = ("PPO", "DPO"),
+                   level: int = 0) -> pd.DataFrame:
+    """What the spread of a − b at the primary level is made of, per method: the between-seed sd of per-run values;
+    its part that is each run's own prompt-sampling noise (√(noise_ms/P): the sd of a run's mean over its prompts);
+    the rest, the true seed-to-seed sd; and the prompt × method interaction (sd per prompt, and of the difference's
+    mean over the prompts). Empty without per-prompt values."""
+    c = compare(at, a, b, level)
+    if c is None or not c.noise_ms:
+        return pd.DataFrame()
+    rows = []
+    for name, group, ms in zip(names, (a, b), c.noise_ms):
+        sd = float(at[group].values[:, level].std(ddof=1))
+        noise = math.sqrt(float(ms) / c.n_prompts)
+        rows.append({"component": f"{name}: between seeds (per-run values)", "sd": sd})
+        rows.append({"component": f"{name}: a run's own prompt noise (sd of its mean)", "sd": noise})
+        rows.append({"component": f"{name}: true seed-to-seed", "sd": math.sqrt(max(sd**2 - noise**2, 0.0))})
+    rows.append({"component": "prompt × method interaction, a prompt", "sd": math.sqrt(c.prompt_var * c.n_prompts)})
+    rows.append({"component": "prompt × method interaction, the difference's mean", "sd": math.sqrt(c.prompt_var)})
+    return pd.DataFrame(rows)
+
+
+def allocation(split: pd.DataFrame, n_a: int, n_b: int, n_prompts: int, seed_pair_seconds: float,
+               eval_seconds: float, names: tuple[str, str] = ("PPO", "DPO")) -> pd.DataFrame:
+    """What narrows the verdict's interval for the CPU time: its expected half-width now, with one more seed per
+    method, and with twice the eval prompts, from the measured variance split (se² = Σ (σ²_seed + σ²_noise,P/P')/n +
+    σ²_interaction/P'), with the CPU seconds each costs: a seed pair's training and evaluation, or every compared
+    run's evaluation again."""
+    sd = split.set_index("component")["sd"]
+
+    def half(n: tuple[int, int], P: int) -> float:
+        parts = [(sd[f"{m}: true seed-to-seed"] ** 2 + sd[f"{m}: a run's own prompt noise (sd of its mean)"] ** 2
+                  * n_prompts / P) / k for m, k in zip(names, n)]
+        prompt = sd["prompt × method interaction, a prompt"] ** 2 / P
+        df = sum(parts) ** 2 / sum(p**2 / (k - 1) for p, k in zip(parts, n))
+        return float(S.t_dist.ppf(0.975, df) * math.sqrt(sum(parts) + prompt))
+
+    now = half((n_a, n_b), n_prompts)
+    return pd.DataFrame([
+        {"design": f"now: {n_a} + {n_b} seeds, {n_prompts} prompts", "expected half-width": now, "CPU seconds": 0.0},
+        {"design": "one more seed per method", "expected half-width": half((n_a + 1, n_b + 1), n_prompts),
+         "CPU seconds": seed_pair_seconds},
+        {"design": "twice the eval prompts", "expected half-width": half((n_a, n_b), 2 * n_prompts),
+         "CPU seconds": eval_seconds}])
 
 
 def band(evals: pd.DataFrame, values: PromptValues, draws: S.Draws, column: str) -> pd.DataFrame:

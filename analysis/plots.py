@@ -42,18 +42,18 @@ TEXT = {
     "frontier": (
         "{reward} vs KL: each method's trajectory, seed means with intervals",
         "Up and to the left is better: each point is a method's mean over seeds at one eval point, joined in training "
-        "order, with 95% hierarchical-bootstrap bars in both reward and KL (thin lines: each seed, where a method has "
-        "fewer than 5); π_ref is the origin, and Best of N "
+        "order, with 95% hierarchical-bootstrap bars in both reward and KL (a picture of the spread, not the verdict's "
+        "test; thin lines: each seed, where a method has fewer than 5); π_ref is the origin, and Best of N "
         "(dashed) stands at the upper bound log N − (N−1)/N of its KL, so its true points lie at or left of them."),
     "curves": (
         "Training curves: seed means, with each seed or a 95% band",
         "Each thick line is a method's mean over seeds at each eval point; with fewer than 5 seeds the thin lines are "
-        "the seeds themselves, with 5 or more the shaded band is the 95% bootstrap interval; x is training FLOPs "
-        "(left) and wall-clock seconds (right) from the start of the method's own earlier stages, evaluation "
-        "excluded, so a curve further left got there with less compute or sooner."),
+        "the seeds themselves, with 5 or more the shaded band is the 95% bootstrap interval (a picture, not a test); x "
+        "is training FLOPs (left) and wall-clock seconds (right) from the start of the method's own earlier stages, "
+        "evaluation excluded, so a curve further left got there with less compute or sooner."),
     "heldout": (
         "Held-out preference pairs: accuracy, and margin in each scorer's units",
-        "Bars are means over runs with 95% bootstrap intervals (over seeds; a model several runs share counts "
+        "Bars are means over runs with 95% t-intervals (over seeds; a model several runs share counts "
         "once) of each scorer's final accuracy (left; the gold bar is the ceiling the labels' noise allows) and "
         "margin, one panel per unit, so margins are compared only within a panel."),
     "overoptimisation": (

@@ -23,11 +23,11 @@ from analysis.load import Runs, load_runs
 from rlhf.config import PROJECT_ROOT, Config, ReportConfig
 from rlhf.rundir import atomic_write_text
 
-# The two methods the benchmark compares: their runs set the verdict's and the headline's levels (the matched KL
-# every one reaches), whatever else ran, so running RLOO or online DPO never moves the PPO − DPO verdict
+# The two methods the benchmark compares: where no KL level is fixed in the profile, their runs alone set the levels
+# the report reads (whatever else ran, running RLOO or online DPO never moves the PPO − DPO comparison)
 COMPARED = ("ppo", "dpo")
 ONLINE = ("rloo", "online-dpo")  # docs/online.md
-# Why PPO wins or loses: each pair is read as the verdict reads PPO − DPO, at the KL every one of the four reaches
+# Why PPO wins or loses: each pair is read as the verdict reads PPO − DPO, at its primary level, one Holm family
 CAUSES = (("online vs offline", "ppo", "dpo"), ("online vs offline", "rloo", "dpo"),
           ("online vs offline", "online-dpo", "dpo"), ("critic vs none", "ppo", "rloo"))
 REFERENCE, BEST_OF_N = "reference", "bon"  # π_ref, every frontier's origin; Best of N, which trains nothing
@@ -114,36 +114,32 @@ def costed_evals(runs: Runs, methods: list[str] | None = None) -> pd.DataFrame:
     return M.with_earlier_stages(runs.evals(methods), M.earlier_stages(runs.runs, runs.timings))
 
 
-def _level(configured: float | None, key: str, level_runs: pd.DataFrame, who: str, column: str) -> tuple[float, str]:
-    """The configured comparison level, else the highest level of `column` every run of `level_runs` reaches."""
-    if configured is not None:
-        return configured, f"set by {key}"
-    return M.common_reach(level_runs, column), f"the highest {column} every {who} run reaches"
-
-
 @dataclass
 class Stats:
-    """What every section's intervals share: the per-prompt values and one set of bootstrap draws."""
+    """What every section's numbers share: the per-prompt values, one set of bootstrap draws (the plots' bands), and,
+    where the runs have a gold reward, every group read at the verdict's KL levels."""
     values: M.PromptValues
     draws: S.Draws
-    matched: S.MatchedKL | None = None  # gold at fractions of the matched KL, per group (tasks with a gold reward)
-    keys: dict = field(default_factory=dict)  # per group, the RUN keys of matched.per_run's rows
-    four: S.MatchedKL | None = None  # the same at the KL every PPO, DPO, RLOO and online DPO run reaches (CAUSES)
+    levels: list[float] = field(default_factory=list)  # the verdict's KL levels, the primary first
+    registered: bool = False  # the levels were fixed in the profile before the runs (report.kl_levels)
+    at: dict | None = None  # per group, M.AtLevels
 
 
 def make_stats(runs: Runs, report: ReportConfig | None = None) -> Stats:
-    """The shared draws and, where the runs have a gold reward, gold at fractions of the matched KL."""
+    """The shared draws and, where the runs have a gold reward, gold at the verdict's KL levels: the profile's
+    `report.kl_levels`, else (no level fixed in advance) the largest KL every PPO and DPO run reaches, ½ and ¼ of it,
+    read without words."""
     report = report or ReportConfig()
     values = M.PromptValues(runs.prompts)
     stats = Stats(values, M.make_draws(values, report.bootstrap_reps, report.bootstrap_seed))
-    evals = runs.evals(policies(runs))
     compared = [m for m in COMPARED if m in runs.methods] or trained(runs)
     if has_gold(runs) and not runs.evals(compared).empty:
-        stats.matched, stats.keys = M.matched_gold(evals, values, stats.draws, compared, report.kl_fractions,
-                                                   report.matched_kl)
-        if any(m in runs.methods for m in ONLINE):
-            four = [m for m in COMPARED + ONLINE if m in runs.methods]
-            stats.four = M.matched_gold(evals, values, stats.draws, four, report.kl_fractions, report.matched_kl)[0]
+        if report.kl_levels:
+            stats.levels, stats.registered = list(report.kl_levels), True
+        else:
+            reach = M.common_reach(runs.evals(compared), "eval/kl")
+            stats.levels = [reach, reach / 2, reach / 4]
+        stats.at = M.gold_at_levels(runs.evals(policies(runs)), values, stats.levels)
     return stats
 
 
@@ -152,79 +148,116 @@ def has_gold(runs: Runs) -> bool:
     return "eval/gold" in evals and bool(evals["eval/gold"].notna().any())
 
 
+def _level_source(stats: Stats) -> str:
+    return ("the primary level, fixed in the profile before these runs: report.kl_levels, docs/tuning.md"
+            if stats.registered else "not fixed in advance: the largest KL every PPO and DPO run reaches")
+
+
+def _reached(row: pd.Series, names=("PPO", "DPO")) -> str:
+    return " and ".join(f"{name} {int(row[f'reached {s}'])} of {int(row[f'seeds {s}'])}"
+                        for name, s in zip(names, ("a", "b")))
+
+
 def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Section:
-    """The verdict first: PPO − DPO in gold at matched KL, its interval, the sentence, the seeds, the power line."""
+    """The verdict first: PPO − DPO in gold at the primary KL level, its interval, the sentence, the seeds, power."""
     stats = stats or make_stats(runs, cfg.report)
-    section = Section("Verdict: PPO vs DPO in gold reward at matched KL")
+    section = Section("Verdict: PPO vs DPO in gold reward at a fixed KL")
     a, b = ("ppo", cfg.beta), ("dpo", cfg.beta)
-    matched = stats.matched
-    if matched is None or a not in matched.per_run or b not in matched.per_run:
-        missing = [P.name(g[0]) for g in (a, b) if matched is None or g not in matched.per_run]
+    if stats.at is None or a not in stats.at or b not in stats.at:
+        missing = [P.name(g[0]) for g in (a, b) if stats.at is None or g not in stats.at]
         section.notes.append(f"No verdict: no completed {' or '.join(missing)} run at β = {cfg.beta:g} with a gold "
                              "reward and a KL (see the headline's notes for what is missing).")
         return section
-    table = M.verdict(matched, a, b)
+    table = M.verdict(stats.at, a, b, stats.levels, stats.registered)
     first = table.iloc[0]
     section.notes.append(
         f"**PPO − DPO = {_signed(first['difference'])} [{_signed(first['lo'])}, {_signed(first['hi'])}]** in gold "
-        "reward at the "
-        f"matched KL of {first['KL level']:.3g} nats ({_level_source(cfg)}), {int(first['seeds a'])} PPO and "
-        f"{int(first['seeds b'])} DPO seeds, 95% hierarchical bootstrap (seeds, then prompts paired across methods). "
-        f"{first['verdict']}")
-    for _, row in table.iloc[1:].iterrows():
-        section.notes.append(f"At {row['fraction of matched KL']:g} × the matched KL ({row['KL level']:.3g} nats): "
-                             f"PPO − DPO = {_signed(row['difference'])} [{_signed(row['lo'])}, {_signed(row['hi'])}]. "
-                             f"{row['verdict']}")
+        f"reward at KL {first['KL level']:.3g} nats ({_level_source(stats)}), {int(first['seeds a'])} PPO and "
+        f"{int(first['seeds b'])} DPO seeds, 95% Welch t-interval over the runs with a term for the shared eval "
+        f"prompts. {first['verdict']}")
+    short = table[(table["reached a"] < table["seeds a"]) | (table["reached b"] < table["seeds b"])]
+    if len(short):
+        section.notes.append(
+            "Reached by " + "; ".join(f"{_reached(r)} seeds at {r['KL level']:.3g} nats" for _, r in short.iterrows())
+            + ". A run that stops short of a level counts with the gold of its last eval point, the most it reached "
+            "within its budget (no run is dropped): a method whose runs stop short is read low, not left out.")
+    if len(table) > 1:
+        section.notes.append(
+            "Secondary levels, shown without words (one test carries the verdict): " + "; ".join(
+                f"at {r['KL level']:.3g} nats PPO − DPO = {_signed(r['difference'])} [{_signed(r['lo'])}, "
+                f"{_signed(r['hi'])}]" for _, r in table.iloc[1:].iterrows()) + ".")
     if first["KL level"] <= 0:
-        section.notes.append("**The matched KL is 0**: some PPO or DPO run never moved from π_ref (its largest eval "
-                             "KL is at most 0), so both methods are read at π_ref and the comparison says nothing; "
-                             "train longer, or set report.matched_kl.")
-    section.notes.append(power_line(first))
+        section.notes.append("**The KL level is 0**: both methods are read at π_ref and the comparison says nothing; "
+                             "set report.kl_levels (docs/tuning.md).")
+    power = M.power(first)
+    section.notes.append(power_line(first, power))
+    split = M.variance_split(stats.at, a, b)
+    if not split.empty:
+        seed_pair = sum(M.seed_seconds(runs.runs, runs.timings, m)[0] for m in COMPARED)
+        evaluation = sum(M.seed_seconds(runs.runs, runs.timings, m)[1] * int(first[f"seeds {s}"])
+                         for m, s in zip(COMPARED, ("a", "b")))
+        allocation = M.allocation(split, int(first["seeds a"]), int(first["seeds b"]), int(first["n prompts"]),
+                                  seed_pair, evaluation)
+        section.notes.append(allocation_line(split, allocation))
+        section.tables += [Table("variance_split", split), Table("allocation", allocation)]
     section.notes.append(
         "How it is read: each run's gold at a KL level is interpolated from its eval points by a monotone cubic in √KL "
-        "(docs/analysis.md; a straight chord in KL reads the concave gold-KL curve low); a method's value is the "
-        "mean over its seeds; the interval resamples seeds within each method, then the eval prompts (one draw "
-        "shared by every run, every policy being scored on the same prompts with the same sampling seed), and "
-        f"recomputes the matched KL in each of {cfg.report.bootstrap_reps} replicates. With fewer than 5 seeds a "
-        "bootstrap over seeds has few distinct draws and its interval is too narrow: read it with the power line.")
-    few = [f"{P.name(g[0])} {len(stats.keys[g])} run(s)" for g in (a, b)
-           if any(len(run) < 5 for run in _eval_counts(runs, g, stats.keys[g]))]
+        "(docs/analysis.md); a method's value is the mean over its seeds. The interval is Welch's t over the per-run "
+        "values (Welch–Satterthwaite degrees of freedom) with a term for what the shared eval prompts add beyond the "
+        "seeds' spread (the prompt × method interaction, from prompt-jackknife pseudo-values); its coverage is "
+        "simulated at 2–8 seeds per method (`make coverage`). The KL levels are fixed before the runs and never "
+        "recomputed from them.")
+    few = [f"{P.name(g[0])} {len(stats.at[g].keys)} run(s)" for g in (a, b)
+           if any(len(run) < 5 for run in _eval_counts(runs, g, stats.at[g].keys))]
     if few:
-        section.notes.append(f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at the matched KL "
+        section.notes.append(f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at a KL level "
                              "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md).")
-    section.tables.append(Table("verdict", table))
-    causes = causes_table(stats.four, cfg.beta) if stats.four is not None else pd.DataFrame()
-    if len(causes) > len(table):  # RLOO or online DPO ran: what PPO's difference comes from
+    section.tables[:0] = [Table("verdict", table), Table("verdict_power", power)]
+    causes = causes_table(stats, cfg.beta)
+    if len(causes) > 1:  # RLOO or online DPO ran: what PPO's difference comes from
         section.notes.append(causes_paragraph(causes))
         section.tables.append(Table("verdict_causes", causes))
     return section
 
 
-def causes_table(matched: S.MatchedKL, beta: float) -> pd.DataFrame:
-    """`CAUSES` at every fraction of the matched KL, for the pairs of methods that both have runs at `beta`: one
-    verdict table (M.verdict) each, with the question it answers and the comparison in words."""
-    tables = [M.verdict(matched, (a, beta), (b, beta), (P.name(a), P.name(b))).assign(
-                  question=question, comparison=f"{P.name(a)} − {P.name(b)}")
-              for question, a, b in CAUSES if (a, beta) in matched.per_run and (b, beta) in matched.per_run]
-    if not tables:
+def causes_table(stats: Stats, beta: float) -> pd.DataFrame:
+    """`CAUSES` at the primary KL level, for the pairs of methods that both have runs at `beta`: each difference with
+    its Welch interval (M.verdict), and words from Holm-adjusted p-values over the pairs shown (one family, its
+    family-wise error at most 5%)."""
+    at = stats.at or {}
+    rows = [M.verdict(at, (a, beta), (b, beta), stats.levels[:1], stats.registered, (P.name(a), P.name(b))).assign(
+                question=question, comparison=f"{P.name(a)} − {P.name(b)}", names=[(P.name(a), P.name(b))])
+            for question, a, b in CAUSES if (a, beta) in at and (b, beta) in at]
+    if not rows:
         return pd.DataFrame()
-    table = pd.concat(tables, ignore_index=True)
+    table = pd.concat(rows, ignore_index=True)
+    table["Holm p"] = S.holm(table["p"].fillna(1.0).to_numpy())
+    table["verdict"] = [_holm_words(r) if stats.registered else r["verdict"] for _, r in table.iterrows()]
+    table = table.drop(columns=["names", "primary"])
     return table[["question", "comparison", *table.columns.drop(["question", "comparison"])]]
 
 
-def causes_paragraph(causes: pd.DataFrame) -> str:
-    """One paragraph that reads the four methods together at the matched KL: online vs offline (each online method
-    against DPO), then critic vs none (PPO against RLOO)."""
-    at = causes[causes["fraction of matched KL"] == 1]
+def _holm_words(row: pd.Series) -> str:
+    a, b = row["names"]
+    at = f"at {int(row['seeds a'])} {a} and {int(row['seeds b'])} {b} seeds"
+    if math.isnan(row["p"]):
+        return S.verdict_words(math.nan, math.nan, int(row["seeds a"]), int(row["seeds b"]), a, b)
+    if row["Holm p"] < 0.05:
+        return f"{a if row['difference'] > 0 else b} ahead {at} (Holm-adjusted p = {row['Holm p']:.3g})."
+    return f"Not distinguishable {at} (Holm-adjusted p = {row['Holm p']:.3g})."
 
+
+def causes_paragraph(causes: pd.DataFrame) -> str:
+    """One paragraph that reads the four methods together at the primary KL level: online vs offline (each online
+    method against DPO), then critic vs none (PPO against RLOO)."""
     def said(question: str) -> str:
-        rows = at[at["question"] == question]
-        return "; ".join(f"{r['comparison']} = {_signed(r['difference'])} [{_signed(r['lo'])}, {_signed(r['hi'])}]: "
-                         f"{r['verdict'].rstrip('.')}" for _, r in rows.iterrows()) or "not run"
-    level = at["KL level"].iloc[0]
-    return (f"**Why PPO wins or loses** (docs/online.md), in gold at {level:.3g} nats, the largest KL every PPO, DPO, "
-            "RLOO and online DPO run reaches (lower than the verdict's where an online method stops short of it; PPO − "
-            "DPO is read again there). Online vs offline (PPO, "
+        rows = causes[causes["question"] == question]
+        return "; ".join(f"{r['comparison']} = {_signed(r['difference'])} [{_signed(r['lo'])}, {_signed(r['hi'])}] "
+                         f"(reached by {_reached(r, r['comparison'].split(' − '))}): {r['verdict'].rstrip('.')}"
+                         for _, r in rows.iterrows()) or "not run"
+    level = causes["KL level"].iloc[0]
+    return (f"**Why PPO wins or loses** (docs/online.md), in gold at the verdict's primary level, {level:.3g} nats; "
+            "the words come from Holm-adjusted p-values over these comparisons (one family). Online vs offline (PPO, "
             "RLOO and online DPO sample from the current policy and are scored by the same reward model; DPO learns "
             f"from the fixed pairs): {said('online vs offline')}. Critic vs none (PPO and RLOO optimise the same eq. "
             f"(2) against the same reward model; only PPO has a value model): {said('critic vs none')}. Where every "
@@ -237,54 +270,69 @@ def _signed(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:+.3f}"
 
 
-def _level_source(cfg: Config) -> str:
-    return ("set by report.matched_kl" if cfg.report.matched_kl is not None else
-            "the largest KL every PPO and DPO run reaches")
-
-
 def _eval_counts(runs: Runs, group: tuple, keys: list) -> list[list]:
     evals = runs.evals([group[0]])
     return [evals[(evals["run_id"] == key[3])]["step"].tolist() for key in keys]
 
 
-def power_line(row: pd.Series) -> str:
-    """The power line: how many seeds per method would resolve a difference of the observed size."""
-    n = row["seeds per method for 80% power"]
-    if math.isnan(n):
+def power_line(row: pd.Series, power: pd.DataFrame) -> str:
+    """The power line: how many seeds per method the verdict's test needs for 80% power, from the t distribution."""
+    if math.isnan(row["sd a"]) or math.isnan(row["sd b"]):
         return ("Power: unknown: one seed of a method gives no between-seed variance. With 2 or more seeds each, this "
-                "line says how many would resolve a difference of the observed size.")
-    if math.isinf(n):
-        return "Power: the observed difference is 0; no number of seeds resolves it."
-    return (f"Power: from the observed between-seed sd ({row['sd a']:.3g} PPO, {row['sd b']:.3g} DPO), resolving a "
-            f"difference of {abs(row['difference']):.3g} (two-sided 5% test, 80% power) takes about {n:.0f} seeds per "
-            f"method; this report has {int(row['seeds a'])} and {int(row['seeds b'])}.")
+                "line says how many would resolve a difference of the observed size, 0.1 and 0.05.")
+
+    def n(x: float) -> str:
+        return "–" if math.isnan(x) else "more than 1,000" if math.isinf(x) else f"{x:.0f}"
+    said = "; ".join(f"{'the observed ' if r['difference'] == 'observed' else ''}{r['gold']:.3g}: "
+                     f"{n(r['seeds per method'])} ({n(r['if the sds are at their lower limits'])}–"
+                     f"{n(r['if at their upper limits'])})" for _, r in power.iterrows())
+    return (f"Power of this test (two-sided 5%, Welch's t, noncentral t): seeds per method for 80% power to resolve a "
+            f"difference in gold of {said}; in brackets, the range that the between-seed sds' 80% confidence limits "
+            f"give (observed sd PPO {row['sd a']:.3g}, DPO {row['sd b']:.3g}, from {int(row['seeds a'])} and "
+            f"{int(row['seeds b'])} seeds). This report has {int(row['seeds a'])} and {int(row['seeds b'])}.")
+
+
+def allocation_line(split: pd.DataFrame, allocation: pd.DataFrame) -> str:
+    """The variance split in one sentence, and what one more seed buys against twice the eval prompts."""
+    sd = split.set_index("component")["sd"]
+    now, seed, prompts = allocation.itertuples(index=False)
+    return (f"What the interval is made of (`variance_split.csv`): true seed-to-seed sd PPO "
+            f"{sd['PPO: true seed-to-seed']:.3g}, DPO {sd['DPO: true seed-to-seed']:.3g}; a run's own prompt noise "
+            f"(sd of its mean) PPO {sd['PPO: a run' + chr(39) + 's own prompt noise (sd of its mean)']:.3g}, DPO "
+            f"{sd['DPO: a run' + chr(39) + 's own prompt noise (sd of its mean)']:.3g}; prompt × method interaction "
+            f"{sd['prompt × method interaction, the difference' + chr(39) + 's mean']:.3g} on the difference. "
+            f"Expected half-width now ±{now[1]:.3f}; one more seed per method ±{seed[1]:.3f} for "
+            f"{seed[2] / 60:.0f} CPU-minutes; twice the eval prompts ±{prompts[1]:.3f} for {prompts[2] / 60:.0f} "
+            "CPU-minutes (`allocation.csv`).")
 
 
 def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | None = None) -> Section:
-    """Gold reward at matched KL (and fractions of it) and the time and compute to reach the target gold reward,
-    per method (SPEC §7.7)."""
+    """Gold reward at the verdict's KL levels and the time and compute to reach the target gold reward, per method."""
     stats = stats or make_stats(runs, cfg.report)
-    # The levels come from the compared methods' runs, or from every trained run where none exists.
-    compared = runs.evals([m for m in COMPARED if m in runs.methods])
-    level_runs, who = (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)), "trained")
     evals = costed_evals(runs, policies(runs))
-    section = Section("Headline: gold reward at matched KL, and the time and compute to reach it")
+    section = Section("Headline: gold reward at the verdict's KL levels, and the time and compute to reach it")
     gold_level = math.nan
-    if has_gold and stats.matched is not None:
-        gold_level, gold_source = _level(cfg.report.target_gold, "report.target_gold", level_runs, who, "eval/gold")
+    if has_gold and stats.at is not None:
+        if cfg.report.target_gold is not None:
+            gold_level, gold_source = cfg.report.target_gold, "set by report.target_gold"
+        else:  # from the compared methods' runs, or from every trained run where none exists
+            compared = runs.evals([m for m in COMPARED if m in runs.methods])
+            level_runs, who = (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)),
+                                                                                     "trained")
+            gold_level, gold_source = M.common_reach(level_runs, "eval/gold"), f"the highest every {who} run reaches"
         section.notes += [
-            f"Matched KL = {stats.matched.level:.4g} nats per sequence ({_level_source(cfg)}), and "
-            f"{', '.join(f'{f:g}' for f in stats.matched.fractions[1:])} of it: each run's gold reward where its eval "
-            "trajectory first reaches that KL, read from a monotone cubic interpolation in √KL (empty where a run "
-            "never reaches it).",
+            f"KL levels {', '.join(f'{level:.3g}' for level in stats.levels)} nats per sequence ({_level_source(stats)}"
+            "; the others secondary): each run's gold reward where its eval trajectory first reaches that KL, read "
+            "from a monotone cubic interpolation in √KL; a run that never reaches a level counts with its last eval "
+            "point (`headline_per_run.csv` says which did).",
             f"Target gold reward = {gold_level:.4g} ({gold_source}): wall-clock seconds and training FLOPs until a "
             "run's eval trajectory first reaches it, each counted from the start of the method's own earlier "
             "stages: PPO's include its own reward model's training, DPO's its pass of pi_ref over its pairs. FLOPs "
             "are 6·N·tokens a training pass and 2·N·tokens a forward pass (docs/analysis.md); evaluation is excluded "
             "from both, and so is the shared preference set (section 6).",
-            "Cells read: mean over runs [95% bootstrap interval] sd between-run std (n = runs). Gold at matched KL: "
-            "the hierarchical bootstrap (seeds, then prompts); the other columns are run-level numbers, resampled "
-            "over seeds. One run of run-level numbers gives no interval."]
+            "Cells read: mean over runs [95% t-interval] sd between-run std (n = runs). Gold at a KL level: Welch's "
+            "t over the runs with the eval prompts' term (docs/analysis.md); the other columns are run-level "
+            "numbers, a t-interval over runs. One run gives no interval."]
     elif not has_gold:
         section.notes.append("This task has no gold reward: the table gives the final KL, the proxy reward (PPO's "
                              "learned RM; DPO's samples are scored by the same RM where `make ppo` trained it first) "
@@ -304,9 +352,8 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
     if evals.empty:
         section.notes.append("No completed reference, PPO, DPO or baseline run: nothing to compare yet.")
         return section
-    per_run = _in_legend_order(M.per_run_headline(evals, stats.matched, stats.keys, gold_level))
-    section.tables.append(Table("headline", _in_legend_order(M.headline_summary(per_run, stats.matched,
-                                                                                stats.draws))))
+    per_run = _in_legend_order(M.per_run_headline(evals, stats.at, stats.levels, gold_level))
+    section.tables.append(Table("headline", _in_legend_order(M.headline_summary(per_run, stats.at, stats.levels))))
     section.tables.append(Table("headline_per_run", per_run))
     section.tables.append(Table("budget", _in_legend_order(
         M.budgets(runs.runs, [m for m in trained(runs) if m != "ppo-gt"]))))
@@ -347,11 +394,6 @@ def budget_note(runs: Runs) -> str:
             "method.")
 
 
-def _with(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
-    """The rows of `frame` that have every one of `columns` (none if the frame lacks one)."""
-    return frame.dropna(subset=list(columns)) if set(columns) <= set(frame) else frame.iloc[0:0]
-
-
 def frontier_section(runs: Runs, score: str, score_label: str, stats: Stats | None = None) -> Section:
     stats = stats or make_stats(runs)
     methods = [m for m in policies(runs) if m != REFERENCE]
@@ -390,7 +432,7 @@ def curves_section(runs: Runs, columns: dict[str, str], stats: Stats | None = No
 def heldout_section(runs: Runs, has_gold: bool, stats: Stats | None = None) -> Section:
     stats = stats or make_stats(runs)
     scores = M.heldout_scores(M.final_evals(runs.evals()), runs.runs)
-    summary = M.summarize(scores, [*M.GROUP, "scorer"], ["accuracy", "margin"], stats.draws)
+    summary = M.summarize(scores, [*M.GROUP, "scorer"], ["accuracy", "margin"])
     title = "3. Held-out pairs: explicit RM vs DPO implicit reward" + (" vs gold ceiling" if has_gold else "")
     section = Section(title, plot=P.heldout_plot(summary))
     section.notes.append("Each run's last eval point. Accuracy counts a tie as half; margin is the mean score of "
@@ -437,7 +479,7 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str,
     seeds.notes.append(spread_note(runs))
     if not final.empty:
         columns = [c for c in (score, "eval/kl") if c in final]
-        seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns, stats.draws)))
+        seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns)))
     train = runs.train(trained(runs))
     flagged = M.flag_spikes(train, SPIKE_SERIES, cfg.report.spike_window, cfg.report.spike_k)
     health = Section("5b. Training health: spikes, PPO clipping, DPO log-probs", plot=P.health_plot(train, flagged))
@@ -618,6 +660,6 @@ def main(cfg: Config) -> int:
         else None
     if verdict is not None:  # the estimate on one line, the words on the next: what a person reads first
         print(f"verdict: PPO − DPO = {_signed(verdict['difference'])} [{_signed(verdict['lo'])}, "
-              f"{_signed(verdict['hi'])}] in gold at matched KL {verdict['KL level']:.3g} nats\n  {verdict['verdict']}")
+              f"{_signed(verdict['hi'])}] in gold at KL {verdict['KL level']:.3g} nats\n  {verdict['verdict']}")
     print(f"report: {out / 'index.html'} ({int(runs.runs['included'].sum())} of {len(runs.runs)} runs included)")
     return 0

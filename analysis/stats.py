@@ -1,14 +1,16 @@
-"""The verdict's statistics as small pure numpy functions (definitions: docs/analysis.md, "The verdict").
+"""The verdict's statistics as small pure numpy functions (definitions and derivation: docs/analysis.md).
 
 * `gold_at_kl`: a run's gold reward where its eval trajectory first reaches a KL level, read from a monotone cubic
   (Fritsch and Carlson 1980) through its eval points in d = √KL, the coordinate in which gold against KL is close to
   straight (Gao et al. 2022: gold ≈ d(α − β log d) under RL); a straight chord in KL reads a concave curve low.
-* `bootstrap`: the one interval method of the report, a hierarchical bootstrap: seeds are drawn with replacement
-  within each method, then prompts, one draw shared by every run (every policy is scored on the same prompts with
-  the same sampling seed, so a difference between methods is paired by prompt). Values measured per run only
-  (seconds, FLOPs, held-out accuracy) are resampled over seeds alone.
+* `at_levels`, `t_contrast`: the one interval behind every comparison the report words: each run read at fixed KL
+  levels with its prompt-jackknife pseudo-values, then Welch's t over the per-run values with a term for the shared
+  eval prompts (the prompt × method interaction). Its coverage at 2-8 seeds: analysis/coverage.py. `t_mean`: the
+  same over run-level numbers; `holm`: a family of such tests.
+* `t_power`, `seeds_for_power`, `sd_limits`: seeds per method for 80% power of that test, from the noncentral t,
+  and how uncertain the between-seed sds behind it are.
+* `Draws`, `bootstrap_mean`: the hierarchical bootstrap (seeds, then prompts) behind the plots' bands only.
 * `paired_difference`, `proportion_difference`: the tuning sweep's comparisons of a grid point with the chosen one.
-* `seeds_for_power`, `verdict_words`: how many seeds would resolve the observed difference, and the sentence.
 * `fit_gao`: the over-optimisation forms of Gao et al. (2022), fitted by least squares.
 """
 
@@ -19,8 +21,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import chi2, nct
+from scipy.stats import t as t_dist
 
-Z975, Z80 = 1.959964, 0.841621  # standard normal quantiles: 95% two-sided, 80% power
+Z975 = 1.959964  # the standard normal's 97.5% quantile
 
 
 def _knot_slopes(d_left, d_right, h_left, h_right, has_left, has_right):
@@ -74,7 +78,7 @@ def gold_at_kl(kl, gold, level):
     return np.where(~reached.any(axis=-1), np.nan, np.where(i == 0, y[..., 0], value))
 
 
-# --- the bootstrap -----------------------------------------------------------------------------------------------
+# --- the bootstrap (the plots' bands) ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -146,47 +150,116 @@ def bootstrap_mean(values: list[np.ndarray], draws: Draws, key) -> dict[str, flo
             "std": float(np.nanstd(observed, ddof=1)) if n > 1 else math.nan, "lo": lo, "hi": hi}
 
 
-@dataclass
-class MatchedKL:
-    """Gold at matched KL, observed and bootstrapped: `level` (observed) and `levels` [reps] the matched KL,
-    `fractions` the levels read as fractions of it; per method, `per_run` [n_runs, F] the observed values and
-    `replicates` [reps, F] the bootstrap's method means."""
-    level: float
-    levels: np.ndarray
-    fractions: np.ndarray
-    per_run: dict[str, np.ndarray]
-    replicates: dict[str, np.ndarray]
+# --- the verdict's interval: Welch's t over per-run values, with a prompt term ------------------------------------
 
 
-def matched_kl(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], compared: list[str], fractions, draws: Draws,
-               fixed_level: float | None = None) -> MatchedKL:
-    """Each method's mean gold reward at fractions of the matched KL, observed and under every bootstrap replicate.
+def at_levels(kl, gold, levels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs read at fixed KL levels: each run's value, its prompt-jackknife pseudo-values, and whether it got there.
 
-    `curves`: per method, one (kl, gold) per run, each [E, P] (its E eval points in step order, per prompt; P = 1
-    for a run without per-prompt values). The matched KL is `fixed_level`, or the largest KL every run of the
-    `compared` methods reaches (the minimum over those runs of their largest eval KL), recomputed in every replicate
-    from its own draws: the bootstrap repeats the whole estimator, the choice of level included.
+    `kl`, `gold`: [..., E, P], each run's eval points in step order, per prompt (P = 1: means only); `levels`: [L].
+    A run's value at a level is `gold_at_kl` of its prompt means. A run whose mean KL never reaches a level counts with
+    the gold of its last eval point (what it reached within its budget; `reached` says which), so no run is dropped.
+    The pseudo-value of prompt p is P·value − (P − 1)·(the value with prompt p left out): their mean is the value
+    (up to the jackknife's bias correction) and their spread over prompts is what the prompts contribute to it.
+    Returns value [..., L], pseudo [..., L, P] and reached [..., L].
     """
-    fractions = np.asarray(fractions, dtype=float)
-    observed = {m: [(np.nanmean(k, -1), np.nanmean(g, -1)) for k, g in runs] for m, runs in curves.items()}
-    boot = {m: [(prompt_means(k, draws), prompt_means(g, draws)) for k, g in runs] for m, runs in curves.items()}
-    seeds = {m: draws.seeds(("runs", m), len(runs)) for m, runs in curves.items() if runs}
-    reps = np.arange(draws.reps)[:, None]
-    if fixed_level is not None:
-        level, levels = float(fixed_level), np.full(draws.reps, float(fixed_level))
-    else:
-        level = min(float(np.max(k)) for m in compared for k, _ in observed[m])
-        levels = np.min([np.stack([k.max(-1) for k, _ in boot[m]], axis=1)[reps, seeds[m]].min(axis=1)
-                         for m in compared], axis=0)
-    per_run, replicates = {}, {}
-    for m, runs in curves.items():
-        if not runs:
-            continue
-        per_run[m] = np.stack([gold_at_kl(k, g, level * fractions) for k, g in observed[m]])  # [n_runs, F]
-        values = np.stack([gold_at_kl(k[:, None, :], g[:, None, :], levels[:, None] * fractions[None, :])
-                           for k, g in boot[m]], axis=1)  # [reps, n_runs, F]
-        replicates[m] = seed_mean(values, seeds[m])
-    return MatchedKL(level, levels, fractions, per_run, replicates)
+    kl, gold, levels = (np.asarray(a, dtype=float) for a in (kl, gold, levels))
+    P = kl.shape[-1]
+
+    def read(k, g):  # [..., E] -> [..., L]
+        v = gold_at_kl(k[..., None, :], g[..., None, :], levels)
+        return np.where(np.isnan(v), g[..., -1:], v)
+
+    km, gm = kl.mean(-1), gold.mean(-1)
+    value = read(km, gm)
+    reached = (km[..., None, :] >= levels[:, None]).any(-1)
+    if P == 1:
+        return value, value[..., None], reached
+    left_out = [np.swapaxes((x.sum(-1, keepdims=True) - x) / (P - 1), -1, -2) for x in (kl, gold)]  # [..., P, E]
+    pseudo = P * value[..., None] - (P - 1) * np.swapaxes(read(*left_out), -1, -2)
+    return value, pseudo, reached
+
+
+@dataclass
+class Contrast:
+    """Σ_i w_i·(mean of group i's run values), with its Welch interval (`t_contrast`). Arrays where the inputs carry
+    leading experiment axes. `seed_var`: Σ w_i² s_i²/n_i; `prompt_var`: σ̂²_prompt/P, the prompts' share that the
+    seeds' spread does not hold (0 without per-prompt values); `noise_ms`: per group, the residual mean square of its
+    seed × prompt table of pseudo-values (a run's own prompt noise: its mean's variance is noise_ms/P)."""
+    estimate: np.ndarray
+    se: np.ndarray
+    df: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    p: np.ndarray
+    seed_var: np.ndarray
+    prompt_var: np.ndarray
+    noise_ms: list
+    n_prompts: int
+
+
+def t_contrast(values: list, pseudo: list | None, weights=(1.0, -1.0), confidence: float = 0.95) -> Contrast:
+    """Welch's t-interval for a contrast of group means of per-run values, with a term for the shared prompts.
+
+    `values`: per group, [..., n_i] each run's value (n_i ≥ 2); `pseudo`: per group, [..., n_i, P] its prompt
+    pseudo-values (`at_levels`), or None. Model: pseudo-value of run j of group i on prompt p =
+    μ_i + π_ip + s_ij + e_ijp (π_ip: the prompt's effect on group i, shared by its seeds; s_ij: the seed; e_ijp: noise).
+    The seeds' spread s_i² holds Var(s) + Var(e)/P but not the π term, which every run of a group shares; the
+    contrast's prompt term is estimated from D_p = Σ w_i·(group i's mean on prompt p): Var_p(D_p) holds Var(Σ w_i π_ip)
+    plus Σ w_i² Var(e_i)/n_i, the latter estimated by each group's residual mean square and subtracted (floored at 0),
+    so nothing is counted twice. se² = Σ w_i² s_i²/n_i + σ̂²_prompt/P, degrees of freedom by Welch–Satterthwaite.
+    With shared prompts and identical prompt effects, π cancels in a difference (the paired design) and the term is
+    the prompt × method interaction; for one group's mean (w = 1) it is the prompts' own variance.
+    """
+    values = [np.asarray(v, dtype=float) for v in values]
+    w = np.asarray(weights, dtype=float)
+    n = [v.shape[-1] for v in values]
+    var = [v.var(-1, ddof=1) for v in values]
+    estimate = sum(wi * v.mean(-1) for wi, v in zip(w, values))
+    parts = [wi**2 * s2 / ni for wi, s2, ni in zip(w, var, n)]
+    seed_var = sum(parts)
+    prompt_var, noise_ms, P, prompt_df_term = np.zeros_like(seed_var), [], 1, 0.0
+    if pseudo is not None and all(np.asarray(y).shape[-1] > 1 for y in pseudo):
+        pseudo = [np.asarray(y, dtype=float) for y in pseudo]
+        P = pseudo[0].shape[-1]
+        for y, ni in zip(pseudo, n):
+            resid = y - y.mean(-1, keepdims=True) - y.mean(-2, keepdims=True) + y.mean((-2, -1), keepdims=True)
+            noise_ms.append((resid**2).sum((-2, -1)) / ((ni - 1) * (P - 1)))
+        d_var = sum(wi * y.mean(-2) for wi, y in zip(w, pseudo)).var(-1, ddof=1)  # of D_p over the prompts
+        noise = [wi**2 * ms / ni for wi, ms, ni in zip(w, noise_ms, n)]
+        prompt_var = np.clip(d_var - sum(noise), 0, None) / P
+        # Satterthwaite for a difference of mean squares: half the variance of the estimate. Var_p(D_p) has P − 1
+        # degrees of freedom but holds the noise too, so where noise dominates the term is known far less well.
+        prompt_df_term = np.where(prompt_var > 0, (d_var**2 / (P - 1) + sum(
+            v**2 / ((ni - 1) * (P - 1)) for v, ni in zip(noise, n))) / P**2, 0.0)
+    se2 = seed_var + prompt_var
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = se2**2 / (sum(p**2 / (ni - 1) for p, ni in zip(parts, n)) + prompt_df_term)
+        se = np.sqrt(se2)
+        half = np.where(se > 0, t_dist.ppf(0.5 + confidence / 2, df) * se, 0.0)  # identical runs: a point
+        p = np.where(se > 0, 2 * t_dist.sf(np.abs(estimate) / se, df), np.where(estimate == 0, 1.0, 0.0))
+    return Contrast(estimate, se, df, estimate - half, estimate + half, p, seed_var, prompt_var, noise_ms, P)
+
+
+def t_mean(values) -> dict[str, float]:
+    """Run-level values (seconds, FLOPs, a final metric) -> n, mean, between-run std and the 95% t-interval of the mean
+    (`t_contrast` with one group and no prompt term); no interval from fewer than 2."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return {"n": v.size, "mean": float(v[0]) if v.size else math.nan, "std": math.nan, "lo": math.nan,
+                "hi": math.nan}
+    c = t_contrast([v], None, weights=(1.0,))
+    return {"n": v.size, "mean": float(v.mean()), "std": float(v.std(ddof=1)), "lo": float(c.lo), "hi": float(c.hi)}
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (family-wise error at most the level of the test)."""
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(p)
+    adjusted = np.maximum.accumulate(np.minimum(1.0, (p.size - np.arange(p.size)) * p[order]))
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, draws: Draws) -> tuple[float, float, float]:
@@ -206,15 +279,43 @@ def proportion_difference(p_a: float, p_b: float, n: int) -> tuple[float, float,
 # --- the verdict's words ------------------------------------------------------------------------------------------
 
 
-def seeds_for_power(difference: float, sd_a: float, sd_b: float, power_z: float = Z80) -> float:
-    """Seeds per method for a two-sided 5% test of a difference of this size to have 80% power, from the observed
-    between-seed standard deviations (normal approximation): n = (z_0.975 + z_0.8)² (sd_a² + sd_b²) / difference².
-    NaN where a standard deviation is unknown (one seed); inf for no difference."""
-    if any(math.isnan(x) for x in (difference, sd_a, sd_b)):
+def t_power(difference: float, sd_a: float, sd_b: float, n: int, prompt_var: float = 0.0,
+            n_prompts: int = 1) -> float:
+    """Power of the two-sided 5% Welch test (`t_contrast`) with n seeds per method, for a true difference of this
+    size: the noncentral t with Welch–Satterthwaite degrees of freedom. The seeds' sds are of per-run values; the
+    prompt term (`Contrast.prompt_var`, variance of the difference's mean over the prompts) does not shrink with
+    seeds."""
+    seed = (sd_a**2 + sd_b**2) / n
+    se2 = seed + prompt_var
+    if se2 == 0:
+        return 1.0 if difference else 0.0
+    df = se2**2 / ((sd_a**4 + sd_b**4) / (n**2 * (n - 1)) + prompt_var**2 / max(n_prompts - 1, 1))
+    crit, ncp = t_dist.ppf(0.975, df), abs(difference) / math.sqrt(se2)
+    return float(nct.sf(crit, df, ncp) + nct.cdf(-crit, df, ncp))
+
+
+def seeds_for_power(difference: float, sd_a: float, sd_b: float, prompt_var: float = 0.0, n_prompts: int = 1,
+                    power: float = 0.8, most: int = 1000) -> float:
+    """The fewest seeds per method (≥ 2) whose Welch test has `power` for a true difference of this size (`t_power`).
+    NaN where an sd is unknown (one seed); inf for no difference, or where the prompt term alone leaves the test short
+    of `power` at `most` seeds (more eval prompts, not seeds, are then what it needs)."""
+    if any(math.isnan(x) for x in (difference, sd_a, sd_b, prompt_var)):
         return math.nan
     if difference == 0:
         return math.inf
-    return float(math.ceil((Z975 + power_z) ** 2 * (sd_a**2 + sd_b**2) / difference**2))
+    for n in range(2, most + 1):
+        if t_power(difference, sd_a, sd_b, n, prompt_var, n_prompts) >= power:
+            return float(n)
+    return math.inf
+
+
+def sd_limits(sd: float, n: int, coverage: float = 0.8) -> tuple[float, float]:
+    """The `coverage` confidence limits of a normal standard deviation estimated from n values (chi-square, n − 1
+    degrees of freedom): at 3 seeds an sd is known only to within a factor of about 0.6 to 3 (80%)."""
+    if n < 2 or math.isnan(sd):
+        return math.nan, math.nan
+    tail = (1 - coverage) / 2
+    return (sd * math.sqrt((n - 1) / chi2.ppf(1 - tail, n - 1)), sd * math.sqrt((n - 1) / chi2.ppf(tail, n - 1)))
 
 
 def verdict_words(lo: float, hi: float, n_a: int, n_b: int, a: str = "PPO", b: str = "DPO") -> str:

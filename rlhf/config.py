@@ -442,17 +442,17 @@ class ReportConfig:
     """The report (`make report`, analysis/): where it goes and the levels its headline compares at."""
 
     out_dir: str = _f("reports", "where reports/<profile>/ is written (relative to the project, or absolute)")
-    matched_kl: float | None = _f(
-        None, "KL level (nats per sequence) at which methods' gold reward is compared; null = the largest KL "
-        "that every included PPO and DPO run reaches"
+    kl_levels: list[float] | None = _f(
+        None, "the verdict's KL levels (nats per sequence), fixed before the test runs by the tuning protocol "
+        "(docs/tuning.md): the first is the primary level, the one test that carries the verdict's words; the others "
+        "are shown as intervals without words. null: no level fixed in advance; the report then reads the largest KL "
+        "every PPO and DPO run reaches (and ½, ¼ of it) and words no verdict"
     )
     target_gold: float | None = _f(
         None, "gold reward whose first crossing gives time- and tokens-to-reach; null = the highest gold reward "
         "that every included PPO and DPO run reaches"
     )
-    kl_fractions: list[float] = _f(
-        [1.0, 0.5, 0.25], "the headline reads gold at these fractions of the matched KL (1: the matched KL itself)")
-    bootstrap_reps: int = _f(2000, "replicates of the hierarchical bootstrap behind every interval (docs/analysis.md)")
+    bootstrap_reps: int = _f(2000, "replicates of the hierarchical bootstrap behind the plots' bands (docs/analysis.md)")
     bootstrap_seed: int = _f(0, "seed of the bootstrap's draws: the same runs give the same intervals")
     spike_window: int = _f(10, "a spike is judged against the median and MAD of this many preceding training steps")
     spike_k: float = _f(5.0, "a spike exceeds the window's median by more than spike_k robust standard deviations "
@@ -460,11 +460,9 @@ class ReportConfig:
 
     def validate(self, prefix: str) -> None:
         _require(bool(self.out_dir), f"{prefix}.out_dir", "must not be empty")
-        _require(self.matched_kl is None or self.matched_kl >= 0, f"{prefix}.matched_kl",
-                 f"must be >= 0 or null, got {self.matched_kl}")
-        fractions = self.kl_fractions
-        _require(len(fractions) > 0 and fractions[0] == 1.0 and all(0 < f <= 1 for f in fractions),
-                 f"{prefix}.kl_fractions", f"must start with 1.0 and hold fractions in (0, 1], got {self.kl_fractions}")
+        levels = self.kl_levels
+        _require(levels is None or (len(levels) > 0 and all(level >= 0 for level in levels)), f"{prefix}.kl_levels",
+                 f"must be a list of KL levels >= 0, the primary first, or null; got {levels}")
         _require(self.bootstrap_reps >= 100, f"{prefix}.bootstrap_reps", f"must be at least 100, got "
                  f"{self.bootstrap_reps}")
         _require(self.spike_window >= 3, f"{prefix}.spike_window", f"must be at least 3, got {self.spike_window}")
@@ -632,7 +630,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # Keys that moved to another section: an old config gets told where.
-MOVED_KEYS = {"dpo.gradient_checkpointing": "model.gradient_checkpointing"}
+MOVED_KEYS = {"dpo.gradient_checkpointing": "model.gradient_checkpointing",
+              "report.matched_kl": "report.kl_levels (fixed before the runs: docs/tuning.md)",
+              "report.kl_fractions": "report.kl_levels (fixed before the runs: docs/tuning.md)"}
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str) -> UserError:

@@ -142,17 +142,15 @@ def test_headline_metrics_by_hand(tmp_path):
     assert M.common_reach(trained, "eval/gold") == pytest.approx(0.4)  # max golds 0.5, 0.4, 0.8, 0.7
     trained = M.with_earlier_stages(trained, M.earlier_stages(runs.runs, runs.timings))
     values = M.PromptValues(runs.prompts)
-    draws = M.make_draws(values, 200, 0)
-    matched, keys = M.matched_gold(trained, values, draws, ["ppo", "dpo"], [1.0, 0.5], None)
-    # the common reach is recomputed from each replicate's drawn seeds (maxima: PPO 3, 4; DPO 6, 2)
-    assert matched.level == 2 and set(matched.levels) == {2, 3, 4}
-    per_run = M.per_run_headline(trained, matched, keys, 0.4).set_index(["method", "seed"])
+    at = M.gold_at_levels(trained, values, [2.0, 1.0])
+    per_run = M.per_run_headline(trained, at, [2.0, 1.0], 0.4).set_index(["method", "seed"])
     # gold at KL 2: ppo1 .4, dpo0 .6, dpo1 .7 at measured points; ppo0 read between (1, .3) and (3, .5) by the cubic
     ppo0 = float(S.gold_at_kl([0, 1, 3], [0.1, 0.3, 0.5], 2.0))
-    assert per_run["gold at matched KL"].to_dict() == pytest.approx(
+    assert per_run["gold at KL 2"].to_dict() == pytest.approx(
         {("dpo", 0): 0.6, ("dpo", 1): 0.7, ("ppo", 0): ppo0, ("ppo", 1): 0.4})
-    assert 0.4 < ppo0 < 0.5 and per_run.loc[("dpo", 1), "gold at 0.5 × matched KL"] == pytest.approx(
+    assert 0.4 < ppo0 < 0.5 and per_run.loc[("dpo", 1), "gold at KL 1"] == pytest.approx(
         S.gold_at_kl([0, 1, 2], [0.1, 0.2, 0.7], 1.0))
+    assert per_run["reached KL 2"].all()
     # seconds to gold .4, from the start of the earlier stages (PPO: the RM's 50 s; DPO: pi_ref's pass, 10 s): ppo0
     # halfway 100..200 s -> 150 + 50; ppo1 at 100 + 50; dpo0 0.1->0.6 over 0..100 -> 60 + 10; dpo1 0.2->0.7 over
     # 100..200 -> 140 + 10.
@@ -161,17 +159,29 @@ def test_headline_metrics_by_hand(tmp_path):
     # FLOPs likewise: ppo0 halfway 1e9..2e9 + the RM's 5e8; dpo1 1.4e9 + pi_ref's 2e8
     assert per_run.loc[("ppo", 0), "training FLOPs to target gold"] == pytest.approx(2.0e9)
     assert per_run.loc[("dpo", 1), "training FLOPs to target gold"] == pytest.approx(1.6e9)
-    head = M.headline_summary(per_run.reset_index(), matched, draws).set_index("method")
-    # DPO: mean 0.65 of (.6, .7), its interval from the replicates of the hierarchical bootstrap
+    head = M.headline_summary(per_run.reset_index(), at, [2.0, 1.0]).set_index("method")
+    # DPO: mean 0.65 of (.6, .7), sd √0.005; its t-interval over 2 runs: 0.65 ± t(0.975; 1)·0.05 = ± 12.706·0.05
     dpo = head.loc["dpo"]
-    assert dpo["gold at matched KL mean"] == pytest.approx(0.65)
-    assert (dpo["gold at matched KL lo"], dpo["gold at matched KL hi"]) == S.interval(
-        matched.replicates[("dpo", 0.1)][:, 0])
-    assert dpo["gold at matched KL lo"] - 1e-9 <= 0.65 < dpo["gold at matched KL hi"]
-    assert head.loc["dpo", "gold at matched KL std"] == pytest.approx(math.sqrt(0.005))
-    verdict = M.verdict(matched, ("ppo", 0.1), ("dpo", 0.1)).iloc[0]
-    assert verdict["difference"] == pytest.approx((ppo0 + 0.4) / 2 - 0.65) and verdict["hi"] < 0
-    assert verdict["verdict"].startswith("DPO ahead") and verdict["seeds a"] == verdict["seeds b"] == 2
+    assert (dpo["gold at KL 2 mean"], dpo["gold at KL 2 std"]) == pytest.approx((0.65, math.sqrt(0.005)))
+    assert (dpo["gold at KL 2 lo"], dpo["gold at KL 2 hi"]) == pytest.approx((0.65 - 0.6353, 0.65 + 0.6353), abs=1e-4)
+    verdict = M.verdict(at, ("ppo", 0.1), ("dpo", 0.1), [2.0, 1.0], worded=True)
+    first = verdict.iloc[0]
+    from scipy.stats import ttest_ind  # without per-prompt values: Welch's test of the per-run values
+    ref = ttest_ind([ppo0, 0.4], [0.6, 0.7], equal_var=False)
+    assert (first["difference"], first["lo"], first["hi"], first["p"]) == pytest.approx(
+        ((ppo0 + 0.4) / 2 - 0.65, *ref.confidence_interval(0.95), ref.pvalue))
+    # 2 seeds each: a difference of −0.22 is not resolved (the percentile bootstrap called it "DPO ahead")
+    assert first["verdict"].startswith("Not distinguishable at 2 PPO and 2 DPO seeds")
+    assert verdict.iloc[1]["verdict"].startswith("A secondary level: shown without words")
+    assert (first["seeds a"], first["reached a"], first["seeds b"], first["reached b"]) == (2, 2, 2, 2)
+    unregistered = M.verdict(at, ("ppo", 0.1), ("dpo", 0.1), [2.0, 1.0], worded=False).iloc[0]
+    assert unregistered["verdict"].startswith("No verdict: no KL level was fixed before these runs")
+    power = M.power(first).set_index("difference")
+    assert power.loc["0.1", "seeds per method"] == S.seeds_for_power(0.1, first["sd a"], first["sd b"])
+    assert power.loc["0.05", "seeds per method"] >= power.loc["0.1", "seeds per method"]
+    lower = power.loc["0.1", "if the sds are at their lower limits"]
+    upper = power.loc["0.1", "if at their upper limits"]
+    assert lower <= power.loc["0.1", "seeds per method"] <= upper
 
 
 def test_overoptimisation_heldout_and_costs_by_hand(tmp_path):
@@ -232,8 +242,11 @@ def test_report_on_a_gold_task(tmp_path):
     assert page.index("Headline") < page.index("frontier.png")  # the headline comes first
     head = pd.read_csv(out / "headline.csv")
     assert set(head["method"]) == {"reference", "ppo", "dpo"}
-    assert head.set_index("method").loc["dpo", "gold at matched KL mean"] == pytest.approx(0.65)
-    assert "Matched KL = 2 nats" in page and "Target gold reward = 0.4 (" in page  # the levels are stated
+    assert head.set_index("method").loc["dpo", "gold at KL 2 mean"] == pytest.approx(0.65)
+    # no level fixed in the profile: the largest KL every PPO and DPO run reaches, and no words
+    assert "KL levels 2, 1, 0.5 nats per sequence (not fixed in advance" in page
+    assert "Target gold reward = 0.4 (" in page
+    assert "No verdict: no KL level was fixed before these runs" in page
     assert {"seconds to target gold mean", "training FLOPs to target gold mean"} <= set(head)
     assert not any("tokens" in column for column in head)  # compute is counted in FLOPs, alike for every method
     cost = pd.read_csv(out / "cost.csv").set_index(["method", "stage"])
@@ -251,16 +264,15 @@ def test_report_puts_the_baselines_on_the_frontier_and_in_the_headline(tmp_path)
     head = pd.read_csv(out / "headline.csv")
     assert head["method"].tolist() == ["reference", "ppo", "ppo-gt", "dpo", "dpo-ipo", "bon", "sft-chosen"]
     head = head.set_index("method")
-    # Matched KL stays 2, set by the PPO and DPO runs alone. Best of N's bound passes 2 between N = 16 (1.830, gold
-    # 0.5) and N = 64 (3.175, gold 0.6); Preferred-FT between (0.5, 0.2) and (3, 0.3).
+    # The level stays 2 (no level in the profile: the PPO and DPO runs' common reach). Best of N's bound passes 2
+    # between N = 16 (1.830, gold 0.5) and N = 64 (3.175, gold 0.6); Preferred-FT between (0.5, 0.2) and (3, 0.3).
     b16, b64 = math.log(16) - 15 / 16, math.log(64) - 63 / 64
-    assert "Matched KL = 2 nats" in page
+    assert "KL levels 2, 1, 0.5 nats" in page
     bound = [math.log(n) - (n - 1) / n for n in (1, 4, 16, 64)]
-    assert head.loc["bon", "gold at matched KL mean"] == pytest.approx(S.gold_at_kl(bound, [0.1, 0.3, 0.5, 0.6], 2))
-    assert b16 < 2 < b64 and 0.5 < head.loc["bon", "gold at matched KL mean"] < 0.6
-    assert head.loc["sft-chosen", "gold at matched KL mean"] == pytest.approx(S.gold_at_kl([0, 0.5, 3], [0.1, 0.2, 0.3],
-                                                                                         2))
-    assert head.loc["ppo-gt", "gold at matched KL mean"] == pytest.approx(0.9)
+    assert head.loc["bon", "gold at KL 2 mean"] == pytest.approx(S.gold_at_kl(bound, [0.1, 0.3, 0.5, 0.6], 2))
+    assert b16 < 2 < b64 and 0.5 < head.loc["bon", "gold at KL 2 mean"] < 0.6
+    assert head.loc["sft-chosen", "gold at KL 2 mean"] == pytest.approx(S.gold_at_kl([0, 0.5, 3], [0.1, 0.2, 0.3], 2))
+    assert head.loc["ppo-gt", "gold at KL 2 mean"] == pytest.approx(0.9)
     assert head.loc["bon", "final eval/gold_sem mean"] == 0.05  # a single run's interval is its sampling error
     assert "upper bound log N − (N−1)/N" in page and "Baselines not run" not in page
     # Legend names in the tables; the CSVs keep the run-directory ids. Best of N has no training curve.
@@ -294,16 +306,23 @@ def test_frontier_figure_has_legend_names_intervals_and_the_origin(tmp_path):
 
 
 def test_configured_comparison_levels_and_their_validation(tmp_path):
-    out = run_report(tmp_path, gold_profile(tmp_path), overrides=["report.matched_kl=1", "report.target_gold=0.3"])
+    out = run_report(tmp_path, gold_profile(tmp_path), overrides=["report.kl_levels=[1, 0.5]",
+                                                                   "report.target_gold=0.3"])
     head = pd.read_csv(out / "headline.csv").set_index("method")
     # At KL 1: ppo0 0.3 (a point), ppo1 between (0, .1) and (2, .4) by the cubic in √KL. Gold .3: ppo0 at 100 s,
     # ppo1 two thirds of the way from 0 to 100 s.
-    assert head.loc["ppo", "gold at matched KL mean"] == pytest.approx((0.3 + S.gold_at_kl([0, 2, 4], [0.1, 0.4, 0.4], 1))
-                                                                       / 2)
+    assert head.loc["ppo", "gold at KL 1 mean"] == pytest.approx((0.3 + S.gold_at_kl([0, 2, 4], [0.1, 0.4, 0.4], 1))
+                                                                 / 2)
     assert head.loc["ppo", "seconds to target gold mean"] == pytest.approx((100 + 200 / 3) / 2 + 50)  # + the RM
-    assert "Matched KL = 1 nats per sequence (set by report.matched_kl)" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "KL levels 1, 0.5 nats per sequence (the primary level, fixed in the profile before these runs" in page
+    verdict = pd.read_csv(out / "verdict.csv")
+    assert verdict["KL level"].tolist() == [1, 0.5] and verdict["primary"].tolist() == [True, False]
+    assert verdict["verdict"].iloc[0].startswith(("PPO ahead", "DPO ahead", "Not distinguishable"))
     with pytest.raises(UserError, match="report.spike_window"):
         load_config("tiny", ["report.spike_window=2"])
+    with pytest.raises(UserError, match="report.matched_kl.*it is now 'report.kl_levels"):
+        load_config("tiny", ["report.matched_kl=4"])  # an old config is told where the key went
 
 
 def test_report_on_a_task_without_gold(tmp_path):
@@ -321,7 +340,7 @@ def test_report_on_a_task_without_gold(tmp_path):
     assert set(pd.read_csv(out / "frontier.csv")["method"]) == {"ppo", "bon"}  # by the proxy: DPO has none
     assert "Baselines not run, so absent from the frontier and the headline: Preferred-FT (`make sft-chosen`)." in page
     head = pd.read_csv(out / "headline.csv").set_index("method")
-    assert set(head.index) == {"reference", "ppo", "dpo", "bon"} and "gold at matched KL mean" not in head
+    assert set(head.index) == {"reference", "ppo", "dpo", "bon"} and not any(c.startswith("gold at KL") for c in head)
     assert head.loc["dpo", "final heldout/implicit_accuracy mean"] == pytest.approx(0.6)
 
 
@@ -480,16 +499,21 @@ def test_curves_are_drawn_over_flops_and_seconds_from_the_start_never_over_steps
 
 
 def test_an_online_method_that_stops_short_never_moves_the_verdict(tmp_path):
-    """RLOO reaching a lower KL than PPO and DPO gets its own, lower level in `verdict_causes`; the PPO − DPO verdict
-    stays at the KL every PPO and DPO run reaches (gold_profile: 2 nats, the least of the runs' maxima 3, 4, 6, 2)."""
+    """RLOO stopping short of the primary level counts with its last eval point in `verdict_causes` (reached by 0 of
+    2); the PPO − DPO verdict does not move; the four-way table's words come from Holm-adjusted p-values."""
     p = gold_profile(tmp_path)
-    before = pd.read_csv(run_report(tmp_path, p) / "verdict.csv")
+    levels = ["report.kl_levels=[2, 1]"]
+    before = pd.read_csv(run_report(tmp_path, p, overrides=levels) / "verdict.csv")
     for seed in (0, 1):
         write_run(p, "rloo", seed, [ev(k, g) for k, g in ((0, 0.1), (0.5, 0.2), (1, 0.3 + 0.05 * seed))])
-    out = run_report(tmp_path, p)
+    out = run_report(tmp_path, p, overrides=levels)
     after = pd.read_csv(out / "verdict.csv")
     pd.testing.assert_frame_equal(before, after)
-    causes = pd.read_csv(out / "verdict_causes.csv")
-    assert before["KL level"].iloc[0] == 2 and set(causes["KL level"]) == {1, 0.5, 0.25}
-    assert {"PPO − DPO", "RLOO − DPO", "PPO − RLOO"} == set(causes["comparison"])
-    assert "the largest KL every PPO, DPO, RLOO and online DPO run reaches" in (out / "summary.md").read_text()
+    causes = pd.read_csv(out / "verdict_causes.csv").set_index("comparison")
+    assert set(causes["KL level"]) == {2} and {"PPO − DPO", "RLOO − DPO", "PPO − RLOO"} == set(causes.index)
+    rloo = causes.loc["RLOO − DPO"]
+    assert (rloo["reached a"], rloo["seeds a"]) == (0, 2)
+    assert rloo["difference"] == pytest.approx((0.3 + 0.35) / 2 - 0.65)  # RLOO at its last points
+    assert causes["Holm p"].tolist() == pytest.approx(S.holm(causes["p"].to_numpy()).tolist())
+    assert all("Holm-adjusted p = " in words for words in causes["verdict"])
+    assert "reached by RLOO 0 of 2" in (out / "summary.md").read_text()

@@ -40,7 +40,7 @@ def concave(kl, a=0.35, b=0.08):
         return np.where(d > 0, d * (a - b * np.log(np.where(d > 0, d, 1))), 0.0)
 
 
-def test_matched_kl_estimate_is_unbiased_where_the_chord_is_not():
+def test_gold_at_kl_is_unbiased_where_the_chord_is_not():
     """Runs with 5 eval points on a known concave curve, noisy: the monotone cubic in √KL reads gold at KL 3 within
     0.005 on average over repeats (measured: +0.0003); the straight chord in KL reads it low (measured: −0.017)."""
     rng = np.random.default_rng(0)
@@ -57,62 +57,6 @@ def test_matched_kl_estimate_is_unbiased_where_the_chord_is_not():
     assert bias_chord < -0.01 and bias_chord < -10 * se, (bias_chord, se)  # low, far beyond its noise
 
 
-def synthetic_method(rng, curve, n_seeds, prompt_effect, n_eval=7, seed_sd=0.03, noise_sd=0.15):
-    """n_seeds runs of one method: per run [E, P] KL and gold. Seeds differ in speed (where their eval points fall
-    in KL) and by a seed effect on gold; prompts share `prompt_effect` across every run (the paired design)."""
-    runs = []
-    P = prompt_effect.size
-    for _ in range(n_seeds):
-        kl_means = np.linspace(0, 12, n_eval) ** 1.3 / 12**0.3 * rng.uniform(0.85, 1.15)
-        kl = kl_means[:, None] * rng.gamma(4.0, 0.25, size=(n_eval, P))  # per prompt, mean kl_means
-        gold = curve(kl_means)[:, None] + rng.normal(0, seed_sd) + prompt_effect[None, :] + \
-            rng.normal(0, noise_sd, size=(n_eval, P))
-        runs.append((kl, gold))
-    return runs
-
-
-def test_bootstrap_interval_covers_the_true_difference():
-    """Two methods with known curves (true PPO − DPO at KL 4 = concave(4, .35) − concave(4, .30)); 8 seeds each, 64
-    prompts; over 150 repeats the 95% interval covers the truth in 85-99% of them (a percentile bootstrap over 8
-    seeds runs a little short of 95%: measured 0.91), and the "ahead"/"not distinguishable" words follow the interval."""
-    rng = np.random.default_rng(1)
-    level = 4.0
-    truth = float(concave(level, a=0.35) - concave(level, a=0.30))
-    covered, words = 0, set()
-    repeats = 150
-    for r in range(repeats):
-        prompts = rng.normal(0, 0.3, size=64)
-        curves = {("ppo", 0.1): synthetic_method(rng, lambda k: concave(k, a=0.35), 8, prompts, seed_sd=0.1),
-                  ("dpo", 0.1): synthetic_method(rng, lambda k: concave(k, a=0.30), 8, prompts, seed_sd=0.1)}
-        draws = S.Draws.make(64, 300, seed=r)
-        m = S.matched_kl(curves, list(curves), [1.0], draws, fixed_level=level)
-        lo, hi = S.interval(m.replicates[("ppo", 0.1)][:, 0] - m.replicates[("dpo", 0.1)][:, 0])
-        covered += lo <= truth <= hi
-        sentence = S.verdict_words(lo, hi, 8, 8)
-        words.add(sentence.split(":")[0].split(" at ")[0])
-        assert sentence.startswith("PPO ahead") == (lo > 0) and sentence.startswith("Not distinguishable") == (
-            lo <= 0 <= hi)
-    print(f"coverage {covered / repeats:.3f}")
-    assert 0.85 <= covered / repeats <= 0.99, covered / repeats
-    assert words == {"PPO ahead", "Not distinguishable"}  # both outcomes occur at this effect size
-
-
-def test_matched_kl_recomputes_the_common_reach_in_every_replicate():
-    """Without a fixed level, the matched KL is the lowest of the compared runs' largest KL, observed and per
-    replicate: every compared run then has a value in every replicate (no NaN from a run just short of it)."""
-    rng = np.random.default_rng(2)
-    prompts = rng.normal(0, 0.3, size=32)
-    curves = {("ppo", 0.1): synthetic_method(rng, concave, 3, prompts),
-              ("dpo", 0.1): synthetic_method(rng, concave, 3, prompts),
-              ("bon", 0.1): [(np.array([[0.0], [0.5]]), np.array([[0.1], [0.2]]))]}  # run-level only, short of it
-    m = S.matched_kl(curves, [("ppo", 0.1), ("dpo", 0.1)], [1.0, 0.5], S.Draws.make(32, 200, 0))
-    observed_max = min(np.mean(k, -1).max() for g in (("ppo", 0.1), ("dpo", 0.1)) for k, _ in curves[g])
-    assert m.level == pytest.approx(observed_max)
-    assert not np.isnan(m.replicates[("ppo", 0.1)]).any() and not np.isnan(m.replicates[("dpo", 0.1)]).any()
-    assert np.isnan(m.per_run[("bon", 0.1)][0, 0])  # Best of N never reaches it
-    assert m.levels.std() > 0 and m.per_run[("ppo", 0.1)].shape == (3, 2)
-
-
 def test_bootstrap_mean_by_hand():
     draws = S.Draws.make(4, 500, seed=0)
     # run-level values: seeds only; identical runs give a degenerate interval at their value
@@ -126,15 +70,79 @@ def test_bootstrap_mean_by_hand():
     assert weights.shape == (500, 4) and np.allclose(weights.sum(1), 1)
 
 
-def test_words_and_power_by_hand():
+def test_words_by_hand():
     assert S.verdict_words(0.01, 0.2, 3, 4).startswith("PPO ahead")
     assert S.verdict_words(-0.2, -0.01, 3, 4).startswith("DPO ahead")
     assert S.verdict_words(-0.1, 0.2, 3, 4) == ("Not distinguishable at 3 PPO and 4 DPO seeds: the 95% interval of "
                                                 "PPO − DPO contains 0.")
     assert S.verdict_words(0.1, 0.2, 1, 4).startswith("No verdict: PPO has 1 seed")
-    # (1.959964 + 0.841621)^2 (0.03^2 + 0.04^2) / 0.05^2 = 7.849 · 0.0025 / 0.0025 = 7.85 -> 8
-    assert S.seeds_for_power(0.05, 0.03, 0.04) == 8
+
+
+def test_at_levels_by_hand():
+    """A run's value at a level is gold_at_kl of its prompt means; its pseudo-values average to it where gold is
+    linear in the prompts' values; a run short of a level counts with its last eval point, flagged."""
+    d = np.array([0.0, 1.0, 2.0, 3.0])
+    kl = np.repeat((d**2)[:, None], 4, axis=1)  # [E, P]: every prompt at the same KL
+    gold = 0.1 * d[:, None] + np.array([0.0, 0.2, -0.1, 0.3])[None, :]  # gold linear in d, a prompt effect
+    value, pseudo, reached = S.at_levels(kl, gold, [2.25, 16.0])
+    assert value.tolist() == pytest.approx([0.15 + 0.1, 0.3 + 0.1])  # 0.1 is the prompts' mean effect
+    assert reached.tolist() == [True, False]  # KL 16 is beyond its last point (9): gold there, 0.3 + 0.1
+    # linear in d, a constant prompt effect: pseudo-value of prompt p = the run's curve + that prompt's effect
+    assert pseudo[0].tolist() == pytest.approx([0.15, 0.35, 0.05, 0.45])
+    assert pseudo.mean(-1).tolist() == pytest.approx(value.tolist())
+    assert pseudo[1].tolist() == pytest.approx(gold[-1].tolist())  # short of the level: its last point, per prompt
+    one, one_pseudo, _ = S.at_levels(kl[:, :1], gold[:, :1], [2.25])  # means only: no prompt axis to jackknife
+    assert one_pseudo.shape == (1, 1) and one_pseudo[0, 0] == one[0]
+
+
+def test_t_contrast_is_welch_by_hand():
+    """Without a prompt term: Welch's interval and p, as scipy computes them from the same values."""
+    from scipy.stats import ttest_ind
+    a, b = np.array([0.41, 0.30, 0.33]), np.array([0.50, 0.52, 0.44, 0.47])
+    c = S.t_contrast([a, b], None)
+    ref = ttest_ind(a, b, equal_var=False)
+    lo, hi = ref.confidence_interval(0.95)
+    assert (float(c.estimate), float(c.lo), float(c.hi), float(c.p)) == pytest.approx(
+        (a.mean() - b.mean(), lo, hi, ref.pvalue))
+    # by hand: se² = 0.003033/3 + 0.001233/4 and Welch–Satterthwaite's df
+    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 4
+    assert float(c.df) == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 3))
+    one = S.t_mean([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975; 2) = 4.30265: 2 ± 4.30265/√3 = 2 ± 2.48414
+    assert (one["mean"], one["std"], one["lo"], one["hi"]) == pytest.approx((2, 1, 2 - 2.48414, 2 + 2.48414), abs=1e-5)
+    assert math.isnan(S.t_mean([0.3])["lo"]) and S.t_mean([0.3, 0.3])["lo"] == 0.3
+
+
+def test_t_contrast_prompt_term_by_hand():
+    """Pseudo-values = seed effect + a prompt × method effect, no noise: the residual mean square is 0 and the prompt
+    term is the variance over prompts of the two methods' prompt effects' difference, over P."""
+    seeds_a, seeds_b = np.array([0.0, 0.1]), np.array([0.2, 0.0, 0.1])
+    effect_a, effect_b = np.array([0.3, -0.1, 0.0, 0.2]), np.array([0.1, 0.1, -0.2, 0.0])
+    pa, pb = seeds_a[:, None] + effect_a[None, :], seeds_b[:, None] + effect_b[None, :]
+    c = S.t_contrast([pa.mean(-1), pb.mean(-1)], [pa, pb])
+    assert [float(m) for m in c.noise_ms] == pytest.approx([0.0, 0.0], abs=1e-15)
+    assert float(c.prompt_var) == pytest.approx(np.var(effect_a - effect_b, ddof=1) / 4)
+    assert float(c.seed_var) == pytest.approx(seeds_a.var(ddof=1) / 2 + seeds_b.var(ddof=1) / 3)
+    # identical prompt effects cancel in the difference (the paired design): no prompt term
+    same = S.t_contrast([pa.mean(-1), pa.mean(-1) - 0.1], [pa, pa - 0.1])
+    assert float(same.prompt_var) == pytest.approx(0.0, abs=1e-15)
+    # noise alone (no interaction): its residual mean square is subtracted, the term floors at 0, nothing twice
+    rng = np.random.default_rng(0)
+    na, nb = rng.normal(0, 0.3, (3, 200)), rng.normal(0, 0.3, (3, 200))
+    noisy = S.t_contrast([na.mean(-1), nb.mean(-1)], [na, nb])
+    assert float(noisy.noise_ms[0]) == pytest.approx(0.09, rel=0.15) and float(noisy.prompt_var) < 0.09 / 200 / 3
+
+
+def test_holm_power_and_sd_limits_by_hand():
+    assert S.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])  # 3·0.01, max(2·0.03, ...)
+    # the textbook two-sample t-test: effect size 1 (sd 1) needs 17 per group for 80% power, 0.5 needs 64 (Welch's
+    # df equals the pooled test's where the sds are equal)
+    assert S.seeds_for_power(1.0, 1.0, 1.0) == 17 and S.seeds_for_power(0.5, 1.0, 1.0) == 64
+    assert S.t_power(1.0, 1.0, 1.0, 17) == pytest.approx(0.807, abs=0.002)
     assert math.isnan(S.seeds_for_power(0.05, math.nan, 0.04)) and S.seeds_for_power(0.0, 0.1, 0.1) == math.inf
+    # a prompt term that alone leaves the test short: no number of seeds resolves it
+    assert S.seeds_for_power(0.05, 0.01, 0.01, prompt_var=0.03**2, n_prompts=128) == math.inf
+    lo, hi = S.sd_limits(1.0, 3)  # √(2/χ²(0.9; 2)), √(2/χ²(0.1; 2)) = √(2/4.605), √(2/0.2107)
+    assert (lo, hi) == pytest.approx((0.6590, 3.0808), abs=1e-4)
 
 
 def test_gao_fits_recover_known_coefficients():
