@@ -15,6 +15,8 @@ profile's length: the same tuning budget. PPO's points train against one reward 
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +156,18 @@ def shared_budget(tables: dict[str, pd.DataFrame], cfg: Config) -> dict[str, flo
     return values
 
 
+def verdict_levels(tables: dict[str, pd.DataFrame], cfg: Config) -> list[float] | None:
+    """The verdict's KL levels by docs/tuning.md's rule, from PPO's and DPO's sweeps on the validation prompts: the
+    largest KL both chosen points reach (the smaller of their final validation KLs), rounded down to a whole nat (to
+    0.1 below 1 nat), then ½ and ¼ of it. None where a sweep chose no point."""
+    chosen = {m: choose(t, cfg.with_values({"sweep.method": m})) for m, t in tables.items()}
+    if any(i is None for i in chosen.values()):
+        return None
+    reach = min(float(tables[m]["eval/kl"][i]) for m, i in chosen.items())
+    primary = math.floor(reach) if reach >= 1 else math.floor(reach * 10) / 10
+    return [float(primary), primary / 2, primary / 4]
+
+
 def main(cfg: Config) -> int:
     prefs = build_preference_set(cfg)  # the profile's own set: every point trains on the pairs the report's runs do
     points = grid(cfg)
@@ -193,4 +207,11 @@ def main(cfg: Config) -> int:
         print("the shared budget by docs/tuning.md's rule: " + (
             ", ".join(f"{k}={v:g}" for k, v in values.items()) if values is not None else
             f"none (DPO has no point within sweep.max_kl={cfg.sweep.max_kl} at the chosen passes)"))
+    tables = {m: pd.read_csv(out.with_name(f"sweep-{m}.csv")) for m in ("ppo", "dpo")
+              if out.with_name(f"sweep-{m}.csv").exists()}
+    if cfg.sweep.method in tables and len(tables) == 2:
+        levels = verdict_levels(tables, cfg)
+        print("the verdict's KL levels by docs/tuning.md's rule, for the profile before its runs: " + (
+            f"report.kl_levels: [{', '.join(f'{level:g}' for level in levels)}]" if levels is not None else
+            f"none (a sweep has no point within sweep.max_kl={cfg.sweep.max_kl})"))
     return 0

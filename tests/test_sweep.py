@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis import stats as S
-from pipelines.sweep import choose, compare_with_chosen, grid, shared_budget
+from pipelines.sweep import choose, compare_with_chosen, grid, shared_budget, verdict_levels
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
 from rlhf.tasks import load_task
@@ -111,3 +111,17 @@ def test_the_shared_budget_takes_the_smaller_chosen_passes_and_each_methods_best
     assert shared_budget({"reward_model": rm, "dpo": dpo.assign(**{"eval/kl": [20.0, 20.0, 20.0, 3.0]})},
                          cfg.with_values({"sweep.max_kl": 5.0})) == {
         "budget.epochs": 2, "reward_model.learning_rate": 1e-4, "dpo.learning_rate": 1e-4}
+
+
+def test_the_verdicts_levels_come_from_the_chosen_sweep_points():
+    """The smaller final validation KL of PPO's and DPO's chosen points, rounded down to a whole nat, then ½ and ¼:
+    on the default's sweep tables (docs/tuning.md: PPO 5.36, DPO 9.85 nats) the profile's [5, 2.5, 1.25]."""
+    cfg = load_config("tiny", ["sweep.max_kl=16"])
+    ppo = pd.DataFrame({"ppo.learning_rate": [1e-5, 3e-5, 1e-4], "ppo.ppo_epochs": [2, 2, 2],
+                        "eval/gold": [0.286, 0.374, 0.355], "eval/kl": [2.28, 5.36, 14.03]})
+    dpo = pd.DataFrame({"dpo.learning_rate": [1e-5, 3e-5, 1e-4], "budget.epochs": [1, 1, 1],
+                        "eval/gold": [0.370, 0.640, 0.711], "eval/kl": [2.68, 9.85, 27.06]})  # 1e-4: over 16
+    assert verdict_levels({"ppo": ppo, "dpo": dpo}, cfg) == [5.0, 2.5, 1.25]
+    assert load_config("default").report.kl_levels == [5.0, 2.5, 1.25]  # what the profile holds
+    assert verdict_levels({"ppo": ppo.assign(**{"eval/kl": [0.1, 0.74, 0.9]}), "dpo": dpo}, cfg) == [0.7, 0.35, 0.175]
+    assert verdict_levels({"ppo": ppo.assign(**{"eval/kl": [20.0, 20.0, 20.0]}), "dpo": dpo}, cfg) is None
