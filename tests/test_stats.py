@@ -138,6 +138,10 @@ def test_holm_power_and_sd_limits_by_hand():
     # df equals the pooled test's where the sds are equal)
     assert S.seeds_for_power(1.0, 1.0, 1.0) == 17 and S.seeds_for_power(0.5, 1.0, 1.0) == 64
     assert S.t_power(1.0, 1.0, 1.0, 17) == pytest.approx(0.807, abs=0.002)
+    # at 2-3 seeds and a large noncentrality (where scipy's nct returns NaN): smaller sds never ask for more seeds
+    for n in (2, 3, 4):
+        assert 0 < S.t_power(0.245, 0.007, 0.071, n) <= S.t_power(0.245, 0.0043, 0.043, n) <= 1
+    assert S.seeds_for_power(0.245, 0.0043, 0.043) <= S.seeds_for_power(0.245, 0.007, 0.071) == 3
     assert math.isnan(S.seeds_for_power(0.05, math.nan, 0.04)) and S.seeds_for_power(0.0, 0.1, 0.1) == math.inf
     # a prompt term that alone leaves the test short: no number of seeds resolves it
     assert S.seeds_for_power(0.05, 0.01, 0.01, prompt_var=0.03**2, n_prompts=128) == math.inf
