@@ -193,9 +193,9 @@ def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Sect
     section.notes.append(power_line(first, power))
     split = M.variance_split(stats.at, a, b)
     if not split.empty:
-        seed_pair = sum(M.seed_seconds(runs.runs, runs.timings, m)[0] for m in COMPARED)
-        evaluation = sum(M.seed_seconds(runs.runs, runs.timings, m)[1] * int(first[f"seeds {s}"])
-                         for m, s in zip(COMPARED, ("a", "b")))
+        seconds = [M.seed_seconds(runs.runs, runs.timings, m) for m in COMPARED]  # (a seed's, its evaluation's)
+        seed_pair = sum(total for total, _ in seconds)
+        evaluation = sum(evals * int(first[f"seeds {s}"]) for (_, evals), s in zip(seconds, ("a", "b")))
         allocation = M.allocation(split, int(first["seeds a"]), int(first["seeds b"]), int(first["n prompts"]),
                                   seed_pair, evaluation)
         section.notes.append(allocation_line(split, allocation))
