@@ -343,7 +343,7 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
     if BEST_OF_N in runs.methods:
         section.notes.append(
             "Best of N: one row per N along its trajectory; its KL is the upper bound log N − (N−1)/N "
-            "(docs/baselines.md), so its gold reward at matched KL is read where the bound, not the KL, reaches the "
+            "(docs/baselines.md), so its gold reward at a KL level is read where the bound, not the KL, reaches the "
             "level, which understates it. Its seconds and FLOPs are inference, not training (plus its reward "
             "model's training): sampling and scoring N responses per eval prompt, paid again on every prompt it "
             "serves.")
