@@ -27,7 +27,7 @@ USES_REWARD_MODEL = ("ppo", "rloo", "online-dpo", "bon")
 OWN_EARLIER_STAGES = ("ref_logps",)  # DPO's pass of pi_ref over its pairs, before its loop
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
-# The evaluator's per-prompt column (samples/*.prompts.csv) behind each eval mean: these are bootstrapped over prompts
+# The evaluator's per-prompt column (samples/*.prompts.csv) behind each eval mean: the prompts' term of an interval
 PER_PROMPT = {"eval/gold": "gold", "eval/proxy": "proxy", "eval/kl": "kl", "eval/kl_k3": "kl_k3",
               "eval/length": "length", "eval/eos_rate": "eos"}
 STATS = ("n", "mean", "std", "lo", "hi")
@@ -36,7 +36,7 @@ STATS = ("n", "mean", "std", "lo", "hi")
 class PromptValues:
     """Per-prompt values of the included runs (Runs.prompts), as [eval points x prompts] arrays. A run without them
     (written before they were kept), or whose prompts are not the common ones, gives its eval means instead ([E, 1]):
-    the bootstrap then resamples it over seeds alone."""
+    its intervals are then over seeds alone."""
 
     def __init__(self, prompts: pd.DataFrame):
         self.n_prompts = int(prompts["prompt_index"].nunique()) if "prompt_index" in prompts else 0

@@ -403,8 +403,8 @@ def frontier_section(runs: Runs, score: str, score_label: str, stats: Stats | No
     section = Section("1. Reward vs KL: the frontier",
                       plot=P.frontier_plot(trajectories, reference, score, score_label, runs.evals(methods)))
     section.notes.append("Each point is a method's mean over its seeds at one eval point (β apart), with 95% "
-                         "hierarchical-bootstrap intervals in both reward and KL (seeds, then prompts); the points "
-                         "are joined in training order. There is no envelope over single runs' points: it would "
+                         "hierarchical-bootstrap intervals in both reward and KL (seeds, then prompts: a picture of "
+                         "the spread, not the verdict's test); the points are joined in training order. There is no envelope over single runs' points: it would "
                          "pick the luckiest of them and favour the method with more points or more spread.")
     if reference.empty:
         section.notes.append(
