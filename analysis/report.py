@@ -295,15 +295,15 @@ def power_line(row: pd.Series, power: pd.DataFrame) -> str:
 def allocation_line(split: pd.DataFrame, allocation: pd.DataFrame) -> str:
     """The variance split in one sentence, and what one more seed buys against twice the eval prompts."""
     sd = split.set_index("component")["sd"]
+    noise = {m: sd[f"{m}: a run's own prompt noise (sd of its mean)"] for m in ("PPO", "DPO")}
+    interaction = sd["prompt × method interaction, the difference's mean"]
     now, seed, prompts = allocation.itertuples(index=False)
     return (f"What the interval is made of (`variance_split.csv`): true seed-to-seed sd PPO "
             f"{sd['PPO: true seed-to-seed']:.3g}, DPO {sd['DPO: true seed-to-seed']:.3g}; a run's own prompt noise "
-            f"(sd of its mean) PPO {sd['PPO: a run' + chr(39) + 's own prompt noise (sd of its mean)']:.3g}, DPO "
-            f"{sd['DPO: a run' + chr(39) + 's own prompt noise (sd of its mean)']:.3g}; prompt × method interaction "
-            f"{sd['prompt × method interaction, the difference' + chr(39) + 's mean']:.3g} on the difference. "
-            f"Expected half-width now ±{now[1]:.3f}; one more seed per method ±{seed[1]:.3f} for "
-            f"{seed[2] / 60:.0f} CPU-minutes; twice the eval prompts ±{prompts[1]:.3f} for {prompts[2] / 60:.0f} "
-            "CPU-minutes (`allocation.csv`).")
+            f"(sd of its mean) PPO {noise['PPO']:.3g}, DPO {noise['DPO']:.3g}; prompt × method interaction "
+            f"{interaction:.3g} on the difference. Expected half-width now ±{now[1]:.3f}; one more seed per method "
+            f"±{seed[1]:.3f} for {seed[2] / 60:.0f} CPU-minutes; twice the eval prompts ±{prompts[1]:.3f} for "
+            f"{prompts[2] / 60:.0f} CPU-minutes (`allocation.csv`).")
 
 
 def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | None = None) -> Section:
