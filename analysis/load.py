@@ -36,6 +36,7 @@ class Runs:
     prompts: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (included run, eval step, prompt): RUN_KEYS,
     # step, PROMPT_COLUMNS (rlhf.rundir): what the bootstrap resamples
     data_manifests: list[dict] = field(default_factory=list)  # runs/<profile>/data/*/manifest.json
+    missing: list[str] = field(default_factory=list)  # the compared runs of a started seed that have not completed
 
     @property
     def methods(self) -> list[str]:
@@ -184,6 +185,25 @@ def keep_latest(records: list[dict]) -> None:
                                             "the latest, so that no seed counts twice")
 
 
+def keep_complete_seeds(records: list[dict], compared: Iterable[str]) -> list[str]:
+    """Compare methods over the same seeds. A seed counts once every compared method (of those with any included
+    run) has completed it at every beta it was run at; the runs of a seed still incomplete are left out, saying what
+    it lacks, so that a grid stopped part-way (it runs seed by seed, pipelines/grid.py) is reported over its
+    complete seeds and nothing half-counted. Returns the missing runs as "method β b seed s"."""
+    runs = [r for r in records if r["included"] and r["method"] in set(compared)]
+    groups = sorted({(r["method"], r["beta"]) for r in runs})
+    have = {(r["method"], r["beta"], r["seed"]) for r in runs}
+    missing = []
+    for seed in sorted({r["seed"] for r in runs}):
+        lacks = [f"{m} β {b:g} seed {seed}" for m, b in groups if (m, b, seed) not in have]
+        missing += lacks
+        for r in runs:
+            if lacks and r["seed"] == seed:
+                r.update(included=False, reason=f"seed {seed} is not complete ({', '.join(lacks)} not completed "
+                                                "yet): methods are compared over the seeds they all completed")
+    return missing
+
+
 def check_pooling(records: list[dict]) -> None:
     """Refuse to pool eval points measured differently: every included policy run must carry the same eval
     settings hash (pi_ref, prompts, pairs, eval settings; rlhf.config.Config.eval_settings). Runs written before
@@ -200,8 +220,9 @@ def check_pooling(records: list[dict]) -> None:
                         f"{Path(a['path']).parent.parent}, or rerun it with the other's config")
 
 
-def load_runs(profile_dir: Path) -> Runs:
-    """Every run directory under runs/<profile>/<method>/ plus the preference sets' manifests."""
+def load_runs(profile_dir: Path, compared: Iterable[str] = ()) -> Runs:
+    """Every run directory under runs/<profile>/<method>/ plus the preference sets' manifests; the `compared`
+    methods (the grid's) are kept to the seeds they all completed (`keep_complete_seeds`)."""
     read, metrics, timings, data_manifests, prompts = [], [], [], [], []
     for method_dir in sorted(p for p in profile_dir.glob("*") if p.is_dir()):
         if method_dir.name == DATA_DIR:
@@ -215,6 +236,7 @@ def load_runs(profile_dir: Path) -> Runs:
         read += [read_run(run_dir) for run_dir in sorted(p for p in method_dir.iterdir() if p.is_dir())]
     records = [record for record, *_ in read]
     keep_latest(records)
+    missing = keep_complete_seeds(records, compared)
     for record, rows, stages, values in read:
         if record["included"]:
             metrics += rows
@@ -227,6 +249,7 @@ def load_runs(profile_dir: Path) -> Runs:
         metrics=metrics_frame.sort_values([*RUN_KEYS, "kind", "step"], kind="stable").reset_index(drop=True),
         timings=pd.DataFrame(timings, columns=[*RUN_KEYS, "stage", "seconds", "flops", "peak_memory_mb"]),
         data_manifests=data_manifests,
+        missing=missing,
         prompts=pd.concat([p for p in prompts if len(p)] or [pd.DataFrame(columns=[*RUN_KEYS, "step"])],
                           ignore_index=True),
     )

@@ -561,6 +561,9 @@ def missing_notes(runs: Runs, has_gold: bool) -> list[str]:
     present = set(runs.methods)
     notes = [f"No completed {P.name(m)} run: its rows, curves and panels are absent (run `make {m}`)."
              for m in COMPARED if m not in present]
+    if runs.missing:
+        notes.append(f"Compared over the seeds every method completed; not completed yet: {', '.join(runs.missing)} "
+                     "(their seeds' other runs are left out until they are: `make all` again completes them).")
     if REFERENCE not in present:
         notes.append("No completed reference run (`make reference`): π_ref's point is missing from the frontier.")
     absent = [f"{P.name(m)} (`{command}`)" for m, command in BASELINES.items()
@@ -651,9 +654,11 @@ def write(sections: list[Section], out: Path, profile: str) -> None:
 def main(cfg: Config) -> int:
     profile_dir = _resolve(cfg.runs_dir) / cfg.profile
     out = _resolve(cfg.report.out_dir) / cfg.profile
-    runs = load_runs(profile_dir)
+    runs = load_runs(profile_dir, cfg.grid.methods)
     for _, bad in runs.runs[~runs.runs["included"]].iterrows():
         print(f"left out: {bad['path']}: {bad['reason']}")
+    if runs.missing:
+        print(f"missing (run `make all` again to complete them): {', '.join(runs.missing)}")
     sections = build(runs, cfg, profile_dir)
     write(sections, out, cfg.profile)
     verdict = sections[0].tables[0].frame.iloc[0] if sections[0].title.startswith("Verdict") and sections[0].tables \

@@ -3,19 +3,22 @@
 The grid is `grid.methods` x every beta (`beta_sweep`, or just `beta`) x every seed. Each job is the command line
 `make <method>` would run for that one beta and seed, in a process of its own: it writes its own run directory, and
 it computes what it would compute run alone (every run seeds itself; a job's device and thread count are the same
-whatever `grid.jobs` is, see `job_environment`). The shared preference set is built (or found) first, in this process; then three phases, because jobs share what
-they reuse:
+whatever `grid.jobs` is, see `job_environment`). The shared preference set is built (or found) first, in this
+process. A job starts once the jobs it needs have completed: pi_ref's evaluation (`reference`) first, whose samples
+every run's first eval point reads from the cache rather than draw them again; a seed's reward model before the runs
+of that seed that read it (PPO trains against it, DPO reports its proxy reward), so that two PPO jobs of one seed at
+two betas never both train it.
 
-1. pi_ref's evaluation (`reference`), whose samples every run's first eval point reads from the cache rather than
-   draw them again, once a job;
-2. the reward model of every seed (`reward-model`), so that two PPO jobs of one seed at two betas never both train it,
-   and DPO finds it for its proxy reward, as it does when `make ppo` ran first;
-3. every method x beta x seed job.
+The jobs run seed by seed: seed 0 of every method (its reward model, then every method x beta), then seed 1, and so on
+(`in_order`). A grid stopped after k seeds' worth of time has k complete seeds of every method to compare, not every
+seed of PPO and none of DPO; `make report` compares the complete seeds and names the runs still missing. On a
+cluster, where every job of a phase runs at once, the same jobs are submitted by phase (`phases`): pi_ref's
+evaluation, the reward models, then the method runs.
 
 Under `make all NPROC=8` the training jobs run under `accelerate launch` (make's launcher, in `GRID_TRAIN_CLI`), one at
 a time: a run's processes then take every device. A killed grid resumes when run again: completed runs are reused by their keys, and a killed run continues from its
 last checkpoint (each job is an ordinary command, docs/reliability.md). A job that fails is named with its log; the
-other jobs of its phase go on, and a failed phase stops the grid before the next.
+jobs that need it are not started, every other job goes on, and the grid exits non-zero.
 """
 
 from __future__ import annotations
@@ -48,26 +51,50 @@ class Job:
     label: str                     # what the progress lines and the log file are called
     command: str                   # a `python -m pipelines` command
     overrides: tuple[str, ...]     # key=value, after the user's own
+    needs: tuple[str, ...] = ()    # the labels of the jobs that must complete before this one starts
+    seed: int | None = None        # the run seed it belongs to (None: pi_ref's evaluation, Best-of-N)
 
 
 def phases(cfg: Config) -> list[list[Job]]:
-    """The grid's jobs in the order they may run: pi_ref's evaluation, the reward models, then method x beta x seed."""
+    """The grid's jobs by phase, each phase needing only the ones before it: pi_ref's evaluation, the reward models,
+    then method x beta x seed."""
     betas = [c.beta for c in cfg.betas()]
+    reference = Job("reference", "reference", ())
+    reward_models: dict[int, Job] = {}
+    if any(m in _NEEDS_REWARD_MODEL for m in cfg.grid.methods):
+        for s in dict.fromkeys(reward_model_seed(cfg, s) for s in cfg.seeds):
+            reward_models[s] = Job(f"reward_model-seed{s}", "reward-model", (f"seeds=[{s}]",), (reference.label,), s)
+
+    def needs(method: str, seed: int) -> tuple[str, ...]:
+        rm = reward_models.get(reward_model_seed(cfg, seed)) if method in _NEEDS_REWARD_MODEL else None
+        return (reference.label, *([rm.label] if rm else []))
+
     runs = []
     for method in cfg.grid.methods:
         command, extra = ("ppo", ("ppo.reward=gold",)) if method == "ppo-gt" else (method, ())
-        if method == "bon":
-            runs.append(Job("bon", command, extra))
+        if method == "bon":  # ranked by the first seed's reward model
+            runs.append(Job("bon", command, extra, needs(method, cfg.seeds[0])))
             continue
         for beta in [cfg.beta] if method in _WITHOUT_BETA else betas:
             for seed in cfg.seeds:
                 runs.append(Job(f"{method}-beta{beta:g}-seed{seed}", command,
-                                (*extra, f"beta={beta}", "beta_sweep=[]", f"seeds=[{seed}]")))
-    reward_models = []
-    if any(m in _NEEDS_REWARD_MODEL for m in cfg.grid.methods):
-        rm_seeds = dict.fromkeys(reward_model_seed(cfg, s) for s in cfg.seeds)
-        reward_models = [Job(f"reward_model-seed{s}", "reward-model", (f"seeds=[{s}]",)) for s in rm_seeds]
-    return [p for p in ([Job("reference", "reference", ())], reward_models, runs) if p]
+                                (*extra, f"beta={beta}", "beta_sweep=[]", f"seeds=[{seed}]"), needs(method, seed), seed))
+    return [p for p in ([reference], list(reward_models.values()), runs) if p]
+
+
+def in_order(cfg: Config) -> list[Job]:
+    """The grid's jobs in the order a local grid starts them: pi_ref's evaluation, then seed by seed (in `seeds`'
+    order) that seed's reward model and every method x beta, so that the first k seeds complete before seed k+1
+    begins. Best-of-N, which has no seed, comes with the first seed it is ranked by."""
+    jobs = [job for phase in phases(cfg) for job in phase]
+    rank = {seed: i for i, seed in enumerate(cfg.seeds)}
+
+    def place(job: Job) -> int:
+        if job.command == "reference" or (job.command == "reward-model" and not cfg.reward_model.per_seed):
+            return -1  # pi_ref's evaluation, and the one reward model every seed shares, come first
+        return rank.get(job.seed, 0)
+
+    return sorted(jobs, key=place)
 
 
 def job_environment(cfg: Config, slot: int, jobs: int) -> dict[str, str]:
@@ -103,42 +130,54 @@ def main(cfg: Config, overrides: list[str]) -> int:
     build_preference_set(cfg)  # before any job: jobs side by side would each build it
     log_dir = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "grid-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    all_jobs = phases(cfg)
-    total = sum(len(p) for p in all_jobs)
+    jobs = in_order(cfg)
     logs = f"; logs in {log_dir}" if cfg.grid.jobs > 1 else ""
-    print(f"grid: {total} jobs (pi_ref's evaluation, the reward models, then {', '.join(cfg.grid.methods)} x "
-          f"{len(cfg.betas())} beta x {len(cfg.seeds)} seeds), {cfg.grid.jobs} at a time{logs}", flush=True)
-    with tqdm(total=total, desc="grid", unit="job", dynamic_ncols=True, disable=cfg.grid.jobs == 1) as bar:
-        for phase in all_jobs:
-            failed = _run_phase(cfg, phase, overrides, launcher, log_dir, bar)
-            if failed:
-                for job, code in failed:
-                    where = "above" if cfg.grid.jobs == 1 else f"in {log_dir / (job.label + '.log')}"
-                    tqdm.write(f"grid: {job.label} failed (exit {code}); its output is {where}", file=sys.stderr)
-                tqdm.write(f"grid: {len(failed)} of {len(phase)} jobs of this phase failed; run it again to resume "
-                           "(completed runs are reused, killed ones continue from their last checkpoint)",
-                           file=sys.stderr)
-                return 1
-    print(f"grid: all {total} jobs completed")
-    return 0
+    print(f"grid: {len(jobs)} jobs (pi_ref's evaluation, then seed by seed: its reward model and "
+          f"{', '.join(cfg.grid.methods)} x {len(cfg.betas())} beta; {len(cfg.seeds)} seeds), "
+          f"{cfg.grid.jobs} at a time{logs}", flush=True)
+    with tqdm(total=len(jobs), desc="grid", unit="job", dynamic_ncols=True, disable=cfg.grid.jobs == 1) as bar:
+        failed, skipped = _run(cfg, jobs, overrides, launcher, log_dir, bar)
+    if not failed:
+        print(f"grid: all {len(jobs)} jobs completed")
+        return 0
+    for job, code in failed:
+        where = "above" if cfg.grid.jobs == 1 else f"in {log_dir / (job.label + '.log')}"
+        print(f"grid: {job.label} failed (exit {code}); its output is {where}", file=sys.stderr)
+    if skipped:
+        print(f"grid: not started, as they need a failed job: {', '.join(j.label for j in skipped)}", file=sys.stderr)
+    print(f"grid: {len(failed)} of {len(jobs)} jobs failed; run it again to resume (completed runs are reused, killed "
+          "ones continue from their last checkpoint)", file=sys.stderr)
+    return 1
 
 
-def _run_phase(cfg: Config, phase: list[Job], overrides: list[str], launcher: list[str], log_dir: Path,
-               bar: tqdm) -> list[tuple[Job, int]]:
-    """Run `phase`'s jobs, at most `grid.jobs` at once; the jobs that failed, with their exit codes. With one job at a
-    time its output goes to the terminal (and its progress bars with it); with several, each to its log file."""
-    pending, running, failed = list(phase), {}, []
+def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str], log_dir: Path,
+         bar: tqdm) -> tuple[list[tuple[Job, int]], list[Job]]:
+    """Run `jobs`, at most `grid.jobs` at once, each as soon as the jobs it needs have completed, in the order given
+    otherwise; returns the jobs that failed (with their exit codes) and those not started because they need one.
+    With one job at a time its output goes to the terminal (and its progress bars with it); with several, each to its
+    log file."""
+    pending, running, failed, skipped, done = list(jobs), {}, [], [], set()
     free = list(range(cfg.grid.jobs))
     try:
         while pending or running:
-            while pending and free:
-                job, slot = pending.pop(0), free.pop(0)
+            lost = {job.label for job, _ in failed}
+            for job in list(pending):  # in order, so a job that needs a skipped one is skipped too
+                if lost.intersection(job.needs):
+                    pending.remove(job)
+                    skipped.append(job)
+                    lost.add(job.label)
+                    bar.update(1)
+            while free and (job := next((j for j in pending if done.issuperset(j.needs)), None)):
+                pending.remove(job)
+                slot = free.pop(0)
                 argv = command_line(job, cfg.profile, overrides, launcher)
                 # appended to: a resumed job's log keeps what its killed attempt wrote
                 log = None if cfg.grid.jobs == 1 else open(log_dir / f"{job.label}.log", "a")
                 running[subprocess.Popen(argv, env=job_environment(cfg, slot, cfg.grid.jobs), stdout=log,
                                          stderr=subprocess.STDOUT if log else None)] = (job, slot, log)
                 tqdm.write(f"grid: started {job.label}")
+            if pending and not running:
+                raise RuntimeError(f"grid: {pending[0].label} needs {pending[0].needs}, which no job before it provides")
             time.sleep(0.2)
             for process in [p for p in running if p.poll() is not None]:
                 job, slot, log = running.pop(process)
@@ -148,11 +187,13 @@ def _run_phase(cfg: Config, phase: list[Job], overrides: list[str], launcher: li
                 bar.update(1)
                 if process.returncode:
                     failed.append((job, process.returncode))
+                    tqdm.write(f"grid: {job.label} failed (exit {process.returncode})", file=sys.stderr)
                 else:
+                    done.add(job.label)
                     tqdm.write(f"grid: done {job.label}")
     finally:  # the grid interrupted (Ctrl-C, SIGTERM): stop its jobs too; each marks its run failed, to resume
         for process in running:
             process.terminate()
         for process in running:
             process.wait()
-    return failed
+    return failed, skipped

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from analysis.load import load_runs
 from pipelines import grid
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
@@ -64,6 +65,29 @@ def test_phases_reference_and_reward_models_first_then_method_x_beta_x_seed():
     # one shared reward model (reward_model.per_seed false): one job trains it
     shared = load_config("tiny", ["seeds=[0,1]", "reward_model.per_seed=false"])
     assert [j.label for j in grid.phases(shared)[1]] == [f"reward_model-seed{shared.reward_model.seed}"]
+
+
+def test_a_local_grid_runs_seed_by_seed_and_a_job_waits_for_what_it_needs():
+    cfg = load_config("tiny", ["seeds=[0,1]", "beta_sweep=[0.1,0.5]", "grid.methods=[ppo-gt,dpo,bon,sft-chosen]"])
+    order = grid.in_order(cfg)
+    assert [j.label for j in order] == [
+        "reference",
+        "reward_model-seed0", "ppo-gt-beta0.1-seed0", "ppo-gt-beta0.5-seed0", "dpo-beta0.1-seed0", "dpo-beta0.5-seed0",
+        "bon", "sft-chosen-beta0.1-seed0",
+        "reward_model-seed1", "ppo-gt-beta0.1-seed1", "ppo-gt-beta0.5-seed1", "dpo-beta0.1-seed1", "dpo-beta0.5-seed1",
+        "sft-chosen-beta0.1-seed1"]
+    by_label = {j.label: j for j in order}
+    assert by_label["dpo-beta0.5-seed1"].needs == ("reference", "reward_model-seed1")
+    assert by_label["bon"].needs == ("reference", "reward_model-seed0")  # ranked by the first seed's reward model
+    assert by_label["ppo-gt-beta0.1-seed1"].needs == ("reference",)  # trains against the gold reward itself
+    # every job's needs come before it: a local grid one job at a time never waits for a later job
+    assert all(set(j.needs) <= {k.label for k in order[:i]} for i, j in enumerate(order))
+    # the same jobs as the phases a cluster submits
+    assert sorted(j.label for j in order) == sorted(j.label for p in grid.phases(cfg) for j in p)
+    # one reward model shared by every seed: trained first, whatever its seed
+    shared = grid.in_order(load_config("tiny", ["seeds=[0,1]", "reward_model.per_seed=false",
+                                                "reward_model.seed=1"]))
+    assert [j.label for j in shared][:3] == ["reference", "reward_model-seed1", "ppo-beta0.1-seed0"]
 
 
 def test_jobs_go_round_robin_over_the_gpus_and_split_the_cpu(monkeypatch):
@@ -130,3 +154,29 @@ def test_a_killed_grid_resumes(tmp_path):
     assert killed <= {p.name for p in ppo.iterdir()}  # the killed runs continued in their own directories
     resumed = [json.loads((ppo / name / "manifest.json").read_text())["resumed"] for name in killed]
     assert any(resumed), resumed
+
+
+def test_a_grid_stopped_part_way_is_reported_over_its_complete_seeds(tmp_path):
+    """Stopped as the second seed's DPO run starts, the grid has left seed 0 of both methods and seed 1 of PPO only:
+    the report compares seed 0 and names the DPO run seed 1 still needs, rather than pooling PPO over two seeds and
+    DPO over one."""
+    runs_dir = tmp_path / "runs"
+    process = _cli("grid", *COMMON, f"runs_dir={runs_dir}", start_new_session=True)
+    out, deadline = b"", time.time() + 900
+    while b"grid: started dpo-beta0.1-seed1" not in out and time.time() < deadline:
+        line = process.stdout.readline()
+        assert line or process.poll() is None, out.decode()[-3000:]
+        out += line
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    started = [line.split()[-1] for line in out.decode().splitlines() if line.startswith("grid: started")]
+    assert started == [j.label for j in grid.in_order(load_config("tiny", ["seeds=[0,1]"]))][:len(started)]
+    assert started[-1] == "dpo-beta0.1-seed1"
+    runs = load_runs(runs_dir / "tiny", ["ppo", "dpo"])
+    included = runs.runs[runs.runs["included"] & runs.runs["method"].isin(["ppo", "dpo"])]
+    assert sorted(zip(included["method"], included["seed"])) == [("dpo", 0), ("ppo", 0)]
+    left_out = runs.runs[(runs.runs["method"] == "ppo") & (runs.runs["seed"] == 1)]
+    assert left_out["status"].tolist() == ["completed"] and "seed 1 is not complete" in left_out["reason"].iloc[0]
+    assert runs.missing == ["dpo β 0.1 seed 1"]
+    # without the rule both PPO seeds would be pooled against one DPO seed
+    assert sorted(load_runs(runs_dir / "tiny").runs.query("method == 'ppo' and included")["seed"]) == [0, 1]
