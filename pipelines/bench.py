@@ -34,6 +34,7 @@ import torch
 
 import dpo
 from baselines import train_preferred_ft
+from pipelines.clock import machine
 from ppo.train import train_ppo
 from reward_model.train import train_reward_model
 from rlhf.config import PROJECT_ROOT, Config
@@ -250,18 +251,6 @@ def eval_shares(cfg: Config) -> pd.DataFrame:
             rows.append({"run": f"{manifest['method']}/{path.parent.name}", "seconds": total,
                          **{f"{name}_seconds": v for name, v in stages.items()}, "eval_share": stages["eval"] / total})
     return pd.DataFrame(rows)
-
-
-def machine(device: torch.device) -> str:
-    """The processor's (or GPU's) name, for the table's heading."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        name = cpuinfo.split("model name")[1].split(":", 1)[1].splitlines()[0].strip()
-        return f"{name} ({cpuinfo.count('processor')} cores)"
-    except (OSError, IndexError):
-        return "cpu"
 
 
 def main(cfg: Config) -> int:

@@ -23,6 +23,8 @@ jobs that need it are not started, every other job goes on, and the grid exits n
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import shlex
 import subprocess
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipelines.clock import JOBS_LOG, Clock, grid_clock, minutes
 from pipelines.stages import build_preference_set, reward_model_seed
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.errors import UserError
@@ -135,8 +138,11 @@ def main(cfg: Config, overrides: list[str]) -> int:
     print(f"grid: {len(jobs)} jobs (pi_ref's evaluation, then seed by seed: its reward model and "
           f"{', '.join(cfg.grid.methods)} x {len(cfg.betas())} beta; {len(cfg.seeds)} seeds), "
           f"{cfg.grid.jobs} at a time{logs}", flush=True)
+    clock = grid_clock(cfg, jobs)
+    print(f"grid: about {minutes(clock.left([job.label for job in jobs]) / cfg.grid.jobs)} on this machine "
+          "(pipelines/clock.py), less where completed runs are reused", flush=True)
     with tqdm(total=len(jobs), desc="grid", unit="job", dynamic_ncols=True, disable=cfg.grid.jobs == 1) as bar:
-        failed, skipped = _run(cfg, jobs, overrides, launcher, log_dir, bar)
+        failed, skipped = _run(cfg, jobs, overrides, launcher, log_dir, bar, clock)
     if not failed:
         print(f"grid: all {len(jobs)} jobs completed")
         return 0
@@ -150,12 +156,13 @@ def main(cfg: Config, overrides: list[str]) -> int:
     return 1
 
 
-def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str], log_dir: Path,
-         bar: tqdm) -> tuple[list[tuple[Job, int]], list[Job]]:
+def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str], log_dir: Path, bar: tqdm,
+         clock: Clock) -> tuple[list[tuple[Job, int]], list[Job]]:
     """Run `jobs`, at most `grid.jobs` at once, each as soon as the jobs it needs have completed, in the order given
     otherwise; returns the jobs that failed (with their exit codes) and those not started because they need one.
     With one job at a time its output goes to the terminal (and its progress bars with it); with several, each to its
-    log file."""
+    log file. Each job's seconds go to grid-logs/jobs.jsonl (the clock's closing table reads them), and the time left
+    is said as each job finishes."""
     pending, running, failed, skipped, done = list(jobs), {}, [], [], set()
     free = list(range(cfg.grid.jobs))
     try:
@@ -174,23 +181,30 @@ def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str]
                 # appended to: a resumed job's log keeps what its killed attempt wrote
                 log = None if cfg.grid.jobs == 1 else open(log_dir / f"{job.label}.log", "a")
                 running[subprocess.Popen(argv, env=job_environment(cfg, slot, cfg.grid.jobs), stdout=log,
-                                         stderr=subprocess.STDOUT if log else None)] = (job, slot, log)
+                                         stderr=subprocess.STDOUT if log else None)] = (job, slot, log, time.monotonic())
                 tqdm.write(f"grid: started {job.label}")
             if pending and not running:
                 raise RuntimeError(f"grid: {pending[0].label} needs {pending[0].needs}, which no job before it provides")
             time.sleep(0.2)
             for process in [p for p in running if p.poll() is not None]:
-                job, slot, log = running.pop(process)
+                job, slot, log, began = running.pop(process)
                 if log:
                     log.close()
                 free.append(slot)
                 bar.update(1)
+                secs = time.monotonic() - began
+                clock.finished(job.label, secs)
+                with open(log_dir / JOBS_LOG, "a") as record:
+                    record.write(json.dumps({"label": job.label, "seconds": secs, "exit": process.returncode,
+                                             "finished": dt.datetime.now(dt.timezone.utc).isoformat()}) + "\n")
                 if process.returncode:
                     failed.append((job, process.returncode))
                     tqdm.write(f"grid: {job.label} failed (exit {process.returncode})", file=sys.stderr)
                 else:
                     done.add(job.label)
-                    tqdm.write(f"grid: done {job.label}")
+                    left = clock.left([j.label for j in pending] + [j.label for j, *_ in running.values()])
+                    tqdm.write(f"grid: done {job.label} in {minutes(secs)} (estimated "
+                               f"{minutes(clock.estimates[job.label])}); about {minutes(left / cfg.grid.jobs)} left")
     finally:  # the grid interrupted (Ctrl-C, SIGTERM): stop its jobs too; each marks its run failed, to resume
         for process in running:
             process.terminate()

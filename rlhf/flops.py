@@ -17,6 +17,9 @@ positions and a reward head reads one: the same convention for every method, an 
 
 from __future__ import annotations
 
+import time
+
+import torch
 from peft import PeftModel
 from torch import nn
 
@@ -44,3 +47,42 @@ def forward_flops(n_params: int, tokens: int) -> int:
 def train_flops(n_params: int, tokens: int) -> int:
     """FLOPs of a forward and backward pass (one training presentation) of `tokens` real tokens: 6 · N · tokens."""
     return 6 * n_params * tokens
+
+
+def linear_shapes(model: nn.Module) -> dict[tuple[int, int], int]:
+    """(in_features, out_features) of every matmul weight one forward pass of `model` multiplies by, with how many
+    layers have it: the attention projections, the MLP's and the head (an LM head tied to the embedding included)."""
+    model = model.get_base_model() if isinstance(model, PeftModel) else model
+    shapes: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            shape = (module.in_features, module.out_features)
+            shapes[shape] = shapes.get(shape, 0) + 1
+    return shapes
+
+
+def matmul_limit(model: nn.Module, dtype: torch.dtype, device: torch.device, rows: int = 2048,
+                 repeats: int = 3) -> float:
+    """This machine's dense matmul FLOP/s at `model`'s own shapes: `rows` tokens through each of its weight shapes
+    (`linear_shapes`) in `dtype`, on every core torch uses, the fastest of `repeats` calls after a warm-up, weighted
+    as one forward pass weights them. No stage can run faster than this: it is what every stage's achieved FLOP/s is
+    a fraction of (`make bench`), and what the clock scales by (pipelines/clock.py). 2048 rows is a training batch
+    of the default profile (16 sequences of about 70 tokens, both sides of 8 pairs) and more than enough to fill
+    the cores."""
+    flops = seconds = 0.0
+    for (n_in, n_out), count in linear_shapes(model).items():
+        x = torch.randn(rows, n_in, dtype=dtype, device=device)
+        w = torch.randn(n_out, n_in, dtype=dtype, device=device)
+        best = float("inf")
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first call warms the kernel's caches
+                best = min(best, time.perf_counter() - start)
+        flops += count * 2 * rows * n_in * n_out
+        seconds += count * best
+    return flops / seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from analysis.load import load_runs
-from pipelines import grid
+from pipelines import clock, grid
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
 from rlhf.rundir import CHECKPOINT_RECORD
@@ -161,6 +162,8 @@ def test_a_grid_stopped_part_way_is_reported_over_its_complete_seeds(tmp_path):
     the report compares seed 0 and names the DPO run seed 1 still needs, rather than pooling PPO over two seeds and
     DPO over one."""
     runs_dir = tmp_path / "runs"
+    estimate = _finish(_cli("clock", *COMMON, f"runs_dir={runs_dir}"))  # `make all`'s first line
+    assert re.search(r"take about \d+ (s|min|h \d+ min):", estimate), estimate
     process = _cli("grid", *COMMON, f"runs_dir={runs_dir}", start_new_session=True)
     out, deadline = b"", time.time() + 900
     while b"grid: started dpo-beta0.1-seed1" not in out and time.time() < deadline:
@@ -180,3 +183,34 @@ def test_a_grid_stopped_part_way_is_reported_over_its_complete_seeds(tmp_path):
     assert runs.missing == ["dpo β 0.1 seed 1"]
     # without the rule both PPO seeds would be pooled against one DPO seed
     assert sorted(load_runs(runs_dir / "tiny").runs.query("method == 'ppo' and included")["seed"]) == [0, 1]
+    # `make all`'s last lines: every job that completed, its estimate and what it took, as numbers
+    took = _finish(_cli("clock", "--took", *COMMON, f"runs_dir={runs_dir}"))
+    for label in ("reference", "reward_model-seed0", "ppo-beta0.1-seed0", "dpo-beta0.1-seed0", "ppo-beta0.1-seed1"):
+        assert re.search(rf"^  {label} +\d+ (s|min) +\d+ (s|min)$", took, re.M), took
+    assert re.search(r"estimate off by [+-]\d+%", took), took
+
+
+def test_the_clock_counts_the_flops_the_runs_record(tmp_path):
+    """The estimate's work is each job's FLOPs, counted from the profile's sizes: it agrees with what each stage's run
+    records of itself (rlhf/flops.py) within 10% on tiny, whose prompts are shorter than the default's."""
+    cfg = load_config("tiny", [f"runs_dir={tmp_path}"])
+    for command in ("reference", "ppo", "dpo"):
+        _finish(_cli(command, "--profile", "tiny", f"runs_dir={tmp_path}"))
+    sizes, _ = clock.measure_sizes(cfg)
+    recorded = {}
+    for timings in (tmp_path / "tiny").glob("*/*/timings.json"):
+        method = timings.parent.parent.name.replace("_", "-")
+        recorded[method] = sum(t.get("flops", 0) or 0 for t in json.loads(timings.read_text()).values())
+    for job in grid.in_order(cfg):
+        command = job.command
+        estimated = sum(clock.job_flops(cfg, command, job.overrides, sizes).values())
+        assert estimated == pytest.approx(recorded[command], rel=0.1), (command, estimated, recorded[command])
+
+
+def test_the_grid_clock_takes_the_pace_of_the_jobs_that_ran():
+    tick = clock.Clock({"a": 100.0, "b": 100.0, "c": 300.0})
+    assert tick.left(["b", "c"]) == 400.0  # nothing finished: the estimates as they are
+    tick.finished("a", 150.0)  # 1.5x slower than estimated here
+    assert tick.left(["b", "c"]) == 600.0
+    tick.finished("b", 2.0)  # reused: says nothing of the machine's pace
+    assert tick.left(["c"]) == 450.0
