@@ -11,7 +11,8 @@ from rlhf.config import PROJECT_ROOT
 
 STAGES = {"data: sampling pi_ref", "reward model: training", "PPO: rollout", "PPO: scoring (pi_old, pi_ref, V, r_phi)",
           "PPO: update (policy + V)", "DPO: pi_ref log-probs", "DPO: training", "eval in PPO: sampling",
-          "eval in DPO: sampling", "Preferred-FT: training"}
+          "eval in DPO: sampling", "Preferred-FT: training", "eval in PPO: the whole point",
+          "eval in DPO: the whole point", "machine: dense matmul at the model's shapes"}
 
 
 def test_bench_tiny_writes_a_sane_table(tmp_path):
@@ -25,11 +26,18 @@ def test_bench_tiny_writes_a_sane_table(tmp_path):
     assert STAGES <= set(table["stage"])
     assert set(table["precision"]) == {"fp32"}  # the tiny profile's model.precision
     assert {"bare model: train", "bare model: forward", "bare model: generate"} <= set(table["stage"])
-    for _, row in table.iterrows():
+    # the machine's limit: dense matmuls at the model's shapes, what every FLOP/s is a fraction of
+    limit = table[table["kind"] == "matmul"]
+    assert len(limit) == 1 and limit["tflops_per_s"].iloc[0] > 0 and limit["of_limit"].iloc[0] == 1
+    for _, row in table[table["kind"] != "matmul"].iterrows():
         assert row["tokens"] > 0 and row["seconds"] > 0 and row["peak_memory_mb"] > 0, row.to_dict()
         assert math.isclose(row["tokens_per_s"], row["tokens"] / row["seconds"], rel_tol=1e-6)
-        assert math.isclose(row["ratio"], row["tokens_per_s"] / row["ceiling_tokens_per_s"], rel_tol=1e-6)
-        assert 0 < row["ratio"] < 100, row.to_dict()
+        if row["kind"] != "eval":  # an eval point as a whole has no bare-model equivalent
+            assert math.isclose(row["ratio"], row["tokens_per_s"] / row["ceiling_tokens_per_s"], rel_tol=1e-6)
+            assert 0 < row["ratio"] < 100, row.to_dict()
+        if not row["stage"].startswith("eval in") or row["kind"] == "eval":  # the split rows do not split FLOPs
+            assert math.isclose(row["of_limit"], row["tflops_per_s"] / limit["tflops_per_s"].iloc[0], rel_tol=1e-6)
+            assert 0 < row["of_limit"] < 10, row.to_dict()  # PPO's passes skip the head over the prompt
     assert "ceiling_tokens_per_s" in out.stdout and "DPO: training" in out.stdout  # the printed table
     assert not runs.exists()  # the stages ran in a temporary runs directory, not the profile's
 
