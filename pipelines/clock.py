@@ -32,7 +32,7 @@ from rlhf.tasks import load_task
 # avx512_bf16 box (their recorded FLOPs over their recorded seconds, over the limit measured there; the derivation
 # is docs/performance.md's "The clock"). Everything a stage does besides matmuls (sampling's step-by-step decoding,
 # elementwise kernels, the gold reward's classifier, logging) is inside these fractions.
-EFFICIENCY = {"sampling": 0.25, "training": 0.37, "forward": 0.48, "evaluation": 0.43}
+EFFICIENCY = {"sampling": 0.28, "training": 0.41, "forward": 0.54, "evaluation": 0.47}
 START_SECONDS = 18.0  # a job's process before its first step: imports, the models and the preference set loaded
 REPORT_SECONDS = 60.0  # `make report` on the default profile's runs
 CLOCK_FILE = "clock.json"  # runs/<profile>/clock.json: what `make all` estimated, for its closing table
@@ -180,6 +180,9 @@ def estimate(cfg: Config, jobs: list) -> Estimate:
     limit = matmul_limit(model.to(device), AUTOCAST_DTYPES.get(precision, torch.float32), device, repeats=5)
     data = data_flops(cfg, sizes)
     work = {job.label: job_flops(cfg, job.command, job.overrides, sizes) for job in jobs}
+    dpo = [job.label for job in jobs if job.command == "dpo"]
+    for label in dpo[1:]:  # pi_ref's log-probs of the pairs: the first DPO run caches them for the rest (dpo/trainer.py)
+        work[label].pop("forward")
     return Estimate(machine=f"{machine(device)}, {torch.get_num_threads()} threads, {precision}", limit=limit,
                     flops=sum(data.values()) + sum(sum(w.values()) for w in work.values()),
                     jobs={label: seconds(w, limit) for label, w in work.items()}, data=seconds(data, limit) if data
