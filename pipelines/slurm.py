@@ -23,21 +23,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from pipelines.grid import Job, command_line, job_environment, phases
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.errors import UserError
 
+# Each job's node unpickles `run_job` from this module, so the module imports nothing heavy: pipelines.grid brings the
+# stages (torch, transformers, TRL), which only the job's own command needs. The submitting side imports it in main.
+if TYPE_CHECKING:
+    from pipelines.grid import Job
 
-def run_job(argv: list[str], log: str, cfg: Config) -> None:
+
+def run_job(argv: list[str], log: str, threads: int | None) -> None:
     """One job, on its node: `argv`, its output appended to `log` (where the local grid writes it: a resumed job's log
-    keeps its killed attempt's lines), alone on what Slurm gave it as `make ppo` is on a machine of its own. A failed
-    command fails the Slurm job, so that the next phase never starts (afterok)."""
+    keeps its killed attempt's lines), on the devices and cores Slurm gave the job; `threads` (grid.threads_per_job)
+    fixes its CPU thread count, on which a run's numbers depend on a CPU. A failed command fails the Slurm job, so
+    that the next phase never starts (afterok)."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with open(log, "a") as out:
-        code = subprocess.call(argv, cwd=PROJECT_ROOT, env=job_environment(cfg, 0, 1), stdout=out,
-                               stderr=subprocess.STDOUT)
+        code = subprocess.call(argv, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     if code:
         raise RuntimeError(f"exit status {code}")
 
@@ -67,12 +75,14 @@ def submit(executor, cfg: Config, phase: list[Job], overrides: list[str], launch
     """`phase` as one job array (a plain job if it has one job), held until every job of `after` completed; its
     submitit jobs, in `phase`'s order."""
     from submitit.core.utils import FailedJobError
+
+    from pipelines.grid import command_line
     if after:
         executor.update_parameters(slurm_dependency="afterok:" + ":".join(_array_ids(after)))
     argvs = [command_line(job, cfg.profile, overrides, launcher) for job in phase]
     logs = [str(log_dir / f"{job.label}.log") for job in phase]
     try:
-        return executor.map_array(run_job, argvs, logs, [cfg] * len(phase))
+        return executor.map_array(run_job, argvs, logs, [cfg.grid.threads_per_job] * len(phase))
     except FailedJobError as e:  # sbatch said no: an unknown partition or account, a time over the partition's limit
         raise UserError(f"sbatch refused the grid's jobs: {' '.join(str(e).split())}") from None
 
@@ -89,6 +99,7 @@ def main(cfg: Config, overrides: list[str], wait: bool = True) -> int:
         import submitit  # noqa: F401 (an optional dependency: the `slurm` extra)
     except ImportError:
         raise UserError("grid.launcher=slurm needs submitit: pip install -e '.[slurm]'") from None
+    from pipelines.grid import phases
     held = cfg.slurm.executor == "slurm"  # Slurm holds each phase back until the one before it completed
     if not wait and not held:
         raise UserError("--no-wait needs slurm.executor=slurm: without a scheduler to hold a phase back, this process "
@@ -151,7 +162,8 @@ def _wait(phase: list[Job], handles: list, bar: tqdm) -> list[tuple[Job, str]]:
             if error is None:
                 tqdm.write(f"grid: done {job.label}")
                 continue
-            status = re.search(r"exit status -?\d+", str(error))  # run_job's error, in the traceback submitit kept
-            # no exit status: the job was ended from outside (time limit, out of memory, cancelled, node failure)
+            # in the traceback submitit kept: run_job's error, or submitit's own at the time limit (it stops the job
+            # shortly before Slurm would); neither: Slurm ended the job (out of memory, cancelled, node failure)
+            status = re.search(r"exit status -?\d+|timed-out", str(error))
             failed.append((job, status.group() if status else f"ended {handle.state}"))
     return failed
