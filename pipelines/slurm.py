@@ -123,13 +123,14 @@ def main(cfg: Config, overrides: list[str], wait: bool = True) -> int:
         tqdm.write(f"grid: phase {len(handles)} of {len(all_jobs)} ({what}) submitted as "
                    f"{', '.join(_array_ids(handles[-1]))}{held_by}")
 
-    if held:
+    if held:  # every phase now; stopping to watch (Ctrl-C) stops none of them
         while len(handles) < len(all_jobs):
             submit_next()
         if not wait:
-            print(f"grid: submitted; the jobs go on without this command. Watch them: squeue -u $USER --name "
-                  f"grid-{cfg.profile}; each job's output is in {log_dir}/<job>.log; once all are done: "
-                  f"make report PROFILE={cfg.profile}")
+            print(f"grid: submitted; the jobs go on without this command.\n"
+                  f"  watch them: squeue -u $USER --name grid-{cfg.profile}\n"
+                  f"  each job's output: {log_dir}/<job>.log\n"
+                  f"  once all are done: make report PROFILE={cfg.profile}")
             return 0
     with tqdm(total=total, desc="grid", unit="job", dynamic_ncols=True) as bar:
         for number, phase in enumerate(all_jobs):
