@@ -17,12 +17,15 @@ TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --co
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false). The runs are the profile's grid:
 # pi_ref's evaluation, the reward models, then grid.methods x beta x seed (default: ppo and dpo), JOBS at a time
-# (`make all PROFILE=gpu JOBS=8`).
+# (`make all PROFILE=gpu JOBS=8`). LAUNCHER=slurm: each phase a Slurm job array (docs/cluster.md); the first job,
+# pi_ref's evaluation, builds the SFT model and the preference set on the cluster, so `all` builds neither here, and
+# with ARGS=--no-wait (return once submitted) it leaves the report for `make report` once the jobs are done.
 JOBS ?= 1
+LAUNCHER ?= local
 # `clock` first says how long the whole will take on this machine (pipelines/clock.py); the last line, what each
-# stage took against that.
-all: setup clock sft data grid report
-	$(CLI) clock --took --profile $(PROFILE) $(ARGS)
+# stage took against that. A cluster (LAUNCHER=slurm) builds the preference set in its first job and has no clock.
+all: setup $(if $(filter slurm,$(LAUNCHER)),,clock sft data) grid $(if $(filter --no-wait,$(ARGS)),,report)
+	$(if $(filter slurm,$(LAUNCHER)),,$(CLI) clock --took --profile $(PROFILE) $(ARGS))
 
 clock: setup
 	$(CLI) clock --profile $(PROFILE) $(ARGS)
@@ -77,9 +80,11 @@ data: setup
 reference: setup
 	$(CLI) reference --profile $(PROFILE) $(ARGS)
 
-# Independent runs side by side, each a process of its own (pipelines/grid.py): the reward models, then the rest.
+# Independent runs side by side, each a process of its own (pipelines/grid.py): the reward models, then the rest;
+# LAUNCHER=slurm: each phase a Slurm job array through submitit (pipelines/slurm.py, docs/cluster.md).
 grid: setup
-	GRID_TRAIN_CLI="$(if $(filter 1,$(NPROC)),,$(TRAIN_CLI))" $(CLI) grid --profile $(PROFILE) grid.jobs=$(JOBS) $(ARGS)
+	GRID_TRAIN_CLI="$(if $(filter 1,$(NPROC)),,$(TRAIN_CLI))" $(CLI) grid --profile $(PROFILE) grid.jobs=$(JOBS) \
+		grid.launcher=$(LAUNCHER) $(ARGS)
 
 # Stage 1 of RLHF alone: every seed's reward model (`make ppo` trains it where it is missing).
 reward-model: setup

@@ -12,7 +12,8 @@
     online-dpo  online DPO: eq. (6) on pairs sampled from the policy, ranked by PPO's reward model, per beta x seed
     bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
     sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
-    grid      `make all`'s runs: grid.methods x beta x seed, each its own process, grid.jobs at a time (JOBS=)
+    grid      `make all`'s runs: grid.methods x beta x seed, each its own process, grid.jobs at a time (JOBS=);
+              grid.launcher=slurm: each phase a Slurm job array through submitit (LAUNCHER=slurm, docs/cluster.md)
     clock     `make all`'s first line, how long the profile will take here; with --took, its last: what each stage took
     sweep     the tuning protocol: a grid of sweep.method's learning rate x passes on the validation prompts
     report    tables, plots and an HTML page from every run of the profile
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output: TRL's log dict "
                                                                 "at every step, a bar for every model load and dataset "
                                                                 "map, transformers' warnings")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="grid with grid.launcher=slurm: return once the jobs are submitted, with a command to "
+                             "watch them")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
     args = parser.parse_intermixed_args(argv)
     # A polite kill (SIGTERM) unwinds like an exception, so the run in progress is marked failed, not left
@@ -103,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"reference evaluation: {stages.evaluate_reference(cfg)}")
         return 0
     if args.command == "grid":  # each job is a command line of its own: the user's overrides go to every one
+        if cfg.grid.launcher == "slurm":
+            from pipelines import slurm
+            return slurm.main(cfg, args.overrides, wait=not args.no_wait)
+        if args.no_wait:
+            raise UserError("--no-wait: only with grid.launcher=slurm (the local grid's jobs are this command's own "
+                            "processes)")
         from pipelines import grid
         return grid.main(cfg, args.overrides)
     if args.command == "clock":

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -427,6 +428,9 @@ class GridConfig:
     jobs: int = _f(1, "runs side by side (set by JOBS=): on GPUs spread round-robin over the visible devices; on a "
                       "CPU they share its cores (one at a time is fastest there)")
     threads_per_job: int | None = _f(None, "CPU threads of each job's process; null: the machine's cores / jobs")
+    launcher: Literal["local", "slurm"] = _f(
+        "local", "where the jobs run (set by LAUNCHER=): 'local', processes of this machine; 'slurm', each phase a "
+                 "Slurm job array through submitit, with the `slurm` section's settings (docs/cluster.md)")
 
     def validate(self, prefix: str) -> None:
         _require(len(self.methods) > 0, f"{prefix}.methods", "must list at least one method")
@@ -435,6 +439,36 @@ class GridConfig:
         _require(len(set(self.methods)) == len(self.methods), f"{prefix}.methods",
                  f"lists a method twice: {self.methods}")
         _require_positive(self, prefix, "jobs", "threads_per_job")
+
+
+@dataclass
+class SlurmConfig:
+    """The grid on a Slurm cluster (`make all LAUNCHER=slurm`, pipelines/slurm.py, docs/cluster.md): each phase a job
+    array submitted through submitit. Never in a run key: where a run ran does not change what it computes."""
+    executor: Literal["slurm", "local"] = _f(
+        "slurm", "submitit's executor: 'slurm' submits every phase at once with sbatch, each held by Slurm until the "
+                 "one before it completed (afterok); 'local' runs each job as a process of this machine through "
+                 "submitit, a phase once the one before it completed (no cluster needed: what the tests use)")
+    partition: str | None = _f(None, "sbatch --partition; null: the cluster's default")
+    account: str | None = _f(None, "sbatch --account; null: your default account")
+    qos: str | None = _f(None, "sbatch --qos; null: the default")
+    time_min: int = _f(240, "each job's time limit in minutes (sbatch --time); a job stopped there is resumed from "
+                            "its last checkpoint by the next `make all LAUNCHER=slurm`")
+    gpus_per_job: int = _f(1, "GPUs of each job (--gpus-per-node); with NPROC=N give N: each training job then runs "
+                              "under `accelerate launch` over them")
+    cpus_per_job: int | None = _f(None, "CPU cores of each job (--cpus-per-task); null: the cluster's default")
+    mem_gb: float | None = _f(None, "memory of each job in GB (--mem); null: the cluster's default")
+    max_parallel: int | None = _f(None, "jobs of one array running at once (--array=0-N%max_parallel); null: 256, "
+                                        "submitit's default")
+    sbatch: list[str] = _f([], "other sbatch options, without the dashes: name=value or a flag's name, e.g. "
+                               "[constraint=h100, exclusive]")
+
+    def validate(self, prefix: str) -> None:
+        _require_positive(self, prefix, "time_min", "cpus_per_job", "mem_gb", "max_parallel")
+        _require(self.gpus_per_job >= 0, f"{prefix}.gpus_per_job", f"must be >= 0, got {self.gpus_per_job}")
+        for i, option in enumerate(self.sbatch):
+            _require(re.fullmatch(r"[a-z][a-z0-9-]*(=.+)?", option) is not None, f"{prefix}.sbatch[{i}]",
+                     f"{option!r} is not an sbatch option without its dashes (name=value, or a flag's name)")
 
 
 @dataclass
@@ -515,6 +549,7 @@ class Config:
     sft_stage: SFTStageConfig = field(default_factory=SFTStageConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> None:

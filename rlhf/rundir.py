@@ -137,7 +137,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # Config keys that do not change what a run computes: a run killed under one value resumes under another; a dotted
 # name is a key of a section.
-_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "grid", "report_to",
+_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "grid", "slurm", "report_to",
                    "reward_model.checkpoint_every", "ppo.checkpoint_every", "dpo.checkpoint_every", "rloo.checkpoint_every",
                    "online_dpo.checkpoint_every")
 # A method's own section keys that method's runs alone: tuning DPO's learning rate leaves PPO's completed runs (and the

@@ -134,9 +134,11 @@ def test_the_grid_side_by_side_equals_the_runs_one_by_one(tmp_path):
          "dpo-beta0.1-seed0", "dpo-beta0.1-seed1"])
 
 
-def test_a_killed_grid_resumes(tmp_path):
+# tests/test_slurm.py has the rest of the submitit launcher's tests
+@pytest.mark.parametrize("launcher", [[], ["grid.launcher=slurm", "slurm.executor=local"]], ids=["local", "submitit"])
+def test_a_killed_grid_resumes(tmp_path, launcher):
     args = ["grid", *COMMON, f"runs_dir={tmp_path / 'runs'}", "grid.jobs=2", "ppo.iterations=8",
-            "ppo.checkpoint_every=2"]
+            "ppo.checkpoint_every=2", *launcher]
     process = _cli(*args, start_new_session=True)  # its own process group: kill -9 reaches every job at once
     ppo = tmp_path / "runs" / "tiny" / "ppo"
     deadline = time.time() + 600
