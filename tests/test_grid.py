@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pipelines import grid
+from rlhf.checkpoints import CHECKPOINT_RECORD
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
-from rlhf.rundir import CHECKPOINT_RECORD
 
 COMMON = ["--profile", "tiny", "seeds=[0,1]"]
 

@@ -1,21 +1,20 @@
-"""Every key that decides reuse, pinned: run keys, the reward model's and the SFT model's keys, the preference set's,
-the evaluation caches' names, for every profile under a few variations. tests/keys.json holds them as the code
-computed them before the identity module existed; a completed run stays reusable only while its key is the same."""
+"""The keys that decide reuse (rlhf/keys.py): every one pinned as computed before the identity module existed, and
+every config field declaring its role."""
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 from datasets import Dataset
 
-from reward_model.train import reward_model_key
-from rlhf.config import load_config
-from rlhf.data import PreferenceSet, data_sections, preference_dir
+from rlhf.config import Config, ModelConfig, _f, load_config
+from rlhf.data import preference_dir
 from rlhf.evaluate import EvalContext, _rm_pair_metrics_file
-from rlhf.reference import sft_key
-from rlhf.rundir import run_key
+from rlhf.keys import (IDENTITY, added, check_roles, eval_settings, preference_set_key, reference_cache_names,
+                       reference_logps_name, reward_model_key, run_key, sft_key)
 
 PINNED = Path(__file__).with_name("keys.json")
 PROFILES = ("default", "tiny", "hh", "gpu", "imdb-gpt2")
@@ -44,7 +43,6 @@ PAIRS = [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "q", "chose
 
 def run_keys(cfg) -> dict[str, str]:
     """Every method's run key for this config at seed 0 and 1, with the extra inputs each method passes."""
-    prefs = PreferenceSet(path=None, manifest={"sha256": DATA}, train=None, heldout=None, validation=None)
     online = {"reward_model_path": RM, "num_processes": 1}
     out = {}
     for seed in SEEDS:
@@ -60,42 +58,28 @@ def run_keys(cfg) -> dict[str, str]:
             "online-dpo": (cfg, seed, DATA, online),
             "bon": (cfg, cfg.eval.seed, DATA, {**online, "bon_n": sorted(set(cfg.bon.n)), "reference_model": REF}),
             "sft-chosen": (cfg, seed, DATA, {"reference_model": REF}),
-            "reward_model": (cfg, seed, DATA, {"reward_model_key": reward_model_key(cfg, prefs, seed),
-                                               "reference_model": REF}),
         }
         for method, (c, s, data, extra) in methods.items():
             out[f"seed{seed}/{method}"] = run_key(c, method, s, data, extra)
-    key = sft_key(cfg, CORPUS)
-    out["sft"] = run_key(cfg, "sft", cfg.sft_stage.seed, key["texts_sha256"],
-                         {"sft_key": key, "base_model_path": REF, "texts": len(CORPUS)})
     return out
 
 
 def artifact_keys(cfg) -> dict:
-    prefs = PreferenceSet(path=None, manifest={"sha256": DATA}, train=None, heldout=None, validation=None)
-    out = {f"reward_model/seed{seed}": reward_model_key(cfg, prefs, seed) for seed in SEEDS}
+    out = {f"reward_model/seed{seed}": reward_model_key(cfg, DATA, seed) for seed in SEEDS}
     out["sft/corpus"], out["sft/chosen"] = sft_key(cfg, CORPUS), sft_key(cfg, CHOSEN)
-    out["preferences"] = {"folder": preference_dir(cfg).name, "config_hash": cfg.section_hash(*data_sections(cfg))}
-    out["eval_settings"] = cfg.eval_settings()
+    out["preferences"] = {"folder": preference_dir(cfg).name, "config_hash": preference_set_key(cfg)}
+    out["eval_settings"] = eval_settings(cfg)
     for arithmetic in ("cpu-fp32", "cuda-bf16"):
-        cache = f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic}.pt"
-        pairs = f"{Path(cache).stem}-pairs-{DATA[:12]}.pt"
         ctx = EvalContext(prompts=[], ref_model=None, tokenizer=None, cfg=cfg.eval, autocast=None,
                           heldout_pairs=PAIRS, arithmetic=arithmetic)
-        out[f"eval_cache/{arithmetic}"] = [cache, pairs, _rm_pair_metrics_file(Path("rm"), ctx).name]
+        out[f"eval_cache/{arithmetic}"] = [*reference_cache_names(cfg, arithmetic, DATA),
+                                           _rm_pair_metrics_file(Path("rm"), ctx).name]
     return out
 
 
-def dpo_reference_cache() -> str:
-    """The name of DPO's cache of pi_ref's log-probs of its pairs, for fixed inputs."""
-    key = hashlib.sha256(json.dumps({
-        "reference": REF, "cut": 128, "batch_size": 8, "torch": "2.0.0", "arithmetic": "cpu-no",
-        "ids": [[[1, 2], [3]], [[4, 5], [6]], [[7], [8, 9]]]}).encode()).hexdigest()
-    return f"dpo-ref-logps-{key[:16]}.pt"
-
-
 def keys_of_today() -> dict:
-    out = {"dpo_reference_cache": dpo_reference_cache()}
+    out = {"dpo_reference_cache": reference_logps_name(REF, 128, 8, "2.0.0", "cpu-no",
+                                                       [[[1, 2], [3]], [[4, 5], [6]], [[7], [8, 9]]])}
     for profile in PROFILES:
         for variant, overrides in VARIANTS.items():
             cfg = load_config(profile, overrides)
@@ -107,3 +91,48 @@ def keys_of_today() -> dict:
 
 def test_every_key_is_what_it_was():
     assert json.loads(json.dumps(keys_of_today())) == json.loads(PINNED.read_text())
+
+
+def test_a_config_key_added_without_a_role_stops_the_import():
+    """A field without a declared role would count in every key unseen: completed runs orphaned, or reused under a
+    setting they never had. The check names it; a field with a role passes."""
+    @dataclasses.dataclass
+    class WithoutRole(ModelConfig):
+        new_knob: int = 3
+
+    @dataclasses.dataclass
+    class WithRole(ModelConfig):
+        new_knob: int = _f(3, IDENTITY, "a knob")
+
+    for model, fails in ((WithoutRole, True), (WithRole, False)):
+        cfg = dataclasses.make_dataclass("Config", [("model", model, dataclasses.field(default_factory=model))],
+                                         bases=(Config,))
+        if fails:
+            with pytest.raises(TypeError, match="config key 'model.new_knob' declares no role"):
+                check_roles(cfg)
+        else:
+            check_roles(cfg)
+
+
+def test_a_config_key_added_now_orphans_no_run_and_no_cache():
+    """A field declared `added(3)` counts in no key while at its default: every run, reward model, SFT model,
+    preference set and cache keeps its key; set away from it, it counts wherever its section does."""
+    @dataclasses.dataclass
+    class WithNewKnob(ModelConfig):
+        new_knob: int = _f(3, added(3), "a knob added after every kind of key was fixed")
+
+    extended = dataclasses.make_dataclass("Config", [("model", WithNewKnob, dataclasses.field(
+        default_factory=WithNewKnob))], bases=(Config,))
+    cfg = load_config("tiny")
+
+    def keys(c):
+        return (run_key(c, "dpo", 0, DATA, None), reward_model_key(c, DATA, 0), sft_key(c, CORPUS),
+                preference_set_key(c), eval_settings(c), reference_cache_names(c, "cpu-fp32", DATA))
+
+    def with_knob(value):
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return extended(**{**values, "model": WithNewKnob(**dataclasses.asdict(cfg.model), new_knob=value)})
+
+    assert keys(with_knob(3)) == keys(cfg)
+    changed = [a != b for a, b in zip(keys(with_knob(4)), keys(cfg))]
+    assert changed == [True, False, True, True, True, True]  # the reward model's key reads the model's name alone
