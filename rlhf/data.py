@@ -208,7 +208,8 @@ def build_preferences(cfg: Config) -> PreferenceSet:
         DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
             str(tmp / "dataset"))
         manifest = {
-            "config_hash": preference_set_key(cfg), "config": settings(cfg, PREFERENCE_SET, SHARED),  # its key's
+            "config_hash": preference_set_key(cfg),
+            "config": settings(cfg, PREFERENCE_SET, SHARED),  # what config_hash is the sha256 of
             "model": cfg.model.name_or_path, "model_path": model_path, "task": cfg.task.name,
             "seed": cfg.data.seed, "counts": {"train": len(train), "heldout": len(heldout),
                                               "validation": len(validation)},

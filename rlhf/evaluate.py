@@ -112,7 +112,6 @@ class EvalContext:
         return self._pair_batches
 
 
-
 def arithmetic(cfg: Config, device: torch.device) -> str:
     """`cpu-bf16`, `cuda-fp32`, ...: what numbers a pass computes depends on besides its inputs (`precision: auto` is
     bf16 on one machine and fp32 on another sharing the runs directory)."""
