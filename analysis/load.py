@@ -17,8 +17,9 @@ from typing import Iterable
 
 import pandas as pd
 
+from rlhf.atomic import read_jsonl
 from rlhf.errors import UserError
-from rlhf.rundir import PROMPT_COLUMNS, PROMPTS_SUFFIX, process_alive, read_jsonl
+from rlhf.rundir import PROMPT_COLUMNS, PROMPTS_SUFFIX, process_alive
 
 RUN_KEYS = ["method", "beta", "seed", "run_id"]  # identify a run; every frame carries them
 ROW_KEYS = ("kind", "step", "wall_seconds", "tokens")  # every metrics row has these (the schema's promise)

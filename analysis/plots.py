@@ -23,7 +23,7 @@ from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from analysis import stats as S  # noqa: E402
 from analysis.metrics import FLOPS, GAO_FORM, RUN, SECONDS  # noqa: E402
-from rlhf.rundir import atomic_write_bytes  # noqa: E402
+from rlhf.atomic import atomic_write_bytes  # noqa: E402
 
 # Legend names: the DPO paper's Fig. 2 names where it has one. Method ids (run-directory names) stay in the CSVs.
 NAMES = {"reference": "π_ref", "sft": "SFT stage (π_ref)", "reward_model": "reward model", "ppo": "PPO",

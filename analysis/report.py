@@ -20,8 +20,8 @@ from analysis import metrics as M
 from analysis import plots as P
 from analysis import stats as S
 from analysis.load import Runs, load_runs
+from rlhf.atomic import atomic_write_text
 from rlhf.config import PROJECT_ROOT, Config, ReportConfig
-from rlhf.rundir import atomic_write_text
 
 # The two methods the benchmark compares: where no KL level is fixed in the profile, their runs alone set the levels
 # the report reads (whatever else ran, running RLOO or online DPO never moves the PPO − DPO comparison)

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from rlhf.atomic import atomic_write_text
 from rlhf.config import Config
 from rlhf.data import PreferenceSet
 from rlhf.evaluate import (EvalContext, eval_batches, make_eval_context, per_prompt, response_metrics,
@@ -32,7 +33,7 @@ from rlhf.flops import forward_flops, pass_parameters
 from rlhf.models import (default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
                          resolve_model_path)
 from rlhf.reference import reference_model
-from rlhf.rundir import RunDir, atomic_write_text
+from rlhf.rundir import RunDir
 from rlhf.sequences import reward_scores
 
 METHOD = "bon"

@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from rlhf.config import Config
-from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
+from rlhf.data import PreferenceSet, budget_pairs, budget_record
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import pass_parameters
 from rlhf.models import for_training, load_policy_and_reference, resolve_model_path
@@ -46,7 +46,7 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
     copy: TRL's map() calls would otherwise write cache files into the shared preference set's folder, whose sha256
     its manifest guards."""
     rows = Dataset.from_dict({"prompt": pairs["prompt"], "completion": pairs["chosen"]})
-    return sft_trainer(policy, tokenizer, rows, cfg.sft, budget_passes(cfg, cfg.sft.epochs), None, cfg.model,
+    return sft_trainer(policy, tokenizer, rows, cfg.sft, cfg.budget.passes(cfg.sft.epochs), None, cfg.model,
                        cfg.weight_decay, seed, output_dir, callbacks)
 
 
@@ -69,7 +69,7 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
         callback = EvalAndLogCallback(run, lambda model, step, _final: evaluate(model, ctx, desc=f"eval step {step}"),
                                       cfg.sft.eval_every, device, pass_parameters(policy), name="Preferred-FT step")
         pairs = budget_pairs(cfg, prefs)  # the budget's pairs, as the reward model's and DPO's
-        run.manifest["budget"] = budget_record(len(pairs), budget_passes(cfg, cfg.sft.epochs))
+        run.manifest["budget"] = budget_record(len(pairs), cfg.budget.passes(cfg.sft.epochs))
         build_trainer(cfg, policy, tokenizer, pairs, seed, run.path / "checkpoints", [callback]).train()
         save_policy(policy, tokenizer, run, device)
     step, metrics = callback.last_eval

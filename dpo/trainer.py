@@ -16,8 +16,6 @@ at that step (`Diverged`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +28,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from dpo.loss import dpo_gradient_weight, dpo_loss
+from rlhf.atomic import cached
 from rlhf.config import Config
-from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
+from rlhf.data import PreferenceSet, budget_pairs, budget_record
 from rlhf.distributed import check_finite_everywhere, check_replicas, num_processes, per_process
 from rlhf.errors import UserError
-from rlhf.evaluate import evaluate, load_cached, make_eval_context, save_cached
+from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters
+from rlhf.keys import reference_logps_name
 from rlhf.models import for_training, freeze, load_policy_and_reference, load_scalar_model
 from rlhf.reference import reference_model
 from rlhf.rundir import RunDir
@@ -100,29 +100,28 @@ class WeightLoggingDPOTrainer(trl.DPOTrainer):
         this pass) computes the same numbers, so they are kept in `ref_logps_cache`, keyed by everything they are
         computed from; a run that reads them is charged the seconds computing them took (`train`)."""
         cut = self.args.max_length or None
-        key = hashlib.sha256(json.dumps({
-            "reference": self.ref_model.name_or_path, "cut": cut, "batch_size": batch_size, "torch": torch.__version__,
-            "arithmetic": f"{self.ref_model.device.type}-{self.accelerator.mixed_precision}",
-            "ids": [list(dataset[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]}).encode()).hexdigest()
-        cache = None if self.ref_logps_cache is None else self.ref_logps_cache / f"dpo-ref-logps-{key[:16]}.pt"
-        if cache is not None and cache.exists():
-            cached = load_cached(cache)
-            self.ref_logps_cached_seconds = cached["seconds"]
-            return dataset.add_column("ref_chosen_logps", cached["chosen"]).add_column("ref_rejected_logps",
-                                                                                       cached["rejected"])
-        start = time.perf_counter()
-        logps: dict[str, list[float]] = {"chosen": [], "rejected": []}
-        for s in tqdm(list(chunks(len(dataset), batch_size)), desc=f"pi_ref log-probs ({name} pairs)", leave=False):
-            rows = dataset[s]
-            for side, out in logps.items():
-                full = [(p + r)[:cut] for p, r in zip(rows["prompt_ids"], rows[f"{side}_ids"])]
-                batch = pad_sequences([f[:len(p)] for f, p in zip(full, rows["prompt_ids"])],
-                                      [f[len(p):] for f, p in zip(full, rows["prompt_ids"])],
-                                      self.processing_class.pad_token_id)
-                with self.accelerator.autocast():  # the precision of TRL's own forward passes
-                    out += response_logprobs(self.ref_model, batch.to(self.ref_model.device))[0].sum(dim=1).tolist()
-        if cache is not None:
-            save_cached({**logps, "seconds": time.perf_counter() - start}, cache)
+
+        def compute() -> dict:
+            start = time.perf_counter()
+            logps: dict[str, list[float]] = {"chosen": [], "rejected": []}
+            for s in tqdm(list(chunks(len(dataset), batch_size)), desc=f"pi_ref log-probs ({name} pairs)",
+                          leave=False):
+                rows = dataset[s]
+                for side, out in logps.items():
+                    full = [(p + r)[:cut] for p, r in zip(rows["prompt_ids"], rows[f"{side}_ids"])]
+                    batch = pad_sequences([f[:len(p)] for f, p in zip(full, rows["prompt_ids"])],
+                                          [f[len(p):] for f, p in zip(full, rows["prompt_ids"])],
+                                          self.processing_class.pad_token_id)
+                    with self.accelerator.autocast():  # the precision of TRL's own forward passes
+                        out += response_logprobs(self.ref_model, batch.to(self.ref_model.device))[0].sum(dim=1).tolist()
+            return {**logps, "seconds": time.perf_counter() - start}
+
+        cache = None if self.ref_logps_cache is None else self.ref_logps_cache / reference_logps_name(
+            self.ref_model.name_or_path, cut, batch_size, torch.__version__,
+            f"{self.ref_model.device.type}-{self.accelerator.mixed_precision}",
+            [list(dataset[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")])
+        logps, read = cached(cache, compute)
+        self.ref_logps_cached_seconds = logps["seconds"] if read else 0.0
         return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column("ref_rejected_logps",
                                                                                    logps["rejected"])
 
@@ -153,7 +152,7 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         precompute_ref_batch_size=cfg.eval.batch_size,  # forward passes only: the evaluator's scoring batch
         learning_rate=d.learning_rate, lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_steps,
         per_device_train_batch_size=per_process(d.batch_size, "dpo.batch_size"), gradient_accumulation_steps=d.gradient_accumulation_steps,
-        num_train_epochs=budget_passes(cfg, d.epochs), max_grad_norm=d.max_grad_norm,
+        num_train_epochs=cfg.budget.passes(d.epochs), max_grad_norm=d.max_grad_norm,
         max_length=d.max_length,
         **run_dir_args(cfg.model, cfg.weight_decay, seed, device, d.checkpoint_every),
     )
@@ -236,7 +235,7 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
                                    for p, c, r in zip(used["prompt_ids"], used["chosen_ids"], used["rejected_ids"]))
             timing["flops"] = forward_flops(pass_parameters(ref), timing["tokens"])
         run.manifest["pairs"] = count_long_pairs(trainer, cfg.dpo.max_length)
-        run.manifest["budget"] = budget_record(len(trainer.train_dataset), budget_passes(cfg, cfg.dpo.epochs))
+        run.manifest["budget"] = budget_record(len(trainer.train_dataset), cfg.budget.passes(cfg.dpo.epochs))
         run.write_manifest()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         check_replicas(policy, run.manifest)

@@ -38,12 +38,13 @@ from baselines import train_preferred_ft
 from pipelines.clock import machine
 from ppo.train import train_ppo
 from reward_model.train import train_reward_model
+from rlhf.atomic import read_jsonl
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.data import build_preferences
 from rlhf.flops import forward_flops, matmul_limit, pass_parameters, train_flops
 from rlhf.models import (AUTOCAST_DTYPES, autocast, default_device, load_causal_lm, load_scalar_model, load_tokenizer,
                          resolve_model_path, resolve_precision)
-from rlhf.rundir import peak_memory_mb, read_jsonl, reset_peak_memory
+from rlhf.rundir import peak_memory_mb, reset_peak_memory
 from rlhf.sequences import tokenize_prompts
 from rlhf.tasks import load_task
 

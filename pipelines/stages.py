@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reward_model.train import reward_model_key, train_reward_model
-from rlhf.config import PROJECT_ROOT, Config
+from reward_model.train import train_reward_model
+from rlhf.config import Config
 from rlhf.data import PreferenceSet, build_preferences, load_preferences
 from rlhf.distributed import is_main, main_process_first
 from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.keys import reward_model_key
 from rlhf.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import find_sft_model, reference_model
-from rlhf.rundir import RunDir, completed_run, run_manifests
+from rlhf.rundir import RunDir, completed, completed_run
 from rlhf.trl_callbacks import brief
 from sft import train_sft
 
@@ -75,11 +76,8 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
 
 def find_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> Path | None:
     """A completed reward-model run with the same key (data, model, RM config, seed), or None."""
-    key = reward_model_key(cfg, prefs, seed)
-    for path, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / "reward_model"):
-        if manifest.get("status") == "completed" and manifest.get("reward_model_key") == key:
-            return path / "checkpoints" / "final"
-    return None
+    run = completed(cfg, "reward_model", "reward_model_key", reward_model_key(cfg, prefs.sha256, seed))
+    return None if run is None else run / "checkpoints" / "final"
 
 
 def reward_model_seed(cfg: Config, seed: int) -> int:

@@ -30,9 +30,10 @@ from pipelines.stages import build_preference_set, find_reward_model, reward_mod
 from ppo.train import run_identity as ppo_identity
 from ppo.train import train_ppo
 from reward_model.train import train_reward_model
+from rlhf.atomic import atomic_write_text, read_jsonl
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.data import PreferenceSet
-from rlhf.rundir import atomic_write_text, completed_run, read_jsonl
+from rlhf.rundir import completed_run
 
 # The two knobs each method's grid varies: the learning rate, and the passes over its data.
 GRIDS = {"reward_model": ("reward_model.learning_rate", "budget.epochs"),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from rlhf.rundir import commit_checkpoint, prune_checkpoints
+from rlhf.checkpoints import commit_checkpoint, prune_checkpoints
 
 
 def _rng_state() -> dict:

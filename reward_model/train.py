@@ -8,8 +8,8 @@ reward then starts centred, and the per-token KL penalty and the score live on c
 stored in the saved model's config (`reward_shift`) and applied by `rlhf.sequences.reward_scores`.
 
 Every `reward_model.checkpoint_every` steps Trainer saves a resume point, as DPO's does (rlhf/trl_callbacks.py); a
-killed or failed run with the same config and seed goes on from the last one (`RunDir.open`, Trainer's own
-`resume_from_checkpoint`) and ends with the weights an uninterrupted run would have.
+killed or failed run with the same key (`reward_model_key`, which decides its reuse too) goes on from the last one
+(`RunDir.open`, Trainer's own `resume_from_checkpoint`) and ends with the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from transformers import TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.config import Config
-from rlhf.data import PreferenceSet, budget_pairs, budget_passes, budget_record
+from rlhf.data import PreferenceSet, budget_pairs, budget_record
 from rlhf.distributed import check_replicas, from_main, is_main, per_process, stop_together
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import EvalContext, arithmetic, heldout_pair_metrics, store_rm_pair_metrics
 from rlhf.flops import forward_flops, pass_parameters, train_flops
+from rlhf.keys import reward_model_key
 from rlhf.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
                          load_tokenizer, merged, resolve_model_path, save_model)
 from rlhf.reference import reference_model
@@ -48,24 +49,6 @@ class RewardModelResult:
     run_dir: Path
     shift: float          # subtracted from raw scores so pi_ref's samples average 0
     heldout: dict[str, float]
-
-
-def reward_model_key(cfg: Config, prefs: PreferenceSet, seed: int) -> dict:
-    """What a trained reward model depends on: reused by any later run with the same key (the SFT stage's and the
-    LoRA settings, and the weight decay, are in it only when they are on, so the keys of earlier reward models stay as they were)."""
-    # `per_seed` only decides which seed a PPO run asks for: the model trained with seed s is the same either way;
-    # `checkpoint_every` only when resume points are saved
-    settings = {k: v for k, v in cfg.to_dict()["reward_model"].items() if k not in ("per_seed", "checkpoint_every")}
-    key = {"data_sha256": prefs.sha256, "model": cfg.model.name_or_path, "reward_model": settings | {"seed": seed},
-           "task": cfg.task.name,
-           "budget": {"pairs": cfg.budget.pairs, "passes": budget_passes(cfg, cfg.reward_model.epochs)}}
-    if cfg.sft_stage.enabled:  # the backbone is pi_ref: the SFT stage's model
-        key["sft_stage"] = cfg.to_dict()["sft_stage"]
-    if cfg.lora.enabled:
-        key["lora"] = cfg.to_dict()["lora"]
-    if cfg.weight_decay:
-        key["weight_decay"] = cfg.weight_decay
-    return key
 
 
 @torch.inference_mode()
@@ -93,7 +76,7 @@ def _trainer(cfg: Config, rm, tokenizer, train_set, seed: int, run: RunDir, call
     rc = cfg.reward_model
     args = RewardConfig(
         output_dir=str(run.path / "checkpoints"), learning_rate=rc.learning_rate,
-        num_train_epochs=budget_passes(cfg, rc.epochs),
+        num_train_epochs=cfg.budget.passes(rc.epochs),
         per_device_train_batch_size=per_process(rc.batch_size, "reward_model.batch_size"),
         warmup_steps=rc.warmup_ratio, lr_scheduler_type="linear", max_length=rc.max_length,
         **run_dir_args(cfg.model, cfg.weight_decay, seed, device, rc.checkpoint_every))
@@ -107,7 +90,7 @@ def _count_long_pairs(trainer: RewardTrainer, train_set, run: RunDir, cfg: Confi
     max_length, given = cfg.reward_model.max_length, len(train_set)
     dropped = given - len(trainer.train_dataset)
     run.manifest["pairs"] = {"given": given, "dropped_too_long": dropped}
-    run.manifest["budget"] = budget_record(given - dropped, budget_passes(cfg, cfg.reward_model.epochs))
+    run.manifest["budget"] = budget_record(given - dropped, cfg.budget.passes(cfg.reward_model.epochs))
     run.write_manifest()
     if dropped == given:
         raise UserError(f"reward_model.max_length={max_length}: every training pair is longer, so RewardTrainer drops "
@@ -119,13 +102,14 @@ def _count_long_pairs(trainer: RewardTrainer, train_set, run: RunDir, cfg: Confi
 
 def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardModelResult:
     """Train r_phi on `prefs.train` (eq. 1), centre it on pi_ref, report held-out accuracy and margin. An interrupted
-    run with the same config and seed is resumed from its last checkpoint."""
+    run with the same key is resumed from its last checkpoint."""
     set_seed(seed)  # first: a new scalar head or LoRA adapters drawn below must not depend on the process
     device = default_device()
     model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # the backbone: pi_ref's
     tokenizer = load_tokenizer(model_path)
     run, resume_from = RunDir.open(cfg, "reward_model", seed, device, prefs.sha256, extra={
-        "reward_model_key": reward_model_key(cfg, prefs, seed), "reference_model": model_path})
+        "reward_model_key": reward_model_key(cfg, prefs.sha256, seed), "reference_model": model_path},
+        key="reward_model_key")
     with run.running():
         rm = load_scalar_model(model_path, tokenizer.pad_token_id)
         n_params = pass_parameters(rm, "scalar")  # counted before Trainer wraps it

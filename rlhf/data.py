@@ -1,18 +1,17 @@
-"""One preference set for both pipelines (SPEC §4; manifest schema in docs/data.md).
+"""One preference set for both pipelines (manifest schema in docs/data.md).
 
 For a gold-reward task: for each training prompt sample K responses from pi_ref, score them with the gold
 reward, pair them (0,1), (2,3), ..., and label each pair by Bradley-Terry sampling,
 P(y1 > y2) = sigmoid((r1 - r2) / tau), or by argmax. Held-out pairs come from the eval prompts the same
 way. Tasks with real preferences (hh) bring their pairs. The set is saved as a `datasets` folder in TRL's
 preference format (prompt / chosen / rejected, plus gold scores) with a manifest, under a directory named
-by the hash of the config it depends on: it is built once and reused while the manifest matches, and a
-new config builds a new folder instead of overwriting the old one.
+by its key (rlhf/keys.py): it is built once and reused while the manifest matches, and a new config builds a
+new folder instead of overwriting the old one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -25,19 +24,15 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from tqdm.auto import tqdm
 
+from rlhf.atomic import atomic_write_json, temporary_name
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.errors import UserError, read_json
 from rlhf.flops import forward_flops, pass_parameters
+from rlhf.keys import PREFERENCE_SET, SHARED, preference_set_key, settings
 from rlhf.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import reference_model
-from rlhf.rundir import atomic_write_json, temporary_name
 from rlhf.sequences import chunks, sample
 from rlhf.tasks import Task, check_pair, load_task
-
-
-def data_sections(cfg: Config) -> tuple[str, ...]:
-    """The config sections the preference set depends on: pi_ref's (model, and the SFT stage when on), task, data."""
-    return (*cfg.reference_sections(), "task", "data")
 
 
 @dataclass
@@ -66,11 +61,6 @@ def budget_pairs(cfg: Config, prefs: PreferenceSet) -> Dataset:
         raise UserError(f"config key 'budget.pairs': {n}, but the preference set {prefs.path} has only "
                         f"{len(prefs.train)} training pairs (raise data.n_prompts, or lower budget.pairs)")
     return prefs.train if n is None else prefs.train.select(range(n))
-
-
-def budget_passes(cfg: Config, stage_epochs: int | None) -> int:
-    """Passes over the budget's pairs: `budget.epochs`, unless the stage's own `epochs` overrides it (unequal)."""
-    return cfg.budget.epochs if stage_epochs is None else stage_epochs
 
 
 def budget_record(pairs: int, passes: int) -> dict[str, int]:
@@ -141,7 +131,7 @@ def _pairs_from_samples(prompts: list[str], policy, tokenizer, task: Task, cfg: 
 
 
 def preference_dir(cfg: Config) -> Path:
-    name = f"preferences-{cfg.section_hash(*data_sections(cfg))[:12]}"
+    name = f"preferences-{preference_set_key(cfg)[:12]}"
     return PROJECT_ROOT / cfg.runs_dir / cfg.profile / "data" / name
 
 
@@ -165,7 +155,7 @@ def load_preferences(cfg: Config) -> PreferenceSet | None:
         manifest = read_json(manifest_path)
     except UserError as e:
         raise UserError(f"{e}; delete {path} to rebuild the preference set") from None
-    if manifest.get("config_hash") != cfg.section_hash(*data_sections(cfg)):
+    if manifest.get("config_hash") != preference_set_key(cfg):
         return None
     if _dataset_sha256(path / "dataset") != manifest.get("sha256"):
         raise UserError(f"{path}: the stored preference set does not match its manifest's sha256 (edited or "
@@ -218,8 +208,8 @@ def build_preferences(cfg: Config) -> PreferenceSet:
         DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
             str(tmp / "dataset"))
         manifest = {
-            "config_hash": cfg.section_hash(*data_sections(cfg)),
-            "config": {s: cfg.to_dict()[s] for s in data_sections(cfg)},
+            "config_hash": preference_set_key(cfg),
+            "config": settings(cfg, PREFERENCE_SET, SHARED),  # what config_hash is the sha256 of
             "model": cfg.model.name_or_path, "model_path": model_path, "task": cfg.task.name,
             "seed": cfg.data.seed, "counts": {"train": len(train), "heldout": len(heldout),
                                               "validation": len(validation)},

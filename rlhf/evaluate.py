@@ -1,4 +1,4 @@
-"""The one evaluator (SPEC §5): every policy, every eval point, same prompts, same sampling seed.
+"""The one evaluator: every policy, every eval point, same prompts, same sampling seed.
 
 Per eval point it samples one response per eval prompt (temperature from config, seeded identically each
 time, without disturbing the training RNG) and reports:
@@ -20,18 +20,16 @@ A policy with pi_ref's very weights (every run's step 0, and the reference run) 
 samples and log-probs are the same every time, so they are computed once per profile and eval config and kept
 in `reference_cache`; its KL is 0 and its implicit margins are 0 without another forward pass. pi_ref's log-probs of
 the held-out pairs, the same at every eval point of every DPO run, are likewise computed once per profile, by
-pi_ref's own evaluation (`reference_pairs_cache`). A reward model's scores of them are computed once, by its own
-stage, which keeps their accuracy and margin in the model's folder (`store_rm_pair_metrics`): every run evaluated
-against it reads them. The pairs are tokenised once, on the CPU; each pass moves them to its model's device.
+pi_ref's own evaluation (`reference_pairs_cache`). Both are kept through `rlhf.atomic.cached` under names made from
+their keys (rlhf/keys.py). A reward model's scores of the pairs are computed once, by its own stage, which keeps
+their accuracy and margin in the model's folder (`store_rm_pair_metrics`): every run evaluated against it reads
+them. The pairs are tokenised once, on the CPU; each pass moves them to its model's device.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +39,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.atomic import atomic_write_text, cached
 from rlhf.config import PROJECT_ROOT, Config, EvalConfig
 from rlhf.data import PreferenceSet
 from rlhf.errors import UserError, check_finite
 from rlhf.flops import forward_flops, pass_parameters
+from rlhf.keys import reference_cache_names, scored_pairs_name
 from rlhf.models import autocast, resolve_precision
-from rlhf.rundir import atomic_write_text
 from rlhf.sequences import (SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample,
                             shortest_first)
 from rlhf.tasks import PAIR_FIELDS, GoldReward, load_task
@@ -112,13 +111,6 @@ class EvalContext:
                                   for s in chunks(len(pairs), self.cfg.batch_size)]
         return self._pair_batches
 
-    def pairs_key(self) -> str:
-        """What a frozen model's scores of the held-out pairs depend on besides the model: the pairs, the batch size
-        they are scored in (padding), the arithmetic."""
-        pairs = [[p[k] for k in PAIR_FIELDS] for p in self.heldout_pairs]
-        text = json.dumps([self.arithmetic, self.cfg.batch_size, pairs])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 def arithmetic(cfg: Config, device: torch.device) -> str:
     """`cpu-bf16`, `cuda-fp32`, ...: what numbers a pass computes depends on besides its inputs (`precision: auto` is
@@ -127,7 +119,8 @@ def arithmetic(cfg: Config, device: torch.device) -> str:
 
 
 def _rm_pair_metrics_file(folder: Path, ctx: EvalContext) -> Path:
-    return Path(folder) / f"heldout-pairs-{ctx.pairs_key()}.json"
+    pairs = [[p[k] for k in PAIR_FIELDS] for p in ctx.heldout_pairs]
+    return Path(folder) / scored_pairs_name(ctx.arithmetic, ctx.cfg.batch_size, pairs)
 
 
 def store_rm_pair_metrics(folder: Path, ctx: EvalContext, metrics: dict[str, float]) -> None:
@@ -188,10 +181,15 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
                            desc: str) -> list[dict[str, torch.Tensor]]:
     """One response per eval prompt from `policy` (the eval seed), with log pi and log pi_ref of each token at the
     sampling temperature: one dict of tensors per batch. pi_ref's own are read from (or written to) the cache."""
-    cfg, cache = ctx.cfg, ctx.reference_cache
     device = next(policy.parameters()).device
-    if is_reference and cache is not None and cache.exists():
-        return load_cached(cache, device)
+    cache = ctx.reference_cache if is_reference else None
+    return cached(cache, lambda: _sample_and_score(policy, ctx, is_reference, cost, desc), device)[0]
+
+
+def _sample_and_score(policy: PreTrainedModel, ctx: EvalContext, is_reference: bool, cost: dict[str, float],
+                      desc: str) -> list[dict[str, torch.Tensor]]:
+    """`_samples_with_logprobs` computed now, its cost added to `cost`."""
+    cfg = ctx.cfg
     out = []
     n_policy = pass_parameters(policy)
     n_scoring = n_policy + (0 if is_reference else pass_parameters(ctx.ref_model))
@@ -210,26 +208,7 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
         cost["flops"] += forward_flops(n_policy + n_scoring, real_tokens)
         out.append({**vars(batch), "logp": logp, "ref_logp": ref_logp})
         start = time.perf_counter()
-    if is_reference and cache is not None:
-        save_cached(out, cache)
     return out
-
-
-def load_cached(path: Path, device: torch.device | str = "cpu"):
-    """A cache file of pi_ref's (`save_cached`), or one line naming it where it is damaged."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # written whole, so damaged afterwards
-        raise UserError(f"{path}: not a whole torch file ({type(e).__name__}); delete it (what it caches of pi_ref "
-                        "is computed again)") from None
-
-
-def save_cached(value, path: Path) -> None:
-    """torch.save written whole, then renamed: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save(value, tmp)
-    os.replace(tmp, tmp.with_name(path.name))
 
 
 @torch.inference_mode()
@@ -318,15 +297,12 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
                 known[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
         metrics.update(known[id(reward_model)])
     if implicit_beta is not None and policy is not None:
-        cache = ctx.reference_pairs_cache
-        if ctx._ref_pair_logps is None and cache is not None and cache.exists():
-            ctx._ref_pair_logps = tuple(load_cached(cache))
-        if ctx._ref_pair_logps is None:  # once per profile: every run's pi_ref scores the same pairs alike
-            ctx._ref_pair_logps = (torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
-                                   torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches]))
+        def reference_pair_logps() -> list[torch.Tensor]:  # once per profile: every run's pi_ref scores them alike
             passes.append(pass_parameters(ctx.ref_model))
-            if cache is not None:
-                save_cached(list(ctx._ref_pair_logps), cache)
+            return [torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
+                    torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches])]
+        if ctx._ref_pair_logps is None:
+            ctx._ref_pair_logps = tuple(cached(ctx.reference_pairs_cache, reference_pair_logps)[0])
         ref_c, ref_r = ctx._ref_pair_logps
         if is_reference:  # pi / pi_ref = 1 on every pair: the margins are 0 without another pass
             pol_c, pol_r = ref_c, ref_r
@@ -354,12 +330,9 @@ def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, d
                         "task.n_validation_prompts (the eval prompts set aside for tuning)")
     n = cfg.eval.n_prompts or len(prompts)
     heldout = prefs.scored_pairs(cfg.eval.split).to_list()[:cfg.eval.n_heldout_pairs or None]
-    # pi_ref's own eval samples depend on the model, the prompts and the eval settings only, and on the arithmetic:
-    # `precision: auto` is fp32 on this CPU and bf16 on a GPU sharing the runs directory
-    cache = (PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache" /
-             f"pi_ref-{cfg.section_hash(*cfg.reference_sections(), 'task', 'eval')[:12]}-{arithmetic(cfg, device)}.pt")
-    pairs_cache = cache.with_name(f"{cache.stem}-pairs-{prefs.sha256[:12]}.pt")  # the pairs: this preference set's
+    folder = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache"
+    samples, pairs = reference_cache_names(cfg, arithmetic(cfg, device), prefs.sha256)
     return EvalContext(prompts=prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
                        autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
-                       heldout_pairs=heldout, arithmetic=arithmetic(cfg, device), reference_cache=cache,
-                       reference_pairs_cache=pairs_cache)
+                       heldout_pairs=heldout, arithmetic=arithmetic(cfg, device), reference_cache=folder / samples,
+                       reference_pairs_cache=folder / pairs)

@@ -14,17 +14,16 @@ Preferred-FT, the reference evaluation) loads `reference_model(cfg)`, and its ru
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.config import PROJECT_ROOT, Config, ModelConfig
+from rlhf.config import Config, ModelConfig
 from rlhf.errors import UserError
+from rlhf.keys import sft_key
 from rlhf.models import load_tokenizer, resolve_model_path
-from rlhf.rundir import run_manifests
+from rlhf.rundir import completed
 from rlhf.tasks import load_task, read_rows, text_field
 
 SFT_METHOD = "sft"  # the SFT stage's run directories: runs/<profile>/sft/
@@ -41,22 +40,11 @@ def sft_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Dataset:
     return Dataset.from_dict({"text": text_field(rows, s.text_field, f"{name} (sft_stage.text_field)")})
 
 
-def sft_key(cfg: Config, rows: Dataset) -> dict:
-    """What the SFT model depends on: a completed SFT run with the same key is pi_ref."""
-    texts = hashlib.sha256(json.dumps(rows.to_dict(), sort_keys=True).encode()).hexdigest()
-    key = {"model": cfg.to_dict()["model"], "sft_stage": cfg.to_dict()["sft_stage"], "texts_sha256": texts}
-    if cfg.weight_decay:  # only when set, so the keys of earlier SFT models (trained without) stay as they were
-        key["weight_decay"] = cfg.weight_decay
-    return key
-
-
 def find_sft_model(cfg: Config) -> Path | None:
-    """The model folder of a completed SFT run with this config's key (sft_key), or None."""
+    """The model folder of a completed SFT run with this config's key (`sft_key`), or None."""
     key = sft_key(cfg, sft_rows(cfg, load_tokenizer(resolve_model_path(cfg.model, cfg.hub_access))))
-    for _, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / SFT_METHOD):
-        if manifest.get("status") == "completed" and manifest.get("sft_key") == key:
-            return Path(manifest["sft_model_path"])
-    return None
+    run = completed(cfg, SFT_METHOD, "sft_key", key)
+    return None if run is None else run / "checkpoints" / "final"
 
 
 def reference_model(cfg: Config) -> ModelConfig:

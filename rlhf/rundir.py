@@ -1,4 +1,4 @@
-"""Run directories (SPEC §6; the schema is in docs/run-directory.md).
+"""Run directories (the schema is in docs/run-directory.md).
 
     runs/<profile>/<method>/<run-id>/
         config.yaml      resolved config
@@ -11,29 +11,24 @@
         tracker/         TensorBoard's event files, with `report_to: [tensorboard]` (rlhf/trackers.py)
         .lock            held (flock) by the process writing the run; the kernel drops it when that process dies
 
-Every file is written whole or not at all (temporary file, then rename); a metrics line is appended in one
-write and flushed, so a crash leaves at most a truncated last line, which readers skip. A run id is claimed
-with an exclusive mkdir, so two runs started at once never share a directory.
+Every file is written whole or not at all (rlhf/atomic.py); a metrics line is appended in one write and flushed,
+so a crash leaves at most a truncated last line, which readers skip. A run id is claimed with an exclusive mkdir,
+so two runs started at once never share a directory.
 
-Resume (docs/reliability.md): a run killed (status `running`, lock free) or `failed` is continued by the next
-run of the same method, config and seed from its last checkpoint (or from its start, where it had none), in the
-same directory: metrics rows and samples after the checkpoint's step are dropped and written again; a completed
-run with the same key is reused as it is (`completed_run`), never run twice. A checkpoint counts only once its
-`checkpoint.json` (every file's sha256, written last) exists; a half-written one is ignored, a corrupt one is an
-error naming it.
+A run is named by its identity (rlhf/keys.py): a method's run by its run key, a reward model or the SFT stage's
+model by its artefact key. Resume (docs/reliability.md): a run killed (status `running`, lock free) or `failed` is
+continued by the next run with the same identity from its last checkpoint (rlhf/checkpoints.py; or from its start,
+where it had none), in the same directory: metrics rows and samples after the checkpoint's step are dropped and
+written again; a completed run with the same identity is reused as it is (`completed`), never run twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import hashlib
 import json
-import os
 import platform
 import resource
-import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -47,10 +42,13 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from rlhf.atomic import atomic_write_json, atomic_write_text
+from rlhf.checkpoints import checkpoint_step, committed, latest_checkpoint, prune_checkpoints
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.distributed import from_main, is_main
 from rlhf.errors import Diverged, UserError, read_json
-from rlhf.models import resolve_precision, sha256_file
+from rlhf.keys import eval_settings, run_key
+from rlhf.models import resolve_precision
 from rlhf.trackers import open_trackers, scalars
 
 # Per eval prompt, what the report's bootstrap and pairing read (rlhf.evaluate.per_prompt); a task without a gold
@@ -58,37 +56,6 @@ from rlhf.trackers import open_trackers, scalars
 PROMPT_COLUMNS = ("prompt_index", "gold", "proxy", "kl", "kl_k3", "length", "eos")
 PROMPTS_SUFFIX = ".prompts.csv"
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
-
-
-def temporary_name(path: Path) -> Path:
-    """A fresh hidden name beside `path`, to write under and then rename to `path`. Unlike mkstemp's and mkdtemp's
-    files (mode 0600, 0700, which the rename would keep), what is created under it gets the permissions the
-    user's umask gives an ordinary file or folder: a report or run directory others may read."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old version or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask, as open() gives
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def package_versions() -> dict[str, str]:
@@ -135,39 +102,25 @@ def peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# Config keys that do not change what a run computes: a run killed under one value resumes under another; a dotted
-# name is a key of a section.
-_NOT_IN_RUN_KEY = ("seeds", "runs_dir", "resume", "report", "sweep", "grid", "slurm", "report_to",
-                   "reward_model.checkpoint_every", "ppo.checkpoint_every", "dpo.checkpoint_every", "rloo.checkpoint_every",
-                   "online_dpo.checkpoint_every")
-# A method's own section keys that method's runs alone: tuning DPO's learning rate leaves PPO's completed runs (and the
-# sweep's points of the other methods) reusable. The reward model reaches PPO, RLOO, online DPO and Best-of-N as the
-# path in their key's `extra`; the shared sections (beta, model, task, data, budget, eval, sft_stage) key every run.
-_OWN_SECTIONS = {"reward_model": ("reward_model",), "ppo": ("ppo", "ppo-gt"), "dpo": ("dpo",), "sft": ("sft-chosen",),
-                 "bon": ("bon",), "rloo": ("rloo",), "online_dpo": ("online-dpo",)}  # section -> the methods it keys
 _RESUMABLE = ("running", "failed")  # `diverged` is not: it would diverge again at the same step
 
 
-def _keyed_config(cfg: Config, method: str) -> dict[str, Any]:
-    """The config as a run key of `method` reads it: without `_NOT_IN_RUN_KEY` (a dotted name is a key of a section)
-    and without the sections other methods own (`_OWN_SECTIONS`)."""
-    family = "dpo" if method.startswith("dpo-") else method  # DPO's loss variants read DPO's section
-    config = {k: v for k, v in cfg.to_dict().items() if family in _OWN_SECTIONS.get(k, (family,))}
-    for name in _NOT_IN_RUN_KEY:
-        *sections, key = name.split(".")
-        node = config
-        for section in sections:
-            node = node.get(section, {})  # {}: a section another method owns, dropped above
-        node.pop(key, None)
-    return config
+def method_dir(cfg: Config, method: str) -> Path:
+    """runs/<profile>/<method>/: every run of `method` under this config's runs directory."""
+    return PROJECT_ROOT / cfg.runs_dir / cfg.profile / method
 
 
-def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None) -> str:
-    """sha256 of what a run computes from: method, seed, data, extra inputs (the reward model's path) and every
-    config key that affects it. Only a run with the same key continues an interrupted one."""
-    payload = {"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {},
-               "config": _keyed_config(cfg, method)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def identity(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None,
+             key: str = "run_key") -> tuple[str, Any]:
+    """The manifest entry that names a run: its `run_key`, or (`key`) the entry of `extra` that holds the artefact
+    key of a model later runs reuse (`reward_model_key`, `sft_key`): what decides its reuse decides its resume."""
+    return key, run_key(cfg, method, seed, data_sha256, extra) if key == "run_key" else extra[key]
+
+
+def completed(cfg: Config, method: str, name: str, value: Any) -> Path | None:
+    """The newest completed run of `method` whose manifest holds `value` under `name` (its identity)."""
+    return next((path for path, m in run_manifests(method_dir(cfg, method))
+                 if m.get("status") == "completed" and m.get(name) == value), None)
 
 
 def completed_run(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
@@ -175,11 +128,7 @@ def completed_run(cfg: Config, method: str, seed: int, data_sha256: str | None, 
     """With `cfg.resume`, the newest completed run of `method` with this run key (the arguments `RunDir.open` gets):
     a command run again reuses it rather than add a second run of the same seed, which would count twice. Under
     several processes each reads the same manifests before any of them writes one, so all get the same answer."""
-    if not cfg.resume:
-        return None
-    key = run_key(cfg, method, seed, data_sha256, extra)
-    return next((path for path, m in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / method)
-                 if m.get("status") == "completed" and m.get("run_key") == key), None)
+    return completed(cfg, method, "run_key", run_key(cfg, method, seed, data_sha256, extra)) if cfg.resume else None
 
 
 def _try_lock(path: Path):
@@ -219,14 +168,15 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-               extra: dict[str, Any] | None = None) -> "RunDir":
+               extra: dict[str, Any] | None = None, key: str = "run_key") -> "RunDir":
         """A new run directory (under several processes, a collective call: see `open`)."""
-        return cls._shared(lambda: (cls._create(cfg, method, seed, device, data_sha256, extra), None))[0]
+        named = identity(cfg, method, seed, data_sha256, extra, key)
+        return cls._shared(lambda: (cls._create(cfg, method, seed, device, data_sha256, extra, named), None))[0]
 
     @classmethod
     def _create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-                extra: dict[str, Any] | None = None) -> "RunDir":
-        root = PROJECT_ROOT / cfg.runs_dir / cfg.profile / method
+                extra: dict[str, Any] | None, named: tuple[str, Any]) -> "RunDir":
+        root = method_dir(cfg, method)
         root.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         base = f"{stamp}-beta{cfg.beta:g}-seed{seed}"
@@ -247,8 +197,7 @@ class RunDir:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(), "cpu_threads": torch.get_num_threads(), "argv": sys.argv,
             "precision": resolve_precision(cfg.model.precision, device),  # what `auto` became on this machine
-            "run_key": run_key(cfg, method, seed, data_sha256, extra), "resumed": [],
-            "eval_settings": cfg.eval_settings(), **(extra or {}),
+            "resumed": [], "eval_settings": eval_settings(cfg), **(extra or {}), named[0]: named[1],
         }
         run = cls(path, manifest, _try_lock(path))  # a fresh directory: nobody else holds its lock
         atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -258,15 +207,16 @@ class RunDir:
 
     @classmethod
     def open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-             extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
+             extra: dict[str, Any] | None = None, key: str = "run_key") -> tuple["RunDir", Path | None]:
         """The run to write and the checkpoint to continue from. With `cfg.resume`: the newest interrupted run
-        with the same key, rewound to its last checkpoint (or to its start, and None, where it has none).
-        Otherwise (or if there is none) a new run, and None. A corrupt checkpoint raises UserError before anything
-        in its run directory changes.
+        with the same identity (`identity`: its run key, or the artefact key in `extra[key]`), rewound to its last
+        checkpoint (or to its start, and None, where it has none). Otherwise (or if there is none) a new run, and
+        None. A corrupt checkpoint raises UserError before anything in its run directory changes.
 
         Under several processes every process calls it: the main process opens the run, the others get a
         `ReplicaRunDir` on the same path (and the same checkpoint, or the same error)."""
-        return cls._shared(lambda: cls._open(cfg, method, seed, device, data_sha256, extra))
+        named = identity(cfg, method, seed, data_sha256, extra, key)
+        return cls._shared(lambda: cls._open(cfg, method, seed, device, data_sha256, extra, named))
 
     @staticmethod
     def _shared(open_on_main) -> tuple["RunDir", Path | None]:
@@ -285,11 +235,10 @@ class RunDir:
 
     @classmethod
     def _open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-              extra: dict[str, Any] | None = None) -> tuple["RunDir", Path | None]:
-        key = run_key(cfg, method, seed, data_sha256, extra)
-        run = next(cls._interrupted(cfg, method, key), None) if cfg.resume else None  # the newest
+              extra: dict[str, Any] | None, named: tuple[str, Any]) -> tuple["RunDir", Path | None]:
+        run = next(cls._interrupted(cfg, method, named), None) if cfg.resume else None  # the newest
         if run is None:
-            return cls._create(cfg, method, seed, device, data_sha256, extra), None
+            return cls._create(cfg, method, seed, device, data_sha256, extra, named), None
         checkpoint = run._rewind()
         run.trackers = open_trackers(cfg.report_to, run.path, cfg.profile, cfg.to_dict(),
                                      rewritten_from=0 if checkpoint is None else checkpoint_step(checkpoint) + 1)
@@ -311,11 +260,12 @@ class RunDir:
         return checkpoint
 
     @classmethod
-    def _interrupted(cls, cfg: Config, method: str, key: str) -> Iterator["RunDir"]:
-        """Runs of `method` with run key `key` that were killed (status running, nobody holds the lock) or
-        failed, newest first, each locked for the caller as it is yielded."""
-        for path, manifest in run_manifests(PROJECT_ROOT / cfg.runs_dir / cfg.profile / method):
-            if manifest.get("run_key") != key or manifest.get("status") not in _RESUMABLE:
+    def _interrupted(cls, cfg: Config, method: str, named: tuple[str, Any]) -> Iterator["RunDir"]:
+        """Runs of `method` with this identity that were killed (status running, nobody holds the lock) or failed,
+        newest first, each locked for the caller as it is yielded."""
+        name, value = named
+        for path, manifest in run_manifests(method_dir(cfg, method)):
+            if manifest.get(name) != value or manifest.get("status") not in _RESUMABLE:
                 continue
             lock = _try_lock(path)
             if lock is None:
@@ -430,7 +380,7 @@ class RunDir:
             yield self
         except Diverged as e:
             self.finish("diverged", e)
-            last = max(_committed(self.path / "checkpoints"), key=checkpoint_step, default=None)
+            last = max(committed(self.path / "checkpoints"), key=checkpoint_step, default=None)
             raise Diverged(f"{e} [last metrics row: step {self.last_step}; run marked diverged: {self.path}; last "
                            f"good checkpoint: {last or 'none (no checkpoint was due yet)'}]") from e
         except BaseException as e:
@@ -464,76 +414,6 @@ class ReplicaRunDir(RunDir):
     @contextmanager
     def running(self) -> Iterator["RunDir"]:
         yield self
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Resume points: checkpoints/checkpoint-<step>/ folders, whatever a method puts in them (PPO: ppo/checkpoint.py;
-# DPO: transformers' Trainer). A folder counts once commit_checkpoint() has recorded every file's sha256.
-
-CHECKPOINT_RECORD = "checkpoint.json"
-
-
-def checkpoint_step(folder: Path) -> int:
-    return int(folder.name.removeprefix("checkpoint-"))
-
-
-def commit_checkpoint(folder: Path, step: int) -> None:
-    """Make a fully written checkpoint folder count: its step and every file's sha256 go into checkpoint.json,
-    written last and atomically. A folder without that record is half-written and never resumed from."""
-    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != CHECKPOINT_RECORD}
-    atomic_write_json(folder / CHECKPOINT_RECORD, {"step": step, "files": files})
-
-
-def _committed(root: Path) -> list[Path]:
-    return [f for f in root.glob("checkpoint-*") if (f / CHECKPOINT_RECORD).exists()]
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The committed checkpoint folder under `root` with the highest step, its files checked against their
-    recorded sha256. Half-written folders are skipped; a corrupt committed one raises UserError naming it."""
-    committed = _committed(root)
-    for folder in set(root.glob("checkpoint-*")) - set(committed):
-        print(f"ignoring half-written checkpoint {folder} (no {CHECKPOINT_RECORD})")
-    if not committed:
-        return None
-    folder = max(committed, key=checkpoint_step)
-    advice = ("delete that folder to resume from an earlier checkpoint (or from the start), or set resume=false "
-              "to leave this run as it is and start a new one")
-    try:
-        record = json.loads((folder / CHECKPOINT_RECORD).read_text())
-        files = record["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint {folder}: {CHECKPOINT_RECORD} is unreadable ({e}); {advice}") from None
-    for name, sha in sorted(files.items()):
-        path = folder / name
-        if not path.is_file():
-            raise UserError(f"checkpoint {folder} is incomplete: {name} is missing; {advice}")
-        if sha256_file(path) != sha:
-            raise UserError(f"checkpoint {folder} is corrupt: {name} differs from what was saved (sha256); {advice}")
-    return folder
-
-
-def prune_checkpoints(root: Path, keep: Path | None) -> None:
-    """Delete every checkpoint-<step> folder under `root` but `keep` (final/ is never touched)."""
-    for folder in root.glob("checkpoint-*"):
-        if folder != keep:
-            (folder / CHECKPOINT_RECORD).unlink(missing_ok=True)  # first: a kill mid-delete leaves no "whole" one
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
-    """Rows of a JSONL file and the line numbers that could not be parsed (a crash's truncated last line)."""
-    rows, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:  # a torn line may end inside a UTF-8 character
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad.append(i)
-    return rows, bad
 
 
 def manifest_of_model(folder: Path) -> dict:

@@ -20,12 +20,14 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
+from rlhf.atomic import read_jsonl
+from rlhf.checkpoints import commit_checkpoint, prune_checkpoints
 from rlhf.config import ModelConfig
 from rlhf.distributed import is_main, stop_together, wait_for_everyone
 from rlhf.errors import check_finite
 from rlhf.flops import train_flops
 from rlhf.models import save_model, trainer_precision_args
-from rlhf.rundir import RunDir, commit_checkpoint, prune_checkpoints, read_jsonl
+from rlhf.rundir import RunDir
 
 # Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
 # Trainer's speed figures, whose clock includes evaluation.

@@ -30,8 +30,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from rlhf.config import Config, ModelConfig, PreferredFTConfig, SFTStageConfig
 from rlhf.distributed import per_process
 from rlhf.flops import pass_parameters
+from rlhf.keys import sft_key
 from rlhf.models import default_device, for_training, load_causal_lm, load_tokenizer, resolve_model_path
-from rlhf.reference import SFT_METHOD, sft_key, sft_rows
+from rlhf.reference import SFT_METHOD, sft_rows
 from rlhf.rundir import RunDir
 from rlhf.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, run_dir_args, save_policy
 
@@ -76,7 +77,7 @@ def train_sft(cfg: Config) -> SFTResult:
     device = default_device()
     # no resume points: a killed run starts again from the start, in its own directory
     run, _ = RunDir.open(cfg, SFT_METHOD, s.seed, device, key["texts_sha256"],
-                         extra={"sft_key": key, "base_model_path": base, "texts": len(rows)})
+                         extra={"sft_key": key, "base_model_path": base, "texts": len(rows)}, key="sft_key")
     with run.running():
         model = for_training(load_causal_lm(base).to(device), cfg, "CAUSAL_LM", trainer_checkpointing=True)
         # train rows only: pi_ref's own evaluation is `make reference`, once this model is pi_ref

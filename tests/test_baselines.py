@@ -16,11 +16,11 @@ from baselines import kl_bound, pick_best
 from baselines.preferred_ft import build_trainer
 from pipelines import baselines_pipeline
 from pipelines.stages import evaluate_reference
+from rlhf.atomic import read_jsonl
 from rlhf.config import load_config
 from rlhf.data import build_preferences, load_preferences
 from rlhf.errors import UserError
 from rlhf.models import load_causal_lm
-from rlhf.rundir import read_jsonl
 from rlhf.sequences import encode_completions, response_logprobs
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from rlhf.config import PROJECT_ROOT, Config, load_config
 from rlhf.errors import UserError
+from rlhf.keys import preference_set_key
 
 
 def test_profiles_load_offline():
@@ -75,11 +76,11 @@ def test_cli_prints_one_line_error_without_traceback():
     assert out.stderr.startswith("error: unknown config key 'data.sed'") and "Traceback" not in out.stderr
 
 
-def test_section_hash_tracks_only_named_sections():
+def test_the_preference_set_key_reads_only_its_sections():
     a, b = load_config("tiny"), load_config("tiny", ["beta=0.3"])
-    assert a.section_hash("model", "task", "data") == b.section_hash("model", "task", "data")
+    assert preference_set_key(a) == preference_set_key(b)
     c = load_config("tiny", ["data.seed=9"])
-    assert a.section_hash("model", "task", "data") != c.section_hash("model", "task", "data")
+    assert preference_set_key(a) != preference_set_key(c)
 
 
 def test_keys_added_later_leave_the_cache_hash_as_it_was_while_at_their_default():
@@ -89,13 +90,11 @@ def test_keys_added_later_leave_the_cache_hash_as_it_was_while_at_their_default(
     import hashlib
     import json
 
-    from rlhf.config import ADDED_WITH_DEFAULT
-
     cfg = load_config("default", ["task.n_validation_prompts=0"])  # every key added later at its default
-    before = {s: {k: v for k, v in dataclasses.asdict(getattr(cfg, s)).items()
-                  if k not in ADDED_WITH_DEFAULT.get(s, {}) and k != "gradient_checkpointing"}
+    added_later = ("tf32", "gradient_checkpointing", "gold_model", "gold_positive_label", "gold_batch_size",
+                   "n_validation_prompts")
+    before = {s: {k: v for k, v in dataclasses.asdict(getattr(cfg, s)).items() if k not in added_later}
               for s in ("model", "task", "data")}
-    assert cfg.section_hash("model", "task", "data") == hashlib.sha256(
-        json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert preference_set_key(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     tf32 = load_config("default", ["task.n_validation_prompts=0", "model.tf32=true"])
-    assert tf32.section_hash("model", "task", "data") != cfg.section_hash("model", "task", "data")
+    assert preference_set_key(tf32) != preference_set_key(cfg)

@@ -8,6 +8,7 @@ from analysis.load import load_runs
 from rlhf.config import load_config
 from rlhf.data import build_preferences, label_pair, load_preferences, preference_dir
 from rlhf.errors import UserError
+from rlhf.keys import preference_set_key
 from rlhf.tasks import check_pair
 
 
@@ -29,7 +30,7 @@ def test_preference_set_format_manifest_and_reuse(tiny_cfg):
     assert {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "p_chosen"} <= set(row)
     m = prefs.manifest
     assert m["counts"] == {"train": len(prefs.train), "heldout": len(prefs.heldout), "validation": 0}
-    assert m["config_hash"] == tiny_cfg.section_hash("model", "task", "data") and len(m["sha256"]) == 64
+    assert m["config_hash"] == preference_set_key(tiny_cfg) and len(m["sha256"]) == 64
     assert m["model"] == "tiny" and m["seed"] == tiny_cfg.data.seed
     assert -1 <= m["stats"]["train"]["gold_mean"] <= 1
     assert len(prefs.train) == tiny_cfg.data.n_prompts - sum(

@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from rlhf import distributed
+from rlhf.checkpoints import commit_checkpoint
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
 from rlhf.models import load_causal_lm
-from rlhf.rundir import RunDir, commit_checkpoint
+from rlhf.rundir import RunDir
 
 ABORT_AT_EXIT = "terminate called without an active exception"
 

@@ -15,11 +15,11 @@ import yaml
 import dpo
 from dpo import dpo_gradient_weight, dpo_loss
 from dpo.trainer import build_trainer
+from rlhf.atomic import read_jsonl
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.data import budget_pairs, build_preferences, load_preferences
 from rlhf.errors import UserError
 from rlhf.models import freeze, load_causal_lm
-from rlhf.rundir import read_jsonl
 from rlhf.sequences import encode_pairs, response_logprobs
 
 TRAIN_KEYS = {"kind", "step", "wall_seconds", "tokens", "loss", "rewards/chosen", "rewards/rejected",

@@ -11,9 +11,9 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rlhf.flops as F
+from rlhf.atomic import read_jsonl
 from rlhf.config import load_config
 from rlhf.models import load_scalar_model
-from rlhf.rundir import read_jsonl
 
 
 def hand_n(config, head: str) -> int:

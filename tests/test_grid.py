@@ -16,9 +16,9 @@ import torch
 
 from analysis.load import load_runs
 from pipelines import clock, grid
+from rlhf.checkpoints import CHECKPOINT_RECORD
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
-from rlhf.rundir import CHECKPOINT_RECORD
 
 COMMON = ["--profile", "tiny", "seeds=[0,1]"]
 

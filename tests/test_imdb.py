@@ -18,12 +18,13 @@ from analysis.load import load_runs
 from analysis.report import frontier_section
 from pipelines import dpo_pipeline, ppo_pipeline, stages
 from pipelines.stages import build_preference_set, evaluate_reference
+from rlhf.atomic import read_jsonl
 from rlhf.config import PROJECT_ROOT, TaskConfig, load_config
 from rlhf.errors import UserError
 from rlhf.hub import require_hub
+from rlhf.keys import sft_key
 from rlhf.models import load_causal_lm
-from rlhf.reference import reference_model, sft_key, sft_rows
-from rlhf.rundir import read_jsonl
+from rlhf.reference import reference_model, sft_rows
 from rlhf.tasks import PREFIX_TOKENS, load_imdb, load_task, positive_probability, review_prefix
 from sft import sft_trainer
 

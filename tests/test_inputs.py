@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from pipelines.__main__ import main as cli
+from rlhf.atomic import read_jsonl
+from rlhf.checkpoints import CHECKPOINT_RECORD, latest_checkpoint
 from rlhf.config import load_config
 from rlhf.data import load_preferences, preference_dir
 from rlhf.errors import UserError
 from rlhf.models import resolve_model_path
-from rlhf.rundir import CHECKPOINT_RECORD, RunDir, latest_checkpoint, read_jsonl
+from rlhf.rundir import RunDir
 
 NOT_UTF8 = b"\xff\xfe\x00bad"  # the file: `printf '\xff\xfe\x00bad' > rows.jsonl`
 ROWS = [{"prompt": f"Question {i}?", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(6)]

@@ -70,7 +70,7 @@ def test_every_package_is_checked():
     ("rlhf/reference.py", "from pipelines.stages import sft_step", "rlhf imports pipelines.stages"),
     ("ppo/core.py", "from dpo.loss import dpo_loss", "ppo imports dpo.loss"),
     ("dpo/loss.py", "import ppo.core", "dpo imports ppo.core"),
-    ("dpo/loss.py", "from reward_model.train import reward_model_key", "dpo imports reward_model.train"),
+    ("dpo/loss.py", "from reward_model.train import train_reward_model", "dpo imports reward_model.train"),
     ("reward_model/train.py", "from pipelines.stages import build_preference_set",
      "reward_model imports pipelines.stages"),
     ("analysis/metrics.py", "from ppo.core import whiten", "analysis imports ppo.core"),

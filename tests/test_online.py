@@ -16,10 +16,10 @@ import rloo
 from analysis.load import load_runs
 from pipelines import online_pipeline
 from pipelines.stages import build_preference_set, find_reward_model, reward_model_seed
+from rlhf.atomic import read_jsonl
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.flops import forward_flops, pass_parameters, train_flops
 from rlhf.models import load_causal_lm, load_scalar_model
-from rlhf.rundir import read_jsonl
 
 METHODS = {"rloo": online_pipeline.rloo_main, "online-dpo": online_pipeline.online_dpo_main}
 # The reward the trainer logged for each step's samples: TRL's names

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.atomic import read_jsonl
 from rlhf.config import PROJECT_ROOT
-from rlhf.rundir import read_jsonl
 
 PPO_TRAIN_KEYS = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                   "objective/kl_coef", "policy/approxkl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var",

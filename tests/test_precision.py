@@ -9,13 +9,14 @@ import torch
 from transformers import LlamaConfig
 
 from ppo.train import TokenValueModel, train_ppo
-from reward_model.train import reward_model_key, train_reward_model
+from reward_model.train import train_reward_model
+from rlhf.atomic import read_jsonl
 from rlhf.config import Config, load_config
 from rlhf.data import budget_pairs, build_preferences
 from rlhf.errors import UserError
+from rlhf.keys import preference_set_key, reward_model_key
 from rlhf.models import (choose_precision, cuda_native_bf16, for_training, freeze, grad_scaler, load_causal_lm,
                          load_scalar_model, resolve_precision, save_model, set_tf32, trainer_precision_args)
-from rlhf.rundir import read_jsonl
 from rlhf.sequences import encode_completions, response_logprobs
 
 CPU = torch.device("cpu")
@@ -88,9 +89,9 @@ def test_unknown_lora_target_module_names_the_key(tiny_path):
 
 def test_training_only_keys_keep_the_preference_set_and_eval_cache():
     a, b = load_config("tiny"), load_config("tiny", ["model.gradient_checkpointing=true"])
-    assert a.section_hash("model", "task", "data") == b.section_hash("model", "task", "data")
+    assert preference_set_key(a) == preference_set_key(b)
     c = load_config("tiny", ["model.tf32=true"])  # TF32 changes the numbers on a GPU
-    assert a.section_hash("model", "task", "data") != c.section_hash("model", "task", "data")
+    assert preference_set_key(a) != preference_set_key(c)
 
 
 # ---- LoRA -----------------------------------------------------------------------------------------------------------
@@ -195,11 +196,11 @@ def test_dpo_step_with_lora_trains_only_adapters_against_a_full_frozen_reference
 
 def test_reward_model_with_lora_is_saved_plain_under_its_own_key(tiny_prefs, tiny_path, tokenizer):
     cfg, prefs = tiny_prefs
-    full = reward_model_key(cfg, prefs, 0)
+    full = reward_model_key(cfg, prefs.sha256, 0)
     assert "lora" not in full  # reward models trained before LoRA existed are still reused
     cfg = with_overrides(cfg, lora={"enabled": True, "r": 4}, model={"gradient_checkpointing": True},
                          reward_model={"learning_rate": 1e-3})
-    assert reward_model_key(cfg, prefs, 0)["lora"]["r"] == 4
+    assert reward_model_key(cfg, prefs.sha256, 0)["lora"]["r"] == 4
     result = train_reward_model(cfg, prefs, seed=0)
     saved, fresh = (load_scalar_model(str(p), tokenizer.pad_token_id).state_dict() for p in (result.path, tiny_path))
     assert saved.keys() == fresh.keys()  # a plain sequence classifier, adapters merged

@@ -18,9 +18,10 @@ import pytest
 
 from analysis.load import read_run
 from pipelines.__main__ import main as cli
+from rlhf.atomic import read_jsonl
+from rlhf.checkpoints import CHECKPOINT_RECORD
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.models import resolve_model_path
-from rlhf.rundir import CHECKPOINT_RECORD, read_jsonl
 
 # Allowed to differ between two runs: wall-clock, and the evaluator's own cost, which is 0 where pi_ref's samples
 # came from the eval cache that the first run wrote.

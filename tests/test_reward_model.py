@@ -11,11 +11,12 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from reward_model.train import bradley_terry_loss, reward_model_key, train_reward_model
+from reward_model.train import bradley_terry_loss, train_reward_model
+from rlhf.atomic import read_jsonl
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.data import PreferenceSet, build_preferences
+from rlhf.keys import reward_model_key, run_key
 from rlhf.models import load_scalar_model
-from rlhf.rundir import read_jsonl, run_key
 from rlhf.sequences import encode_completions, sequence_scores
 
 
@@ -145,7 +146,6 @@ def test_the_checkpoint_interval_is_in_no_key(tiny_cfg):
     """It changes no result: a reward model killed under one interval resumes under another, a completed one is
     reused, and every reward model trained before `reward_model.checkpoint_every` existed keeps its key."""
     other = tiny_cfg.with_values({"reward_model.checkpoint_every": 3})
-    prefs = PreferenceSet(path=None, manifest={"sha256": "pairs"}, train=None, heldout=None, validation=None)
-    assert reward_model_key(tiny_cfg, prefs, 0) == reward_model_key(other, prefs, 0)
-    for method in ("reward_model", "ppo", "dpo", "reference"):
+    assert reward_model_key(tiny_cfg, "pairs", 0) == reward_model_key(other, "pairs", 0)
+    for method in ("ppo", "dpo", "reference"):
         assert run_key(tiny_cfg, method, 0, "pairs", None) == run_key(other, method, 0, "pairs", None)

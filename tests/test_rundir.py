@@ -7,10 +7,12 @@ import pytest
 import torch
 import yaml
 
+from rlhf.atomic import atomic_write_text, read_jsonl
+from rlhf.checkpoints import CHECKPOINT_RECORD, commit_checkpoint, latest_checkpoint
 from rlhf.config import load_config
 from rlhf.errors import Diverged, UserError, check_finite
-from rlhf.rundir import (CHECKPOINT_RECORD, RunDir, atomic_write_text, commit_checkpoint, latest_checkpoint,
-                         read_jsonl, run_key)
+from rlhf.keys import reward_model_key, run_key
+from rlhf.rundir import RunDir, completed
 
 
 def test_run_directory_contents_and_status(tiny_cfg):
@@ -65,7 +67,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("rlhf.rundir.os.replace", crash)
+    monkeypatch.setattr("rlhf.atomic.os.replace", crash)
     with pytest.raises(OSError):
         atomic_write_text(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
@@ -139,11 +141,14 @@ def test_a_tracker_sees_a_resumed_run_once(tiny_cfg):
 
 
 def test_a_methods_own_section_keys_its_runs_alone(tiny_cfg):
-    """DPO's settings key DPO's runs, not PPO's (and the reward model's key PPO's through its path alone): tuning one
-    method leaves the others' completed runs reusable. A shared key (beta, the budget) keys them all; trackers and
-    resume intervals key none."""
+    """DPO's settings key DPO's runs, not PPO's (and the reward model's settings key the reward model, whatever the
+    beta, which keys PPO through its path alone): tuning one method leaves the others' completed runs reusable. A
+    shared key (beta, the budget) keys them all; trackers and resume intervals key none."""
     def key(method, **values):
         return run_key(tiny_cfg.with_values(values), method, 0, "abc", None)
+
+    def rm_key(**values):
+        return reward_model_key(tiny_cfg.with_values(values), "abc", 0)
     assert key("ppo", **{"rloo.learning_rate": 0.123, "dpo.learning_rate": 0.123, "reward_model.learning_rate": 0.123,
                          "sft.learning_rate": 0.123, "bon.n": [1]}) == key("ppo") != key("ppo", beta=0.2)
     assert key("ppo-gt", **{"ppo.learning_rate": 0.123}) != key("ppo-gt")
@@ -151,8 +156,8 @@ def test_a_methods_own_section_keys_its_runs_alone(tiny_cfg):
     assert key("dpo", **{"dpo.learning_rate": 0.123}) != key("dpo") != key("dpo", **{"budget.epochs": 3})
     assert key("dpo-ipo", **{"dpo.learning_rate": 0.123}) != key("dpo-ipo") == key("dpo-ipo", **{
         "ppo.learning_rate": 0.123})
-    assert key("reward_model", **{"dpo.learning_rate": 0.123}) == key("reward_model") != key(
-        "reward_model", **{"reward_model.learning_rate": 0.123})
+    assert rm_key(**{"dpo.learning_rate": 0.123, "beta": 0.2}) == rm_key() != rm_key(**{
+        "reward_model.learning_rate": 0.123})
     assert key("sft-chosen", **{"sft.learning_rate": 0.123}) != key("sft-chosen") == key(
         "sft-chosen", **{"dpo.learning_rate": 0.123})
     assert key("rloo", **{"rloo.learning_rate": 0.123}) != key("rloo") and key("rloo") != key("ppo")
@@ -173,6 +178,24 @@ def test_only_a_run_with_the_same_config_and_seed_is_resumed(tiny_cfg):
     # keys that do not change what a run computes (the report's, the seed list) do not matter
     same = load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "seeds=[0, 5]", "report.spike_k=3"])
     assert _open(same)[0].path == run.path
+
+
+def test_a_model_later_runs_reuse_is_resumed_and_reused_by_one_key(tiny_cfg):
+    """A reward model is named by its artefact key alone: a killed one is continued by the next run with that key
+    whatever settings it does not depend on (beta), the completed one is what later runs find by the same key, and
+    another key is another model."""
+    def open_reward_model(cfg):
+        return RunDir.open(cfg, "reward_model", 0, torch.device("cpu"), "abc", key="reward_model_key",
+                           extra={"reward_model_key": reward_model_key(cfg, "abc", 0)})
+    killed, _ = open_reward_model(tiny_cfg)
+    killed.release()
+    other_beta = tiny_cfg.with_values({"beta": 0.2})
+    resumed, checkpoint = open_reward_model(other_beta)
+    assert resumed.path == killed.path and checkpoint is None and "run_key" not in resumed.manifest
+    resumed.finish()
+    assert completed(tiny_cfg, "reward_model", "reward_model_key", reward_model_key(other_beta, "abc", 0)) == killed.path
+    other, _ = open_reward_model(tiny_cfg.with_values({"reward_model.learning_rate": 0.123}))
+    assert other.path != killed.path
 
 
 def test_half_written_checkpoint_is_ignored_and_corrupt_one_is_named_with_nothing_changed(tiny_cfg, capsys):

@@ -1,0 +1,179 @@
+"""What makes two runs, or two things runs share, the same: every key that decides reuse is computed here.
+
+A method's run (PPO, DPO, the baselines, pi_ref's evaluation) is found again by its `run_key`, a model other runs
+build on by its artefact key (`reward_model_key`, `sft_key`): a completed run is reused, an interrupted one
+resumed (rlhf/rundir.py). What runs share outside their directories, the preference set and the caches of pi_ref's
+passes, lives under a name made from its key. Every key reads the config through the role each field declares
+where it is defined (the second argument of `_f` in rlhf/config.py):
+
+    IDENTITY   what is computed depends on it: it counts in every key that reads its section
+    NEUTRAL    the same numbers at another cost (gradient checkpointing): it counts in the keys of runs, which
+               record their seconds and memory, not in those of what runs of any cost share
+    OUTSIDE    not a setting of what is computed (which runs to launch, where they go, how often resume points are
+               saved, the report): it counts in no key
+    added(v)   a field that joined the keys at version v (IDENTITY, or `added(v, NEUTRAL)`): a key of an older
+               version leaves it out while it holds its default, so that adding it orphans no run and invalidates
+               no cache
+
+Each kind of key keeps the version its form was fixed at (`Form` below); a field added to the config now is
+`added(3)`. Raising a kind's version re-keys it on purpose, and orphans its completed runs. A section with an
+`enabled` switch (LoRA, the SFT stage) whose switch is left out is left out whole: switched off, it computes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from rlhf.config import Config
+
+
+class Role(NamedTuple):
+    kind: str         # "identity", "neutral" or "outside"
+    version: int = 0  # the version of the keys that first held the field
+
+
+IDENTITY, NEUTRAL, OUTSIDE = Role("identity"), Role("neutral"), Role("outside")
+
+
+def added(version: int, role: Role = IDENTITY) -> Role:
+    return role._replace(version=version)
+
+
+class Form(NamedTuple):
+    version: int   # fields `added` after it count only away from their default
+    neutral: bool  # NEUTRAL fields count: the key of a run, which records its cost
+
+
+# Version 1 added model.tf32, task.gold_*, task.n_validation_prompts, eval.split and the LoRA and SFT-stage
+# switches; version 2 weight_decay.
+SHARED = Form(0, neutral=False)  # the preference set and pi_ref's caches: shared by runs whatever their cost
+REWARD_MODEL = Form(0, neutral=True)
+SFT_MODEL = Form(1, neutral=True)
+RUN = Form(2, neutral=True)
+
+# A method's own section keys that method's runs alone: tuning DPO's learning rate leaves PPO's completed runs (and
+# the sweep's points of the other methods) reusable. The reward model's section keys the reward model
+# (`reward_model_key`), which reaches PPO, RLOO, online DPO and Best-of-N as the path in their key's `extra`.
+OWN_SECTIONS = {"reward_model": (), "ppo": ("ppo", "ppo-gt"), "dpo": ("dpo",), "sft": ("sft-chosen",),
+                "bon": ("bon",), "rloo": ("rloo",), "online_dpo": ("online-dpo",)}  # section -> the methods it keys
+
+
+def check_roles(cls: type, prefix: str = "") -> None:
+    """Every field of the config dataclass `cls` declares its role; a field without one would count in every key
+    unseen, and orphan every completed run."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            check_roles(hints[f.name], f"{prefix}{f.name}.")
+        elif not isinstance(f.metadata.get("role"), Role):
+            raise TypeError(f"config key '{prefix}{f.name}' declares no role: give it IDENTITY, NEUTRAL, OUTSIDE or "
+                            "added(3) (rlhf/keys.py)")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _counts(f: dataclasses.Field, value: Any, form: Form) -> bool:
+    role = f.metadata["role"]
+    if role.kind == "outside" or (role.kind == "neutral" and not form.neutral):
+        return False
+    return role.version <= form.version or value != _default(f)
+
+
+def _kept(section: Any, form: Form) -> dict[str, Any]:
+    values = dataclasses.asdict(section)
+    return {f.name: values[f.name] for f in dataclasses.fields(section) if _counts(f, values[f.name], form)}
+
+
+def settings(cfg: Config, names: Iterable[str], form: Form) -> dict[str, Any]:
+    """The named sections and top-level fields of `cfg` as a key of `form` reads them: each with the fields that
+    count, and none left empty or switched off."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    out = {}
+    for name in names:
+        value = getattr(cfg, name)
+        if not dataclasses.is_dataclass(value):
+            if _counts(fields[name], value, form):
+                out[name] = value
+        elif (kept := _kept(value, form)) and ("enabled" in kept or not hasattr(value, "enabled")):
+            out[name] = kept
+    return out
+
+
+def digest(payload: Any, sort_keys: bool = True) -> str:
+    """sha256 of `payload` as JSON, its keys sorted: the one hash behind every key and cache name."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=sort_keys, default=str).encode()).hexdigest()
+
+
+def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None) -> str:
+    """sha256 of what a run of `method` computes from: method, seed, data, extra inputs (the reward model's path)
+    and the config's shared sections with the method's own. Only a run with the same key continues an interrupted
+    one, or stands for it once completed."""
+    family = "dpo" if method.startswith("dpo-") else method  # DPO's loss variants read DPO's section
+    names = [f.name for f in dataclasses.fields(cfg) if family in OWN_SECTIONS.get(f.name, (family,))]
+    return digest({"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {},
+                   "config": settings(cfg, names, RUN)})
+
+
+def reward_model_key(cfg: Config, data_sha256: str, seed: int) -> dict[str, Any]:
+    """What a trained reward model depends on: an interrupted reward-model run with this key is resumed, a completed
+    one reused by every later run. It holds the seed the model trains with (whichever `reward_model.per_seed`
+    picks), the backbone by name and the pairs by the budget's count and passes."""
+    return {"data_sha256": data_sha256, "model": cfg.model.name_or_path, "task": cfg.task.name,
+            "reward_model": _kept(cfg.reward_model, REWARD_MODEL) | {"seed": seed},
+            "budget": {"pairs": cfg.budget.pairs, "passes": cfg.budget.passes(cfg.reward_model.epochs)},
+            **settings(cfg, ["sft_stage", "lora", "weight_decay"], REWARD_MODEL)}
+
+
+def sft_key(cfg: Config, rows: Dataset) -> dict[str, Any]:
+    """What the SFT stage's model depends on: an interrupted SFT run with this key is resumed, a completed one's
+    model is pi_ref."""
+    return {**settings(cfg, ["model", "sft_stage", "weight_decay"], SFT_MODEL),
+            "texts_sha256": digest(rows.to_dict())}
+
+
+# pi_ref (the base model, or the SFT stage's) samples the pairs, and is evaluated on the task's prompts
+PREFERENCE_SET = ("model", "sft_stage", "task", "data")
+REFERENCE_SAMPLES = ("model", "sft_stage", "task", "eval")
+
+
+def preference_set_key(cfg: Config) -> str:
+    return digest(settings(cfg, PREFERENCE_SET, SHARED))
+
+
+def eval_settings(cfg: Config) -> dict[str, Any]:
+    """What makes two runs' eval points comparable, for their manifests: the same pi_ref, prompts, pairs and eval
+    settings (`hash`), and the split and temperature in words. The report never pools two hashes."""
+    return {"hash": digest(settings(cfg, (*PREFERENCE_SET, "eval"), SHARED))[:16], "split": cfg.eval.split,
+            "temperature": cfg.eval.temperature}
+
+
+def reference_cache_names(cfg: Config, arithmetic: str, data_sha256: str) -> tuple[str, str]:
+    """The eval cache's files of pi_ref's own eval samples and of its log-probs of this preference set's held-out
+    pairs. Besides the config they depend on the arithmetic: `precision: auto` is fp32 on one machine and bf16 on
+    another sharing the runs directory."""
+    samples = f"pi_ref-{digest(settings(cfg, REFERENCE_SAMPLES, SHARED))[:12]}-{arithmetic}"
+    return f"{samples}.pt", f"{samples}-pairs-{data_sha256[:12]}.pt"
+
+
+def scored_pairs_name(arithmetic: str, batch_size: int, pairs: list[list[str]]) -> str:
+    """The file in a reward model's folder that keeps its accuracy and margin on these held-out pairs: what a frozen
+    model's scores of them depend on besides the model are the pairs, their batch (padding) and the arithmetic."""
+    return f"heldout-pairs-{digest([arithmetic, batch_size, pairs])[:16]}.json"
+
+
+def reference_logps_name(reference: str, cut: int | None, batch_size: int, torch_version: str, arithmetic: str,
+                         ids: list[list[list[int]]]) -> str:
+    """The eval cache's file of pi_ref's log-probs of DPO's training pairs, keyed by everything they are computed
+    from: the model, the token ids, where they are cut, the batch, torch and the arithmetic."""
+    payload = {"reference": reference, "cut": cut, "batch_size": batch_size, "torch": torch_version,
+               "arithmetic": arithmetic, "ids": ids}
+    return f"dpo-ref-logps-{digest(payload, sort_keys=False)[:16]}.pt"  # in the order the kept files were named by

@@ -1,0 +1,138 @@
+"""The keys that decide reuse (rlhf/keys.py): every one pinned as computed before the identity module existed, and
+every config field declaring its role."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from rlhf.config import Config, ModelConfig, _f, load_config
+from rlhf.data import preference_dir
+from rlhf.evaluate import EvalContext, _rm_pair_metrics_file
+from rlhf.keys import (IDENTITY, added, check_roles, eval_settings, preference_set_key, reference_cache_names,
+                       reference_logps_name, reward_model_key, run_key, sft_key)
+
+PINNED = Path(__file__).with_name("keys.json")
+PROFILES = ("default", "tiny", "hh", "gpu", "imdb-gpt2")
+VARIANTS = {
+    "as-is": [],
+    "beta": ["beta=0.05"],
+    "checkpointing": ["model.gradient_checkpointing=true"],
+    "added": ["model.tf32=true", "task.n_validation_prompts=4", "eval.split=validation", "task.gold_batch_size=16"],
+    "lora": ["lora.enabled=true", "lora.r=4", "weight_decay=0.01"],
+    "sft-stage": ["sft_stage.enabled=true", "sft_stage.path=corpus.jsonl"],
+    "not-settings": ["seeds=[0, 5]", "runs_dir=elsewhere", "resume=false", "report.spike_k=3", "sweep.seed=3",
+                     "grid.jobs=2", "reward_model.checkpoint_every=3", "ppo.checkpoint_every=2",
+                     "dpo.checkpoint_every=5", "rloo.checkpoint_every=5", "online_dpo.checkpoint_every=5"],
+    "own-sections": ["dpo.learning_rate=0.123", "ppo.learning_rate=0.123", "rloo.learning_rate=0.123",
+                     "online_dpo.batch_size=6", "sft.learning_rate=0.123", "bon.n=[1]",
+                     "reward_model.learning_rate=0.123"],
+    "reward-model": ["reward_model.per_seed=false", "reward_model.seed=3", "budget.pairs=16",
+                     "reward_model.epochs=2"],
+}
+SEEDS = (0, 1)
+DATA, RM, REF = "d" * 64, "runs/p/reward_model/r/checkpoints/final", "a/model/folder"
+CORPUS = Dataset.from_dict({"text": ["one text", "another"]})
+CHOSEN = Dataset.from_dict({"prompt": ["a prompt"], "completion": ["its chosen response"]})
+PAIRS = [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "q", "chosen": "d", "rejected": "s"}]
+
+
+def run_keys(cfg) -> dict[str, str]:
+    """Every method's run key for this config at seed 0 and 1, with the extra inputs each method passes."""
+    online = {"reward_model_path": RM, "num_processes": 1}
+    out = {}
+    for seed in SEEDS:
+        methods = {
+            "reference": (cfg, cfg.eval.seed, DATA, {"reference_model": REF}),
+            "ppo": (cfg, seed, DATA, online),
+            "ppo-gt": (cfg, seed, DATA, {"reward_model_path": None, "num_processes": 1}),
+            "dpo": (cfg, seed, DATA, online),
+            "dpo-ipo": (cfg.with_values({"dpo.loss_type": "ipo"}), seed, DATA, online),
+            "dpo-robust": (cfg.with_values({"dpo.loss_type": "robust", "dpo.label_smoothing": 0.1}), seed, DATA,
+                           online),
+            "rloo": (cfg, seed, DATA, online),
+            "online-dpo": (cfg, seed, DATA, online),
+            "bon": (cfg, cfg.eval.seed, DATA, {**online, "bon_n": sorted(set(cfg.bon.n)), "reference_model": REF}),
+            "sft-chosen": (cfg, seed, DATA, {"reference_model": REF}),
+        }
+        for method, (c, s, data, extra) in methods.items():
+            out[f"seed{seed}/{method}"] = run_key(c, method, s, data, extra)
+    return out
+
+
+def artifact_keys(cfg) -> dict:
+    out = {f"reward_model/seed{seed}": reward_model_key(cfg, DATA, seed) for seed in SEEDS}
+    out["sft/corpus"], out["sft/chosen"] = sft_key(cfg, CORPUS), sft_key(cfg, CHOSEN)
+    out["preferences"] = {"folder": preference_dir(cfg).name, "config_hash": preference_set_key(cfg)}
+    out["eval_settings"] = eval_settings(cfg)
+    for arithmetic in ("cpu-fp32", "cuda-bf16"):
+        ctx = EvalContext(prompts=[], ref_model=None, tokenizer=None, cfg=cfg.eval, autocast=None,
+                          heldout_pairs=PAIRS, arithmetic=arithmetic)
+        out[f"eval_cache/{arithmetic}"] = [*reference_cache_names(cfg, arithmetic, DATA),
+                                           _rm_pair_metrics_file(Path("rm"), ctx).name]
+    return out
+
+
+def keys_of_today() -> dict:
+    out = {"dpo_reference_cache": reference_logps_name(REF, 128, 8, "2.0.0", "cpu-no",
+                                                       [[[1, 2], [3]], [[4, 5], [6]], [[7], [8, 9]]])}
+    for profile in PROFILES:
+        for variant, overrides in VARIANTS.items():
+            cfg = load_config(profile, overrides)
+            for run_cfg in cfg.betas()[:2]:
+                out.update({f"{profile}/{variant}/beta{run_cfg.beta:g}/{k}": v for k, v in run_keys(run_cfg).items()})
+            out.update({f"{profile}/{variant}/{k}": v for k, v in artifact_keys(cfg).items()})
+    return out
+
+
+def test_every_key_is_what_it_was():
+    assert json.loads(json.dumps(keys_of_today())) == json.loads(PINNED.read_text())
+
+
+def test_a_config_key_added_without_a_role_stops_the_import():
+    """A field without a declared role would count in every key unseen: completed runs orphaned, or reused under a
+    setting they never had. The check names it; a field with a role passes."""
+    @dataclasses.dataclass
+    class WithoutRole(ModelConfig):
+        new_knob: int = 3
+
+    @dataclasses.dataclass
+    class WithRole(ModelConfig):
+        new_knob: int = _f(3, IDENTITY, "a knob")
+
+    for model, fails in ((WithoutRole, True), (WithRole, False)):
+        cfg = dataclasses.make_dataclass("Config", [("model", model, dataclasses.field(default_factory=model))],
+                                         bases=(Config,))
+        if fails:
+            with pytest.raises(TypeError, match="config key 'model.new_knob' declares no role"):
+                check_roles(cfg)
+        else:
+            check_roles(cfg)
+
+
+def test_a_config_key_added_now_orphans_no_run_and_no_cache():
+    """A field declared `added(3)` counts in no key while at its default: every run, reward model, SFT model,
+    preference set and cache keeps its key; set away from it, it counts wherever its section does."""
+    @dataclasses.dataclass
+    class WithNewKnob(ModelConfig):
+        new_knob: int = _f(3, added(3), "a knob added after every kind of key was fixed")
+
+    extended = dataclasses.make_dataclass("Config", [("model", WithNewKnob, dataclasses.field(
+        default_factory=WithNewKnob))], bases=(Config,))
+    cfg = load_config("tiny")
+
+    def keys(c):
+        return (run_key(c, "dpo", 0, DATA, None), reward_model_key(c, DATA, 0), sft_key(c, CORPUS),
+                preference_set_key(c), eval_settings(c), reference_cache_names(c, "cpu-fp32", DATA))
+
+    def with_knob(value):
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return extended(**{**values, "model": WithNewKnob(**dataclasses.asdict(cfg.model), new_knob=value)})
+
+    assert keys(with_knob(3)) == keys(cfg)
+    changed = [a != b for a, b in zip(keys(with_knob(4)), keys(cfg))]
+    assert changed == [True, False, True, True, True, True]  # the reward model's key reads the model's name alone
