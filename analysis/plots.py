@@ -141,10 +141,11 @@ def _errors(frame: pd.DataFrame, column: str):
 
 
 def frontier_plot(trajectories: pd.DataFrame, reference: pd.DataFrame, y: str, y_label: str,
-                  evals: pd.DataFrame) -> Plot:
+                  evals: pd.DataFrame, level: float | None = None) -> Plot:
     """Per method and β, the seed means of every eval point joined in step order, with bootstrap bars in reward
     and KL (analysis.metrics.frontier), and each seed's own trajectory (thin) where there are fewer than
-    SEEDS_FOR_A_BAND; π_ref's point at KL 0 with its interval."""
+    SEEDS_FOR_A_BAND; π_ref's point at KL 0 with its interval; the primary KL `level`, where the verdict reads the
+    methods, as a vertical line."""
     reward = y_label.split(" [")[0]  # the label without its unit
     if trajectories.empty:
         return _plot("frontier", missing=f"no eval point has both {y} and eval/kl", reward=reward)
@@ -168,6 +169,10 @@ def frontier_plot(trajectories: pd.DataFrame, reference: pd.DataFrame, y: str, y
         ax.axhline(reference[f"{y} mean"].iloc[-1], color=color, ls=":", lw=1)
         ax.errorbar([0.0], reference[f"{y} mean"].iloc[-1:], yerr=_errors(reference.tail(1), y), color=color,
                     fmt="o", capsize=3, label=f"{name('reference')} (origin)", zorder=3)
+    if level is not None:  # unlabelled: the legend names methods only
+        ax.axvline(level, color="#888888", ls="-.", lw=1)
+        ax.annotate(f"primary KL level, {level:.3g} nats", (level, 1), xycoords=("data", "axes fraction"),
+                    xytext=(4, -4), textcoords="offset points", va="top", fontsize=8, color="#555555")
     ax.set(xlabel=KL_LABEL, ylabel=y_label)
     return _plot("frontier", fig, [ax], reward=reward)
 

@@ -1,20 +1,23 @@
 """`make report`: reports/<profile>/index.html, summary.md, the PNGs and CSV tables, from every run of a profile.
 
-The page is a list of sections, each with notes, at most one plot and some tables; the HTML page and the
-Markdown summary are two renderings of that same list, and every table shown is also written as CSV (with
-the numbers unformatted). Whatever runs exist are reported: what is missing is said, never fatal.
+The report is a list of sections, each with notes, at most one plot and some tables, in the order a reader asks: the
+first screen holds the verdict, the frontier figure and one small table. summary.md is that list in Markdown, and the
+page is the same Markdown rendered into a Jinja2 template (analysis/templates/). Every table shown is also written as
+CSV (with the numbers unformatted). Whatever runs exist are reported: what is missing is said, never fatal.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import pandas as pd
+from markdown_it import MarkdownIt
+from markupsafe import Markup
 
 from analysis import metrics as M
 from analysis import plots as P
@@ -42,6 +45,7 @@ GOLD_UNITS = {"sentiment": "VADER compound, −1 to 1"}
 class Table:
     name: str  # CSV file stem
     frame: pd.DataFrame  # numbers as computed; shown formatted
+    caption: str = ""  # how to read a table shown away from the notes that define its columns
 
 
 @dataclass
@@ -158,39 +162,62 @@ def _reached(row: pd.Series, names=("PPO", "DPO")) -> str:
                         for name, s in zip(names, ("a", "b")))
 
 
-def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Section:
-    """The verdict first: PPO − DPO in gold at the primary KL level, its interval, the sentence, the seeds, power."""
+VERDICT_TITLE = "Verdict: PPO vs DPO in gold reward at a fixed KL"
+
+
+@dataclass
+class Verdict:
+    """The verdict where a reader looks for it: the sentence and what qualifies it open the page; the detail behind it
+    (every level, power, what the interval is made of, why PPO wins or loses) and how it is computed come later."""
+    lead: Section
+    detail: list[Section] = field(default_factory=list)
+    method: list[Section] = field(default_factory=list)
+
+
+def verdict_sections(runs: Runs, cfg: Config, stats: Stats | None = None) -> Verdict:
+    """PPO − DPO in gold at the primary KL level. The lead: its interval and the sentence, and what qualifies it (runs
+    short of the level, a level of 0, few eval points). The detail: the secondary levels, power, what the interval is
+    made of and what narrows it, why PPO wins or loses."""
     stats = stats or make_stats(runs, cfg.report)
-    section = Section("Verdict: PPO vs DPO in gold reward at a fixed KL")
+    lead = Section(VERDICT_TITLE)
     a, b = ("ppo", cfg.beta), ("dpo", cfg.beta)
     if stats.at is None or a not in stats.at or b not in stats.at:
         missing = [P.name(g[0]) for g in (a, b) if stats.at is None or g not in stats.at]
-        section.notes.append(f"No verdict: no completed {' or '.join(missing)} run at β = {cfg.beta:g} with a gold "
-                             "reward and a KL (see the headline's notes for what is missing).")
-        return section
+        lead.notes.append(f"No verdict: no completed {' or '.join(missing)} run at β = {cfg.beta:g} with a gold "
+                          "reward and a KL (see the headline's notes for what is missing).")
+        return Verdict(lead)
     table = M.verdict(stats.at, a, b, stats.levels, stats.registered)
     first = table.iloc[0]
-    section.notes.append(
+    lead.notes.append(
         f"**PPO − DPO = {_signed(first['difference'])} [{_signed(first['lo'])}, {_signed(first['hi'])}]** in gold "
         f"reward at KL {first['KL level']:.3g} nats ({_level_source(stats)}), {int(first['seeds a'])} PPO and "
         f"{int(first['seeds b'])} DPO seeds, 95% Welch t-interval over the runs with a term for the shared eval "
         f"prompts. {first['verdict']}")
     short = table[(table["reached a"] < table["seeds a"]) | (table["reached b"] < table["seeds b"])]
     if len(short):
-        section.notes.append(
+        lead.notes.append(
             "Reached by " + "; ".join(f"{_reached(r)} seeds at {r['KL level']:.3g} nats" for _, r in short.iterrows())
             + ". A run that stops short of a level counts with the gold of its last eval point, the most it reached "
             "within its budget (no run is dropped): a method whose runs stop short is read low, not left out.")
+    if first["KL level"] <= 0:
+        lead.notes.append("**The KL level is 0**: both methods are read at π_ref and the comparison says nothing; "
+                          "set report.kl_levels (docs/tuning.md).")
+    few = [f"{P.name(g[0])} {len(stats.at[g].keys)} run(s)" for g in (a, b)
+           if any(len(run) < 5 for run in _eval_counts(runs, g, stats.at[g].keys))]
+    if few:
+        lead.notes.append(f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at a KL level "
+                          "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md).")
+
+    detail = Section("The verdict in detail: every KL level, power, what the interval is made of",
+                     tables=[Table("verdict", table)])
     if len(table) > 1:
-        section.notes.append(
+        detail.notes.append(
             "Secondary levels, shown without words (one test carries the verdict): " + "; ".join(
                 f"at {r['KL level']:.3g} nats PPO − DPO = {_signed(r['difference'])} [{_signed(r['lo'])}, "
                 f"{_signed(r['hi'])}]" for _, r in table.iloc[1:].iterrows()) + ".")
-    if first["KL level"] <= 0:
-        section.notes.append("**The KL level is 0**: both methods are read at π_ref and the comparison says nothing; "
-                             "set report.kl_levels (docs/tuning.md).")
     power = M.power(first)
-    section.notes.append(power_line(first, power))
+    detail.notes.append(power_line(first, power))
+    detail.tables.append(Table("verdict_power", power))
     split = M.variance_split(stats.at, a, b)
     if not split.empty:
         seconds = [M.seed_seconds(runs.runs, runs.timings, m) for m in COMPARED]  # (a seed's, its evaluation's)
@@ -198,26 +225,20 @@ def verdict_section(runs: Runs, cfg: Config, stats: Stats | None = None) -> Sect
         evaluation = sum(evals * int(first[f"seeds {s}"]) for (_, evals), s in zip(seconds, ("a", "b")))
         allocation = M.allocation(split, int(first["seeds a"]), int(first["seeds b"]), int(first["n prompts"]),
                                   seed_pair, evaluation)
-        section.notes.append(allocation_line(split, allocation))
-        section.tables += [Table("variance_split", split), Table("allocation", allocation)]
-    section.notes.append(
-        "How it is read: each run's gold at a KL level is interpolated from its eval points by a monotone cubic in √KL "
-        "(docs/analysis.md); a method's value is the mean over its seeds. The interval is Welch's t over the per-run "
-        "values (Welch–Satterthwaite degrees of freedom) with a term for what the shared eval prompts add beyond the "
-        "seeds' spread (the prompt × method interaction, from prompt-jackknife pseudo-values); its coverage is "
-        "simulated at 2–8 seeds per method (`make coverage`). The KL levels are fixed before the runs and never "
-        "recomputed from them.")
-    few = [f"{P.name(g[0])} {len(stats.at[g].keys)} run(s)" for g in (a, b)
-           if any(len(run) < 5 for run in _eval_counts(runs, g, stats.at[g].keys))]
-    if few:
-        section.notes.append(f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at a KL level "
-                             "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md).")
-    section.tables[:0] = [Table("verdict", table), Table("verdict_power", power)]
+        detail.notes.append(allocation_line(split, allocation))
+        detail.tables += [Table("variance_split", split), Table("allocation", allocation)]
     causes = causes_table(stats, cfg.beta)
     if len(causes) > 1:  # RLOO or online DPO ran: what PPO's difference comes from
-        section.notes.append(causes_paragraph(causes))
-        section.tables.append(Table("verdict_causes", causes))
-    return section
+        detail.notes.append(causes_paragraph(causes))
+        detail.tables.append(Table("verdict_causes", causes))
+    method = Section("How the verdict is read", notes=[
+        "How it is read: each run's gold at a KL level is interpolated from its eval points by a monotone cubic in "
+        "√KL (docs/analysis.md); a method's value is the mean over its seeds. The interval is Welch's t over the "
+        "per-run values (Welch–Satterthwaite degrees of freedom) with a term for what the shared eval prompts add "
+        "beyond the seeds' spread (the prompt × method interaction, from prompt-jackknife pseudo-values); its "
+        "coverage is simulated at 2–8 seeds per method (`make coverage`). The KL levels are fixed before the runs "
+        "and never recomputed from them."])
+    return Verdict(lead, [detail], [method])
 
 
 def causes_table(stats: Stats, beta: float) -> pd.DataFrame:
@@ -329,7 +350,7 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
             "run's eval trajectory first reaches it, each counted from the start of the method's own earlier "
             "stages: PPO's include its own reward model's training, DPO's its pass of pi_ref over its pairs. FLOPs "
             "are 6·N·tokens a training pass and 2·N·tokens a forward pass (docs/analysis.md); evaluation is excluded "
-            "from both, and so is the shared preference set (section 6).",
+            "from both, and so is the shared preference set (the cost section).",
             "Cells read: mean over runs [95% t-interval] sd between-run std (n = runs). Gold at a KL level: Welch's "
             "t over the runs with the eval prompts' term (docs/analysis.md); the other columns are run-level "
             "numbers, a t-interval over runs. One run gives no interval."]
@@ -400,8 +421,9 @@ def frontier_section(runs: Runs, score: str, score_label: str, stats: Stats | No
     points = M.frontier(runs.evals(policies(runs)), stats.values, stats.draws, score)
     reference = points[points["method"] == REFERENCE]
     trajectories = points[points["method"] != REFERENCE]
-    section = Section("1. Reward vs KL: the frontier",
-                      plot=P.frontier_plot(trajectories, reference, score, score_label, runs.evals(methods)))
+    section = Section("Reward vs KL: the frontier's points",
+                      plot=P.frontier_plot(trajectories, reference, score, score_label, runs.evals(methods),
+                                           stats.levels[0] if stats.levels else None))
     section.notes.append("Each point is a method's mean over its seeds at one eval point (β apart), with 95% "
                          "hierarchical-bootstrap intervals in both reward and KL (seeds, then prompts: a picture of "
                          "the spread, not the verdict's test); the points are joined in training order. There is no envelope over single runs' points: it would "
@@ -421,7 +443,7 @@ def curves_section(runs: Runs, columns: dict[str, str], stats: Stats | None = No
     stats = stats or make_stats(runs)
     trained_evals = costed_evals(runs, trained(runs))
     bands = {c: M.band(trained_evals, stats.values, stats.draws, c) for c in columns if c in trained_evals}
-    section = Section("2. Reward and KL over training FLOPs and wall-clock",
+    section = Section("Reward and KL over training FLOPs and wall-clock",
                       plot=P.curves_plot(bands, trained_evals, columns))
     section.notes.append("Both axes count from the start of each method's own earlier stages (PPO: its reward "
                          "model's training; DPO: its pass of pi_ref over its pairs), evaluation excluded, so PPO's "
@@ -433,7 +455,7 @@ def heldout_section(runs: Runs, has_gold: bool, stats: Stats | None = None) -> S
     stats = stats or make_stats(runs)
     scores = M.heldout_scores(M.final_evals(runs.evals()), runs.runs)
     summary = M.summarize(scores, [*M.GROUP, "scorer"], ["accuracy", "margin"])
-    title = "3. Held-out pairs: explicit RM vs DPO implicit reward" + (" vs gold ceiling" if has_gold else "")
+    title = "Held-out pairs: explicit RM vs DPO implicit reward" + (" vs gold ceiling" if has_gold else "")
     section = Section(title, plot=P.heldout_plot(summary))
     section.notes.append("Each run's last eval point. Accuracy counts a tie as half; margin is the mean score of "
                          "the chosen minus the rejected response, in the scorer's own units (one panel per unit). A "
@@ -451,8 +473,8 @@ def heldout_section(runs: Runs, has_gold: bool, stats: Stats | None = None) -> S
 def overoptimisation_section(runs: Runs, has_gold: bool) -> Section:
     gains = M.overoptimisation(runs.evals(list(M.GAO_FORM)))
     fits = M.gao_fits(gains)
-    section = Section("4. Over-optimisation: proxy and gold reward against √KL (Gao et al. 2022)" if has_gold else
-                      "4. Proxy reward against √KL (no gold reward: over-optimisation cannot be seen)",
+    section = Section("Over-optimisation: proxy and gold reward against √KL (Gao et al. 2022)" if has_gold else
+                      "Proxy reward against √KL (no gold reward: over-optimisation cannot be seen)",
                       plot=P.overoptimisation_plot(gains, fits))
     section.notes.append("Gao et al.'s forms, fitted by least squares over every eval point of a method's runs, gains "
                          "in units of the first eval's std: RL (PPO) R(d) = d(α − β log d), Best of N "
@@ -471,7 +493,7 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str,
     stats = stats or make_stats(runs, cfg.report)
     trained_evals = costed_evals(runs, trained(runs))
     final = M.final_evals(trained_evals)
-    seeds = Section("5a. Stability across seeds", plot=P.seeds_plot(trained_evals, final, score, score_label))
+    seeds = Section("Stability across seeds", plot=P.seeds_plot(trained_evals, final, score, score_label))
     # A diverged run is a result about stability, though it is left out of every aggregate.
     for _, run in runs.runs[runs.runs["status"] == "diverged"].iterrows():
         seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']:g} (β {run['beta']:g}) stopped at a non-finite "
@@ -482,7 +504,7 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str,
         seeds.tables.append(Table("final_spread", M.summarize(final, M.GROUP, columns)))
     train = runs.train(trained(runs))
     flagged = M.flag_spikes(train, SPIKE_SERIES, cfg.report.spike_window, cfg.report.spike_k)
-    health = Section("5b. Training health: spikes, PPO clipping, DPO log-probs", plot=P.health_plot(train, flagged))
+    health = Section("Training health: spikes, PPO clipping, DPO log-probs", plot=P.health_plot(train, flagged))
     health.notes.append(f"A spike is a training value above the median of the {cfg.report.spike_window} steps "
                         f"before it by more than {cfg.report.spike_k:g} × 1.4826 × their median absolute deviation "
                         "(report.spike_window, report.spike_k).")
@@ -507,7 +529,7 @@ def spread_note(runs: Runs) -> str:
 def cost_section(runs: Runs) -> Section:
     costs = M.stage_costs(runs.timings)
     per_method = M.method_costs(runs.metrics, M.earlier_stages(runs.runs, runs.timings), runs.timings)
-    section = Section("6. Cost: wall-clock, FLOPs and peak memory per stage and method",
+    section = Section("Cost: wall-clock, FLOPs and peak memory per stage and method",
                       plot=P.cost_plot(costs, per_method))
     section.notes += [
         "FLOPs: 6·N·tokens a training pass, 2·N·tokens a forward pass, N the non-embedding parameters plus the "
@@ -573,62 +595,92 @@ def missing_notes(runs: Runs, has_gold: bool) -> list[str]:
     return notes
 
 
+def primary_level_table(headline: Section, stats: Stats) -> Table | None:
+    """The first screen's one small table: each method's gold at the primary KL level, as the headline has it."""
+    summary = next((t.frame for t in headline.tables if t.name == "headline"), None)
+    if summary is None or not stats.levels:
+        return None
+    gold = f"gold at KL {stats.levels[0]:.3g} "
+    return Table("headline_primary", summary[["method", "beta", *(c for c in summary if c.startswith(gold))]],
+                 f"Each method's gold reward at KL {stats.levels[0]:.3g} nats, the primary level: mean over runs [95% "
+                 "interval: Welch's t with the eval prompts' term] sd between-run std (n = runs). Every level, and the "
+                 "time and compute to a target gold reward: the headline below.")
+
+
 def build(runs: Runs, cfg: Config, profile_dir: Path) -> list[Section]:
+    """The sections in the order a reader asks. The first screen: the verdict sentence, the frontier figure and each
+    method's gold at the primary KL level. Then what it cost, how stable it is across seeds, the verdict in detail,
+    every method at every level, the held-out pairs and over-optimisation, training health, the frontier's points,
+    how the verdict is read, and where it all came from."""
     gold = has_gold(runs)
     unit = GOLD_UNITS.get(cfg.task.name, "the task's gold score")
     score, score_label = (("eval/gold", f"gold reward [{unit}]") if gold else
                           ("eval/proxy", "proxy reward, learned RM [RM score]"))
     stats = make_stats(runs, cfg.report)
+    verdict = verdict_sections(runs, cfg, stats) if gold else Verdict(Section(VERDICT_TITLE, notes=[
+        "No verdict: this task has no gold reward (the headline's notes say what it compares instead)."]))
     headline = headline_section(runs, cfg, gold, stats)
     headline.notes = missing_notes(runs, gold) + headline.notes
+    frontier = frontier_section(runs, score, score_label, stats)
+    # The figure opens the page; the notes on how its points are computed stay below with their table.
+    verdict.lead.plot, frontier.plot = frontier.plot, None
+    glance = primary_level_table(headline, stats)
+    if glance is not None:
+        verdict.lead.tables.append(glance)
+    seeds, health = stability_sections(runs, cfg, score, score_label, stats)
     return [
-        *([verdict_section(runs, cfg, stats)] if gold else []),
-        headline,
-        frontier_section(runs, score, score_label, stats),
+        verdict.lead,
+        cost_section(runs),
         curves_section(runs, {score: score_label, "eval/kl": P.KL_LABEL}, stats),
+        seeds,
+        *verdict.detail,
+        headline,
         heldout_section(runs, gold, stats),
         overoptimisation_section(runs, gold),
-        *stability_sections(runs, cfg, score, score_label, stats),
-        cost_section(runs),
+        health,
+        frontier,
+        *verdict.method,
         provenance_section(runs, cfg, profile_dir),
     ]
 
 
 # --- rendering ----------------------------------------------------------------------------------------------
 
-CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
-       "font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
-       ".caption{font-style:italic}.missing{color:#a00}")
+# summary.md is the report in Markdown; the page is that same Markdown rendered (CommonMark and its tables, any raw
+# HTML in a note shown as text) into the template beside this module.
+MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True,
+                               undefined=jinja2.StrictUndefined)
 
 
-def render_html(sections: list[Section], profile: str) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ppo-vs-dpo report: {html.escape(profile)}"
-             f"</title><style>{CSS}</style></head><body><h1>PPO vs DPO: profile {html.escape(profile)}</h1>"]
-    for s in sections:
-        parts.append(f"<h2>{html.escape(s.title)}</h2>")
-        parts += [f"<p>{html.escape(n)}</p>" for n in s.notes]
-        if s.plot is not None:
-            if s.plot.figure is not None:
-                parts.append(f"<img src='{s.plot.name}.png' alt='{html.escape(s.plot.title)}'>")
-                parts.append(f"<p class='caption'>{html.escape(s.plot.caption)}</p>")
-            else:
-                parts.append(f"<p class='missing'>Not drawn: {html.escape(s.plot.missing)}.</p>")
-        for t in s.tables:
-            parts.append(f"<p><a href='{t.name}.csv'>{t.name}.csv</a></p>")
-            parts.append(display(t.frame).to_html(index=False, escape=True))
-    return "\n".join(parts + ["</body></html>\n"])
+def _title(profile: str) -> str:
+    return f"PPO vs DPO: profile {profile}"
+
+
+def markdown_parts(section: Section) -> dict[str, str]:
+    """A section's Markdown under its heading, in three parts the page lays out: the notes, the figure with the
+    sentence on how to read it, and the tables, each under a link to its CSV."""
+    plot = section.plot
+    figure = ("" if plot is None else f"![{plot.title}]({plot.name}.png)\n\n*{plot.caption}*"
+              if plot.figure is not None else f"Not drawn: {plot.missing}.")
+    tables = []
+    for t in section.tables:
+        tables += [f"[`{t.name}.csv`]({t.name}.csv)", markdown_table(t.frame)]
+        tables += [f"*{t.caption}*"] if t.caption else []
+    return {"notes": "\n\n".join(section.notes), "plot": figure, "tables": "\n\n".join(tables)}
 
 
 def render_markdown(sections: list[Section], profile: str) -> str:
-    parts = [f"# PPO vs DPO: profile {profile}"]
+    parts = [f"# {_title(profile)}"]
     for s in sections:
-        parts.append(f"## {s.title}")
-        parts += s.notes
-        if s.plot is not None:
-            parts.append(f"![{s.plot.title}]({s.plot.name}.png)\n\n*{s.plot.caption}*" if s.plot.figure is not None
-                         else f"Not drawn: {s.plot.missing}.")
-        parts += [f"`{t.name}.csv`\n\n{markdown_table(t.frame)}" for t in s.tables]
+        parts += [f"## {s.title}", *(part for part in markdown_parts(s).values() if part)]
     return "\n\n".join(parts) + "\n"
+
+
+def render_html(sections: list[Section], profile: str) -> str:
+    rendered = [{"title": s.title, **{key: Markup(MARKDOWN.render(part)) for key, part in markdown_parts(s).items()}}
+                for s in sections]
+    return TEMPLATES.get_template("report.html.j2").render(title=_title(profile), sections=rendered)
 
 
 def write(sections: list[Section], out: Path, profile: str) -> None:
@@ -661,8 +713,7 @@ def main(cfg: Config) -> int:
         print(f"missing (run `make all` again to complete them): {', '.join(runs.missing)}")
     sections = build(runs, cfg, profile_dir)
     write(sections, out, cfg.profile)
-    verdict = sections[0].tables[0].frame.iloc[0] if sections[0].title.startswith("Verdict") and sections[0].tables \
-        else None
+    verdict = next((t.frame.iloc[0] for s in sections for t in s.tables if t.name == "verdict"), None)
     if verdict is not None:  # the estimate on one line, the words on the next: what a person reads first
         print(f"verdict: PPO − DPO = {_signed(verdict['difference'])} [{_signed(verdict['lo'])}, "
               f"{_signed(verdict['hi'])}] in gold at KL {verdict['KL level']:.3g} nats\n  {verdict['verdict']}")

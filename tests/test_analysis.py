@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -225,7 +226,7 @@ def test_spike_counts_and_series_summary(tmp_path):
 
 def assert_page_complete(out):
     page = (out / "index.html").read_text()
-    images = re.findall(r"<img src='([^']+)'", page)
+    images = re.findall(r"<img src=\"([^\"]+)\"", page)
     assert images, "the page shows no plot"
     for name in images:
         data = (out / name).read_bytes()
@@ -239,7 +240,7 @@ def test_report_on_a_gold_task(tmp_path):
     page, images = assert_page_complete(out)
     assert {"frontier.png", "curves.png", "heldout.png", "overoptimisation.png", "seeds.png", "health.png",
             "cost.png"} == set(images)
-    assert page.index("Headline") < page.index("frontier.png")  # the headline comes first
+    assert page.index("Verdict: PPO vs DPO") < page.index("frontier.png") < page.index("Headline")  # the verdict first
     head = pd.read_csv(out / "headline.csv")
     assert set(head["method"]) == {"reference", "ppo", "dpo"}
     assert head.set_index("method").loc["dpo", "gold at KL 2 mean"] == pytest.approx(0.65)
@@ -338,7 +339,8 @@ def test_report_on_a_task_without_gold(tmp_path):
     page, _ = assert_page_complete(out)
     assert "no gold reward" in page and "Best of N: one row per N" in page
     assert set(pd.read_csv(out / "frontier.csv")["method"]) == {"ppo", "bon"}  # by the proxy: DPO has none
-    assert "Baselines not run, so absent from the frontier and the headline: Preferred-FT (`make sft-chosen`)." in page
+    assert ("Baselines not run, so absent from the frontier and the headline: Preferred-FT "
+            "(<code>make sft-chosen</code>).") in page
     head = pd.read_csv(out / "headline.csv").set_index("method")
     assert set(head.index) == {"reference", "ppo", "dpo", "bon"} and not any(c.startswith("gold at KL") for c in head)
     assert head.loc["dpo", "final heldout/implicit_accuracy mean"] == pytest.approx(0.6)
@@ -406,9 +408,52 @@ def test_report_with_only_dpo_says_what_is_missing(tmp_path):
     assert not stale.exists()
     page, images = assert_page_complete(out)
     assert "No completed PPO run" in page and "No completed reference run" in page
-    assert "Baselines not run, so absent from the frontier and the headline: PPO-GT (`make ppo-gt`), Best of N" in page
+    assert ("Baselines not run, so absent from the frontier and the headline: PPO-GT (<code>make ppo-gt</code>), "
+            "Best of N") in page
     assert "overoptimisation.png" not in images and "Not drawn: no PPO or Best-of-N eval points" in page
     assert pd.read_csv(out / "headline.csv")["method"].tolist() == ["dpo"]
+
+
+class _Text(HTMLParser):
+    """The words a browser shows: every text node outside <style> and <script>."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.words = 0, []
+
+    def handle_starttag(self, tag, attrs):
+        self.hidden += tag in ("style", "script")
+
+    def handle_endtag(self, tag):
+        self.hidden -= tag in ("style", "script")
+
+    def handle_data(self, data):
+        if not self.hidden:
+            self.words.append(data)
+
+
+def shown_text(page: str) -> str:
+    reader = _Text()
+    reader.feed(page)
+    return "".join(reader.words)
+
+
+@pytest.mark.parametrize("overrides", [["report.kl_levels=[1, 0.5]"], []], ids=["verdict", "no verdict"])
+def test_the_page_shows_rendered_markdown_and_opens_with_the_verdict_the_frontier_and_one_table(tmp_path, overrides):
+    out = run_report(tmp_path, with_baselines(gold_profile(tmp_path)), overrides=overrides)
+    page = (out / "index.html").read_text()
+    text = shown_text(page)
+    # Markdown's marks are rendered, never shown: bold, code, table rules, headings
+    assert "**" not in text and "`" not in text
+    assert not re.search(r"\|\s*:?-{3}", text) and not re.search(r"^\s*#", text, re.M)
+    assert "<strong>PPO − DPO = " in page and "<code>make coverage</code>" in page and "<th>method</th>" in page
+    # The first screen: the verdict sentence, then the frontier figure, then one small table, and nothing else drawn
+    start = page.index("<h2")
+    first = page[start:page.index("<h2", start + 1)]
+    verdict = first.index("PPO − DPO = ")
+    assert re.findall(r"<img[^>]+src=['\"]([^'\"]+)['\"]", first) == ["frontier.png"] and first.count("<table") == 1
+    assert verdict < first.index("<img") < first.index("<table")
+    assert ("No verdict" in first[verdict:first.index("<img")]) == (not overrides)
 
 
 def test_report_with_no_runs_at_all_still_writes_the_page(tmp_path):
