@@ -12,7 +12,7 @@ ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 &&
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all clock setup bundle test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
+.PHONY: all clock setup bundle lint test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
 	sweep report coverage bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false). The runs are the profile's grid:
@@ -63,7 +63,11 @@ bundle: setup
 	$(PY) -m pipelines.bundle build $(BUNDLE_OUT) $(if $(EXTRAS),--extras $(EXTRAS)) \
 		$(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION))
 
-test: setup
+# The style's habits (ruff, configured in pyproject.toml); `make test` runs it first, so CI does too.
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
 	$(PY) -m pytest -q tests
 
 # The kill test alone (`make test` runs it too): `make all PROFILE=tiny` killed in each stage and run again, minutes

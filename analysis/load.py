@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -125,7 +125,6 @@ def _identity(path: Path, manifest: dict) -> dict:
         "packages": json.dumps(manifest.get("packages", {}), sort_keys=True), "path": str(path),
         # the data a run trained on (PPO: its reward model's); absent for runs that train on no pairs
         **{f"budget_{k}": (manifest.get("budget") or {}).get(k) for k in ("pairs", "passes", "pair_presentations")},
-        "reward_model_path": manifest.get("reward_model_path"),
         **{f"eval_{k}": (manifest.get("eval_settings") or {}).get(k) for k in ("hash", "split", "temperature")},
         **{f"kl_{k}": (manifest.get("kl_control") or {}).get(k) for k in ("adaptive", "rollout_temperature")},
     }
@@ -150,8 +149,8 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict], pd.DataFrame]:
             reason += ", still being written" if alive else ", killed (no live process; run it again to resume it)"
         return {**record, "included": False, "reason": reason}, [], [], nothing
     if record["eval_split"] == "validation":
-        reason = "evaluated on the validation prompts (eval.split=validation, a sweep's run): the report shows the test " \
-                 "prompts only"
+        reason = ("evaluated on the validation prompts (eval.split=validation, a sweep's run): the report shows the "
+                  "test prompts only")
         return {**record, "included": False, "reason": reason}, [], [], nothing
     try:
         rows = _read_metrics(path / "metrics.jsonl")

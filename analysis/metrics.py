@@ -136,7 +136,8 @@ def earlier_stages(runs: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
     """Per included run: seconds and FLOPs of what its method ran before its own loop. PPO, RLOO, online DPO and
     Best of N: the training of the reward model their manifest names (stage `reward_model` of that run; NaN where
     that run is not among the included ones); DPO and its variants: their pass of pi_ref over the pairs (stage
-    `ref_logps`); 0 for the others. The shared preference set (and the SFT stage) are left out: every method needs them alike."""
+    `ref_logps`); 0 for the others. The shared preference set (and the SFT stage) are left out: every method needs
+    them alike."""
     cost = timings.set_index(["method", "run_id", "stage"])[["seconds", "flops"]]
     rows = []
     for _, run in runs[runs["included"]].iterrows():

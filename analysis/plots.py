@@ -251,7 +251,8 @@ def overoptimisation_plot(gains: pd.DataFrame, fits: pd.DataFrame) -> Plot:
     if gains.empty:
         return _plot("overoptimisation", missing="no PPO or Best-of-N eval points")
     methods = sorted(gains["method"].unique(), key=legend_rank)
-    fig, axes = plt.subplots(1, len(methods), figsize=(max(9, 6 * len(methods)), 4), squeeze=False)  # room for the title
+    # room for the title
+    fig, axes = plt.subplots(1, len(methods), figsize=(max(9, 6 * len(methods)), 4), squeeze=False)
     colors = {"proxy": "#2ca02c", "gold": "#d4a017"}
     for ax, method in zip(axes.ravel(), methods):
         points = gains[gains["method"] == method]

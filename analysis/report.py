@@ -426,8 +426,9 @@ def frontier_section(runs: Runs, score: str, score_label: str, stats: Stats | No
                                            stats.levels[0] if stats.levels else None))
     section.notes.append("Each point is a method's mean over its seeds at one eval point (β apart), with 95% "
                          "hierarchical-bootstrap intervals in both reward and KL (seeds, then prompts: a picture of "
-                         "the spread, not the verdict's test); the points are joined in training order. There is no envelope over single runs' points: it would "
-                         "pick the luckiest of them and favour the method with more points or more spread.")
+                         "the spread, not the verdict's test); the points are joined in training order. There is no "
+                         "envelope over single runs' points: it would pick the luckiest of them and favour the method "
+                         "with more points or more spread.")
     if reference.empty:
         section.notes.append(
             "No reference run (`make reference`) with this score: trajectories start at each method's first eval."
@@ -496,8 +497,8 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str,
     seeds = Section("Stability across seeds", plot=P.seeds_plot(trained_evals, final, score, score_label))
     # A diverged run is a result about stability, though it is left out of every aggregate.
     for _, run in runs.runs[runs.runs["status"] == "diverged"].iterrows():
-        seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']:g} (β {run['beta']:g}) stopped at a non-finite "
-                           f"training quantity: {str(run['error']).removeprefix('Diverged: ')}")
+        seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']:g} (β {run['beta']:g}) stopped at a "
+                           f"non-finite training quantity: {str(run['error']).removeprefix('Diverged: ')}")
     seeds.notes.append(spread_note(runs))
     if not final.empty:
         columns = [c for c in (score, "eval/kl") if c in final]
@@ -556,7 +557,7 @@ def provenance_section(runs: Runs, cfg: Config, profile_dir: Path) -> Section:
     table = runs.runs
     included = table[table["included"]]
     section = Section("Provenance", notes=[f"Profile `{cfg.profile}`, runs read from `{profile_dir}`, report "
-                                           f"written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC."])
+                                           f"written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC."])
     excluded = table[~table["included"]]
     if not excluded.empty:
         section.notes.append(f"{len(excluded)} run director{'y' if len(excluded) == 1 else 'ies'} left out of "

@@ -90,7 +90,7 @@ class Draws:
     _seeds: dict
 
     @classmethod
-    def make(cls, n_prompts: int, reps: int, seed: int) -> "Draws":
+    def make(cls, n_prompts: int, reps: int, seed: int) -> Draws:
         rng = np.random.default_rng(seed)
         weights = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=reps) / n_prompts
         return cls(weights, rng, {})

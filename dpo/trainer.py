@@ -3,8 +3,8 @@
     train(cfg, prefs, seed) -> DPOResult
 
 One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs once for the
-budget's pairs (`budget.pairs`, the reward model's too), train with TRL's DPOTrainer (beta = the top-level `beta`, PPO's KL
-coefficient), run the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the
+budget's pairs (`budget.pairs`, the reward model's too), train with TRL's DPOTrainer (beta = the top-level `beta`,
+PPO's KL coefficient), run the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the
 final policy. `dpo.loss_type` swaps eq. (6) for one of TRL's variants (IPO, robust DPO) on the same pairs, into
 runs/<profile>/dpo-<loss_type>/. Metric names and the gradient-weight derivation are in docs/dpo.md.
 
@@ -151,7 +151,8 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         precompute_ref_log_probs=True,   # pi_ref is frozen: one pass over the pairs, not one per epoch
         precompute_ref_batch_size=cfg.eval.batch_size,  # forward passes only: the evaluator's scoring batch
         learning_rate=d.learning_rate, lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_steps,
-        per_device_train_batch_size=per_process(d.batch_size, "dpo.batch_size"), gradient_accumulation_steps=d.gradient_accumulation_steps,
+        per_device_train_batch_size=per_process(d.batch_size, "dpo.batch_size"),
+        gradient_accumulation_steps=d.gradient_accumulation_steps,
         num_train_epochs=cfg.budget.passes(d.epochs), max_grad_norm=d.max_grad_norm,
         max_length=d.max_length,
         **run_dir_args(cfg.model, cfg.weight_decay, seed, device, d.checkpoint_every),

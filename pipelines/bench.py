@@ -28,7 +28,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -157,7 +157,8 @@ def _row(stage: str, tokens: float, seconds: float, peak: float, kind: str, batc
     shape = f"{batch}x{length}" + (f"+{new_tokens}" if kind == "generate" else "")
     return {"stage": stage, "kind": kind, "shape": shape,
             "tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "tflops_per_s": flops / seconds / 1e12, "peak_memory_mb": peak, "ceiling": (kind, batch, length, new_tokens, scalar)}
+            "tflops_per_s": flops / seconds / 1e12, "peak_memory_mb": peak,
+            "ceiling": (kind, batch, length, new_tokens, scalar)}
 
 
 def _timings(run_dir: Path) -> dict:

@@ -134,8 +134,8 @@ def data_flops(cfg: Config, s: Sizes) -> dict[str, float]:
     """FLOPs of building the preference set: K responses sampled from pi_ref for every train, held-out and
     validation prompt (the gold reward that labels them is a classifier outside the count, inside `sampling`'s
     fraction). Nothing to sample where the pairs are read from a data set."""
-    prompts = cfg.data.n_prompts + (cfg.data.n_heldout_prompts or cfg.task.n_eval_prompts - cfg.task.n_validation_prompts) \
-        + cfg.task.n_validation_prompts
+    heldout = cfg.data.n_heldout_prompts or cfg.task.n_eval_prompts - cfg.task.n_validation_prompts
+    prompts = cfg.data.n_prompts + heldout + cfg.task.n_validation_prompts
     return {"sampling": 2 * s.n_lm * prompts * cfg.data.responses_per_prompt * s.pair_tokens} if s.sampled_pairs else {}
 
 
@@ -181,7 +181,7 @@ def estimate(cfg: Config, jobs: list) -> Estimate:
     data = data_flops(cfg, sizes)
     work = {job.label: job_flops(cfg, job.command, job.overrides, sizes) for job in jobs}
     dpo = [job.label for job in jobs if job.command == "dpo"]
-    for label in dpo[1:]:  # pi_ref's log-probs of the pairs: the first DPO run caches them for the rest (dpo/trainer.py)
+    for label in dpo[1:]:  # pi_ref's log-probs of the pairs: the first DPO run caches them (dpo/trainer.py)
         work[label].pop("forward")
     return Estimate(machine=f"{machine(device)}, {torch.get_num_threads()} threads, {precision}", limit=limit,
                     flops=sum(data.values()) + sum(sum(w.values()) for w in work.values()),
@@ -223,7 +223,7 @@ def start(cfg: Config, jobs: list) -> int:
         print("clock: the SFT stage (sft_stage.enabled) is not in the estimate", flush=True)
     target = path(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"started": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": est.machine,
+    target.write_text(json.dumps({"started": dt.datetime.now(dt.UTC).isoformat(), "machine": est.machine,
                                   "limit": est.limit, "data": est.data, "report": est.report, "jobs": est.jobs},
                                  indent=1))
     return 0
@@ -270,7 +270,7 @@ def took(cfg: Config) -> int:
     rows = []
     for manifest in sorted((PROJECT_ROOT / cfg.runs_dir / cfg.profile / "data").glob("*/manifest.json")):
         built = json.loads(manifest.read_text())
-        if dt.datetime.fromtimestamp(manifest.stat().st_mtime, dt.timezone.utc) >= started:
+        if dt.datetime.fromtimestamp(manifest.stat().st_mtime, dt.UTC) >= started:
             rows.append(("preference set", clock["data"], built.get("build_seconds", math.nan)))
     log = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "grid-logs" / JOBS_LOG
     for line in log.read_text().splitlines() if log.exists() else []:
@@ -278,7 +278,7 @@ def took(cfg: Config) -> int:
         if dt.datetime.fromisoformat(job["finished"]) >= started and job["label"] in clock["jobs"]:
             rows.append((job["label"] + ("" if job["exit"] == 0 else f" (failed, exit {job['exit']})"),
                          clock["jobs"][job["label"]], job["seconds"]))
-    total = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    total = (dt.datetime.now(dt.UTC) - started).total_seconds()
     estimated = clock["data"] + sum(clock["jobs"].values()) + clock["report"]
     width = max([len(r[0]) for r in rows] + [len("make all")])
     print(f"\nclock: what each stage of this `make all` took on {clock['machine']}")

@@ -16,9 +16,10 @@ cluster, where every job of a phase runs at once, the same jobs are submitted by
 evaluation, the reward models, then the method runs.
 
 Under `make all NPROC=8` the training jobs run under `accelerate launch` (make's launcher, in `GRID_TRAIN_CLI`), one at
-a time: a run's processes then take every device. A killed grid resumes when run again: completed runs are reused by their keys, and a killed run continues from its
-last checkpoint (each job is an ordinary command, docs/reliability.md). A job that fails is named with its log; the
-jobs that need it are not started, every other job goes on, and the grid exits non-zero.
+a time: a run's processes then take every device. A killed grid resumes when run again: completed runs are reused by
+their keys, and a killed run continues from its last checkpoint (each job is an ordinary command,
+docs/reliability.md). A job that fails is named with its log; the jobs that need it are not started, every other job
+goes on, and the grid exits non-zero.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def phases(cfg: Config) -> list[list[Job]]:
             continue
         for beta in [cfg.beta] if method in _WITHOUT_BETA else betas:
             for seed in cfg.seeds:
-                runs.append(Job(f"{method}-beta{beta:g}-seed{seed}", command,
-                                (*extra, f"beta={beta}", "beta_sweep=[]", f"seeds=[{seed}]"), needs(method, seed), seed))
+                overrides = (*extra, f"beta={beta}", "beta_sweep=[]", f"seeds=[{seed}]")
+                runs.append(Job(f"{method}-beta{beta:g}-seed{seed}", command, overrides, needs(method, seed), seed))
     return [p for p in ([reference], list(reward_models.values()), runs) if p]
 
 
@@ -128,8 +129,8 @@ def main(cfg: Config, overrides: list[str]) -> int:
     """Run the grid; `overrides` are the user's key=value (every job gets them, then its own)."""
     launcher = shlex.split(os.environ.get("GRID_TRAIN_CLI", ""))
     if launcher and cfg.grid.jobs > 1:
-        raise UserError(f"grid.jobs={cfg.grid.jobs} with NPROC > 1: a run under `accelerate launch` takes every device; "
-                        "run the grid one job at a time (JOBS=1), or each job on one device (NPROC=1)")
+        raise UserError(f"grid.jobs={cfg.grid.jobs} with NPROC > 1: a run under `accelerate launch` takes every "
+                        "device; run the grid one job at a time (JOBS=1), or each job on one device (NPROC=1)")
     build_preference_set(cfg)  # before any job: jobs side by side would each build it
     log_dir = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "grid-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -180,11 +181,12 @@ def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str]
                 argv = command_line(job, cfg.profile, overrides, launcher)
                 # appended to: a resumed job's log keeps what its killed attempt wrote
                 log = None if cfg.grid.jobs == 1 else open(log_dir / f"{job.label}.log", "a")
-                running[subprocess.Popen(argv, env=job_environment(cfg, slot, cfg.grid.jobs), stdout=log,
-                                         stderr=subprocess.STDOUT if log else None)] = (job, slot, log, time.monotonic())
+                process = subprocess.Popen(argv, env=job_environment(cfg, slot, cfg.grid.jobs), stdout=log,
+                                           stderr=subprocess.STDOUT if log else None)
+                running[process] = (job, slot, log, time.monotonic())
                 tqdm.write(f"grid: started {job.label}")
             if pending and not running:
-                raise RuntimeError(f"grid: {pending[0].label} needs {pending[0].needs}, which no job before it provides")
+                raise RuntimeError(f"grid: {pending[0].label} needs {pending[0].needs}, which no job provides")
             time.sleep(0.2)
             for process in [p for p in running if p.poll() is not None]:
                 job, slot, log, began = running.pop(process)
@@ -196,7 +198,7 @@ def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str]
                 clock.finished(job.label, secs)
                 with open(log_dir / JOBS_LOG, "a") as record:
                     record.write(json.dumps({"label": job.label, "seconds": secs, "exit": process.returncode,
-                                             "finished": dt.datetime.now(dt.timezone.utc).isoformat()}) + "\n")
+                                             "finished": dt.datetime.now(dt.UTC).isoformat()}) + "\n")
                 if process.returncode:
                     failed.append((job, process.returncode))
                     tqdm.write(f"grid: {job.label} failed (exit {process.returncode})", file=sys.stderr)

@@ -13,7 +13,8 @@ import os
 import pickle
 import secrets
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 

@@ -337,7 +337,8 @@ class RLOOConfig:
         _require_positive(self, prefix, "iterations", "rollout_batch_size", "num_iterations", "cliprange",
                           "learning_rate", "max_new_tokens", "max_grad_norm", "eval_every", "checkpoint_every")
         _require(self.num_generations >= 2, f"{prefix}.num_generations",
-                 f"must be at least 2 (the leave-one-out baseline needs another completion), got {self.num_generations}")
+                 f"must be at least 2 (the leave-one-out baseline needs another completion), got "
+                 f"{self.num_generations}")
         _require(self.rollout_batch_size % self.num_generations == 0, f"{prefix}.rollout_batch_size",
                  f"must be a multiple of num_generations ({self.num_generations}), got {self.rollout_batch_size}")
 
@@ -466,7 +467,8 @@ class GridConfig:
         None, OUTSIDE, "CPU threads of each job's process; null: the machine's cores / jobs")
     launcher: Literal["local", "slurm"] = _f(
         "local", OUTSIDE, "where the jobs run (set by LAUNCHER=): 'local', processes of this machine; 'slurm', each "
-                          "phase a Slurm job array through submitit, with the `slurm` section's settings (docs/cluster.md)")
+                          "phase a Slurm job array through submitit, with the `slurm` section's settings "
+                          "(docs/cluster.md)")
 
     def validate(self, prefix: str) -> None:
         _require(len(self.methods) > 0, f"{prefix}.methods", "must list at least one method")
@@ -597,14 +599,14 @@ class Config:
             if dataclasses.is_dataclass(value):
                 value.validate(f_.name)
 
-    def betas(self) -> list["Config"]:
+    def betas(self) -> list[Config]:
         """One config per beta of `beta_sweep` (or just this one): what `make ppo` / `make dpo` run."""
         return [dataclasses.replace(self, beta=b, beta_sweep=[]) for b in self.beta_sweep] or [self]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def with_values(self, values: dict[str, Any]) -> "Config":
+    def with_values(self, values: dict[str, Any]) -> Config:
         """This config with dotted keys set (`{"dpo.learning_rate": 1e-5}`), checked as an override would be."""
         tree = self.to_dict()
         for key, value in values.items():

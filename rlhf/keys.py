@@ -26,7 +26,8 @@ import dataclasses
 import hashlib
 import json
 import typing
-from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate.utils import set_seed
@@ -80,7 +80,8 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
     `reward_model_path` (PPO's for this seed), into runs/<profile>/<method>/<run-id>/. The shared evaluator runs at
     step 0, every `eval_every` steps and at the end (with `implicit_beta`, also DPO's implicit reward on the held-out
     pairs, at the last point); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per
-    sampled token. A killed run with the same key goes on from its last resume point (Trainer's checkpoint), as DPO's."""
+    sampled token. A killed run with the same key goes on from its last resume point (Trainer's checkpoint), as
+    DPO's."""
     set_seed(seed)  # first: LoRA adapters drawn below must not depend on the process
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy

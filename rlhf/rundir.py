@@ -37,7 +37,8 @@ import traceback
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -168,17 +169,17 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-               extra: dict[str, Any] | None = None, key: str = "run_key") -> "RunDir":
+               extra: dict[str, Any] | None = None, key: str = "run_key") -> RunDir:
         """A new run directory (under several processes, a collective call: see `open`)."""
         named = identity(cfg, method, seed, data_sha256, extra, key)
         return cls._shared(lambda: (cls._create(cfg, method, seed, device, data_sha256, extra, named), None))[0]
 
     @classmethod
     def _create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-                extra: dict[str, Any] | None, named: tuple[str, Any]) -> "RunDir":
+                extra: dict[str, Any] | None, named: tuple[str, Any]) -> RunDir:
         root = method_dir(cfg, method)
         root.mkdir(parents=True, exist_ok=True)
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         base = f"{stamp}-beta{cfg.beta:g}-seed{seed}"
         for n in range(1000):
             path = root / (base if n == 0 else f"{base}-{n}")
@@ -191,7 +192,7 @@ class RunDir:
             raise RuntimeError(f"could not claim a run directory under {root}")
         manifest = {
             "method": method, "profile": cfg.profile, "seed": seed, "beta": cfg.beta, "run_id": path.name,
-            "status": "running", "started_at": dt.datetime.now(dt.timezone.utc).isoformat(), "finished_at": None,
+            "status": "running", "started_at": dt.datetime.now(dt.UTC).isoformat(), "finished_at": None,
             "error": None, "data_sha256": data_sha256, "packages": package_versions(), "git_commit": git_commit(),
             "host": socket.gethostname(), "platform": platform.platform(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -207,7 +208,7 @@ class RunDir:
 
     @classmethod
     def open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-             extra: dict[str, Any] | None = None, key: str = "run_key") -> tuple["RunDir", Path | None]:
+             extra: dict[str, Any] | None = None, key: str = "run_key") -> tuple[RunDir, Path | None]:
         """The run to write and the checkpoint to continue from. With `cfg.resume`: the newest interrupted run
         with the same identity (`identity`: its run key, or the artefact key in `extra[key]`), rewound to its last
         checkpoint (or to its start, and None, where it has none). Otherwise (or if there is none) a new run, and
@@ -219,7 +220,7 @@ class RunDir:
         return cls._shared(lambda: cls._open(cfg, method, seed, device, data_sha256, extra, named))
 
     @staticmethod
-    def _shared(open_on_main) -> tuple["RunDir", Path | None]:
+    def _shared(open_on_main) -> tuple[RunDir, Path | None]:
         if is_main():
             try:
                 run, checkpoint = open_on_main()
@@ -235,7 +236,7 @@ class RunDir:
 
     @classmethod
     def _open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-              extra: dict[str, Any] | None, named: tuple[str, Any]) -> tuple["RunDir", Path | None]:
+              extra: dict[str, Any] | None, named: tuple[str, Any]) -> tuple[RunDir, Path | None]:
         run = next(cls._interrupted(cfg, method, named), None) if cfg.resume else None  # the newest
         if run is None:
             return cls._create(cfg, method, seed, device, data_sha256, extra, named), None
@@ -260,7 +261,7 @@ class RunDir:
         return checkpoint
 
     @classmethod
-    def _interrupted(cls, cfg: Config, method: str, named: tuple[str, Any]) -> Iterator["RunDir"]:
+    def _interrupted(cls, cfg: Config, method: str, named: tuple[str, Any]) -> Iterator[RunDir]:
         """Runs of `method` with this identity that were killed (status running, nobody holds the lock) or failed,
         newest first, each locked for the caller as it is yielded."""
         name, value = named
@@ -305,7 +306,7 @@ class RunDir:
             self.timings = {}
         m = self.manifest
         m.setdefault("resumed", []).append({
-            "at": dt.datetime.now(dt.timezone.utc).isoformat(), "from_step": step, "previous_status": m["status"],
+            "at": dt.datetime.now(dt.UTC).isoformat(), "from_step": step, "previous_status": m["status"],
             "previous_error": m.get("error"), "host": socket.gethostname(), "git_commit": git_commit()})
         m.update(status="running", finished_at=None, error=None)
         m.pop("traceback", None)
@@ -355,7 +356,7 @@ class RunDir:
 
     def finish(self, status: str = "completed", error: BaseException | None = None) -> None:
         self.manifest["status"] = status
-        self.manifest["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        self.manifest["finished_at"] = dt.datetime.now(dt.UTC).isoformat()
         if error is not None:
             self.manifest["error"] = f"{type(error).__name__}: {error}"
             self.manifest["traceback"] = "".join(traceback.format_exception(error))[-4000:]
@@ -372,7 +373,7 @@ class RunDir:
             self._lock = None
 
     @contextmanager
-    def running(self) -> Iterator["RunDir"]:
+    def running(self) -> Iterator[RunDir]:
         """Mark the run completed on success (its resume checkpoints are then removed: checkpoints/final
         stays), diverged on a non-finite training quantity (its last checkpoint stays), failed (with the error)
         on any other exception; re-raise."""
@@ -412,7 +413,7 @@ class ReplicaRunDir(RunDir):
         yield {}
 
     @contextmanager
-    def running(self) -> Iterator["RunDir"]:
+    def running(self) -> Iterator[RunDir]:
         yield self
 
 

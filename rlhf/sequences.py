@@ -13,7 +13,7 @@ the same positions (and the same log-probs) as the row alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,10 @@ class SequenceBatch:
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)
 
-    def to(self, device: torch.device) -> "SequenceBatch":
+    def to(self, device: torch.device) -> SequenceBatch:
         return SequenceBatch(*(None if t is None else t.to(device) for t in self._fields()))
 
-    def select(self, idx: torch.Tensor) -> "SequenceBatch":
+    def select(self, idx: torch.Tensor) -> SequenceBatch:
         """The rows `idx` (a minibatch)."""
         return SequenceBatch(*(None if t is None else t[idx] for t in self._fields()))
 

@@ -10,7 +10,8 @@ import contextlib
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import datasets
 import torch

@@ -358,7 +358,8 @@ def test_bad_and_unfinished_runs_are_named_and_left_out(tmp_path):
     write_run(p, "ppo", 11, huge, status="running", run_id="killed-run")
     diverged = write_run(p, "ppo", 12, huge, status="diverged", run_id="diverged-run")
     manifest = json.loads((diverged / "manifest.json").read_text())
-    (diverged / "manifest.json").write_text(json.dumps({**manifest, "error": "Diverged: PPO iteration 3: reward is nan"}))
+    error = "Diverged: PPO iteration 3: reward is nan"
+    (diverged / "manifest.json").write_text(json.dumps({**manifest, "error": error}))
     out = run_report(tmp_path, p)
     assert_page_complete(out)
     excluded = pd.read_csv(out / "runs_excluded.csv").set_index("run_id")["reason"]

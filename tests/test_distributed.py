@@ -69,8 +69,8 @@ def _check_run(run: Path, train_steps: int, eval_steps: set[int]) -> dict:
     assert max(counts.values()) == 1, f"rows written more than once: {[k for k, n in counts.items() if n > 1]}"
     assert sorted(s for k, s in counts if k == "train") == list(range(1, train_steps + 1))
     assert {s for k, s in counts if k == "eval"} == eval_steps
-    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"eval_step{s:06d}{suffix}" for s in sorted(eval_steps)
-                                                                   for suffix in (".jsonl", ".prompts.csv")]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        f"eval_step{s:06d}{suffix}" for s in sorted(eval_steps) for suffix in (".jsonl", ".prompts.csv")]
     assert not list((run / "checkpoints").glob("checkpoint-*")), "resume points are removed on completion"
     return manifest
 

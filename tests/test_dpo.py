@@ -167,7 +167,9 @@ def test_every_run_on_the_same_pairs_reads_pi_refs_pass_from_the_cache(tiny_runs
     cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, pairs=8))
     ref, cache = freeze(load_causal_lm(tiny_path)), tmp_path / "eval-cache"
 
-    def build(seed, pairs=budget_pairs(cfg, prefs)):
+    budget = budget_pairs(cfg, prefs)
+
+    def build(seed, pairs=budget):
         return build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, pairs, seed=seed,
                              output_dir=tmp_path / str(seed), callbacks=[], ref_logps_cache=cache)
     first = build(0)

@@ -56,7 +56,8 @@ def classifier(tmp_path_factory, tiny_path) -> Path:
     """A tiny randomly initialised sentiment classifier (labels NEGATIVE / POSITIVE) with the embedded tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_path)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2,
+                         pad_token_id=tokenizer.pad_token_id,
                          id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)

@@ -78,7 +78,8 @@ def test_a_bad_preference_file_is_one_line_naming_it(case, tmp_path, capsys):
                   f"task.path={path}"])
     line = _one_line(capsys.readouterr().err)
     assert status == 2 and line.startswith(f"error: {message}"), line
-    assert not (tmp_path / "runs" / "tiny" / "data").exists() or not any((tmp_path / "runs" / "tiny" / "data").iterdir())
+    data = tmp_path / "runs" / "tiny" / "data"
+    assert not data.exists() or not any(data.iterdir())
 
 
 @pytest.mark.parametrize("text, message", [

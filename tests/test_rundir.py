@@ -193,7 +193,8 @@ def test_a_model_later_runs_reuse_is_resumed_and_reused_by_one_key(tiny_cfg):
     resumed, checkpoint = open_reward_model(other_beta)
     assert resumed.path == killed.path and checkpoint is None and "run_key" not in resumed.manifest
     resumed.finish()
-    assert completed(tiny_cfg, "reward_model", "reward_model_key", reward_model_key(other_beta, "abc", 0)) == killed.path
+    key = reward_model_key(other_beta, "abc", 0)
+    assert completed(tiny_cfg, "reward_model", "reward_model_key", key) == killed.path
     other, _ = open_reward_model(tiny_cfg.with_values({"reward_model.learning_rate": 0.123}))
     assert other.path != killed.path
 
