@@ -1,4 +1,4 @@
-"""The figures of SPEC §7, drawn with seaborn on matplotlib's Agg backend (no display needed).
+"""The report's figures, drawn with seaborn on matplotlib's Agg backend (no display needed).
 
 Each function returns a `Plot`: a figure (or the reason there is none) and the sentence printed under it
 on how to read it. Colours are fixed per method so every figure reads the same way.

@@ -6,10 +6,10 @@
     models.py         loading and saving models, the embedded model, precision, LoRA, gradient checkpointing
     distributed.py    several processes under accelerate: the main process, per-process batch sizes, replica checks
     tasks.py          the tasks (prompts, gold reward) and reading preference files in TRL's format
-    data.py           the one preference set both methods train on (SPEC §4)
+    data.py           the one preference set both methods train on
     sequences.py      sampling, response log-probs, reward-model scores, padding
     reference.py      which model is pi_ref (the base model, or the SFT stage's)
-    evaluate.py       the one evaluator for every policy at every eval point (SPEC §5)
+    evaluate.py       the one evaluator for every policy at every eval point
     flops.py          compute counted alike: 2·N·tokens a forward pass, 6·N·tokens a training pass
     atomic.py         files written whole or not at all, and `cached`: a value kept in one for whoever asks next
     rundir.py         run directories: manifests, metrics.jsonl, finding a run by its key (docs/run-directory.md)

@@ -1,5 +1,5 @@
 """Profiles with `hub_access: true` fetch models and datasets from the Hugging Face hub. Offline, such a profile must
-fail at once, naming what it needed, rather than after a long step (SPEC §3): `require_hub` runs before any command
+fail at once, naming what it needed, rather than after a long step: `require_hub` runs before any command
 does work."""
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
     page = tmp_path / "reports" / "tiny" / "index.html"
     html = page.read_text()
     images = re.findall(r"<img[^>]+src=['\"]([^'\"]+)['\"]", html)
-    assert len(images) >= 7  # SPEC §7's seven plots
+    assert len(images) >= 7  # the report's seven figures (analysis/plots.py)
     for name in images:
         data = (page.parent / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
