@@ -13,6 +13,7 @@
     flops.py          compute in FLOPs: 2·N·tokens a forward pass, 6·N·tokens forward + backward
     rundir.py         run directories: manifests, metrics.jsonl, atomic writes, checkpoints (docs/run-directory.md)
     trl_callbacks.py  TRL trainers' hooks into the evaluator and the run directory
+    trl_compat.py     every use of TRL beyond its public API, installed by the CLI (tests/test_trl_contract.py)
     online.py         what the online methods share (RLOO, online DPO): r_phi as a TRL reward function, one run
     hub.py            the profiles that may use the Hugging Face hub fail fast when it is unreachable
 """
