@@ -12,7 +12,7 @@ ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 &&
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all clock setup bundle lint test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
+.PHONY: all clock setup bundle lint lock test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
 	sweep report coverage bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false). The runs are the profile's grid:
@@ -30,25 +30,29 @@ all: setup $(if $(filter slurm,$(LAUNCHER)),,clock sft data) grid $(if $(filter 
 clock: setup
 	$(CLI) clock --profile $(PROFILE) $(ARGS)
 
-# The virtual environment is rebuilt when pyproject.toml changes; a second `make setup` takes seconds.
+# The virtual environment is rebuilt when pyproject.toml or the lock (constraints.txt: every package's version but
+# torch's) changes; a second `make setup` takes seconds.
 ifdef BUNDLE
-# Offline, from a bundle (`make bundle`, docs/gpu.md): the machine's own torch, every other package from BUNDLE.
-$(VENV)/.installed: pyproject.toml
+# Offline, from a bundle (`make bundle`, docs/gpu.md): the machine's own torch, every other package from BUNDLE (the
+# lock's versions).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pipelines.bundle install $(BUNDLE)
 	touch $@
 else
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	@# Never pull a multi-GB CUDA wheel onto a machine without a CUDA GPU: take the CPU build there.
+	@# Never pull a multi-GB CUDA wheel onto a machine without a CUDA GPU: take the CPU build there. A torch that
+	@# takes the lock's versions of what it shares with the rest (filelock, fsspec, jinja2, ...); PyTorch's own index
+	@# may not hold those versions, so from there torch comes as it is, and the next line brings them to the lock.
 	if nvidia-smi -L >/dev/null 2>&1; then \
-		$(PIP) install --quiet "torch>=2.6"; \
+		$(PIP) install --quiet -c constraints.txt "torch>=2.6"; \
 	else \
-		$(PIP) install --quiet "torch==2.13.0+cpu" || \
+		$(PIP) install --quiet -c constraints.txt "torch==2.13.0+cpu" || \
 		$(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 endif
 
@@ -66,6 +70,10 @@ bundle: setup
 # The style's habits (ruff, configured in pyproject.toml); `make test` runs it first, so CI does too.
 lint: setup
 	$(PY) -m ruff check .
+
+# After upgrading packages in .venv and running the tests there: constraints.txt rewritten with their versions.
+lock:
+	$(PY) -m pipelines.bundle lock
 
 test: setup lint
 	$(PY) -m pytest -q tests

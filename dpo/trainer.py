@@ -17,6 +17,7 @@ at that step (`Diverged`).
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from rlhf.rundir import RunDir
 from rlhf.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from rlhf.tasks import PAIR_FIELDS
 from rlhf.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, resumed_clock, run_dir_args, save_policy
+from rlhf.trl_compat import ReferencePassDPOTrainer
 
 
 @dataclass
@@ -53,44 +55,52 @@ class DPOResult:
     timings: dict[str, dict[str, float]]  # timings.json: seconds and peak memory per stage
 
 
-class WeightLoggingDPOTrainer(trl.DPOTrainer):
+class WeightLoggingDPOTrainer(ReferencePassDPOTrainer):
     """TRL's DPOTrainer that also logs the gradient weight sigmoid(r_hat_l - r_hat_w): its mean and std over a batch.
 
-    TRL computes the per-pair log-probs inside `_compute_loss` but logs only batch means, so a forward hook keeps
+    TRL computes the per-pair log-probs inside `compute_loss` but logs only batch means, so a forward hook keeps
     the policy's output (per-token log-probs) and the weight is computed from it: no extra forward pass.
     Needs `precompute_ref_log_probs=True`, which puts pi_ref's log-probs in every batch; they are computed with
-    the project's own `response_logprobs` (see `_precompute_ref_logps`). The weight is that of eq. (6); the IPO
+    the project's own `response_logprobs` (see `reference_logps`). The weight is that of eq. (6); the IPO
     and robust losses weight pairs differently, so it is logged for the sigmoid loss only.
     """
 
     def __init__(self, *args, ref_logps_cache: Path | None = None, **kwargs):
-        self.ref_logps_cache = ref_logps_cache  # set first: TRL's __init__ runs `_precompute_ref_logps`
+        self.ref_logps_cache = ref_logps_cache  # set first: TRL's __init__ runs `reference_logps`
         self.ref_logps_cached_seconds = 0.0  # what computing the pass took, where it was read from the cache
+        self.grad_weights: dict[str, list[float]] = defaultdict(list)  # each batch's statistics since the last log
         super().__init__(*args, **kwargs)
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = []
         hook = model.register_forward_hook(lambda _module, _args, output: outputs.append(output))
         try:
-            result = super()._compute_loss(model, inputs, return_outputs)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             hook.remove()
         # Stop before the backward pass of a non-finite loss (Trainer would step on it, and log it as if fine).
         check_finite_everywhere(f"DPO step {self.state.global_step + 1}", loss=result[0] if return_outputs else result)
-        if self.loss_types != ["sigmoid"]:
+        # Trainer's own evaluation is off (the shared evaluator measures the policy): only training batches count.
+        if self.loss_types != ["sigmoid"] or not self.model.training:
             return result
         # The first forward is the policy's: per-token log-probs, zero off the responses; rows are [chosen; rejected].
         chosen_logps, rejected_logps = outputs[0].log_probs.detach().sum(dim=1).chunk(2)
         _, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, inputs["ref_chosen_logps"],
                                                        inputs["ref_rejected_logps"], self.beta)
         weights = self.accelerator.gather(dpo_gradient_weight(chosen_rewards, rejected_rewards))
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["dpo/grad_weight_mean"].append(weights.mean().item())
-        metrics["dpo/grad_weight_std"].append(weights.std(unbiased=False).item())  # spread over this batch's pairs
+        self.grad_weights["dpo/grad_weight_mean"].append(weights.mean().item())
+        self.grad_weights["dpo/grad_weight_std"].append(weights.std(unbiased=False).item())  # over this batch's pairs
         return result
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's log of a step, with the gradient weight's statistics averaged over the step's batches (as TRL
+        averages its own metrics)."""
+        logs.update({key: sum(values) / len(values) for key, values in self.grad_weights.items()})
+        self.grad_weights.clear()
+        super().log(logs, start_time)
+
     @torch.inference_mode()
-    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+    def reference_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """pi_ref's log-probs of every pair, once, with the project's one log-prob function, on the ids TRL tokenised
         (their first `max_length` tokens, as TRL's collator keeps). TRL's own pass runs its fused LM head over
         every position, prompt and padding included, wherever Triton is missing (a CPU); this one projects only

@@ -37,17 +37,6 @@ from rlhf.trl_callbacks import quiet_progress_bar, run_dir_args
 METHOD = "online-dpo"
 
 
-class TokenCountingOnlineDPOTrainer(OnlineDPOTrainer):
-    """TRL's OnlineDPOTrainer that counts the prompt + completion tokens it samples into `state.num_input_tokens_seen`
-    (every process's), as RLOOTrainer does: the `tokens` of every row, and what FLOPs are counted from."""
-
-    def _generate(self, model, prompts, images=None):
-        prompt_ids, prompt_mask, completion_ids, completion_mask, vision = super()._generate(model, prompts, images)
-        sampled = (prompt_mask.sum() + completion_mask.sum()).reshape(1)
-        self.state.num_input_tokens_seen += int(self.accelerator.gather(sampled).sum())
-        return prompt_ids, prompt_mask, completion_ids, completion_mask, vision
-
-
 def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device) -> OnlineDPOConfig:
     """TRL's arguments for online DPO: eq. (6)'s sigmoid loss with our beta, sampling at temperature 1 (TRL's default
     is 0.9: its pairs would come from another distribution than pi_theta, and its log-probs are taken at 1)."""
@@ -62,18 +51,18 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         max_grad_norm=o.max_grad_norm,
         disable_dropout=True,
         **{**run_dir_args(cfg.model, cfg.weight_decay, seed, device, o.checkpoint_every),
-           "include_num_input_tokens_seen": "no"},  # counted by TokenCountingOnlineDPOTrainer instead
+           "include_num_input_tokens_seen": "no"},  # Trainer's counter finds no ids: the reward function counts them
     )
 
 
 def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Dataset,
                   reward: RewardFunction, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
-                  ) -> TokenCountingOnlineDPOTrainer:
+                  ) -> OnlineDPOTrainer:
     """The online DPO trainer for one run: `policy` from pi_ref, `reward` the only reward function; TRL keeps a frozen
     copy of the policy as pi_ref (or, with LoRA, disables the adapters)."""
     args = trainer_args(cfg, seed, output_dir, policy.device)
-    trainer = TokenCountingOnlineDPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=prompts,
-                                            processing_class=tokenizer, callbacks=callbacks)
+    trainer = OnlineDPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=prompts,
+                               processing_class=tokenizer, callbacks=callbacks)
     return quiet_progress_bar(trainer, f"online DPO seed {seed}")
 
 
@@ -91,4 +80,5 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path)
     """One online DPO run from pi_ref against the reward model at `reward_model_path`, into
     runs/<profile>/online-dpo/<run-id>/; the evaluator also reads its implicit reward on the held-out pairs."""
     return run_online(cfg, prefs, seed, reward_model_path, METHOD, "online DPO", cfg.online_dpo.eval_every,
-                      build_trainer, flops_per_token, add_special_tokens=False, implicit_beta=cfg.beta)
+                      build_trainer, flops_per_token, add_special_tokens=False, counts_tokens=True,
+                      implicit_beta=cfg.beta)

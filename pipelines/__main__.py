@@ -92,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if args.command != "report":  # the report reads run directories only
+        from rlhf import trl_compat
         from rlhf.hub import require_hub
         require_hub(cfg)
+        trl_compat.install()  # before any stage builds a TRL trainer: what every run's numbers are computed with
     from pipelines import stages
     from rlhf.models import set_tf32
     from rlhf.trl_callbacks import set_verbose

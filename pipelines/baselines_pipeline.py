@@ -8,8 +8,8 @@ from baselines.best_of_n import run_identity as bon_identity
 from baselines.preferred_ft import run_identity as preferred_ft_identity
 from pipelines.stages import build_preference_set, reward_model_for
 from rlhf.config import Config
+from rlhf.evaluate import brief
 from rlhf.rundir import completed_run
-from rlhf.trl_callbacks import brief
 
 
 def bon(cfg: Config) -> int:

@@ -14,8 +14,8 @@ import rloo
 from pipelines.stages import build_preference_set, reward_model_for
 from rlhf.config import Config
 from rlhf.distributed import is_main
+from rlhf.evaluate import brief
 from rlhf.rundir import completed_run
-from rlhf.trl_callbacks import brief
 
 
 def run_method(cfg: Config, method: ModuleType, label: str) -> int:

@@ -14,8 +14,8 @@ from pipelines.stages import build_preference_set, reward_model_for
 from ppo.train import run_identity, train_ppo
 from rlhf.config import Config
 from rlhf.distributed import is_main
+from rlhf.evaluate import brief
 from rlhf.rundir import completed_run
-from rlhf.trl_callbacks import brief
 
 
 def main(cfg: Config) -> int:

@@ -13,12 +13,11 @@ from reward_model.train import train_reward_model
 from rlhf.config import Config
 from rlhf.data import PreferenceSet, build_preferences, load_preferences
 from rlhf.distributed import is_main, main_process_first
-from rlhf.evaluate import evaluate, make_eval_context
+from rlhf.evaluate import brief, evaluate, make_eval_context
 from rlhf.keys import reward_model_key
 from rlhf.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import find_sft_model, reference_model
 from rlhf.rundir import RunDir, completed, completed_run
-from rlhf.trl_callbacks import brief
 from sft import train_sft
 
 

@@ -51,6 +51,13 @@ def from_main(*values: Any) -> tuple[Any, ...]:
     return tuple(broadcast_object_list(list(values)))
 
 
+def sum_over_processes(count: int) -> int:
+    """The sum of every process's `count` (a collective: every process must call it at the same point)."""
+    if num_processes() == 1:
+        return count
+    return int(reduce(torch.tensor([count], device=state().device), "sum").item())
+
+
 def wait_for_everyone() -> None:
     state().wait_for_everyone()
 

@@ -252,6 +252,17 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
     return metrics, per_prompt(ctx.prompts, texts, k1s, k3s, lengths, ended, golds, proxies)
 
 
+# An eval point in one short line: the numbers the comparison turns on (the run directory has the rest)
+_BRIEF = (("gold", "eval/gold"), ("±", "eval/gold_sem"), ("proxy", "eval/proxy"), ("KL", "eval/kl"),
+          ("implicit acc", "heldout/implicit_accuracy"), ("margin", "heldout/implicit_margin"))
+
+
+def brief(metrics: dict[str, float]) -> str:
+    """`gold 0.052, ± 0.107, proxy 0.011, KL 0.285, ...`: the evaluator's key metrics that `metrics` has, for the
+    console."""
+    return ", ".join(f"{name} {metrics[key]:.3f}" for name, key in _BRIEF if key in metrics)
+
+
 def per_prompt(prompts: list[str], texts: list[str], k1s: list[float] | None, k3s: list[float] | None,
                lengths: list[int], ended: list[bool], golds: list[float] | None, proxies: list[float] | None
                ) -> list[dict]:

@@ -20,11 +20,11 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import set_seed
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerState
 
 from rlhf.config import Config
 from rlhf.data import PreferenceSet
-from rlhf.distributed import check_replicas, num_processes
+from rlhf.distributed import check_replicas, num_processes, sum_over_processes
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import pass_parameters
 from rlhf.models import autocast, for_training, freeze, load_policy_and_reference, load_scalar_model
@@ -34,7 +34,8 @@ from rlhf.sequences import SequenceBatch, pad_sequences, reward_scores
 from rlhf.tasks import load_task
 from rlhf.trl_callbacks import EvalAndLogCallback, resumed_clock, save_policy
 
-# TRL's signature of a reward function: (prompts, completions, completion_ids, **columns) -> one float per completion
+# TRL's signature of a reward function: (prompts, completions, completion_ids, trainer_state, **columns) -> one float
+# per completion
 RewardFunction = Callable[..., list[float]]
 # (config, policy, tokenizer, prompts, reward function, seed, output dir, callbacks) -> the method's TRL trainer
 BuildTrainer = Callable[[Config, PreTrainedModel, PreTrainedTokenizerBase, Dataset, RewardFunction, int, Path,
@@ -55,13 +56,21 @@ def until_eos(ids: list[int], eos_token_id: int) -> list[int]:
 
 
 def reward_function(reward: Callable[[SequenceBatch], torch.Tensor], tokenizer: PreTrainedTokenizerBase,
-                    add_special_tokens: bool) -> RewardFunction:
+                    add_special_tokens: bool, counts_tokens: bool = False) -> RewardFunction:
     """`reward` (r(x, y) of a batch, [B]) as a TRL reward function. TRL hands over the prompts as text and the
     completions as token ids; the prompts are tokenised as the trainer tokenised them for sampling
-    (`add_special_tokens`: RLOOTrainer adds the tokenizer's special tokens, OnlineDPOTrainer does not)."""
-    def reward_model(prompts: list[str], completion_ids: list[list[int]], **_) -> list[float]:
+    (`add_special_tokens`: RLOOTrainer adds the tokenizer's special tokens, OnlineDPOTrainer does not).
+
+    `counts_tokens`, for a trainer that does not count what it samples (OnlineDPOTrainer; RLOOTrainer does): every
+    call adds the prompt + response tokens it scored, every process's, to the `trainer_state` TRL hands a reward
+    function, as Trainer's `num_input_tokens_seen`: the `tokens` of every row, and what FLOPs are counted from.
+    Scored here means sampled: the trainer scores each sample once."""
+    def reward_model(prompts: list[str], completion_ids: list[list[int]], trainer_state: TrainerState, **_
+                     ) -> list[float]:
         prompt_rows = tokenizer(prompts, add_special_tokens=add_special_tokens).input_ids
         responses = [until_eos(list(ids), tokenizer.eos_token_id) for ids in completion_ids]
+        if counts_tokens:
+            trainer_state.num_input_tokens_seen += sum_over_processes(sum(map(len, prompt_rows + responses)))
         with torch.inference_mode():
             return reward(pad_sequences(prompt_rows, responses, tokenizer.pad_token_id)).tolist()
     return reward_model  # TRL logs its mean as `rewards/reward_model/mean`
@@ -75,13 +84,14 @@ def run_identity(method: str, reward_model_path: Path) -> tuple[str, dict]:
 
 def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path, method: str, name: str,
                eval_every: int, build_trainer: BuildTrainer, flops_per_token: Callable[[int, int], int],
-               add_special_tokens: bool, implicit_beta: float | None = None) -> OnlineResult:
+               add_special_tokens: bool, counts_tokens: bool = False, implicit_beta: float | None = None
+               ) -> OnlineResult:
     """One run of an online method from pi_ref on the task's training prompts, against the reward model at
     `reward_model_path` (PPO's for this seed), into runs/<profile>/<method>/<run-id>/. The shared evaluator runs at
     step 0, every `eval_every` steps and at the end (with `implicit_beta`, also DPO's implicit reward on the held-out
     pairs, at the last point); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per
-    sampled token. A killed run with the same key goes on from its last resume point (Trainer's checkpoint), as
-    DPO's."""
+    sampled token; `add_special_tokens` and `counts_tokens` say how its trainer samples (`reward_function`). A killed
+    run with the same key goes on from its last resume point (Trainer's checkpoint), as DPO's."""
     set_seed(seed)  # first: LoRA adapters drawn below must not depend on the process
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
@@ -107,8 +117,8 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
                 return reward_scores(reward_model, batch.to(device), tokenizer)
 
         prompts = Dataset.from_dict({"prompt": load_task(cfg.task, tokenizer, cfg.hub_access).train_prompts})
-        trainer = build_trainer(cfg, policy, tokenizer, prompts, reward_function(r_phi, tokenizer, add_special_tokens),
-                                seed, run.path / "checkpoints", [callback])
+        reward = reward_function(r_phi, tokenizer, add_special_tokens, counts_tokens)
+        trainer = build_trainer(cfg, policy, tokenizer, prompts, reward, seed, run.path / "checkpoints", [callback])
         run.write_manifest()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         check_replicas(policy, run.manifest)

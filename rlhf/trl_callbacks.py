@@ -1,7 +1,7 @@
 """What the stages trained with a TRL trainer (the reward model, DPO, Preferred-FT, the SFT stage, RLOO, online DPO)
 share: the Trainer arguments that keep TRL's own files off disk, a progress bar, and the callback that writes the run
 directory, runs the shared evaluator and commits resume points. Also what the console shows of the libraries
-(`set_verbose`), and TRL's fused LM head on a CPU (`_labelled_positions_only`).
+(`set_verbose`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 
 import datasets
 import torch
-import trl.trainer.utils as trl_utils
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -26,6 +25,7 @@ from rlhf.checkpoints import commit_checkpoint, prune_checkpoints
 from rlhf.config import ModelConfig
 from rlhf.distributed import is_main, stop_together, wait_for_everyone
 from rlhf.errors import check_finite
+from rlhf.evaluate import brief
 from rlhf.flops import train_flops
 from rlhf.models import save_model, trainer_precision_args
 from rlhf.rundir import RunDir
@@ -33,21 +33,6 @@ from rlhf.rundir import RunDir
 # Left out of train rows: two copies of our `tokens` (the same count of non-padding tokens through the policy), and
 # Trainer's speed figures, whose clock includes evaluation.
 _UNLOGGED_KEYS = ("num_tokens", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
-
-
-def _labelled_positions_only() -> None:
-    """TRL's fused LM head (DPO's, RLOO's and Preferred-FT's log-probs) projects only the positions that have a label
-    on a device with Triton, but every position elsewhere: a fixed tile shape, for compilers such as Neuron's. On a CPU
-    that is pure waste: the prompt's and the padding's positions are projected through the 49k-word head, forward and
-    backward, and their log-probs then masked to 0. Here the CPU takes the labelled positions only too (TRL's own GPU
-    path, `compact`): the same sums, in other tile shapes, so equal up to rounding; a DPO step on the default profile
-    ~1.35x faster (docs/performance.md). `_use_triton` decides only `compact` in trl.trainer.utils (its kernels keep
-    their own)."""
-    real = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: device.type == "cpu" or real(device)
-
-
-_labelled_positions_only()
 
 
 def run_dir_args(model: ModelConfig, weight_decay: float, seed: int, device: torch.device,
@@ -86,16 +71,6 @@ def set_verbose(verbose: bool) -> None:
     hf_logging.set_verbosity(hf_logging.WARNING if verbose else hf_logging.ERROR)
     (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
     (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
-
-
-# An eval point in one short line: the numbers the comparison turns on (the run directory has the rest)
-_BRIEF = (("gold", "eval/gold"), ("±", "eval/gold_sem"), ("proxy", "eval/proxy"), ("KL", "eval/kl"),
-          ("implicit acc", "heldout/implicit_accuracy"), ("margin", "heldout/implicit_margin"))
-
-
-def brief(metrics: dict[str, float]) -> str:
-    """`gold 0.052, ± 0.107, proxy 0.011, KL 0.285, ...`: the evaluator's key metrics that `metrics` has."""
-    return ", ".join(f"{name} {metrics[key]:.3f}" for name, key in _BRIEF if key in metrics)
 
 
 class _ProgressBar(ProgressCallback):

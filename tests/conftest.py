@@ -13,6 +13,14 @@ from rlhf.config import load_config  # noqa: E402
 from rlhf.models import freeze, load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trl_as_the_cli_has_it():
+    """Every test trains with TRL as `python -m pipelines` sets it up (rlhf/trl_compat.py), so that a stage called
+    here computes what the CLI computes."""
+    from rlhf import trl_compat
+    trl_compat.install()
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The tiny profile, writing into a temporary runs directory."""

