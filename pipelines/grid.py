@@ -102,13 +102,13 @@ def in_order(cfg: Config) -> list[Job]:
 
 
 def job_environment(cfg: Config, slot: int, jobs: int) -> dict[str, str]:
-    """The environment of the job in worker slot `slot`: on GPUs, slots go round-robin over the visible devices (at
-    most ceil(jobs / GPUs) processes a GPU); several jobs split the CPU's threads evenly (`grid.threads_per_job`
-    fixes the count: on a CPU a run's numbers depend on it, through the order of its sums). One job alone keeps
-    torch's own choice, as `make ppo` does."""
+    """The environment of the job in worker slot `slot`: on GPUs, several jobs' slots go round-robin over the visible
+    devices (at most ceil(jobs / GPUs) processes a GPU); several jobs split the CPU's threads evenly
+    (`grid.threads_per_job` fixes the count: on a CPU a run's numbers depend on it, through the order of its sums).
+    One job alone keeps every device and torch's own thread count, as `make ppo` does."""
     import torch
     env = dict(os.environ)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and jobs > 1:  # one job alone (under NPROC > 1, `accelerate launch`) takes them all
         visible = env.get("CUDA_VISIBLE_DEVICES")
         devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
         env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]

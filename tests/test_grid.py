@@ -99,6 +99,10 @@ def test_jobs_go_round_robin_over_the_gpus_and_split_the_cpu(monkeypatch):
     assert [grid.job_environment(cfg, slot, 4)["CUDA_VISIBLE_DEVICES"] for slot in range(4)] == ["0", "1", "0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the user's own choice of devices is kept
     assert grid.job_environment(cfg, 1, 4)["CUDA_VISIBLE_DEVICES"] == "5"
+    # one job at a time (what NPROC > 1 requires): `accelerate launch` gets every visible device, not slot 0's
+    assert grid.job_environment(cfg, 0, 1)["CUDA_VISIBLE_DEVICES"] == "3,5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "CUDA_VISIBLE_DEVICES" not in grid.job_environment(cfg, 0, 1)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert grid.job_environment(cfg, 0, 4)["OMP_NUM_THREADS"] == "4"
