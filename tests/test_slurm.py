@@ -80,11 +80,12 @@ def test_each_phase_is_one_array_held_until_the_phase_before_completed(tmp_path,
     assert "submitted as 101, held until 100 completed" in out and "squeue -u $USER --name grid-tiny" in out
 
 
-def test_what_slurm_refuses_is_one_line(tmp_path, sbatch):
+def test_what_slurm_refuses_is_one_line(tmp_path, sbatch, capsys):
     cfg = load_config("tiny", [f"runs_dir={tmp_path}", "grid.launcher=slurm", "slurm.partition=nope"])
     with pytest.raises(UserError, match=r"^sbatch refused the grid's jobs: sbatch: error: invalid partition "
                                         r"specified: nope sbatch: error: Batch job submission failed"):
         slurm.main(cfg, [])
+    assert capsys.readouterr().err == ""  # said once, by the error
     with pytest.raises(UserError, match=r"'slurm.sbatch\[1\]': '--qos=low' is not an sbatch option without its"):
         load_config("tiny", ["slurm.sbatch=[exclusive, --qos=low]"])
     local = load_config("tiny", [f"runs_dir={tmp_path}", *SUBMITIT])
