@@ -110,7 +110,8 @@ def main(cfg: Config, overrides: list[str], wait: bool = True) -> int:
     launcher = shlex.split(os.environ.get("GRID_TRAIN_CLI", ""))
     log_dir = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "grid-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    executor = make_executor(cfg, log_dir / "submitit")
+    # not under runs/<profile>/, where every folder of a folder is a run to the report
+    executor = make_executor(cfg, PROJECT_ROOT / cfg.runs_dir / "submitit" / cfg.profile)
     all_jobs = phases(cfg)
     total = sum(len(p) for p in all_jobs)
     print(f"grid: {total} jobs in {len(all_jobs)} phases (pi_ref's evaluation, the reward models, then "

@@ -13,6 +13,7 @@ import time
 import pytest
 from submitit.core.utils import DelayedSubmission
 
+from analysis.load import load_runs
 from pipelines import grid, slurm
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
@@ -70,7 +71,7 @@ def test_each_phase_is_one_array_held_until_the_phase_before_completed(tmp_path,
     assert [flags.get("array") for flags in scripts] == [None, "0-1%2", "0-3%3"]
     assert [flags.get("dependency") for flags in scripts] == [None, "afterok:100", "afterok:101"]
     # every job the local grid's command line, with its log where the local grid writes it
-    pickles = sorted((tmp_path / "runs" / "tiny" / "grid-logs" / "submitit").glob("*/*_submitted.pkl"))
+    pickles = sorted((tmp_path / "runs" / "submitit" / "tiny").glob("*/*_submitted.pkl"))
     calls = [DelayedSubmission.load(p) for p in pickles]
     assert {call.function for call in calls} == {slurm.run_job}
     submitted = {os.path.basename(call.args[1]).removesuffix(".log"): call.args[0] for call in calls}
@@ -134,6 +135,7 @@ def test_the_grid_through_submitit_equals_the_local_grid_phase_by_phase(tmp_path
     assert [len(p) for p in phases] == [1, 2, 4]
     for before, after in zip(phases, phases[1:]):
         assert max(end for _, end in before) < min(start for start, _ in after)
+    assert load_runs(runs / "tiny").runs["included"].all()  # submitit's records are no run to the report
     logs = runs / "tiny" / "grid-logs"
     assert sorted(p.stem for p in logs.glob("*.log")) == sorted(
         ["reference", "reward_model-seed0", "reward_model-seed1", "ppo-beta0.1-seed0", "ppo-beta0.1-seed1",
