@@ -16,6 +16,8 @@ machine instead; there is no scheduler to hold a phase back, so each is submitte
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -82,7 +84,8 @@ def submit(executor, cfg: Config, phase: list[Job], overrides: list[str], launch
     argvs = [command_line(job, cfg.profile, overrides, launcher) for job in phase]
     logs = [str(log_dir / f"{job.label}.log") for job in phase]
     try:
-        return executor.map_array(run_job, argvs, logs, [cfg.grid.threads_per_job] * len(phase))
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal too: the error says it once
+            return executor.map_array(run_job, argvs, logs, [cfg.grid.threads_per_job] * len(phase))
     except FailedJobError as e:  # sbatch said no: an unknown partition or account, a time over the partition's limit
         raise UserError(f"sbatch refused the grid's jobs: {' '.join(str(e).split())}") from None
 
@@ -107,7 +110,8 @@ def main(cfg: Config, overrides: list[str], wait: bool = True) -> int:
     launcher = shlex.split(os.environ.get("GRID_TRAIN_CLI", ""))
     log_dir = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "grid-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    executor = make_executor(cfg, log_dir / "submitit")
+    # not under runs/<profile>/, where every folder of a folder is a run to the report
+    executor = make_executor(cfg, PROJECT_ROOT / cfg.runs_dir / "submitit" / cfg.profile)
     all_jobs = phases(cfg)
     total = sum(len(p) for p in all_jobs)
     print(f"grid: {total} jobs in {len(all_jobs)} phases (pi_ref's evaluation, the reward models, then "

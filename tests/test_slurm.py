@@ -13,6 +13,7 @@ import time
 import pytest
 from submitit.core.utils import DelayedSubmission
 
+from analysis.load import load_runs
 from pipelines import grid, slurm
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
@@ -70,7 +71,7 @@ def test_each_phase_is_one_array_held_until_the_phase_before_completed(tmp_path,
     assert [flags.get("array") for flags in scripts] == [None, "0-1%2", "0-3%3"]
     assert [flags.get("dependency") for flags in scripts] == [None, "afterok:100", "afterok:101"]
     # every job the local grid's command line, with its log where the local grid writes it
-    pickles = sorted((tmp_path / "runs" / "tiny" / "grid-logs" / "submitit").glob("*/*_submitted.pkl"))
+    pickles = sorted((tmp_path / "runs" / "submitit" / "tiny").glob("*/*_submitted.pkl"))
     calls = [DelayedSubmission.load(p) for p in pickles]
     assert {call.function for call in calls} == {slurm.run_job}
     submitted = {os.path.basename(call.args[1]).removesuffix(".log"): call.args[0] for call in calls}
@@ -80,11 +81,12 @@ def test_each_phase_is_one_array_held_until_the_phase_before_completed(tmp_path,
     assert "submitted as 101, held until 100 completed" in out and "squeue -u $USER --name grid-tiny" in out
 
 
-def test_what_slurm_refuses_is_one_line(tmp_path, sbatch):
+def test_what_slurm_refuses_is_one_line(tmp_path, sbatch, capsys):
     cfg = load_config("tiny", [f"runs_dir={tmp_path}", "grid.launcher=slurm", "slurm.partition=nope"])
     with pytest.raises(UserError, match=r"^sbatch refused the grid's jobs: sbatch: error: invalid partition "
                                         r"specified: nope sbatch: error: Batch job submission failed"):
         slurm.main(cfg, [])
+    assert capsys.readouterr().err == ""  # said once, by the error
     with pytest.raises(UserError, match=r"'slurm.sbatch\[1\]': '--qos=low' is not an sbatch option without its"):
         load_config("tiny", ["slurm.sbatch=[exclusive, --qos=low]"])
     local = load_config("tiny", [f"runs_dir={tmp_path}", *SUBMITIT])
@@ -133,6 +135,7 @@ def test_the_grid_through_submitit_equals_the_local_grid_phase_by_phase(tmp_path
     assert [len(p) for p in phases] == [1, 2, 4]
     for before, after in zip(phases, phases[1:]):
         assert max(end for _, end in before) < min(start for start, _ in after)
+    assert load_runs(runs / "tiny").runs["included"].all()  # submitit's records are no run to the report
     logs = runs / "tiny" / "grid-logs"
     assert sorted(p.stem for p in logs.glob("*.log")) == sorted(
         ["reference", "reward_model-seed0", "reward_model-seed1", "ppo-beta0.1-seed0", "ppo-beta0.1-seed1",
