@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from collections.abc import Iterator
 
 import yaml
 
@@ -36,6 +38,16 @@ def _f(default: Any, role: Role, help: str) -> Any:
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise UserError(f"config key '{key}': {message}")
+
+
+def _require_writable_dir(path: str, key: str) -> None:
+    """`path` (relative to the project, or absolute) is a directory this process can write into, or can be created
+    as one; checked without creating it, so that loading a config leaves the disk as it was."""
+    _require(bool(path), key, "must not be empty")
+    target = PROJECT_ROOT / path
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    _require(existing.is_dir(), key, f"cannot create {target}: {existing} is a file")
+    _require(os.access(existing, os.W_OK | os.X_OK), key, f"cannot write into {target}: {existing} is not writable")
 
 
 def _require_positive(section: Any, prefix: str, *keys: str) -> None:
@@ -127,7 +139,7 @@ class TaskConfig:
         _require_positive(self, prefix, "n_train_prompts", "n_eval_prompts", "max_prompt_tokens", "gold_batch_size")
         _require(self.n_validation_prompts >= 0, f"{prefix}.n_validation_prompts",
                  f"must be >= 0, got {self.n_validation_prompts}")
-        _require(self.name == "sentiment" or self.path is not None, f"{prefix}.path",
+        _require(self.name == "sentiment" or bool(self.path), f"{prefix}.path",
                  f"is required for task '{self.name}'")
         _require(self.name != "imdb" or bool(self.gold_model), f"{prefix}.gold_model",
                  "is required for task 'imdb' (the sentiment classifier that gives the gold reward)")
@@ -474,8 +486,6 @@ class GridConfig:
         _require(len(self.methods) > 0, f"{prefix}.methods", "must list at least one method")
         for m in self.methods:
             _require(m in GRID_METHODS, f"{prefix}.methods", f"unknown method '{m}' (one of {', '.join(GRID_METHODS)})")
-        _require(len(set(self.methods)) == len(self.methods), f"{prefix}.methods",
-                 f"lists a method twice: {self.methods}")
         _require_positive(self, prefix, "jobs", "threads_per_job")
 
 
@@ -532,7 +542,7 @@ class ReportConfig:
                                       "deviations (1.4826 x MAD)")
 
     def validate(self, prefix: str) -> None:
-        _require(bool(self.out_dir), f"{prefix}.out_dir", "must not be empty")
+        _require_writable_dir(self.out_dir, f"{prefix}.out_dir")
         levels = self.kl_levels
         _require(levels is None or (len(levels) > 0 and all(level >= 0 for level in levels)), f"{prefix}.kl_levels",
                  f"must be a list of KL levels >= 0, the primary first, or null; got {levels}")
@@ -554,9 +564,13 @@ class Config:
     beta_sweep: list[float] = _f([], IDENTITY, "`make ppo` / `make dpo` run every beta listed here x every seed (each "
                                                "run's config carries its own beta); empty: just `beta`")
     seeds: list[int] = _f([0, 1], OUTSIDE, "one run per seed for each method")
-    report_to: list[str] = _f([], OUTSIDE, "experiment trackers every run's metrics rows also go to, as they are "
-                                           "written (accelerate's: tensorboard, wandb, trackio, mlflow, ...; "
-                                           "rlhf/trackers.py); TensorBoard writes into each run directory's tracker/")
+    # A list once loaded (`__post_init__`); a string as the file or an override may give it.
+    report_to: list[str] | str = _f([], OUTSIDE, "experiment trackers every run's metrics rows also go to, as they "
+                                                 "are written (accelerate's: tensorboard, wandb, trackio, mlflow, ...; "
+                                                 "rlhf/trackers.py); TensorBoard writes into each run directory's "
+                                                 "tracker/. A string works too, as in Hugging Face's "
+                                                 "TrainingArguments: one tracker's name, 'none', or 'all' (every one "
+                                                 "installed here)")
     runs_dir: str = _f("runs", OUTSIDE, "where run directories and the preference set go (relative to the project)")
     hub_access: bool = _f(False, IDENTITY, "may this profile download from the Hugging Face hub? (off: fully offline)")
     resume: bool = _f(True, OUTSIDE, "reuse a completed reference, PPO or DPO run with the same config and seed rather "
@@ -581,10 +595,24 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):
+            from rlhf.trackers import named  # accelerate's tracker list: only when asked for
+            self.report_to = named(self.report_to)
+
     def validate(self) -> None:
         _require(self.beta > 0, "beta", f"must be positive, got {self.beta}")
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        _require_writable_dir(self.runs_dir, "runs_dir")
+        for key, value in _keys(self):
+            if isinstance(value, list):
+                repeated = list(dict.fromkeys(v for i, v in enumerate(value) if v in value[:i]))
+                _require(not repeated, key, f"lists {', '.join(map(repr, repeated))} more than once: {value}")
+            # every seed key (`per_seed` is a switch): numpy's range, which accelerate's set_seed hands them to
+            if key.endswith(("seed", "seeds")) and not isinstance(value, bool):
+                _require(all(0 <= s < 2**32 for s in (value if isinstance(value, list) else [value])), key,
+                         f"a seed must lie in [0, 2**32), got {value}")
         if self.report_to:
             from rlhf.trackers import check  # accelerate's tracker list: only when asked for
             check(self.report_to)
@@ -619,6 +647,16 @@ class Config:
 check_roles(Config)  # a field added without its role stops the import, before any key is computed without it
 
 
+def _keys(section: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every key of `section` and of the sections under it."""
+    for f_ in dataclasses.fields(section):
+        value = getattr(section, f_.name)
+        if dataclasses.is_dataclass(value):
+            yield from _keys(value, f"{prefix}{f_.name}.")
+        else:
+            yield f"{prefix}{f_.name}", value
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: dict -> dataclass with type checks and helpful errors.
 
@@ -640,7 +678,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except UserError:
-                pass  # try the next member of the union
+                if isinstance(value, list) and typing.get_origin(arg) is list:
+                    raise  # a list for the list member: which item is wrong says more than the union would
         raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)

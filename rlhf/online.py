@@ -65,8 +65,8 @@ def reward_function(reward: Callable[[SequenceBatch], torch.Tensor], tokenizer: 
     call adds the prompt + response tokens it scored, every process's, to the `trainer_state` TRL hands a reward
     function, as Trainer's `num_input_tokens_seen`: the `tokens` of every row, and what FLOPs are counted from.
     Scored here means sampled: the trainer scores each sample once."""
-    def reward_model(prompts: list[str], completion_ids: list[list[int]], trainer_state: TrainerState, **_
-                     ) -> list[float]:
+    def reward_model(prompts: list[str], completion_ids: list[list[int]], trainer_state: TrainerState | None = None,
+                     **_) -> list[float]:
         prompt_rows = tokenizer(prompts, add_special_tokens=add_special_tokens).input_ids
         responses = [until_eos(list(ids), tokenizer.eos_token_id) for ids in completion_ids]
         if counts_tokens:

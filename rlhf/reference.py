@@ -37,6 +37,8 @@ def sft_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Dataset:
         pairs = load_task(cfg.task, tokenizer, cfg.hub_access).train_pairs
         return Dataset.from_dict({"prompt": [p["prompt"] for p in pairs], "completion": [p["chosen"] for p in pairs]})
     name, rows = read_rows(s.path, "sft_stage.path", cfg.hub_access)
+    if not rows:  # TRL's SFTTrainer would stop at its first row with a bare StopIteration
+        raise UserError(f"sft_stage.path: {name} holds no texts")
     return Dataset.from_dict({"text": text_field(rows, s.text_field, f"{name} (sft_stage.text_field)")})
 
 

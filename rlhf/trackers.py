@@ -21,6 +21,16 @@ TRACKERS = tuple(LOGGER_TYPE_TO_CLASS)  # the names `report_to` accepts
 TRACKER_DIR = "tracker"  # trackers that write files (TensorBoard, Aim) write them into <run>/tracker/
 
 
+def named(value: str) -> list[str]:
+    """`report_to` given as a string, read as Hugging Face's TrainingArguments reads it: 'none' is no tracker, 'all'
+    every one installed here, anything else the one tracker it names."""
+    if value == "none":
+        return []
+    if value == "all":
+        return [t.value for t in get_available_trackers()]
+    return [value]
+
+
 def check(names: list[str]) -> None:
     """`report_to` names known trackers whose packages are installed (checked when the config loads, before any
     run directory exists)."""

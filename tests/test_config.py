@@ -1,8 +1,11 @@
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from pipelines.__main__ import main as cli
 from rlhf.config import PROJECT_ROOT, Config, load_config
 from rlhf.errors import UserError
 from rlhf.keys import preference_set_key
@@ -98,3 +101,76 @@ def test_keys_added_later_leave_the_cache_hash_as_it_was_while_at_their_default(
     assert preference_set_key(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     tf32 = load_config("default", ["task.n_validation_prompts=0", "model.tf32=true"])
     assert preference_set_key(tf32) != preference_set_key(cfg)
+
+
+# Every path and list key with a bad value: (override or overrides, the key its one line names, what it says).
+# {file} is an existing file, {locked} a directory this user cannot write into.
+BAD_PATHS_AND_LISTS = [
+    (("task.name=preferences", "task.path="), "task.path", "is required for task 'preferences'"),
+    (("sft_stage.enabled=true", "sft_stage.path="), "sft_stage.path", "is required with sft_stage.source=corpus"),
+    ("model.name_or_path=", "model.name_or_path", "must not be empty"),
+    ("runs_dir={file}/runs", "runs_dir", "is a file"),
+    ("runs_dir={locked}/runs", "runs_dir", "is not writable"),
+    ("runs_dir=", "runs_dir", "must not be empty"),
+    ("runs_dir=[runs]", "runs_dir", "expected a string"),
+    ("report.out_dir={file}/reports", "report.out_dir", "is a file"),
+    ("report.out_dir={locked}", "report.out_dir", "is not writable"),
+    ("report.out_dir=", "report.out_dir", "must not be empty"),
+    ("seeds=[0, 0]", "seeds", "lists 0 more than once"),
+    ("seeds=[]", "seeds", "must list at least one seed"),
+    ("seeds=[0, one]", "seeds[1]", "expected an integer"),
+    ("seeds=[-1]", "seeds", "a seed must lie in [0, 2**32)"),
+    ("reward_model.seed=-1", "reward_model.seed", "a seed must lie in [0, 2**32)"),  # not a list: every seed key
+    ("seeds=null", "seeds", "expected a list"),
+    ("beta_sweep=[0.1, 0.1]", "beta_sweep", "lists 0.1 more than once"),
+    ("beta_sweep=[0.1, high]", "beta_sweep[1]", "expected a number"),
+    ("beta_sweep=[0]", "beta_sweep", "every beta must be positive"),
+    ("report_to=[tensorboard, tensorboard]", "report_to", "lists 'tensorboard' more than once"),
+    ("report_to=[3]", "report_to[0]", "expected a string"),
+    ("report_to=3", "report_to", "expected list[str] | str"),
+    ("report_to=tensorbord", "report_to", "'tensorbord' is not one of"),
+    ("lora.target_modules=[q_proj, q_proj]", "lora.target_modules", "lists 'q_proj' more than once"),
+    ("lora.target_modules=['']", "lora.target_modules", "must not contain empty names"),
+    ("bon.n=[]", "bon.n", "must list at least one N"),
+    ("bon.n=[4, 4]", "bon.n", "lists 4 more than once"),
+    ("bon.n=[four]", "bon.n[0]", "expected an integer"),
+    ("sweep.learning_rates=[]", "sweep.learning_rates", "must list positive learning rates"),
+    ("sweep.learning_rates=[1e-5, 1e-5]", "sweep.learning_rates", "lists 1e-05 more than once"),
+    ("sweep.epochs=[1, 1]", "sweep.epochs", "lists 1 more than once"),
+    ("sweep.ppo_epochs=[]", "sweep.ppo_epochs", "must list positive integers"),
+    ("grid.methods=[]", "grid.methods", "must list at least one method"),
+    ("grid.methods=[dpo, dpo]", "grid.methods", "lists 'dpo' more than once"),
+    ("grid.methods=[kto]", "grid.methods", "unknown method 'kto'"),
+    ("report.kl_levels=[]", "report.kl_levels", "must be a list of KL levels"),
+    ("report.kl_levels=[5, 5]", "report.kl_levels", "lists 5.0 more than once"),
+    ("report.kl_levels=[five]", "report.kl_levels[0]", "expected a number"),
+]
+
+
+def _overrides(case: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (case,) if isinstance(case, str) else case
+
+
+@pytest.mark.parametrize("overrides, key, says", BAD_PATHS_AND_LISTS,
+                         ids=[" ".join(_overrides(case[0])) for case in BAD_PATHS_AND_LISTS])
+def test_a_bad_path_or_list_is_one_line_naming_the_key(overrides, key, says, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes into any mode; no one writes into a process's /proc entry
+        locked = Path(f"/proc/{os.getpid()}")
+    assert not os.access(locked, os.W_OK)
+    overrides = [o.format(file=tmp_path / "file", locked=locked) for o in _overrides(overrides)]
+    assert cli(["config", "--profile", "tiny", *overrides]) == 2  # a traceback would raise here instead
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config key '{key}': ") and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "file").is_dir() and not (locked / "runs").exists()  # nothing was created
+
+
+@pytest.mark.parametrize("given, trackers", [("tensorboard", ["tensorboard"]), ("none", []),
+                                             ("[tensorboard]", ["tensorboard"]), ("[]", [])])
+def test_report_to_takes_a_string_as_trainingarguments_does(given, trackers, tmp_path):
+    assert load_config("tiny", [f"report_to={given}"]).report_to == trackers
+    (tmp_path / "p.yaml").write_text(f"report_to: {given}\n")  # from a profile's file too
+    assert load_config("p", config_dir=tmp_path).report_to == trackers
+    assert "tensorboard" in load_config("tiny", ["report_to=all"]).report_to  # every tracker installed here

@@ -19,6 +19,7 @@ from rlhf.config import load_config
 from rlhf.data import load_preferences, preference_dir
 from rlhf.errors import UserError
 from rlhf.models import resolve_model_path
+from rlhf.reference import sft_rows
 from rlhf.rundir import RunDir
 
 NOT_UTF8 = b"\xff\xfe\x00bad"  # the file: `printf '\xff\xfe\x00bad' > rows.jsonl`
@@ -92,6 +93,15 @@ def test_a_bad_yaml_profile_is_one_line_naming_it(text, message, tmp_path):
     with pytest.raises(UserError) as e:
         load_config("mine", config_dir=tmp_path)
     assert str(e.value) == f"{tmp_path / 'mine.yaml'}: {message}"
+
+
+@pytest.mark.parametrize("file, data", [("corpus.jsonl", b""), ("corpus.json", b"[]")])
+def test_an_empty_sft_corpus_is_one_line_naming_its_key(file, data, tmp_path):
+    (tmp_path / file).write_bytes(data)
+    cfg = load_config("tiny", ["sft_stage.enabled=true", f"sft_stage.path={tmp_path / file}"])
+    with pytest.raises(UserError) as e:
+        sft_rows(cfg, tokenizer=None)  # a corpus is read without it
+    assert str(e.value) == f"sft_stage.path: {file} holds no texts"
 
 
 @pytest.mark.parametrize("file, data, message", [

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import tomllib
 import types
 import warnings
 
@@ -19,7 +18,7 @@ import trl.trainer.utils
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from rlhf.config import PROJECT_ROOT
+from pipelines.bundle import project_requirements
 
 # (symbol, its parameters, what relies on it); None: only that it exists
 SIGNATURES = [
@@ -138,8 +137,7 @@ def test_trls_own_answer_on_a_cpu_is_a_bool_and_no():
 
 
 def test_the_installed_trl_is_in_the_supported_range():
-    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
-    (supported,) = [r.specifier for r in map(Requirement, project["dependencies"]) if r.name == "trl"]
+    (supported,) = [r.specifier for r in map(Requirement, project_requirements()) if r.name == "trl"]
     assert Version(trl.__version__) in supported, (
         f"TRL {trl.__version__} is outside pyproject.toml's trl{supported}: run this file on it, then widen the range")
 
