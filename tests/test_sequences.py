@@ -141,3 +141,29 @@ def test_both_sides_of_a_pair_are_cut_where_the_first_diverges_from_the_prompt(t
         assert batch.response_ids[0].tolist() == full[completion][cut:]
     # one completion alone keeps its own cut
     assert encode_completions(tokenizer, [prompt], [rejected]).prompt_ids[0].tolist() == alone
+
+
+def test_sampling_casts_each_linear_weight_once_and_computes_the_same_numbers(tiny_model, tokenizer, monkeypatch):
+    import contextlib
+
+    from rlhf import sequences
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    own = dict(tiny_model.named_parameters(remove_duplicate=False))
+    prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nreview<|im_end|>\n"]
+    ids = tokenizer(prompts[0], return_tensors="pt").input_ids
+    with torch.inference_mode(), torch.autocast("cpu", dtype=bf16):
+        plain = tiny_model(input_ids=ids).logits
+        with sequences.linear_weights_cast(tiny_model, cpu):
+            assert all(m.weight.dtype == bf16 for m in tiny_model.modules() if isinstance(m, torch.nn.Linear))
+            assert tiny_model.get_input_embeddings().weight.dtype == torch.float32
+            cast = tiny_model(input_ids=ids).logits
+    assert torch.equal(plain, cast)  # autocast's own cast, done once
+    assert all(p is own[n] for n, p in tiny_model.named_parameters(remove_duplicate=False))  # every weight given back
+
+    def draw(**patch):
+        for name, value in patch.items():
+            monkeypatch.setattr(sequences, name, value)
+        torch.manual_seed(3)
+        return sample(tiny_model, tokenizer, prompts, 8, 1.0, torch.autocast("cpu", dtype=bf16)).response_ids
+    cast_once = draw()
+    assert torch.equal(cast_once, draw(linear_weights_cast=lambda model, device: contextlib.nullcontext()))
