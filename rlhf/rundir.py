@@ -56,7 +56,8 @@ from rlhf.trackers import open_trackers, scalars
 # reward, or an evaluation without a reward model, leaves its column out
 PROMPT_COLUMNS = ("prompt_index", "gold", "proxy", "kl", "kl_k3", "length", "eos")
 PROMPTS_SUFFIX = ".prompts.csv"
-PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
+# what computes a run's numbers (peft: its LoRA layers), recorded in its manifest
+PACKAGES = ["torch", "transformers", "trl", "peft", "datasets", "accelerate", "pandas", "seaborn", "vaderSentiment"]
 
 
 def package_versions() -> dict[str, str]:
