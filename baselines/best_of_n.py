@@ -113,8 +113,9 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
     device = default_device()
     path = resolve_model_path(reference_model(cfg), cfg.hub_access)
     tokenizer = load_tokenizer(path)
-    ref = freeze(load_causal_lm(path).to(device))
-    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id).to(device))
+    ref = freeze(load_causal_lm(path, cfg.model.attention).to(device))
+    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id,
+                                                    cfg.model.attention).to(device))
     ns = sorted(set(cfg.bon.n))
     method, seed, extra = run_identity(cfg, reward_model_path)
     # no resume points: a killed run starts again from the start, in its own directory

@@ -65,8 +65,9 @@ class WeightLoggingDPOTrainer(ReferencePassDPOTrainer):
     and robust losses weight pairs differently, so it is logged for the sigmoid loss only.
     """
 
-    def __init__(self, *args, ref_logps_cache: Path | None = None, **kwargs):
+    def __init__(self, *args, ref_logps_cache: Path | None = None, attention: str = "sdpa", **kwargs):
         self.ref_logps_cache = ref_logps_cache  # set first: TRL's __init__ runs `reference_logps`
+        self.attention = attention  # pi_ref's attention kernel (`model.attention`): its log-probs depend on it
         self.ref_logps_cached_seconds = 0.0  # what computing the pass took, where it was read from the cache
         self.grad_weights: dict[str, list[float]] = defaultdict(list)  # each batch's statistics since the last log
         super().__init__(*args, **kwargs)
@@ -128,7 +129,7 @@ class WeightLoggingDPOTrainer(ReferencePassDPOTrainer):
 
         cache = None if self.ref_logps_cache is None else self.ref_logps_cache / reference_logps_name(
             self.ref_model.name_or_path, cut, batch_size, torch.__version__,
-            f"{self.ref_model.device.type}-{self.accelerator.mixed_precision}",
+            f"{self.ref_model.device.type}-{self.accelerator.mixed_precision}-{self.attention}",
             [list(dataset[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")])
         logps, read = cached(cache, compute)
         self.ref_logps_cached_seconds = logps["seconds"] if read else 0.0
@@ -191,7 +192,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     pairs = Dataset.from_dict(pairs.select(order).select_columns(list(PAIR_FIELDS)).to_dict())
     trainer = quiet_progress_bar(WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
                                                          processing_class=tokenizer, callbacks=callbacks,
-                                                         ref_logps_cache=ref_logps_cache),
+                                                         ref_logps_cache=ref_logps_cache,
+                                                         attention=cfg.model.attention),
                                  f"{method_name(cfg).upper()} seed {seed}")
     trainer.pair_counts = {"given": n_given, "dropped_prompt_too_long": n_given - n_kept}  # for count_long_pairs
     return trainer
@@ -220,7 +222,7 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
     device = policy.device
     reward_model = None if reward_model_path is None else freeze(
-        load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
+        load_scalar_model(str(reward_model_path), tokenizer.pad_token_id, cfg.model.attention)).to(device)
     method, extra = run_identity(cfg, reward_model_path)
     run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     run.manifest["reference_model"] = ref.name_or_path

@@ -74,8 +74,8 @@ class Ceilings:
     def __init__(self, cfg: Config, device: torch.device):
         self.path = resolve_model_path(cfg.model, cfg.hub_access)
         self.pad_token_id = load_tokenizer(self.path).pad_token_id
-        self.precision, self.device = cfg.model.precision, device
-        self.lm = load_causal_lm(self.path).to(device)
+        self.precision, self.device, self.attention = cfg.model.precision, device, cfg.model.attention
+        self.lm = load_causal_lm(self.path, self.attention).to(device)
         self.scalar = None  # the reward model's shape of network, loaded when first needed
         self.optimizers: dict[int, torch.optim.Optimizer] = {}  # AdamW's state allocated once, as in a real run
         self.rows: dict[tuple, dict] = {}
@@ -86,7 +86,8 @@ class Ceilings:
         if key not in self.rows:
             model = self.lm
             if scalar:
-                self.scalar = self.scalar or load_scalar_model(self.path, self.pad_token_id).to(self.device)
+                self.scalar = self.scalar or load_scalar_model(self.path, self.pad_token_id,
+                                                                     self.attention).to(self.device)
                 model = self.scalar
             torch.manual_seed(0)
             ids = torch.randint(0, model.config.vocab_size, (batch, length), device=self.device)

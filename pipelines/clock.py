@@ -56,7 +56,7 @@ def measure_sizes(cfg: Config) -> tuple[Sizes, torch.nn.Module]:
     """The profile's `Sizes`, and its model (for the calibration)."""
     path = resolve_model_path(cfg.model, cfg.hub_access)
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path)
+    model = load_causal_lm(path, cfg.model.attention)
     n_lm = pass_parameters(model, "lm")
     n_scalar = pass_parameters(model, "scalar")
     task = load_task(cfg.task, tokenizer, cfg.hub_access)

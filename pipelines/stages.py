@@ -113,7 +113,7 @@ def evaluate_reference(cfg: Config) -> Path:
         return done
     device = default_device()
     tokenizer = load_tokenizer(path)
-    ref = freeze(load_causal_lm(path).to(device))
+    ref = freeze(load_causal_lm(path, cfg.model.attention).to(device))
     # nothing to resume from: a killed evaluation is done again in its own directory
     run, _ = RunDir.open(cfg, "reference", cfg.eval.seed, device, prefs.sha256, extra={"reference_model": path})
     with run.running():

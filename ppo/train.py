@@ -292,11 +292,12 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     if gold and task.gold_reward is None:
         raise UserError(f"ppo.reward: 'gold' needs a task with a gold reward; task '{cfg.task.name}' has none")
-    policy = for_training(load_causal_lm(model_path), cfg, "CAUSAL_LM")  # with LoRA, ref stays a full frozen copy
-    ref = freeze(load_causal_lm(model_path)).to(device)
-    reward_model = None if gold else freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)
-                                            ).to(device)
-    value_scalar = load_scalar_model(str(model_path if gold else reward_model_path), tokenizer.pad_token_id)
+    attention = cfg.model.attention
+    policy = for_training(load_causal_lm(model_path, attention), cfg, "CAUSAL_LM")  # with LoRA, ref stays full
+    ref = freeze(load_causal_lm(model_path, attention)).to(device)
+    reward_model = None if gold else freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id,
+                                                              attention)).to(device)
+    value_scalar = load_scalar_model(str(model_path if gold else reward_model_path), tokenizer.pad_token_id, attention)
     if gold:  # a fresh head starts at V = 0 rather than at random values
         nn.init.zeros_(value_scalar.score.weight)
     # N of each model's pass (rlhf/flops.py), counted on the plain models, before LoRA or DDP wraps them

@@ -55,7 +55,8 @@ class RewardModelResult:
 def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.device) -> tuple[float, int]:
     """Mean raw score of pi_ref's samples on `prompts` (subtracting it centres r_phi on pi_ref), and the FLOPs of
     sampling them and scoring them (forward passes over prompt and response)."""
-    policy = freeze(load_causal_lm(resolve_model_path(reference_model(cfg), cfg.hub_access)).to(device))
+    policy = freeze(load_causal_lm(resolve_model_path(reference_model(cfg), cfg.hub_access), cfg.model.attention)
+                    .to(device))
     n_params = pass_parameters(policy) + pass_parameters(rm, "scalar")
     scores, flops = [], 0
     with torch.random.fork_rng(devices=[]):
@@ -111,7 +112,7 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
         "reward_model_key": reward_model_key(cfg, prefs.sha256, seed), "reference_model": model_path},
         key="reward_model_key")
     with run.running():
-        rm = load_scalar_model(model_path, tokenizer.pad_token_id)
+        rm = load_scalar_model(model_path, tokenizer.pad_token_id, cfg.model.attention)
         n_params = pass_parameters(rm, "scalar")  # counted before Trainer wraps it
         rm = for_training(rm, cfg, "SEQ_CLS", trainer_checkpointing=True)
         # train rows, their clock and FLOPs, checkpoints committed; the stage keeps the name PPO's cost reads

@@ -75,6 +75,11 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, NEUTRAL, "recompute activations in the backward pass of every trained "
                                                       "model (PPO policy and value model, reward model, DPO and "
                                                       "Preferred-FT policy): less activation memory, ~20-30% slower")
+    attention: Literal["sdpa", "eager"] = _f(
+        "sdpa", added(3), "attention kernel of every model (transformers' attn_implementation): 'sdpa' (PyTorch's "
+                          "fused scaled_dot_product_attention) or 'eager' (matmul, softmax, matmul). On the 2-core "
+                          "bf16 CPU eager trains ~15% faster (SDPA's CPU backward is slow at these lengths) and "
+                          "samples ~10% slower (docs/performance.md); another kernel, other numbers")
     tiny_hidden_size: int = _f(64, IDENTITY, "hidden size of the 'tiny' model")
     tiny_layers: int = _f(2, IDENTITY, "decoder layers of the 'tiny' model")
 

@@ -181,7 +181,8 @@ def build_preferences(cfg: Config) -> PreferenceSet:
         heldout = [check_pair(p, f"held-out pair {i}") for i, p in enumerate(task.heldout_pairs or [])]
         validation = [check_pair(p, f"validation pair {i}") for i, p in enumerate(task.validation_pairs or [])]
     else:
-        policy = load_causal_lm(model_path).to(torch.device("cpu") if not torch.cuda.is_available() else "cuda")
+        policy = load_causal_lm(model_path, cfg.model.attention).to(
+            torch.device("cpu") if not torch.cuda.is_available() else "cuda")
         policy.eval()
         n_train = cfg.data.n_prompts or len(task.train_prompts)
         n_held = cfg.data.n_heldout_prompts or len(task.eval_prompts)

@@ -16,7 +16,7 @@ where it is defined (the second argument of `_f` in rlhf/config.py):
                no cache
 
 Each kind of key keeps the version its form was fixed at (`Form` below); a field added to the config now is
-`added(3)`. Raising a kind's version re-keys it on purpose, and orphans its completed runs. A section with an
+`added(4)`. Raising a kind's version re-keys it on purpose, and orphans its completed runs. A section with an
 `enabled` switch (LoRA, the SFT stage) whose switch is left out is left out whole: switched off, it computes nothing.
 """
 
@@ -53,9 +53,11 @@ class Form(NamedTuple):
 
 
 # Version 1 added model.tf32, task.gold_*, task.n_validation_prompts, eval.split and the LoRA and SFT-stage
-# switches; version 2 weight_decay.
+# switches; version 2 weight_decay; version 3 model.attention. The reward model's form was raised to 3 on purpose:
+# before, its key read the model section's name only, so a reward model trained in one precision or with one
+# attention kernel was reused by runs of another.
 SHARED = Form(0, neutral=False)  # the preference set and pi_ref's caches: shared by runs whatever their cost
-REWARD_MODEL = Form(0, neutral=True)
+REWARD_MODEL = Form(3, neutral=True)
 SFT_MODEL = Form(1, neutral=True)
 RUN = Form(2, neutral=True)
 
@@ -75,7 +77,7 @@ def check_roles(cls: type, prefix: str = "") -> None:
             check_roles(hints[f.name], f"{prefix}{f.name}.")
         elif not isinstance(f.metadata.get("role"), Role):
             raise TypeError(f"config key '{prefix}{f.name}' declares no role: give it IDENTITY, NEUTRAL, OUTSIDE or "
-                            "added(3) (rlhf/keys.py)")
+                            "added(4) (rlhf/keys.py)")
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -127,11 +129,12 @@ def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra:
 def reward_model_key(cfg: Config, data_sha256: str, seed: int) -> dict[str, Any]:
     """What a trained reward model depends on: an interrupted reward-model run with this key is resumed, a completed
     one reused by every later run. It holds the seed the model trains with (whichever `reward_model.per_seed`
-    picks), the backbone by name and the pairs by the budget's count and passes."""
-    return {"data_sha256": data_sha256, "model": cfg.model.name_or_path, "task": cfg.task.name,
+    picks), the model section (the backbone, its precision and attention kernel) and the pairs by the budget's count
+    and passes."""
+    return {"data_sha256": data_sha256, "task": cfg.task.name,
             "reward_model": _kept(cfg.reward_model, REWARD_MODEL) | {"seed": seed},
             "budget": {"pairs": cfg.budget.pairs, "passes": cfg.budget.passes(cfg.reward_model.epochs)},
-            **settings(cfg, ["sft_stage", "lora", "weight_decay"], REWARD_MODEL)}
+            **settings(cfg, ["model", "sft_stage", "lora", "weight_decay"], REWARD_MODEL)}
 
 
 def sft_key(cfg: Config, rows: Dataset) -> dict[str, Any]:

@@ -244,10 +244,11 @@ def added_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int],
     return full[:start], full[start + len(plain):]
 
 
-def load_causal_lm(path: str) -> PreTrainedModel:
-    """Policy or reference model, float32 weights (autocast does the bf16 where enabled)."""
+def load_causal_lm(path: str, attention: str = "sdpa") -> PreTrainedModel:
+    """Policy or reference model, float32 weights (autocast does the bf16 where enabled), with the `model.attention`
+    kernel: a saved model does not carry it, so every load names it."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
     except LOAD_ERRORS as e:
         raise _load_error("a causal LM", path, e) from None
     shipped = model.generation_config
@@ -259,10 +260,12 @@ def load_causal_lm(path: str) -> PreTrainedModel:
     return model
 
 
-def load_scalar_model(path: str, pad_token_id: int) -> PreTrainedModel:
-    """Reward or value model: the backbone with a one-output head (new, or the trained RM's)."""
+def load_scalar_model(path: str, pad_token_id: int, attention: str = "sdpa") -> PreTrainedModel:
+    """Reward or value model: the backbone with a one-output head (new, or the trained RM's), with the
+    `model.attention` kernel."""
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                   attn_implementation=attention)
     except LOAD_ERRORS as e:
         raise _load_error("a scalar (reward/value) model", path, e) from None
     model.config.pad_token_id = pad_token_id  # the head reads the last non-pad token
@@ -282,7 +285,8 @@ def load_policy_and_reference(cfg: ModelConfig, hub_access: bool
     both on the default device, and their tokenizer."""
     path = resolve_model_path(cfg, hub_access)
     device = default_device()
-    return load_causal_lm(path).to(device), freeze(load_causal_lm(path).to(device)), load_tokenizer(path)
+    return (load_causal_lm(path, cfg.attention).to(device), freeze(load_causal_lm(path, cfg.attention).to(device)),
+            load_tokenizer(path))
 
 
 def cpu_supports_fast_bf16() -> bool:

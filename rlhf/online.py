@@ -96,7 +96,8 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
     device = policy.device
-    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id)).to(device)
+    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id,
+                                                   cfg.model.attention)).to(device)
     method, extra = run_identity(method, reward_model_path)
     run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)  # a killed run goes on
     run.manifest["reference_model"] = ref.name_or_path

@@ -79,7 +79,8 @@ def train_sft(cfg: Config) -> SFTResult:
     run, _ = RunDir.open(cfg, SFT_METHOD, s.seed, device, key["texts_sha256"],
                          extra={"sft_key": key, "base_model_path": base, "texts": len(rows)}, key="sft_key")
     with run.running():
-        model = for_training(load_causal_lm(base).to(device), cfg, "CAUSAL_LM", trainer_checkpointing=True)
+        model = for_training(load_causal_lm(base, cfg.model.attention).to(device), cfg, "CAUSAL_LM",
+                             trainer_checkpointing=True)
         # train rows only: pi_ref's own evaluation is `make reference`, once this model is pi_ref
         callback = EvalAndLogCallback(run, None, None, device, pass_parameters(model), name="SFT step")
         trainer = sft_trainer(model, tokenizer, rows, s, s.epochs, s.max_steps, cfg.model, cfg.weight_decay, s.seed,

@@ -94,8 +94,8 @@ def test_keys_added_later_leave_the_cache_hash_as_it_was_while_at_their_default(
     import json
 
     cfg = load_config("default", ["task.n_validation_prompts=0"])  # every key added later at its default
-    added_later = ("tf32", "gradient_checkpointing", "gold_model", "gold_positive_label", "gold_batch_size",
-                   "n_validation_prompts")
+    added_later = ("tf32", "attention", "gradient_checkpointing", "gold_model", "gold_positive_label",
+                   "gold_batch_size", "n_validation_prompts")
     before = {s: {k: v for k, v in dataclasses.asdict(getattr(cfg, s)).items() if k not in added_later}
               for s in ("model", "task", "data")}
     assert preference_set_key(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()

@@ -33,6 +33,7 @@ VARIANTS = {
                      "reward_model.learning_rate=0.123"],
     "reward-model": ["reward_model.per_seed=false", "reward_model.seed=3", "budget.pairs=16",
                      "reward_model.epochs=2"],
+    "attention": ["model.attention=eager"],
 }
 SEEDS = (0, 1)
 DATA, RM, REF = "d" * 64, "runs/p/reward_model/r/checkpoints/final", "a/model/folder"
@@ -115,11 +116,11 @@ def test_a_config_key_added_without_a_role_stops_the_import():
 
 
 def test_a_config_key_added_now_orphans_no_run_and_no_cache():
-    """A field declared `added(3)` counts in no key while at its default: every run, reward model, SFT model,
+    """A field declared `added(4)` counts in no key while at its default: every run, reward model, SFT model,
     preference set and cache keeps its key; set away from it, it counts wherever its section does."""
     @dataclasses.dataclass
     class WithNewKnob(ModelConfig):
-        new_knob: int = _f(3, added(3), "a knob added after every kind of key was fixed")
+        new_knob: int = _f(3, added(4), "a knob added after every kind of key was fixed")
 
     extended = dataclasses.make_dataclass("Config", [("model", WithNewKnob, dataclasses.field(
         default_factory=WithNewKnob))], bases=(Config,))
@@ -135,4 +136,4 @@ def test_a_config_key_added_now_orphans_no_run_and_no_cache():
 
     assert keys(with_knob(3)) == keys(cfg)
     changed = [a != b for a, b in zip(keys(with_knob(4)), keys(cfg))]
-    assert changed == [True, False, True, True, True, True]  # the reward model's key reads the model's name alone
+    assert changed == [True, True, True, True, True, True]  # every key reads the model section

@@ -84,3 +84,27 @@ def test_sampling_ignores_a_checkpoints_generation_settings(tiny_path, tmp_path)
     assert loaded.generation_config.no_repeat_ngram_size in (None, 0)
     assert (loaded.generation_config.eos_token_id, loaded.generation_config.pad_token_id) == (
         shipped.eos_token_id, shipped.pad_token_id)
+
+
+def test_every_model_loads_with_the_profiles_attention_kernel(tiny_path, tokenizer):
+    """`model.attention` is honoured by both loaders (eager computes what SDPA does, up to rounding), and every call
+    of them in the stages passes the profile's kernel: a saved model does not carry it, so a call that left it out
+    would quietly load SDPA under `attention: eager`, whose run keys say eager."""
+    import ast
+
+    from rlhf.config import PROJECT_ROOT
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    lms = {a: load_causal_lm(tiny_path, a) for a in ("sdpa", "eager")}
+    assert {a: m.config._attn_implementation for a, m in lms.items()} == {"sdpa": "sdpa", "eager": "eager"}
+    assert load_scalar_model(tiny_path, tokenizer.pad_token_id, "eager").config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert torch.allclose(lms["sdpa"](ids).logits, lms["eager"](ids).logits, atol=1e-5)
+    needs = {"load_causal_lm": 2, "load_scalar_model": 3}  # path (, pad id), attention
+    short = []
+    for package in ("rlhf", "ppo", "dpo", "reward_model", "sft", "online_dpo", "rloo", "baselines", "pipelines"):
+        for path in (PROJECT_ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in needs
+                        and len(node.args) + len(node.keywords) < needs[node.func.id]):
+                    short.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}")
+    assert short == []
