@@ -141,7 +141,7 @@ def shrunk(cfg: Config, runs_dir: Path, precision: str) -> Config:
              reward_model=r(cfg.reward_model, epochs=None, center_prompts=cfg.eval.batch_size),
              ppo=r(cfg.ppo, iterations=2, eval_every=2),
              dpo=r(cfg.dpo, epochs=None, eval_every=4),
-             sft=r(cfg.sft, epochs=None, eval_every=4))
+             preferred_ft=r(cfg.preferred_ft, epochs=None, eval_every=4))
 
 
 def _steady(rows: list[dict]) -> tuple[int, float, float]:
