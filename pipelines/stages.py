@@ -113,8 +113,8 @@ def run_each(cfg: Config, method: Method, identity: Callable[[Config, Path | Non
             rm_path = (reward_model_for(cfg, prefs, seed) if reward_model == "trains" else
                        find_reward_model(cfg, prefs, reward_model_seed(cfg, seed)) if reward_model == "reports" else
                        None)
-            method, extra = identity(run_cfg, rm_path)
-            done = completed_run(run_cfg, method, seed, prefs.sha256, extra)
+            name, extra = identity(run_cfg, rm_path)
+            done = completed_run(run_cfg, name, seed, prefs.sha256, extra)
             if done is not None:
                 say(f"{heading}: {done} (completed before: reused; resume=false trains it again)")
                 continue
