@@ -241,7 +241,7 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
         result = train_preferred_ft(small, prefs, seed)
         sft_train = [r for r in read_jsonl(result.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
         tokens, seconds, flops = _steady(sft_train)
-        b = small.sft.batch_size  # one chosen response a row
+        b = small.preferred_ft.batch_size  # one chosen response a row
         rows.append(_row("Preferred-FT: training", tokens, seconds, _timings(result.run_dir)["train"]["peak_memory_mb"],
                          "train", b, round(tokens / (len(sft_train) - 1) / b), flops=flops))
 
