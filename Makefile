@@ -5,14 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CLI := $(PY) -m pipelines
-# Training commands (sft, ppo, ppo-gt, dpo, rloo, online-dpo, sft-chosen) run in NPROC processes under `accelerate launch` (DDP) when
+# Training commands (TRAINED below, and ppo-gt) run in NPROC processes under `accelerate launch` (DDP) when
 # NPROC > 1: `make ppo NPROC=8`. ACCELERATE_CONFIG picks another launch config (FSDP, ZeRO: configs/accelerate/).
 NPROC ?= 1
 ACCELERATE_CONFIG ?= configs/accelerate/$(shell nvidia-smi -L >/dev/null 2>&1 && echo multi-gpu-ddp || echo cpu-ddp).yaml
 TRAIN_CLI := $(if $(filter 1,$(NPROC)),$(CLI),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NPROC) -m pipelines)
 
-.PHONY: all clock setup bundle lint lock test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon sft-chosen \
+.PHONY: all clock setup bundle lint lock test test-kill sft data reference grid reward-model ppo ppo-gt dpo rloo online-dpo bon preferred-ft \
 	sweep report coverage bench config
 
 # `sft` does nothing on profiles without the SFT stage (sft_stage.enabled: false). The runs are the profile's grid:
@@ -82,10 +82,6 @@ test: setup lint
 test-kill: setup
 	$(PY) -m pytest -q tests/test_kill_anywhere.py
 
-# The optional SFT stage: the base model fine-tuned into pi_ref (trained once, reused while its key matches).
-sft: setup
-	$(TRAIN_CLI) sft --profile $(PROFILE) $(ARGS)
-
 data: setup
 	$(CLI) data --profile $(PROFILE) $(ARGS)
 
@@ -98,35 +94,22 @@ grid: setup
 	GRID_TRAIN_CLI="$(if $(filter 1,$(NPROC)),,$(TRAIN_CLI))" $(CLI) grid --profile $(PROFILE) grid.jobs=$(JOBS) \
 		grid.launcher=$(LAUNCHER) $(ARGS)
 
-# Stage 1 of RLHF alone: every seed's reward model (`make ppo` trains it where it is missing).
-reward-model: setup
-	$(TRAIN_CLI) reward-model --profile $(PROFILE) $(ARGS)
-
-ppo: setup
-	$(TRAIN_CLI) ppo --profile $(PROFILE) $(ARGS)
+# The commands that train (rlhf/methods.py, `trains`): the optional SFT stage (the base model fine-tuned into pi_ref,
+# trained once, reused while its key matches), stage 1 of RLHF alone (every seed's reward model: `make ppo` trains it
+# where it is missing), PPO, DPO, the online methods (docs/online.md; each seed against PPO's reward model for that
+# seed, reused or trained once: RLOO, no value model, and online DPO, eq. 6 on pairs sampled from the policy and
+# ranked by that reward model), and Preferred-FT (supervised fine-tuning on the chosen responses, docs/baselines.md).
+TRAINED := sft reward-model ppo dpo rloo online-dpo preferred-ft
+$(TRAINED): setup
+	$(TRAIN_CLI) $@ --profile $(PROFILE) $(ARGS)
 
 # PPO with the task's gold reward in place of the reward model: PPO's ceiling (DPO paper, Fig. 2).
 ppo-gt: setup
 	$(TRAIN_CLI) ppo --profile $(PROFILE) ppo.reward=gold $(ARGS)
 
-dpo: setup
-	$(TRAIN_CLI) dpo --profile $(PROFILE) $(ARGS)
-
-# The online methods (docs/online.md), each seed against PPO's reward model for that seed (reused, or trained once):
-# RLOO (no value model) and online DPO (eq. 6 on pairs sampled from the policy and ranked by that reward model).
-rloo: setup
-	$(TRAIN_CLI) rloo --profile $(PROFILE) $(ARGS)
-
-online-dpo: setup
-	$(TRAIN_CLI) online-dpo --profile $(PROFILE) $(ARGS)
-
-# The DPO paper's other controls (docs/baselines.md): Best-of-N from pi_ref under PPO's reward model (reused, or
-# trained once), and Preferred-FT (supervised fine-tuning on the chosen responses).
+# The DPO paper's Best-of-N (docs/baselines.md): from pi_ref under PPO's reward model (reused, or trained once).
 bon: setup
 	$(CLI) bon --profile $(PROFILE) $(ARGS)
-
-sft-chosen: setup
-	$(TRAIN_CLI) sft-chosen --profile $(PROFILE) $(ARGS)
 
 # The tuning protocol (docs/tuning.md): METHOD's grid on the validation prompts, reports/$(PROFILE)/sweep-METHOD.csv
 METHOD ?= dpo

@@ -19,12 +19,13 @@ import pandas as pd
 
 from rlhf.atomic import read_jsonl
 from rlhf.errors import UserError
+from rlhf.keys import name_now
+from rlhf.methods import METHODS
 from rlhf.rundir import PROMPT_COLUMNS, PROMPTS_SUFFIX, process_alive
 
 RUN_KEYS = ["method", "beta", "seed", "run_id"]  # identify a run; every frame carries them
 ROW_KEYS = ("kind", "step", "wall_seconds", "tokens")  # every metrics row has these (the schema's promise)
 DATA_DIR = "data"  # runs/<profile>/data holds the preference set, not a method
-UNEVALUATED = ("sft", "reward_model")  # stages whose runs have no policy eval points to pool
 
 
 @dataclass
@@ -60,6 +61,11 @@ class Runs:
             rows = rows[rows["method"].isin(list(methods))]
         keep = [c for c in rows if c in RUN_KEYS or c in ROW_KEYS or rows[c].notna().any()]
         return rows[keep].reset_index(drop=True)
+
+
+def evaluated(method: str) -> bool:
+    """Do the method's runs have policy eval points to pool (not the reward model's, nor the SFT stage's)?"""
+    return method not in METHODS or METHODS[method].evaluated
 
 
 class BadRunDir(Exception):
@@ -113,9 +119,10 @@ def read_prompts(path: Path) -> pd.DataFrame:
 
 
 def _identity(path: Path, manifest: dict) -> dict:
-    """The run's keys and provenance from its manifest (method falls back to the parent folder's name)."""
+    """The run's keys and provenance from its manifest (method falls back to the parent folder's name; a run of a
+    method since renamed is read under today's name)."""
     return {
-        "method": manifest.get("method", path.parent.name), "beta": manifest.get("beta"),
+        "method": name_now(manifest.get("method", path.parent.name)), "beta": manifest.get("beta"),
         "seed": manifest.get("seed"), "run_id": manifest.get("run_id", path.name),
         "status": manifest.get("status", "unknown"), "error": manifest.get("error"),
         "finished_at": manifest.get("finished_at"),
@@ -137,7 +144,7 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict], pd.DataFrame]:
     try:
         manifest = _read_json(path / "manifest.json")
     except BadRunDir as e:
-        record = {"method": path.parent.name, "run_id": path.name, "status": "unknown", "path": str(path)}
+        record = {"method": name_now(path.parent.name), "run_id": path.name, "status": "unknown", "path": str(path)}
         return {**record, "included": False, "reason": str(e)}, [], [], nothing
     record = _identity(path, manifest)
     if record["status"] != "completed":
@@ -172,7 +179,7 @@ def keep_latest(records: list[dict]) -> None:
     out, saying why. (Reward-model and SFT runs are not pooled as seeds; PPO's cost reads its own reward model.)"""
     latest: dict[tuple, dict] = {}
     for r in records:
-        if r["included"] and r["method"] not in UNEVALUATED:
+        if r["included"] and evaluated(r["method"]):
             key = (r["method"], r["beta"], r["seed"])
             if key not in latest or (r["finished_at"] or "", r["run_id"]) > (latest[key]["finished_at"] or "",
                                                                              latest[key]["run_id"]):
@@ -210,7 +217,7 @@ def check_pooling(records: list[dict]) -> None:
     manifests recorded it carry none and are not checked."""
     seen: dict[str, dict] = {}
     for r in records:
-        if r["included"] and r["method"] not in UNEVALUATED and r.get("eval_hash"):
+        if r["included"] and evaluated(r["method"]) and r.get("eval_hash"):
             seen.setdefault(r["eval_hash"], r)
     if len(seen) > 1:
         (a, b) = list(seen.values())[:2]

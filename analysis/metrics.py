@@ -16,14 +16,13 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats as S
+from rlhf.methods import METHODS
 
 RUN = ["method", "beta", "seed", "run_id"]
 GROUP = ["method", "beta"]
 # A method's cost from the start, its own earlier stages included (`earlier_stages`): the x axes of the curves and
 # the units of the headline's "to target gold" columns
 SECONDS, FLOPS = "end-to-end seconds", "training FLOPs"
-# trains against r_phi or ranks by it: the reward model's training is its cost
-USES_REWARD_MODEL = ("ppo", "rloo", "online-dpo", "bon")
 OWN_EARLIER_STAGES = ("ref_logps",)  # DPO's pass of pi_ref over its pairs, before its loop
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
@@ -31,6 +30,16 @@ MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard d
 PER_PROMPT = {"eval/gold": "gold", "eval/proxy": "proxy", "eval/kl": "kl", "eval/kl_k3": "kl_k3",
               "eval/length": "length", "eval/eos_rate": "eos"}
 STATS = ("n", "mean", "std", "lo", "hi")
+
+
+def uses_reward_model(method: str) -> bool:
+    """Trains against r_phi or ranks by it: the reward model's training is part of its cost."""
+    return method in METHODS and METHODS[method].reward_model == "trains"
+
+
+def gao_methods() -> list[str]:
+    """The methods whose gains follow one of Gao et al.'s forms (`METHODS[m].gao`)."""
+    return [m.name for m in METHODS.values() if m.gao]
 
 
 class PromptValues:
@@ -144,7 +153,7 @@ def earlier_stages(runs: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
         stages = [(run["method"], run["run_id"], s) for s in OWN_EARLIER_STAGES]
         spent = cost.loc[[s for s in stages if s in cost.index]].sum()
         rm = run.get("reward_model_path")
-        if run["method"] in USES_REWARD_MODEL and isinstance(rm, str):
+        if uses_reward_model(run["method"]) and isinstance(rm, str):
             rm_stage = ("reward_model", Path(rm).parent.parent.name, "reward_model")  # <run>/checkpoints/final
             spent = spent + (cost.loc[rm_stage] if rm_stage in cost.index else math.nan)
         rows.append({**run[RUN].to_dict(), "earlier seconds": spent["seconds"], "earlier FLOPs": spent["flops"]})
@@ -160,7 +169,7 @@ def seed_seconds(runs: pd.DataFrame, timings: pd.DataFrame, method: str) -> tupl
     for _, run in runs[runs["included"] & (runs["method"] == method)].iterrows():
         seconds = per_run.get((method, run["run_id"]), math.nan)
         rm = run.get("reward_model_path")
-        if method in USES_REWARD_MODEL and isinstance(rm, str):
+        if uses_reward_model(method) and isinstance(rm, str):
             seconds += per_run.get(("reward_model", Path(rm).parent.parent.name), math.nan)
         total.append(seconds)
         evals.append(evaluation.get((method, run["run_id"]), math.nan))
@@ -405,7 +414,6 @@ def series_summary(train: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
-GAO_FORM = {"ppo": "rl", "ppo-gt": "rl", "bon": "bon"}  # which of Gao et al.'s forms a method's gains follow
 
 
 def overoptimisation(evals: pd.DataFrame) -> pd.DataFrame:
@@ -415,7 +423,7 @@ def overoptimisation(evals: pd.DataFrame) -> pd.DataFrame:
     gain bends down is over-optimisation of the reward model."""
     columns = [*RUN, "step", "d", "proxy gain", "gold gain"]
     out = []
-    for _, _, run in runs_of(evals[evals["method"].isin(list(GAO_FORM))], "eval/kl"):
+    for _, _, run in runs_of(evals[evals["method"].isin(gao_methods())], "eval/kl"):
         run = run.assign(d=np.sqrt(run["eval/kl"].clip(lower=0)))
         first = run.iloc[0]
         for name in ("proxy", "gold"):
@@ -430,7 +438,7 @@ def gao_fits(gains: pd.DataFrame) -> pd.DataFrame:
     runs (S.fit_gao): RL R(d) = d(α − β log d) for PPO, R(d) = d(α − β d) for Best of N."""
     rows = []
     for method, runs in gains.groupby("method", sort=False):
-        form = GAO_FORM[method]
+        form = METHODS[method].gao
         for reward in ("proxy", "gold"):
             points = runs.dropna(subset=["d", f"{reward} gain"])
             if len(points) >= 3:  # two coefficients: at least one point beyond them to judge the fit

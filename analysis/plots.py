@@ -22,16 +22,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from analysis import stats as S  # noqa: E402
-from analysis.metrics import FLOPS, GAO_FORM, RUN, SECONDS  # noqa: E402
+from analysis.metrics import FLOPS, RUN, SECONDS  # noqa: E402
 from rlhf.atomic import atomic_write_bytes  # noqa: E402
+from rlhf.methods import METHODS  # noqa: E402
 
-# Legend names: the DPO paper's Fig. 2 names where it has one. Method ids (run-directory names) stay in the CSVs.
-NAMES = {"reference": "π_ref", "sft": "SFT stage (π_ref)", "reward_model": "reward model", "ppo": "PPO",
-         "ppo-gt": "PPO-GT", "rloo": "RLOO", "dpo": "DPO", "online-dpo": "online DPO", "dpo-ipo": "IPO",
-         "dpo-robust": "rDPO", "bon": "Best of N (KL: upper bound)", "sft-chosen": "Preferred-FT"}
-PALETTE = {"reference": "#555555", "sft": "#7f7f7f", "reward_model": "#2ca02c", "ppo": "#1f77b4", "ppo-gt": "#17becf",
-           "rloo": "#bcbd22", "dpo": "#ff7f0e", "online-dpo": "#ffbb78", "dpo-ipo": "#d62728", "dpo-robust": "#8c564b",
-           "bon": "#9467bd", "sft-chosen": "#e377c2"}
 KL_LABEL = "KL(π‖π_ref) [nats per sequence]"
 # the x axes of progress: a method's cost from the start of its own earlier stages (analysis.metrics.earlier_stages)
 COST_AXES = {FLOPS: "training FLOPs, earlier stages included [FLOPs]",
@@ -91,12 +85,13 @@ class Plot:
 
 
 def name(method: str) -> str:
-    return NAMES.get(method, method)
+    """The legend's name of a method (rlhf/methods.py); a method id stays in the CSVs."""
+    return METHODS[method].legend if method in METHODS else method
 
 
 def legend_rank(method: str) -> int:
-    """Position in the legend: NAMES' order, any other method after."""
-    order = list(NAMES)
+    """Position in the legend: the methods table's order, any other method after."""
+    order = list(METHODS)
     return order.index(method) if method in order else len(order)
 
 
@@ -108,7 +103,7 @@ def _named(frame: pd.DataFrame) -> pd.DataFrame:
 def _palette(methods) -> dict[str, str]:
     """Legend name -> colour for the given method ids."""
     extra = iter(sns.color_palette("tab10", 10)[7:])  # methods with no fixed colour
-    return {name(m): PALETTE.get(m) or next(extra) for m in methods}
+    return {name(m): METHODS[m].colour if m in METHODS else next(extra) for m in methods}
 
 
 def _label(frame: pd.DataFrame) -> pd.Series:
@@ -266,7 +261,7 @@ def overoptimisation_plot(gains: pd.DataFrame, fits: pd.DataFrame) -> Plot:
             fit = fits[(fits["method"] == method) & (fits["reward"] == reward)]
             if not fit.empty:
                 f = fit.iloc[0]
-                ax.plot(grid, S.gao_curve(grid, f["α"], f["β"], GAO_FORM[method]), color=color, lw=1.5,
+                ax.plot(grid, S.gao_curve(grid, f["α"], f["β"], METHODS[method].gao), color=color, lw=1.5,
                         label=f"{reward} fit: α={f['α']:.3g}, β={f['β']:.3g}")
         ax.axhline(0, color="black", lw=0.5)
         ax.set(xlabel="d = √KL [√nats]" + (" (of the KL bound)" if method == "bon" else ""),
@@ -292,13 +287,13 @@ def seeds_plot(evals: pd.DataFrame, final: pd.DataFrame, y: str, y_label: str) -
 
 def family(method: str) -> str:
     """Which trainer's series a method logs: PPO-GT logs PPO's, DPO's variants DPO's."""
-    return method.split("-")[0] if method.startswith(("ppo", "dpo")) else method
+    return METHODS[method].trainer if method in METHODS else method
 
 
 # (method families, column, axis label) of each training-health panel
 HEALTH_PANELS = [
-    (("ppo", "dpo", "sft-chosen"), "grad_norm", "gradient norm [L2, before clipping]"),
-    (("dpo", "sft-chosen"), "loss", "DPO / Preferred-FT loss [nats]"),
+    (("ppo", "dpo", "preferred-ft"), "grad_norm", "gradient norm [L2, before clipping]"),
+    (("dpo", "preferred-ft"), "loss", "DPO / Preferred-FT loss [nats]"),
     (("ppo",), "loss/value", "PPO value loss [squared reward units]"),
     (("ppo",), "policy/clipfrac", "PPO clip fraction [fraction of tokens]"),
     (("ppo",), "policy/approxkl", "PPO approx-KL per update [nats per token]"),

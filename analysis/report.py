@@ -22,19 +22,20 @@ from markupsafe import Markup
 from analysis import metrics as M
 from analysis import plots as P
 from analysis import stats as S
-from analysis.load import Runs, load_runs
+from analysis.load import Runs, evaluated, load_runs
 from rlhf.atomic import atomic_write_text
 from rlhf.config import PROJECT_ROOT, Config, ReportConfig
+from rlhf.methods import with_role
 
 # The two methods the benchmark compares: where no KL level is fixed in the profile, their runs alone set the levels
 # the report reads (whatever else ran, running RLOO or online DPO never moves the PPO − DPO comparison)
-COMPARED = ("ppo", "dpo")
-ONLINE = ("rloo", "online-dpo")  # docs/online.md
+COMPARED = tuple(with_role("compared"))
+ONLINE = tuple(with_role("online"))  # docs/online.md
 # Why PPO wins or loses: each pair is read as the verdict reads PPO − DPO, at its primary level, one Holm family
 CAUSES = (("online vs offline", "ppo", "dpo"), ("online vs offline", "rloo", "dpo"),
           ("online vs offline", "online-dpo", "dpo"), ("critic vs none", "ppo", "rloo"))
 REFERENCE, BEST_OF_N = "reference", "bon"  # π_ref, every frontier's origin; Best of N, which trains nothing
-BASELINES = {"ppo-gt": "make ppo-gt", "bon": "make bon", "sft-chosen": "make sft-chosen"}  # the DPO paper's controls
+BASELINES = {m: f"make {m}" for m in with_role("baseline")}  # the DPO paper's controls
 SPIKE_SERIES = ["loss", "loss/policy", "loss/value", "grad_norm"]
 HEALTH_SERIES = ["policy/clipfrac", "policy/approxkl", "val/clipfrac", "loss/value", "logps/chosen",
                  "logps/rejected", "rewards/margins"]
@@ -101,7 +102,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def policies(runs: Runs) -> list[str]:
     """The included methods that are policies (all but the stages that make the reward model and, with the SFT stage,
     pi_ref itself), in legend order."""
-    return sorted((m for m in runs.methods if m not in ("reward_model", "sft")), key=lambda m: (P.legend_rank(m), m))
+    return sorted((m for m in runs.methods if evaluated(m)), key=lambda m: (P.legend_rank(m), m))
 
 
 def trained(runs: Runs) -> list[str]:
@@ -401,7 +402,7 @@ def beta_notes(runs: Runs) -> list[str]:
 
 def budget_note(runs: Runs) -> str:
     """The headline's line on the training budget: equal, or "unequal budget" with every method's numbers."""
-    table = M.budgets(runs.runs, [m for m in COMPARED + ONLINE + ("sft-chosen",) if m in runs.methods])
+    table = M.budgets(runs.runs, [m for m in COMPARED + ONLINE + ("preferred-ft",) if m in runs.methods])
     if table.empty:
         return "Training budget: no completed PPO, DPO or Preferred-FT run records one yet."
     said = "; ".join(f"{P.name(r['method'])} {r['pairs']} pairs × {r['passes']} passes = "
@@ -472,7 +473,7 @@ def heldout_section(runs: Runs, has_gold: bool, stats: Stats | None = None) -> S
 
 
 def overoptimisation_section(runs: Runs, has_gold: bool) -> Section:
-    gains = M.overoptimisation(runs.evals(list(M.GAO_FORM)))
+    gains = M.overoptimisation(runs.evals(M.gao_methods()))
     fits = M.gao_fits(gains)
     section = Section("Over-optimisation: proxy and gold reward against √KL (Gao et al. 2022)" if has_gold else
                       "Proxy reward against √KL (no gold reward: over-optimisation cannot be seen)",

@@ -6,8 +6,8 @@ the training budget (`budget:`, the pairs the reward model and DPO train on), wi
 The loss is the negative log-likelihood of the chosen response's tokens, averaged over those tokens, with the prompt
 as context only (TRL's completion-only loss on prompt / completion rows; EOS appended, as DPO's trainer does). It
 reads the labels but never the rejected response: how much of DPO's gain does imitating the preferred half of the
-pairs get? The shared evaluator runs at step 0 (pi_ref itself), every `sft.eval_every` steps and at the end, into
-runs/<profile>/sft-chosen/<run-id>/.
+pairs get? The shared evaluator runs at step 0 (pi_ref itself), every `preferred_ft.eval_every` steps and at the
+end, into runs/<profile>/preferred-ft/<run-id>/.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from rlhf.rundir import RunDir
 from rlhf.trl_callbacks import EvalAndLogCallback, save_policy
 from sft import sft_trainer
 
-METHOD = "sft-chosen"
+METHOD = "preferred-ft"
 
 
 @dataclass
@@ -46,7 +46,8 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTok
     copy: TRL's map() calls would otherwise write cache files into the shared preference set's folder, whose sha256
     its manifest guards."""
     rows = Dataset.from_dict({"prompt": pairs["prompt"], "completion": pairs["chosen"]})
-    return sft_trainer(policy, tokenizer, rows, cfg.sft, cfg.budget.passes(cfg.sft.epochs), None, cfg.model,
+    settings = cfg.preferred_ft
+    return sft_trainer(policy, tokenizer, rows, settings, cfg.budget.passes(settings.epochs), None, cfg.model,
                        cfg.weight_decay, seed, output_dir, callbacks)
 
 
@@ -67,9 +68,10 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(run, lambda model, step, _final: evaluate(model, ctx, desc=f"eval step {step}"),
-                                      cfg.sft.eval_every, device, pass_parameters(policy), name="Preferred-FT step")
+                                      cfg.preferred_ft.eval_every, device, pass_parameters(policy),
+                                      name="Preferred-FT step")
         pairs = budget_pairs(cfg, prefs)  # the budget's pairs, as the reward model's and DPO's
-        run.manifest["budget"] = budget_record(len(pairs), cfg.budget.passes(cfg.sft.epochs))
+        run.manifest["budget"] = budget_record(len(pairs), cfg.budget.passes(cfg.preferred_ft.epochs))
         build_trainer(cfg, policy, tokenizer, pairs, seed, run.path / "checkpoints", [callback]).train()
         save_policy(policy, tokenizer, run, device)
     step, metrics = callback.last_eval

@@ -11,7 +11,7 @@
     rloo      RLOO: REINFORCE leave-one-out against PPO's reward model (eq. 2, no value model), one run per beta x seed
     online-dpo  online DPO: eq. (6) on pairs sampled from the policy, ranked by PPO's reward model, per beta x seed
     bon       Best-of-N from pi_ref under PPO's reward model, one eval row per N (a baseline, docs/baselines.md)
-    sft-chosen  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
+    preferred-ft  Preferred-FT: fine-tune pi_ref on the chosen responses, one run per seed (a baseline)
     grid      `make all`'s runs: grid.methods x beta x seed, each its own process, grid.jobs at a time (JOBS=);
               grid.launcher=slurm: each phase a Slurm job array through submitit (LAUNCHER=slurm, docs/cluster.md)
     clock     `make all`'s first line, how long the profile will take here; with --took, its last: what each stage took
@@ -33,20 +33,23 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from rlhf.config import available_profiles, config_help, load_config
+from rlhf.config import Config, available_profiles, config_help, load_config
 from rlhf.errors import Diverged, UserError
+from rlhf.methods import commands
+
+# The commands besides the methods' and stages' (rlhf/methods.py) that take the config: "module:function(cfg)"
+TOOLS = {"sweep": "pipelines.sweep:main", "report": "analysis.report:main", "bench": "pipelines.bench:main"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["setup", "sft", "data", "reference", "reward-model", "ppo", "dpo", "rloo",
-                                            "online-dpo", "bon", "sft-chosen", "grid", "clock", "sweep", "report",
-                                            "bench", "config"])
+    parser.add_argument("command", choices=["setup", "data", *commands(), "grid", "clock", *TOOLS, "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
     parser.add_argument("--find-links", type=Path, metavar="DIR",
@@ -105,9 +108,6 @@ def run(args: argparse.Namespace) -> int:
         prefs = stages.build_preference_set(cfg)
         print(f"preference set: {prefs.path}")
         return 0
-    if args.command == "reference":
-        print(f"reference evaluation: {stages.evaluate_reference(cfg)}")
-        return 0
     if args.command == "grid":  # each job is a command line of its own: the user's overrides go to every one
         if cfg.grid.launcher == "slurm":
             from pipelines import slurm
@@ -121,17 +121,14 @@ def run(args: argparse.Namespace) -> int:
         from pipelines import clock, grid
         return clock.took(cfg) if args.took else clock.start(cfg, grid.in_order(cfg))
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
-    module, function = {"sft": ("pipelines.stages", "sft_main"),
-                        "reward-model": ("pipelines.stages", "reward_model_main"),
-                        "ppo": ("pipelines.ppo_pipeline", "main"), "dpo": ("pipelines.dpo_pipeline", "main"),
-                        "rloo": ("pipelines.online_pipeline", "rloo_main"),
-                        "online-dpo": ("pipelines.online_pipeline", "online_dpo_main"),
-                        "bon": ("pipelines.baselines_pipeline", "bon"),
-                        "sft-chosen": ("pipelines.baselines_pipeline", "sft_chosen"),
-                        "sweep": ("pipelines.sweep", "main"), "report": ("analysis.report", "main"),
-                        "bench": ("pipelines.bench", "main")}[args.command]
+    return entry_point(TOOLS[args.command] if args.command in TOOLS else commands()[args.command].entry)(cfg)
+
+
+def entry_point(entry: str) -> Callable[[Config], int]:
+    """The function "module:function" names, its module imported now: a command imports only what it runs."""
     import importlib
-    return getattr(importlib.import_module(module), function)(cfg)
+    module, function = entry.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""`make bon` and `make sft-chosen`: the DPO paper's baselines on the shared preference set. Orchestration only;
+"""`make bon` and `make preferred-ft`: the DPO paper's baselines on the shared preference set. Orchestration only;
 the algorithms are in baselines/ (docs/baselines.md). PPO-GT is `make ppo-gt` (pipelines/ppo_pipeline.py)."""
 
 from __future__ import annotations
 
 from baselines import best_of_n, train_preferred_ft
 from baselines.best_of_n import run_identity as bon_identity
+from baselines.preferred_ft import METHOD
 from baselines.preferred_ft import run_identity as preferred_ft_identity
-from pipelines.stages import build_preference_set, reward_model_for
+from pipelines.stages import build_preference_set, reward_model_for, run_each
 from rlhf.config import Config
+from rlhf.methods import METHODS
 from rlhf.evaluate import brief
 from rlhf.rundir import completed_run
 
@@ -29,16 +31,6 @@ def bon(cfg: Config) -> int:
     return 0
 
 
-def sft_chosen(cfg: Config) -> int:
-    prefs = build_preference_set(cfg)
-    for i, seed in enumerate(cfg.seeds, start=1):
-        print(f"Preferred-FT run {i}/{len(cfg.seeds)}: seed {seed}", flush=True)
-        method, extra = preferred_ft_identity(cfg)
-        done = completed_run(cfg, method, seed, prefs.sha256, extra)
-        if done is not None:
-            print(f"  {done} (completed before: reused; resume=false trains it again)")
-            continue
-        result = train_preferred_ft(cfg, prefs, seed)
-        print(f"  {result.steps} steps; final: {brief(result.final_metrics)}\n  run directory: {result.run_dir}",
-              flush=True)
-    return 0
+def preferred_ft(cfg: Config) -> int:
+    return run_each(cfg, METHODS[METHOD], lambda run_cfg, _: preferred_ft_identity(run_cfg),
+                    lambda run_cfg, prefs, seed, _: train_preferred_ft(run_cfg, prefs, seed))

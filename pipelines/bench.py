@@ -142,7 +142,7 @@ def shrunk(cfg: Config, runs_dir: Path, precision: str) -> Config:
              reward_model=r(cfg.reward_model, epochs=None, center_prompts=cfg.eval.batch_size),
              ppo=r(cfg.ppo, iterations=2, eval_every=2),
              dpo=r(cfg.dpo, epochs=None, eval_every=4),
-             sft=r(cfg.sft, epochs=None, eval_every=4))
+             preferred_ft=r(cfg.preferred_ft, epochs=None, eval_every=4))
 
 
 def _steady(rows: list[dict]) -> tuple[int, float, float]:
@@ -242,7 +242,7 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
         result = train_preferred_ft(small, prefs, seed)
         sft_train = [r for r in read_jsonl(result.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
         tokens, seconds, flops = _steady(sft_train)
-        b = small.sft.batch_size  # one chosen response a row
+        b = small.preferred_ft.batch_size  # one chosen response a row
         rows.append(_row("Preferred-FT: training", tokens, seconds, _timings(result.run_dir)["train"]["peak_memory_mb"],
                          "train", b, round(tokens / (len(sft_train) - 1) / b), flops=flops))
 

@@ -109,8 +109,8 @@ def job_flops(cfg: Config, command: str, overrides: tuple[str, ...], s: Sizes) -
         return {"forward": 2 * n * pairs * 2 * seq, "training": 6 * n * pairs * 2 * seq * passes,
                 "evaluation": (_points(steps, d.eval_every) + 1) * proxy + _points(steps, d.eval_every) * sample_and_kl
                 + implicit}
-    if command == "sft-chosen":
-        f = cfg.sft
+    if command == "preferred-ft":
+        f = cfg.preferred_ft
         steps = pairs * passes // f.batch_size
         return {"training": 6 * n * pairs * seq * passes, "evaluation": _points(steps, f.eval_every) * sample_and_kl}
     if command == "rloo":

@@ -40,14 +40,13 @@ from pipelines.clock import JOBS_LOG, Clock, grid_clock, minutes
 from pipelines.stages import build_preference_set, reward_model_seed
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.errors import UserError
+from rlhf.methods import METHODS, commands
 
-# Methods whose runs need PPO's reward model (trained in phase 1). DPO reads it only for its proxy reward.
-_NEEDS_REWARD_MODEL = ("ppo", "dpo", "rloo", "online-dpo", "bon")
-# Commands that train: under NPROC > 1 make runs them through `accelerate launch`, and so does the grid.
-_TRAINING = ("reward-model", "ppo", "dpo", "rloo", "online-dpo", "sft-chosen")
-# Methods without beta: Best-of-N samples pi_ref (one run, ranked by the first seed's reward model); Preferred-FT is
-# supervised fine-tuning. Both run at the profile's `beta` once, not once per beta of the sweep.
-_WITHOUT_BETA = ("bon", "sft-chosen")
+# What the grid reads of each method (rlhf/methods.py): whether its runs need PPO's reward model (trained in phase 1;
+# DPO reads it only for its proxy reward); whether it has a run per beta (Best-of-N samples pi_ref, Preferred-FT is
+# supervised fine-tuning: each runs at the profile's `beta` once) and per seed (Best-of-N: one run, ranked by the
+# first seed's reward model); whether its command trains (under NPROC > 1 make runs it through `accelerate launch`,
+# and so does the grid).
 
 
 @dataclass(frozen=True)
@@ -65,24 +64,23 @@ def phases(cfg: Config) -> list[list[Job]]:
     betas = [c.beta for c in cfg.betas()]
     reference = Job("reference", "reference", ())
     reward_models: dict[int, Job] = {}
-    if any(m in _NEEDS_REWARD_MODEL for m in cfg.grid.methods):
+    if any(METHODS[m].reward_model for m in cfg.grid.methods):
         for s in dict.fromkeys(reward_model_seed(cfg, s) for s in cfg.seeds):
             reward_models[s] = Job(f"reward_model-seed{s}", "reward-model", (f"seeds=[{s}]",), (reference.label,), s)
 
     def needs(method: str, seed: int) -> tuple[str, ...]:
-        rm = reward_models.get(reward_model_seed(cfg, seed)) if method in _NEEDS_REWARD_MODEL else None
+        rm = reward_models.get(reward_model_seed(cfg, seed)) if METHODS[method].reward_model else None
         return (reference.label, *([rm.label] if rm else []))
 
     runs = []
-    for method in cfg.grid.methods:
-        command, extra = ("ppo", ("ppo.reward=gold",)) if method == "ppo-gt" else (method, ())
-        if method == "bon":  # ranked by the first seed's reward model
-            runs.append(Job("bon", command, extra, needs(method, cfg.seeds[0])))
+    for m in map(METHODS.get, cfg.grid.methods):
+        if not m.per_seed:  # ranked by the first seed's reward model
+            runs.append(Job(m.name, m.cli, m.overrides, needs(m.name, cfg.seeds[0])))
             continue
-        for beta in [cfg.beta] if method in _WITHOUT_BETA else betas:
+        for beta in betas if m.per_beta else [cfg.beta]:
             for seed in cfg.seeds:
-                overrides = (*extra, f"beta={beta}", "beta_sweep=[]", f"seeds=[{seed}]")
-                runs.append(Job(f"{method}-beta{beta:g}-seed{seed}", command, overrides, needs(method, seed), seed))
+                overrides = (*m.overrides, f"beta={beta}", "beta_sweep=[]", f"seeds=[{seed}]")
+                runs.append(Job(f"{m.name}-beta{beta:g}-seed{seed}", m.cli, overrides, needs(m.name, seed), seed))
     return [p for p in ([reference], list(reward_models.values()), runs) if p]
 
 
@@ -121,7 +119,8 @@ def job_environment(cfg: Config, slot: int, jobs: int) -> dict[str, str]:
 def command_line(job: Job, profile: str, overrides: list[str], launcher: list[str]) -> list[str]:
     """`job`'s argv: the user's overrides, then the job's own (the later wins); a training job through `launcher`
     where there is one."""
-    cli = launcher if launcher and job.command in _TRAINING else [sys.executable, "-m", "pipelines"]
+    trains = job.command in commands() and commands()[job.command].trains
+    cli = launcher if launcher and trains else [sys.executable, "-m", "pipelines"]
     return [*cli, job.command, "--profile", profile, *overrides, *job.overrides]
 
 

@@ -7,39 +7,16 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import online_dpo
 import rloo
-from pipelines.stages import build_preference_set, reward_model_for
+from pipelines.stages import run_each
 from rlhf.config import Config
-from rlhf.distributed import is_main
-from rlhf.evaluate import brief
-from rlhf.rundir import completed_run
-
-
-def run_method(cfg: Config, method: ModuleType, label: str) -> int:
-    """Every beta x seed run of `method` (a stage package with `run_identity` and `train`)."""
-    prefs = build_preference_set(cfg)
-    say = print if is_main() else lambda *args, **kwargs: None  # under DDP the main process reports
-    for run_cfg in cfg.betas():  # the reward model does not depend on beta: trained once, reused by every beta
-        for seed in cfg.seeds:
-            rm_path = reward_model_for(cfg, prefs, seed)  # PPO's for this seed: the same budget of reward
-            method_name, extra = method.run_identity(run_cfg, rm_path)
-            done = completed_run(run_cfg, method_name, seed, prefs.sha256, extra)
-            if done is not None:
-                say(f"{label} beta {run_cfg.beta:g} seed {seed}: {done} (completed before: reused; resume=false "
-                    "trains it again)")
-                continue
-            result = method.train(run_cfg, prefs, seed, rm_path)
-            say(f"{label} beta {run_cfg.beta:g} seed {seed}: {result.run_dir}\n  {result.steps} steps; final: "
-                f"{brief(result.final_metrics)}", flush=True)
-    return 0
+from rlhf.methods import METHODS
 
 
 def rloo_main(cfg: Config) -> int:
-    return run_method(cfg, rloo, "RLOO")
+    return run_each(cfg, METHODS[rloo.METHOD], rloo.run_identity, rloo.train)
 
 
 def online_dpo_main(cfg: Config) -> int:
-    return run_method(cfg, online_dpo, "online DPO")
+    return run_each(cfg, METHODS[online_dpo.METHOD], online_dpo.run_identity, online_dpo.train)

@@ -10,29 +10,13 @@ With `ppo.reward=gold` (`make ppo-gt`) step 2 is skipped and PPO optimises the t
 
 from __future__ import annotations
 
-from pipelines.stages import build_preference_set, reward_model_for
+from pipelines.stages import run_each
 from ppo.train import run_identity, train_ppo
 from rlhf.config import Config
-from rlhf.distributed import is_main
-from rlhf.evaluate import brief
-from rlhf.rundir import completed_run
+from rlhf.methods import METHODS
 
 
 def main(cfg: Config) -> int:
-    prefs = build_preference_set(cfg)
     gold = cfg.ppo.reward == "gold"  # PPO-GT: no reward model at all
-    for run_cfg in cfg.betas():  # the reward model does not depend on beta: trained once, reused by every beta
-        for seed in cfg.seeds:
-            label = f"{'PPO-GT' if gold else 'PPO'} beta {run_cfg.beta:g} seed {seed}"
-            rm_path = None if gold else reward_model_for(cfg, prefs, seed)
-            method, extra = run_identity(run_cfg, rm_path)
-            done = completed_run(run_cfg, method, seed, prefs.sha256, extra)
-            if done is not None:
-                if is_main():
-                    print(f"{label}: {done} (completed before: reused; resume=false trains it again)")
-                continue
-            result = train_ppo(run_cfg, prefs, rm_path, seed)
-            if not is_main():  # under DDP the main process evaluated and reports
-                continue
-            print(f"{label}: {result.run_dir}\n  final: {brief(result.final_eval)}")
-    return 0
+    return run_each(cfg, METHODS["ppo-gt" if gold else "ppo"], run_identity,
+                    lambda run_cfg, prefs, seed, rm_path: train_ppo(run_cfg, prefs, rm_path, seed))

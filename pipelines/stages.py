@@ -7,7 +7,9 @@ runs them in order and reuses what is already trained.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from reward_model.train import train_reward_model
 from rlhf.config import Config
@@ -15,6 +17,7 @@ from rlhf.data import PreferenceSet, build_preferences, load_preferences
 from rlhf.distributed import is_main, main_process_first
 from rlhf.evaluate import brief, evaluate, make_eval_context
 from rlhf.keys import reward_model_key
+from rlhf.methods import Method
 from rlhf.models import default_device, freeze, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import find_sft_model, reference_model
 from rlhf.rundir import RunDir, completed, completed_run
@@ -94,11 +97,46 @@ def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int) -> Path:
     return rm_path
 
 
+def run_each(cfg: Config, method: Method, identity: Callable[[Config, Path | None], tuple[str, dict]],
+             train: Callable[[Config, PreferenceSet, int, Path | None], Any]) -> int:
+    """Every run of `method`: one per beta (`beta_sweep`, or just `beta`; a method without one, at `beta` alone) and
+    seed, each reused where a run with its key completed before. As `method.reward_model` says, the seed's reward
+    model is trained where it is missing ("trains"), read where it exists ("reports"), or not passed (""). The
+    method's `identity(cfg, reward model)` gives its run directory and extra inputs (its key's), `train(cfg, prefs,
+    seed, reward model)` one run, returning its `run_dir`, `steps` and `final_metrics`."""
+    prefs = build_preference_set(cfg)
+    say = print if is_main() else lambda *args, **kwargs: None  # under DDP the main process reports
+    reward_model = method.reward_model
+    for run_cfg in cfg.betas() if method.per_beta else [cfg]:  # the reward model does not depend on beta: trained once
+        for seed in cfg.seeds:
+            heading = f"{method.legend} beta {run_cfg.beta:g} seed {seed}"
+            rm_path = (reward_model_for(cfg, prefs, seed) if reward_model == "trains" else
+                       find_reward_model(cfg, prefs, reward_model_seed(cfg, seed)) if reward_model == "reports" else
+                       None)
+            name, extra = identity(run_cfg, rm_path)
+            done = completed_run(run_cfg, name, seed, prefs.sha256, extra)
+            if done is not None:
+                say(f"{heading}: {done} (completed before: reused; resume=false trains it again)")
+                continue
+            if reward_model == "reports":  # the proxy reward of its samples, where `make ppo` has trained r_phi
+                say(f"{heading}: proxy reward {rm_path or 'none (no reward model on these pairs yet: make ppo)'}")
+            result = train(run_cfg, prefs, seed, rm_path)
+            say(f"{heading}: {result.steps} steps; final: {brief(result.final_metrics)}\n"
+                f"  run directory: {result.run_dir}", flush=True)
+    return 0
+
+
 def reward_model_main(cfg: Config) -> int:
     """`make reward-model`: the reward model every seed's PPO run trains against, reused or trained now."""
     prefs = build_preference_set(cfg)
     for seed in cfg.seeds:
         print(f"seed {seed}: {reward_model_for(cfg, prefs, seed)}", flush=True)
+    return 0
+
+
+def reference_main(cfg: Config) -> int:
+    """`make reference`: pi_ref's own evaluation, reused or run now."""
+    print(f"reference evaluation: {evaluate_reference(cfg)}")
     return 0
 
 

@@ -70,7 +70,7 @@ def train_point(cfg: Config, prefs: PreferenceSet) -> tuple[Path, dict[str, floa
         return result.run_dir, result.heldout
     if cfg.sweep.method == "ppo":
         result = train_ppo(cfg, prefs, reward_model_for(cfg, prefs, seed), seed)
-        return result.run_dir, result.final_eval
+        return result.run_dir, result.final_metrics
     result = dpo.train(cfg, prefs, seed)
     return result.run_dir, result.final_metrics
 

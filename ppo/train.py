@@ -86,7 +86,8 @@ class TokenValueModel(nn.Module):
 @dataclass
 class PPOResult:
     run_dir: Path
-    final_eval: dict[str, float]
+    steps: int                        # PPO iterations taken
+    final_metrics: dict[str, float]   # the shared evaluator's metrics at the last iteration
     policy_path: Path
 
 
@@ -413,4 +414,4 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
             save_model(accelerator.unwrap_model(policy), tokenizer, policy_path)  # a plain model, LoRA merged
             run.manifest["train_seconds"] = train_seconds
         accelerator.wait_for_everyone()  # the policy is on disk before any process returns its path
-    return PPOResult(run_dir=run.path, final_eval=final_eval, policy_path=policy_path)
+    return PPOResult(run_dir=run.path, steps=pc.iterations, final_metrics=final_eval, policy_path=policy_path)

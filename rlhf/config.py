@@ -21,7 +21,8 @@ from collections.abc import Iterator
 import yaml
 
 from rlhf.errors import UserError, unreadable
-from rlhf.keys import IDENTITY, NEUTRAL, OUTSIDE, Role, added, check_roles
+from rlhf.keys import IDENTITY, NEUTRAL, OUTSIDE, Role, added, check_roles, name_now
+from rlhf.methods import grid_methods
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -76,7 +77,7 @@ class ModelConfig:
                                                       "model (PPO policy and value model, reward model, DPO and "
                                                       "Preferred-FT policy): less activation memory, ~20-30% slower")
     attention: Literal["sdpa", "eager"] = _f(
-        "sdpa", added(3), "attention kernel of every model (transformers' attn_implementation): 'sdpa' (PyTorch's "
+        "sdpa", added(4), "attention kernel of every model (transformers' attn_implementation): 'sdpa' (PyTorch's "
                           "fused scaled_dot_product_attention) or 'eager' (matmul, softmax, matmul). On the 2-core "
                           "bf16 CPU eager trains ~15% faster (SDPA's CPU backward is slow at these lengths) and "
                           "samples ~10% slower (docs/performance.md); another kernel, other numbers")
@@ -397,7 +398,7 @@ class BestOfNConfig:
 
 @dataclass
 class PreferredFTConfig:
-    """Preferred-FT (`make sft-chosen`): supervised fine-tuning of pi_ref on the chosen responses of the shared
+    """Preferred-FT (`make preferred-ft`): supervised fine-tuning of pi_ref on the chosen responses of the shared
     preference set, loss on the response tokens only (TRL's SFTTrainer; docs/baselines.md)."""
     learning_rate: float = _f(3e-5, IDENTITY, "AdamW learning rate (constant)")
     batch_size: int = _f(8, IDENTITY, "chosen responses per optimiser step")
@@ -469,15 +470,12 @@ class SweepConfig:
         _require(self.max_kl is None or self.max_kl > 0, f"{prefix}.max_kl", f"must be positive, got {self.max_kl}")
 
 
-GRID_METHODS = ("ppo", "ppo-gt", "dpo", "rloo", "online-dpo", "bon", "sft-chosen")
-
-
 @dataclass
 class GridConfig:
     """`make all` / `make grid` (pipelines/grid.py): the profile's methods x betas x seeds as independent runs, each in
     a process of its own, `jobs` at a time. Never in a run key: how runs are scheduled does not change them."""
     methods: list[str] = _f(["ppo", "dpo"], OUTSIDE, f"the methods `make all` runs, each for every beta and seed: "
-                                                     f"any of {', '.join(GRID_METHODS)}")
+                                                     f"any of {', '.join(grid_methods())}")
     jobs: int = _f(1, OUTSIDE, "runs side by side (set by JOBS=): on GPUs spread round-robin over the visible devices; "
                                "on a CPU they share its cores (one at a time is fastest there)")
     threads_per_job: int | None = _f(
@@ -490,7 +488,9 @@ class GridConfig:
     def validate(self, prefix: str) -> None:
         _require(len(self.methods) > 0, f"{prefix}.methods", "must list at least one method")
         for m in self.methods:
-            _require(m in GRID_METHODS, f"{prefix}.methods", f"unknown method '{m}' (one of {', '.join(GRID_METHODS)})")
+            renamed = f"; it is now '{name_now(m)}'" if name_now(m) != m else ""
+            _require(m in grid_methods(), f"{prefix}.methods",
+                     f"unknown method '{m}'{renamed} (one of {', '.join(grid_methods())})")
         _require_positive(self, prefix, "jobs", "threads_per_job")
 
 
@@ -593,7 +593,7 @@ class Config:
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     bon: BestOfNConfig = field(default_factory=BestOfNConfig)
-    sft: PreferredFTConfig = field(default_factory=PreferredFTConfig)
+    preferred_ft: PreferredFTConfig = field(default_factory=PreferredFTConfig)
     sft_stage: SFTStageConfig = field(default_factory=SFTStageConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     grid: GridConfig = field(default_factory=GridConfig)
@@ -723,15 +723,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # Keys that moved to another section: an old config gets told where.
 MOVED_KEYS = {"dpo.gradient_checkpointing": "model.gradient_checkpointing",
               "report.matched_kl": "report.kl_levels (fixed before the runs: docs/tuning.md)",
-              "report.kl_fractions": "report.kl_levels (fixed before the runs: docs/tuning.md)"}
+              "report.kl_fractions": "report.kl_levels (fixed before the runs: docs/tuning.md)",
+              "sft": "preferred_ft (Preferred-FT's settings; the SFT stage's are sft_stage)"}
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str) -> UserError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    hint = f"; it is now '{MOVED_KEYS[f'{prefix}.{key}']}'" if f"{prefix}.{key}" in MOVED_KEYS else hint
+    dotted = f"{prefix}.{key}" if prefix else key
+    hint = f"; it is now '{MOVED_KEYS[dotted]}'" if dotted in MOVED_KEYS else hint
     where = f" in section '{prefix}'" if prefix else ""
-    return UserError(f"unknown config key '{prefix + '.' if prefix else ''}{key}'{where}{hint} "
+    return UserError(f"unknown config key '{dotted}'{where}{hint} "
                      f"(valid keys: {', '.join(sorted(valid))})")
 
 

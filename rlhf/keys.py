@@ -16,8 +16,14 @@ where it is defined (the second argument of `_f` in rlhf/config.py):
                no cache
 
 Each kind of key keeps the version its form was fixed at (`Form` below); a field added to the config now is
-`added(4)`. Raising a kind's version re-keys it on purpose, and orphans its completed runs. A section with an
-`enabled` switch (LoRA, the SFT stage) whose switch is left out is left out whole: switched off, it computes nothing.
+`added(4)`. A section with an `enabled` switch (LoRA, the SFT stage) whose switch is left out is left out whole:
+switched off, it computes nothing.
+
+Raising a kind's version re-keys it on purpose. What a run was keyed by before stays found: `run_keys` gives the key
+of today's version and the keys earlier versions gave the same run, each with the run directory it went to
+(`RENAMED`: a method or section that changed its name keeps, in the keys of the versions before, the name it had).
+The reward model's key has one version only: raising it to 3 retrains every reward model once, and the runs built on
+one run again with the new one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import json
 import typing
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from rlhf.methods import own_sections
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -53,19 +61,31 @@ class Form(NamedTuple):
 
 
 # Version 1 added model.tf32, task.gold_*, task.n_validation_prompts, eval.split and the LoRA and SFT-stage
-# switches; version 2 weight_decay; version 3 model.attention. The reward model's form was raised to 3 on purpose:
-# before, its key read the model section's name only, so a reward model trained in one precision or with one
-# attention kernel was reused by runs of another.
+# switches; version 2 weight_decay; version 3 renamed Preferred-FT (`RENAMED`), and the reward model's key reads the
+# whole model section (before, the model's name alone: a reward model trained in one precision was reused by runs
+# in another), re-keying every reward model once on purpose; model.attention is `added(4)`.
 SHARED = Form(0, neutral=False)  # the preference set and pi_ref's caches: shared by runs whatever their cost
 REWARD_MODEL = Form(3, neutral=True)
 SFT_MODEL = Form(1, neutral=True)
-RUN = Form(2, neutral=True)
+RUN = Form(3, neutral=True)
 
-# A method's own section keys that method's runs alone: tuning DPO's learning rate leaves PPO's completed runs (and
-# the sweep's points of the other methods) reusable. The reward model's section keys the reward model
-# (`reward_model_key`), which reaches PPO, RLOO, online DPO and Best-of-N as the path in their key's `extra`.
-OWN_SECTIONS = {"reward_model": (), "ppo": ("ppo", "ppo-gt"), "dpo": ("dpo",), "sft": ("sft-chosen",),
-                "bon": ("bon",), "rloo": ("rloo",), "online_dpo": ("online-dpo",)}  # section -> the methods it keys
+# version -> {name from that version on: the name before it}, for methods (run directories) and config sections
+RENAMED = {3: {"preferred-ft": "sft-chosen", "preferred_ft": "sft"}}
+
+
+def name_at(name: str, version: int) -> str:
+    """`name` as the keys of `version` wrote it."""
+    for since in sorted(RENAMED, reverse=True):
+        if version < since:
+            name = RENAMED[since].get(name, name)
+    return name
+
+
+def name_now(name: str) -> str:
+    """Today's name of a method or section that a run of an older version was written under."""
+    for since in sorted(RENAMED):
+        name = {before: now for now, before in RENAMED[since].items()}.get(name, name)
+    return name
 
 
 def check_roles(cls: type, prefix: str = "") -> None:
@@ -116,14 +136,26 @@ def digest(payload: Any, sort_keys: bool = True) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=sort_keys, default=str).encode()).hexdigest()
 
 
-def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None) -> str:
+def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None,
+            version: int = RUN.version) -> str:
     """sha256 of what a run of `method` computes from: method, seed, data, extra inputs (the reward model's path)
-    and the config's shared sections with the method's own. Only a run with the same key continues an interrupted
-    one, or stands for it once completed."""
-    family = "dpo" if method.startswith("dpo-") else method  # DPO's loss variants read DPO's section
-    names = [f.name for f in dataclasses.fields(cfg) if family in OWN_SECTIONS.get(f.name, (family,))]
-    return digest({"method": method, "seed": seed, "data_sha256": data_sha256, "extra": extra or {},
-                   "config": settings(cfg, names, RUN)})
+    and the config's shared sections with the method's own (rlhf/methods.py: a method's own section keys its runs
+    alone, so tuning DPO's learning rate leaves PPO's completed runs reusable). Only a run with the same key
+    continues an interrupted one, or stands for it once completed. `version`: the key as that version gave it."""
+    own = own_sections()
+    names = [f.name for f in dataclasses.fields(cfg) if method in own.get(f.name, [method])]
+    kept = settings(cfg, names, RUN._replace(version=version))
+    return digest({"method": name_at(method, version), "seed": seed, "data_sha256": data_sha256,
+                   "extra": extra or {}, "config": {name_at(k, version): v for k, v in kept.items()}})
+
+
+def run_keys(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
+             ) -> list[tuple[str, str]]:
+    """(run directory's method, run key) of a run of `method` as today's version keys it, then as each version
+    before a rename keyed it: where a run completed or interrupted then is found."""
+    versions = [RUN.version, *(since - 1 for since in sorted(RENAMED, reverse=True) if since <= RUN.version)]
+    return list(dict.fromkeys((name_at(method, v), run_key(cfg, method, seed, data_sha256, extra, v))
+                              for v in versions))
 
 
 def reward_model_key(cfg: Config, data_sha256: str, seed: int) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from rlhf.checkpoints import checkpoint_step, committed, latest_checkpoint, prun
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.distributed import from_main, is_main
 from rlhf.errors import Diverged, UserError, read_json
-from rlhf.keys import eval_settings, run_key
+from rlhf.keys import eval_settings, run_keys
 from rlhf.models import resolve_precision
 from rlhf.trackers import open_trackers, scalars
 
@@ -112,17 +112,32 @@ def method_dir(cfg: Config, method: str) -> Path:
     return PROJECT_ROOT / cfg.runs_dir / cfg.profile / method
 
 
+Identity = tuple[str, list[tuple[str, Any]]]  # (manifest entry, [(run directory's method, value), ...])
+
+
 def identity(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None,
-             key: str = "run_key") -> tuple[str, Any]:
-    """The manifest entry that names a run: its `run_key`, or (`key`) the entry of `extra` that holds the artefact
-    key of a model later runs reuse (`reward_model_key`, `sft_key`): what decides its reuse decides its resume."""
-    return key, run_key(cfg, method, seed, data_sha256, extra) if key == "run_key" else extra[key]
+             key: str = "run_key") -> Identity:
+    """The manifest entry that names a run and the values it may hold: its `run_key` (today's, then those older
+    versions of the keys gave the same run, each with the directory it went to: `run_keys`), or (`key`) the entry
+    of `extra` that holds the artefact key of a model later runs reuse (`reward_model_key`, `sft_key`): what decides
+    its reuse decides its resume. A new run is written under the first."""
+    return key, run_keys(cfg, method, seed, data_sha256, extra) if key == "run_key" else [(method, extra[key])]
+
+
+def _runs_of(cfg: Config, named: Identity) -> Iterator[tuple[Path, dict]]:
+    """(run directory, manifest) of every run with this identity, newest first within each version."""
+    name, values = named
+    for method, value in values:
+        yield from ((path, m) for path, m in run_manifests(method_dir(cfg, method)) if m.get(name) == value)
 
 
 def completed(cfg: Config, method: str, name: str, value: Any) -> Path | None:
     """The newest completed run of `method` whose manifest holds `value` under `name` (its identity)."""
-    return next((path for path, m in run_manifests(method_dir(cfg, method))
-                 if m.get("status") == "completed" and m.get(name) == value), None)
+    return _completed(cfg, (name, [(method, value)]))
+
+
+def _completed(cfg: Config, named: Identity) -> Path | None:
+    return next((path for path, m in _runs_of(cfg, named) if m.get("status") == "completed"), None)
 
 
 def completed_run(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
@@ -130,7 +145,7 @@ def completed_run(cfg: Config, method: str, seed: int, data_sha256: str | None, 
     """With `cfg.resume`, the newest completed run of `method` with this run key (the arguments `RunDir.open` gets):
     a command run again reuses it rather than add a second run of the same seed, which would count twice. Under
     several processes each reads the same manifests before any of them writes one, so all get the same answer."""
-    return completed(cfg, method, "run_key", run_key(cfg, method, seed, data_sha256, extra)) if cfg.resume else None
+    return _completed(cfg, identity(cfg, method, seed, data_sha256, extra)) if cfg.resume else None
 
 
 def _try_lock(path: Path):
@@ -177,7 +192,7 @@ class RunDir:
 
     @classmethod
     def _create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-                extra: dict[str, Any] | None, named: tuple[str, Any]) -> RunDir:
+                extra: dict[str, Any] | None, named: Identity) -> RunDir:
         root = method_dir(cfg, method)
         root.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -199,7 +214,7 @@ class RunDir:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(), "cpu_threads": torch.get_num_threads(), "argv": sys.argv,
             "precision": resolve_precision(cfg.model.precision, device),  # what `auto` became on this machine
-            "resumed": [], "eval_settings": eval_settings(cfg), **(extra or {}), named[0]: named[1],
+            "resumed": [], "eval_settings": eval_settings(cfg), **(extra or {}), named[0]: named[1][0][1],
         }
         run = cls(path, manifest, _try_lock(path))  # a fresh directory: nobody else holds its lock
         atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -237,8 +252,8 @@ class RunDir:
 
     @classmethod
     def _open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-              extra: dict[str, Any] | None, named: tuple[str, Any]) -> tuple[RunDir, Path | None]:
-        run = next(cls._interrupted(cfg, method, named), None) if cfg.resume else None  # the newest
+              extra: dict[str, Any] | None, named: Identity) -> tuple[RunDir, Path | None]:
+        run = next(cls._interrupted(cfg, named), None) if cfg.resume else None  # the newest
         if run is None:
             return cls._create(cfg, method, seed, device, data_sha256, extra, named), None
         checkpoint = run._rewind()
@@ -262,12 +277,11 @@ class RunDir:
         return checkpoint
 
     @classmethod
-    def _interrupted(cls, cfg: Config, method: str, named: tuple[str, Any]) -> Iterator[RunDir]:
-        """Runs of `method` with this identity that were killed (status running, nobody holds the lock) or failed,
-        newest first, each locked for the caller as it is yielded."""
-        name, value = named
-        for path, manifest in run_manifests(method_dir(cfg, method)):
-            if manifest.get(name) != value or manifest.get("status") not in _RESUMABLE:
+    def _interrupted(cls, cfg: Config, named: Identity) -> Iterator[RunDir]:
+        """Runs with this identity that were killed (status running, nobody holds the lock) or failed, newest first,
+        each locked for the caller as it is yielded."""
+        for path, manifest in _runs_of(cfg, named):
+            if manifest.get("status") not in _RESUMABLE:
                 continue
             lock = _try_lock(path)
             if lock is None:

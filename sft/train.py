@@ -56,8 +56,8 @@ def sft_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
         completion_only_loss="prompt" in rows.column_names,
         packing=False,                   # one text (or prompt + completion) a row
         learning_rate=settings.learning_rate, lr_scheduler_type="constant",
-        per_device_train_batch_size=per_process(
-            settings.batch_size, f"{'sft_stage' if isinstance(settings, SFTStageConfig) else 'sft'}.batch_size"),
+        per_device_train_batch_size=per_process(settings.batch_size, "sft_stage.batch_size" if isinstance(
+            settings, SFTStageConfig) else "preferred_ft.batch_size"),
         num_train_epochs=epochs, max_steps=max_steps or -1, max_length=settings.max_length,
         **run_dir_args(model_cfg, weight_decay, seed, model.device),
     )

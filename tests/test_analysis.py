@@ -81,7 +81,7 @@ def gold_profile(root):
 
 
 def with_baselines(p):
-    """The gold profile plus every baseline and a DPO variant, as `make ppo-gt`, `make bon`, `make sft-chosen` and
+    """The gold profile plus every baseline and a DPO variant, as `make ppo-gt`, `make bon`, `make preferred-ft` and
     `make dpo ARGS=dpo.loss_type=ipo` write them. Best of N: one run, step = N, KL = the bound log N - (N-1)/N."""
     write_run(p, "ppo-gt", 0, [ev(k, g) for k, g in ((0, 0.1), (1, 0.5), (2, 0.9))],
               train=[{"grad_norm": 1.0, "loss/value": 1.0, "policy/clipfrac": 0.1}] * 3)
@@ -90,7 +90,7 @@ def with_baselines(p):
                                 "wall_seconds": 2.0 * n, "tokens": 100 * n}
                                for n, g in ((1, 0.1), (4, 0.3), (16, 0.5), (64, 0.6))],
               timings={"sample_and_score": {"seconds": 128.0, "peak_memory_mb": 800.0}})
-    write_run(p, "sft-chosen", 0, [ev(k, g) for k, g in ((0, 0.1), (0.5, 0.2), (3, 0.3))],
+    write_run(p, "preferred-ft", 0, [ev(k, g) for k, g in ((0, 0.1), (0.5, 0.2), (3, 0.3))],
               train=[{"loss": 2.0, "grad_norm": 1.0}] * 3)
     write_run(p, "dpo-ipo", 0, [ev(k, g) for k, g in ((0, 0.1), (2, 0.45))], train=[{"loss": 1.0}] * 2)
     return p
@@ -260,10 +260,10 @@ def test_report_on_a_gold_task(tmp_path):
 def test_report_puts_the_baselines_on_the_frontier_and_in_the_headline(tmp_path):
     out = run_report(tmp_path, with_baselines(gold_profile(tmp_path)))
     page, _ = assert_page_complete(out)
-    every = {"reference", "ppo", "ppo-gt", "dpo", "dpo-ipo", "bon", "sft-chosen"}
+    every = {"reference", "ppo", "ppo-gt", "dpo", "dpo-ipo", "bon", "preferred-ft"}
     assert set(pd.read_csv(out / "frontier.csv")["method"]) == every - {"reference"}  # π_ref is each one's origin
     head = pd.read_csv(out / "headline.csv")
-    assert head["method"].tolist() == ["reference", "ppo", "ppo-gt", "dpo", "dpo-ipo", "bon", "sft-chosen"]
+    assert head["method"].tolist() == ["reference", "ppo", "ppo-gt", "dpo", "dpo-ipo", "bon", "preferred-ft"]
     head = head.set_index("method")
     # The level stays 2 (no level in the profile: the PPO and DPO runs' common reach). Best of N's bound passes 2
     # between N = 16 (1.830, gold 0.5) and N = 64 (3.175, gold 0.6); Preferred-FT between (0.5, 0.2) and (3, 0.3).
@@ -272,7 +272,7 @@ def test_report_puts_the_baselines_on_the_frontier_and_in_the_headline(tmp_path)
     bound = [math.log(n) - (n - 1) / n for n in (1, 4, 16, 64)]
     assert head.loc["bon", "gold at KL 2 mean"] == pytest.approx(S.gold_at_kl(bound, [0.1, 0.3, 0.5, 0.6], 2))
     assert b16 < 2 < b64 and 0.5 < head.loc["bon", "gold at KL 2 mean"] < 0.6
-    assert head.loc["sft-chosen", "gold at KL 2 mean"] == pytest.approx(S.gold_at_kl([0, 0.5, 3], [0.1, 0.2, 0.3], 2))
+    assert head.loc["preferred-ft", "gold at KL 2 mean"] == pytest.approx(S.gold_at_kl([0, 0.5, 3], [0.1, 0.2, 0.3], 2))
     assert head.loc["ppo-gt", "gold at KL 2 mean"] == pytest.approx(0.9)
     assert head.loc["bon", "final eval/gold_sem mean"] == 0.05  # a single run's interval is its sampling error
     assert "upper bound log N − (N−1)/N" in page and "Baselines not run" not in page
@@ -280,7 +280,7 @@ def test_report_puts_the_baselines_on_the_frontier_and_in_the_headline(tmp_path)
     summary = (out / "summary.md").read_text()
     for label in ("PPO-GT", "IPO", "Best of N (KL: upper bound)", "Preferred-FT", "π_ref"):
         assert f"| {label} |" in summary, label
-    assert set(pd.read_csv(out / "final_spread.csv")["method"]) == {"ppo", "ppo-gt", "dpo", "dpo-ipo", "sft-chosen"}
+    assert set(pd.read_csv(out / "final_spread.csv")["method"]) == {"ppo", "ppo-gt", "dpo", "dpo-ipo", "preferred-ft"}
 
 
 def test_frontier_figure_has_legend_names_intervals_and_the_origin(tmp_path):
@@ -340,7 +340,7 @@ def test_report_on_a_task_without_gold(tmp_path):
     assert "no gold reward" in page and "Best of N: one row per N" in page
     assert set(pd.read_csv(out / "frontier.csv")["method"]) == {"ppo", "bon"}  # by the proxy: DPO has none
     assert ("Baselines not run, so absent from the frontier and the headline: Preferred-FT "
-            "(<code>make sft-chosen</code>).") in page
+            "(<code>make preferred-ft</code>).") in page
     head = pd.read_csv(out / "headline.csv").set_index("method")
     assert set(head.index) == {"reference", "ppo", "dpo", "bon"} and not any(c.startswith("gold at KL") for c in head)
     assert head.loc["dpo", "final heldout/implicit_accuracy mean"] == pytest.approx(0.6)
@@ -531,13 +531,15 @@ def test_curves_are_drawn_over_flops_and_seconds_from_the_start_never_over_steps
 
     from analysis import plots as P
     from analysis.report import curves_section
+    from rlhf.methods import METHODS
 
     plot = curves_section(load_runs(gold_profile(tmp_path)), {"eval/gold": "gold reward [VADER]"}).plot
     flops_ax, seconds_ax = plot.figure.axes
     assert (flops_ax.get_xlabel(), seconds_ax.get_xlabel()) == (P.COST_AXES[M.FLOPS], P.COST_AXES[M.SECONDS])
     # PPO's first eval point sits where its reward model's training ends, DPO's after pi_ref's pass
     def start(ax, method):
-        return min(x for line in ax.lines if same_color(line.get_color(), P.PALETTE[method]) for x in line.get_xdata())
+        colour = METHODS[method].colour
+        return min(x for line in ax.lines if same_color(line.get_color(), colour) for x in line.get_xdata())
 
     for ax, ppo_start, dpo_start in ((flops_ax, 5e8, 2e8), (seconds_ax, 50, 10)):
         assert (start(ax, "ppo"), start(ax, "dpo")) == (ppo_start, dpo_start)

@@ -1,5 +1,5 @@
 """The DPO paper's baselines (baselines/): Best-of-N's pick and KL bound by hand and by brute force, Preferred-FT's
-loss against TRL's, and `make bon` / `make sft-chosen` on tiny, judged by the run directories the analysis reads."""
+loss against TRL's, and `make bon` / `make preferred-ft` on tiny, judged by the run directories the analysis reads."""
 
 import json
 import math
@@ -173,12 +173,12 @@ def test_preferred_ft_loss_is_the_mean_nll_of_the_chosen_response_tokens(tiny_ru
     assert load_preferences(cfg).sha256 == prefs.sha256  # TRL's tokenisation cache stayed out of the shared set
 
 
-def test_make_sft_chosen_on_tiny(tiny_runs, tiny_path):
+def test_make_preferred_ft_on_tiny(tiny_runs, tiny_path):
     cfg, _, reference = tiny_runs
-    assert baselines_pipeline.sft_chosen(cfg) == 0
-    (run,) = (Path(cfg.runs_dir) / "tiny" / "sft-chosen").iterdir()
+    assert baselines_pipeline.preferred_ft(cfg) == 0
+    (run,) = (Path(cfg.runs_dir) / "tiny" / "preferred-ft").iterdir()
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "completed" and manifest["method"] == "sft-chosen"
+    assert manifest["status"] == "completed" and manifest["method"] == "preferred-ft"
     train, evals = _rows(run, "train"), _rows(run, "eval")
     assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["step"] for r in evals] == [0, 2, 4]
     assert all(r["loss"] > 0 for r in train)
@@ -189,4 +189,4 @@ def test_make_sft_chosen_on_tiny(tiny_runs, tiny_path):
     assert not torch.equal(final.lm_head.weight, ref.lm_head.weight)
     assert {"train", "eval", "save"} <= set(json.loads((run / "timings.json").read_text()))
     runs = load_runs(Path(cfg.runs_dir) / "tiny")
-    assert "sft-chosen" in runs.methods and not runs.evals(["sft-chosen"]).empty
+    assert "preferred-ft" in runs.methods and not runs.evals(["preferred-ft"]).empty

@@ -24,7 +24,7 @@ def test_the_gpu_profile_is_the_frontier_offline():
     cfg = load_config("gpu")
     assert not cfg.hub_access and cfg.model.name_or_path.startswith("embedded:") and cfg.task.name == "sentiment"
     assert len(cfg.beta_sweep) >= 3 and len(cfg.seeds) >= 3
-    assert {"ppo", "dpo", "ppo-gt", "bon", "sft-chosen"} <= set(cfg.grid.methods)
+    assert {"ppo", "dpo", "ppo-gt", "bon", "preferred-ft"} <= set(cfg.grid.methods)
     assert cfg.data.n_prompts * cfg.data.responses_per_prompt // 2 >= 2000
     assert cfg.task.n_eval_prompts - cfg.task.n_validation_prompts >= 500 and cfg.eval.n_prompts is None
 

@@ -29,7 +29,7 @@ def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
     common = ["--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}",
               "report_to=[tensorboard]"]
     console = []
-    for command in ("reference", "ppo", "dpo", "bon", "sft-chosen", "report"):
+    for command in ("reference", "ppo", "dpo", "bon", "preferred-ft", "report"):
         out = _cli(command, *common)
         assert out.returncode == 0, f"{command}: {out.stderr[-3000:]}"
         console += _screen_lines(out.stdout) + _screen_lines(out.stderr)
@@ -47,7 +47,7 @@ def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
 
     with open(page.parent / "headline.csv") as f:
         methods = {row["method"] for row in csv.DictReader(f)}
-    assert methods == {"reference", "ppo", "dpo", "bon", "sft-chosen"}
+    assert methods == {"reference", "ppo", "dpo", "bon", "preferred-ft"}
     with open(page.parent / "frontier.csv") as f:
         assert {row["method"] for row in csv.DictReader(f)} == methods - {"reference"}  # π_ref: every one's origin
     summary = (page.parent / "summary.md").read_text()

@@ -50,18 +50,18 @@ def _evals(runs) -> dict[tuple, list[dict]]:
 
 
 def test_phases_reference_and_reward_models_first_then_method_x_beta_x_seed():
-    cfg = load_config("tiny", ["seeds=[0,1]", "beta_sweep=[0.1,0.5]", "grid.methods=[ppo-gt,dpo,bon,sft-chosen]"])
+    cfg = load_config("tiny", ["seeds=[0,1]", "beta_sweep=[0.1,0.5]", "grid.methods=[ppo-gt,dpo,bon,preferred-ft]"])
     reference, reward_models, runs = grid.phases(cfg)
     assert [j.command for j in reference] == ["reference"]
     assert [j.label for j in reward_models] == ["reward_model-seed0", "reward_model-seed1"]
     assert [j.label for j in runs] == (
         [f"ppo-gt-beta{b}-seed{s}" for b in (0.1, 0.5) for s in (0, 1)]
         + [f"dpo-beta{b}-seed{s}" for b in (0.1, 0.5) for s in (0, 1)]
-        + ["bon", "sft-chosen-beta0.1-seed0", "sft-chosen-beta0.1-seed1"])  # neither has a beta to sweep
+        + ["bon", "preferred-ft-beta0.1-seed0", "preferred-ft-beta0.1-seed1"])  # neither has a beta to sweep
     assert runs[0].command == "ppo" and "ppo.reward=gold" in runs[0].overrides
     assert len({j.label for j in runs}) == len(runs)  # one job, one log file
     # PPO-GT and Preferred-FT alone need no reward model: no phase for it
-    only = load_config("tiny", ["grid.methods=[ppo-gt,sft-chosen]"])
+    only = load_config("tiny", ["grid.methods=[ppo-gt,preferred-ft]"])
     assert [len(p) for p in grid.phases(only)] == [1, 2]
     # one shared reward model (reward_model.per_seed false): one job trains it
     shared = load_config("tiny", ["seeds=[0,1]", "reward_model.per_seed=false"])
@@ -69,14 +69,14 @@ def test_phases_reference_and_reward_models_first_then_method_x_beta_x_seed():
 
 
 def test_a_local_grid_runs_seed_by_seed_and_a_job_waits_for_what_it_needs():
-    cfg = load_config("tiny", ["seeds=[0,1]", "beta_sweep=[0.1,0.5]", "grid.methods=[ppo-gt,dpo,bon,sft-chosen]"])
+    cfg = load_config("tiny", ["seeds=[0,1]", "beta_sweep=[0.1,0.5]", "grid.methods=[ppo-gt,dpo,bon,preferred-ft]"])
     order = grid.in_order(cfg)
     assert [j.label for j in order] == [
         "reference",
         "reward_model-seed0", "ppo-gt-beta0.1-seed0", "ppo-gt-beta0.5-seed0", "dpo-beta0.1-seed0", "dpo-beta0.5-seed0",
-        "bon", "sft-chosen-beta0.1-seed0",
+        "bon", "preferred-ft-beta0.1-seed0",
         "reward_model-seed1", "ppo-gt-beta0.1-seed1", "ppo-gt-beta0.5-seed1", "dpo-beta0.1-seed1", "dpo-beta0.5-seed1",
-        "sft-chosen-beta0.1-seed1"]
+        "preferred-ft-beta0.1-seed1"]
     by_label = {j.label: j for j in order}
     assert by_label["dpo-beta0.5-seed1"].needs == ("reference", "reward_model-seed1")
     assert by_label["bon"].needs == ("reference", "reward_model-seed0")  # ranked by the first seed's reward model

@@ -1,5 +1,6 @@
-"""The keys that decide reuse (rlhf/keys.py): every one pinned as computed before the identity module existed, and
-every config field declaring its role."""
+"""The keys that decide reuse (rlhf/keys.py): every one pinned as computed before the identity module existed (a run
+key as version 2 of the keys gave it, which the runs completed then hold), every key of today's version the same but
+where a rename re-keyed it on purpose, and every config field declaring its role."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from datasets import Dataset
 from rlhf.config import Config, ModelConfig, _f, load_config
 from rlhf.data import preference_dir
 from rlhf.evaluate import EvalContext, _rm_pair_metrics_file
-from rlhf.keys import (IDENTITY, added, check_roles, eval_settings, preference_set_key, reference_cache_names,
-                       reference_logps_name, reward_model_key, run_key, sft_key)
+from rlhf.keys import (IDENTITY, RENAMED, RUN, added, check_roles, eval_settings, name_at, preference_set_key,
+                       reference_cache_names, reference_logps_name, reward_model_key, run_key, run_keys, sft_key)
+from rlhf.models import default_device
+from rlhf.rundir import RunDir, completed_run
 
 PINNED = Path(__file__).with_name("keys.json")
 PROFILES = ("default", "tiny", "hh", "gpu", "imdb-gpt2")
@@ -29,7 +32,7 @@ VARIANTS = {
                      "grid.jobs=2", "reward_model.checkpoint_every=3", "ppo.checkpoint_every=2",
                      "dpo.checkpoint_every=5", "rloo.checkpoint_every=5", "online_dpo.checkpoint_every=5"],
     "own-sections": ["dpo.learning_rate=0.123", "ppo.learning_rate=0.123", "rloo.learning_rate=0.123",
-                     "online_dpo.batch_size=6", "sft.learning_rate=0.123", "bon.n=[1]",
+                     "online_dpo.batch_size=6", "preferred_ft.learning_rate=0.123", "bon.n=[1]",
                      "reward_model.learning_rate=0.123"],
     "reward-model": ["reward_model.per_seed=false", "reward_model.seed=3", "budget.pairs=16",
                      "reward_model.epochs=2"],
@@ -40,10 +43,12 @@ DATA, RM, REF = "d" * 64, "runs/p/reward_model/r/checkpoints/final", "a/model/fo
 CORPUS = Dataset.from_dict({"text": ["one text", "another"]})
 CHOSEN = Dataset.from_dict({"prompt": ["a prompt"], "completion": ["its chosen response"]})
 PAIRS = [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "q", "chosen": "d", "rejected": "s"}]
+PINNED_VERSION = 2  # of the run keys in keys.json, each under the name its method had then
 
 
-def run_keys(cfg) -> dict[str, str]:
-    """Every method's run key for this config at seed 0 and 1, with the extra inputs each method passes."""
+def every_run_key(cfg, version: int = PINNED_VERSION) -> dict[str, str]:
+    """Every method's run key for this config at seed 0 and 1, with the extra inputs each method passes, as the keys
+    of `version` gave it."""
     online = {"reward_model_path": RM, "num_processes": 1}
     out = {}
     for seed in SEEDS:
@@ -58,10 +63,10 @@ def run_keys(cfg) -> dict[str, str]:
             "rloo": (cfg, seed, DATA, online),
             "online-dpo": (cfg, seed, DATA, online),
             "bon": (cfg, cfg.eval.seed, DATA, {**online, "bon_n": sorted(set(cfg.bon.n)), "reference_model": REF}),
-            "sft-chosen": (cfg, seed, DATA, {"reference_model": REF}),
+            "preferred-ft": (cfg, seed, DATA, {"reference_model": REF}),
         }
         for method, (c, s, data, extra) in methods.items():
-            out[f"seed{seed}/{method}"] = run_key(c, method, s, data, extra)
+            out[f"seed{seed}/{name_at(method, version)}"] = run_key(c, method, s, data, extra, version)
     return out
 
 
@@ -85,7 +90,8 @@ def keys_of_today() -> dict:
         for variant, overrides in VARIANTS.items():
             cfg = load_config(profile, overrides)
             for run_cfg in cfg.betas()[:2]:
-                out.update({f"{profile}/{variant}/beta{run_cfg.beta:g}/{k}": v for k, v in run_keys(run_cfg).items()})
+                out.update({f"{profile}/{variant}/beta{run_cfg.beta:g}/{k}": v
+                            for k, v in every_run_key(run_cfg).items()})
             out.update({f"{profile}/{variant}/{k}": v for k, v in artifact_keys(cfg).items()})
     return out
 
@@ -137,3 +143,37 @@ def test_a_config_key_added_now_orphans_no_run_and_no_cache():
     assert keys(with_knob(3)) == keys(cfg)
     changed = [a != b for a, b in zip(keys(with_knob(4)), keys(cfg))]
     assert changed == [True, True, True, True, True, True]  # every key reads the model section
+
+
+@pytest.mark.parametrize("profile", ["tiny", "default"])
+def test_a_rename_re_keys_the_renamed_method_alone(profile):
+    """Today's keys are version 2's but where a method or section was renamed since: Preferred-FT's alone."""
+    cfg = load_config(profile, ["preferred_ft.learning_rate=0.123"])
+    now, pinned = every_run_key(cfg, RUN.version), every_run_key(cfg)
+    renamed = {f"seed{s}/{m}" for s in SEEDS for m in ("preferred-ft", "sft-chosen")}
+    assert {k: v for k, v in now.items() if k not in renamed} == {k: v for k, v in pinned.items() if k not in renamed}
+    assert now["seed0/preferred-ft"] != pinned["seed0/sft-chosen"]
+    assert RENAMED[3] == {"preferred-ft": "sft-chosen", "preferred_ft": "sft"}
+
+
+def test_a_run_completed_before_the_rename_is_still_found(tmp_path):
+    """A Preferred-FT run written as `sft-chosen` (its directory, its manifest's key of version 2, its config's `sft`
+    section) is reused by `make preferred-ft`, and one interrupted then is resumed where it is."""
+    cfg = load_config("tiny", [f"runs_dir={tmp_path}", "preferred_ft.learning_rate=0.123"])
+    extra = {"reference_model": REF}
+    (old_dir, old_key), = [(d, k) for d, k in run_keys(cfg, "preferred-ft", 0, DATA, extra) if d == "sft-chosen"]
+    assert old_key == run_key(cfg, "preferred-ft", 0, DATA, extra, version=2)
+    assert completed_run(cfg, "preferred-ft", 0, DATA, extra) is None
+    old = RunDir.create(cfg, "preferred-ft", 0, default_device(), DATA, extra)  # today's, then made an old one
+    old.release()
+    moved = tmp_path / "tiny" / old_dir / old.path.name
+    moved.parent.mkdir(parents=True)
+    old.path.rename(moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps({**manifest, "method": old_dir, "run_key": old_key,
+                                                     "status": "failed"}))
+    run, checkpoint = RunDir.open(cfg, "preferred-ft", 0, default_device(), DATA, extra)
+    assert run.path == moved and checkpoint is None  # resumed in its own directory, from its start
+    run.finish()
+    assert completed_run(cfg, "preferred-ft", 0, DATA, extra) == moved
+    assert completed_run(cfg.with_values({"preferred_ft.learning_rate": 0.5}), "preferred-ft", 0, DATA, extra) is None

@@ -267,7 +267,7 @@ def test_ppo_in_fp16_scales_the_loss_and_skips_overflowing_steps(tiny_prefs, mon
     result = train_ppo(cfg, prefs, None, seed=0)
     rows, bad = read_jsonl(result.run_dir / "metrics.jsonl")
     train = [r for r in rows if r["kind"] == "train"]
-    assert not bad and len(train) == 2 and math.isfinite(result.final_eval["eval/kl"])
+    assert not bad and len(train) == 2 and math.isfinite(result.final_metrics["eval/kl"])
     for row in train:
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
     scales, skips = [r["amp/loss_scale"] for r in train], [r["amp/skip_rate"] for r in train]

@@ -163,9 +163,9 @@ def test_a_command_run_again_reuses_its_completed_runs(baseline, method, overrid
     assert f"{max(before)} (completed before" in reused  # the newest (run ids start with the time)
 
 
-@pytest.mark.parametrize("method", ["bon", "sft-chosen"])
+@pytest.mark.parametrize("method", ["bon", "preferred-ft"])
 def test_a_baseline_run_again_is_reused_not_added(baseline, tmp_path, method):
-    """`make bon` / `make sft-chosen` run again: the completed run is reused (the same run key), not added."""
+    """`make bon` / `make preferred-ft` run again: the completed run is reused (the same run key), not added."""
     runs = _without(baseline[0], method, tmp_path / "runs")
     _run(method, runs)
     (first,) = _runs_of(runs, method)

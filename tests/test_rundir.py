@@ -150,7 +150,7 @@ def test_a_methods_own_section_keys_its_runs_alone(tiny_cfg):
     def rm_key(**values):
         return reward_model_key(tiny_cfg.with_values(values), "abc", 0)
     assert key("ppo", **{"rloo.learning_rate": 0.123, "dpo.learning_rate": 0.123, "reward_model.learning_rate": 0.123,
-                         "sft.learning_rate": 0.123, "bon.n": [1]}) == key("ppo") != key("ppo", beta=0.2)
+                         "preferred_ft.learning_rate": 0.123, "bon.n": [1]}) == key("ppo") != key("ppo", beta=0.2)
     assert key("ppo-gt", **{"ppo.learning_rate": 0.123}) != key("ppo-gt")
     assert key("dpo", **{"ppo.learning_rate": 0.123, "reward_model.learning_rate": 0.123}) == key("dpo")
     assert key("dpo", **{"dpo.learning_rate": 0.123}) != key("dpo") != key("dpo", **{"budget.epochs": 3})
@@ -158,8 +158,8 @@ def test_a_methods_own_section_keys_its_runs_alone(tiny_cfg):
         "ppo.learning_rate": 0.123})
     assert rm_key(**{"dpo.learning_rate": 0.123, "beta": 0.2}) == rm_key() != rm_key(**{
         "reward_model.learning_rate": 0.123})
-    assert key("sft-chosen", **{"sft.learning_rate": 0.123}) != key("sft-chosen") == key(
-        "sft-chosen", **{"dpo.learning_rate": 0.123})
+    assert key("preferred-ft", **{"preferred_ft.learning_rate": 0.123}) != key("preferred-ft") == key(
+        "preferred-ft", **{"dpo.learning_rate": 0.123})
     assert key("rloo", **{"rloo.learning_rate": 0.123}) != key("rloo") and key("rloo") != key("ppo")
     assert key("online-dpo", **{"online_dpo.batch_size": 6}) != key("online-dpo") == key("online-dpo", **{
         "rloo.learning_rate": 0.123, "dpo.learning_rate": 0.123})

@@ -17,7 +17,7 @@ from analysis.load import load_runs
 from pipelines import grid, slurm
 from rlhf.config import PROJECT_ROOT, load_config
 from rlhf.errors import UserError
-from rlhf.rundir import run_key
+from rlhf.keys import run_key
 from tests.test_grid import COMMON, _cli, _evals, _finish
 
 SUBMITIT = ["grid.launcher=slurm", "slurm.executor=local", "grid.threads_per_job=1"]
