@@ -23,13 +23,15 @@ ITERATIONS = 6  # the schedule anneals the learning rate to 0 over these
 
 class Run:
     """A policy with a tied LM head (the tiny model's, as SmolLM2's), a value model, fused AdamW with the annealed
-    schedule, and a loss scaler whose scale changes every step, as train_ppo prepares and registers them."""
+    schedule, and a loss scaler whose scale changes every step, as train_ppo prepares and registers them. Under
+    `accelerate launch` as well (tests/test_distributed.py)."""
 
     def __init__(self, tiny_path, seed: int):
+        self.accelerator = Accelerator(cpu=True)
+        seed += 1000 * self.accelerator.process_index  # under DDP, a process restoring another's RNG would show
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
-        self.accelerator = Accelerator(cpu=True)
         policy, value_model = load_causal_lm(tiny_path), nn.Linear(4, 1)
         pc = load_config("tiny", [f"ppo.iterations={ITERATIONS}", "ppo.learning_rate=1e-3"]).ppo
         optimizer, self.scheduler = make_optimizer(policy, value_model, pc, weight_decay=0.01)
