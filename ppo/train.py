@@ -315,6 +315,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         return reward_scores(reward_model, batch, tokenizer)
 
     scaler = grad_scaler(cfg.model.precision, device)  # fp16 only; otherwise it passes everything through
+    checkpoint.track(accelerator, scheduler, scaler)
     learner = Learner(policy, value_model, ref, reward, tokenizer, accelerator, optimizer, scaler,
                       amp=lambda: autocast(cfg.model.precision, device))
 
@@ -363,8 +364,7 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         if resume_from is None:
             run_eval(0)
         else:  # go on after the checkpoint's iteration, in the very state the interrupted run was in then
-            progress = checkpoint.restore(resume_from, accelerator, policy, value_model, optimizer, scheduler,
-                                          scaler)
+            progress = checkpoint.restore(resume_from, accelerator)
             first_iteration = progress["iteration"] + 1
             tokens, flops, train_seconds, beta, final_eval = (progress[k] for k in ("tokens", "flops", "train_seconds",
                                                                                      "beta", "final_eval"))
@@ -404,9 +404,9 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
             if iteration % pc.eval_every == 0 or iteration == pc.iterations:
                 run_eval(iteration)
             if pc.checkpoint_every and iteration % pc.checkpoint_every == 0 and iteration < pc.iterations:
-                checkpoint.save(run.path / "checkpoints", iteration, accelerator, policy, value_model, optimizer,
-                                scheduler, scaler, {"tokens": tokens, "flops": flops, "train_seconds": train_seconds,
-                                                    "beta": beta, "final_eval": final_eval})
+                checkpoint.save(run.path / "checkpoints", iteration, accelerator,
+                                {"tokens": tokens, "flops": flops, "train_seconds": train_seconds, "beta": beta,
+                                 "final_eval": final_eval})
 
         check_replicas(accelerator.unwrap_model(policy), run.manifest)
         policy_path = run.path / "checkpoints" / "final"

@@ -104,6 +104,44 @@ def test_a_batch_that_does_not_split_over_the_processes_is_an_error_naming_the_k
     assert distributed.per_process(9, "dpo.batch_size") == 3
 
 
+RESUMES = """
+import json, sys
+from pathlib import Path
+from ppo import checkpoint
+from rlhf.config import load_config
+from rlhf.models import resolve_model_path
+from tests.test_ppo_checkpoint import Run
+
+tiny_path = resolve_model_path(load_config("tiny").model)
+whole = Run(tiny_path, seed=0)
+for _ in range(2):
+    whole.iteration()
+folder = checkpoint.save(Path(sys.argv[1]), 2, whole.accelerator, {})
+numbers = [whole.iteration() for _ in range(2)]
+resumed = Run(tiny_path, seed=1)
+checkpoint.restore(folder, resumed.accelerator)
+rank = whole.accelerator.process_index
+Path(sys.argv[2], f"process{rank}.json").write_text(json.dumps({
+    "files": sorted(p.name for p in folder.iterdir()), "whole": numbers,
+    "resumed": [resumed.iteration() for _ in range(2)]}))
+"""
+
+
+def test_each_process_resumes_from_its_own_random_state(tmp_path):
+    """tests/test_ppo_checkpoint.py's learner in 2 processes, each drawing its own random numbers: every process
+    calls save_state, which writes the weights once and each process's RNG; restored, each process goes on with the
+    numbers it would have drawn. Judged by what each process wrote (a gloo run may abort at interpreter exit after
+    its work is done)."""
+    (tmp_path / "script.py").write_text(RESUMES)
+    out = _accelerate_launch(str(tmp_path / "script.py"), str(tmp_path / "checkpoints"), str(tmp_path), timeout=600)
+    seen = [tmp_path / f"process{rank}.json" for rank in (0, 1)]
+    assert all(p.exists() for p in seen), f"exit {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    first, second = (json.loads(p.read_text()) for p in seen)
+    assert first["files"] == second["files"] and {"random_states_0.pkl", "random_states_1.pkl"} <= set(first["files"])
+    assert first["whole"] != second["whole"]  # the processes drew different numbers
+    assert first["resumed"] == first["whole"] and second["resumed"] == second["whole"]
+
+
 STOPS = """
 import json, sys
 from pathlib import Path

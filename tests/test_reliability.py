@@ -356,14 +356,14 @@ def test_corrupt_checkpoint_is_named_then_a_failed_run_resumes(tmp_path, monkeyp
     monkeypatch.undo()
     (run,) = _runs_of(tmp_path, "ppo")
     assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
-    state = run / "checkpoints" / "checkpoint-2" / "state.pt"
+    state = run / "checkpoints" / "checkpoint-2" / "pytorch_model.bin"
     intact = state.read_bytes()
 
     state.write_bytes(intact[:len(intact) // 2])  # a torn file (a disk filling up, a bad copy)
     before = _files(tmp_path)
     assert cli(args) == 2
     assert _message(capsys.readouterr().err) == (
-        f"error: checkpoint {run}/checkpoints/checkpoint-2 is corrupt: state.pt differs from what was saved "
+        f"error: checkpoint {run}/checkpoints/checkpoint-2 is corrupt: pytorch_model.bin differs from what was saved "
         "(sha256); delete that folder to resume from an earlier checkpoint (or from the start), or set resume=false "
         "to leave this run as it is and start a new one")
     assert _files(tmp_path) == before
