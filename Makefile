@@ -70,6 +70,7 @@ bundle: setup
 # The style's habits (ruff, configured in pyproject.toml); `make test` runs it first, so CI does too.
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # After upgrading packages in .venv and running the tests there: constraints.txt rewritten with their versions.
 lock:

@@ -34,6 +34,7 @@ class Generator:
     """Per method (a, b): the true seed-to-seed sd of gold; per prompt and eval point: the noise sd of a run's
     gold (its mean over P prompts has sd noise_sd/√P); the sd of a prompt's effect shared by every run, and of a
     prompt's effect particular to one method (the interaction)."""
+
     seed_sd: tuple[float, float]
     noise_sd: float
     prompt_sd: float = 0.3
@@ -51,8 +52,9 @@ GENERATORS = {
 }
 
 
-def experiments(rng: np.random.Generator, gen: Generator, n_seeds: int, difference: float, count: int,
-                n_prompts: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def experiments(
+    rng: np.random.Generator, gen: Generator, n_seeds: int, difference: float, count: int, n_prompts: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """`count` experiments: per-prompt KL and gold [count, 2 methods, n_seeds, E, P]. Method a's curve is b's plus
     `difference`·√(KL/LEVEL), so a − b is `difference` at LEVEL and 0 at π_ref."""
     shape = (count, 2, n_seeds)
@@ -63,8 +65,12 @@ def experiments(rng: np.random.Generator, gen: Generator, n_seeds: int, differen
     seed = rng.normal(size=(*shape, 1)) * np.array(gen.seed_sd)[None, :, None, None]
     prompts = rng.normal(0, gen.prompt_sd, size=(count, 1, 1, 1, P))
     interaction = rng.normal(0, gen.interaction_sd, size=(count, 2, 1, 1, P))
-    gold = ((curve(kl_means) + lift + seed)[..., None] + prompts + interaction
-            + rng.normal(0, gen.noise_sd, size=(*shape, E, P)))
+    gold = (
+        (curve(kl_means) + lift + seed)[..., None]
+        + prompts
+        + interaction
+        + rng.normal(0, gen.noise_sd, size=(*shape, E, P))
+    )
     return kl, gold
 
 
@@ -74,8 +80,9 @@ def verdicts(kl: np.ndarray, gold: np.ndarray) -> S.Contrast:
     return S.t_contrast([value[:, 0, :, 0], value[:, 1, :, 0]], [pseudo[:, 0, :, 0], pseudo[:, 1, :, 0]])
 
 
-def check(gen: Generator, n_seeds: int, count: int, seed: int, difference: float = 0.1,
-          chunk: int = 250) -> dict[str, float]:
+def check(
+    gen: Generator, n_seeds: int, count: int, seed: int, difference: float = 0.1, chunk: int = 250
+) -> dict[str, float]:
     """Coverage of the truth and false "ahead" rate with the methods equal, and the rate of the right "ahead" at a
     true difference (with the noncentral t's prediction of it, `S.t_power`, from the true sds)."""
     rng = np.random.default_rng(seed)
@@ -89,8 +96,12 @@ def check(gen: Generator, n_seeds: int, count: int, seed: int, difference: float
         right += int(np.sum(alt.lo > 0))
     run_sd = [float(np.hypot(s, gen.noise_sd / np.sqrt(128))) for s in gen.seed_sd]
     prompt_var = 2 * gen.interaction_sd**2 / 128
-    return {"coverage": covered / count, "false ahead": wrong / count, "power": right / count,
-            "t power": S.t_power(difference, *run_sd, n_seeds, prompt_var, 128)}
+    return {
+        "coverage": covered / count,
+        "false ahead": wrong / count,
+        "power": right / count,
+        "t power": S.t_power(difference, *run_sd, n_seeds, prompt_var, 128),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,14 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", type=int, default=2000, help="null and alternative experiments per cell")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 5, 8], help="seeds per method")
     args = parser.parse_args(argv)
-    print(f"Welch t with a prompt term at KL {LEVEL:g}: {args.experiments} null and {args.experiments} experiments at "
-          "a true difference of 0.1 gold per cell, 128 prompts, 5 eval points a run")
+    print(
+        f"Welch t with a prompt term at KL {LEVEL:g}: {args.experiments} null and {args.experiments} experiments at "
+        "a true difference of 0.1 gold per cell, 128 prompts, 5 eval points a run"
+    )
     print(f"{'generator':36} {'seeds':>5} {'coverage':>9} {'false ahead':>12} {'power at 0.1':>13} {'t predicts':>11}")
     for i, (name, gen) in enumerate(GENERATORS.items()):
         for n in args.seeds:
             r = check(gen, n, args.experiments, seed=1000 * i + n)
-            print(f"{name:36} {n:>5} {r['coverage']:>9.3f} {r['false ahead']:>12.3f} {r['power']:>13.3f} "
-                  f"{r['t power']:>11.3f}")
+            print(
+                f"{name:36} {n:>5} {r['coverage']:>9.3f} {r['false ahead']:>12.3f} {r['power']:>13.3f} "
+                f"{r['t power']:>11.3f}"
+            )
     return 0
 
 

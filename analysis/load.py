@@ -112,8 +112,10 @@ def read_prompts(path: Path) -> pd.DataFrame:
             raise BadRunDir(f"samples/{csv.name} is not a readable CSV ({e})") from None
         unknown = set(frame) - set(PROMPT_COLUMNS)
         if "prompt_index" not in frame or unknown:
-            raise BadRunDir(f"samples/{csv.name} has columns {list(frame)}, expected some of {list(PROMPT_COLUMNS)} "
-                            "with prompt_index")
+            raise BadRunDir(
+                f"samples/{csv.name} has columns {list(frame)}, expected some of {list(PROMPT_COLUMNS)} "
+                "with prompt_index"
+            )
         frames.append(frame.assign(step=int(csv.name.removeprefix("eval_step")[:6])))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -122,14 +124,21 @@ def _identity(path: Path, manifest: dict) -> dict:
     """The run's keys and provenance from its manifest (method falls back to the parent folder's name; a run of a
     method since renamed is read under today's name)."""
     return {
-        "method": name_now(manifest.get("method", path.parent.name)), "beta": manifest.get("beta"),
-        "seed": manifest.get("seed"), "run_id": manifest.get("run_id", path.name),
-        "status": manifest.get("status", "unknown"), "error": manifest.get("error"),
+        "method": name_now(manifest.get("method", path.parent.name)),
+        "beta": manifest.get("beta"),
+        "seed": manifest.get("seed"),
+        "run_id": manifest.get("run_id", path.name),
+        "status": manifest.get("status", "unknown"),
+        "error": manifest.get("error"),
         "finished_at": manifest.get("finished_at"),
-        "data_sha256": manifest.get("data_sha256"), "git_commit": manifest.get("git_commit"),
-        "host": manifest.get("host"), "device": manifest.get("device"), "device_name": manifest.get("device_name"),
+        "data_sha256": manifest.get("data_sha256"),
+        "git_commit": manifest.get("git_commit"),
+        "host": manifest.get("host"),
+        "device": manifest.get("device"),
+        "device_name": manifest.get("device_name"),
         "reward_model_path": manifest.get("reward_model_path"),  # whose training a PPO run's cost includes
-        "packages": json.dumps(manifest.get("packages", {}), sort_keys=True), "path": str(path),
+        "packages": json.dumps(manifest.get("packages", {}), sort_keys=True),
+        "path": str(path),
         # the data a run trained on (PPO: its reward model's); absent for runs that train on no pairs
         **{f"budget_{k}": (manifest.get("budget") or {}).get(k) for k in ("pairs", "passes", "pair_presentations")},
         **{f"eval_{k}": (manifest.get("eval_settings") or {}).get(k) for k in ("hash", "split", "temperature")},
@@ -156,8 +165,10 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict], pd.DataFrame]:
             reason += ", still being written" if alive else ", killed (no live process; run it again to resume it)"
         return {**record, "included": False, "reason": reason}, [], [], nothing
     if record["eval_split"] == "validation":
-        reason = ("evaluated on the validation prompts (eval.split=validation, a sweep's run): the report shows the "
-                  "test prompts only")
+        reason = (
+            "evaluated on the validation prompts (eval.split=validation, a sweep's run): the report shows the "
+            "test prompts only"
+        )
         return {**record, "included": False, "reason": reason}, [], [], nothing
     try:
         rows = _read_metrics(path / "metrics.jsonl")
@@ -167,8 +178,16 @@ def read_run(path: Path) -> tuple[dict, list[dict], list[dict], pd.DataFrame]:
         return {**record, "included": False, "reason": str(e)}, [], [], nothing
     keys = {k: record[k] for k in RUN_KEYS}
     metrics = [{**keys, **row} for row in rows]
-    timings = [{**keys, "stage": stage, "seconds": t.get("seconds"), "flops": t.get("flops", math.nan),
-                "peak_memory_mb": t.get("peak_memory_mb")} for stage, t in stages.items()]
+    timings = [
+        {
+            **keys,
+            "stage": stage,
+            "seconds": t.get("seconds"),
+            "flops": t.get("flops", math.nan),
+            "peak_memory_mb": t.get("peak_memory_mb"),
+        }
+        for stage, t in stages.items()
+    ]
     prompts = prompts.assign(**keys)[[*RUN_KEYS, "step", *prompts.columns.drop("step")]] if len(prompts) else prompts
     return {**record, "included": True, "reason": ""}, metrics, timings, prompts
 
@@ -181,15 +200,20 @@ def keep_latest(records: list[dict]) -> None:
     for r in records:
         if r["included"] and evaluated(r["method"]):
             key = (r["method"], r["beta"], r["seed"])
-            if key not in latest or (r["finished_at"] or "", r["run_id"]) > (latest[key]["finished_at"] or "",
-                                                                             latest[key]["run_id"]):
+            if key not in latest or (r["finished_at"] or "", r["run_id"]) > (
+                latest[key]["finished_at"] or "",
+                latest[key]["run_id"],
+            ):
                 latest[key] = r
     for r in records:
         kept = latest.get((r["method"], r["beta"], r["seed"])) if r["included"] else None
         if kept is not None and kept is not r:
-            r.update(included=False, reason=f"superseded by {kept['run_id']}, a later complete run of {r['method']} "
-                                            f"with β {r['beta']} and seed {r['seed']}: one run a seed is kept, "
-                                            "the latest, so that no seed counts twice")
+            r.update(
+                included=False,
+                reason=f"superseded by {kept['run_id']}, a later complete run of {r['method']} "
+                f"with β {r['beta']} and seed {r['seed']}: one run a seed is kept, "
+                "the latest, so that no seed counts twice",
+            )
 
 
 def keep_complete_seeds(records: list[dict], compared: Iterable[str]) -> list[str]:
@@ -206,8 +230,11 @@ def keep_complete_seeds(records: list[dict], compared: Iterable[str]) -> list[st
         missing += lacks
         for r in runs:
             if lacks and r["seed"] == seed:
-                r.update(included=False, reason=f"seed {seed} is not complete ({', '.join(lacks)} not completed "
-                                                "yet): methods are compared over the seeds they all completed")
+                r.update(
+                    included=False,
+                    reason=f"seed {seed} is not complete ({', '.join(lacks)} not completed "
+                    "yet): methods are compared over the seeds they all completed",
+                )
     return missing
 
 
@@ -221,10 +248,12 @@ def check_pooling(records: list[dict]) -> None:
             seen.setdefault(r["eval_hash"], r)
     if len(seen) > 1:
         (a, b) = list(seen.values())[:2]
-        raise UserError(f"runs {a['path']} and {b['path']} were evaluated with different settings (eval hash "
-                        f"{a['eval_hash']} vs {b['eval_hash']}: pi_ref, the task, the preference set or the eval "
-                        "section differ), and the report never pools them: move one set of runs out of "
-                        f"{Path(a['path']).parent.parent}, or rerun it with the other's config")
+        raise UserError(
+            f"runs {a['path']} and {b['path']} were evaluated with different settings (eval hash "
+            f"{a['eval_hash']} vs {b['eval_hash']}: pi_ref, the task, the preference set or the eval "
+            "section differ), and the report never pools them: move one set of runs out of "
+            f"{Path(a['path']).parent.parent}, or rerun it with the other's config"
+        )
 
 
 def load_runs(profile_dir: Path, compared: Iterable[str] = ()) -> Runs:
@@ -257,6 +286,7 @@ def load_runs(profile_dir: Path, compared: Iterable[str] = ()) -> Runs:
         timings=pd.DataFrame(timings, columns=[*RUN_KEYS, "stage", "seconds", "flops", "peak_memory_mb"]),
         data_manifests=data_manifests,
         missing=missing,
-        prompts=pd.concat([p for p in prompts if len(p)] or [pd.DataFrame(columns=[*RUN_KEYS, "step"])],
-                          ignore_index=True),
+        prompts=pd.concat(
+            [p for p in prompts if len(p)] or [pd.DataFrame(columns=[*RUN_KEYS, "step"])], ignore_index=True
+        ),
     )

@@ -27,8 +27,14 @@ OWN_EARLIER_STAGES = ("ref_logps",)  # DPO's pass of pi_ref over its pairs, befo
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 # The evaluator's per-prompt column (samples/*.prompts.csv) behind each eval mean: the prompts' term of an interval
-PER_PROMPT = {"eval/gold": "gold", "eval/proxy": "proxy", "eval/kl": "kl", "eval/kl_k3": "kl_k3",
-              "eval/length": "length", "eval/eos_rate": "eos"}
+PER_PROMPT = {
+    "eval/gold": "gold",
+    "eval/proxy": "proxy",
+    "eval/kl": "kl",
+    "eval/kl_k3": "kl_k3",
+    "eval/length": "length",
+    "eval/eos_rate": "eos",
+}
 STATS = ("n", "mean", "std", "lo", "hi")
 
 
@@ -107,9 +113,15 @@ def frontier(evals: pd.DataFrame, values: PromptValues, draws: S.Draws, y: str =
             point = at.setdefault((*group, step), {"eval/kl": [], y: []})
             point["eval/kl"].append(kl[i])
             point[y].append(score[i])
-    rows = [{"method": m, "beta": b, "step": step,
-             **{f"{c} {k}": v for c in ("eval/kl", y) for k, v in S.bootstrap_mean(cols[c], draws, (m, b)).items()}}
-            for (m, b, step), cols in sorted(at.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2]))]
+    rows = [
+        {
+            "method": m,
+            "beta": b,
+            "step": step,
+            **{f"{c} {k}": v for c in ("eval/kl", y) for k, v in S.bootstrap_mean(cols[c], draws, (m, b)).items()},
+        }
+        for (m, b, step), cols in sorted(at.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2]))
+    ]
     return pd.DataFrame(rows, columns=[*GROUP, "step", *(f"{c} {k}" for c in ("eval/kl", y) for k in STATS)])
 
 
@@ -130,9 +142,11 @@ def first_crossing(track, values, level: float) -> float:
 
 def crossings(evals: pd.DataFrame, track: str, value: str, level: float) -> pd.Series:
     """first_crossing of every run's eval trajectory (ordered by step), indexed by RUN."""
+
     def one(run: pd.DataFrame) -> float:
         run = run.sort_values("step").dropna(subset=[track, value])
         return first_crossing(run[track], run[value], level)
+
     return evals.groupby(RUN, dropna=False)[[track, value, "step"]].apply(one)
 
 
@@ -179,8 +193,9 @@ def seed_seconds(runs: pd.DataFrame, timings: pd.DataFrame, method: str) -> tupl
 def with_earlier_stages(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
     """Metrics rows with their run's cost from the start: SECONDS = `wall_seconds` + the earlier stages' seconds,
     FLOPS = `flops` (the run's own training FLOPs so far) + theirs (NaN for runs that logged no FLOPs)."""
-    out = frame.merge(earlier[["method", "run_id", "earlier seconds", "earlier FLOPs"]], on=["method", "run_id"],
-                      how="left")
+    out = frame.merge(
+        earlier[["method", "run_id", "earlier seconds", "earlier FLOPs"]], on=["method", "run_id"], how="left"
+    )
     out[SECONDS] = out["wall_seconds"] + out["earlier seconds"]
     out[FLOPS] = (out["flops"] if "flops" in out else math.nan) + out["earlier FLOPs"]
     return out.drop(columns=["earlier seconds", "earlier FLOPs"])
@@ -191,6 +206,7 @@ class AtLevels:
     """One group's runs read at the verdict's KL levels (S.at_levels): `keys` their RUN keys, `values` [n, L], `pseudo`
     [n, L, P] their prompt pseudo-values (None where some run keeps no per-prompt values, or other prompts), `reached`
     [n, L] whether each run's mean KL got to each level."""
+
     keys: list
     values: np.ndarray
     pseudo: np.ndarray | None
@@ -207,8 +223,9 @@ def gold_at_levels(evals: pd.DataFrame, values: PromptValues, levels) -> dict[tu
         read = [S.at_levels(kl, gold, levels) for _, kl, gold in rows]
         prompts = {pseudo.shape[-1] for _, pseudo, _ in read}
         pseudo = np.stack([p for _, p, _ in read]) if len(prompts) == 1 and prompts != {1} else None
-        out[group] = AtLevels([k for k, _, _ in rows], np.stack([v for v, _, _ in read]), pseudo,
-                              np.stack([r for _, _, r in read]))
+        out[group] = AtLevels(
+            [k for k, _, _ in rows], np.stack([v for v, _, _ in read]), pseudo, np.stack([r for _, _, r in read])
+        )
     return out
 
 
@@ -217,8 +234,9 @@ def kl_column(level: float) -> str:
     return f"gold at KL {level:.3g}"
 
 
-def per_run_headline(evals: pd.DataFrame, at: dict[tuple, AtLevels] | None, levels, gold_level: float | None
-                     ) -> pd.DataFrame:
+def per_run_headline(
+    evals: pd.DataFrame, at: dict[tuple, AtLevels] | None, levels, gold_level: float | None
+) -> pd.DataFrame:
     """One row per run: final eval metrics, and where the task has a gold reward, its gold at each of the verdict's KL
     levels (`gold_at_levels`; a run short of a level counts with its last eval point, and `reached` says whether it
     got there) and the end-to-end seconds and training FLOPs to first reach the target gold reward (`evals` carry
@@ -226,15 +244,21 @@ def per_run_headline(evals: pd.DataFrame, at: dict[tuple, AtLevels] | None, leve
     final = final_evals(evals).set_index(RUN)
     out = pd.DataFrame(index=final.index)
     if at is not None:
-        read = pd.DataFrame([dict(zip(RUN, key), **{kl_column(level): v for level, v in zip(levels, row)},
-                                  **{f"reached KL {level:.3g}": bool(r) for level, r in zip(levels, reached)})
-                             for group in at.values() for key, row, reached in zip(group.keys, group.values,
-                                                                                   group.reached)])
+        read = pd.DataFrame(
+            [
+                dict(
+                    zip(RUN, key),
+                    **{kl_column(level): v for level, v in zip(levels, row)},
+                    **{f"reached KL {level:.3g}": bool(r) for level, r in zip(levels, reached)},
+                )
+                for group in at.values()
+                for key, row, reached in zip(group.keys, group.values, group.reached)
+            ]
+        )
         out = out.join(read.set_index(RUN)) if len(read) else out
         out["seconds to target gold"] = crossings(evals, "eval/gold", SECONDS, gold_level)
         out["training FLOPs to target gold"] = crossings(evals, "eval/gold", FLOPS, gold_level)
-    wanted = ["eval/gold", "eval/gold_sem", "eval/kl", "eval/proxy", "heldout/rm_accuracy",
-              "heldout/implicit_accuracy"]
+    wanted = ["eval/gold", "eval/gold_sem", "eval/kl", "eval/proxy", "heldout/rm_accuracy", "heldout/implicit_accuracy"]
     out = out.join(final[[c for c in wanted if c in final]].add_prefix("final "))
     return out.reset_index()
 
@@ -265,8 +289,9 @@ def compare(at: dict[tuple, AtLevels], a: tuple, b: tuple, level: int) -> S.Cont
     return S.t_contrast([ga.values[:, level], gb.values[:, level]], pseudo)
 
 
-def verdict(at: dict[tuple, AtLevels], a: tuple, b: tuple, levels, worded: bool,
-            names: tuple[str, str] = ("PPO", "DPO")) -> pd.DataFrame:
+def verdict(
+    at: dict[tuple, AtLevels], a: tuple, b: tuple, levels, worded: bool, names: tuple[str, str] = ("PPO", "DPO")
+) -> pd.DataFrame:
     """Group a − group b in gold at each KL level: the difference of means, its 95% Welch interval with the prompts'
     term (S.t_contrast), its p-value, the seeds and how many reached the level, the between-seed sds, and the words:
     only at the first (primary) level, and only where `worded` (the levels were fixed before the runs); the others
@@ -275,22 +300,39 @@ def verdict(at: dict[tuple, AtLevels], a: tuple, b: tuple, levels, worded: bool,
     for i, level in enumerate(levels):
         c = compare(at, a, b, i)
         va, vb = at[a].values[:, i], at[b].values[:, i]
-        row = {"KL level": level, "primary": i == 0, "difference": float(va.mean() - vb.mean()),
-               "lo": math.nan, "hi": math.nan, "p": math.nan, "df": math.nan,
-               "seeds a": len(va), "seeds b": len(vb), "reached a": int(at[a].reached[:, i].sum()),
-               "reached b": int(at[b].reached[:, i].sum()),
-               "sd a": float(va.std(ddof=1)) if len(va) > 1 else math.nan,
-               "sd b": float(vb.std(ddof=1)) if len(vb) > 1 else math.nan,
-               "prompt term sd": math.nan, "n prompts": 1}
+        row = {
+            "KL level": level,
+            "primary": i == 0,
+            "difference": float(va.mean() - vb.mean()),
+            "lo": math.nan,
+            "hi": math.nan,
+            "p": math.nan,
+            "df": math.nan,
+            "seeds a": len(va),
+            "seeds b": len(vb),
+            "reached a": int(at[a].reached[:, i].sum()),
+            "reached b": int(at[b].reached[:, i].sum()),
+            "sd a": float(va.std(ddof=1)) if len(va) > 1 else math.nan,
+            "sd b": float(vb.std(ddof=1)) if len(vb) > 1 else math.nan,
+            "prompt term sd": math.nan,
+            "n prompts": 1,
+        }
         if c is not None:
-            row.update(lo=float(c.lo), hi=float(c.hi), p=float(c.p), df=float(c.df),
-                       **{"prompt term sd": float(np.sqrt(c.prompt_var)), "n prompts": c.n_prompts})
+            row.update(
+                lo=float(c.lo),
+                hi=float(c.hi),
+                p=float(c.p),
+                df=float(c.df),
+                **{"prompt term sd": float(np.sqrt(c.prompt_var)), "n prompts": c.n_prompts},
+            )
         words = S.verdict_words(row["lo"], row["hi"], len(va), len(vb), *names)
         if i > 0:
             words = "A secondary level: shown without words (only the primary level is tested)."
         elif not worded:
-            words = ("No verdict: no KL level was fixed before these runs (report.kl_levels), so this level was read "
-                     "from the runs it scores; the interval is shown without words.")
+            words = (
+                "No verdict: no KL level was fixed before these runs (report.kl_levels), so this level was read "
+                "from the runs it scores; the interval is shown without words."
+            )
         rows.append({**row, "verdict": words})
     return pd.DataFrame(rows)
 
@@ -307,16 +349,23 @@ def power(row: pd.Series) -> pd.DataFrame:
     limits = [S.sd_limits(row["sd a"], n_a), S.sd_limits(row["sd b"], n_b)]
     rows = []
     for label, diff in (("observed", abs(row["difference"])), *((f"{d:g}", d) for d in POWER_AT)):
-        rows.append({"difference": label, "gold": diff,
-                     "seeds per method": S.seeds_for_power(diff, row["sd a"], row["sd b"], prompt_var, P),
-                     "if the sds are at their lower limits": S.seeds_for_power(diff, limits[0][0], limits[1][0],
-                                                                               prompt_var, P),
-                     "if at their upper limits": S.seeds_for_power(diff, limits[0][1], limits[1][1], prompt_var, P)})
+        rows.append(
+            {
+                "difference": label,
+                "gold": diff,
+                "seeds per method": S.seeds_for_power(diff, row["sd a"], row["sd b"], prompt_var, P),
+                "if the sds are at their lower limits": S.seeds_for_power(
+                    diff, limits[0][0], limits[1][0], prompt_var, P
+                ),
+                "if at their upper limits": S.seeds_for_power(diff, limits[0][1], limits[1][1], prompt_var, P),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def variance_split(at: dict[tuple, AtLevels], a: tuple, b: tuple, names: tuple[str, str] = ("PPO", "DPO"),
-                   level: int = 0) -> pd.DataFrame:
+def variance_split(
+    at: dict[tuple, AtLevels], a: tuple, b: tuple, names: tuple[str, str] = ("PPO", "DPO"), level: int = 0
+) -> pd.DataFrame:
     """What the spread of a − b at the primary level is made of, per method: the between-seed sd of per-run values;
     its part that is each run's own prompt-sampling noise (√(noise_ms/P): the sd of a run's mean over its prompts);
     the rest, the true seed-to-seed sd; and the prompt × method interaction (sd per prompt, and of the difference's
@@ -336,8 +385,15 @@ def variance_split(at: dict[tuple, AtLevels], a: tuple, b: tuple, names: tuple[s
     return pd.DataFrame(rows)
 
 
-def allocation(split: pd.DataFrame, n_a: int, n_b: int, n_prompts: int, seed_pair_seconds: float,
-               eval_seconds: float, names: tuple[str, str] = ("PPO", "DPO")) -> pd.DataFrame:
+def allocation(
+    split: pd.DataFrame,
+    n_a: int,
+    n_b: int,
+    n_prompts: int,
+    seed_pair_seconds: float,
+    eval_seconds: float,
+    names: tuple[str, str] = ("PPO", "DPO"),
+) -> pd.DataFrame:
     """What narrows the verdict's interval for the CPU time: its expected half-width now, with one more seed per
     method, and with twice the eval prompts, from the measured variance split (se² = Σ (σ²_seed + σ²_noise,P/P')/n +
     σ²_interaction/P'), with the CPU seconds each costs: a seed pair's training and evaluation, or every compared
@@ -345,19 +401,38 @@ def allocation(split: pd.DataFrame, n_a: int, n_b: int, n_prompts: int, seed_pai
     sd = split.set_index("component")["sd"]
 
     def half(n: tuple[int, int], P: int) -> float:
-        parts = [(sd[f"{m}: true seed-to-seed"] ** 2 + sd[f"{m}: a run's own prompt noise (sd of its mean)"] ** 2
-                  * n_prompts / P) / k for m, k in zip(names, n)]
+        parts = [
+            (
+                sd[f"{m}: true seed-to-seed"] ** 2
+                + sd[f"{m}: a run's own prompt noise (sd of its mean)"] ** 2 * n_prompts / P
+            )
+            / k
+            for m, k in zip(names, n)
+        ]
         prompt = sd["prompt × method interaction, a prompt"] ** 2 / P
         df = sum(parts) ** 2 / sum(p**2 / (k - 1) for p, k in zip(parts, n))
         return float(S.t_dist.ppf(0.975, df) * math.sqrt(sum(parts) + prompt))
 
     now = half((n_a, n_b), n_prompts)
-    return pd.DataFrame([
-        {"design": f"now: {n_a} + {n_b} seeds, {n_prompts} prompts", "expected half-width": now, "CPU seconds": 0.0},
-        {"design": "one more seed per method", "expected half-width": half((n_a + 1, n_b + 1), n_prompts),
-         "CPU seconds": seed_pair_seconds},
-        {"design": "twice the eval prompts", "expected half-width": half((n_a, n_b), 2 * n_prompts),
-         "CPU seconds": eval_seconds}])
+    return pd.DataFrame(
+        [
+            {
+                "design": f"now: {n_a} + {n_b} seeds, {n_prompts} prompts",
+                "expected half-width": now,
+                "CPU seconds": 0.0,
+            },
+            {
+                "design": "one more seed per method",
+                "expected half-width": half((n_a + 1, n_b + 1), n_prompts),
+                "CPU seconds": seed_pair_seconds,
+            },
+            {
+                "design": "twice the eval prompts",
+                "expected half-width": half((n_a, n_b), 2 * n_prompts),
+                "CPU seconds": eval_seconds,
+            },
+        ]
+    )
 
 
 def band(evals: pd.DataFrame, values: PromptValues, draws: S.Draws, column: str) -> pd.DataFrame:
@@ -368,9 +443,17 @@ def band(evals: pd.DataFrame, values: PromptValues, draws: S.Draws, column: str)
     for group, _, run in runs_of(evals, column):
         for i, (step, v) in enumerate(zip(run["step"], values.get(run, column))):
             at.setdefault((*group, step), []).append((v, run[SECONDS].iloc[i], run[FLOPS].iloc[i]))
-    rows = [{"method": m, "beta": b, "step": step, SECONDS: np.mean([p[1] for p in points]),
-             FLOPS: np.mean([p[2] for p in points]), **S.bootstrap_mean([p[0] for p in points], draws, (m, b))}
-            for (m, b, step), points in at.items()]
+    rows = [
+        {
+            "method": m,
+            "beta": b,
+            "step": step,
+            SECONDS: np.mean([p[1] for p in points]),
+            FLOPS: np.mean([p[2] for p in points]),
+            **S.bootstrap_mean([p[0] for p in points], draws, (m, b)),
+        }
+        for (m, b, step), points in at.items()
+    ]
     return pd.DataFrame(rows, columns=[*GROUP, "step", SECONDS, FLOPS, *STATS])
 
 
@@ -393,8 +476,9 @@ def flag_spikes(train: pd.DataFrame, columns: list[str], window: int, k: float) 
         for col in columns:
             if col in run and run[col].notna().any():
                 values = run.dropna(subset=[col])
-                parts.append(values[[*RUN, "step"]].assign(series=col, value=values[col],
-                                                            spike=spikes(values[col], window, k)))
+                parts.append(
+                    values[[*RUN, "step"]].assign(series=col, value=values[col], spike=spikes(values[col], window, k))
+                )
     columns_out = [*RUN, "step", "series", "value", "spike"]
     return pd.concat(parts)[columns_out] if parts else pd.DataFrame(columns=columns_out)
 
@@ -412,8 +496,6 @@ def series_summary(train: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     long = long.sort_values("step", kind="stable")
     out = long.groupby([*RUN, "series"], dropna=False)["value"].agg(["first", "last", "mean", "max"])
     return out.reset_index()
-
-
 
 
 def overoptimisation(evals: pd.DataFrame) -> pd.DataFrame:
@@ -443,8 +525,16 @@ def gao_fits(gains: pd.DataFrame) -> pd.DataFrame:
             points = runs.dropna(subset=["d", f"{reward} gain"])
             if len(points) >= 3:  # two coefficients: at least one point beyond them to judge the fit
                 alpha, beta = S.fit_gao(points["d"], points[f"{reward} gain"], form)
-                rows.append({"method": method, "reward": reward, "form": S.GAO_FORMS[form], "α": alpha, "β": beta,
-                             "points": len(points)})
+                rows.append(
+                    {
+                        "method": method,
+                        "reward": reward,
+                        "form": S.GAO_FORMS[form],
+                        "α": alpha,
+                        "β": beta,
+                        "points": len(points),
+                    }
+                )
     return pd.DataFrame(rows, columns=["method", "reward", "form", "α", "β", "points"])
 
 
@@ -467,8 +557,11 @@ def heldout_scores(final: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             model = [rm_of.get((m, r)) for m, r in zip(rows["method"], rows["run_id"])]
             rows = rows.assign(model=[m if isinstance(m, str) else r for m, r in zip(model, rows["run_id"])])
             rows = rows.drop_duplicates([*GROUP, "model"])
-        parts.append(rows[RUN].assign(scorer=label, accuracy=rows[f"heldout/{key}_accuracy"],
-                                      margin=rows[f"heldout/{key}_margin"]))
+        parts.append(
+            rows[RUN].assign(
+                scorer=label, accuracy=rows[f"heldout/{key}_accuracy"], margin=rows[f"heldout/{key}_margin"]
+            )
+        )
     columns = [*RUN, "scorer", "accuracy", "margin"]
     return pd.concat(parts)[columns] if parts else pd.DataFrame(columns=columns)
 
@@ -476,8 +569,11 @@ def heldout_scores(final: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 def stage_costs(timings: pd.DataFrame) -> pd.DataFrame:
     """Per method and stage: runs, mean wall-clock seconds and FLOPs per run, max peak memory."""
     per_stage = timings.groupby(["method", "stage"]).agg(
-        runs=("run_id", "nunique"), seconds=("seconds", "mean"), flops=("flops", "mean"),
-        peak_memory_mb=("peak_memory_mb", "max"))
+        runs=("run_id", "nunique"),
+        seconds=("seconds", "mean"),
+        flops=("flops", "mean"),
+        peak_memory_mb=("peak_memory_mb", "max"),
+    )
     return per_stage.reset_index()
 
 
@@ -490,14 +586,20 @@ def method_costs(metrics: pd.DataFrame, earlier: pd.DataFrame, timings: pd.DataF
     evaluation = timings[timings["stage"] == "eval"].groupby(RUN, dropna=False)["flops"].sum(min_count=1)
     evaluation = evaluation.rename("eval_flops")
     runs = own.join(evaluation).reset_index().merge(earlier, on=RUN, how="left")
-    runs = runs.assign(**{"own loop FLOPs": runs["own_flops"], "earlier stages FLOPs": runs["earlier FLOPs"],
-                          FLOPS: runs["own_flops"] + runs["earlier FLOPs"],
-                          SECONDS: runs["own_seconds"] + runs["earlier seconds"],
-                          "evaluation FLOPs": runs["eval_flops"]})
+    runs = runs.assign(
+        **{
+            "own loop FLOPs": runs["own_flops"],
+            "earlier stages FLOPs": runs["earlier FLOPs"],
+            FLOPS: runs["own_flops"] + runs["earlier FLOPs"],
+            SECONDS: runs["own_seconds"] + runs["earlier seconds"],
+            "evaluation FLOPs": runs["eval_flops"],
+        }
+    )
     columns = ["own loop FLOPs", "earlier stages FLOPs", FLOPS, SECONDS, "evaluation FLOPs"]
     out = runs.groupby("method")[columns].mean()
     return out.join(runs.groupby("method")["run_id"].nunique().rename("runs")).reset_index()[
-        ["method", "runs", *columns]]
+        ["method", "runs", *columns]
+    ]
 
 
 def preference_set_costs(data_manifests: list[dict], shas: set[str]) -> pd.DataFrame:
@@ -507,8 +609,13 @@ def preference_set_costs(data_manifests: list[dict], shas: set[str]) -> pd.DataF
     for d in data_manifests:
         if d.get("sha256") in shas:
             splits = [s for s in (d.get("stats") or {}).values() if isinstance(s, dict) and "sampling_flops" in s]
-            rows.append({"preference set": d["sha256"][:12], "seconds": d.get("build_seconds", math.nan),
-                         "flops": sum(s["sampling_flops"] for s in splits) if splits else math.nan})
+            rows.append(
+                {
+                    "preference set": d["sha256"][:12],
+                    "seconds": d.get("build_seconds", math.nan),
+                    "flops": sum(s["sampling_flops"] for s in splits) if splits else math.nan,
+                }
+            )
     return pd.DataFrame(rows, columns=["preference set", "seconds", "flops"])
 
 
@@ -522,10 +629,18 @@ def budgets(runs: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     included = runs[runs["included"] & runs["method"].isin(methods)]
     if included.empty or not set(BUDGET) <= set(included):
         return pd.DataFrame(columns=[*GROUP, *BUDGET.values(), "runs"])
-    rows = [{"method": method, "beta": beta, "runs": len(group),
-             **{name: " / ".join(f"{v:g}" for v in sorted(group[c].dropna().unique())) or "–"
-                for c, name in BUDGET.items()}}
-            for (method, beta), group in included.groupby(GROUP, sort=False)]
+    rows = [
+        {
+            "method": method,
+            "beta": beta,
+            "runs": len(group),
+            **{
+                name: " / ".join(f"{v:g}" for v in sorted(group[c].dropna().unique())) or "–"
+                for c, name in BUDGET.items()
+            },
+        }
+        for (method, beta), group in included.groupby(GROUP, sort=False)
+    ]
     return pd.DataFrame(rows)[[*GROUP, *BUDGET.values(), "runs"]]
 
 

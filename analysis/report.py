@@ -32,13 +32,24 @@ from rlhf.methods import with_role
 COMPARED = tuple(with_role("compared"))
 ONLINE = tuple(with_role("online"))  # docs/online.md
 # Why PPO wins or loses: each pair is read as the verdict reads PPO − DPO, at its primary level, one Holm family
-CAUSES = (("online vs offline", "ppo", "dpo"), ("online vs offline", "rloo", "dpo"),
-          ("online vs offline", "online-dpo", "dpo"), ("critic vs none", "ppo", "rloo"))
+CAUSES = (
+    ("online vs offline", "ppo", "dpo"),
+    ("online vs offline", "rloo", "dpo"),
+    ("online vs offline", "online-dpo", "dpo"),
+    ("critic vs none", "ppo", "rloo"),
+)
 REFERENCE, BEST_OF_N = "reference", "bon"  # π_ref, every frontier's origin; Best of N, which trains nothing
 BASELINES = {m: f"make {m}" for m in with_role("baseline")}  # the DPO paper's controls
 SPIKE_SERIES = ["loss", "loss/policy", "loss/value", "grad_norm"]
-HEALTH_SERIES = ["policy/clipfrac", "policy/approxkl", "val/clipfrac", "loss/value", "logps/chosen",
-                 "logps/rejected", "rewards/margins"]
+HEALTH_SERIES = [
+    "policy/clipfrac",
+    "policy/approxkl",
+    "val/clipfrac",
+    "loss/value",
+    "logps/chosen",
+    "logps/rejected",
+    "rewards/margins",
+]
 GOLD_UNITS = {"sentiment": "VADER compound, −1 to 1"}
 
 
@@ -76,10 +87,16 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
         if stat in ("n", "std", "lo", "hi") and f"{base} mean" in frame:
             continue
         if stat == "mean" and f"{base} lo" in frame:
-            out[base] = [f"{_num(m)} [{_num(lo)}, {_num(hi)}] sd {_num(sd)} (n={n})" if n > 1 else
-                         f"{_num(m)} (n=1)" if n == 1 else "–" for m, lo, hi, sd, n in
-                         zip(frame[col], frame[f"{base} lo"], frame[f"{base} hi"], frame[f"{base} std"],
-                             frame[f"{base} n"])]
+            out[base] = [
+                f"{_num(m)} [{_num(lo)}, {_num(hi)}] sd {_num(sd)} (n={n})"
+                if n > 1
+                else f"{_num(m)} (n=1)"
+                if n == 1
+                else "–"
+                for m, lo, hi, sd, n in zip(
+                    frame[col], frame[f"{base} lo"], frame[f"{base} hi"], frame[f"{base} std"], frame[f"{base} n"]
+                )
+            ]
         elif col == "method":
             out[col] = frame[col].map(P.name)  # the legend's names; the CSVs keep the run-directory ids
         elif pd.api.types.is_float_dtype(frame[col]):
@@ -123,6 +140,7 @@ def costed_evals(runs: Runs, methods: list[str] | None = None) -> pd.DataFrame:
 class Stats:
     """What every section's numbers share: the per-prompt values, one set of bootstrap draws (the plots' bands), and,
     where the runs have a gold reward, every group read at the verdict's KL levels."""
+
     values: M.PromptValues
     draws: S.Draws
     levels: list[float] = field(default_factory=list)  # the verdict's KL levels, the primary first
@@ -154,13 +172,17 @@ def has_gold(runs: Runs) -> bool:
 
 
 def _level_source(stats: Stats) -> str:
-    return ("the primary level, fixed in the profile before these runs: report.kl_levels, docs/tuning.md"
-            if stats.registered else "not fixed in advance: the largest KL every PPO and DPO run reaches")
+    return (
+        "the primary level, fixed in the profile before these runs: report.kl_levels, docs/tuning.md"
+        if stats.registered
+        else "not fixed in advance: the largest KL every PPO and DPO run reaches"
+    )
 
 
 def _reached(row: pd.Series, names=("PPO", "DPO")) -> str:
-    return " and ".join(f"{name} {int(row[f'reached {s}'])} of {int(row[f'seeds {s}'])}"
-                        for name, s in zip(names, ("a", "b")))
+    return " and ".join(
+        f"{name} {int(row[f'reached {s}'])} of {int(row[f'seeds {s}'])}" for name, s in zip(names, ("a", "b"))
+    )
 
 
 VERDICT_TITLE = "Verdict: PPO vs DPO in gold reward at a fixed KL"
@@ -170,6 +192,7 @@ VERDICT_TITLE = "Verdict: PPO vs DPO in gold reward at a fixed KL"
 class Verdict:
     """The verdict where a reader looks for it: the sentence and what qualifies it open the page; the detail behind it
     (every level, power, what the interval is made of, why PPO wins or loses) and how it is computed come later."""
+
     lead: Section
     detail: list[Section] = field(default_factory=list)
     method: list[Section] = field(default_factory=list)
@@ -184,8 +207,10 @@ def verdict_sections(runs: Runs, cfg: Config, stats: Stats | None = None) -> Ver
     a, b = ("ppo", cfg.beta), ("dpo", cfg.beta)
     if stats.at is None or a not in stats.at or b not in stats.at:
         missing = [P.name(g[0]) for g in (a, b) if stats.at is None or g not in stats.at]
-        lead.notes.append(f"No verdict: no completed {' or '.join(missing)} run at β = {cfg.beta:g} with a gold "
-                          "reward and a KL (see the headline's notes for what is missing).")
+        lead.notes.append(
+            f"No verdict: no completed {' or '.join(missing)} run at β = {cfg.beta:g} with a gold "
+            "reward and a KL (see the headline's notes for what is missing)."
+        )
         return Verdict(lead)
     table = M.verdict(stats.at, a, b, stats.levels, stats.registered)
     first = table.iloc[0]
@@ -193,29 +218,45 @@ def verdict_sections(runs: Runs, cfg: Config, stats: Stats | None = None) -> Ver
         f"**PPO − DPO = {_signed(first['difference'])} [{_signed(first['lo'])}, {_signed(first['hi'])}]** in gold "
         f"reward at KL {first['KL level']:.3g} nats ({_level_source(stats)}), {int(first['seeds a'])} PPO and "
         f"{int(first['seeds b'])} DPO seeds, 95% Welch t-interval over the runs with a term for the shared eval "
-        f"prompts. {first['verdict']}")
+        f"prompts. {first['verdict']}"
+    )
     short = table[(table["reached a"] < table["seeds a"]) | (table["reached b"] < table["seeds b"])]
     if len(short):
         lead.notes.append(
-            "Reached by " + "; ".join(f"{_reached(r)} seeds at {r['KL level']:.3g} nats" for _, r in short.iterrows())
+            "Reached by "
+            + "; ".join(f"{_reached(r)} seeds at {r['KL level']:.3g} nats" for _, r in short.iterrows())
             + ". A run that stops short of a level counts with the gold of its last eval point, the most it reached "
-            "within its budget (no run is dropped): a method whose runs stop short is read low, not left out.")
+            "within its budget (no run is dropped): a method whose runs stop short is read low, not left out."
+        )
     if first["KL level"] <= 0:
-        lead.notes.append("**The KL level is 0**: both methods are read at π_ref and the comparison says nothing; "
-                          "set report.kl_levels (docs/tuning.md).")
-    few = [f"{P.name(g[0])} {len(stats.at[g].keys)} run(s)" for g in (a, b)
-           if any(len(run) < 5 for run in _eval_counts(runs, g, stats.at[g].keys))]
+        lead.notes.append(
+            "**The KL level is 0**: both methods are read at π_ref and the comparison says nothing; "
+            "set report.kl_levels (docs/tuning.md)."
+        )
+    few = [
+        f"{P.name(g[0])} {len(stats.at[g].keys)} run(s)"
+        for g in (a, b)
+        if any(len(run) < 5 for run in _eval_counts(runs, g, stats.at[g].keys))
+    ]
     if few:
-        lead.notes.append(f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at a KL level "
-                          "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md).")
+        lead.notes.append(
+            f"Fewer than 5 eval points in some runs ({', '.join(few)}): their value at a KL level "
+            "comes from a long interpolation; set `eval_every` for at least 5 (docs/analysis.md)."
+        )
 
-    detail = Section("The verdict in detail: every KL level, power, what the interval is made of",
-                     tables=[Table("verdict", table)])
+    detail = Section(
+        "The verdict in detail: every KL level, power, what the interval is made of", tables=[Table("verdict", table)]
+    )
     if len(table) > 1:
         detail.notes.append(
-            "Secondary levels, shown without words (one test carries the verdict): " + "; ".join(
+            "Secondary levels, shown without words (one test carries the verdict): "
+            + "; ".join(
                 f"at {r['KL level']:.3g} nats PPO − DPO = {_signed(r['difference'])} [{_signed(r['lo'])}, "
-                f"{_signed(r['hi'])}]" for _, r in table.iloc[1:].iterrows()) + ".")
+                f"{_signed(r['hi'])}]"
+                for _, r in table.iloc[1:].iterrows()
+            )
+            + "."
+        )
     power = M.power(first)
     detail.notes.append(power_line(first, power))
     detail.tables.append(Table("verdict_power", power))
@@ -224,21 +265,26 @@ def verdict_sections(runs: Runs, cfg: Config, stats: Stats | None = None) -> Ver
         seconds = [M.seed_seconds(runs.runs, runs.timings, m) for m in COMPARED]  # (a seed's, its evaluation's)
         seed_pair = sum(total for total, _ in seconds)
         evaluation = sum(evals * int(first[f"seeds {s}"]) for (_, evals), s in zip(seconds, ("a", "b")))
-        allocation = M.allocation(split, int(first["seeds a"]), int(first["seeds b"]), int(first["n prompts"]),
-                                  seed_pair, evaluation)
+        allocation = M.allocation(
+            split, int(first["seeds a"]), int(first["seeds b"]), int(first["n prompts"]), seed_pair, evaluation
+        )
         detail.notes.append(allocation_line(split, allocation))
         detail.tables += [Table("variance_split", split), Table("allocation", allocation)]
     causes = causes_table(stats, cfg.beta)
     if len(causes) > 1:  # RLOO or online DPO ran: what PPO's difference comes from
         detail.notes.append(causes_paragraph(causes))
         detail.tables.append(Table("verdict_causes", causes))
-    method = Section("How the verdict is read", notes=[
-        "How it is read: each run's gold at a KL level is interpolated from its eval points by a monotone cubic in "
-        "√KL (docs/analysis.md); a method's value is the mean over its seeds. The interval is Welch's t over the "
-        "per-run values (Welch–Satterthwaite degrees of freedom) with a term for what the shared eval prompts add "
-        "beyond the seeds' spread (the prompt × method interaction, from prompt-jackknife pseudo-values); its "
-        "coverage is simulated at 2–8 seeds per method (`make coverage`). The KL levels are fixed before the runs "
-        "and never recomputed from them."])
+    method = Section(
+        "How the verdict is read",
+        notes=[
+            "How it is read: each run's gold at a KL level is interpolated from its eval points by a monotone cubic in "
+            "√KL (docs/analysis.md); a method's value is the mean over its seeds. The interval is Welch's t over the "
+            "per-run values (Welch–Satterthwaite degrees of freedom) with a term for what the shared eval prompts add "
+            "beyond the seeds' spread (the prompt × method interaction, from prompt-jackknife pseudo-values); its "
+            "coverage is simulated at 2–8 seeds per method (`make coverage`). The KL levels are fixed before the runs "
+            "and never recomputed from them."
+        ],
+    )
     return Verdict(lead, [detail], [method])
 
 
@@ -247,9 +293,13 @@ def causes_table(stats: Stats, beta: float) -> pd.DataFrame:
     its Welch interval (M.verdict), and words from Holm-adjusted p-values over the pairs shown (one family, its
     family-wise error at most 5%)."""
     at = stats.at or {}
-    rows = [M.verdict(at, (a, beta), (b, beta), stats.levels[:1], stats.registered, (P.name(a), P.name(b))).assign(
-                question=question, comparison=f"{P.name(a)} − {P.name(b)}", names=[(P.name(a), P.name(b))])
-            for question, a, b in CAUSES if (a, beta) in at and (b, beta) in at]
+    rows = [
+        M.verdict(at, (a, beta), (b, beta), stats.levels[:1], stats.registered, (P.name(a), P.name(b))).assign(
+            question=question, comparison=f"{P.name(a)} − {P.name(b)}", names=[(P.name(a), P.name(b))]
+        )
+        for question, a, b in CAUSES
+        if (a, beta) in at and (b, beta) in at
+    ]
     if not rows:
         return pd.DataFrame()
     table = pd.concat(rows, ignore_index=True)
@@ -272,20 +322,29 @@ def _holm_words(row: pd.Series) -> str:
 def causes_paragraph(causes: pd.DataFrame) -> str:
     """One paragraph that reads the four methods together at the primary KL level: online vs offline (each online
     method against DPO), then critic vs none (PPO against RLOO)."""
+
     def said(question: str) -> str:
         rows = causes[causes["question"] == question]
-        return "; ".join(f"{r['comparison']} = {_signed(r['difference'])} [{_signed(r['lo'])}, {_signed(r['hi'])}] "
-                         f"(reached by {_reached(r, r['comparison'].split(' − '))}): {r['verdict'].rstrip('.')}"
-                         for _, r in rows.iterrows()) or "not run"
+        return (
+            "; ".join(
+                f"{r['comparison']} = {_signed(r['difference'])} [{_signed(r['lo'])}, {_signed(r['hi'])}] "
+                f"(reached by {_reached(r, r['comparison'].split(' − '))}): {r['verdict'].rstrip('.')}"
+                for _, r in rows.iterrows()
+            )
+            or "not run"
+        )
+
     level = causes["KL level"].iloc[0]
-    return (f"**Why PPO wins or loses** (docs/online.md), in gold at the verdict's primary level, {level:.3g} nats; "
-            "the words come from Holm-adjusted p-values over these comparisons (one family). Online vs offline (PPO, "
-            "RLOO and online DPO sample from the current policy and are scored by the same reward model; DPO learns "
-            f"from the fixed pairs): {said('online vs offline')}. Critic vs none (PPO and RLOO optimise the same eq. "
-            f"(2) against the same reward model; only PPO has a value model): {said('critic vs none')}. Where every "
-            "online method is ahead of DPO, sampling from the policy is what helps, whatever the loss; where PPO is "
-            "ahead of RLOO too, its critic adds to that; where PPO and RLOO are not distinguishable, the critic is "
-            "not what PPO's difference comes from at this many seeds.")
+    return (
+        f"**Why PPO wins or loses** (docs/online.md), in gold at the verdict's primary level, {level:.3g} nats; "
+        "the words come from Holm-adjusted p-values over these comparisons (one family). Online vs offline (PPO, "
+        "RLOO and online DPO sample from the current policy and are scored by the same reward model; DPO learns "
+        f"from the fixed pairs): {said('online vs offline')}. Critic vs none (PPO and RLOO optimise the same eq. "
+        f"(2) against the same reward model; only PPO has a value model): {said('critic vs none')}. Where every "
+        "online method is ahead of DPO, sampling from the policy is what helps, whatever the loss; where PPO is "
+        "ahead of RLOO too, its critic adds to that; where PPO and RLOO are not distinguishable, the critic is "
+        "not what PPO's difference comes from at this many seeds."
+    )
 
 
 def _signed(x: float) -> str:
@@ -300,18 +359,26 @@ def _eval_counts(runs: Runs, group: tuple, keys: list) -> list[list]:
 def power_line(row: pd.Series, power: pd.DataFrame) -> str:
     """The power line: how many seeds per method the verdict's test needs for 80% power, from the t distribution."""
     if math.isnan(row["sd a"]) or math.isnan(row["sd b"]):
-        return ("Power: unknown: one seed of a method gives no between-seed variance. With 2 or more seeds each, this "
-                "line says how many would resolve a difference of the observed size, 0.1 and 0.05.")
+        return (
+            "Power: unknown: one seed of a method gives no between-seed variance. With 2 or more seeds each, this "
+            "line says how many would resolve a difference of the observed size, 0.1 and 0.05."
+        )
 
     def n(x: float) -> str:
         return "–" if math.isnan(x) else "more than 1,000" if math.isinf(x) else f"{x:.0f}"
-    said = "; ".join(f"{'the observed ' if r['difference'] == 'observed' else ''}{r['gold']:.3g}: "
-                     f"{n(r['seeds per method'])} ({n(r['if the sds are at their lower limits'])}–"
-                     f"{n(r['if at their upper limits'])})" for _, r in power.iterrows())
-    return (f"Power of this test (two-sided 5%, Welch's t, noncentral t): seeds per method for 80% power to resolve a "
-            f"difference in gold of {said}; in brackets, the range that the between-seed sds' 80% confidence limits "
-            f"give (observed sd PPO {row['sd a']:.3g}, DPO {row['sd b']:.3g}, from {int(row['seeds a'])} and "
-            f"{int(row['seeds b'])} seeds). This report has {int(row['seeds a'])} and {int(row['seeds b'])}.")
+
+    said = "; ".join(
+        f"{'the observed ' if r['difference'] == 'observed' else ''}{r['gold']:.3g}: "
+        f"{n(r['seeds per method'])} ({n(r['if the sds are at their lower limits'])}–"
+        f"{n(r['if at their upper limits'])})"
+        for _, r in power.iterrows()
+    )
+    return (
+        f"Power of this test (two-sided 5%, Welch's t, noncentral t): seeds per method for 80% power to resolve a "
+        f"difference in gold of {said}; in brackets, the range that the between-seed sds' 80% confidence limits "
+        f"give (observed sd PPO {row['sd a']:.3g}, DPO {row['sd b']:.3g}, from {int(row['seeds a'])} and "
+        f"{int(row['seeds b'])} seeds). This report has {int(row['seeds a'])} and {int(row['seeds b'])}."
+    )
 
 
 def allocation_line(split: pd.DataFrame, allocation: pd.DataFrame) -> str:
@@ -320,12 +387,14 @@ def allocation_line(split: pd.DataFrame, allocation: pd.DataFrame) -> str:
     noise = {m: sd[f"{m}: a run's own prompt noise (sd of its mean)"] for m in ("PPO", "DPO")}
     interaction = sd["prompt × method interaction, the difference's mean"]
     now, seed, prompts = allocation.itertuples(index=False)
-    return (f"What the interval is made of (`variance_split.csv`): true seed-to-seed sd PPO "
-            f"{sd['PPO: true seed-to-seed']:.3g}, DPO {sd['DPO: true seed-to-seed']:.3g}; a run's own prompt noise "
-            f"(sd of its mean) PPO {noise['PPO']:.3g}, DPO {noise['DPO']:.3g}; prompt × method interaction "
-            f"{interaction:.3g} on the difference. Expected half-width now ±{now[1]:.3f}; one more seed per method "
-            f"±{seed[1]:.3f} for {seed[2] / 60:.0f} CPU-minutes; twice the eval prompts ±{prompts[1]:.3f} for "
-            f"{prompts[2] / 60:.0f} CPU-minutes (`allocation.csv`).")
+    return (
+        f"What the interval is made of (`variance_split.csv`): true seed-to-seed sd PPO "
+        f"{sd['PPO: true seed-to-seed']:.3g}, DPO {sd['DPO: true seed-to-seed']:.3g}; a run's own prompt noise "
+        f"(sd of its mean) PPO {noise['PPO']:.3g}, DPO {noise['DPO']:.3g}; prompt × method interaction "
+        f"{interaction:.3g} on the difference. Expected half-width now ±{now[1]:.3f}; one more seed per method "
+        f"±{seed[1]:.3f} for {seed[2] / 60:.0f} CPU-minutes; twice the eval prompts ±{prompts[1]:.3f} for "
+        f"{prompts[2] / 60:.0f} CPU-minutes (`allocation.csv`)."
+    )
 
 
 def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | None = None) -> Section:
@@ -339,8 +408,9 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
             gold_level, gold_source = cfg.report.target_gold, "set by report.target_gold"
         else:  # from the compared methods' runs, or from every trained run where none exists
             compared = runs.evals([m for m in COMPARED if m in runs.methods])
-            level_runs, who = (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)),
-                                                                                     "trained")
+            level_runs, who = (
+                (compared, "PPO and DPO") if not compared.empty else (runs.evals(trained(runs)), "trained")
+            )
             gold_level, gold_source = M.common_reach(level_runs, "eval/gold"), f"the highest every {who} run reaches"
         section.notes += [
             f"KL levels {', '.join(f'{level:.3g}' for level in stats.levels)} nats per sequence ({_level_source(stats)}"
@@ -354,21 +424,25 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
             "from both, and so is the shared preference set (the cost section).",
             "Cells read: mean over runs [95% t-interval] sd between-run std (n = runs). Gold at a KL level: Welch's "
             "t over the runs with the eval prompts' term (docs/analysis.md); the other columns are run-level "
-            "numbers, a t-interval over runs. One run gives no interval."]
+            "numbers, a t-interval over runs. One run gives no interval.",
+        ]
     elif not has_gold:
-        section.notes.append("This task has no gold reward: the table gives the final KL, the proxy reward (PPO's "
-                             "learned RM; DPO's samples are scored by the same RM where `make ppo` trained it first) "
-                             "and the held-out preference accuracy of each method's own scorer (explicit RM for "
-                             "PPO, implicit reward for DPO) instead. These are not a like-for-like measure of policy "
-                             "quality: PPO maximises that very RM, so the proxy favours PPO and cannot show its "
-                             "over-optimisation. Read them with the held-out section below.")
+        section.notes.append(
+            "This task has no gold reward: the table gives the final KL, the proxy reward (PPO's "
+            "learned RM; DPO's samples are scored by the same RM where `make ppo` trained it first) "
+            "and the held-out preference accuracy of each method's own scorer (explicit RM for "
+            "PPO, implicit reward for DPO) instead. These are not a like-for-like measure of policy "
+            "quality: PPO maximises that very RM, so the proxy favours PPO and cannot show its "
+            "over-optimisation. Read them with the held-out section below."
+        )
     if BEST_OF_N in runs.methods:
         section.notes.append(
             "Best of N: one row per N along its trajectory; its KL is the upper bound log N − (N−1)/N "
             "(docs/baselines.md), so its gold reward at a KL level is read where the bound, not the KL, reaches the "
             "level, which understates it. Its seconds and FLOPs are inference, not training (plus its reward "
             "model's training): sampling and scoring N responses per eval prompt, paid again on every prompt it "
-            "serves.")
+            "serves."
+        )
     section.notes.append(budget_note(runs))
     section.notes += beta_notes(runs)
     if evals.empty:
@@ -377,8 +451,9 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
     per_run = _in_legend_order(M.per_run_headline(evals, stats.at, stats.levels, gold_level))
     section.tables.append(Table("headline", _in_legend_order(M.headline_summary(per_run, stats.at, stats.levels))))
     section.tables.append(Table("headline_per_run", per_run))
-    section.tables.append(Table("budget", _in_legend_order(
-        M.budgets(runs.runs, [m for m in trained(runs) if m != "ppo-gt"]))))
+    section.tables.append(
+        Table("budget", _in_legend_order(M.budgets(runs.runs, [m for m in trained(runs) if m != "ppo-gt"])))
+    )
     return section
 
 
@@ -387,16 +462,19 @@ def beta_notes(runs: Runs) -> list[str]:
     temperature other than 1, and any run evaluated at a temperature other than 1."""
     notes = []
     for _, r in runs.runs[runs.runs["included"]].iterrows():
-        adaptive, rollout, evaluation = (r.get(k) for k in ("kl_adaptive", "kl_rollout_temperature",
-                                                              "eval_temperature"))
+        adaptive, rollout, evaluation = (
+            r.get(k) for k in ("kl_adaptive", "kl_rollout_temperature", "eval_temperature")
+        )
         why = ["an adaptive KL coefficient (ppo.adaptive_kl)"] if pd.notna(adaptive) and bool(adaptive) else []
         if pd.notna(rollout) and rollout != 1.0:
             why.append(f"rollouts at temperature {rollout:g} (ppo.temperature)")
         if pd.notna(evaluation) and evaluation != 1.0:
             why.append(f"evaluation at temperature {evaluation:g} (eval.temperature)")
         if why:
-            notes.append(f"**β not matched**: {P.name(r['method'])} seed {r['seed']:g} (β {r['beta']:g}) ran with "
-                         f"{' and '.join(why)}, so its β is not DPO's and its KL is not comparable at face value.")
+            notes.append(
+                f"**β not matched**: {P.name(r['method'])} seed {r['seed']:g} (β {r['beta']:g}) ran with "
+                f"{' and '.join(why)}, so its β is not DPO's and its KL is not comparable at face value."
+            )
     return notes
 
 
@@ -405,15 +483,22 @@ def budget_note(runs: Runs) -> str:
     table = M.budgets(runs.runs, [m for m in COMPARED + ONLINE + ("preferred-ft",) if m in runs.methods])
     if table.empty:
         return "Training budget: no completed PPO, DPO or Preferred-FT run records one yet."
-    said = "; ".join(f"{P.name(r['method'])} {r['pairs']} pairs × {r['passes']} passes = "
-                     f"{r['pair presentations']} pair presentations" for _, r in _in_legend_order(table).iterrows())
+    said = "; ".join(
+        f"{P.name(r['method'])} {r['pairs']} pairs × {r['passes']} passes = "
+        f"{r['pair presentations']} pair presentations"
+        for _, r in _in_legend_order(table).iterrows()
+    )
     columns = list(M.BUDGET.values())
     if len(table[columns].drop_duplicates()) == 1 and not table[columns].iloc[0].str.contains("/|–").any():
-        return (f"Equal budget: every method trained on the same pairs for the same passes ({said}; PPO's, RLOO's and "
-                "online DPO's are their reward model's, `budget:` in the config).")
-    return (f"**Unequal budget**: the methods did not train on the same pairs and passes ({said}; PPO's, RLOO's and "
-            "online DPO's are their reward model's). A difference below may come from the data each saw, not from the "
-            "method.")
+        return (
+            f"Equal budget: every method trained on the same pairs for the same passes ({said}; PPO's, RLOO's and "
+            "online DPO's are their reward model's, `budget:` in the config)."
+        )
+    return (
+        f"**Unequal budget**: the methods did not train on the same pairs and passes ({said}; PPO's, RLOO's and "
+        "online DPO's are their reward model's). A difference below may come from the data each saw, not from the "
+        "method."
+    )
 
 
 def frontier_section(runs: Runs, score: str, score_label: str, stats: Stats | None = None) -> Section:
@@ -422,20 +507,26 @@ def frontier_section(runs: Runs, score: str, score_label: str, stats: Stats | No
     points = M.frontier(runs.evals(policies(runs)), stats.values, stats.draws, score)
     reference = points[points["method"] == REFERENCE]
     trajectories = points[points["method"] != REFERENCE]
-    section = Section("Reward vs KL: the frontier's points",
-                      plot=P.frontier_plot(trajectories, reference, score, score_label, runs.evals(methods),
-                                           stats.levels[0] if stats.levels else None))
-    section.notes.append("Each point is a method's mean over its seeds at one eval point (β apart), with 95% "
-                         "hierarchical-bootstrap intervals in both reward and KL (seeds, then prompts: a picture of "
-                         "the spread, not the verdict's test); the points are joined in training order. There is no "
-                         "envelope over single runs' points: it would pick the luckiest of them and favour the method "
-                         "with more points or more spread.")
+    section = Section(
+        "Reward vs KL: the frontier's points",
+        plot=P.frontier_plot(
+            trajectories, reference, score, score_label, runs.evals(methods), stats.levels[0] if stats.levels else None
+        ),
+    )
+    section.notes.append(
+        "Each point is a method's mean over its seeds at one eval point (β apart), with 95% "
+        "hierarchical-bootstrap intervals in both reward and KL (seeds, then prompts: a picture of "
+        "the spread, not the verdict's test); the points are joined in training order. There is no "
+        "envelope over single runs' points: it would pick the luckiest of them and favour the method "
+        "with more points or more spread."
+    )
     if reference.empty:
         section.notes.append(
             "No reference run (`make reference`) with this score: trajectories start at each method's first eval."
-            if runs.evals([REFERENCE]).empty else
-            f"The reference run has no {score} (π_ref is evaluated without the reward model): trajectories start at "
-            "each method's first eval, which is π_ref itself at step 0.")
+            if runs.evals([REFERENCE]).empty
+            else f"The reference run has no {score} (π_ref is evaluated without the reward model): trajectories "
+            "start at each method's first eval, which is π_ref itself at step 0."
+        )
     if not trajectories.empty:
         section.tables.append(Table("frontier", trajectories[trajectories["method"].isin(methods)]))
     return section
@@ -445,11 +536,14 @@ def curves_section(runs: Runs, columns: dict[str, str], stats: Stats | None = No
     stats = stats or make_stats(runs)
     trained_evals = costed_evals(runs, trained(runs))
     bands = {c: M.band(trained_evals, stats.values, stats.draws, c) for c in columns if c in trained_evals}
-    section = Section("Reward and KL over training FLOPs and wall-clock",
-                      plot=P.curves_plot(bands, trained_evals, columns))
-    section.notes.append("Both axes count from the start of each method's own earlier stages (PPO: its reward "
-                         "model's training; DPO: its pass of pi_ref over its pairs), evaluation excluded, so PPO's "
-                         "curve starts where its reward model ends.")
+    section = Section(
+        "Reward and KL over training FLOPs and wall-clock", plot=P.curves_plot(bands, trained_evals, columns)
+    )
+    section.notes.append(
+        "Both axes count from the start of each method's own earlier stages (PPO: its reward "
+        "model's training; DPO: its pass of pi_ref over its pairs), evaluation excluded, so PPO's "
+        "curve starts where its reward model ends."
+    )
     return section
 
 
@@ -459,14 +553,18 @@ def heldout_section(runs: Runs, has_gold: bool, stats: Stats | None = None) -> S
     summary = M.summarize(scores, [*M.GROUP, "scorer"], ["accuracy", "margin"])
     title = "Held-out pairs: explicit RM vs DPO implicit reward" + (" vs gold ceiling" if has_gold else "")
     section = Section(title, plot=P.heldout_plot(summary))
-    section.notes.append("Each run's last eval point. Accuracy counts a tie as half; margin is the mean score of "
-                         "the chosen minus the rejected response, in the scorer's own units (one panel per unit). A "
-                         "model scored by several runs counts once: a reward model shared by PPO seeds, and the gold "
-                         "labels (the same pairs for every run).")
+    section.notes.append(
+        "Each run's last eval point. Accuracy counts a tie as half; margin is the mean score of "
+        "the chosen minus the rejected response, in the scorer's own units (one panel per unit). A "
+        "model scored by several runs counts once: a reward model shared by PPO seeds, and the gold "
+        "labels (the same pairs for every run)."
+    )
     if not has_gold:
-        section.notes.append("No gold reward: the labels are human judgements, so no ceiling from label noise is "
-                             "known, and accuracy is against those labels. With n held-out pairs an accuracy p has "
-                             "a standard error of about sqrt(p(1-p)/n): 0.035 at p = 0.6 and n = 200.")
+        section.notes.append(
+            "No gold reward: the labels are human judgements, so no ceiling from label noise is "
+            "known, and accuracy is against those labels. With n held-out pairs an accuracy p has "
+            "a standard error of about sqrt(p(1-p)/n): 0.035 at p = 0.6 and n = 200."
+        )
     if not scores.empty:
         section.tables.append(Table("heldout", summary))
     return section
@@ -475,14 +573,19 @@ def heldout_section(runs: Runs, has_gold: bool, stats: Stats | None = None) -> S
 def overoptimisation_section(runs: Runs, has_gold: bool) -> Section:
     gains = M.overoptimisation(runs.evals(M.gao_methods()))
     fits = M.gao_fits(gains)
-    section = Section("Over-optimisation: proxy and gold reward against √KL (Gao et al. 2022)" if has_gold else
-                      "Proxy reward against √KL (no gold reward: over-optimisation cannot be seen)",
-                      plot=P.overoptimisation_plot(gains, fits))
-    section.notes.append("Gao et al.'s forms, fitted by least squares over every eval point of a method's runs, gains "
-                         "in units of the first eval's std: RL (PPO) R(d) = d(α − β log d), Best of N "
-                         "R(d) = d(α − β d), d = √KL (Best of N: of its KL bound). A fitted gold curve that peaks "
-                         "while the proxy's keeps rising is over-optimisation; the peak of the RL form is at "
-                         "d = exp(α/β − 1).")
+    section = Section(
+        "Over-optimisation: proxy and gold reward against √KL (Gao et al. 2022)"
+        if has_gold
+        else "Proxy reward against √KL (no gold reward: over-optimisation cannot be seen)",
+        plot=P.overoptimisation_plot(gains, fits),
+    )
+    section.notes.append(
+        "Gao et al.'s forms, fitted by least squares over every eval point of a method's runs, gains "
+        "in units of the first eval's std: RL (PPO) R(d) = d(α − β log d), Best of N "
+        "R(d) = d(α − β d), d = √KL (Best of N: of its KL bound). A fitted gold curve that peaks "
+        "while the proxy's keeps rising is over-optimisation; the peak of the RL form is at "
+        "d = exp(α/β − 1)."
+    )
     if not gains.empty:
         section.tables.append(Table("proxy_gold_gap", gains))
     if not fits.empty:
@@ -490,16 +593,19 @@ def overoptimisation_section(runs: Runs, has_gold: bool) -> Section:
     return section
 
 
-def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str,
-                       stats: Stats | None = None) -> list[Section]:
+def stability_sections(
+    runs: Runs, cfg: Config, score: str, score_label: str, stats: Stats | None = None
+) -> list[Section]:
     stats = stats or make_stats(runs, cfg.report)
     trained_evals = costed_evals(runs, trained(runs))
     final = M.final_evals(trained_evals)
     seeds = Section("Stability across seeds", plot=P.seeds_plot(trained_evals, final, score, score_label))
     # A diverged run is a result about stability, though it is left out of every aggregate.
     for _, run in runs.runs[runs.runs["status"] == "diverged"].iterrows():
-        seeds.notes.append(f"Diverged: {run['method']} seed {run['seed']:g} (β {run['beta']:g}) stopped at a "
-                           f"non-finite training quantity: {str(run['error']).removeprefix('Diverged: ')}")
+        seeds.notes.append(
+            f"Diverged: {run['method']} seed {run['seed']:g} (β {run['beta']:g}) stopped at a "
+            f"non-finite training quantity: {str(run['error']).removeprefix('Diverged: ')}"
+        )
     seeds.notes.append(spread_note(runs))
     if not final.empty:
         columns = [c for c in (score, "eval/kl") if c in final]
@@ -507,9 +613,11 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str,
     train = runs.train(trained(runs))
     flagged = M.flag_spikes(train, SPIKE_SERIES, cfg.report.spike_window, cfg.report.spike_k)
     health = Section("Training health: spikes, PPO clipping, DPO log-probs", plot=P.health_plot(train, flagged))
-    health.notes.append(f"A spike is a training value above the median of the {cfg.report.spike_window} steps "
-                        f"before it by more than {cfg.report.spike_k:g} × 1.4826 × their median absolute deviation "
-                        "(report.spike_window, report.spike_k).")
+    health.notes.append(
+        f"A spike is a training value above the median of the {cfg.report.spike_window} steps "
+        f"before it by more than {cfg.report.spike_k:g} × 1.4826 × their median absolute deviation "
+        "(report.spike_window, report.spike_k)."
+    )
     if not flagged.empty:
         health.tables.append(Table("spikes", M.spike_counts(flagged)))
     if not train.empty:
@@ -520,19 +628,25 @@ def stability_sections(runs: Runs, cfg: Config, score: str, score_label: str,
 def spread_note(runs: Runs) -> str:
     """What each method's spread across seeds includes: a seed's own reward model, or one shared by all."""
     shared = M.shared_reward_models(runs.runs)
-    ppo = ("PPO's spread leaves out stage 1's variance: " + "; ".join(
-        f"{n} PPO runs share the reward model {path}" for path, n in shared.items())
-           if shared else "PPO's spread includes stage 1's: each PPO seed trained against a reward model trained "
-                          "with that seed (reward_model.per_seed)")
-    return (f"What a spread includes: {ppo}. DPO's and Preferred-FT's include their training order: every seed "
-            "trains on the same pairs (budget.pairs) in its own order.")
+    ppo = (
+        "PPO's spread leaves out stage 1's variance: "
+        + "; ".join(f"{n} PPO runs share the reward model {path}" for path, n in shared.items())
+        if shared
+        else "PPO's spread includes stage 1's: each PPO seed trained against a reward model trained "
+        "with that seed (reward_model.per_seed)"
+    )
+    return (
+        f"What a spread includes: {ppo}. DPO's and Preferred-FT's include their training order: every seed "
+        "trains on the same pairs (budget.pairs) in its own order."
+    )
 
 
 def cost_section(runs: Runs) -> Section:
     costs = M.stage_costs(runs.timings)
     per_method = M.method_costs(runs.metrics, M.earlier_stages(runs.runs, runs.timings), runs.timings)
-    section = Section("Cost: wall-clock, FLOPs and peak memory per stage and method",
-                      plot=P.cost_plot(costs, per_method))
+    section = Section(
+        "Cost: wall-clock, FLOPs and peak memory per stage and method", plot=P.cost_plot(costs, per_method)
+    )
     section.notes += [
         "FLOPs: 6·N·tokens a training pass, 2·N·tokens a forward pass, N the non-embedding parameters plus the "
         "output head of the model a pass runs through, tokens its non-padding ones (docs/analysis.md). Per stage "
@@ -541,15 +655,18 @@ def cost_section(runs: Runs) -> Section:
         "its centring and held-out passes; every `eval` is the shared evaluator, counted apart from training.",
         "Per method (`cost_per_method.csv`): training FLOPs = the own loop's plus the earlier stages' (PPO and "
         "Best of N: the reward model's training; DPO: pi_ref's pass); end-to-end seconds likewise.",
-        "Peak memory is the process's resident set size on CPU, the CUDA allocator's peak on GPU."]
+        "Peak memory is the process's resident set size on CPU, the CUDA allocator's peak on GPU.",
+    ]
     if not costs.empty:
         section.tables.append(Table("cost", costs))
         section.tables.append(Table("cost_per_method", _in_legend_order(per_method)))
     shas = set(runs.runs.loc[runs.runs["included"], "data_sha256"].dropna()) if runs.methods else set()
     shared = M.preference_set_costs(runs.data_manifests, shas)
     if not shared.empty:
-        section.notes.append("The shared preference set, apart (both methods train on it): its build seconds and "
-                             "the FLOPs of sampling pi_ref's responses for its pairs (`preference_set_cost.csv`).")
+        section.notes.append(
+            "The shared preference set, apart (both methods train on it): its build seconds and "
+            "the FLOPs of sampling pi_ref's responses for its pairs (`preference_set_cost.csv`)."
+        )
         section.tables.append(Table("preference_set_cost", shared))
     return section
 
@@ -557,12 +674,19 @@ def cost_section(runs: Runs) -> Section:
 def provenance_section(runs: Runs, cfg: Config, profile_dir: Path) -> Section:
     table = runs.runs
     included = table[table["included"]]
-    section = Section("Provenance", notes=[f"Profile `{cfg.profile}`, runs read from `{profile_dir}`, report "
-                                           f"written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC."])
+    section = Section(
+        "Provenance",
+        notes=[
+            f"Profile `{cfg.profile}`, runs read from `{profile_dir}`, report "
+            f"written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC."
+        ],
+    )
     excluded = table[~table["included"]]
     if not excluded.empty:
-        section.notes.append(f"{len(excluded)} run director{'y' if len(excluded) == 1 else 'ies'} left out of "
-                             "every aggregate (listed below with the reason).")
+        section.notes.append(
+            f"{len(excluded)} run director{'y' if len(excluded) == 1 else 'ies'} left out of "
+            "every aggregate (listed below with the reason)."
+        )
         section.tables.append(Table("runs_excluded", excluded[["method", "run_id", "status", "reason", "path"]]))
     if not included.empty:
         section.tables.append(Table("runs_included", included[[*M.RUN, "data_sha256", "git_commit"]]))
@@ -572,26 +696,49 @@ def provenance_section(runs: Runs, cfg: Config, profile_dir: Path) -> Section:
         section.tables.append(Table("packages", packages))
         shas = set(included["data_sha256"].dropna())
         if len(shas) > 1:
-            section.notes.append(f"Warning: the included runs read {len(shas)} different preference sets "
-                                 f"({', '.join(sorted(s[:12] for s in shas))}); their comparison is not like for like.")
+            section.notes.append(
+                f"Warning: the included runs read {len(shas)} different preference sets "
+                f"({', '.join(sorted(s[:12] for s in shas))}); their comparison is not like for like."
+            )
     if runs.data_manifests:
-        section.tables.append(Table("data", pd.DataFrame(
-            [{"path": d["path"], "sha256": d.get("sha256"), "counts": json.dumps(d.get("counts")),
-              "error": d.get("error", "")} for d in runs.data_manifests])))
+        section.tables.append(
+            Table(
+                "data",
+                pd.DataFrame(
+                    [
+                        {
+                            "path": d["path"],
+                            "sha256": d.get("sha256"),
+                            "counts": json.dumps(d.get("counts")),
+                            "error": d.get("error", ""),
+                        }
+                        for d in runs.data_manifests
+                    ]
+                ),
+            )
+        )
     return section
 
 
 def missing_notes(runs: Runs, has_gold: bool) -> list[str]:
     present = set(runs.methods)
-    notes = [f"No completed {P.name(m)} run: its rows, curves and panels are absent (run `make {m}`)."
-             for m in COMPARED if m not in present]
+    notes = [
+        f"No completed {P.name(m)} run: its rows, curves and panels are absent (run `make {m}`)."
+        for m in COMPARED
+        if m not in present
+    ]
     if runs.missing:
-        notes.append(f"Compared over the seeds every method completed; not completed yet: {', '.join(runs.missing)} "
-                     "(their seeds' other runs are left out until they are: `make all` again completes them).")
+        notes.append(
+            f"Compared over the seeds every method completed; not completed yet: {', '.join(runs.missing)} "
+            "(their seeds' other runs are left out until they are: `make all` again completes them)."
+        )
     if REFERENCE not in present:
         notes.append("No completed reference run (`make reference`): π_ref's point is missing from the frontier.")
-    absent = [f"{P.name(m)} (`{command}`)" for m, command in BASELINES.items()
-              if m not in present and (has_gold or m != "ppo-gt")]  # PPO-GT needs a gold reward to optimise
+    absent = [
+        f"{P.name(m)} (`{command}`)"
+        for m, command in BASELINES.items()
+        if m not in present and (has_gold or m != "ppo-gt")
+    ]  # PPO-GT needs a gold reward to optimise
     if absent:
         notes.append(f"Baselines not run, so absent from the frontier and the headline: {', '.join(absent)}.")
     return notes
@@ -603,10 +750,13 @@ def primary_level_table(headline: Section, stats: Stats) -> Table | None:
     if summary is None or not stats.levels:
         return None
     gold = f"gold at KL {stats.levels[0]:.3g} "
-    return Table("headline_primary", summary[["method", "beta", *(c for c in summary if c.startswith(gold))]],
-                 f"Each method's gold reward at KL {stats.levels[0]:.3g} nats, the primary level: mean over runs [95% "
-                 "interval: Welch's t with the eval prompts' term] sd between-run std (n = runs). Every level, and the "
-                 "time and compute to a target gold reward: the headline below.")
+    return Table(
+        "headline_primary",
+        summary[["method", "beta", *(c for c in summary if c.startswith(gold))]],
+        f"Each method's gold reward at KL {stats.levels[0]:.3g} nats, the primary level: mean over runs [95% "
+        "interval: Welch's t with the eval prompts' term] sd between-run std (n = runs). Every level, and the "
+        "time and compute to a target gold reward: the headline below.",
+    )
 
 
 def build(runs: Runs, cfg: Config, profile_dir: Path) -> list[Section]:
@@ -616,11 +766,20 @@ def build(runs: Runs, cfg: Config, profile_dir: Path) -> list[Section]:
     how the verdict is read, and where it all came from."""
     gold = has_gold(runs)
     unit = GOLD_UNITS.get(cfg.task.name, "the task's gold score")
-    score, score_label = (("eval/gold", f"gold reward [{unit}]") if gold else
-                          ("eval/proxy", "proxy reward, learned RM [RM score]"))
+    score, score_label = (
+        ("eval/gold", f"gold reward [{unit}]") if gold else ("eval/proxy", "proxy reward, learned RM [RM score]")
+    )
     stats = make_stats(runs, cfg.report)
-    verdict = verdict_sections(runs, cfg, stats) if gold else Verdict(Section(VERDICT_TITLE, notes=[
-        "No verdict: this task has no gold reward (the headline's notes say what it compares instead)."]))
+    verdict = (
+        verdict_sections(runs, cfg, stats)
+        if gold
+        else Verdict(
+            Section(
+                VERDICT_TITLE,
+                notes=["No verdict: this task has no gold reward (the headline's notes say what it compares instead)."],
+            )
+        )
+    )
     headline = headline_section(runs, cfg, gold, stats)
     headline.notes = missing_notes(runs, gold) + headline.notes
     frontier = frontier_section(runs, score, score_label, stats)
@@ -651,8 +810,11 @@ def build(runs: Runs, cfg: Config, profile_dir: Path) -> list[Section]:
 # summary.md is the report in Markdown; the page is that same Markdown rendered (CommonMark and its tables, any raw
 # HTML in a note shown as text) into the template beside this module.
 MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
-TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True,
-                               undefined=jinja2.StrictUndefined)
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
 
 
 def _title(profile: str) -> str:
@@ -663,8 +825,13 @@ def markdown_parts(section: Section) -> dict[str, str]:
     """A section's Markdown under its heading, in three parts the page lays out: the notes, the figure with the
     sentence on how to read it, and the tables, each under a link to its CSV."""
     plot = section.plot
-    figure = ("" if plot is None else f"![{plot.title}]({plot.name}.png)\n\n*{plot.caption}*"
-              if plot.figure is not None else f"Not drawn: {plot.missing}.")
+    figure = (
+        ""
+        if plot is None
+        else f"![{plot.title}]({plot.name}.png)\n\n*{plot.caption}*"
+        if plot.figure is not None
+        else f"Not drawn: {plot.missing}."
+    )
     tables = []
     for t in section.tables:
         tables += [f"[`{t.name}.csv`]({t.name}.csv)", markdown_table(t.frame)]
@@ -680,8 +847,10 @@ def render_markdown(sections: list[Section], profile: str) -> str:
 
 
 def render_html(sections: list[Section], profile: str) -> str:
-    rendered = [{"title": s.title, **{key: Markup(MARKDOWN.render(part)) for key, part in markdown_parts(s).items()}}
-                for s in sections]
+    rendered = [
+        {"title": s.title, **{key: Markup(MARKDOWN.render(part)) for key, part in markdown_parts(s).items()}}
+        for s in sections
+    ]
     return TEMPLATES.get_template("report.html.j2").render(title=_title(profile), sections=rendered)
 
 
@@ -717,7 +886,9 @@ def main(cfg: Config) -> int:
     write(sections, out, cfg.profile)
     verdict = next((t.frame.iloc[0] for s in sections for t in s.tables if t.name == "verdict"), None)
     if verdict is not None:  # the estimate on one line, the words on the next: what a person reads first
-        print(f"verdict: PPO − DPO = {_signed(verdict['difference'])} [{_signed(verdict['lo'])}, "
-              f"{_signed(verdict['hi'])}] in gold at KL {verdict['KL level']:.3g} nats\n  {verdict['verdict']}")
+        print(
+            f"verdict: PPO − DPO = {_signed(verdict['difference'])} [{_signed(verdict['lo'])}, "
+            f"{_signed(verdict['hi'])}] in gold at KL {verdict['KL level']:.3g} nats\n  {verdict['verdict']}"
+        )
     print(f"report: {out / 'index.html'} ({int(runs.runs['included'].sum())} of {len(runs.runs)} runs included)")
     return 0

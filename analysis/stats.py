@@ -72,8 +72,12 @@ def gold_at_kl(kl, gold, level):
         m0 = _knot_slopes(secant_p, secant, h_p, h, has_p, np.ones_like(has_p))
         m1 = _knot_slopes(secant, secant_n, h, h_n, np.ones_like(has_n), has_n)
         t = (target[..., 0] - x0) / h
-        value = ((2 * t**3 - 3 * t**2 + 1) * y0 + (t**3 - 2 * t**2 + t) * h * m0 + (-2 * t**3 + 3 * t**2) * y1
-                 + (t**3 - t**2) * h * m1)
+        value = (
+            (2 * t**3 - 3 * t**2 + 1) * y0
+            + (t**3 - 2 * t**2 + t) * h * m0
+            + (-2 * t**3 + 3 * t**2) * y1
+            + (t**3 - t**2) * h * m1
+        )
     i = i[..., 0]
     return np.where(~reached.any(axis=-1), np.nan, np.where(i == 0, y[..., 0], value))
 
@@ -85,6 +89,7 @@ def gold_at_kl(kl, gold, level):
 class Draws:
     """One bootstrap's random draws, shared by every statistic of a report so that they are resampled together:
     prompt weights [reps, P] (multinomial counts / P) and, per group size n, seed indices [reps, n]."""
+
     prompt_weights: np.ndarray
     rng: np.random.Generator
     _seeds: dict
@@ -146,8 +151,13 @@ def bootstrap_mean(values: list[np.ndarray], draws: Draws, key) -> dict[str, flo
     if n > 1 or np.asarray(values[0]).size > 1:
         per_run = np.stack([prompt_means(np.asarray(v, dtype=float)[None], draws)[:, 0] for v in values], axis=1)
         lo, hi = interval(seed_mean(per_run, draws.seeds(key, n)))
-    return {"n": n, "mean": float(np.nanmean(observed)),
-            "std": float(np.nanstd(observed, ddof=1)) if n > 1 else math.nan, "lo": lo, "hi": hi}
+    return {
+        "n": n,
+        "mean": float(np.nanmean(observed)),
+        "std": float(np.nanstd(observed, ddof=1)) if n > 1 else math.nan,
+        "lo": lo,
+        "hi": hi,
+    }
 
 
 # --- the verdict's interval: Welch's t over per-run values, with a prompt term ------------------------------------
@@ -186,6 +196,7 @@ class Contrast:
     leading experiment axes. `seed_var`: Σ w_i² s_i²/n_i; `prompt_var`: σ̂²_prompt/P, the prompts' share that the
     seeds' spread does not hold (0 without per-prompt values); `noise_ms`: per group, the residual mean square of its
     seed × prompt table of pseudo-values (a run's own prompt noise: its mean's variance is noise_ms/P)."""
+
     estimate: np.ndarray
     se: np.ndarray
     df: np.ndarray
@@ -230,8 +241,11 @@ def t_contrast(values: list, pseudo: list | None, weights=(1.0, -1.0), confidenc
         prompt_var = np.clip(d_var - sum(noise), 0, None) / P
         # Satterthwaite for a difference of mean squares: half the variance of the estimate. Var_p(D_p) has P − 1
         # degrees of freedom but holds the noise too, so where noise dominates the term is known far less well.
-        prompt_df_term = np.where(prompt_var > 0, (d_var**2 / (P - 1) + sum(
-            v**2 / ((ni - 1) * (P - 1)) for v, ni in zip(noise, n))) / P**2, 0.0)
+        prompt_df_term = np.where(
+            prompt_var > 0,
+            (d_var**2 / (P - 1) + sum(v**2 / ((ni - 1) * (P - 1)) for v, ni in zip(noise, n))) / P**2,
+            0.0,
+        )
     se2 = seed_var + prompt_var
     with np.errstate(divide="ignore", invalid="ignore"):
         df = se2**2 / (sum(p**2 / (ni - 1) for p, ni in zip(parts, n)) + prompt_df_term)
@@ -246,8 +260,13 @@ def t_mean(values) -> dict[str, float]:
     (`t_contrast` with one group and no prompt term); no interval from fewer than 2."""
     v = np.asarray(values, dtype=float)
     if v.size < 2:
-        return {"n": v.size, "mean": float(v[0]) if v.size else math.nan, "std": math.nan, "lo": math.nan,
-                "hi": math.nan}
+        return {
+            "n": v.size,
+            "mean": float(v[0]) if v.size else math.nan,
+            "std": math.nan,
+            "lo": math.nan,
+            "hi": math.nan,
+        }
     c = t_contrast([v], None, weights=(1.0,))
     return {"n": v.size, "mean": float(v.mean()), "std": float(v.std(ddof=1)), "lo": float(c.lo), "hi": float(c.hi)}
 
@@ -279,8 +298,7 @@ def proportion_difference(p_a: float, p_b: float, n: int) -> tuple[float, float,
 # --- the verdict's words ------------------------------------------------------------------------------------------
 
 
-def t_power(difference: float, sd_a: float, sd_b: float, n: int, prompt_var: float = 0.0,
-            n_prompts: int = 1) -> float:
+def t_power(difference: float, sd_a: float, sd_b: float, n: int, prompt_var: float = 0.0, n_prompts: int = 1) -> float:
     """Power of the two-sided 5% Welch test (`t_contrast`) with n seeds per method, for a true difference of this
     size: the noncentral t with Welch–Satterthwaite degrees of freedom. The seeds' sds are of per-run values; the
     prompt term (`Contrast.prompt_var`, variance of the difference's mean over the prompts) does not shrink with
@@ -298,8 +316,15 @@ def t_power(difference: float, sd_a: float, sd_b: float, n: int, prompt_var: flo
     return float(np.mean(norm.sf(s - ncp) + norm.cdf(-s - ncp)))
 
 
-def seeds_for_power(difference: float, sd_a: float, sd_b: float, prompt_var: float = 0.0, n_prompts: int = 1,
-                    power: float = 0.8, most: int = 1000) -> float:
+def seeds_for_power(
+    difference: float,
+    sd_a: float,
+    sd_b: float,
+    prompt_var: float = 0.0,
+    n_prompts: int = 1,
+    power: float = 0.8,
+    most: int = 1000,
+) -> float:
     """The fewest seeds per method (≥ 2) whose Welch test has `power` for a true difference of this size (`t_power`).
     NaN where an sd is unknown (one seed); inf for no difference, or where the prompt term alone leaves the test short
     of `power` at `most` seeds (more eval prompts, not seeds, are then what it needs)."""
@@ -327,8 +352,10 @@ def verdict_words(lo: float, hi: float, n_a: int, n_b: int, a: str = "PPO", b: s
     seed of either (its interval would hold the eval prompts' variation only, not the seeds')."""
     if min(n_a, n_b) < 2:
         few = a if n_a < 2 else b
-        return (f"No verdict: {few} has {min(n_a, n_b)} seed, so no interval can include the variation between "
-                "seeds; run more seeds (`seeds:` in the profile).")
+        return (
+            f"No verdict: {few} has {min(n_a, n_b)} seed, so no interval can include the variation between "
+            "seeds; run more seeds (`seeds:` in the profile)."
+        )
     at = f"at {n_a} {a} and {n_b} {b} seeds"
     if math.isnan(lo) or math.isnan(hi):
         return f"No verdict: the interval could not be computed {at}."
@@ -351,7 +378,7 @@ def fit_gao(d, gain, form: str) -> tuple[float, float]:
     keep = ~(np.isnan(d) | np.isnan(gain))
     d, gain = d[keep], gain[keep]
     with np.errstate(divide="ignore", invalid="ignore"):
-        second = np.where(d > 0, -d * np.log(d), 0.0) if form == "rl" else -d**2
+        second = np.where(d > 0, -d * np.log(d), 0.0) if form == "rl" else -(d**2)
     (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, second], axis=1), gain, rcond=None)
     return float(alpha), float(beta)
 

@@ -27,11 +27,9 @@ from transformers import PreTrainedModel
 from rlhf.atomic import atomic_write_text
 from rlhf.config import Config
 from rlhf.data import PreferenceSet
-from rlhf.evaluate import (EvalContext, eval_batches, make_eval_context, per_prompt, response_metrics,
-                           response_stats)
+from rlhf.evaluate import EvalContext, eval_batches, make_eval_context, per_prompt, response_metrics, response_stats
 from rlhf.flops import forward_flops, pass_parameters
-from rlhf.models import (default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer,
-                         resolve_model_path)
+from rlhf.models import default_device, freeze, load_causal_lm, load_scalar_model, load_tokenizer, resolve_model_path
 from rlhf.reference import reference_model
 from rlhf.rundir import RunDir
 from rlhf.sequences import reward_scores
@@ -56,13 +54,14 @@ def pick_best(scores: torch.Tensor, n: int) -> torch.Tensor:
 class Candidates:
     """max(bon.n) responses for every eval prompt, each field indexed [prompt][candidate]; candidate j is round j's
     sample."""
+
     texts: list[list[str]]
-    lengths: list[list[int]]    # response tokens, EOS included
-    ended: list[list[bool]]     # ended with EOS
-    proxy: list[list[float]]    # r_phi(x, y)
-    seconds: list[float]        # per round: wall-clock of sampling and scoring
-    tokens: list[int]           # per round: prompt + response tokens sampled
-    flops: list[int]            # per round: FLOPs of sampling and scoring them (forward passes, rlhf/flops.py)
+    lengths: list[list[int]]  # response tokens, EOS included
+    ended: list[list[bool]]  # ended with EOS
+    proxy: list[list[float]]  # r_phi(x, y)
+    seconds: list[float]  # per round: wall-clock of sampling and scoring
+    tokens: list[int]  # per round: prompt + response tokens sampled
+    flops: list[int]  # per round: FLOPs of sampling and scoring them (forward passes, rlhf/flops.py)
 
 
 @torch.inference_mode()
@@ -103,8 +102,15 @@ class BestOfNResult:
 def run_identity(cfg: Config, reward_model_path: Path) -> tuple[str, int, dict]:
     """The method, seed and extra inputs a Best-of-N run's directory is keyed by (rlhf.rundir.run_key): the same
     for the run and for the pipeline asking whether it is done already."""
-    return METHOD, cfg.eval.seed, {"reward_model_path": str(reward_model_path), "bon_n": sorted(set(cfg.bon.n)),
-                                   "reference_model": resolve_model_path(reference_model(cfg), cfg.hub_access)}
+    return (
+        METHOD,
+        cfg.eval.seed,
+        {
+            "reward_model_path": str(reward_model_path),
+            "bon_n": sorted(set(cfg.bon.n)),
+            "reference_model": resolve_model_path(reference_model(cfg), cfg.hub_access),
+        },
+    )
 
 
 def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> BestOfNResult:
@@ -114,8 +120,9 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
     path = resolve_model_path(reference_model(cfg), cfg.hub_access)
     tokenizer = load_tokenizer(path)
     ref = freeze(load_causal_lm(path, cfg.model.attention).to(device))
-    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id,
-                                                    cfg.model.attention).to(device))
+    reward_model = freeze(
+        load_scalar_model(str(reward_model_path), tokenizer.pad_token_id, cfg.model.attention).to(device)
+    )
     ns = sorted(set(cfg.bon.n))
     method, seed, extra = run_identity(cfg, reward_model_path)
     # no resume points: a killed run starts again from the start, in its own directory
@@ -128,10 +135,24 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
             timing["flops"] = sum(c.flops)
         # The gold reward is the measurement, not part of Best-of-N: scored outside its clock.
         gold = [ctx.gold_reward(texts) for texts in c.texts] if ctx.gold_reward is not None else None
-        atomic_write_text(run.path / "samples" / "candidates.jsonl", "".join(
-            json.dumps({"prompt_index": i, "candidate": j, "response": c.texts[i][j], "proxy": c.proxy[i][j],
-                        **({"gold": gold[i][j]} if gold else {})}, ensure_ascii=False) + "\n"
-            for i in range(len(c.texts)) for j in range(ns[-1])))
+        atomic_write_text(
+            run.path / "samples" / "candidates.jsonl",
+            "".join(
+                json.dumps(
+                    {
+                        "prompt_index": i,
+                        "candidate": j,
+                        "response": c.texts[i][j],
+                        "proxy": c.proxy[i][j],
+                        **({"gold": gold[i][j]} if gold else {}),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+                for i in range(len(c.texts))
+                for j in range(ns[-1])
+            ),
+        )
         for n in ns:
             best = pick_best(torch.tensor(c.proxy), n).tolist()
             texts, proxy = _chosen(c.texts, best), _chosen(c.proxy, best)
@@ -139,8 +160,16 @@ def best_of_n(cfg: Config, prefs: PreferenceSet, reward_model_path: Path) -> Bes
             lengths, ended = _chosen(c.lengths, best), _chosen(c.ended, best)
             metrics = {"eval/kl": kl_bound(n), "bon/n": n, **response_metrics(texts, lengths, ended, golds, proxy)}
             # Best of n costs the sampling and scoring of n rounds, spent at inference on every prompt.
-            run.log({"kind": "eval", "step": n, "wall_seconds": sum(c.seconds[:n]), "tokens": sum(c.tokens[:n]),
-                     "flops": sum(c.flops[:n]), **metrics})
+            run.log(
+                {
+                    "kind": "eval",
+                    "step": n,
+                    "wall_seconds": sum(c.seconds[:n]),
+                    "tokens": sum(c.tokens[:n]),
+                    "flops": sum(c.flops[:n]),
+                    **metrics,
+                }
+            )
             bound = [kl_bound(n)] * len(texts)  # every prompt's KL is the bound: no estimate exists (docs/baselines.md)
             run.write_samples(n, per_prompt(ctx.prompts, texts, bound, None, lengths, ended, golds, proxy))
             evals[n] = metrics

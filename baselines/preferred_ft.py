@@ -36,19 +36,37 @@ METHOD = "preferred-ft"
 @dataclass
 class PreferredFTResult:
     run_dir: Path
-    steps: int                        # optimiser steps taken
-    final_metrics: dict[str, float]   # the shared evaluator's metrics at the last step
+    steps: int  # optimiser steps taken
+    final_metrics: dict[str, float]  # the shared evaluator's metrics at the last step
 
 
-def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Dataset,
-                  seed: int, output_dir: Path, callbacks: list[TrainerCallback]) -> trl.SFTTrainer:
+def build_trainer(
+    cfg: Config,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Dataset,
+    seed: int,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> trl.SFTTrainer:
     """The SFT trainer (the SFT stage's, sft.sft_trainer) on the pairs' chosen responses. The rows are an in-memory
     copy: TRL's map() calls would otherwise write cache files into the shared preference set's folder, whose sha256
     its manifest guards."""
     rows = Dataset.from_dict({"prompt": pairs["prompt"], "completion": pairs["chosen"]})
     settings = cfg.preferred_ft
-    return sft_trainer(policy, tokenizer, rows, settings, cfg.budget.passes(settings.epochs), None, cfg.model,
-                       cfg.weight_decay, seed, output_dir, callbacks)
+    return sft_trainer(
+        policy,
+        tokenizer,
+        rows,
+        settings,
+        cfg.budget.passes(settings.epochs),
+        None,
+        cfg.model,
+        cfg.weight_decay,
+        seed,
+        output_dir,
+        callbacks,
+    )
 
 
 def run_identity(cfg: Config) -> tuple[str, dict]:
@@ -67,9 +85,14 @@ def train_preferred_ft(cfg: Config, prefs: PreferenceSet, seed: int) -> Preferre
     run, _ = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
-        callback = EvalAndLogCallback(run, lambda model, step, _final: evaluate(model, ctx, desc=f"eval step {step}"),
-                                      cfg.preferred_ft.eval_every, device, pass_parameters(policy),
-                                      name="Preferred-FT step")
+        callback = EvalAndLogCallback(
+            run,
+            lambda model, step, _final: evaluate(model, ctx, desc=f"eval step {step}"),
+            cfg.preferred_ft.eval_every,
+            device,
+            pass_parameters(policy),
+            name="Preferred-FT step",
+        )
         pairs = budget_pairs(cfg, prefs)  # the budget's pairs, as the reward model's and DPO's
         run.manifest["budget"] = budget_record(len(pairs), cfg.budget.passes(cfg.preferred_ft.epochs))
         build_trainer(cfg, policy, tokenizer, pairs, seed, run.path / "checkpoints", [callback]).train()

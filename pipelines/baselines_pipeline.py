@@ -32,5 +32,9 @@ def bon(cfg: Config) -> int:
 
 
 def preferred_ft(cfg: Config) -> int:
-    return run_each(cfg, METHODS[METHOD], lambda run_cfg, _: preferred_ft_identity(run_cfg),
-                    lambda run_cfg, prefs, seed, _: train_preferred_ft(run_cfg, prefs, seed))
+    return run_each(
+        cfg,
+        METHODS[METHOD],
+        lambda run_cfg, _: preferred_ft_identity(run_cfg),
+        lambda run_cfg, prefs, seed, _: train_preferred_ft(run_cfg, prefs, seed),
+    )

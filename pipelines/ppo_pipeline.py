@@ -18,5 +18,9 @@ from rlhf.methods import METHODS
 
 def main(cfg: Config) -> int:
     gold = cfg.ppo.reward == "gold"  # PPO-GT: no reward model at all
-    return run_each(cfg, METHODS["ppo-gt" if gold else "ppo"], run_identity,
-                    lambda run_cfg, prefs, seed, rm_path: train_ppo(run_cfg, prefs, rm_path, seed))
+    return run_each(
+        cfg,
+        METHODS["ppo-gt" if gold else "ppo"],
+        run_identity,
+        lambda run_cfg, prefs, seed, rm_path: train_ppo(run_cfg, prefs, rm_path, seed),
+    )

@@ -56,29 +56,42 @@ def make_executor(cfg: Config, folder: Path):
     """submitit's executor with the `slurm` section's settings. submitit keeps its records (the sbatch script, the
     pickled call and its result, what Slurm itself printed) in `folder`/<job id>/."""
     import submitit
+
     s = cfg.slurm
     try:
         executor = submitit.AutoExecutor(folder / "%j", cluster=s.executor)
     except RuntimeError as e:  # submitit found no `srun`
-        raise UserError(f"slurm.executor=slurm: {e} Submit from a Slurm login node, or run the jobs on this machine "
-                        "with slurm.executor=local") from None
+        raise UserError(
+            f"slurm.executor=slurm: {e} Submit from a Slurm login node, or run the jobs on this machine "
+            "with slurm.executor=local"
+        ) from None
     sbatch = dict(option.split("=", 1) if "=" in option else (option, True) for option in s.sbatch)
     # None leaves a setting to the cluster's defaults; the slurm_ ones mean nothing to the local executor
-    executor.update_parameters(name=f"grid-{cfg.profile}", timeout_min=s.time_min, gpus_per_node=s.gpus_per_job,
-                               cpus_per_task=s.cpus_per_job, mem_gb=s.mem_gb, stderr_to_stdout=True,
-                               slurm_partition=s.partition, slurm_account=s.account, slurm_qos=s.qos,
-                               slurm_array_parallelism=s.max_parallel,
-                               slurm_additional_parameters={"kill-on-invalid-dep": "yes", **sbatch})
+    executor.update_parameters(
+        name=f"grid-{cfg.profile}",
+        timeout_min=s.time_min,
+        gpus_per_node=s.gpus_per_job,
+        cpus_per_task=s.cpus_per_job,
+        mem_gb=s.mem_gb,
+        stderr_to_stdout=True,
+        slurm_partition=s.partition,
+        slurm_account=s.account,
+        slurm_qos=s.qos,
+        slurm_array_parallelism=s.max_parallel,
+        slurm_additional_parameters={"kill-on-invalid-dep": "yes", **sbatch},
+    )
     return executor
 
 
-def submit(executor, cfg: Config, phase: list[Job], overrides: list[str], launcher: list[str], log_dir: Path,
-           after: list) -> list:
+def submit(
+    executor, cfg: Config, phase: list[Job], overrides: list[str], launcher: list[str], log_dir: Path, after: list
+) -> list:
     """`phase` as one job array (a plain job if it has one job), held until every job of `after` completed; its
     submitit jobs, in `phase`'s order."""
     from submitit.core.utils import FailedJobError
 
     from pipelines.grid import command_line
+
     if after:
         executor.update_parameters(slurm_dependency="afterok:" + ":".join(_array_ids(after)))
     argvs = [command_line(job, cfg.profile, overrides, launcher) for job in phase]
@@ -103,10 +116,13 @@ def main(cfg: Config, overrides: list[str], wait: bool = True) -> int:
     except ImportError:
         raise UserError("grid.launcher=slurm needs submitit: pip install -e '.[slurm]'") from None
     from pipelines.grid import phases
+
     held = cfg.slurm.executor == "slurm"  # Slurm holds each phase back until the one before it completed
     if not wait and not held:
-        raise UserError("--no-wait needs slurm.executor=slurm: without a scheduler to hold a phase back, this process "
-                        "submits each phase once the one before it completed")
+        raise UserError(
+            "--no-wait needs slurm.executor=slurm: without a scheduler to hold a phase back, this process "
+            "submits each phase once the one before it completed"
+        )
     launcher = shlex.split(os.environ.get("GRID_TRAIN_CLI", ""))
     log_dir = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "grid-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -114,9 +130,12 @@ def main(cfg: Config, overrides: list[str], wait: bool = True) -> int:
     executor = make_executor(cfg, PROJECT_ROOT / cfg.runs_dir / "submitit" / cfg.profile)
     all_jobs = phases(cfg)
     total = sum(len(p) for p in all_jobs)
-    print(f"grid: {total} jobs in {len(all_jobs)} phases (pi_ref's evaluation, the reward models, then "
-          f"{', '.join(cfg.grid.methods)} x {len(cfg.betas())} beta x {len(cfg.seeds)} seeds) through submitit's "
-          f"{cfg.slurm.executor} executor; logs in {log_dir}", flush=True)
+    print(
+        f"grid: {total} jobs in {len(all_jobs)} phases (pi_ref's evaluation, the reward models, then "
+        f"{', '.join(cfg.grid.methods)} x {len(cfg.betas())} beta x {len(cfg.seeds)} seeds) through submitit's "
+        f"{cfg.slurm.executor} executor; logs in {log_dir}",
+        flush=True,
+    )
     handles: list[list] = []  # each phase's submitit jobs, once submitted
 
     def submit_next() -> None:
@@ -124,17 +143,21 @@ def main(cfg: Config, overrides: list[str], wait: bool = True) -> int:
         handles.append(submit(executor, cfg, phase, overrides, launcher, log_dir, after))
         what = phase[0].label if len(phase) == 1 else f"{len(phase)} jobs"
         held_by = f", held until {', '.join(_array_ids(after))} completed" if after else ""
-        tqdm.write(f"grid: phase {len(handles)} of {len(all_jobs)} ({what}) submitted as "
-                   f"{', '.join(_array_ids(handles[-1]))}{held_by}")
+        tqdm.write(
+            f"grid: phase {len(handles)} of {len(all_jobs)} ({what}) submitted as "
+            f"{', '.join(_array_ids(handles[-1]))}{held_by}"
+        )
 
     if held:  # every phase now; stopping to watch (Ctrl-C) stops none of them
         while len(handles) < len(all_jobs):
             submit_next()
         if not wait:
-            print(f"grid: submitted; the jobs go on without this command.\n"
-                  f"  watch them: squeue -u $USER --name grid-{cfg.profile}\n"
-                  f"  each job's output: {log_dir}/<job>.log\n"
-                  f"  once all are done: make report PROFILE={cfg.profile}")
+            print(
+                f"grid: submitted; the jobs go on without this command.\n"
+                f"  watch them: squeue -u $USER --name grid-{cfg.profile}\n"
+                f"  each job's output: {log_dir}/<job>.log\n"
+                f"  once all are done: make report PROFILE={cfg.profile}"
+            )
             return 0
     with tqdm(total=total, desc="grid", unit="job", dynamic_ncols=True) as bar:
         for number, phase in enumerate(all_jobs):
@@ -143,13 +166,17 @@ def main(cfg: Config, overrides: list[str], wait: bool = True) -> int:
             failed = _wait(phase, handles[number], bar)
             if failed:
                 for job, why in failed:
-                    tqdm.write(f"grid: {job.label} failed ({why}); its output is in {log_dir / (job.label + '.log')}",
-                               file=sys.stderr)
-                later = sum(len(p) for p in all_jobs[number + 1:])
+                    tqdm.write(
+                        f"grid: {job.label} failed ({why}); its output is in {log_dir / (job.label + '.log')}",
+                        file=sys.stderr,
+                    )
+                later = sum(len(p) for p in all_jobs[number + 1 :])
                 cancelled = f"; Slurm cancels the {later} jobs of the phases after it" if held and later else ""
-                tqdm.write(f"grid: {len(failed)} of {len(phase)} jobs of this phase failed{cancelled}; run it again "
-                           "to resume (completed runs are reused, killed ones continue from their last checkpoint)",
-                           file=sys.stderr)
+                tqdm.write(
+                    f"grid: {len(failed)} of {len(phase)} jobs of this phase failed{cancelled}; run it again "
+                    "to resume (completed runs are reused, killed ones continue from their last checkpoint)",
+                    file=sys.stderr,
+                )
                 return 1
     print(f"grid: all {total} jobs completed")
     return 0

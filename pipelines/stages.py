@@ -59,8 +59,10 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
     if not is_main():
         return prefs
     m = prefs.manifest
-    print(f"preference set {reused}: {m['counts']['train']} train / {m['counts']['heldout']} held-out pairs, "
-          f"sha256 {m['sha256'][:12]}, built in {m['build_seconds']:.0f} s")
+    print(
+        f"preference set {reused}: {m['counts']['train']} train / {m['counts']['heldout']} held-out pairs, "
+        f"sha256 {m['sha256'][:12]}, built in {m['build_seconds']:.0f} s"
+    )
     if reused == "reused":  # what it holds was said when it was built (`make data`)
         return prefs
     dropped = m["stats"].get("dropped_while_parsing")
@@ -70,9 +72,11 @@ def build_preference_set(cfg: Config) -> PreferenceSet:
         s = m["stats"].get(split)
         if s:
             agree = s["label_agrees_with_gold_argmax"]
-            print(f"  {split}: pi_ref gold mean {s['gold_mean']:.3f} (std {s['gold_std']:.3f}, {s['samples']} "
-                  f"samples); label agrees with gold argmax {agree if agree is None else f'{agree:.3f}'}; "
-                  f"dropped: empty {s['empty']}, identical {s['identical']}, ties {s['tie_dropped']}")
+            print(
+                f"  {split}: pi_ref gold mean {s['gold_mean']:.3f} (std {s['gold_std']:.3f}, {s['samples']} "
+                f"samples); label agrees with gold argmax {agree if agree is None else f'{agree:.3f}'}; "
+                f"dropped: empty {s['empty']}, identical {s['identical']}, ties {s['tie_dropped']}"
+            )
     return prefs
 
 
@@ -97,8 +101,12 @@ def reward_model_for(cfg: Config, prefs: PreferenceSet, seed: int) -> Path:
     return rm_path
 
 
-def run_each(cfg: Config, method: Method, identity: Callable[[Config, Path | None], tuple[str, dict]],
-             train: Callable[[Config, PreferenceSet, int, Path | None], Any]) -> int:
+def run_each(
+    cfg: Config,
+    method: Method,
+    identity: Callable[[Config, Path | None], tuple[str, dict]],
+    train: Callable[[Config, PreferenceSet, int, Path | None], Any],
+) -> int:
     """Every run of `method`: one per beta (`beta_sweep`, or just `beta`; a method without one, at `beta` alone) and
     seed, each reused where a run with its key completed before. As `method.reward_model` says, the seed's reward
     model is trained where it is missing ("trains"), read where it exists ("reports"), or not passed (""). The
@@ -110,9 +118,13 @@ def run_each(cfg: Config, method: Method, identity: Callable[[Config, Path | Non
     for run_cfg in cfg.betas() if method.per_beta else [cfg]:  # the reward model does not depend on beta: trained once
         for seed in cfg.seeds:
             heading = f"{method.legend} beta {run_cfg.beta:g} seed {seed}"
-            rm_path = (reward_model_for(cfg, prefs, seed) if reward_model == "trains" else
-                       find_reward_model(cfg, prefs, reward_model_seed(cfg, seed)) if reward_model == "reports" else
-                       None)
+            rm_path = (
+                reward_model_for(cfg, prefs, seed)
+                if reward_model == "trains"
+                else find_reward_model(cfg, prefs, reward_model_seed(cfg, seed))
+                if reward_model == "reports"
+                else None
+            )
             name, extra = identity(run_cfg, rm_path)
             done = completed_run(run_cfg, name, seed, prefs.sha256, extra)
             if done is not None:
@@ -121,8 +133,11 @@ def run_each(cfg: Config, method: Method, identity: Callable[[Config, Path | Non
             if reward_model == "reports":  # the proxy reward of its samples, where `make ppo` has trained r_phi
                 say(f"{heading}: proxy reward {rm_path or 'none (no reward model on these pairs yet: make ppo)'}")
             result = train(run_cfg, prefs, seed, rm_path)
-            say(f"{heading}: {result.steps} steps; final: {brief(result.final_metrics)}\n"
-                f"  run directory: {result.run_dir}", flush=True)
+            say(
+                f"{heading}: {result.steps} steps; final: {brief(result.final_metrics)}\n"
+                f"  run directory: {result.run_dir}",
+                flush=True,
+            )
     return 0
 
 

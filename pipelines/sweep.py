@@ -36,9 +36,11 @@ from rlhf.data import PreferenceSet
 from rlhf.rundir import completed_run
 
 # The two knobs each method's grid varies: the learning rate, and the passes over its data.
-GRIDS = {"reward_model": ("reward_model.learning_rate", "budget.epochs"),
-         "dpo": ("dpo.learning_rate", "budget.epochs"),
-         "ppo": ("ppo.learning_rate", "ppo.ppo_epochs")}
+GRIDS = {
+    "reward_model": ("reward_model.learning_rate", "budget.epochs"),
+    "dpo": ("dpo.learning_rate", "budget.epochs"),
+    "ppo": ("ppo.learning_rate", "ppo.ppo_epochs"),
+}
 SHOWN = ("eval/gold", "eval/gold_sem", "eval/proxy", "eval/kl", "heldout/rm_accuracy", "heldout/implicit_accuracy")
 
 
@@ -46,14 +48,24 @@ def grid(cfg: Config) -> list[dict]:
     """The grid points of `sweep.method`, as dotted config keys and values."""
     s = cfg.sweep
     lr_key, passes_key = GRIDS[s.method]
-    return [{lr_key: lr, passes_key: n} for lr in s.learning_rates
-            for n in (s.ppo_epochs if s.method == "ppo" else s.epochs)]
+    return [
+        {lr_key: lr, passes_key: n}
+        for lr in s.learning_rates
+        for n in (s.ppo_epochs if s.method == "ppo" else s.epochs)
+    ]
 
 
 def point_config(cfg: Config, values: dict) -> Config:
     """One grid point's config: its values, one seed, judged on the validation split, in the sweep's runs dir."""
-    return cfg.with_values({**values, "eval.split": "validation", "seeds": [cfg.sweep.seed], "beta_sweep": [],
-                            "runs_dir": str(Path(cfg.runs_dir) / "sweep")})
+    return cfg.with_values(
+        {
+            **values,
+            "eval.split": "validation",
+            "seeds": [cfg.sweep.seed],
+            "beta_sweep": [],
+            "runs_dir": str(Path(cfg.runs_dir) / "sweep"),
+        }
+    )
 
 
 def train_point(cfg: Config, prefs: PreferenceSet) -> tuple[Path, dict[str, float]]:
@@ -129,10 +141,24 @@ def compare_with_chosen(table: pd.DataFrame, chosen: int | None, cfg: Config, n_
         draws = S.Draws.make(len(values[chosen]), cfg.report.bootstrap_reps, cfg.report.bootstrap_seed)
         diffs = [S.paired_difference(v, values[chosen], draws) for v in values]
     within = competing(table, cfg)
-    words = ["chosen" if i == chosen else f"KL over {cfg.sweep.max_kl:g}" if not within[i] else
-             "below" if hi < 0 else "not distinguishable" for i, (_, _, hi) in enumerate(diffs)]
-    return table.assign(**{"Δ vs chosen": [d for d, _, _ in diffs], "Δ lo": [lo for _, lo, _ in diffs],
-                           "Δ hi": [hi for _, _, hi in diffs], "vs chosen": words})
+    words = [
+        "chosen"
+        if i == chosen
+        else f"KL over {cfg.sweep.max_kl:g}"
+        if not within[i]
+        else "below"
+        if hi < 0
+        else "not distinguishable"
+        for i, (_, _, hi) in enumerate(diffs)
+    ]
+    return table.assign(
+        **{
+            "Δ vs chosen": [d for d, _, _ in diffs],
+            "Δ lo": [lo for _, lo, _ in diffs],
+            "Δ hi": [hi for _, _, hi in diffs],
+            "vs chosen": words,
+        }
+    )
 
 
 def final_prompt_values(run_dir: Path, score: str) -> np.ndarray:
@@ -174,12 +200,20 @@ def main(cfg: Config) -> int:
     points = grid(cfg)
     rows = []
     for i, values in enumerate(points, start=1):
-        print(f"sweep {cfg.sweep.method} {i}/{len(points)}: " + ", ".join(f"{k}={v:g}" for k, v in values.items()),
-              flush=True)
+        print(
+            f"sweep {cfg.sweep.method} {i}/{len(points)}: " + ", ".join(f"{k}={v:g}" for k, v in values.items()),
+            flush=True,
+        )
         run_dir, metrics = train_point(point_config(cfg, values), prefs)
         train_rows = [r for r in read_jsonl(run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
-        rows.append({**values, "train FLOPs": float(max((r.get("flops", 0) for r in train_rows), default=0)),
-                     **{k: metrics[k] for k in SHOWN if k in metrics}, "run_dir": str(run_dir)})
+        rows.append(
+            {
+                **values,
+                "train FLOPs": float(max((r.get("flops", 0) for r in train_rows), default=0)),
+                **{k: metrics[k] for k in SHOWN if k in metrics},
+                "run_dir": str(run_dir),
+            }
+        )
     table = pd.DataFrame(rows)
     chosen = choose(table, cfg)
     n_pairs = len(prefs.scored_pairs("validation"))
@@ -189,30 +223,55 @@ def main(cfg: Config) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".csv"), table.to_csv(index=False))
     shown = table.drop(columns="run_dir")
-    how = (f"accuracy on the {n_pairs} validation pairs; Δ: a difference of two "
-           "accuracies, the normal 95% interval as if unpaired" if cfg.sweep.method == "reward_model" else
-           "final gold reward (proxy without gold) on the validation prompts"
-           + (f", among the points within KL {cfg.sweep.max_kl:g} nats" if cfg.sweep.max_kl else "")
-           + "; Δ: paired by prompt, the report's prompt bootstrap, 95%")
-    atomic_write_text(out.with_suffix(".md"), markdown_table(shown) + f"\n\nJudged by {how}. One training seed "
-                      f"({cfg.sweep.seed}) a point: the intervals hold the validation set's variation only, not the "
-                      "seeds' (docs/tuning.md).\n")
+    how = (
+        f"accuracy on the {n_pairs} validation pairs; Δ: a difference of two "
+        "accuracies, the normal 95% interval as if unpaired"
+        if cfg.sweep.method == "reward_model"
+        else "final gold reward (proxy without gold) on the validation prompts"
+        + (f", among the points within KL {cfg.sweep.max_kl:g} nats" if cfg.sweep.max_kl else "")
+        + "; Δ: paired by prompt, the report's prompt bootstrap, 95%"
+    )
+    atomic_write_text(
+        out.with_suffix(".md"),
+        markdown_table(shown) + f"\n\nJudged by {how}. One training seed "
+        f"({cfg.sweep.seed}) a point: the intervals hold the validation set's variation only, not the "
+        "seeds' (docs/tuning.md).\n",
+    )
     print(shown.to_string(index=False))
-    print(f"chosen: {', '.join(f'{k}={points[chosen][k]:g}' for k in points[chosen])}" if chosen is not None else
-          f"chosen: none (no grid point ended within sweep.max_kl={cfg.sweep.max_kl})")
+    print(
+        f"chosen: {', '.join(f'{k}={points[chosen][k]:g}' for k in points[chosen])}"
+        if chosen is not None
+        else f"chosen: none (no grid point ended within sweep.max_kl={cfg.sweep.max_kl})"
+    )
     print(f"sweep table: {out.with_suffix('.csv')}")
-    tables = {m: pd.read_csv(out.with_name(f"sweep-{m}.csv")) for m in ("reward_model", "dpo")
-              if out.with_name(f"sweep-{m}.csv").exists()}
+    tables = {
+        m: pd.read_csv(out.with_name(f"sweep-{m}.csv"))
+        for m in ("reward_model", "dpo")
+        if out.with_name(f"sweep-{m}.csv").exists()
+    }
     if cfg.sweep.method in tables and len(tables) == 2:
         values = shared_budget(tables, cfg)
-        print("the shared budget by docs/tuning.md's rule: " + (
-            ", ".join(f"{k}={v:g}" for k, v in values.items()) if values is not None else
-            f"none (DPO has no point within sweep.max_kl={cfg.sweep.max_kl} at the chosen passes)"))
-    tables = {m: pd.read_csv(out.with_name(f"sweep-{m}.csv")) for m in ("ppo", "dpo")
-              if out.with_name(f"sweep-{m}.csv").exists()}
+        print(
+            "the shared budget by docs/tuning.md's rule: "
+            + (
+                ", ".join(f"{k}={v:g}" for k, v in values.items())
+                if values is not None
+                else f"none (DPO has no point within sweep.max_kl={cfg.sweep.max_kl} at the chosen passes)"
+            )
+        )
+    tables = {
+        m: pd.read_csv(out.with_name(f"sweep-{m}.csv"))
+        for m in ("ppo", "dpo")
+        if out.with_name(f"sweep-{m}.csv").exists()
+    }
     if cfg.sweep.method in tables and len(tables) == 2:
         levels = verdict_levels(tables, cfg)
-        print("the verdict's KL levels by docs/tuning.md's rule, for the profile before its runs: " + (
-            f"report.kl_levels: [{', '.join(f'{level:g}' for level in levels)}]" if levels is not None else
-            f"none (a sweep has no point within sweep.max_kl={cfg.sweep.max_kl})"))
+        print(
+            "the verdict's KL levels by docs/tuning.md's rule, for the profile before its runs: "
+            + (
+                f"report.kl_levels: [{', '.join(f'{level:g}' for level in levels)}]"
+                if levels is not None
+                else f"none (a sweep has no point within sweep.max_kl={cfg.sweep.max_kl})"
+            )
+        )
     return 0

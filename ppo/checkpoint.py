@@ -35,8 +35,9 @@ from rlhf.checkpoints import commit_checkpoint, prune_checkpoints
 from rlhf.errors import UserError
 
 
-def track(accelerator: Accelerator, scheduler: torch.optim.lr_scheduler.LRScheduler,
-          scaler: torch.amp.GradScaler) -> None:
+def track(
+    accelerator: Accelerator, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler
+) -> None:
     """Have `save_state` / `load_state` carry the schedule and the loss scaler too. Neither goes through `prepare`:
     a prepared scheduler steps once per process on each call under DDP (and the loop steps it once an iteration),
     and the Accelerator has a scaler of its own only when it runs the fp16 autocast itself, which the loop does."""
@@ -73,9 +74,11 @@ def restore(folder: Path, accelerator: Accelerator) -> dict:
     and what `track` registered) and this process's RNG. Returns progress.json. Call it last, just before the loop,
     so that nothing draws from the restored RNG first."""
     if (folder / "state.pt").exists():
-        raise UserError(f"checkpoint {folder} is in the format PPO wrote before its resume points went through "
-                        "accelerate's save_state, which this version does not read; delete that folder to run this "
-                        "run again from its start, or set resume=false to leave it as it is and start a new one")
+        raise UserError(
+            f"checkpoint {folder} is in the format PPO wrote before its resume points went through "
+            "accelerate's save_state, which this version does not read; delete that folder to run this "
+            "run again from its start, or set resume=false to leave it as it is and start a new one"
+        )
     accelerator.load_state(str(folder))
     _check_rng_restored(folder, accelerator.process_index)
     return json.loads((folder / "progress.json").read_text())
@@ -89,10 +92,17 @@ def _check_rng_restored(folder: Path, process_index: int) -> None:
     np_saved, np_now = saved["numpy_random_seed"], np.random.get_state()
     cuda_saved = saved.get("torch_cuda_manual_seed", [])
     cuda_now = torch.cuda.get_rng_state_all() if cuda_saved else []
-    restored = (saved["random_state"] == random.getstate()
-                and torch.equal(saved["torch_manual_seed"], torch.get_rng_state())
-                and np_saved[0] == np_now[0] and np.array_equal(np_saved[1], np_now[1]) and np_saved[2:] == np_now[2:]
-                and len(cuda_saved) == len(cuda_now) and all(map(torch.equal, cuda_saved, cuda_now)))
+    restored = (
+        saved["random_state"] == random.getstate()
+        and torch.equal(saved["torch_manual_seed"], torch.get_rng_state())
+        and np_saved[0] == np_now[0]
+        and np.array_equal(np_saved[1], np_now[1])
+        and np_saved[2:] == np_now[2:]
+        and len(cuda_saved) == len(cuda_now)
+        and all(map(torch.equal, cuda_saved, cuda_now))
+    )
     if not restored:
-        raise UserError(f"checkpoint {folder}: accelerate could not restore the random state saved in {file.name}, "
-                        "so the resumed run would not continue as the interrupted one would have")
+        raise UserError(
+            f"checkpoint {folder}: accelerate could not restore the random state saved in {file.name}, "
+            "so the resumed run would not continue as the interrupted one would have"
+        )

@@ -28,8 +28,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
-def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalized_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards of the KL-penalised objective, eq. (2):
 
         r_t = -beta * (log pi(y_t) - log pi_ref(y_t))            for every response token t
@@ -45,8 +46,9 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     return rewards * mask, kl
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens (Schulman et al. 2016, eq. 16,
     A_t = sum_l (gamma lam)^l delta_{t+l}, computed backwards):
 
@@ -67,11 +69,12 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     return advantages, (advantages + values) * mask
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise (per-token, masked mean):
 
-        L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),   rho_t = pi(y_t) / pi_old(y_t)
+    L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),   rho_t = pi(y_t) / pi_old(y_t)
     """
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
@@ -81,15 +84,16 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     with torch.no_grad():
         stats = {
             "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+            "policy/approxkl": 0.5 * masked_mean(log_ratio**2, mask),
             "policy/ratio_mean": masked_mean(ratio, mask),
             "policy/ratio_var": masked_var(ratio, mask),
         }
     return loss, stats
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (as in OpenAI's baselines and Huang et al. 2024's PPO):
     0.5 * mean_t max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, +-eps)."""
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
@@ -111,8 +115,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 class AdaptiveKLController:
     """Ziegler et al. (2019): nudge beta so the observed KL tracks `target`.
 
-        e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n_episodes / horizon)
+    e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n_episodes / horizon)
     """
+
     beta: float
     target: float
     horizon: int

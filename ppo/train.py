@@ -41,16 +41,33 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ppo import checkpoint
-from ppo.core import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
-                      gae_advantages, kl_penalized_rewards, masked_mean, whiten)
+from ppo.core import (
+    AdaptiveKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae_advantages,
+    kl_penalized_rewards,
+    masked_mean,
+    whiten,
+)
 from rlhf.config import Config, PPOConfig
 from rlhf.data import PreferenceSet
 from rlhf.distributed import check_finite_everywhere, check_replicas, num_processes, per_process, stop_together
 from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters, train_flops
-from rlhf.models import (autocast, for_training, freeze, grad_scaler, load_causal_lm, load_scalar_model,
-                         load_tokenizer, resolve_model_path, save_model)
+from rlhf.models import (
+    autocast,
+    for_training,
+    freeze,
+    grad_scaler,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    resolve_model_path,
+    save_model,
+)
 from rlhf.reference import reference_model
 from rlhf.rundir import RunDir, manifest_of_model
 from rlhf.sequences import SequenceBatch, position_ids_from_mask, response_logprobs, reward_scores, sample
@@ -76,18 +93,19 @@ class TokenValueModel(nn.Module):
         model = self.scalar_model.get_base_model() if isinstance(self.scalar_model, PeftModel) else self.scalar_model
         backbone = getattr(model, model.base_model_prefix)
         mask = batch.attention_mask
-        hidden = backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                          use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        ).last_hidden_state
         p_len = batch.prompt_ids.shape[1]
-        values = model.score(hidden[:, p_len - 1:-1]).squeeze(-1).float() - self.shift
+        values = model.score(hidden[:, p_len - 1 : -1]).squeeze(-1).float() - self.shift
         return values * batch.response_mask
 
 
 @dataclass
 class PPOResult:
     run_dir: Path
-    steps: int                        # PPO iterations taken
-    final_metrics: dict[str, float]   # the shared evaluator's metrics at the last iteration
+    steps: int  # PPO iterations taken
+    final_metrics: dict[str, float]  # the shared evaluator's metrics at the last iteration
     policy_path: Path
 
 
@@ -95,6 +113,7 @@ class PPOResult:
 class Learner:
     """What one PPO iteration acts on. `policy` and `value_model` are as accelerate prepared them (DDP-wrapped under
     several processes); `reward` is r(x, y) per sequence, [B]: the reward model's score, or the task's gold reward."""
+
     policy: nn.Module
     value_model: nn.Module
     ref: nn.Module
@@ -110,29 +129,37 @@ class Learner:
 class Experience:
     """One iteration's rollout, scored, as the PPO epochs learn from it: [B, R] per response token (zero on
     padding), [B] per episode."""
+
     batch: SequenceBatch
-    mask: torch.Tensor          # float response mask
+    mask: torch.Tensor  # float response mask
     old_logprobs: torch.Tensor  # log pi_old(y_t), the policy that sampled the rollout
     ref_logprobs: torch.Tensor  # log pi_ref(y_t)
-    old_values: torch.Tensor    # V_old(s_t)
-    scores: torch.Tensor        # r(x, y) per episode, after the missing-EOS penalty
-    rewards: torch.Tensor       # per-token KL-penalised rewards, eq. (2)
-    kl: torch.Tensor            # per-token log pi_old - log pi_ref
+    old_values: torch.Tensor  # V_old(s_t)
+    scores: torch.Tensor  # r(x, y) per episode, after the missing-EOS penalty
+    rewards: torch.Tensor  # per-token KL-penalised rewards, eq. (2)
+    kl: torch.Tensor  # per-token log pi_old - log pi_ref
     advantages: torch.Tensor
     returns: torch.Tensor
 
 
-def make_optimizer(policy: nn.Module, value_model: nn.Module, pc: PPOConfig, weight_decay: float
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    policy: nn.Module, value_model: nn.Module, pc: PPOConfig, weight_decay: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """One AdamW over both models, as in CleanRL/TRL: loss = policy loss + vf_coef * value loss. Only the trainable
     parameters: all of them, or with LoRA the adapters and the value head. Fused (one kernel over all tensors, as
     Trainer's default for the TRL stages): on a 2-core CPU 0.08 s a step for 135M parameters against 0.49 s for the
     per-tensor loop, which was ~10% of a default-profile PPO update. Adam's epsilon 1e-5 (CleanRL's, and Huang et
     al.'s), where TRL's stages keep 1e-8; the weight decay is every stage's (`weight_decay`)."""
-    optimizer = torch.optim.AdamW([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad],
-                                  lr=pc.learning_rate, eps=1e-5, weight_decay=weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad],
+        lr=pc.learning_rate,
+        eps=1e-5,
+        weight_decay=weight_decay,
+        fused=True,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # detail: linear learning-rate annealing to 0
-        optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0)
+        optimizer, lambda it: 1 - it / pc.iterations if pc.anneal_lr else 1.0
+    )
     return optimizer, scheduler
 
 
@@ -147,8 +174,9 @@ def rollout(learner: Learner, prompts: list[str], pc: PPOConfig) -> SequenceBatc
     return sample(policy, learner.tokenizer, prompts, pc.max_new_tokens, pc.temperature, learner.amp())
 
 
-def score(learner: Learner, batch: SequenceBatch, pc: PPOConfig, where: str
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def score(
+    learner: Learner, batch: SequenceBatch, pc: PPOConfig, where: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 2: (log pi_old, log pi_ref, V_old, r) of the rollout, one batched pass per model with no autograd at all.
     Log-probs at the sampling temperature: those of the distribution the tokens came from."""
     policy = learner.accelerator.unwrap_model(learner.policy)
@@ -163,9 +191,16 @@ def score(learner: Learner, batch: SequenceBatch, pc: PPOConfig, where: str
     return old_logprobs, ref_logprobs, old_values, scores
 
 
-def rewards_and_advantages(scores: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                           old_values: torch.Tensor, mask: torch.Tensor, beta: float, pc: PPOConfig, where: str
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def rewards_and_advantages(
+    scores: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    pc: PPOConfig,
+    where: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 3: per-token KL-penalised rewards (eq. 2), GAE advantages and returns (Schulman et al. 2016, eq. 16),
     advantages whitened over the batch's response tokens. Returns (rewards, kl, advantages, returns)."""
     rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
@@ -176,8 +211,9 @@ def rewards_and_advantages(scores: torch.Tensor, old_logprobs: torch.Tensor, ref
     return rewards, kl, advantages, returns
 
 
-def update(learner: Learner, exp: Experience, pc: PPOConfig, local_mini_batch: int, where: str
-           ) -> dict[str, list[float]]:
+def update(
+    learner: Learner, exp: Experience, pc: PPOConfig, local_mini_batch: int, where: str
+) -> dict[str, list[float]]:
     """Step 4: `ppo_epochs` passes over shuffled minibatches, each one gradient step on the clipped surrogate
     (Schulman et al. 2017, eq. 7) + vf_coef * the clipped value loss. Returns each minibatch's statistics, in order."""
     learner.accelerator.unwrap_model(learner.policy).train()
@@ -189,15 +225,23 @@ def update(learner: Learner, exp: Experience, pc: PPOConfig, local_mini_batch: i
             with learner.amp():
                 new_logprobs, entropy = response_logprobs(learner.policy, mb, pc.temperature, with_entropy=True)
                 new_values = learner.value_model(mb)
-            pg_loss, pg_stats = clipped_policy_loss(new_logprobs, exp.old_logprobs[idx], exp.advantages[idx], mask,
-                                                    pc.cliprange)
-            vf_loss, vf_stats = clipped_value_loss(new_values, exp.old_values[idx], exp.returns[idx], mask,
-                                                   pc.cliprange_value)
+            pg_loss, pg_stats = clipped_policy_loss(
+                new_logprobs, exp.old_logprobs[idx], exp.advantages[idx], mask, pc.cliprange
+            )
+            vf_loss, vf_stats = clipped_value_loss(
+                new_values, exp.old_values[idx], exp.returns[idx], mask, pc.cliprange_value
+            )
             loss = pg_loss + pc.vf_coef * vf_loss
             check_finite_everywhere(where, loss=loss, policy_loss=pg_loss, value_loss=vf_loss)
             step_stats = optimizer_step(learner, loss, pc.max_grad_norm, where)
-            for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss,
-                               "policy/entropy_token": masked_mean(entropy, mask), **step_stats}.items():
+            for key, value in {
+                **pg_stats,
+                **vf_stats,
+                "loss/policy": pg_loss,
+                "loss/value": vf_loss,
+                "policy/entropy_token": masked_mean(entropy, mask),
+                **step_stats,
+            }.items():
                 stats.setdefault(key, []).append(float(value.detach() if torch.is_tensor(value) else value))
     return stats
 
@@ -226,8 +270,9 @@ def optimizer_step(learner: Learner, loss: torch.Tensor, max_grad_norm: float, w
     return {"amp/skip_rate": float(skipped), **({} if skipped else norms)}  # an inf norm is the overflow itself
 
 
-def ppo_iteration(learner: Learner, prompts: list[str], beta: float, pc: PPOConfig, local_mini_batch: int,
-                  where: str) -> tuple[Experience, dict[str, list[float]], dict[str, float]]:
+def ppo_iteration(
+    learner: Learner, prompts: list[str], beta: float, pc: PPOConfig, local_mini_batch: int, where: str
+) -> tuple[Experience, dict[str, list[float]], dict[str, float]]:
     """Steps 1-4 of one PPO iteration on this process's `prompts`. Returns the experience, each minibatch's
     statistics, and the seconds each phase took."""
     start = time.perf_counter()
@@ -235,18 +280,28 @@ def ppo_iteration(learner: Learner, prompts: list[str], beta: float, pc: PPOConf
     rollout_end = time.perf_counter()
     mask = batch.response_mask.float()
     old_logprobs, ref_logprobs, old_values, scores = score(learner, batch, pc, where)
-    rewards, kl, advantages, returns = rewards_and_advantages(scores, old_logprobs, ref_logprobs, old_values, mask,
-                                                              beta, pc, where)
+    rewards, kl, advantages, returns = rewards_and_advantages(
+        scores, old_logprobs, ref_logprobs, old_values, mask, beta, pc, where
+    )
     exp = Experience(batch, mask, old_logprobs, ref_logprobs, old_values, scores, rewards, kl, advantages, returns)
     scoring_end = time.perf_counter()
     stats = update(learner, exp, pc, local_mini_batch, where)
-    seconds = {"time/rollout": rollout_end - start, "time/scoring": scoring_end - rollout_end,
-               "time/update": time.perf_counter() - scoring_end}
+    seconds = {
+        "time/rollout": rollout_end - start,
+        "time/scoring": scoring_end - rollout_end,
+        "time/update": time.perf_counter() - scoring_end,
+    }
     return exp, stats, seconds
 
 
-def iteration_metrics(exp: Experience, stats: dict[str, list[float]], beta: float, pc: PPOConfig, gold: bool,
-                      mean_across: Callable[[torch.Tensor | float], float]) -> dict[str, float]:
+def iteration_metrics(
+    exp: Experience,
+    stats: dict[str, list[float]],
+    beta: float,
+    pc: PPOConfig,
+    gold: bool,
+    mean_across: Callable[[torch.Tensor | float], float],
+) -> dict[str, float]:
     """Step 5's train row (docs/ppo.md, Metrics): the rollout's objective terms, averaged across processes, and the
     update's statistics, each averaged over its minibatches and then across processes. `tokens/*` count this
     process's tokens through a model in each phase: scoring runs pi_old, pi_ref, V (and r_phi); the update runs
@@ -273,8 +328,10 @@ def run_identity(cfg: Config, reward_model_path: Path | None) -> tuple[str, dict
     """The method and the extra inputs a PPO (or PPO-GT) run's directory is keyed by (rlhf.rundir.run_key): the same
     for the run and for the pipeline asking whether it is done already."""
     gold = cfg.ppo.reward == "gold"
-    return ("ppo-gt" if gold else "ppo"), {"reward_model_path": None if gold else str(reward_model_path),
-                                           "num_processes": num_processes()}
+    return ("ppo-gt" if gold else "ppo"), {
+        "reward_model_path": None if gold else str(reward_model_path),
+        "num_processes": num_processes(),
+    }
 
 
 def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None, seed: int) -> PPOResult:
@@ -296,8 +353,11 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
     attention = cfg.model.attention
     policy = for_training(load_causal_lm(model_path, attention), cfg, "CAUSAL_LM")  # with LoRA, ref stays full
     ref = freeze(load_causal_lm(model_path, attention)).to(device)
-    reward_model = None if gold else freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id,
-                                                              attention)).to(device)
+    reward_model = (
+        None
+        if gold
+        else freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id, attention)).to(device)
+    )
     value_scalar = load_scalar_model(str(model_path if gold else reward_model_path), tokenizer.pad_token_id, attention)
     if gold:  # a fresh head starts at V = 0 rather than at random values
         nn.init.zeros_(value_scalar.score.weight)
@@ -316,8 +376,17 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
 
     scaler = grad_scaler(cfg.model.precision, device)  # fp16 only; otherwise it passes everything through
     checkpoint.track(accelerator, scheduler, scaler)
-    learner = Learner(policy, value_model, ref, reward, tokenizer, accelerator, optimizer, scaler,
-                      amp=lambda: autocast(cfg.model.precision, device))
+    learner = Learner(
+        policy,
+        value_model,
+        ref,
+        reward,
+        tokenizer,
+        accelerator,
+        optimizer,
+        scaler,
+        amp=lambda: autocast(cfg.model.precision, device),
+    )
 
     local_batch = per_process(pc.rollout_batch_size, "ppo.rollout_batch_size")  # each samples its own share
     local_mini_batch = per_process(pc.mini_batch_size, "ppo.mini_batch_size")
@@ -340,19 +409,31 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         """FLOPs of one iteration's phases over `n_tokens` real rollout tokens: sampling runs the policy through
         prompt and response (the KV cache makes each token one forward token); scoring runs pi_old, pi_ref, V (and
         r_phi) forward; the update runs policy and V forward and backward every PPO epoch."""
-        return {"rollout": forward_flops(n_policy, n_tokens), "scoring": forward_flops(n_scoring, n_tokens),
-                "update": pc.ppo_epochs * train_flops(n_policy + n_value, n_tokens)}
+        return {
+            "rollout": forward_flops(n_policy, n_tokens),
+            "scoring": forward_flops(n_scoring, n_tokens),
+            "update": pc.ppo_epochs * train_flops(n_policy + n_value, n_tokens),
+        }
 
     def run_eval(iteration: int) -> None:
         nonlocal final_eval
         with stop_together():  # the others wait here for the main process's evaluation, and stop with it
             if main:
                 with run.stage("eval", device) as timing:
-                    metrics, samples = evaluate(accelerator.unwrap_model(policy), ctx, reward_model=reward_model,
-                                                desc=f"eval @ {iteration}")
+                    metrics, samples = evaluate(
+                        accelerator.unwrap_model(policy), ctx, reward_model=reward_model, desc=f"eval @ {iteration}"
+                    )
                     timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
-                run.log({"kind": "eval", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
-                         "flops": flops, **metrics})
+                run.log(
+                    {
+                        "kind": "eval",
+                        "step": iteration,
+                        "wall_seconds": train_seconds,
+                        "tokens": tokens,
+                        "flops": flops,
+                        **metrics,
+                    }
+                )
                 run.write_samples(iteration, samples)
                 final_eval = metrics
 
@@ -366,29 +447,39 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
         else:  # go on after the checkpoint's iteration, in the very state the interrupted run was in then
             progress = checkpoint.restore(resume_from, accelerator)
             first_iteration = progress["iteration"] + 1
-            tokens, flops, train_seconds, beta, final_eval = (progress[k] for k in ("tokens", "flops", "train_seconds",
-                                                                                     "beta", "final_eval"))
+            tokens, flops, train_seconds, beta, final_eval = (
+                progress[k] for k in ("tokens", "flops", "train_seconds", "beta", "final_eval")
+            )
             if kl_ctl is not None:
                 kl_ctl.beta = beta
-        bar = tqdm(range(first_iteration, pc.iterations + 1), desc=f"PPO seed {seed}", disable=not main,
-                   initial=first_iteration - 1, total=pc.iterations)
+        bar = tqdm(
+            range(first_iteration, pc.iterations + 1),
+            desc=f"PPO seed {seed}",
+            disable=not main,
+            initial=first_iteration - 1,
+            total=pc.iterations,
+        )
         for iteration in bar:
             start = time.perf_counter()
             with run.stage("train", device) as timing:  # timings.json: train seconds, peak memory, FLOPs
                 # this process's share of the next prompts, cycling through one seeded order
                 first = (iteration - 1) * pc.rollout_batch_size + accelerator.process_index * local_batch
-                prompts = [task.train_prompts[prompt_order[(first + i) % len(prompt_order)]]
-                           for i in range(local_batch)]
+                prompts = [
+                    task.train_prompts[prompt_order[(first + i) % len(prompt_order)]] for i in range(local_batch)
+                ]
                 where = f"PPO iteration {iteration}"
                 exp, stats, seconds = ppo_iteration(learner, prompts, beta, pc, local_mini_batch, where)
                 scheduler.step()
 
                 # ---- 5. bookkeeping: metrics, KL controller, tokens, FLOPs, clock
                 rollout_tokens = int(exp.batch.attention_mask.sum())
-                row = {**iteration_metrics(exp, stats, beta, pc, gold, mean_across),
-                       "learning_rate": scheduler.get_last_lr()[0], **seconds,
-                       **{f"flops/{phase}": n for phase, n in phase_flops(rollout_tokens).items()},
-                       **({"amp/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})}
+                row = {
+                    **iteration_metrics(exp, stats, beta, pc, gold, mean_across),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    **seconds,
+                    **{f"flops/{phase}": n for phase, n in phase_flops(rollout_tokens).items()},
+                    **({"amp/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
+                }
                 check_finite(where, **{k: v for k, v in row.items() if k != "val/explained_variance"})
                 if kl_ctl is not None:  # detail: adaptive KL coefficient (Ziegler et al. 2019)
                     beta = kl_ctl.update(row["objective/kl"], pc.rollout_batch_size)
@@ -397,16 +488,36 @@ def train_ppo(cfg: Config, prefs: PreferenceSet, reward_model_path: Path | None,
                 flops += sum(phase_flops(all_tokens).values())
                 timing["flops"] = flops
                 train_seconds += time.perf_counter() - start
-            run.log({"kind": "train", "step": iteration, "wall_seconds": train_seconds, "tokens": tokens,
-                     "flops": flops, **row})
-            bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
-                            clip=f"{row['policy/clipfrac']:.3f}")
+            run.log(
+                {
+                    "kind": "train",
+                    "step": iteration,
+                    "wall_seconds": train_seconds,
+                    "tokens": tokens,
+                    "flops": flops,
+                    **row,
+                }
+            )
+            bar.set_postfix(
+                score=f"{row['objective/scores']:.3f}",
+                kl=f"{row['objective/kl']:.3f}",
+                clip=f"{row['policy/clipfrac']:.3f}",
+            )
             if iteration % pc.eval_every == 0 or iteration == pc.iterations:
                 run_eval(iteration)
             if pc.checkpoint_every and iteration % pc.checkpoint_every == 0 and iteration < pc.iterations:
-                checkpoint.save(run.path / "checkpoints", iteration, accelerator,
-                                {"tokens": tokens, "flops": flops, "train_seconds": train_seconds, "beta": beta,
-                                 "final_eval": final_eval})
+                checkpoint.save(
+                    run.path / "checkpoints",
+                    iteration,
+                    accelerator,
+                    {
+                        "tokens": tokens,
+                        "flops": flops,
+                        "train_seconds": train_seconds,
+                        "beta": beta,
+                        "final_eval": final_eval,
+                    },
+                )
 
         check_replicas(accelerator.unwrap_model(policy), run.manifest)
         policy_path = run.path / "checkpoints" / "final"

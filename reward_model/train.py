@@ -29,8 +29,18 @@ from rlhf.errors import UserError, check_finite
 from rlhf.evaluate import EvalContext, arithmetic, heldout_pair_metrics, store_rm_pair_metrics
 from rlhf.flops import forward_flops, pass_parameters, train_flops
 from rlhf.keys import reward_model_key
-from rlhf.models import (autocast, default_device, for_training, freeze, load_causal_lm, load_scalar_model,
-                         load_tokenizer, merged, resolve_model_path, save_model)
+from rlhf.models import (
+    autocast,
+    default_device,
+    for_training,
+    freeze,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    merged,
+    resolve_model_path,
+    save_model,
+)
 from rlhf.reference import reference_model
 from rlhf.rundir import RunDir
 from rlhf.sequences import chunks, reward_scores, sample
@@ -45,9 +55,9 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 @dataclass
 class RewardModelResult:
-    path: Path            # folder with the trained, shifted reward model (load with load_scalar_model)
+    path: Path  # folder with the trained, shifted reward model (load with load_scalar_model)
     run_dir: Path
-    shift: float          # subtracted from raw scores so pi_ref's samples average 0
+    shift: float  # subtracted from raw scores so pi_ref's samples average 0
     heldout: dict[str, float]
 
 
@@ -55,34 +65,48 @@ class RewardModelResult:
 def _reward_shift(rm, tokenizer, prompts: list[str], cfg: Config, device: torch.device) -> tuple[float, int]:
     """Mean raw score of pi_ref's samples on `prompts` (subtracting it centres r_phi on pi_ref), and the FLOPs of
     sampling them and scoring them (forward passes over prompt and response)."""
-    policy = freeze(load_causal_lm(resolve_model_path(reference_model(cfg), cfg.hub_access), cfg.model.attention)
-                    .to(device))
+    policy = freeze(
+        load_causal_lm(resolve_model_path(reference_model(cfg), cfg.hub_access), cfg.model.attention).to(device)
+    )
     n_params = pass_parameters(policy) + pass_parameters(rm, "scalar")
     scores, flops = [], 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.data.seed)
         for s in chunks(len(prompts), cfg.eval.batch_size):
-            batch = sample(policy, tokenizer, prompts[s], cfg.data.max_new_tokens, cfg.data.temperature,
-                           autocast(cfg.model.precision, device))
+            batch = sample(
+                policy,
+                tokenizer,
+                prompts[s],
+                cfg.data.max_new_tokens,
+                cfg.data.temperature,
+                autocast(cfg.model.precision, device),
+            )
             with autocast(cfg.model.precision, device):
                 scores += reward_scores(rm, batch, tokenizer).tolist()  # no shift set yet: raw scores
             flops += forward_flops(n_params, int(batch.attention_mask.sum()))
     return sum(scores) / len(scores), flops
 
 
-def _trainer(cfg: Config, rm, tokenizer, train_set, seed: int, run: RunDir, callback: TrainerCallback,
-             device: torch.device) -> RewardTrainer:
+def _trainer(
+    cfg: Config, rm, tokenizer, train_set, seed: int, run: RunDir, callback: TrainerCallback, device: torch.device
+) -> RewardTrainer:
     """TRL's RewardTrainer for eq. (1) on `train_set`, writing into `run` through `callback`, with its resume points
     (checkpoint-<step>/) in the run's checkpoints/ folder."""
     rc = cfg.reward_model
     args = RewardConfig(
-        output_dir=str(run.path / "checkpoints"), learning_rate=rc.learning_rate,
+        output_dir=str(run.path / "checkpoints"),
+        learning_rate=rc.learning_rate,
         num_train_epochs=cfg.budget.passes(rc.epochs),
         per_device_train_batch_size=per_process(rc.batch_size, "reward_model.batch_size"),
-        warmup_steps=rc.warmup_ratio, lr_scheduler_type="linear", max_length=rc.max_length,
-        **run_dir_args(cfg.model, cfg.weight_decay, seed, device, rc.checkpoint_every))
-    return quiet_progress_bar(RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer,
-                                            callbacks=[callback]), f"reward model seed {seed}")
+        warmup_steps=rc.warmup_ratio,
+        lr_scheduler_type="linear",
+        max_length=rc.max_length,
+        **run_dir_args(cfg.model, cfg.weight_decay, seed, device, rc.checkpoint_every),
+    )
+    return quiet_progress_bar(
+        RewardTrainer(model=rm, args=args, train_dataset=train_set, processing_class=tokenizer, callbacks=[callback]),
+        f"reward model seed {seed}",
+    )
 
 
 def _count_long_pairs(trainer: RewardTrainer, train_set, run: RunDir, cfg: Config) -> None:
@@ -94,11 +118,15 @@ def _count_long_pairs(trainer: RewardTrainer, train_set, run: RunDir, cfg: Confi
     run.manifest["budget"] = budget_record(given - dropped, cfg.budget.passes(cfg.reward_model.epochs))
     run.write_manifest()
     if dropped == given:
-        raise UserError(f"reward_model.max_length={max_length}: every training pair is longer, so RewardTrainer drops "
-                        "them all; raise reward_model.max_length")
+        raise UserError(
+            f"reward_model.max_length={max_length}: every training pair is longer, so RewardTrainer drops "
+            "them all; raise reward_model.max_length"
+        )
     if dropped:
-        print(f"reward model: {dropped} of {given} training pairs are longer than reward_model.max_length="
-              f"{max_length} tokens and were dropped")
+        print(
+            f"reward model: {dropped} of {given} training pairs are longer than reward_model.max_length="
+            f"{max_length} tokens and were dropped"
+        )
 
 
 def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardModelResult:
@@ -108,48 +136,77 @@ def train_reward_model(cfg: Config, prefs: PreferenceSet, seed: int) -> RewardMo
     device = default_device()
     model_path = resolve_model_path(reference_model(cfg), cfg.hub_access)  # the backbone: pi_ref's
     tokenizer = load_tokenizer(model_path)
-    run, resume_from = RunDir.open(cfg, "reward_model", seed, device, prefs.sha256, extra={
-        "reward_model_key": reward_model_key(cfg, prefs.sha256, seed), "reference_model": model_path},
-        key="reward_model_key")
+    run, resume_from = RunDir.open(
+        cfg,
+        "reward_model",
+        seed,
+        device,
+        prefs.sha256,
+        extra={"reward_model_key": reward_model_key(cfg, prefs.sha256, seed), "reference_model": model_path},
+        key="reward_model_key",
+    )
     with run.running():
         rm = load_scalar_model(model_path, tokenizer.pad_token_id, cfg.model.attention)
         n_params = pass_parameters(rm, "scalar")  # counted before Trainer wraps it
         rm = for_training(rm, cfg, "SEQ_CLS", trainer_checkpointing=True)
         # train rows, their clock and FLOPs, checkpoints committed; the stage keeps the name PPO's cost reads
-        callback = EvalAndLogCallback(run, None, None, device, n_params, resumed_clock(run, resume_from),
-                                      name="reward model step", stage="reward_model")
+        callback = EvalAndLogCallback(
+            run,
+            None,
+            None,
+            device,
+            n_params,
+            resumed_clock(run, resume_from),
+            name="reward model step",
+            stage="reward_model",
+        )
         train_set = budget_pairs(cfg, prefs).select_columns(["prompt", "chosen", "rejected"])
         trainer = _trainer(cfg, rm, tokenizer, train_set, seed, run, callback, device)
         _count_long_pairs(trainer, train_set, run, cfg)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         tokens = trainer.state.num_input_tokens_seen
-        trained = {"step": trainer.state.global_step, "wall_seconds": callback.train_seconds, "tokens": tokens,
-                   "flops": train_flops(n_params, tokens)}  # where the eval row stands
+        trained = {
+            "step": trainer.state.global_step,
+            "wall_seconds": callback.train_seconds,
+            "tokens": tokens,
+            "flops": train_flops(n_params, tokens),
+        }  # where the eval row stands
         rm = freeze(merged(trainer.model))  # a plain model from here on: LoRA adapters folded in
         check_replicas(rm, run.manifest)
         final = run.path / "checkpoints" / "final"
         # Centring, held-out metrics and the save happen once, on the main process; the others wait, then share
         # its numbers (or stop with its error).
         with stop_together():
-            shift, heldout = (_centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trained, final, device)
-                              if is_main() else (None, None))
+            shift, heldout = (
+                _centre_evaluate_save(rm, tokenizer, cfg, prefs, run, trained, final, device)
+                if is_main()
+                else (None, None)
+            )
         shift, heldout = from_main(shift, heldout)
     return RewardModelResult(path=final, run_dir=run.path, shift=shift, heldout=heldout)
 
 
-def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run: RunDir, trained: dict, final: Path,
-                          device: torch.device) -> tuple[float, dict[str, float]]:
+def _centre_evaluate_save(
+    rm, tokenizer, cfg: Config, prefs: PreferenceSet, run: RunDir, trained: dict, final: Path, device: torch.device
+) -> tuple[float, dict[str, float]]:
     """Centre the trained r_phi on pi_ref's samples, measure it on the held-out pairs, save it to `final`, and log the
     eval row at `trained` (step, clock, tokens, FLOPs). Both are forward passes, their FLOPs counted apart from
     training (stages `reward_shift` and `eval`)."""
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     with run.stage("reward_shift", device) as timing:
-        shift, timing["flops"] = _reward_shift(rm, tokenizer, task.train_prompts[:cfg.reward_model.center_prompts],
-                                               cfg, device)
+        shift, timing["flops"] = _reward_shift(
+            rm, tokenizer, task.train_prompts[: cfg.reward_model.center_prompts], cfg, device
+        )
     rm.config.reward_shift = shift
-    ctx = EvalContext(prompts=[], ref_model=None, tokenizer=tokenizer, cfg=cfg.eval,
-                      autocast=lambda: autocast(cfg.model.precision, device), arithmetic=arithmetic(cfg, device),
-                      heldout_pairs=prefs.scored_pairs(cfg.eval.split).to_list()[:cfg.eval.n_heldout_pairs or None])
+    ctx = EvalContext(
+        prompts=[],
+        ref_model=None,
+        tokenizer=tokenizer,
+        cfg=cfg.eval,
+        autocast=lambda: autocast(cfg.model.precision, device),
+        arithmetic=arithmetic(cfg, device),
+        heldout_pairs=prefs.scored_pairs(cfg.eval.split).to_list()[: cfg.eval.n_heldout_pairs or None],
+    )
     cost = {"scoring_seconds": 0.0, "scored_tokens": 0, "flops": 0}
     with run.stage("eval", device) as timing:
         heldout = heldout_pair_metrics(None, ctx, reward_model=rm, implicit_beta=None, cost=cost)
@@ -159,7 +216,9 @@ def _centre_evaluate_save(rm, tokenizer, cfg: Config, prefs: PreferenceSet, run:
     store_rm_pair_metrics(final, ctx, heldout)  # what every run evaluated against this model reads, not recomputes
     run.log({"kind": "eval", **trained, "reward_shift": shift, "eval/flops": cost["flops"], **heldout})
     run.manifest["reward_model_path"] = str(final)
-    print(f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "
-          f"{heldout.get('heldout/gold_accuracy', float('nan')):.3f}), margin {heldout['heldout/rm_margin']:.3f}, "
-          f"shift {shift:.3f}")
+    print(
+        f"reward model: held-out accuracy {heldout['heldout/rm_accuracy']:.3f} (gold labels "
+        f"{heldout.get('heldout/gold_accuracy', float('nan')):.3f}), margin {heldout['heldout/rm_margin']:.3f}, "
+        f"shift {shift:.3f}"
+    )
     return shift, heldout

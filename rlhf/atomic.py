@@ -76,8 +76,10 @@ def cached(path: Path | None, compute: Callable[[], T], device: torch.device | s
         try:
             return torch.load(path, map_location=device, weights_only=True), True
         except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # written whole, so damaged afterwards
-            raise UserError(f"{path}: not a whole torch file ({type(e).__name__}); delete it (what it caches of "
-                            "pi_ref is computed again)") from None
+            raise UserError(
+                f"{path}: not a whole torch file ({type(e).__name__}); delete it (what it caches of "
+                "pi_ref is computed again)"
+            ) from None
     value = compute()
     if path is not None:
         buffer = io.BytesIO()

@@ -22,8 +22,11 @@ def checkpoint_step(folder: Path) -> int:
 def commit_checkpoint(folder: Path, step: int) -> None:
     """Make a fully written checkpoint folder count: its step and every file's sha256 go into checkpoint.json,
     written last and atomically. A folder without that record is half-written and never resumed from."""
-    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != CHECKPOINT_RECORD}
+    files = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CHECKPOINT_RECORD
+    }
     atomic_write_json(folder / CHECKPOINT_RECORD, {"step": step, "files": files})
 
 
@@ -40,8 +43,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not done:
         return None
     folder = max(done, key=checkpoint_step)
-    advice = ("delete that folder to resume from an earlier checkpoint (or from the start), or set resume=false "
-              "to leave this run as it is and start a new one")
+    advice = (
+        "delete that folder to resume from an earlier checkpoint (or from the start), or set resume=false "
+        "to leave this run as it is and start a new one"
+    )
     try:
         record = json.loads((folder / CHECKPOINT_RECORD).read_text())
         files = record["files"]

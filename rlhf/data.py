@@ -40,7 +40,7 @@ class PreferenceSet:
     path: Path
     manifest: dict
     train: Dataset
-    heldout: Dataset     # from the test prompts: the pairs every report scores
+    heldout: Dataset  # from the test prompts: the pairs every report scores
     validation: Dataset  # from the validation prompts (`task.n_validation_prompts`): what sweeps score
 
     @property
@@ -58,8 +58,10 @@ def budget_pairs(cfg: Config, prefs: PreferenceSet) -> Dataset:
     not a different subset of them)."""
     n = cfg.budget.pairs
     if n is not None and n > len(prefs.train):
-        raise UserError(f"config key 'budget.pairs': {n}, but the preference set {prefs.path} has only "
-                        f"{len(prefs.train)} training pairs (raise data.n_prompts, or lower budget.pairs)")
+        raise UserError(
+            f"config key 'budget.pairs': {n}, but the preference set {prefs.path} has only "
+            f"{len(prefs.train)} training pairs (raise data.n_prompts, or lower budget.pairs)"
+        )
     return prefs.train if n is None else prefs.train.select(range(n))
 
 
@@ -85,19 +87,33 @@ def label_pair(r1: float, r2: float, labeling: str, tau: float, rng: random.Rand
     return rng.random() < p, p
 
 
-def _pairs_from_samples(prompts: list[str], policy, tokenizer, task: Task, cfg: Config, rng: random.Random,
-                        desc: str) -> tuple[list[dict], dict]:
+def _pairs_from_samples(
+    prompts: list[str], policy, tokenizer, task: Task, cfg: Config, rng: random.Random, desc: str
+) -> tuple[list[dict], dict]:
     """Sample K responses a prompt from pi_ref, score with gold, pair and label. Returns (pairs, stats)."""
     d = cfg.data
     k = d.responses_per_prompt
     device = next(policy.parameters()).device
-    pairs, golds, stats = [], [], {"empty": 0, "identical": 0, "tie_dropped": 0, "agree": 0, "decisive": 0,
-                                   "sampling_seconds": 0.0, "sampled_tokens": 0, "sampling_flops": 0}
+    pairs, golds, stats = (
+        [],
+        [],
+        {
+            "empty": 0,
+            "identical": 0,
+            "tie_dropped": 0,
+            "agree": 0,
+            "decisive": 0,
+            "sampling_seconds": 0.0,
+            "sampled_tokens": 0,
+            "sampling_flops": 0,
+        },
+    )
     for s in tqdm(list(chunks(len(prompts), d.batch_size)), desc=desc, unit="batch"):
         batch_prompts = [p for p in prompts[s] for _ in range(k)]  # prompt i's K samples are rows iK..iK+K-1
         start = time.perf_counter()
-        batch = sample(policy, tokenizer, batch_prompts, d.max_new_tokens, d.temperature,
-                       autocast(cfg.model.precision, device))
+        batch = sample(
+            policy, tokenizer, batch_prompts, d.max_new_tokens, d.temperature, autocast(cfg.model.precision, device)
+        )
         stats["sampling_seconds"] += time.perf_counter() - start
         stats["sampled_tokens"] += int(batch.response_mask.sum())
         stats["sampling_flops"] += forward_flops(pass_parameters(policy), int(batch.attention_mask.sum()))
@@ -120,13 +136,27 @@ def _pairs_from_samples(prompts: list[str], policy, tokenizer, task: Task, cfg: 
                 stats["decisive"] += 1
                 stats["agree"] += int(first_wins == (r1 > r2))
             (c, rc), (rj, rr) = ((t1, r1), (t2, r2)) if first_wins else ((t2, r2), (t1, r1))
-            pairs.append({"prompt": batch_prompts[i], "chosen": c, "rejected": rj, "gold_chosen": rc,
-                          "gold_rejected": rr, "p_chosen": p if first_wins else 1 - p})
+            pairs.append(
+                {
+                    "prompt": batch_prompts[i],
+                    "chosen": c,
+                    "rejected": rj,
+                    "gold_chosen": rc,
+                    "gold_rejected": rr,
+                    "p_chosen": p if first_wins else 1 - p,
+                }
+            )
     n = len(golds)
     mean = sum(golds) / n
     std = math.sqrt(sum((g - mean) ** 2 for g in golds) / max(1, n - 1))
-    stats.update({"samples": n, "gold_mean": mean, "gold_std": std,
-                  "label_agrees_with_gold_argmax": stats["agree"] / stats["decisive"] if stats["decisive"] else None})
+    stats.update(
+        {
+            "samples": n,
+            "gold_mean": mean,
+            "gold_std": std,
+            "label_agrees_with_gold_argmax": stats["agree"] / stats["decisive"] if stats["decisive"] else None,
+        }
+    )
     return pairs, stats
 
 
@@ -158,8 +188,10 @@ def load_preferences(cfg: Config) -> PreferenceSet | None:
     if manifest.get("config_hash") != preference_set_key(cfg):
         return None
     if _dataset_sha256(path / "dataset") != manifest.get("sha256"):
-        raise UserError(f"{path}: the stored preference set does not match its manifest's sha256 (edited or "
-                        "half-written?); delete the folder to rebuild it")
+        raise UserError(
+            f"{path}: the stored preference set does not match its manifest's sha256 (edited or "
+            "half-written?); delete the folder to rebuild it"
+        )
     # In memory: later .map() calls by the trainers must not write cache files into the shared folder.
     ds = load_from_disk(str(path / "dataset"), keep_in_memory=True)
     validation = ds["validation"] if "validation" in ds else ds["heldout"].select([])  # none set aside
@@ -182,39 +214,46 @@ def build_preferences(cfg: Config) -> PreferenceSet:
         validation = [check_pair(p, f"validation pair {i}") for i, p in enumerate(task.validation_pairs or [])]
     else:
         policy = load_causal_lm(model_path, cfg.model.attention).to(
-            torch.device("cpu") if not torch.cuda.is_available() else "cuda")
+            torch.device("cpu") if not torch.cuda.is_available() else "cuda"
+        )
         policy.eval()
         n_train = cfg.data.n_prompts or len(task.train_prompts)
         n_held = cfg.data.n_heldout_prompts or len(task.eval_prompts)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.data.seed)
             rng = random.Random(cfg.data.seed)
-            train, stats["train"] = _pairs_from_samples(task.train_prompts[:n_train], policy, tokenizer, task, cfg,
-                                                        rng, "preference pairs (train)")
-            heldout, stats["heldout"] = _pairs_from_samples(task.eval_prompts[:n_held], policy, tokenizer, task, cfg,
-                                                            rng, "preference pairs (held-out)")
+            train, stats["train"] = _pairs_from_samples(
+                task.train_prompts[:n_train], policy, tokenizer, task, cfg, rng, "preference pairs (train)"
+            )
+            heldout, stats["heldout"] = _pairs_from_samples(
+                task.eval_prompts[:n_held], policy, tokenizer, task, cfg, rng, "preference pairs (held-out)"
+            )
             validation = []
             if task.validation_prompts:
-                validation, stats["validation"] = _pairs_from_samples(task.validation_prompts, policy, tokenizer,
-                                                                      task, cfg, rng, "preference pairs (validation)")
+                validation, stats["validation"] = _pairs_from_samples(
+                    task.validation_prompts, policy, tokenizer, task, cfg, rng, "preference pairs (validation)"
+                )
     if not train or not heldout:
-        raise UserError(f"the preference set has no usable pairs (train {len(train)}, held-out {len(heldout)}): "
-                        f"{stats}")
+        raise UserError(
+            f"the preference set has no usable pairs (train {len(train)}, held-out {len(heldout)}): {stats}"
+        )
     path = preference_dir(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     tmp.mkdir()
     try:
         splits = {"train": train, "heldout": heldout, **({"validation": validation} if validation else {})}
-        DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
-            str(tmp / "dataset"))
+        DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(str(tmp / "dataset"))
         manifest = {
             "config_hash": preference_set_key(cfg),
             "config": settings(cfg, PREFERENCE_SET, SHARED),  # what config_hash is the sha256 of
-            "model": cfg.model.name_or_path, "model_path": model_path, "task": cfg.task.name,
-            "seed": cfg.data.seed, "counts": {"train": len(train), "heldout": len(heldout),
-                                              "validation": len(validation)},
-            "sha256": _dataset_sha256(tmp / "dataset"), "stats": stats,
+            "model": cfg.model.name_or_path,
+            "model_path": model_path,
+            "task": cfg.task.name,
+            "seed": cfg.data.seed,
+            "counts": {"train": len(train), "heldout": len(heldout), "validation": len(validation)},
+            "sha256": _dataset_sha256(tmp / "dataset"),
+            "stats": stats,
             "build_seconds": time.perf_counter() - start,
         }
         atomic_write_json(tmp / "manifest.json", manifest)

@@ -121,5 +121,7 @@ def check_replicas(model: torch.nn.Module, manifest: dict) -> None:
     digests = replica_digests(model)
     manifest["replicas"] = {"num_processes": len(digests), "param_sha256": digests}
     if len(set(digests)) > 1:
-        raise RuntimeError(f"the {len(digests)} processes ended with different parameters (sha256 "
-                           f"{', '.join(d[:12] for d in digests)}): the DDP replicas went out of step")
+        raise RuntimeError(
+            f"the {len(digests)} processes ended with different parameters (sha256 "
+            f"{', '.join(d[:12] for d in digests)}): the DDP replicas went out of step"
+        )

@@ -46,14 +46,13 @@ from rlhf.errors import UserError, check_finite
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.keys import reference_cache_names, scored_pairs_name
 from rlhf.models import autocast, resolve_precision
-from rlhf.sequences import (SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample,
-                            shortest_first)
+from rlhf.sequences import SequenceBatch, chunks, encode_pairs, response_logprobs, reward_scores, sample, shortest_first
 from rlhf.tasks import PAIR_FIELDS, GoldReward, load_task
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Distinct n-grams / all n-grams over the whole sample set (whitespace tokens); 0 when there are none."""
-    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -65,8 +64,9 @@ def mean_std_sem(values: list[float]) -> tuple[float, float, float]:
     return mean, std, std / math.sqrt(n)
 
 
-def kl_estimates(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_estimates(
+    policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence KL(pi || pi_ref) estimates from tokens sampled from pi: (k1, k3), each [B].
 
     k1 = sum_t log pi/pi_ref (unbiased, can be negative per sample); k3 = sum_t (r - 1 - log r),
@@ -87,6 +87,7 @@ def pair_accuracy_margin(chosen: list[float], rejected: list[float]) -> tuple[fl
 @dataclass
 class EvalContext:
     """What stays fixed across eval points: prompts, held-out pairs, pi_ref, the gold reward, settings."""
+
     prompts: list[str]
     ref_model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -107,8 +108,10 @@ class EvalContext:
         if self._pair_batches is None:
             pairs = self.heldout_pairs
             pairs = [pairs[i] for i in shortest_first(self.tokenizer, *([p[k] for p in pairs] for k in PAIR_FIELDS))]
-            self._pair_batches = [encode_pairs(self.tokenizer, *([p[k] for p in pairs[s]] for k in PAIR_FIELDS))
-                                  for s in chunks(len(pairs), self.cfg.batch_size)]
+            self._pair_batches = [
+                encode_pairs(self.tokenizer, *([p[k] for p in pairs[s]] for k in PAIR_FIELDS))
+                for s in chunks(len(pairs), self.cfg.batch_size)
+            ]
         return self._pair_batches
 
 
@@ -133,8 +136,9 @@ def store_rm_pair_metrics(folder: Path, ctx: EvalContext, metrics: dict[str, flo
 def has_reference_weights(policy: PreTrainedModel, ctx: EvalContext) -> bool:
     """Is `policy` pi_ref itself (every parameter equal)? Cheap next to one forward pass; stops at the first change."""
     ref = ctx.ref_model
-    return ref is not None and all(torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters(),
-                                                                      strict=True))
+    return ref is not None and all(
+        torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters(), strict=True)
+    )
 
 
 @torch.inference_mode()
@@ -157,19 +161,26 @@ def eval_batches(policy: PreTrainedModel, ctx: EvalContext, seed: int, desc: str
             yield sample(policy, ctx.tokenizer, ctx.prompts[s], cfg.max_new_tokens, cfg.temperature, ctx.autocast())
 
 
-def response_stats(batch: SequenceBatch, tokenizer: PreTrainedTokenizerBase
-                   ) -> tuple[list[str], list[int], list[bool]]:
+def response_stats(batch: SequenceBatch, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[int], list[bool]]:
     """Per response: decoded text, length in tokens (EOS included) and whether it ended with EOS."""
-    return (tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True), batch.response_lengths.tolist(),
-            (batch.response_ids == tokenizer.eos_token_id).any(dim=1).tolist())
+    return (
+        tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True),
+        batch.response_lengths.tolist(),
+        (batch.response_ids == tokenizer.eos_token_id).any(dim=1).tolist(),
+    )
 
 
-def response_metrics(texts: list[str], lengths: list[int], ended: list[bool], golds: list[float] | None,
-                     proxies: list[float] | None) -> dict[str, float]:
+def response_metrics(
+    texts: list[str], lengths: list[int], ended: list[bool], golds: list[float] | None, proxies: list[float] | None
+) -> dict[str, float]:
     """The metrics of a set of responses, one per eval prompt: length, distinct-2, EOS rate, and the mean, std and
     standard error of the gold and proxy rewards where given."""
-    metrics = {"eval/length": sum(lengths) / len(lengths), "eval/distinct2": distinct_n(texts, 2),
-               "eval/eos_rate": sum(ended) / len(ended), "eval/n": float(len(texts))}
+    metrics = {
+        "eval/length": sum(lengths) / len(lengths),
+        "eval/distinct2": distinct_n(texts, 2),
+        "eval/eos_rate": sum(ended) / len(ended),
+        "eval/n": float(len(texts)),
+    }
     for name, values in (("gold", golds), ("proxy", proxies)):
         if values:
             metrics[f"eval/{name}"], metrics[f"eval/{name}_std"], metrics[f"eval/{name}_sem"] = mean_std_sem(values)
@@ -177,8 +188,9 @@ def response_metrics(texts: list[str], lengths: list[int], ended: list[bool], go
 
 
 @torch.inference_mode()
-def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_reference: bool, cost: dict[str, float],
-                           desc: str) -> list[dict[str, torch.Tensor]]:
+def _samples_with_logprobs(
+    policy: PreTrainedModel, ctx: EvalContext, is_reference: bool, cost: dict[str, float], desc: str
+) -> list[dict[str, torch.Tensor]]:
     """One response per eval prompt from `policy` (the eval seed), with log pi and log pi_ref of each token at the
     sampling temperature: one dict of tensors per batch. pi_ref's own are read from (or written to) the cache."""
     device = next(policy.parameters()).device
@@ -186,8 +198,9 @@ def _samples_with_logprobs(policy: PreTrainedModel, ctx: EvalContext, is_referen
     return cached(cache, lambda: _sample_and_score(policy, ctx, is_reference, cost, desc), device)[0]
 
 
-def _sample_and_score(policy: PreTrainedModel, ctx: EvalContext, is_reference: bool, cost: dict[str, float],
-                      desc: str) -> list[dict[str, torch.Tensor]]:
+def _sample_and_score(
+    policy: PreTrainedModel, ctx: EvalContext, is_reference: bool, cost: dict[str, float], desc: str
+) -> list[dict[str, torch.Tensor]]:
     """`_samples_with_logprobs` computed now, its cost added to `cost`."""
     cfg = ctx.cfg
     out = []
@@ -212,8 +225,13 @@ def _sample_and_score(policy: PreTrainedModel, ctx: EvalContext, is_reference: b
 
 
 @torch.inference_mode()
-def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrainedModel | None = None,
-             implicit_beta: float | None = None, desc: str = "eval") -> tuple[dict[str, float], list[dict]]:
+def evaluate(
+    policy: PreTrainedModel,
+    ctx: EvalContext,
+    reward_model: PreTrainedModel | None = None,
+    implicit_beta: float | None = None,
+    desc: str = "eval",
+) -> tuple[dict[str, float], list[dict]]:
     """Evaluate `policy`; returns (metrics, samples). Pass `reward_model` for proxy reward and RM pair
     metrics, `implicit_beta` for DPO's implicit-reward pair metrics."""
     start = time.perf_counter()
@@ -240,8 +258,12 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
 
     k1_mean, _, k1_sem = mean_std_sem(k1s)
     golds = ctx.gold_reward(texts) if ctx.gold_reward is not None else None
-    metrics = {"eval/kl": k1_mean, "eval/kl_sem": k1_sem, "eval/kl_k3": mean_std_sem(k3s)[0],
-               **response_metrics(texts, lengths, ended, golds, proxies)}
+    metrics = {
+        "eval/kl": k1_mean,
+        "eval/kl_sem": k1_sem,
+        "eval/kl_k3": mean_std_sem(k3s)[0],
+        **response_metrics(texts, lengths, ended, golds, proxies),
+    }
     metrics.update(heldout_pair_metrics(policy, ctx, reward_model, implicit_beta, cost, is_reference))
     check_finite(desc, **{k: metrics[k] for k in ("eval/kl", "eval/gold", "eval/proxy") if k in metrics})
     if was_training:
@@ -253,8 +275,14 @@ def evaluate(policy: PreTrainedModel, ctx: EvalContext, reward_model: PreTrained
 
 
 # An eval point in one short line: the numbers the comparison turns on (the run directory has the rest)
-_BRIEF = (("gold", "eval/gold"), ("±", "eval/gold_sem"), ("proxy", "eval/proxy"), ("KL", "eval/kl"),
-          ("implicit acc", "heldout/implicit_accuracy"), ("margin", "heldout/implicit_margin"))
+_BRIEF = (
+    ("gold", "eval/gold"),
+    ("±", "eval/gold_sem"),
+    ("proxy", "eval/proxy"),
+    ("KL", "eval/kl"),
+    ("implicit acc", "heldout/implicit_accuracy"),
+    ("margin", "heldout/implicit_margin"),
+)
 
 
 def brief(metrics: dict[str, float]) -> str:
@@ -263,21 +291,41 @@ def brief(metrics: dict[str, float]) -> str:
     return ", ".join(f"{name} {metrics[key]:.3f}" for name, key in _BRIEF if key in metrics)
 
 
-def per_prompt(prompts: list[str], texts: list[str], k1s: list[float] | None, k3s: list[float] | None,
-               lengths: list[int], ended: list[bool], golds: list[float] | None, proxies: list[float] | None
-               ) -> list[dict]:
+def per_prompt(
+    prompts: list[str],
+    texts: list[str],
+    k1s: list[float] | None,
+    k3s: list[float] | None,
+    lengths: list[int],
+    ended: list[bool],
+    golds: list[float] | None,
+    proxies: list[float] | None,
+) -> list[dict]:
     """One record per eval prompt, in prompt order: the sample and every number the evaluator measured on it. The
     run directory keeps them all (RunDir.write_samples), so the report can pair policies by prompt and bootstrap
     over prompts (docs/analysis.md)."""
     columns = {"kl": k1s, "kl_k3": k3s, "gold": golds, "proxy": proxies}
-    return [{"prompt_index": i, "prompt": p, "response": t, "length": n, "eos": bool(e),
-             **{k: v[i] for k, v in columns.items() if v}}
-            for i, (p, t, n, e) in enumerate(zip(prompts, texts, lengths, ended, strict=True))]
+    return [
+        {
+            "prompt_index": i,
+            "prompt": p,
+            "response": t,
+            "length": n,
+            "eos": bool(e),
+            **{k: v[i] for k, v in columns.items() if v},
+        }
+        for i, (p, t, n, e) in enumerate(zip(prompts, texts, lengths, ended, strict=True))
+    ]
 
 
-def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, reward_model: PreTrainedModel | None,
-                         implicit_beta: float | None, cost: dict[str, float] | None = None,
-                         is_reference: bool = False) -> dict[str, float]:
+def heldout_pair_metrics(
+    policy: PreTrainedModel | None,
+    ctx: EvalContext,
+    reward_model: PreTrainedModel | None,
+    implicit_beta: float | None,
+    cost: dict[str, float] | None = None,
+    is_reference: bool = False,
+) -> dict[str, float]:
     """Accuracy and margin on held-out pairs for gold, the explicit RM and DPO's implicit reward. Each frozen
     model's scores of the fixed pairs are computed once per context; `cost` (if given) counts the passes run, their
     tokens and FLOPs."""
@@ -308,10 +356,14 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
                 known[id(reward_model)] = {"heldout/rm_accuracy": acc, "heldout/rm_margin": margin}
         metrics.update(known[id(reward_model)])
     if implicit_beta is not None and policy is not None:
+
         def reference_pair_logps() -> list[torch.Tensor]:  # once per profile: every run's pi_ref scores them alike
             passes.append(pass_parameters(ctx.ref_model))
-            return [torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
-                    torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches])]
+            return [
+                torch.cat([_sequence_logps(ctx.ref_model, c, ctx) for c, _ in batches]),
+                torch.cat([_sequence_logps(ctx.ref_model, r, ctx) for _, r in batches]),
+            ]
+
         if ctx._ref_pair_logps is None:
             ctx._ref_pair_logps = tuple(cached(ctx.reference_pairs_cache, reference_pair_logps)[0])
         ref_c, ref_r = ctx._ref_pair_logps
@@ -321,8 +373,9 @@ def heldout_pair_metrics(policy: PreTrainedModel | None, ctx: EvalContext, rewar
             pol_c = torch.cat([_sequence_logps(policy, c, ctx) for c, _ in batches])
             pol_r = torch.cat([_sequence_logps(policy, r, ctx) for _, r in batches])
             passes.append(pass_parameters(policy))
-        acc, margin = pair_accuracy_margin((implicit_beta * (pol_c - ref_c)).tolist(),
-                                           (implicit_beta * (pol_r - ref_r)).tolist())
+        acc, margin = pair_accuracy_margin(
+            (implicit_beta * (pol_c - ref_c)).tolist(), (implicit_beta * (pol_r - ref_r)).tolist()
+        )
         metrics.update({"heldout/implicit_accuracy": acc, "heldout/implicit_margin": margin})
     if cost is not None:
         pair_tokens = sum(int(c.attention_mask.sum() + r.attention_mask.sum()) for c, r in batches)
@@ -337,13 +390,23 @@ def make_eval_context(cfg: Config, prefs: PreferenceSet, ref_model, tokenizer, d
     task = load_task(cfg.task, tokenizer, cfg.hub_access)
     prompts = task.validation_prompts if cfg.eval.split == "validation" else task.eval_prompts
     if not prompts:
-        raise UserError("config key 'eval.split': 'validation' needs validation prompts; set "
-                        "task.n_validation_prompts (the eval prompts set aside for tuning)")
+        raise UserError(
+            "config key 'eval.split': 'validation' needs validation prompts; set "
+            "task.n_validation_prompts (the eval prompts set aside for tuning)"
+        )
     n = cfg.eval.n_prompts or len(prompts)
-    heldout = prefs.scored_pairs(cfg.eval.split).to_list()[:cfg.eval.n_heldout_pairs or None]
+    heldout = prefs.scored_pairs(cfg.eval.split).to_list()[: cfg.eval.n_heldout_pairs or None]
     folder = PROJECT_ROOT / cfg.runs_dir / cfg.profile / "eval-cache"
     samples, pairs = reference_cache_names(cfg, arithmetic(cfg, device), prefs.sha256)
-    return EvalContext(prompts=prompts[:n], ref_model=ref_model, tokenizer=tokenizer, cfg=cfg.eval,
-                       autocast=lambda: autocast(cfg.model.precision, device), gold_reward=task.gold_reward,
-                       heldout_pairs=heldout, arithmetic=arithmetic(cfg, device), reference_cache=folder / samples,
-                       reference_pairs_cache=folder / pairs)
+    return EvalContext(
+        prompts=prompts[:n],
+        ref_model=ref_model,
+        tokenizer=tokenizer,
+        cfg=cfg.eval,
+        autocast=lambda: autocast(cfg.model.precision, device),
+        gold_reward=task.gold_reward,
+        heldout_pairs=heldout,
+        arithmetic=arithmetic(cfg, device),
+        reference_cache=folder / samples,
+        reference_pairs_cache=folder / pairs,
+    )

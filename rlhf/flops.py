@@ -61,8 +61,9 @@ def linear_shapes(model: nn.Module) -> dict[tuple[int, int], int]:
     return shapes
 
 
-def matmul_limit(model: nn.Module, dtype: torch.dtype, device: torch.device, rows: int = 2048,
-                 repeats: int = 3) -> float:
+def matmul_limit(
+    model: nn.Module, dtype: torch.dtype, device: torch.device, rows: int = 2048, repeats: int = 3
+) -> float:
     """This machine's dense matmul FLOP/s at `model`'s own shapes: `rows` tokens through each of its weight shapes
     (`linear_shapes`) in `dtype`, on every core torch uses, the fastest of `repeats` calls after a warm-up, weighted
     as one forward pass weights them. No stage can run faster than this: it is what every stage's achieved FLOP/s is

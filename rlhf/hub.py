@@ -35,6 +35,8 @@ def require_hub(cfg: Config) -> None:
     names = hub_names(cfg)
     if names and not hub_reachable():
         needed = ", ".join(f"{key} '{value}'" for key, value in names.items())
-        raise UserError(f"the Hugging Face hub ({hub_endpoint()}) is unreachable from this machine, and profile "
-                        f"'{cfg.profile}' needs it for {needed}: this profile needs network access to the hub "
-                        "(or point those keys at local copies)")
+        raise UserError(
+            f"the Hugging Face hub ({hub_endpoint()}) is unreachable from this machine, and profile "
+            f"'{cfg.profile}' needs it for {needed}: this profile needs network access to the hub "
+            "(or point those keys at local copies)"
+        )

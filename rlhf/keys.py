@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 
 class Role(NamedTuple):
-    kind: str         # "identity", "neutral" or "outside"
+    kind: str  # "identity", "neutral" or "outside"
     version: int = 0  # the version of the keys that first held the field
 
 
@@ -56,7 +56,7 @@ def added(version: int, role: Role = IDENTITY) -> Role:
 
 
 class Form(NamedTuple):
-    version: int   # fields `added` after it count only away from their default
+    version: int  # fields `added` after it count only away from their default
     neutral: bool  # NEUTRAL fields count: the key of a run, which records its cost
 
 
@@ -96,8 +96,10 @@ def check_roles(cls: type, prefix: str = "") -> None:
         if dataclasses.is_dataclass(hints[f.name]):
             check_roles(hints[f.name], f"{prefix}{f.name}.")
         elif not isinstance(f.metadata.get("role"), Role):
-            raise TypeError(f"config key '{prefix}{f.name}' declares no role: give it IDENTITY, NEUTRAL, OUTSIDE or "
-                            "added(4) (rlhf/keys.py)")
+            raise TypeError(
+                f"config key '{prefix}{f.name}' declares no role: give it IDENTITY, NEUTRAL, OUTSIDE or "
+                "added(4) (rlhf/keys.py)"
+            )
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -136,8 +138,14 @@ def digest(payload: Any, sort_keys: bool = True) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=sort_keys, default=str).encode()).hexdigest()
 
 
-def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None,
-            version: int = RUN.version) -> str:
+def run_key(
+    cfg: Config,
+    method: str,
+    seed: int,
+    data_sha256: str | None,
+    extra: dict[str, Any] | None,
+    version: int = RUN.version,
+) -> str:
     """sha256 of what a run of `method` computes from: method, seed, data, extra inputs (the reward model's path)
     and the config's shared sections with the method's own (rlhf/methods.py: a method's own section keys its runs
     alone, so tuning DPO's learning rate leaves PPO's completed runs reusable). Only a run with the same key
@@ -145,17 +153,26 @@ def run_key(cfg: Config, method: str, seed: int, data_sha256: str | None, extra:
     own = own_sections()
     names = [f.name for f in dataclasses.fields(cfg) if method in own.get(f.name, [method])]
     kept = settings(cfg, names, RUN._replace(version=version))
-    return digest({"method": name_at(method, version), "seed": seed, "data_sha256": data_sha256,
-                   "extra": extra or {}, "config": {name_at(k, version): v for k, v in kept.items()}})
+    return digest(
+        {
+            "method": name_at(method, version),
+            "seed": seed,
+            "data_sha256": data_sha256,
+            "extra": extra or {},
+            "config": {name_at(k, version): v for k, v in kept.items()},
+        }
+    )
 
 
-def run_keys(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
-             ) -> list[tuple[str, str]]:
+def run_keys(
+    cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
+) -> list[tuple[str, str]]:
     """(run directory's method, run key) of a run of `method` as today's version keys it, then as each version
     before a rename keyed it: where a run completed or interrupted then is found."""
     versions = [RUN.version, *(since - 1 for since in sorted(RENAMED, reverse=True) if since <= RUN.version)]
-    return list(dict.fromkeys((name_at(method, v), run_key(cfg, method, seed, data_sha256, extra, v))
-                              for v in versions))
+    return list(
+        dict.fromkeys((name_at(method, v), run_key(cfg, method, seed, data_sha256, extra, v)) for v in versions)
+    )
 
 
 def reward_model_key(cfg: Config, data_sha256: str, seed: int) -> dict[str, Any]:
@@ -163,17 +180,19 @@ def reward_model_key(cfg: Config, data_sha256: str, seed: int) -> dict[str, Any]
     one reused by every later run. It holds the seed the model trains with (whichever `reward_model.per_seed`
     picks), the model section (the backbone, its precision and attention kernel) and the pairs by the budget's count
     and passes."""
-    return {"data_sha256": data_sha256, "task": cfg.task.name,
-            "reward_model": _kept(cfg.reward_model, REWARD_MODEL) | {"seed": seed},
-            "budget": {"pairs": cfg.budget.pairs, "passes": cfg.budget.passes(cfg.reward_model.epochs)},
-            **settings(cfg, ["model", "sft_stage", "lora", "weight_decay"], REWARD_MODEL)}
+    return {
+        "data_sha256": data_sha256,
+        "task": cfg.task.name,
+        "reward_model": _kept(cfg.reward_model, REWARD_MODEL) | {"seed": seed},
+        "budget": {"pairs": cfg.budget.pairs, "passes": cfg.budget.passes(cfg.reward_model.epochs)},
+        **settings(cfg, ["model", "sft_stage", "lora", "weight_decay"], REWARD_MODEL),
+    }
 
 
 def sft_key(cfg: Config, rows: Dataset) -> dict[str, Any]:
     """What the SFT stage's model depends on: an interrupted SFT run with this key is resumed, a completed one's
     model is pi_ref."""
-    return {**settings(cfg, ["model", "sft_stage", "weight_decay"], SFT_MODEL),
-            "texts_sha256": digest(rows.to_dict())}
+    return {**settings(cfg, ["model", "sft_stage", "weight_decay"], SFT_MODEL), "texts_sha256": digest(rows.to_dict())}
 
 
 # pi_ref (the base model, or the SFT stage's) samples the pairs, and is evaluated on the task's prompts
@@ -188,8 +207,11 @@ def preference_set_key(cfg: Config) -> str:
 def eval_settings(cfg: Config) -> dict[str, Any]:
     """What makes two runs' eval points comparable, for their manifests: the same pi_ref, prompts, pairs and eval
     settings (`hash`), and the split and temperature in words. The report never pools two hashes."""
-    return {"hash": digest(settings(cfg, (*PREFERENCE_SET, "eval"), SHARED))[:16], "split": cfg.eval.split,
-            "temperature": cfg.eval.temperature}
+    return {
+        "hash": digest(settings(cfg, (*PREFERENCE_SET, "eval"), SHARED))[:16],
+        "split": cfg.eval.split,
+        "temperature": cfg.eval.temperature,
+    }
 
 
 def reference_cache_names(cfg: Config, arithmetic: str, data_sha256: str) -> tuple[str, str]:
@@ -206,10 +228,17 @@ def scored_pairs_name(arithmetic: str, batch_size: int, pairs: list[list[str]]) 
     return f"heldout-pairs-{digest([arithmetic, batch_size, pairs])[:16]}.json"
 
 
-def reference_logps_name(reference: str, cut: int | None, batch_size: int, torch_version: str, arithmetic: str,
-                         ids: list[list[list[int]]]) -> str:
+def reference_logps_name(
+    reference: str, cut: int | None, batch_size: int, torch_version: str, arithmetic: str, ids: list[list[list[int]]]
+) -> str:
     """The eval cache's file of pi_ref's log-probs of DPO's training pairs, keyed by everything they are computed
     from: the model, the token ids, where they are cut, the batch, torch and the arithmetic."""
-    payload = {"reference": reference, "cut": cut, "batch_size": batch_size, "torch": torch_version,
-               "arithmetic": arithmetic, "ids": ids}
+    payload = {
+        "reference": reference,
+        "cut": cut,
+        "batch_size": batch_size,
+        "torch": torch_version,
+        "arithmetic": arithmetic,
+        "ids": ids,
+    }
     return f"dpo-ref-logps-{digest(payload, sort_keys=False)[:16]}.pt"  # in the order the kept files were named by

@@ -19,23 +19,23 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Method:
-    name: str                       # command and run directory: runs/<profile>/<name>/
-    legend: str                     # what the report and the plots call it (the DPO paper's Fig. 2 names)
-    colour: str                     # its colour in every plot
-    section: str | None = None      # the config section that keys its runs alone; None: it reads shared ones only
-    entry: str | None = None        # "module:function(cfg) -> exit status" its command calls; None: another's runs it
-    command: str | None = None      # its command where not its name (PPO-GT: `ppo ppo.reward=gold`)
+    name: str  # command and run directory: runs/<profile>/<name>/
+    legend: str  # what the report and the plots call it (the DPO paper's Fig. 2 names)
+    colour: str  # its colour in every plot
+    section: str | None = None  # the config section that keys its runs alone; None: it reads shared ones only
+    entry: str | None = None  # "module:function(cfg) -> exit status" its command calls; None: another's runs it
+    command: str | None = None  # its command where not its name (PPO-GT: `ppo ppo.reward=gold`)
     overrides: tuple[str, ...] = ()  # key=value that command needs to run it, after the user's own
-    family: str | None = None       # the method whose trainer, and so whose training series, it shares
-    role: str = "method"            # "compared", "online", "baseline", "variant", "method"; "stage": not a policy
-    reward_model: str = ""          # "trains": against PPO's reward model (or ranks by it), which its cost counts;
+    family: str | None = None  # the method whose trainer, and so whose training series, it shares
+    role: str = "method"  # "compared", "online", "baseline", "variant", "method"; "stage": not a policy
+    reward_model: str = ""  # "trains": against PPO's reward model (or ranks by it), which its cost counts;
     #                                 "reports": scores its samples with it (DPO's proxy reward); "": neither
-    per_beta: bool = True           # one run per beta of `beta_sweep` (else one, at `beta`)
-    per_seed: bool = True           # one run per seed of `seeds` (else one, at eval.seed)
-    trains: bool = False            # its command trains: under NPROC > 1 launched through `accelerate launch`
-    in_grid: bool = True            # one of `grid.methods`' choices
-    evaluated: bool = True          # its runs have policy eval points (the report pools them)
-    gao: str | None = None          # Gao et al.'s form its gains follow (analysis.stats.GAO_FORMS): "rl", "bon"
+    per_beta: bool = True  # one run per beta of `beta_sweep` (else one, at `beta`)
+    per_seed: bool = True  # one run per seed of `seeds` (else one, at eval.seed)
+    trains: bool = False  # its command trains: under NPROC > 1 launched through `accelerate launch`
+    in_grid: bool = True  # one of `grid.methods`' choices
+    evaluated: bool = True  # its runs have policy eval points (the report pools them)
+    gao: str | None = None  # Gao et al.'s form its gains follow (analysis.stats.GAO_FORMS): "rl", "bon"
 
     @property
     def cli(self) -> str:
@@ -47,34 +47,139 @@ class Method:
 
 
 # In legend order.
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("reference", "π_ref", "#555555", entry="pipelines.stages:reference_main", role="stage", per_beta=False,
-           per_seed=False, in_grid=False),
-    Method("sft", "SFT stage (π_ref)", "#7f7f7f", entry="pipelines.stages:sft_main", role="stage", trains=True,
-           in_grid=False, evaluated=False),
-    Method("reward_model", "reward model", "#2ca02c", section="reward_model",
-           entry="pipelines.stages:reward_model_main", command="reward-model", role="stage", trains=True, in_grid=False,
-           evaluated=False),
-    Method("ppo", "PPO", "#1f77b4", section="ppo", entry="pipelines.ppo_pipeline:main", role="compared",
-           reward_model="trains", trains=True, gao="rl"),
-    Method("ppo-gt", "PPO-GT", "#17becf", section="ppo", command="ppo", overrides=("ppo.reward=gold",), family="ppo",
-           role="baseline", trains=True, gao="rl"),
-    Method("rloo", "RLOO", "#bcbd22", section="rloo", entry="pipelines.online_pipeline:rloo_main", role="online",
-           reward_model="trains", trains=True),
-    Method("dpo", "DPO", "#ff7f0e", section="dpo", entry="pipelines.dpo_pipeline:main", role="compared",
-           reward_model="reports", trains=True),
-    Method("online-dpo", "online DPO", "#ffbb78", section="online_dpo",
-           entry="pipelines.online_pipeline:online_dpo_main", role="online", reward_model="trains", trains=True),
-    # DPO's loss variants, run by `dpo` with dpo.loss_type=ipo|robust
-    Method("dpo-ipo", "IPO", "#d62728", section="dpo", family="dpo", role="variant", reward_model="reports",
-           in_grid=False),
-    Method("dpo-robust", "rDPO", "#8c564b", section="dpo", family="dpo", role="variant", reward_model="reports",
-           in_grid=False),
-    Method("bon", "Best of N (KL: upper bound)", "#9467bd", section="bon", entry="pipelines.baselines_pipeline:bon",
-           role="baseline", reward_model="trains", per_beta=False, per_seed=False, gao="bon"),
-    Method("preferred-ft", "Preferred-FT", "#e377c2", section="preferred_ft",
-           entry="pipelines.baselines_pipeline:preferred_ft", role="baseline", per_beta=False, trains=True),
-]}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method(
+            "reference",
+            "π_ref",
+            "#555555",
+            entry="pipelines.stages:reference_main",
+            role="stage",
+            per_beta=False,
+            per_seed=False,
+            in_grid=False,
+        ),
+        Method(
+            "sft",
+            "SFT stage (π_ref)",
+            "#7f7f7f",
+            entry="pipelines.stages:sft_main",
+            role="stage",
+            trains=True,
+            in_grid=False,
+            evaluated=False,
+        ),
+        Method(
+            "reward_model",
+            "reward model",
+            "#2ca02c",
+            section="reward_model",
+            entry="pipelines.stages:reward_model_main",
+            command="reward-model",
+            role="stage",
+            trains=True,
+            in_grid=False,
+            evaluated=False,
+        ),
+        Method(
+            "ppo",
+            "PPO",
+            "#1f77b4",
+            section="ppo",
+            entry="pipelines.ppo_pipeline:main",
+            role="compared",
+            reward_model="trains",
+            trains=True,
+            gao="rl",
+        ),
+        Method(
+            "ppo-gt",
+            "PPO-GT",
+            "#17becf",
+            section="ppo",
+            command="ppo",
+            overrides=("ppo.reward=gold",),
+            family="ppo",
+            role="baseline",
+            trains=True,
+            gao="rl",
+        ),
+        Method(
+            "rloo",
+            "RLOO",
+            "#bcbd22",
+            section="rloo",
+            entry="pipelines.online_pipeline:rloo_main",
+            role="online",
+            reward_model="trains",
+            trains=True,
+        ),
+        Method(
+            "dpo",
+            "DPO",
+            "#ff7f0e",
+            section="dpo",
+            entry="pipelines.dpo_pipeline:main",
+            role="compared",
+            reward_model="reports",
+            trains=True,
+        ),
+        Method(
+            "online-dpo",
+            "online DPO",
+            "#ffbb78",
+            section="online_dpo",
+            entry="pipelines.online_pipeline:online_dpo_main",
+            role="online",
+            reward_model="trains",
+            trains=True,
+        ),
+        # DPO's loss variants, run by `dpo` with dpo.loss_type=ipo|robust
+        Method(
+            "dpo-ipo",
+            "IPO",
+            "#d62728",
+            section="dpo",
+            family="dpo",
+            role="variant",
+            reward_model="reports",
+            in_grid=False,
+        ),
+        Method(
+            "dpo-robust",
+            "rDPO",
+            "#8c564b",
+            section="dpo",
+            family="dpo",
+            role="variant",
+            reward_model="reports",
+            in_grid=False,
+        ),
+        Method(
+            "bon",
+            "Best of N (KL: upper bound)",
+            "#9467bd",
+            section="bon",
+            entry="pipelines.baselines_pipeline:bon",
+            role="baseline",
+            reward_model="trains",
+            per_beta=False,
+            per_seed=False,
+            gao="bon",
+        ),
+        Method(
+            "preferred-ft",
+            "Preferred-FT",
+            "#e377c2",
+            section="preferred_ft",
+            entry="pipelines.baselines_pipeline:preferred_ft",
+            role="baseline",
+            per_beta=False,
+            trains=True,
+        ),
+    ]
+}
 
 
 def commands() -> dict[str, Method]:

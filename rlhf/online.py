@@ -38,25 +38,31 @@ from rlhf.trl_callbacks import EvalAndLogCallback, resumed_clock, save_policy
 # per completion
 RewardFunction = Callable[..., list[float]]
 # (config, policy, tokenizer, prompts, reward function, seed, output dir, callbacks) -> the method's TRL trainer
-BuildTrainer = Callable[[Config, PreTrainedModel, PreTrainedTokenizerBase, Dataset, RewardFunction, int, Path,
-                         list[TrainerCallback]], Trainer]
+BuildTrainer = Callable[
+    [Config, PreTrainedModel, PreTrainedTokenizerBase, Dataset, RewardFunction, int, Path, list[TrainerCallback]],
+    Trainer,
+]
 
 
 @dataclass
 class OnlineResult:
     run_dir: Path
-    steps: int                        # optimiser steps taken
-    final_metrics: dict[str, float]   # the shared evaluator's metrics at the last step
+    steps: int  # optimiser steps taken
+    final_metrics: dict[str, float]  # the shared evaluator's metrics at the last step
 
 
 def until_eos(ids: list[int], eos_token_id: int) -> list[int]:
     """A completion's tokens up to and including its first EOS (TRL's online DPO pads its rows after it; RLOO's end
     there). One without EOS was cut by the length cap and is kept whole."""
-    return ids[:ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
 
 
-def reward_function(reward: Callable[[SequenceBatch], torch.Tensor], tokenizer: PreTrainedTokenizerBase,
-                    add_special_tokens: bool, counts_tokens: bool = False) -> RewardFunction:
+def reward_function(
+    reward: Callable[[SequenceBatch], torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    add_special_tokens: bool,
+    counts_tokens: bool = False,
+) -> RewardFunction:
     """`reward` (r(x, y) of a batch, [B]) as a TRL reward function. TRL hands over the prompts as text and the
     completions as token ids; the prompts are tokenised as the trainer tokenised them for sampling
     (`add_special_tokens`: RLOOTrainer adds the tokenizer's special tokens, OnlineDPOTrainer does not).
@@ -65,14 +71,17 @@ def reward_function(reward: Callable[[SequenceBatch], torch.Tensor], tokenizer: 
     call adds the prompt + response tokens it scored, every process's, to the `trainer_state` TRL hands a reward
     function, as Trainer's `num_input_tokens_seen`: the `tokens` of every row, and what FLOPs are counted from.
     Scored here means sampled: the trainer scores each sample once."""
-    def reward_model(prompts: list[str], completion_ids: list[list[int]], trainer_state: TrainerState | None = None,
-                     **_) -> list[float]:
+
+    def reward_model(
+        prompts: list[str], completion_ids: list[list[int]], trainer_state: TrainerState | None = None, **_
+    ) -> list[float]:
         prompt_rows = tokenizer(prompts, add_special_tokens=add_special_tokens).input_ids
         responses = [until_eos(list(ids), tokenizer.eos_token_id) for ids in completion_ids]
         if counts_tokens:
             trainer_state.num_input_tokens_seen += sum_over_processes(sum(map(len, prompt_rows + responses)))
         with torch.inference_mode():
             return reward(pad_sequences(prompt_rows, responses, tokenizer.pad_token_id)).tolist()
+
     return reward_model  # TRL logs its mean as `rewards/reward_model/mean`
 
 
@@ -82,10 +91,20 @@ def run_identity(method: str, reward_model_path: Path) -> tuple[str, dict]:
     return method, {"reward_model_path": str(reward_model_path), "num_processes": num_processes()}
 
 
-def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path, method: str, name: str,
-               eval_every: int, build_trainer: BuildTrainer, flops_per_token: Callable[[int, int], int],
-               add_special_tokens: bool, counts_tokens: bool = False, implicit_beta: float | None = None
-               ) -> OnlineResult:
+def run_online(
+    cfg: Config,
+    prefs: PreferenceSet,
+    seed: int,
+    reward_model_path: Path,
+    method: str,
+    name: str,
+    eval_every: int,
+    build_trainer: BuildTrainer,
+    flops_per_token: Callable[[int, int], int],
+    add_special_tokens: bool,
+    counts_tokens: bool = False,
+    implicit_beta: float | None = None,
+) -> OnlineResult:
     """One run of an online method from pi_ref on the task's training prompts, against the reward model at
     `reward_model_path` (PPO's for this seed), into runs/<profile>/<method>/<run-id>/. The shared evaluator runs at
     step 0, every `eval_every` steps and at the end (with `implicit_beta`, also DPO's implicit reward on the held-out
@@ -96,8 +115,9 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
     policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
     policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
     device = policy.device
-    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id,
-                                                   cfg.model.attention)).to(device)
+    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id, cfg.model.attention)).to(
+        device
+    )
     method, extra = run_identity(method, reward_model_path)
     run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)  # a killed run goes on
     run.manifest["reference_model"] = ref.name_or_path
@@ -107,11 +127,21 @@ def run_online(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: 
     with run.running():
         ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
         callback = EvalAndLogCallback(
-            run, lambda model, step, final: evaluate(model, ctx, reward_model=reward_model,
-                                                     implicit_beta=implicit_beta if final else None,
-                                                     desc=f"eval step {step}"),
-            eval_every, device, pass_parameters(policy), resumed_clock(run, resume_from), name=f"{name} step",
-            flops_per_token=flops_per_token(pass_parameters(ref), pass_parameters(reward_model, "scalar")))
+            run,
+            lambda model, step, final: evaluate(
+                model,
+                ctx,
+                reward_model=reward_model,
+                implicit_beta=implicit_beta if final else None,
+                desc=f"eval step {step}",
+            ),
+            eval_every,
+            device,
+            pass_parameters(policy),
+            resumed_clock(run, resume_from),
+            name=f"{name} step",
+            flops_per_token=flops_per_token(pass_parameters(ref), pass_parameters(reward_model, "scalar")),
+        )
 
         def r_phi(batch: SequenceBatch) -> torch.Tensor:
             with autocast(cfg.model.precision, device):

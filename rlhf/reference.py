@@ -56,7 +56,9 @@ def reference_model(cfg: Config) -> ModelConfig:
         return cfg.model
     path = find_sft_model(cfg)
     if path is None:
-        raise UserError(f"profile {cfg.profile}: sft_stage.enabled is true but no completed SFT run in "
-                        f"{cfg.runs_dir}/{cfg.profile}/{SFT_METHOD}/ has this base model, sft_stage config and texts: "
-                        f"run `make sft PROFILE={cfg.profile}` first")
+        raise UserError(
+            f"profile {cfg.profile}: sft_stage.enabled is true but no completed SFT run in "
+            f"{cfg.runs_dir}/{cfg.profile}/{SFT_METHOD}/ has this base model, sft_stage config and texts: "
+            f"run `make sft PROFILE={cfg.profile}` first"
+        )
     return dataclasses.replace(cfg.model, name_or_path=str(path))

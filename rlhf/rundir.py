@@ -72,10 +72,16 @@ def package_versions() -> dict[str, str]:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (sha + ("+dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -115,8 +121,9 @@ def method_dir(cfg: Config, method: str) -> Path:
 Identity = tuple[str, list[tuple[str, Any]]]  # (manifest entry, [(run directory's method, value), ...])
 
 
-def identity(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None,
-             key: str = "run_key") -> Identity:
+def identity(
+    cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None, key: str = "run_key"
+) -> Identity:
     """The manifest entry that names a run and the values it may hold: its `run_key` (today's, then those older
     versions of the keys gave the same run, each with the directory it went to: `run_keys`), or (`key`) the entry
     of `extra` that holds the artefact key of a model later runs reuse (`reward_model_key`, `sft_key`): what decides
@@ -140,8 +147,9 @@ def _completed(cfg: Config, named: Identity) -> Path | None:
     return next((path for path, m in _runs_of(cfg, named) if m.get("status") == "completed"), None)
 
 
-def completed_run(cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
-                  ) -> Path | None:
+def completed_run(
+    cfg: Config, method: str, seed: int, data_sha256: str | None, extra: dict[str, Any] | None
+) -> Path | None:
     """With `cfg.resume`, the newest completed run of `method` with this run key (the arguments `RunDir.open` gets):
     a command run again reuses it rather than add a second run of the same seed, which would count twice. Under
     several processes each reads the same manifests before any of them writes one, so all get the same answer."""
@@ -184,15 +192,31 @@ class RunDir:
         self._lock = lock
 
     @classmethod
-    def create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-               extra: dict[str, Any] | None = None, key: str = "run_key") -> RunDir:
+    def create(
+        cls,
+        cfg: Config,
+        method: str,
+        seed: int,
+        device: torch.device,
+        data_sha256: str | None,
+        extra: dict[str, Any] | None = None,
+        key: str = "run_key",
+    ) -> RunDir:
         """A new run directory (under several processes, a collective call: see `open`)."""
         named = identity(cfg, method, seed, data_sha256, extra, key)
         return cls._shared(lambda: (cls._create(cfg, method, seed, device, data_sha256, extra, named), None))[0]
 
     @classmethod
-    def _create(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-                extra: dict[str, Any] | None, named: Identity) -> RunDir:
+    def _create(
+        cls,
+        cfg: Config,
+        method: str,
+        seed: int,
+        device: torch.device,
+        data_sha256: str | None,
+        extra: dict[str, Any] | None,
+        named: Identity,
+    ) -> RunDir:
         root = method_dir(cfg, method)
         root.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -207,14 +231,31 @@ class RunDir:
         else:
             raise RuntimeError(f"could not claim a run directory under {root}")
         manifest = {
-            "method": method, "profile": cfg.profile, "seed": seed, "beta": cfg.beta, "run_id": path.name,
-            "status": "running", "started_at": dt.datetime.now(dt.UTC).isoformat(), "finished_at": None,
-            "error": None, "data_sha256": data_sha256, "packages": package_versions(), "git_commit": git_commit(),
-            "host": socket.gethostname(), "platform": platform.platform(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine(), "cpu_threads": torch.get_num_threads(), "argv": sys.argv,
+            "method": method,
+            "profile": cfg.profile,
+            "seed": seed,
+            "beta": cfg.beta,
+            "run_id": path.name,
+            "status": "running",
+            "started_at": dt.datetime.now(dt.UTC).isoformat(),
+            "finished_at": None,
+            "error": None,
+            "data_sha256": data_sha256,
+            "packages": package_versions(),
+            "git_commit": git_commit(),
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(),
+            "argv": sys.argv,
             "precision": resolve_precision(cfg.model.precision, device),  # what `auto` became on this machine
-            "resumed": [], "eval_settings": eval_settings(cfg), **(extra or {}), named[0]: named[1][0][1],
+            "resumed": [],
+            "eval_settings": eval_settings(cfg),
+            **(extra or {}),
+            named[0]: named[1][0][1],
         }
         run = cls(path, manifest, _try_lock(path))  # a fresh directory: nobody else holds its lock
         atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -223,8 +264,16 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-             extra: dict[str, Any] | None = None, key: str = "run_key") -> tuple[RunDir, Path | None]:
+    def open(
+        cls,
+        cfg: Config,
+        method: str,
+        seed: int,
+        device: torch.device,
+        data_sha256: str | None,
+        extra: dict[str, Any] | None = None,
+        key: str = "run_key",
+    ) -> tuple[RunDir, Path | None]:
         """The run to write and the checkpoint to continue from. With `cfg.resume`: the newest interrupted run
         with the same identity (`identity`: its run key, or the artefact key in `extra[key]`), rewound to its last
         checkpoint (or to its start, and None, where it has none). Otherwise (or if there is none) a new run, and
@@ -251,14 +300,27 @@ class RunDir:
         return ReplicaRunDir(path), checkpoint
 
     @classmethod
-    def _open(cls, cfg: Config, method: str, seed: int, device: torch.device, data_sha256: str | None,
-              extra: dict[str, Any] | None, named: Identity) -> tuple[RunDir, Path | None]:
+    def _open(
+        cls,
+        cfg: Config,
+        method: str,
+        seed: int,
+        device: torch.device,
+        data_sha256: str | None,
+        extra: dict[str, Any] | None,
+        named: Identity,
+    ) -> tuple[RunDir, Path | None]:
         run = next(cls._interrupted(cfg, named), None) if cfg.resume else None  # the newest
         if run is None:
             return cls._create(cfg, method, seed, device, data_sha256, extra, named), None
         checkpoint = run._rewind()
-        run.trackers = open_trackers(cfg.report_to, run.path, cfg.profile, cfg.to_dict(),
-                                     rewritten_from=0 if checkpoint is None else checkpoint_step(checkpoint) + 1)
+        run.trackers = open_trackers(
+            cfg.report_to,
+            run.path,
+            cfg.profile,
+            cfg.to_dict(),
+            rewritten_from=0 if checkpoint is None else checkpoint_step(checkpoint) + 1,
+        )
         return run, checkpoint
 
     def _rewind(self) -> Path | None:
@@ -270,9 +332,14 @@ class RunDir:
             self.release()
             raise
         step = None if checkpoint is None else checkpoint_step(checkpoint)
-        print(f"resuming {self.path} (status {self.manifest['status']}) " + (
-            "from the start: it stopped before its first checkpoint" if step is None
-            else f"from its checkpoint at step {step}"))
+        print(
+            f"resuming {self.path} (status {self.manifest['status']}) "
+            + (
+                "from the start: it stopped before its first checkpoint"
+                if step is None
+                else f"from its checkpoint at step {step}"
+            )
+        )
         self.resume(step)
         return checkpoint
 
@@ -320,9 +387,16 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             self.timings = {}
         m = self.manifest
-        m.setdefault("resumed", []).append({
-            "at": dt.datetime.now(dt.UTC).isoformat(), "from_step": step, "previous_status": m["status"],
-            "previous_error": m.get("error"), "host": socket.gethostname(), "git_commit": git_commit()})
+        m.setdefault("resumed", []).append(
+            {
+                "at": dt.datetime.now(dt.UTC).isoformat(),
+                "from_step": step,
+                "previous_status": m["status"],
+                "previous_error": m.get("error"),
+                "host": socket.gethostname(),
+                "git_commit": git_commit(),
+            }
+        )
         m.update(status="running", finished_at=None, error=None)
         m.pop("traceback", None)
         self.write_manifest()
@@ -345,14 +419,24 @@ class RunDir:
         """Every eval prompt's record (rlhf.evaluate.per_prompt) at eval point `step`: the samples with their text
         as JSONL, and beside them their numbers alone (PROMPT_COLUMNS) as a compact CSV, what the report reads."""
         stem = self.path / "samples" / f"eval_step{step:06d}"
-        atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n"
-                                                              for s in samples))
+        atomic_write_text(
+            stem.with_suffix(".jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        )
         columns = [c for c in PROMPT_COLUMNS if samples and c in samples[0]]
         if "prompt_index" not in columns:
             return  # records without the evaluator's numbers
-        atomic_write_text(stem.with_suffix(PROMPTS_SUFFIX), ",".join(columns) + "\n" + "".join(
-            ",".join(repr(float(s[c])) if c not in ("prompt_index", "length", "eos") else str(int(s[c]))
-                     for c in columns) + "\n" for s in samples))
+        atomic_write_text(
+            stem.with_suffix(PROMPTS_SUFFIX),
+            ",".join(columns)
+            + "\n"
+            + "".join(
+                ",".join(
+                    repr(float(s[c])) if c not in ("prompt_index", "length", "eos") else str(int(s[c])) for c in columns
+                )
+                + "\n"
+                for s in samples
+            ),
+        )
 
     @contextmanager
     def stage(self, name: str, device: torch.device) -> Iterator[dict[str, float]]:
@@ -397,8 +481,10 @@ class RunDir:
         except Diverged as e:
             self.finish("diverged", e)
             last = max(committed(self.path / "checkpoints"), key=checkpoint_step, default=None)
-            raise Diverged(f"{e} [last metrics row: step {self.last_step}; run marked diverged: {self.path}; last "
-                           f"good checkpoint: {last or 'none (no checkpoint was due yet)'}]") from e
+            raise Diverged(
+                f"{e} [last metrics row: step {self.last_step}; run marked diverged: {self.path}; last "
+                f"good checkpoint: {last or 'none (no checkpoint was due yet)'}]"
+            ) from e
         except BaseException as e:
             self.finish("failed", e)
             raise

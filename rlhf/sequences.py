@@ -62,16 +62,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncate_after_eos(
+    response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep each response up to and including its first EOS; pad the rest.
 
     Returns (ids, mask, ended): `ended` marks rows that produced an EOS within the length cap.
     """
     is_eos = response_ids == eos_token_id
     # index of the first EOS, or R where there is none
-    first_eos = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1),
-                            torch.full_like(response_ids[:, 0], response_ids.shape[1]))
+    first_eos = torch.where(
+        is_eos.any(dim=1), is_eos.float().argmax(dim=1), torch.full_like(response_ids[:, 0], response_ids.shape[1])
+    )
     columns = torch.arange(response_ids.shape[1], device=response_ids.device)
     mask = (columns[None, :] <= first_eos[:, None]).long()
     ids = response_ids.masked_fill(mask == 0, pad_token_id)
@@ -111,8 +113,14 @@ def linear_weights_cast(model: nn.Module, device: torch.device) -> Iterator[None
 
 
 @torch.inference_mode()
-def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
-           temperature: float, autocast_ctx) -> SequenceBatch:
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    autocast_ctx,
+) -> SequenceBatch:
     """Sample one response per prompt with the KV cache (pure ancestral sampling: no top-k, no top-p)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts)
@@ -120,21 +128,31 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     with autocast_ctx, linear_weights_cast(model, device):
         try:
             out = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
-                temperature=temperature, top_k=0, top_p=1.0, min_p=None, use_cache=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                min_p=None,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
             )
         except RuntimeError as e:  # torch.multinomial's complaint about the next-token distribution
             if "inf" in str(e) and "nan" in str(e):
                 raise Diverged(f"sampling: the model's next-token probabilities are not finite ({e})") from e
             raise
-    response_ids, response_mask, ended = truncate_after_eos(out[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
-                                                            tokenizer.pad_token_id)
+    response_ids, response_mask, ended = truncate_after_eos(
+        out[:, prompt_ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask, ended)
 
 
-def _split(tokenizer: PreTrainedTokenizerBase, prompt: str, completions: list[str]
-           ) -> list[tuple[list[int], list[int]]]:
+def _split(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completions: list[str]
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of each completion of one prompt, tokenised the way TRL's trainers do it: EOS
     appended to the completion, prompt + completion tokenised as one string, and every completion starting where
     the first of them diverges from the tokenised prompt alone (a completion's first token can merge with the
@@ -142,26 +160,29 @@ def _split(tokenizer: PreTrainedTokenizerBase, prompt: str, completions: list[st
     eos = tokenizer.eos_token
     alone = tokenizer(prompt).input_ids
     fulls = [tokenizer(prompt + c + ("" if c.endswith(eos) else eos)).input_ids for c in completions]
-    cut = min(next((i for i, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full)))
-              for full in fulls)
+    cut = min(
+        next((i for i, (a, b) in enumerate(zip(alone, full)) if a != b), min(len(alone), len(full))) for full in fulls
+    )
     return [(full[:cut], full[cut:]) for full in fulls]
 
 
-def encode_completions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]
-                       ) -> SequenceBatch:
+def encode_completions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]) -> SequenceBatch:
     """Text (prompt, completion) pairs -> a SequenceBatch, split as TRL's trainers split them (`_split`), so the
     log-probs and rewards computed here are those the DPO, reward and SFT trainers optimise."""
     rows = [_split(tokenizer, p, [c])[0] for p, c in zip(prompts, completions, strict=True)]
     return pad_sequences([p for p, _ in rows], [c for _, c in rows], tokenizer.pad_token_id)
 
 
-def encode_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chosen: list[str], rejected: list[str]
-                 ) -> tuple[SequenceBatch, SequenceBatch]:
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], chosen: list[str], rejected: list[str]
+) -> tuple[SequenceBatch, SequenceBatch]:
     """Preference pairs -> (chosen, rejected) SequenceBatches, both sides of a pair cut at one place, as TRL's
     DPOTrainer cuts them."""
     rows = [_split(tokenizer, p, [c, r]) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
-    return tuple(pad_sequences([pair[side][0] for pair in rows], [pair[side][1] for pair in rows],
-                               tokenizer.pad_token_id) for side in (0, 1))
+    return tuple(
+        pad_sequences([pair[side][0] for pair in rows], [pair[side][1] for pair in rows], tokenizer.pad_token_id)
+        for side in (0, 1)
+    )
 
 
 def pad_sequences(prompt_rows: list[list[int]], response_rows: list[list[int]], pad: int) -> SequenceBatch:
@@ -174,8 +195,9 @@ def pad_sequences(prompt_rows: list[list[int]], response_rows: list[list[int]], 
     return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)
 
 
-def response_logprobs(model: PreTrainedModel, batch: SequenceBatch, temperature: float = 1.0,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_logprobs(
+    model: PreTrainedModel, batch: SequenceBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log pi(y_t | x, y_<t) of the response tokens, [B, R], zero where response_mask is 0.
 
     The logits are divided by the sampling temperature first, so the log-probs are those of the distribution
@@ -187,9 +209,13 @@ def response_logprobs(model: PreTrainedModel, batch: SequenceBatch, temperature:
     attention_mask = batch.attention_mask
     # Only the last R+1 columns need vocabulary logits (column P-1+j predicts response token j): skipping the
     # LM head over the prompt saves a large share of a small model's forward pass.
-    logits = model(input_ids=batch.input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                   logits_to_keep=r_len + 1).logits
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=r_len + 1,
+    ).logits
     logits = logits[:, :-1].float()
     if temperature != 1.0:  # x / 1.0 is x: at temperature 1 (the default) no copy of the [B, R, vocab] logits
         logits = logits / temperature
@@ -209,8 +235,15 @@ def sequence_scores(scalar_model: PreTrainedModel, batch: SequenceBatch) -> torc
     """Raw scalar score of each (prompt, response) from a scalar head, [B], read where transformers' sequence
     classifiers (and TRL's RewardTrainer) read it: the last token that is not padding."""
     attention_mask = batch.attention_mask
-    return scalar_model(input_ids=batch.input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask)).logits[:, 0].float()
+    return (
+        scalar_model(
+            input_ids=batch.input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        )
+        .logits[:, 0]
+        .float()
+    )
 
 
 def with_eos(batch: SequenceBatch, eos_token_id: int, pad_token_id: int) -> SequenceBatch:
@@ -227,8 +260,9 @@ def with_eos(batch: SequenceBatch, eos_token_id: int, pad_token_id: int) -> Sequ
     return SequenceBatch(batch.prompt_ids, batch.prompt_mask, ids, mask)
 
 
-def reward_scores(reward_model: PreTrainedModel, batch: SequenceBatch, tokenizer: PreTrainedTokenizerBase
-                  ) -> torch.Tensor:
+def reward_scores(
+    reward_model: PreTrainedModel, batch: SequenceBatch, tokenizer: PreTrainedTokenizerBase
+) -> torch.Tensor:
     """r_phi(x, y), [B]: the raw score of the EOS-terminated response minus the shift that centres pi_ref's
     samples at 0 (InstructGPT's normalisation; stored in the reward model's config as `reward_shift`).
 
@@ -239,12 +273,15 @@ def reward_scores(reward_model: PreTrainedModel, batch: SequenceBatch, tokenizer
     return sequence_scores(reward_model, batch) - getattr(reward_model.config, "reward_shift", 0.0)
 
 
-def shortest_first(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chosen: list[str], rejected: list[str]
-                   ) -> list[int]:
+def shortest_first(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], chosen: list[str], rejected: list[str]
+) -> list[int]:
     """Indices of preference pairs ordered by length in tokens (prompt + the longer response): batches cut from
     this order are padded to about their own length instead of to the longest pair in the set."""
+
     def n_tokens(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(list(texts)).input_ids]
+
     lengths = [p + max(c, r) for p, c, r in zip(n_tokens(prompts), n_tokens(chosen), n_tokens(rejected), strict=True)]
     return sorted(range(len(lengths)), key=lengths.__getitem__)
 

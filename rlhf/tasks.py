@@ -38,7 +38,7 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 class Task:
     name: str
     train_prompts: list[str]  # chat-templated prompt strings, what the policy is conditioned on
-    eval_prompts: list[str]   # the test prompts: everything the report shows is measured on them
+    eval_prompts: list[str]  # the test prompts: everything the report shows is measured on them
     gold_reward: GoldReward | None  # None: no ground truth (real human preferences)
     # Tasks with real preference data carry it; gold-reward tasks build pairs by sampling (rlhf.data).
     train_pairs: list[dict] | None = None
@@ -59,7 +59,7 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], syst
         # writes BOS as text, for a tokenizer that adds BOS itself (Llama 3), would then give two: leave it to the
         # tokenizer.
         bos = tokenizer.decode(added_special_tokens(tokenizer)[0])
-        return text[len(bos):] if bos and text.startswith(bos) else text
+        return text[len(bos) :] if bos and text.startswith(bos) else text
     # A base model without a template: plain "Human:/Assistant:" text, as in HH-RLHF.
     turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
     return turns + "\n\nAssistant:"
@@ -83,25 +83,87 @@ _INSTRUCTIONS = [
     "Write a short audience review of {film}.",
 ]
 _GENRES = [
-    "science-fiction", "romantic comedy", "war", "horror", "animated", "documentary", "western", "heist",
-    "courtroom", "musical", "coming-of-age", "superhero", "noir", "disaster", "sports", "biographical", "spy",
-    "fantasy", "period", "mystery", "road", "martial-arts", "zombie", "space", "political", "family", "crime",
-    "detective", "survival", "time-travel",
+    "science-fiction",
+    "romantic comedy",
+    "war",
+    "horror",
+    "animated",
+    "documentary",
+    "western",
+    "heist",
+    "courtroom",
+    "musical",
+    "coming-of-age",
+    "superhero",
+    "noir",
+    "disaster",
+    "sports",
+    "biographical",
+    "spy",
+    "fantasy",
+    "period",
+    "mystery",
+    "road",
+    "martial-arts",
+    "zombie",
+    "space",
+    "political",
+    "family",
+    "crime",
+    "detective",
+    "survival",
+    "time-travel",
 ]
 _SUBJECTS = [
-    "about a lighthouse keeper", "set on a night train", "about two rival chefs", "about a missing painting",
-    "set in a small fishing town", "about a retired boxer", "about a family road trip", "set on a space station",
-    "about a school orchestra", "about a stolen election", "set in a haunted hotel", "about a chess prodigy",
-    "about twin sisters", "set during a blackout", "about a travelling circus", "about a city mayor",
-    "set in a desert outpost", "about an aging rock band", "about a wedding gone wrong", "set in a submarine",
-    "about a small-town sheriff", "about a robot butler", "about a lost dog", "set in a mountain village",
-    "about a con artist", "about a young inventor", "set in a department store", "about a cold case",
-    "about a jazz pianist", "set on a remote island", "about a soccer team", "about a forgotten king",
-    "set in a hospital", "about a group of hikers", "about a late-night radio host", "set in a vineyard",
-    "about a bank robbery", "about a ghost ship", "set in a boarding school", "about an astronaut's return",
+    "about a lighthouse keeper",
+    "set on a night train",
+    "about two rival chefs",
+    "about a missing painting",
+    "set in a small fishing town",
+    "about a retired boxer",
+    "about a family road trip",
+    "set on a space station",
+    "about a school orchestra",
+    "about a stolen election",
+    "set in a haunted hotel",
+    "about a chess prodigy",
+    "about twin sisters",
+    "set during a blackout",
+    "about a travelling circus",
+    "about a city mayor",
+    "set in a desert outpost",
+    "about an aging rock band",
+    "about a wedding gone wrong",
+    "set in a submarine",
+    "about a small-town sheriff",
+    "about a robot butler",
+    "about a lost dog",
+    "set in a mountain village",
+    "about a con artist",
+    "about a young inventor",
+    "set in a department store",
+    "about a cold case",
+    "about a jazz pianist",
+    "set on a remote island",
+    "about a soccer team",
+    "about a forgotten king",
+    "set in a hospital",
+    "about a group of hikers",
+    "about a late-night radio host",
+    "set in a vineyard",
+    "about a bank robbery",
+    "about a ghost ship",
+    "set in a boarding school",
+    "about an astronaut's return",
 ]
-_FRAMES = ["", " from the 1970s", " released this year", " by a first-time director", " shot in black and white",
-           " with an ensemble cast"]
+_FRAMES = [
+    "",
+    " from the 1970s",
+    " released this year",
+    " by a first-time director",
+    " shot in black and white",
+    " with an ensemble cast",
+]
 
 
 def _article(word: str) -> str:
@@ -129,6 +191,7 @@ def sentiment_instructions(n_train: int, n_eval: int, seed: int) -> tuple[list[s
 @lru_cache(maxsize=1)
 def _vader():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
     return SentimentIntensityAnalyzer()
 
 
@@ -150,8 +213,9 @@ def review_prefix(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) 
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
-def _prefix_prompts(texts: list[str], n: int, tokenizer: PreTrainedTokenizerBase, rng: random.Random,
-                    dropped: dict[str, int]) -> list[str]:
+def _prefix_prompts(
+    texts: list[str], n: int, tokenizer: PreTrainedTokenizerBase, rng: random.Random, dropped: dict[str, int]
+) -> list[str]:
     """Up to `n` prompts, one per review in order, each cut at a token count drawn from PREFIX_TOKENS. A prefix that
     tokenises again to a count outside that range (a cut inside a word can merge differently) is dropped, counted."""
     prompts, reason = [], f"prefix re-tokenises to a length outside {PREFIX_TOKENS[0]}-{PREFIX_TOKENS[1]}"
@@ -182,8 +246,9 @@ def _classifier(path: str, device: str):
 class PositiveProbability:
     """Gold reward of the imdb task: P(positive label | response) under a sequence classifier, batched, without
     gradients, on the policy's device. The response is scored alone: the 2-8-token prompt is not the policy's."""
-    path: str            # the classifier's folder or hub name
-    positive: int        # index of the positive label in the classifier's logits
+
+    path: str  # the classifier's folder or hub name
+    positive: int  # index of the positive label in the classifier's logits
     batch_size: int
 
     @torch.inference_mode()
@@ -191,7 +256,7 @@ class PositiveProbability:
         model, tokenizer = _classifier(self.path, str(default_device()))
         scores = []
         for start in range(0, len(texts), self.batch_size):
-            enc = tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True, return_tensors="pt")
+            enc = tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True, return_tensors="pt")
             logits = model(**enc.to(model.device)).logits.float()
             scores += logits.softmax(dim=-1)[:, self.positive].tolist()
         return scores
@@ -205,8 +270,10 @@ def positive_probability(cfg: TaskConfig, hub_access: bool) -> PositiveProbabili
     except LOAD_ERRORS as e:
         raise UserError(f"task.gold_model: cannot read the config of '{path}': {e}") from None
     if cfg.gold_positive_label not in label2id:
-        raise UserError(f"task.gold_positive_label: '{cfg.gold_positive_label}' is not a label of task.gold_model "
-                        f"'{cfg.gold_model}' (its config.label2id has {sorted(label2id)})")
+        raise UserError(
+            f"task.gold_positive_label: '{cfg.gold_positive_label}' is not a label of task.gold_model "
+            f"'{cfg.gold_model}' (its config.label2id has {sorted(label2id)})"
+        )
     return PositiveProbability(path, int(label2id[cfg.gold_positive_label]), cfg.gold_batch_size)
 
 
@@ -220,7 +287,7 @@ def load_imdb(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: b
     train_texts = text_field(train_rows, "text", f"{name} train")
     rng.shuffle(train_texts)
     if test_rows is None:
-        eval_texts, train_texts = train_texts[:cfg.n_eval_prompts], train_texts[cfg.n_eval_prompts:]
+        eval_texts, train_texts = train_texts[: cfg.n_eval_prompts], train_texts[cfg.n_eval_prompts :]
     else:
         eval_texts = text_field(test_rows, "text", f"{name} test")
         rng.shuffle(eval_texts)
@@ -228,10 +295,17 @@ def load_imdb(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: b
     train = _prefix_prompts(train_texts, cfg.n_train_prompts, tokenizer, rng, dropped)
     eval_ = _prefix_prompts(eval_texts, cfg.n_eval_prompts, tokenizer, rng, dropped)
     if not train or not eval_:
-        raise UserError(f"task.path: {name} gives {len(train)} train and {len(eval_)} eval prompts; it needs reviews "
-                        "for both (a single file's first task.n_eval_prompts shuffled reviews are held out for eval)")
-    return Task(name="imdb", train_prompts=train, eval_prompts=eval_, gold_reward=positive_probability(cfg, hub_access),
-                dropped=dropped)
+        raise UserError(
+            f"task.path: {name} gives {len(train)} train and {len(eval_)} eval prompts; it needs reviews "
+            "for both (a single file's first task.n_eval_prompts shuffled reviews are held out for eval)"
+        )
+    return Task(
+        name="imdb",
+        train_prompts=train,
+        eval_prompts=eval_,
+        gold_reward=positive_probability(cfg, hub_access),
+        dropped=dropped,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,9 +322,9 @@ def parse_hh_dialogue(text: str, where: str) -> list[dict]:
     rest = text
     while rest:
         if rest.startswith(_HUMAN):
-            role, rest = "user", rest[len(_HUMAN):]
+            role, rest = "user", rest[len(_HUMAN) :]
         elif rest.startswith(_ASSISTANT):
-            role, rest = "assistant", rest[len(_ASSISTANT):]
+            role, rest = "assistant", rest[len(_ASSISTANT) :]
         else:
             raise UserError(f"{where}: expected a 'Human:' or 'Assistant:' turn at {rest[:40]!r}")
         cut = [i for i in (rest.find(_HUMAN), rest.find(_ASSISTANT)) if i >= 0]
@@ -299,9 +373,16 @@ def _split(name: str, pairs: list[dict], dropped: dict[str, int], cfg: TaskConfi
     rng = random.Random(cfg.prompt_seed)
     rng.shuffle(pairs)
     n_eval = min(cfg.n_eval_prompts, len(pairs) // 5)  # keep at least 80% for training
-    heldout, train = pairs[:n_eval], pairs[n_eval:n_eval + cfg.n_train_prompts]
-    return Task(name=name, train_prompts=[p["prompt"] for p in train], eval_prompts=[p["prompt"] for p in heldout],
-                gold_reward=None, train_pairs=train, heldout_pairs=heldout, dropped=dropped)
+    heldout, train = pairs[:n_eval], pairs[n_eval : n_eval + cfg.n_train_prompts]
+    return Task(
+        name=name,
+        train_prompts=[p["prompt"] for p in train],
+        eval_prompts=[p["prompt"] for p in heldout],
+        gold_reward=None,
+        train_pairs=train,
+        heldout_pairs=heldout,
+        dropped=dropped,
+    )
 
 
 def _too_long(prompt: str, tokenizer: PreTrainedTokenizerBase, cfg: TaskConfig) -> bool:
@@ -358,8 +439,9 @@ def check_pair(row: object, where: str) -> dict:
     return row
 
 
-def read_rows(source: str, key: str, hub_access: bool, split: str = "train", optional: bool = False
-              ) -> tuple[str, list | None]:
+def read_rows(
+    source: str, key: str, hub_access: bool, split: str = "train", optional: bool = False
+) -> tuple[str, list | None]:
     """(name, rows) of one split of a dataset: a json / jsonl(.gz) / parquet / csv file (a file is a `train` split
     only), a `datasets` folder (a DatasetDict's split; a lone Dataset is `train`), or, where `hub_access`, a hub
     dataset name. A missing split is an error naming the config `key`, or rows None where `optional`."""
@@ -372,6 +454,7 @@ def read_rows(source: str, key: str, hub_access: bool, split: str = "train", opt
 def _read_split(source: str, key: str, hub_access: bool, split: str) -> tuple[str, list | None]:
     from datasets import get_dataset_split_names, load_dataset
     from datasets.exceptions import DatasetGenerationError
+
     path = project_path(source)
     if path.exists():
         try:
@@ -391,6 +474,7 @@ def _read_split(source: str, key: str, hub_access: bool, split: str) -> tuple[st
 def _read_local(path: Path, split: str) -> list | None:
     """The rows of one split of a local file or `datasets` folder (None: no such split)."""
     from datasets import Dataset, DatasetDict, load_from_disk
+
     if path.is_dir():
         ds = load_from_disk(str(path))
         if isinstance(ds, DatasetDict):
@@ -465,13 +549,16 @@ def load_preference_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hu
     for i, row in enumerate(rows, start=1):
         pair = normalise_pair(row, tokenizer, cfg.system_prompt, f"{name} row {i}")
         if _too_long(pair["prompt"], tokenizer, cfg):
-            dropped["prompt longer than task.max_prompt_tokens"] = dropped.get(
-                "prompt longer than task.max_prompt_tokens", 0) + 1
+            dropped["prompt longer than task.max_prompt_tokens"] = (
+                dropped.get("prompt longer than task.max_prompt_tokens", 0) + 1
+            )
             continue
         pairs.append(pair)
     if len(pairs) < 5:
-        raise UserError(f"{name}: {len(pairs)} usable preference rows, need at least 5 (a fifth are held out for "
-                        f"evaluation; dropped: {dropped})")
+        raise UserError(
+            f"{name}: {len(pairs)} usable preference rows, need at least 5 (a fifth are held out for "
+            f"evaluation; dropped: {dropped})"
+        )
     return _split("preferences", pairs, dropped, cfg)
 
 
@@ -486,8 +573,10 @@ def split_validation(task: Task, n: int) -> Task:
     if n == 0:
         return task
     if n >= len(task.eval_prompts):
-        raise UserError(f"config key 'task.n_validation_prompts': {n}, but the task has only "
-                        f"{len(task.eval_prompts)} eval prompts, and some must stay test prompts")
+        raise UserError(
+            f"config key 'task.n_validation_prompts': {n}, but the task has only "
+            f"{len(task.eval_prompts)} eval prompts, and some must stay test prompts"
+        )
     task.validation_prompts, task.eval_prompts = task.eval_prompts[-n:], task.eval_prompts[:-n]
     if task.heldout_pairs is not None:  # the eval prompts of such a task are its held-out pairs' prompts
         task.validation_pairs, task.heldout_pairs = task.heldout_pairs[-n:], task.heldout_pairs[:-n]
@@ -501,8 +590,9 @@ def _load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, hub_access: 
         def render(texts: list[str]) -> list[str]:
             return [format_prompt(tokenizer, [{"role": "user", "content": t}], cfg.system_prompt) for t in texts]
 
-        return Task(name="sentiment", train_prompts=render(train), eval_prompts=render(eval_),
-                    gold_reward=vader_compound)
+        return Task(
+            name="sentiment", train_prompts=render(train), eval_prompts=render(eval_), gold_reward=vader_compound
+        )
     if cfg.name == "imdb":
         return load_imdb(cfg, tokenizer, hub_access)
     if cfg.name == "hh":

@@ -49,8 +49,11 @@ def tag(kind: str, key: str) -> str:
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """The numbers of a metrics row, tagged; `kind` and `step` are the row's place, not values."""
-    return {tag(row["kind"], k): float(v) for k, v in row.items()
-            if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        tag(row["kind"], k): float(v)
+        for k, v in row.items()
+        if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -78,8 +81,9 @@ def _make(name: str, run_path: Path, project: str, label: str, rewritten_from: i
     return cls(project)
 
 
-def open_trackers(names: list[str], run_path: Path, profile: str, config: dict[str, Any],
-                  rewritten_from: int | None = None) -> list[GeneralTracker]:
+def open_trackers(
+    names: list[str], run_path: Path, profile: str, config: dict[str, Any], rewritten_from: int | None = None
+) -> list[GeneralTracker]:
     """Start the trackers `names` for the run at `run_path` (called on the main process only), its config stored
     as the tracker run's hyper-parameters where the tracker keeps them apart from the run directory (whose
     config.yaml sits beside a file-based tracker's files already). A resumed run passes `rewritten_from`, the first

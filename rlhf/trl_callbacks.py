@@ -35,24 +35,32 @@ from rlhf.rundir import RunDir
 _UNLOGGED_KEYS = ("num_tokens", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second")
 
 
-def run_dir_args(model: ModelConfig, weight_decay: float, seed: int, device: torch.device,
-                 checkpoint_every: int | None = None) -> dict[str, Any]:
+def run_dir_args(
+    model: ModelConfig, weight_decay: float, seed: int, device: torch.device, checkpoint_every: int | None = None
+) -> dict[str, Any]:
     """TrainingArguments common to every TRL trainer here: `EvalAndLogCallback` writes the metrics into the run
     directory, and Trainer's checkpoints (every `checkpoint_every` steps, if set) are only our resume points;
     precision and gradient checkpointing as `model.*` says; AdamW's weight decay every stage's (`weight_decay`)."""
-    return dict(logging_steps=1, report_to="none", eval_strategy="no", weight_decay=weight_decay,
-                disable_tqdm=False,  # Trainer's own default turns the bar off (and prints log dicts) below warnings
-                **trainer_precision_args(model.precision, device),
-                # transformers' new name for gradient checkpointing (the old one warns that it is deprecated)
-                activation_checkpointing=model.gradient_checkpointing,
-                save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500,
-                logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be smoothed over
-                include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
-                dataloader_pin_memory=device.type == "cuda",
-                # Trainer re-creates accelerate's process state: without use_cpu, processes on a machine without
-                # CUDA would each train alone instead of forming one DDP group
-                use_cpu=device.type == "cpu",
-                seed=seed, data_seed=seed)
+    return dict(
+        logging_steps=1,
+        report_to="none",
+        eval_strategy="no",
+        weight_decay=weight_decay,
+        disable_tqdm=False,  # Trainer's own default turns the bar off (and prints log dicts) below warnings
+        **trainer_precision_args(model.precision, device),
+        # transformers' new name for gradient checkpointing (the old one warns that it is deprecated)
+        activation_checkpointing=model.gradient_checkpointing,
+        save_strategy="steps" if checkpoint_every else "no",
+        save_steps=checkpoint_every or 500,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be smoothed over
+        include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen = our `tokens`
+        dataloader_pin_memory=device.type == "cuda",
+        # Trainer re-creates accelerate's process state: without use_cpu, processes on a machine without
+        # CUDA would each train alone instead of forming one DDP group
+        use_cpu=device.type == "cpu",
+        seed=seed,
+        data_seed=seed,
+    )
 
 
 _verbose = False  # `python -m pipelines --verbose`: the libraries' own output too (set_verbose)
@@ -66,8 +74,9 @@ def set_verbose(verbose: bool) -> None:
     brings all of it back."""
     global _verbose
     _verbose = verbose
-    warnings.filterwarnings("default" if verbose else "ignore", message="`is_gradient_checkpointing` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "default" if verbose else "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     hf_logging.set_verbosity(hf_logging.WARNING if verbose else hf_logging.ERROR)
     (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
     (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
@@ -78,8 +87,15 @@ class _ProgressBar(ProgressCallback):
     DPO's implicit reward's, or the reward model's; an online method's reward-model score) instead of printing every
     step's log dict."""
 
-    SHOWN = {"loss": "loss", "rewards/margins": "margin", "margin": "margin", "rewards/accuracies": "acc",
-             "accuracy": "acc", "reward": "score", "objective/scores": "score"}  # the last two: RLOO's, online DPO's
+    SHOWN = {
+        "loss": "loss",
+        "rewards/margins": "margin",
+        "margin": "margin",
+        "rewards/accuracies": "acc",
+        "accuracy": "acc",
+        "reward": "score",
+        "objective/scores": "score",
+    }  # the last two: RLOO's, online DPO's
 
     def __init__(self, desc: str):
         super().__init__()
@@ -122,9 +138,18 @@ class EvalAndLogCallback(TrainerCallback):
     written last, so a half-written one is never resumed from) and deletes the older ones.
     """
 
-    def __init__(self, run: RunDir, evaluate_policy: Callable[[PreTrainedModel, int, bool], tuple[dict, list]] | None,
-                 eval_every: int | None, device: torch.device, n_params: int, train_seconds: float = 0.0,
-                 name: str = "step", stage: str = "train", flops_per_token: int | None = None):
+    def __init__(
+        self,
+        run: RunDir,
+        evaluate_policy: Callable[[PreTrainedModel, int, bool], tuple[dict, list]] | None,
+        eval_every: int | None,
+        device: torch.device,
+        n_params: int,
+        train_seconds: float = 0.0,
+        name: str = "step",
+        stage: str = "train",
+        flops_per_token: int | None = None,
+    ):
         self.run, self.evaluate_policy, self.eval_every, self.device = run, evaluate_policy, eval_every, device
         # n_params counted before Trainer wraps the model (sharded parameters would count short)
         self.flops_per_token = flops_per_token or train_flops(n_params, 1)
@@ -158,8 +183,16 @@ class EvalAndLogCallback(TrainerCallback):
                 with self.run.stage("eval", self.device) as timing:
                     metrics, samples = self.evaluate_policy(model, step, final)
                     timing["flops"] = timing.get("flops", 0) + metrics["eval/flops"]
-                self.run.log({"kind": "eval", "step": step, "wall_seconds": self.train_seconds, "tokens": tokens,
-                              "flops": self.flops_per_token * tokens, **metrics})
+                self.run.log(
+                    {
+                        "kind": "eval",
+                        "step": step,
+                        "wall_seconds": self.train_seconds,
+                        "tokens": tokens,
+                        "flops": self.flops_per_token * tokens,
+                        **metrics,
+                    }
+                )
                 self.run.write_samples(step, samples)
                 tqdm.write(f"  step {step}: {brief(metrics)}")
         self.last_eval = (step, metrics)
@@ -185,8 +218,16 @@ class EvalAndLogCallback(TrainerCallback):
         check_finite(f"{self.name} {state.global_step}", **{k: v for k, v in trl_logs.items() if isinstance(v, float)})
         flops = self.flops_per_token * state.num_input_tokens_seen
         self._timing["flops"] = flops
-        self.run.log({"kind": "train", "step": state.global_step, "wall_seconds": self.clock(),
-                      "tokens": state.num_input_tokens_seen, "flops": flops, **trl_logs})
+        self.run.log(
+            {
+                "kind": "train",
+                "step": state.global_step,
+                "wall_seconds": self.clock(),
+                "tokens": state.num_input_tokens_seen,
+                "flops": flops,
+                **trl_logs,
+            }
+        )
 
     def on_save(self, args, state, control, **kwargs):
         wait_for_everyone()  # under DDP each process writes its own RNG state into the folder first

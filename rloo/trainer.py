@@ -44,25 +44,47 @@ def trainer_args(cfg: Config, seed: int, output_dir: Path, device: torch.device)
         num_generations=r.num_generations,
         per_device_train_batch_size=per_process(r.rollout_batch_size, "rloo.rollout_batch_size"),  # completions
         gradient_accumulation_steps=1,  # so one generation batch per optimiser step (TRL's steps_per_generation)
-        num_iterations=r.num_iterations, epsilon=r.cliprange, normalize_advantages=r.normalize_advantages,
-        max_steps=r.iterations, max_completion_length=r.max_new_tokens,
-        temperature=1.0, top_k=0, top_p=1.0,  # TRL's defaults too: said here because beta's meaning rests on them
-        learning_rate=r.learning_rate, lr_scheduler_type=r.lr_scheduler, max_grad_norm=r.max_grad_norm,
+        num_iterations=r.num_iterations,
+        epsilon=r.cliprange,
+        normalize_advantages=r.normalize_advantages,
+        max_steps=r.iterations,
+        max_completion_length=r.max_new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,  # TRL's defaults too: said here because beta's meaning rests on them
+        learning_rate=r.learning_rate,
+        lr_scheduler_type=r.lr_scheduler,
+        max_grad_norm=r.max_grad_norm,
         disable_dropout=True,  # the ratio pi/pi_old is exactly 1 on the first pass, and the KL carries no dropout
-        **{**run_dir_args(cfg.model, cfg.weight_decay, seed, device, r.checkpoint_every),
-           # RLOOTrainer counts the prompt + completion tokens it samples itself; Trainer's counter finds no ids
-           "include_num_input_tokens_seen": "no"},
+        **{
+            **run_dir_args(cfg.model, cfg.weight_decay, seed, device, r.checkpoint_every),
+            # RLOOTrainer counts the prompt + completion tokens it samples itself; Trainer's counter finds no ids
+            "include_num_input_tokens_seen": "no",
+        },
     )
 
 
-def build_trainer(cfg: Config, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Dataset,
-                  reward: RewardFunction, seed: int, output_dir: Path, callbacks: list[TrainerCallback]
-                  ) -> trl.RLOOTrainer:
+def build_trainer(
+    cfg: Config,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Dataset,
+    reward: RewardFunction,
+    seed: int,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> trl.RLOOTrainer:
     """The RLOO trainer for one run: `policy` from pi_ref, `reward` the only reward function. TRL loads its own frozen
     pi_ref from the policy's folder (or, with LoRA, disables the adapters)."""
     args = trainer_args(cfg, seed, output_dir, policy.device)
-    trainer = trl.RLOOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=prompts,
-                              processing_class=tokenizer, callbacks=callbacks)
+    trainer = trl.RLOOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
     return quiet_progress_bar(trainer, f"RLOO seed {seed}")
 
 
@@ -78,5 +100,15 @@ def run_identity(cfg: Config, reward_model_path: Path) -> tuple[str, dict]:
 
 def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path) -> OnlineResult:
     """One RLOO run from pi_ref against the reward model at `reward_model_path`, into runs/<profile>/rloo/<run-id>/."""
-    return run_online(cfg, prefs, seed, reward_model_path, METHOD, "RLOO", cfg.rloo.eval_every, build_trainer,
-                      lambda n_policy, n_reward: flops_per_token(cfg, n_policy, n_reward), add_special_tokens=True)
+    return run_online(
+        cfg,
+        prefs,
+        seed,
+        reward_model_path,
+        METHOD,
+        "RLOO",
+        cfg.rloo.eval_every,
+        build_trainer,
+        lambda n_policy, n_reward: flops_per_token(cfg, n_policy, n_reward),
+        add_special_tokens=True,
+    )

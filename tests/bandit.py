@@ -23,8 +23,14 @@ from accelerate import Accelerator
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 import rloo
@@ -42,12 +48,20 @@ MAX_TOKENS = 3
 # its hidden state is zero, so its next-token distribution is uniform and has no parameter (the EOS TRL appends to a
 # response cut at the cap has the same probability under pi_theta and pi_ref).
 N_PREFIXES, OUTSIDE = 7, 7
-SEQUENCES = [p + (EOS,) for n in range(MAX_TOKENS) for p in itertools.product((A, B), repeat=n)] + \
-            list(itertools.product((A, B), repeat=MAX_TOKENS))
+SEQUENCES = [p + (EOS,) for n in range(MAX_TOKENS) for p in itertools.product((A, B), repeat=n)] + list(
+    itertools.product((A, B), repeat=MAX_TOKENS)
+)
 
 # pi_ref(next token | prefix) over (a, b, EOS): not uniform, and shorter and longer answers both likely
-PI_REF_NEXT = {0: (0.45, 0.35, 0.20), 1: (0.35, 0.35, 0.30), 2: (0.35, 0.35, 0.30), 3: (0.3, 0.3, 0.4),
-               4: (0.3, 0.3, 0.4), 5: (0.3, 0.3, 0.4), 6: (0.3, 0.3, 0.4)}
+PI_REF_NEXT = {
+    0: (0.45, 0.35, 0.20),
+    1: (0.35, 0.35, 0.30),
+    2: (0.35, 0.35, 0.30),
+    3: (0.3, 0.3, 0.4),
+    4: (0.3, 0.3, 0.4),
+    5: (0.3, 0.3, 0.4),
+    6: (0.3, 0.3, 0.4),
+}
 BETA = 1.0
 
 
@@ -55,8 +69,12 @@ def reward(y: tuple[int, ...]) -> float:
     """r(y): b is good, a is bad, ending on a after two tokens is good, running into the cap is bad. It depends on
     every token, the last ones included, so misplacing the score or mis-weighting long responses shows."""
     tokens = [t for t in y if t != EOS]
-    return (tokens.count(B) - 0.6 * tokens.count(A) + (0.5 if len(tokens) >= 2 and tokens[-1] == A else 0.0)
-            - (0.3 if EOS not in y else 0.0))
+    return (
+        tokens.count(B)
+        - 0.6 * tokens.count(A)
+        + (0.5 if len(tokens) >= 2 and tokens[-1] == A else 0.0)
+        - (0.3 if EOS not in y else 0.0)
+    )
 
 
 REWARD = torch.tensor([reward(y) for y in SEQUENCES], dtype=torch.float64)
@@ -95,6 +113,7 @@ class BanditLM(PreTrainedModel):
     """A tabular autoregressive policy as a causal LM: logits = lm_head(one-hot prefix), the head's weight being the
     table of next-token logits, initialised to log pi_ref. Runs `response_logprobs` (logits_to_keep), TRL's fused
     log-prob head (backbone + get_output_embeddings) and `sample` (the `generate` below)."""
+
     config_class = BanditConfig
     base_model_prefix = "backbone"
 
@@ -121,8 +140,9 @@ class BanditLM(PreTrainedModel):
         return CausalLMOutput(logits=self.lm_head(hidden[:, -logits_to_keep:]))
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, generation_config: GenerationConfig | None = None, **kwargs: object
-                 ) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, generation_config: GenerationConfig | None = None, **kwargs: object
+    ) -> torch.Tensor:
         """Ancestral sampling, as transformers' `generate` does it with these arguments (pad after EOS). They come as
         keywords (`sample`) or in a GenerationConfig (TRL's RLOOTrainer, whose EOS is a list of ids)."""
         g = {**(generation_config.to_dict() if generation_config is not None else {}), **kwargs}
@@ -145,6 +165,7 @@ AutoModelForCausalLM.register(BanditConfig, BanditLM)
 
 class BanditScalarModel(PreTrainedModel):
     """A scalar model in the layout `TokenValueModel` reads (backbone + `score` head): a table of V per prefix."""
+
     config_class = BanditConfig
     base_model_prefix = "backbone"
 
@@ -211,8 +232,16 @@ def sequence_reward(batch: SequenceBatch) -> torch.Tensor:
 
 # PPO's settings on the bandit: large batches (sampling noise ~ sqrt(p(1 - p) / 512) per response), a learning rate a
 # table of logits can take; V's table starts at 0 and must reach returns of order 1: a heavier value loss, unclipped
-PPO = PPOConfig(iterations=60, rollout_batch_size=512, mini_batch_size=256, ppo_epochs=2, learning_rate=0.02,
-                max_new_tokens=MAX_TOKENS, vf_coef=0.5, cliprange_value=10.0)
+PPO = PPOConfig(
+    iterations=60,
+    rollout_batch_size=512,
+    mini_batch_size=256,
+    ppo_epochs=2,
+    learning_rate=0.02,
+    max_new_tokens=MAX_TOKENS,
+    vf_coef=0.5,
+    cliprange_value=10.0,
+)
 
 
 def ppo(beta: float = BETA, seed: int = 0, pc: PPOConfig = PPO) -> torch.Tensor:
@@ -225,8 +254,17 @@ def ppo(beta: float = BETA, seed: int = 0, pc: PPOConfig = PPO) -> torch.Tensor:
     accelerator = Accelerator(cpu=True)
     optimizer, scheduler = make_optimizer(policy, value_model, pc, Config().weight_decay)  # every profile's
     policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
-    learner = Learner(policy, value_model, ref, sequence_reward, tokenizer(), accelerator, optimizer,
-                      torch.amp.GradScaler("cpu", enabled=False), amp=contextlib.nullcontext)
+    learner = Learner(
+        policy,
+        value_model,
+        ref,
+        sequence_reward,
+        tokenizer(),
+        accelerator,
+        optimizer,
+        torch.amp.GradScaler("cpu", enabled=False),
+        amp=contextlib.nullcontext,
+    )
     for iteration in range(1, pc.iterations + 1):
         ppo_iteration(learner, ["q"] * pc.rollout_batch_size, beta, pc, pc.mini_batch_size, f"bandit {iteration}")
         scheduler.step()
@@ -258,8 +296,15 @@ def text(y: tuple[int, ...]) -> str:
 
 # DPO's settings on the bandit: Adam needs ~500 small steps to settle at the minimiser (an exact replica of the loss
 # with these pairs: TV to pi* 0.005-0.008 over three seeds; 128-pair batches 0.010-0.015, 4 epochs 0.012-0.04)
-DPO = {"dpo.learning_rate": 0.03, "dpo.batch_size": 64, "budget.epochs": 10, "dpo.lr_scheduler": "linear",
-       "dpo.checkpoint_every": None, "model.precision": "fp32", "eval.batch_size": 4096}
+DPO = {
+    "dpo.learning_rate": 0.03,
+    "dpo.batch_size": 64,
+    "budget.epochs": 10,
+    "dpo.lr_scheduler": "linear",
+    "dpo.checkpoint_every": None,
+    "model.precision": "fp32",
+    "eval.batch_size": 4096,
+}
 
 
 def dpo(output_dir: Path, beta: float = BETA, n_pairs: int = 4000, seed: int = 0) -> torch.Tensor:
@@ -267,8 +312,13 @@ def dpo(output_dir: Path, beta: float = BETA, n_pairs: int = 4000, seed: int = 0
     log-probs precomputed by `response_logprobs`) on `preference_pairs`. Returns the final pi(y)."""
     torch.manual_seed(seed)
     winners, losers = preference_pairs(n_pairs, seed)
-    pairs = Dataset.from_dict({"prompt": ["q"] * len(winners), "chosen": [text(SEQUENCES[i]) for i in winners],
-                               "rejected": [text(SEQUENCES[i]) for i in losers]})
+    pairs = Dataset.from_dict(
+        {
+            "prompt": ["q"] * len(winners),
+            "chosen": [text(SEQUENCES[i]) for i in winners],
+            "rejected": [text(SEQUENCES[i]) for i in losers],
+        }
+    )
     policy, ref = BanditLM(BanditConfig()), BanditLM(BanditConfig()).requires_grad_(False).eval()
     cfg = Config().with_values({"beta": beta, **DPO})
     build_trainer(cfg, policy, ref, tokenizer(), pairs, seed, output_dir, callbacks=[]).train()
@@ -278,8 +328,15 @@ def dpo(output_dir: Path, beta: float = BETA, n_pairs: int = 4000, seed: int = 0
 # RLOO's settings on the bandit: 64 prompts x 2 completions a step, one REINFORCE pass each. Small batches do: at pi*,
 # r(y) - beta log pi*(y)/pi_ref(y) = beta log Z for every y, so every leave-one-out advantage, and the gradient, is
 # exactly 0 there whatever was sampled (measured: TV 0.0002 after 150 steps; 60 steps of 512 completions: 0.020)
-RLOO = {"rloo.iterations": 150, "rloo.rollout_batch_size": 128, "rloo.num_generations": 2, "rloo.learning_rate": 0.05,
-        "rloo.lr_scheduler": "linear", "rloo.max_new_tokens": MAX_TOKENS, "model.precision": "fp32"}
+RLOO = {
+    "rloo.iterations": 150,
+    "rloo.rollout_batch_size": 128,
+    "rloo.num_generations": 2,
+    "rloo.learning_rate": 0.05,
+    "rloo.lr_scheduler": "linear",
+    "rloo.max_new_tokens": MAX_TOKENS,
+    "model.precision": "fp32",
+}
 
 
 def rloo_run(output_dir: Path, beta: float = BETA, seed: int = 0, settings: dict = RLOO) -> torch.Tensor:
@@ -291,6 +348,14 @@ def rloo_run(output_dir: Path, beta: float = BETA, seed: int = 0, settings: dict
     cfg = Config().with_values({"beta": beta, **settings})
     prompts = Dataset.from_dict({"prompt": ["q"] * (cfg.rloo.rollout_batch_size // cfg.rloo.num_generations)})
     tok = tokenizer()
-    rloo.build_trainer(cfg, policy, tok, prompts, reward_function(sequence_reward, tok, add_special_tokens=True), seed,
-                       output_dir / "rloo", callbacks=[]).train()
+    rloo.build_trainer(
+        cfg,
+        policy,
+        tok,
+        prompts,
+        reward_function(sequence_reward, tok, add_special_tokens=True),
+        seed,
+        output_dir / "rloo",
+        callbacks=[],
+    ).train()
     return distribution(policy)

@@ -18,6 +18,7 @@ def trl_as_the_cli_has_it():
     """Every test trains with TRL as `python -m pipelines` sets it up (rlhf/trl_compat.py), so that a stage called
     here computes what the CLI computes."""
     from rlhf import trl_compat
+
     trl_compat.install()
 
 
@@ -47,6 +48,7 @@ def tiny_model(tiny_path):
 def power_cut(monkeypatch):
     """`power_cut(module, name, n)`: module.name raises RuntimeError("power cut") on its n-th call (a crash mid-run);
     returns the real function."""
+
     def cut(module, name: str, n: int):
         real, calls = getattr(module, name), []
 
@@ -58,4 +60,5 @@ def power_cut(monkeypatch):
 
         monkeypatch.setattr(module, name, failing)
         return real
+
     return cut

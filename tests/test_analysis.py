@@ -23,32 +23,71 @@ from rlhf.errors import UserError
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(profile_dir, method, seed, evals, train=(), beta=0.1, status="completed",
-              timings=None, run_id=None, **manifest_extra):
+def write_run(
+    profile_dir,
+    method,
+    seed,
+    evals,
+    train=(),
+    beta=0.1,
+    status="completed",
+    timings=None,
+    run_id=None,
+    **manifest_extra,
+):
     """A run directory as the pipelines write it (docs/run-directory.md). `evals` / `train` are lists of
     metric dicts; step i gets step 10*i, wall_seconds 100*i, tokens 1000*i and flops 1e9*i unless the dict sets
     them."""
     run_id = run_id or f"20261125T000000-beta{beta:g}-seed{seed}"
     path = profile_dir / method / run_id
     path.mkdir(parents=True)
-    manifest = {"method": method, "profile": profile_dir.name, "seed": seed, "beta": beta, "run_id": run_id,
-                "status": status, "error": "RuntimeError: loss is nan" if status == "failed" else None,
-                "data_sha256": "f" * 64, "packages": {"python": "3.11", "pandas": "3.1"}, "git_commit": "abc",
-                "host": "box", "device": "cpu", "device_name": "x86_64", **manifest_extra}
+    manifest = {
+        "method": method,
+        "profile": profile_dir.name,
+        "seed": seed,
+        "beta": beta,
+        "run_id": run_id,
+        "status": status,
+        "error": "RuntimeError: loss is nan" if status == "failed" else None,
+        "data_sha256": "f" * 64,
+        "packages": {"python": "3.11", "pandas": "3.1"},
+        "git_commit": "abc",
+        "host": "box",
+        "device": "cpu",
+        "device_name": "x86_64",
+        **manifest_extra,
+    }
     (path / "manifest.json").write_text(json.dumps(manifest))
-    rows = [{"kind": kind, "step": 10 * i, "wall_seconds": 100.0 * i, "tokens": 1000 * i, "flops": 1e9 * i, **m}
-            for kind, series in (("train", train), ("eval", evals)) for i, m in enumerate(series)]
+    rows = [
+        {"kind": kind, "step": 10 * i, "wall_seconds": 100.0 * i, "tokens": 1000 * i, "flops": 1e9 * i, **m}
+        for kind, series in (("train", train), ("eval", evals))
+        for i, m in enumerate(series)
+    ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "timings.json").write_text(json.dumps(timings or {"train": {"seconds": 200.0, "peak_memory_mb": 900.0},
-                                                              "eval": {"seconds": 20.0, "peak_memory_mb": 950.0}}))
+    (path / "timings.json").write_text(
+        json.dumps(
+            timings
+            or {
+                "train": {"seconds": 200.0, "peak_memory_mb": 900.0},
+                "eval": {"seconds": 20.0, "peak_memory_mb": 950.0},
+            }
+        )
+    )
     return path
 
 
 def ev(kl, gold=None, **extra):
     row = {"eval/kl": kl, **extra}
     if gold is not None:
-        row.update({"eval/gold": gold, "eval/gold_std": 0.5, "eval/gold_sem": 0.1, "heldout/gold_accuracy": 0.9,
-                    "heldout/gold_margin": 0.4})
+        row.update(
+            {
+                "eval/gold": gold,
+                "eval/gold_std": 0.5,
+                "eval/gold_sem": 0.1,
+                "heldout/gold_accuracy": 0.9,
+                "heldout/gold_margin": 0.4,
+            }
+        )
     return row
 
 
@@ -57,49 +96,105 @@ def gold_profile(root):
     10 s, 2e8 FLOPs), with numbers the tests compute by hand."""
     p = root / "runs" / "synthetic"
     write_run(p, "reference", 1234, [ev(0.0, 0.1)])
-    rm = write_run(p, "reward_model", 0, [{"heldout/rm_accuracy": 0.7, "heldout/rm_margin": 1.5, **ev(0.0, 0.1)}],
-                   timings={"reward_model": {"seconds": 50.0, "flops": 5e8, "peak_memory_mb": 700.0}})
-    ppo_train = [{"grad_norm": g, "loss/value": 1.0, "policy/clipfrac": 0.1, "policy/approxkl": 0.01}
-                 for g in [1, 2] * 6 + [50]]
-    for seed, kls, golds, proxies in ((0, [0, 1, 3], [0.1, 0.3, 0.5], [0, 1, 3]),
-                                      (1, [0, 2, 4], [0.1, 0.4, 0.4], [0, 2, 4])):
-        write_run(p, "ppo", seed, [ev(k, g, **{"eval/proxy": x, "eval/proxy_std": 2.0, "heldout/rm_accuracy": 0.7,
-                                               "heldout/rm_margin": 1.5}) for k, g, x in zip(kls, golds, proxies)],
-                  train=ppo_train, reward_model_path=str(rm / "checkpoints" / "final"))
-    dpo_train = [{"loss": 0.69, "grad_norm": 1.0, "logps/chosen": -10.0 - i, "logps/rejected": -10.0 - 2 * i}
-                 for i in range(5)]
+    rm = write_run(
+        p,
+        "reward_model",
+        0,
+        [{"heldout/rm_accuracy": 0.7, "heldout/rm_margin": 1.5, **ev(0.0, 0.1)}],
+        timings={"reward_model": {"seconds": 50.0, "flops": 5e8, "peak_memory_mb": 700.0}},
+    )
+    ppo_train = [
+        {"grad_norm": g, "loss/value": 1.0, "policy/clipfrac": 0.1, "policy/approxkl": 0.01} for g in [1, 2] * 6 + [50]
+    ]
+    for seed, kls, golds, proxies in (
+        (0, [0, 1, 3], [0.1, 0.3, 0.5], [0, 1, 3]),
+        (1, [0, 2, 4], [0.1, 0.4, 0.4], [0, 2, 4]),
+    ):
+        write_run(
+            p,
+            "ppo",
+            seed,
+            [
+                ev(
+                    k,
+                    g,
+                    **{"eval/proxy": x, "eval/proxy_std": 2.0, "heldout/rm_accuracy": 0.7, "heldout/rm_margin": 1.5},
+                )
+                for k, g, x in zip(kls, golds, proxies)
+            ],
+            train=ppo_train,
+            reward_model_path=str(rm / "checkpoints" / "final"),
+        )
+    dpo_train = [
+        {"loss": 0.69, "grad_norm": 1.0, "logps/chosen": -10.0 - i, "logps/rejected": -10.0 - 2 * i} for i in range(5)
+    ]
     for seed, kls, golds in ((0, [0, 2, 6], [0.1, 0.6, 0.8]), (1, [0, 1, 2], [0.1, 0.2, 0.7])):
-        write_run(p, "dpo", seed, [ev(k, g, **{"heldout/implicit_accuracy": 0.6 + 0.1 * seed,
-                                               "heldout/implicit_margin": 0.3}) for k, g in zip(kls, golds)],
-                  train=dpo_train, timings={"ref_logps": {"seconds": 10.0, "flops": 2e8, "peak_memory_mb": 800.0},
-                                            "train": {"seconds": 200.0, "flops": 2e9, "peak_memory_mb": 900.0},
-                                            "eval": {"seconds": 20.0, "flops": 3e7, "peak_memory_mb": 950.0}})
+        write_run(
+            p,
+            "dpo",
+            seed,
+            [
+                ev(k, g, **{"heldout/implicit_accuracy": 0.6 + 0.1 * seed, "heldout/implicit_margin": 0.3})
+                for k, g in zip(kls, golds)
+            ],
+            train=dpo_train,
+            timings={
+                "ref_logps": {"seconds": 10.0, "flops": 2e8, "peak_memory_mb": 800.0},
+                "train": {"seconds": 200.0, "flops": 2e9, "peak_memory_mb": 900.0},
+                "eval": {"seconds": 20.0, "flops": 3e7, "peak_memory_mb": 950.0},
+            },
+        )
     (p / "data" / "preferences-abc").mkdir(parents=True)
-    (p / "data" / "preferences-abc" / "manifest.json").write_text(json.dumps({"sha256": "f" * 64,
-                                                                              "counts": {"train": 8}}))
+    (p / "data" / "preferences-abc" / "manifest.json").write_text(
+        json.dumps({"sha256": "f" * 64, "counts": {"train": 8}})
+    )
     return p
 
 
 def with_baselines(p):
     """The gold profile plus every baseline and a DPO variant, as `make ppo-gt`, `make bon`, `make preferred-ft` and
     `make dpo ARGS=dpo.loss_type=ipo` write them. Best of N: one run, step = N, KL = the bound log N - (N-1)/N."""
-    write_run(p, "ppo-gt", 0, [ev(k, g) for k, g in ((0, 0.1), (1, 0.5), (2, 0.9))],
-              train=[{"grad_norm": 1.0, "loss/value": 1.0, "policy/clipfrac": 0.1}] * 3)
+    write_run(
+        p,
+        "ppo-gt",
+        0,
+        [ev(k, g) for k, g in ((0, 0.1), (1, 0.5), (2, 0.9))],
+        train=[{"grad_norm": 1.0, "loss/value": 1.0, "policy/clipfrac": 0.1}] * 3,
+    )
     bound = {n: math.log(n) - (n - 1) / n for n in (1, 4, 16, 64)}
-    write_run(p, "bon", 1234, [{**ev(bound[n], g), "eval/gold_sem": 0.05, "eval/proxy": n / 10, "step": n,
-                                "wall_seconds": 2.0 * n, "tokens": 100 * n}
-                               for n, g in ((1, 0.1), (4, 0.3), (16, 0.5), (64, 0.6))],
-              timings={"sample_and_score": {"seconds": 128.0, "peak_memory_mb": 800.0}})
-    write_run(p, "preferred-ft", 0, [ev(k, g) for k, g in ((0, 0.1), (0.5, 0.2), (3, 0.3))],
-              train=[{"loss": 2.0, "grad_norm": 1.0}] * 3)
+    write_run(
+        p,
+        "bon",
+        1234,
+        [
+            {
+                **ev(bound[n], g),
+                "eval/gold_sem": 0.05,
+                "eval/proxy": n / 10,
+                "step": n,
+                "wall_seconds": 2.0 * n,
+                "tokens": 100 * n,
+            }
+            for n, g in ((1, 0.1), (4, 0.3), (16, 0.5), (64, 0.6))
+        ],
+        timings={"sample_and_score": {"seconds": 128.0, "peak_memory_mb": 800.0}},
+    )
+    write_run(
+        p,
+        "preferred-ft",
+        0,
+        [ev(k, g) for k, g in ((0, 0.1), (0.5, 0.2), (3, 0.3))],
+        train=[{"loss": 2.0, "grad_norm": 1.0}] * 3,
+    )
     write_run(p, "dpo-ipo", 0, [ev(k, g) for k, g in ((0, 0.1), (2, 0.45))], train=[{"loss": 1.0}] * 2)
     return p
 
 
 def run_report(tmp_path, profile_dir, base_profile="tiny", overrides=()):
     """Run `make report`'s entry point on runs/<name>/; returns the output folder."""
-    cfg = load_config(base_profile, [f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}",
-                                     *overrides])
+    cfg = load_config(
+        base_profile, [f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}", *overrides]
+    )
     cfg.profile = profile_dir.name
     assert report_main(cfg) == 0
     return tmp_path / "reports" / profile_dir.name
@@ -115,7 +210,8 @@ def test_frontier_is_seed_means_joined_along_training(tmp_path):
     # PPO at step 10: KL (1 + 2) / 2, gold (0.3 + 0.4) / 2, an interval over its 2 seeds between them (run-level
     # values: these synthetic runs keep no per-prompt files); every step of both methods, in order
     assert front.loc[("ppo", 10), ["eval/kl mean", "eval/gold mean", "eval/gold n"]].tolist() == pytest.approx(
-        [1.5, 0.35, 2])
+        [1.5, 0.35, 2]
+    )
     assert 0.3 <= front.loc[("ppo", 10), "eval/gold lo"] <= 0.35 <= front.loc[("ppo", 10), "eval/gold hi"] <= 0.4
     assert front.index.tolist() == [("dpo", 0), ("dpo", 10), ("dpo", 20), ("ppo", 0), ("ppo", 10), ("ppo", 20)]
 
@@ -148,15 +244,18 @@ def test_headline_metrics_by_hand(tmp_path):
     # gold at KL 2: ppo1 .4, dpo0 .6, dpo1 .7 at measured points; ppo0 read between (1, .3) and (3, .5) by the cubic
     ppo0 = float(S.gold_at_kl([0, 1, 3], [0.1, 0.3, 0.5], 2.0))
     assert per_run["gold at KL 2"].to_dict() == pytest.approx(
-        {("dpo", 0): 0.6, ("dpo", 1): 0.7, ("ppo", 0): ppo0, ("ppo", 1): 0.4})
+        {("dpo", 0): 0.6, ("dpo", 1): 0.7, ("ppo", 0): ppo0, ("ppo", 1): 0.4}
+    )
     assert 0.4 < ppo0 < 0.5 and per_run.loc[("dpo", 1), "gold at KL 1"] == pytest.approx(
-        S.gold_at_kl([0, 1, 2], [0.1, 0.2, 0.7], 1.0))
+        S.gold_at_kl([0, 1, 2], [0.1, 0.2, 0.7], 1.0)
+    )
     assert per_run["reached KL 2"].all()
     # seconds to gold .4, from the start of the earlier stages (PPO: the RM's 50 s; DPO: pi_ref's pass, 10 s): ppo0
     # halfway 100..200 s -> 150 + 50; ppo1 at 100 + 50; dpo0 0.1->0.6 over 0..100 -> 60 + 10; dpo1 0.2->0.7 over
     # 100..200 -> 140 + 10.
     assert per_run["seconds to target gold"].to_dict() == pytest.approx(
-        {("dpo", 0): 70, ("dpo", 1): 150, ("ppo", 0): 200, ("ppo", 1): 150})
+        {("dpo", 0): 70, ("dpo", 1): 150, ("ppo", 0): 200, ("ppo", 1): 150}
+    )
     # FLOPs likewise: ppo0 halfway 1e9..2e9 + the RM's 5e8; dpo1 1.4e9 + pi_ref's 2e8
     assert per_run.loc[("ppo", 0), "training FLOPs to target gold"] == pytest.approx(2.0e9)
     assert per_run.loc[("dpo", 1), "training FLOPs to target gold"] == pytest.approx(1.6e9)
@@ -168,9 +267,11 @@ def test_headline_metrics_by_hand(tmp_path):
     verdict = M.verdict(at, ("ppo", 0.1), ("dpo", 0.1), [2.0, 1.0], worded=True)
     first = verdict.iloc[0]
     from scipy.stats import ttest_ind  # without per-prompt values: Welch's test of the per-run values
+
     ref = ttest_ind([ppo0, 0.4], [0.6, 0.7], equal_var=False)
     assert (first["difference"], first["lo"], first["hi"], first["p"]) == pytest.approx(
-        ((ppo0 + 0.4) / 2 - 0.65, *ref.confidence_interval(0.95), ref.pvalue))
+        ((ppo0 + 0.4) / 2 - 0.65, *ref.confidence_interval(0.95), ref.pvalue)
+    )
     # 2 seeds each: a difference of −0.22 is not resolved (the percentile bootstrap called it "DPO ahead")
     assert first["verdict"].startswith("Not distinguishable at 2 PPO and 2 DPO seeds")
     assert verdict.iloc[1]["verdict"].startswith("A secondary level: shown without words")
@@ -206,7 +307,10 @@ def test_overoptimisation_heldout_and_costs_by_hand(tmp_path):
     # PPO: 13 train rows, the last with 1e9 * 12 FLOPs, plus the RM's training; DPO: its 5 train rows' 4e9 (eval
     # rows reach 2e9) plus pi_ref's pass; evaluation apart
     assert per_method.loc["ppo", ["own loop FLOPs", "earlier stages FLOPs", "training FLOPs"]].tolist() == [
-        12e9, 5e8, 12.5e9]
+        12e9,
+        5e8,
+        12.5e9,
+    ]
     assert per_method.loc["ppo", "end-to-end seconds"] == 1200 + 50
     assert per_method.loc["dpo", ["training FLOPs", "evaluation FLOPs"]].tolist() == [4.2e9, 3e7]
     assert per_method.loc["reward_model", "training FLOPs"] == 0  # its own loop logged 0; nothing before it
@@ -238,8 +342,15 @@ def assert_page_complete(out):
 def test_report_on_a_gold_task(tmp_path):
     out = run_report(tmp_path, gold_profile(tmp_path))
     page, images = assert_page_complete(out)
-    assert {"frontier.png", "curves.png", "heldout.png", "overoptimisation.png", "seeds.png", "health.png",
-            "cost.png"} == set(images)
+    assert {
+        "frontier.png",
+        "curves.png",
+        "heldout.png",
+        "overoptimisation.png",
+        "seeds.png",
+        "health.png",
+        "cost.png",
+    } == set(images)
     assert page.index("Verdict: PPO vs DPO") < page.index("frontier.png") < page.index("Headline")  # the verdict first
     head = pd.read_csv(out / "headline.csv")
     assert set(head["method"]) == {"reference", "ppo", "dpo"}
@@ -307,13 +418,15 @@ def test_frontier_figure_has_legend_names_intervals_and_the_origin(tmp_path):
 
 
 def test_configured_comparison_levels_and_their_validation(tmp_path):
-    out = run_report(tmp_path, gold_profile(tmp_path), overrides=["report.kl_levels=[1, 0.5]",
-                                                                   "report.target_gold=0.3"])
+    out = run_report(
+        tmp_path, gold_profile(tmp_path), overrides=["report.kl_levels=[1, 0.5]", "report.target_gold=0.3"]
+    )
     head = pd.read_csv(out / "headline.csv").set_index("method")
     # At KL 1: ppo0 0.3 (a point), ppo1 between (0, .1) and (2, .4) by the cubic in √KL. Gold .3: ppo0 at 100 s,
     # ppo1 two thirds of the way from 0 to 100 s.
-    assert head.loc["ppo", "gold at KL 1 mean"] == pytest.approx((0.3 + S.gold_at_kl([0, 2, 4], [0.1, 0.4, 0.4], 1))
-                                                                 / 2)
+    assert head.loc["ppo", "gold at KL 1 mean"] == pytest.approx(
+        (0.3 + S.gold_at_kl([0, 2, 4], [0.1, 0.4, 0.4], 1)) / 2
+    )
     assert head.loc["ppo", "seconds to target gold mean"] == pytest.approx((100 + 200 / 3) / 2 + 50)  # + the RM
     page = (out / "index.html").read_text()
     assert "KL levels 1, 0.5 nats per sequence (the primary level, fixed in the profile before these runs" in page
@@ -329,18 +442,38 @@ def test_configured_comparison_levels_and_their_validation(tmp_path):
 def test_report_on_a_task_without_gold(tmp_path):
     p = tmp_path / "runs" / "nogold"
     write_run(p, "reference", 1234, [ev(0.0)])
-    write_run(p, "ppo", 0, [ev(k, **{"eval/proxy": x, "eval/proxy_std": 1.0, "heldout/rm_accuracy": 0.6,
-                                     "heldout/rm_margin": 0.2}) for k, x in ((0, 0), (1, 1), (2, 1.5))])
-    write_run(p, "dpo", 0, [ev(k, **{"heldout/implicit_accuracy": a, "heldout/implicit_margin": 0.1})
-                            for k, a in ((0, 0.5), (1, 0.6))])
-    write_run(p, "bon", 1234, [{"eval/kl": math.log(n) - (n - 1) / n, "eval/proxy": x, "eval/proxy_sem": 0.1, "step": n}
-                               for n, x in ((1, 0.0), (4, 0.8))])
+    write_run(
+        p,
+        "ppo",
+        0,
+        [
+            ev(k, **{"eval/proxy": x, "eval/proxy_std": 1.0, "heldout/rm_accuracy": 0.6, "heldout/rm_margin": 0.2})
+            for k, x in ((0, 0), (1, 1), (2, 1.5))
+        ],
+    )
+    write_run(
+        p,
+        "dpo",
+        0,
+        [ev(k, **{"heldout/implicit_accuracy": a, "heldout/implicit_margin": 0.1}) for k, a in ((0, 0.5), (1, 0.6))],
+    )
+    write_run(
+        p,
+        "bon",
+        1234,
+        [
+            {"eval/kl": math.log(n) - (n - 1) / n, "eval/proxy": x, "eval/proxy_sem": 0.1, "step": n}
+            for n, x in ((1, 0.0), (4, 0.8))
+        ],
+    )
     out = run_report(tmp_path, p, base_profile="hh")
     page, _ = assert_page_complete(out)
     assert "no gold reward" in page and "Best of N: one row per N" in page
     assert set(pd.read_csv(out / "frontier.csv")["method"]) == {"ppo", "bon"}  # by the proxy: DPO has none
-    assert ("Baselines not run, so absent from the frontier and the headline: Preferred-FT "
-            "(<code>make preferred-ft</code>).") in page
+    assert (
+        "Baselines not run, so absent from the frontier and the headline: Preferred-FT "
+        "(<code>make preferred-ft</code>)."
+    ) in page
     head = pd.read_csv(out / "headline.csv").set_index("method")
     assert set(head.index) == {"reference", "ppo", "dpo", "bon"} and not any(c.startswith("gold at KL") for c in head)
     assert head.loc["dpo", "final heldout/implicit_accuracy mean"] == pytest.approx(0.6)
@@ -371,8 +504,10 @@ def test_bad_and_unfinished_runs_are_named_and_left_out(tmp_path):
     assert excluded["diverged-run"] == "status diverged: Diverged: PPO iteration 3: reward is nan"
     page = (out / "index.html").read_text()
     assert all(name in page for name in excluded.index)
-    assert "Diverged: ppo seed 12 (β 0.1) stopped at a non-finite training quantity: PPO iteration 3: reward is nan" \
-        in page  # named under stability, not only in the provenance table
+    assert (
+        "Diverged: ppo seed 12 (β 0.1) stopped at a non-finite training quantity: PPO iteration 3: reward is nan"
+        in page
+    )  # named under stability, not only in the provenance table
     head = pd.read_csv(out / "headline.csv").set_index("method")
     assert head.loc["dpo", "final eval/gold mean"] == pytest.approx(0.75)  # (0.8 + 0.7) / 2: only good runs
     assert head.loc["dpo", "final eval/gold n"] == 2
@@ -382,20 +517,35 @@ def test_a_seed_run_twice_counts_once_the_latest_kept_and_said(tmp_path):
     """Issue #20, item 0: two complete runs of one method, beta and seed (a rerun with resume=false) are one seed, not
     two: the latest to finish is kept, the other left out naming it."""
     p = gold_profile(tmp_path)
-    write_run(p, "dpo", 0, [ev(0, 0.1), ev(2, 0.9)], run_id="20261126T000000-beta0.1-seed0",
-              finished_at="2026-11-26T01:00:00+00:00")
-    write_run(p, "reference", 1234, [ev(0.0, 0.3)], run_id="20261126T000000-beta0.1-seed1234",
-              finished_at="2026-11-26T01:00:00+00:00")
+    write_run(
+        p,
+        "dpo",
+        0,
+        [ev(0, 0.1), ev(2, 0.9)],
+        run_id="20261126T000000-beta0.1-seed0",
+        finished_at="2026-11-26T01:00:00+00:00",
+    )
+    write_run(
+        p,
+        "reference",
+        1234,
+        [ev(0.0, 0.3)],
+        run_id="20261126T000000-beta0.1-seed1234",
+        finished_at="2026-11-26T01:00:00+00:00",
+    )
     out = run_report(tmp_path, p)
     head = pd.read_csv(out / "headline.csv").set_index("method")
     dpo = head.loc["dpo"]
     assert dpo["final eval/gold n"] == 2 and dpo["final eval/gold mean"] == pytest.approx(0.8)  # (0.9 + 0.7) / 2
     assert head.loc["reference", "final eval/gold mean"] == pytest.approx(0.3)  # pi_ref's rerun alone
     excluded = pd.read_csv(out / "runs_excluded.csv").set_index(["method", "run_id"])["reason"]
-    for method, seed, kept in (("dpo", 0, "20261126T000000-beta0.1-seed0"),
-                               ("reference", 1234, "20261126T000000-beta0.1-seed1234")):
+    for method, seed, kept in (
+        ("dpo", 0, "20261126T000000-beta0.1-seed0"),
+        ("reference", 1234, "20261126T000000-beta0.1-seed1234"),
+    ):
         assert excluded[(method, f"20261125T000000-beta0.1-seed{seed}")].startswith(
-            f"superseded by {kept}, a later complete run of {method} with β 0.1 and seed {seed}")
+            f"superseded by {kept}, a later complete run of {method} with β 0.1 and seed {seed}"
+        )
     assert len(excluded) == 2 and "superseded by" in (out / "index.html").read_text()
 
 
@@ -409,8 +559,9 @@ def test_report_with_only_dpo_says_what_is_missing(tmp_path):
     assert not stale.exists()
     page, images = assert_page_complete(out)
     assert "No completed PPO run" in page and "No completed reference run" in page
-    assert ("Baselines not run, so absent from the frontier and the headline: PPO-GT (<code>make ppo-gt</code>), "
-            "Best of N") in page
+    assert (
+        "Baselines not run, so absent from the frontier and the headline: PPO-GT (<code>make ppo-gt</code>), Best of N"
+    ) in page
     assert "overoptimisation.png" not in images and "Not drawn: no PPO or Best-of-N eval points" in page
     assert pd.read_csv(out / "headline.csv")["method"].tolist() == ["dpo"]
 
@@ -450,11 +601,11 @@ def test_the_page_shows_rendered_markdown_and_opens_with_the_verdict_the_frontie
     assert "<strong>PPO − DPO = " in page and "<code>make coverage</code>" in page and "<th>method</th>" in page
     # The first screen: the verdict sentence, then the frontier figure, then one small table, and nothing else drawn
     start = page.index("<h2")
-    first = page[start:page.index("<h2", start + 1)]
+    first = page[start : page.index("<h2", start + 1)]
     verdict = first.index("PPO − DPO = ")
     assert re.findall(r"<img[^>]+src=['\"]([^'\"]+)['\"]", first) == ["frontier.png"] and first.count("<table") == 1
     assert verdict < first.index("<img") < first.index("<table")
-    assert ("No verdict" in first[verdict:first.index("<img")]) == (not overrides)
+    assert ("No verdict" in first[verdict : first.index("<img")]) == (not overrides)
 
 
 def test_report_with_no_runs_at_all_still_writes_the_page(tmp_path):
@@ -468,10 +619,21 @@ def _budget_profile(root, dpo_passes, rm_paths):
     p = root / "runs" / "budget"
     write_run(p, "reference", 1234, [ev(0.0, 0.1)])
     for seed, rm in enumerate(rm_paths):
-        write_run(p, "ppo", seed, [ev(0, 0.1), ev(2, 0.4)], reward_model_path=rm,
-                  budget={"pairs": 8, "passes": 2, "pair_presentations": 16})
-        write_run(p, "dpo", seed, [ev(0, 0.1), ev(2, 0.5)],
-                  budget={"pairs": 8, "passes": dpo_passes, "pair_presentations": 8 * dpo_passes})
+        write_run(
+            p,
+            "ppo",
+            seed,
+            [ev(0, 0.1), ev(2, 0.4)],
+            reward_model_path=rm,
+            budget={"pairs": 8, "passes": 2, "pair_presentations": 16},
+        )
+        write_run(
+            p,
+            "dpo",
+            seed,
+            [ev(0, 0.1), ev(2, 0.5)],
+            budget={"pairs": 8, "passes": dpo_passes, "pair_presentations": 8 * dpo_passes},
+        )
     return load_runs(p)
 
 
@@ -508,8 +670,11 @@ def test_sweep_runs_are_left_out_and_differently_evaluated_runs_are_never_pooled
     assert not swept["included"] and "validation prompts" in swept["reason"]
     assert set(runs.evals()["seed"]) == {0}  # the report reads only runs evaluated on the test prompts
     other = write_run(p, "dpo", 2, [ev(0, 0.1), ev(2, 0.5)], eval_settings={**same, "hash": "b" * 16})
-    with pytest.raises(UserError, match=rf"runs .*seed0 and {other} were evaluated with different settings "
-                                        rf"\(eval hash a{{16}} vs b{{16}}"):
+    with pytest.raises(
+        UserError,
+        match=rf"runs .*seed0 and {other} were evaluated with different settings "
+        rf"\(eval hash a{{16}} vs b{{16}}",
+    ):
         load_runs(p)
 
 
@@ -519,11 +684,14 @@ def test_a_beta_that_does_not_mean_dpos_is_flagged(tmp_path):
     write_run(p, "ppo", 1, [ev(0, 0.1), ev(2, 0.4)], kl_control={"adaptive": False, "rollout_temperature": 0.7})
     write_run(p, "dpo", 0, [ev(0, 0.1), ev(2, 0.5)], eval_settings={"hash": None, "split": "test", "temperature": 0.9})
     write_run(p, "dpo", 1, [ev(0, 0.1), ev(2, 0.5)])
-    notes = [n for n in headline_section(load_runs(p), load_config("tiny", []), has_gold=True).notes
-             if "β not matched" in n]
+    notes = [
+        n for n in headline_section(load_runs(p), load_config("tiny", []), has_gold=True).notes if "β not matched" in n
+    ]
     assert [n.split(" ran with ")[1].split(", so")[0] for n in notes] == [
-        "evaluation at temperature 0.9 (eval.temperature)", "an adaptive KL coefficient (ppo.adaptive_kl)",
-        "rollouts at temperature 0.7 (ppo.temperature)"]
+        "evaluation at temperature 0.9 (eval.temperature)",
+        "an adaptive KL coefficient (ppo.adaptive_kl)",
+        "rollouts at temperature 0.7 (ppo.temperature)",
+    ]
 
 
 def test_curves_are_drawn_over_flops_and_seconds_from_the_start_never_over_steps(tmp_path):
@@ -536,6 +704,7 @@ def test_curves_are_drawn_over_flops_and_seconds_from_the_start_never_over_steps
     plot = curves_section(load_runs(gold_profile(tmp_path)), {"eval/gold": "gold reward [VADER]"}).plot
     flops_ax, seconds_ax = plot.figure.axes
     assert (flops_ax.get_xlabel(), seconds_ax.get_xlabel()) == (P.COST_AXES[M.FLOPS], P.COST_AXES[M.SECONDS])
+
     # PPO's first eval point sits where its reward model's training ends, DPO's after pi_ref's pass
     def start(ax, method):
         colour = METHODS[method].colour

@@ -78,7 +78,8 @@ def test_kl_bound_is_log_n_minus_n_minus_1_over_n_and_bounds_the_exact_kl():
     for n in (2, 4, 16, 64):
         # A near-continuous pi_ref (10,000 equally likely responses): the bound is the KL itself.
         assert _best_of_n_kl(torch.arange(1, 10_001, dtype=torch.float64) / 10_000, n) == pytest.approx(
-            kl_bound(n), abs=1e-3)
+            kl_bound(n), abs=1e-3
+        )
         # Heavy atoms (Beirami et al. 2024): two responses of mass 1/2 each. KL <= log 2, far below the bound.
         coarse = _best_of_n_kl(torch.tensor([0.5, 1.0], dtype=torch.float64), n)
         assert coarse <= math.log(2) + 1e-12 and coarse < kl_bound(n)
@@ -132,7 +133,7 @@ def test_make_bon_on_tiny(tiny_runs, monkeypatch):
         winners = []
         for cands in by_prompt.values():
             best = cands[0]
-            for c in cands[1:row["step"]]:
+            for c in cands[1 : row["step"]]:
                 if c["proxy"] > best["proxy"]:
                     best = c
             winners.append(best)
@@ -141,7 +142,9 @@ def test_make_bon_on_tiny(tiny_runs, monkeypatch):
     assert evals[-1]["eval/proxy"] > evals[0]["eval/proxy"]  # the maximum of more draws of the same scores
     assert all(a["wall_seconds"] < b["wall_seconds"] and a["tokens"] < b["tokens"] for a, b in zip(evals, evals[1:]))
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        "candidates.jsonl", *(f"eval_step{n:06d}{suffix}" for n in cfg.bon.n for suffix in (".jsonl", ".prompts.csv"))]
+        "candidates.jsonl",
+        *(f"eval_step{n:06d}{suffix}" for n in cfg.bon.n for suffix in (".jsonl", ".prompts.csv")),
+    ]
     # the per-prompt file of N: every prompt's chosen response, its KL the bound
     chosen = pd.read_csv(run / "samples" / f"eval_step{cfg.bon.n[-1]:06d}.prompts.csv")
     assert len(chosen) == cfg.eval.n_prompts and chosen["kl"].nunique() == 1

@@ -9,17 +9,41 @@ import pandas as pd
 from pipelines.bench import COLUMNS
 from rlhf.config import PROJECT_ROOT
 
-STAGES = {"data: sampling pi_ref", "reward model: training", "PPO: rollout", "PPO: scoring (pi_old, pi_ref, V, r_phi)",
-          "PPO: update (policy + V)", "DPO: pi_ref log-probs", "DPO: training", "eval in PPO: sampling",
-          "eval in DPO: sampling", "Preferred-FT: training", "eval in PPO: the whole point",
-          "eval in DPO: the whole point", "machine: dense matmul at the model's shapes"}
+STAGES = {
+    "data: sampling pi_ref",
+    "reward model: training",
+    "PPO: rollout",
+    "PPO: scoring (pi_old, pi_ref, V, r_phi)",
+    "PPO: update (policy + V)",
+    "DPO: pi_ref log-probs",
+    "DPO: training",
+    "eval in PPO: sampling",
+    "eval in DPO: sampling",
+    "Preferred-FT: training",
+    "eval in PPO: the whole point",
+    "eval in DPO: the whole point",
+    "machine: dense matmul at the model's shapes",
+}
 
 
 def test_bench_tiny_writes_a_sane_table(tmp_path):
     runs = tmp_path / "runs"
-    out = subprocess.run([sys.executable, "-m", "pipelines", "bench", "--profile", "tiny", f"runs_dir={runs}",
-                          f"report.out_dir={tmp_path / 'reports'}"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "bench",
+            "--profile",
+            "tiny",
+            f"runs_dir={runs}",
+            f"report.out_dir={tmp_path / 'reports'}",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     table = pd.read_csv(tmp_path / "reports" / "tiny" / "bench.csv")
     assert list(table.columns) == COLUMNS
@@ -51,7 +75,8 @@ def test_eval_share_counts_completed_training_runs_only(tiny_cfg):
     for method, status, run_id in (("dpo", "completed", "a"), ("ppo", "failed", "b"), ("reference", "completed", "c")):
         (root / method / run_id).mkdir(parents=True)
         (root / method / run_id / "manifest.json").write_text(json.dumps({"method": method, "status": status}))
-        (root / method / run_id / "timings.json").write_text(json.dumps(
-            {"train": {"seconds": 60.0}, "ref_logps": {"seconds": 20.0}, "eval": {"seconds": 20.0}}))
+        (root / method / run_id / "timings.json").write_text(
+            json.dumps({"train": {"seconds": 60.0}, "ref_logps": {"seconds": 20.0}, "eval": {"seconds": 20.0}})
+        )
     shares = eval_shares(tiny_cfg)
     assert shares["run"].tolist() == ["dpo/a"] and shares["eval_share"].tolist() == [0.2]

@@ -40,8 +40,10 @@ def pinned() -> dict[str, str]:
 
 def test_the_lock_pins_every_package_the_project_needs_but_torch():
     needed = set(locked_versions())
-    assert set(pinned()) == needed, (f"{LOCK.name} lacks {sorted(needed - set(pinned()))} and pins "
-                                     f"{sorted(set(pinned()) - needed)} the project does not need: run `make lock`")
+    assert set(pinned()) == needed, (
+        f"{LOCK.name} lacks {sorted(needed - set(pinned()))} and pins "
+        f"{sorted(set(pinned()) - needed)} the project does not need: run `make lock`"
+    )
     assert "torch" not in pinned()  # the Makefile picks its CPU or CUDA build
 
 
@@ -51,8 +53,9 @@ def test_the_lock_is_within_the_projects_ranges_and_what_the_tests_run_on():
             assert pinned()[canonical(requirement.name)] in requirement.specifier, requirement
     # the versions a run's manifest records (rlhf.rundir.PACKAGES) are the lock's: what these tests passed with
     installed = {canonical(n): importlib.metadata.version(n) for n in PACKAGES if n != "torch"}
-    assert installed == {n: pinned()[n] for n in installed}, f"`make setup` installs {LOCK.name}; after an upgrade, " \
-                                                              "the tests, then `make lock`"
+    assert installed == {n: pinned()[n] for n in installed}, (
+        f"`make setup` installs {LOCK.name}; after an upgrade, the tests, then `make lock`"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,8 @@ def test_the_bundle_leaves_out_the_torch_stack_and_carries_the_model_and_setupto
     # every package of the lock it carries, at the lock's version
     versions = {wheel_name(f): Version(f.split("-")[1]) for f in wheels}
     assert {n: v for n, v in versions.items() if n in pinned()} == {
-        n: Version(v) for n, v in pinned().items() if n in versions}
+        n: Version(v) for n, v in pinned().items() if n in versions
+    }
 
 
 def machine_image(folder: Path) -> Path:
@@ -108,17 +112,31 @@ def machine_image(folder: Path) -> Path:
 
 def offline_env(cache: Path) -> dict[str, str]:
     # never the flags of a `make test` that runs this test, nor this machine's pip settings (its local mirrors)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and "proxy" not in k.lower()
-           and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV")}
-    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": f"{DEAD}/simple", "http_proxy": DEAD,
-            "https_proxy": DEAD, "HTTP_PROXY": DEAD, "HTTPS_PROXY": DEAD, "PPO_VS_DPO_CACHE": str(cache),
-            "HF_HUB_OFFLINE": "1"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PIP_")
+        and "proxy" not in k.lower()
+        and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV")
+    }
+    return {
+        **env,
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": f"{DEAD}/simple",
+        "http_proxy": DEAD,
+        "https_proxy": DEAD,
+        "HTTP_PROXY": DEAD,
+        "HTTPS_PROXY": DEAD,
+        "PPO_VS_DPO_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+    }
 
 
 def test_make_setup_installs_from_the_bundle_alone_on_the_machines_torch(bundle, tmp_path):
     python3 = shutil.which("python3")
-    version = subprocess.run([python3, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
-                             text=True).stdout.strip()
+    version = subprocess.run(
+        [python3, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.strip()
     if version != str(sys.version_info[:2]):
         pytest.skip(f"python3 is {version}, this environment's torch is for {sys.version_info[:2]}")
     venv = tmp_path / "venv"
@@ -127,13 +145,21 @@ def test_make_setup_installs_from_the_bundle_alone_on_the_machines_torch(bundle,
     image = machine_image(tmp_path / "image")
     (site / "machine.pth").write_text(f"{image}\n")
     env = offline_env(tmp_path / "cache")
-    done = subprocess.run(["make", "--no-print-directory", "setup", f"BUNDLE={bundle}", f"VENV={venv}"],
-                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "setup", f"BUNDLE={bundle}", f"VENV={venv}"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    probe = ("import pipelines, trl, datasets, vaderSentiment, gguf, transformers, torch; "
-             "print(torch.__file__); print(trl.__file__); print(transformers.__file__)")
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, check=True).stdout.split()
+    probe = (
+        "import pipelines, trl, datasets, vaderSentiment, gguf, transformers, torch; "
+        "print(torch.__file__); print(trl.__file__); print(transformers.__file__)"
+    )
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert Path(where[0]).is_relative_to(image)  # the machine's own torch
     assert all(Path(w).is_relative_to(site) for w in where[1:])  # from the bundle
     assert not [p.name for p in site.iterdir() if p.name.startswith(("torch", "triton", "nvidia"))]
@@ -159,8 +185,15 @@ def broken_copy(bundle: Path, folder: Path, how: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("how, says", [("a wheel missing", "trl-"), ("a wheel cut short", "trl-"),
-                                       ("no manifest", MANIFEST), ("another Python", "Python 2.7")])
+@pytest.mark.parametrize(
+    "how, says",
+    [
+        ("a wheel missing", "trl-"),
+        ("a wheel cut short", "trl-"),
+        ("no manifest", MANIFEST),
+        ("another Python", "Python 2.7"),
+    ],
+)
 def test_a_broken_bundle_is_one_line_naming_what_is_wrong(bundle, tmp_path, capsys, how, says):
     with pytest.raises(SystemExit) as e:
         check(broken_copy(bundle, tmp_path / "broken", how))

@@ -44,24 +44,28 @@ def test_unknown_key_in_yaml_file_is_named(tmp_path):
 
 
 def test_dotted_overrides_parse_yaml_values():
-    cfg = load_config("tiny", ["data.seed=7", "beta=0.5", "seeds=[3, 4]", "data.n_prompts=null",
-                               "reward_model.learning_rate=1e-4"])
+    cfg = load_config(
+        "tiny", ["data.seed=7", "beta=0.5", "seeds=[3, 4]", "data.n_prompts=null", "reward_model.learning_rate=1e-4"]
+    )
     assert cfg.data.seed == 7 and cfg.beta == 0.5 and cfg.seeds == [3, 4] and cfg.data.n_prompts is None
     assert cfg.reward_model.learning_rate == 1e-4  # YAML 1.1 alone would read "1e-4" as a string
 
 
-@pytest.mark.parametrize("override, message", [
-    ("beta=-1", "'beta': must be positive"),
-    ("data.batch_size=0", "'data.batch_size': must be positive"),
-    ("data.seed=abc", "'data.seed': expected an integer"),
-    ("data.labeling=vote", "'data.labeling': 'vote' is not one of"),
-    ("data.responses_per_prompt=3", "'data.responses_per_prompt': must be an even number"),
-    ("seeds=1", "'seeds': expected a list"),
-    ("model=3", "section 'model' must be a mapping"),
-    ("beta", "must look like key=value"),
-    ("report_to=[tensorbord]", "'report_to': 'tensorbord' is not one of"),
-    ("report_to=[wandb]", "'report_to': wandb is not installed here"),  # not a dependency: CI never has it
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("beta=-1", "'beta': must be positive"),
+        ("data.batch_size=0", "'data.batch_size': must be positive"),
+        ("data.seed=abc", "'data.seed': expected an integer"),
+        ("data.labeling=vote", "'data.labeling': 'vote' is not one of"),
+        ("data.responses_per_prompt=3", "'data.responses_per_prompt': must be an even number"),
+        ("seeds=1", "'seeds': expected a list"),
+        ("model=3", "section 'model' must be a mapping"),
+        ("beta", "must look like key=value"),
+        ("report_to=[tensorbord]", "'report_to': 'tensorbord' is not one of"),
+        ("report_to=[wandb]", "'report_to': wandb is not installed here"),  # not a dependency: CI never has it
+    ],
+)
 def test_bad_values_are_named(override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config("tiny", [override])
@@ -73,8 +77,13 @@ def test_unknown_profile_lists_profiles():
 
 
 def test_cli_prints_one_line_error_without_traceback():
-    out = subprocess.run([sys.executable, "-m", "pipelines", "config", "--profile", "tiny", "data.sed=1"],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines", "config", "--profile", "tiny", "data.sed=1"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert out.stderr.startswith("error: unknown config key 'data.sed'") and "Traceback" not in out.stderr
 
@@ -94,10 +103,19 @@ def test_keys_added_later_leave_the_cache_hash_as_it_was_while_at_their_default(
     import json
 
     cfg = load_config("default", ["task.n_validation_prompts=0"])  # every key added later at its default
-    added_later = ("tf32", "attention", "gradient_checkpointing", "gold_model", "gold_positive_label",
-                   "gold_batch_size", "n_validation_prompts")
-    before = {s: {k: v for k, v in dataclasses.asdict(getattr(cfg, s)).items() if k not in added_later}
-              for s in ("model", "task", "data")}
+    added_later = (
+        "tf32",
+        "attention",
+        "gradient_checkpointing",
+        "gold_model",
+        "gold_positive_label",
+        "gold_batch_size",
+        "n_validation_prompts",
+    )
+    before = {
+        s: {k: v for k, v in dataclasses.asdict(getattr(cfg, s)).items() if k not in added_later}
+        for s in ("model", "task", "data")
+    }
     assert preference_set_key(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     tf32 = load_config("default", ["task.n_validation_prompts=0", "model.tf32=true"])
     assert preference_set_key(tf32) != preference_set_key(cfg)
@@ -151,8 +169,9 @@ def _overrides(case: str | tuple[str, ...]) -> tuple[str, ...]:
     return (case,) if isinstance(case, str) else case
 
 
-@pytest.mark.parametrize("overrides, key, says", BAD_PATHS_AND_LISTS,
-                         ids=[" ".join(_overrides(case[0])) for case in BAD_PATHS_AND_LISTS])
+@pytest.mark.parametrize(
+    "overrides, key, says", BAD_PATHS_AND_LISTS, ids=[" ".join(_overrides(case[0])) for case in BAD_PATHS_AND_LISTS]
+)
 def test_a_bad_path_or_list_is_one_line_naming_the_key(overrides, key, says, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     locked = tmp_path / "locked"
@@ -167,8 +186,9 @@ def test_a_bad_path_or_list_is_one_line_naming_the_key(overrides, key, says, tmp
     assert not (tmp_path / "file").is_dir() and not (locked / "runs").exists()  # nothing was created
 
 
-@pytest.mark.parametrize("given, trackers", [("tensorboard", ["tensorboard"]), ("none", []),
-                                             ("[tensorboard]", ["tensorboard"]), ("[]", [])])
+@pytest.mark.parametrize(
+    "given, trackers", [("tensorboard", ["tensorboard"]), ("none", []), ("[tensorboard]", ["tensorboard"]), ("[]", [])]
+)
 def test_report_to_takes_a_string_as_trainingarguments_does(given, trackers, tmp_path):
     assert load_config("tiny", [f"report_to={given}"]).report_to == trackers
     (tmp_path / "p.yaml").write_text(f"report_to: {given}\n")  # from a profile's file too

@@ -46,6 +46,16 @@ def test_quiet_by_default_and_verbose_brings_the_libraries_output_back(console, 
 
 
 def test_an_eval_point_in_one_short_line():
-    assert brief({"eval/gold": 0.05233, "eval/gold_sem": 0.1073, "eval/kl": 0.2847, "eval/length": 8.0,
-                  "heldout/implicit_accuracy": 0.4375, "heldout/implicit_margin": -0.006167}) == \
-        "gold 0.052, ± 0.107, KL 0.285, implicit acc 0.438, margin -0.006"
+    assert (
+        brief(
+            {
+                "eval/gold": 0.05233,
+                "eval/gold_sem": 0.1073,
+                "eval/kl": 0.2847,
+                "eval/length": 8.0,
+                "heldout/implicit_accuracy": 0.4375,
+                "heldout/implicit_margin": -0.006167,
+            }
+        )
+        == "gold 0.052, ± 0.107, KL 0.285, implicit acc 0.438, margin -0.006"
+    )

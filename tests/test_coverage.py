@@ -16,8 +16,11 @@ SEEDS = (2, 3, 5)
 
 @pytest.fixture(scope="module")
 def table():
-    return {(name, n): C.check(gen, n, EXPERIMENTS, seed=100 * i + n)
-            for i, (name, gen) in enumerate(C.GENERATORS.items()) for n in SEEDS}
+    return {
+        (name, n): C.check(gen, n, EXPERIMENTS, seed=100 * i + n)
+        for i, (name, gen) in enumerate(C.GENERATORS.items())
+        for n in SEEDS
+    }
 
 
 @pytest.mark.parametrize("name", list(C.GENERATORS))
@@ -48,6 +51,7 @@ def test_the_prompt_term_is_what_holds_coverage_under_an_interaction(monkeypatch
     """The broken variant: the same interval without its prompt term (Welch over per-run values alone) covers less
     0.93 where prompts interact with the method (at 8 seeds, where the seeds' share of the variance is smallest;
     at 5 it words a false "ahead" in 0.069 of null experiments): the acceptance test above catches it."""
+
     def seeds_only(kl, gold):
         value, _, _ = S.at_levels(kl, gold, [C.LEVEL])
         return S.t_contrast([value[:, 0, :, 0], value[:, 1, :, 0]], None)

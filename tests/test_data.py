@@ -34,7 +34,8 @@ def test_preference_set_format_manifest_and_reuse(tiny_cfg):
     assert m["model"] == "tiny" and m["seed"] == tiny_cfg.data.seed
     assert -1 <= m["stats"]["train"]["gold_mean"] <= 1
     assert len(prefs.train) == tiny_cfg.data.n_prompts - sum(
-        m["stats"]["train"][k] for k in ("empty", "identical", "tie_dropped"))
+        m["stats"]["train"][k] for k in ("empty", "identical", "tie_dropped")
+    )
     # every pair's prompt is one of the train prompts; held-out pairs come from eval prompts only
     assert not {r["prompt"] for r in prefs.train} & {r["prompt"] for r in prefs.heldout}
     mtime = (prefs.path / "manifest.json").stat().st_mtime_ns
@@ -83,13 +84,16 @@ def test_bradley_terry_labels_follow_sigmoid():
     assert label_pair(0.2, 0.2, "argmax", 0.1, rng)[0] is None  # ties carry no preference: dropped
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "p", "chosen": "a"}, "row 3: field 'rejected' is missing"),
-    ({"prompt": "p", "chosen": 1, "rejected": "b"}, "row 3: field 'chosen' must be a string, got int"),
-    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "row 3: field 'chosen' is empty"),
-    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "row 3: 'chosen' and 'rejected' are identical"),
-    (["p", "a", "b"], "row 3: expected a row with fields"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "p", "chosen": "a"}, "row 3: field 'rejected' is missing"),
+        ({"prompt": "p", "chosen": 1, "rejected": "b"}, "row 3: field 'chosen' must be a string, got int"),
+        ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "row 3: field 'chosen' is empty"),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "row 3: 'chosen' and 'rejected' are identical"),
+        (["p", "a", "b"], "row 3: expected a row with fields"),
+    ],
+)
 def test_malformed_pairs_are_rejected_with_the_row_named(row, message):
     with pytest.raises(UserError, match=message):
         check_pair(row, "row 3")
@@ -115,13 +119,22 @@ def test_validation_prompts_are_set_aside_and_never_scored_by_a_test_evaluation(
     test = make_eval_context(cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))
     assert not set(test.prompts) & set(task.validation_prompts)
     assert not {p["prompt"] for p in test.heldout_pairs} & set(task.validation_prompts)
-    validation = make_eval_context(load_config("tiny", [f"runs_dir={tmp_path}", "task.n_validation_prompts=6",
-                                                        "eval.split=validation"]), prefs, tiny_model, tokenizer,
-                                   torch.device("cpu"))
+    validation = make_eval_context(
+        load_config("tiny", [f"runs_dir={tmp_path}", "task.n_validation_prompts=6", "eval.split=validation"]),
+        prefs,
+        tiny_model,
+        tokenizer,
+        torch.device("cpu"),
+    )
     assert set(validation.prompts) <= set(task.validation_prompts)
     assert {p["prompt"] for p in validation.heldout_pairs} <= set(task.validation_prompts)
     with pytest.raises(UserError, match="'task.n_validation_prompts': 16, but the task has only 16 eval prompts"):
         load_task(load_config("tiny", ["task.n_validation_prompts=16"]).task, tokenizer)
     with pytest.raises(UserError, match="'eval.split': 'validation' needs validation prompts"):
-        make_eval_context(load_config("tiny", [f"runs_dir={tmp_path}", "eval.split=validation"]), build_preferences(
-            base), tiny_model, tokenizer, torch.device("cpu"))
+        make_eval_context(
+            load_config("tiny", [f"runs_dir={tmp_path}", "eval.split=validation"]),
+            build_preferences(base),
+            tiny_model,
+            tokenizer,
+            torch.device("cpu"),
+        )

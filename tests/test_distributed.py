@@ -34,17 +34,32 @@ def _accelerate_launch(*args: str, timeout: int = 1200) -> subprocess.CompletedP
     """`accelerate launch` in 2 processes with the shipped CPU config."""
     launcher = Path(sys.executable).parent / "accelerate"
     return subprocess.run(
-        [str(launcher), "launch", "--config_file", str(PROJECT_ROOT / "configs" / "accelerate" / "cpu-ddp.yaml"),
-         "--num_processes", "2", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+        [
+            str(launcher),
+            "launch",
+            "--config_file",
+            str(PROJECT_ROOT / "configs" / "accelerate" / "cpu-ddp.yaml"),
+            "--num_processes",
+            "2",
+            *args,
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         # one thread per process: 2 processes on 2 cores; this checkout's packages for a script outside it
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)},
+    )
 
 
 def _launch(runs: Path, command: str, last_line: str, *overrides: str) -> None:
     """`accelerate launch` the CLI in 2 processes; fail on any real error."""
     proc = _accelerate_launch("-m", "pipelines", command, "--profile", "tiny", f"runs_dir={runs}", *overrides)
-    statuses = [json.loads(m.read_text()).get("status") for m in runs.glob("tiny/*/*/manifest.json")
-                if m.parent.parent.name != "data"]
+    statuses = [
+        json.loads(m.read_text()).get("status")
+        for m in runs.glob("tiny/*/*/manifest.json")
+        if m.parent.parent.name != "data"
+    ]
     finished = last_line in proc.stdout and statuses and all(s == "completed" for s in statuses)
     if proc.returncode != 0 and not (ABORT_AT_EXIT in proc.stderr and finished):
         pytest.fail(f"{command} in 2 processes exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -70,7 +85,8 @@ def _check_run(run: Path, train_steps: int, eval_steps: set[int]) -> dict:
     assert sorted(s for k, s in counts if k == "train") == list(range(1, train_steps + 1))
     assert {s for k, s in counts if k == "eval"} == eval_steps
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        f"eval_step{s:06d}{suffix}" for s in sorted(eval_steps) for suffix in (".jsonl", ".prompts.csv")]
+        f"eval_step{s:06d}{suffix}" for s in sorted(eval_steps) for suffix in (".jsonl", ".prompts.csv")
+    ]
     assert not list((run / "checkpoints").glob("checkpoint-*")), "resume points are removed on completion"
     return manifest
 
@@ -92,8 +108,9 @@ def test_ppo_and_dpo_in_two_processes_keep_identical_replicas_and_write_each_run
         run = _only_run(runs, method)
         manifest = _check_run(run, train_steps=4, eval_steps={0, 2, 4})
         saved = load_causal_lm(str(run / "checkpoints" / "final"))
-        assert distributed.parameter_digest(saved) == manifest["replicas"]["param_sha256"][0], \
+        assert distributed.parameter_digest(saved) == manifest["replicas"]["param_sha256"][0], (
             f"{method}: the saved policy is not the replicas' parameters"
+        )
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_an_error_naming_the_key(monkeypatch):
@@ -201,9 +218,10 @@ def test_what_one_process_meets_stops_every_process_with_the_same_message(tmp_pa
         "NaN on process 1 only": "Diverged: PPO iteration 3: reward is nan",
         "error on the main process only": "UserError: evaluation on the main process: no eval prompts",
         "corrupt checkpoint": f"UserError: checkpoint {checkpoint} is corrupt: state.pt differs from what was saved "
-                              "(sha256); delete that folder to resume from an earlier checkpoint (or from the start), "
-                              "or set resume=false to leave this run as it is and start a new one",
-        "nothing wrong": None}
+        "(sha256); delete that folder to resume from an earlier checkpoint (or from the start), "
+        "or set resume=false to leave this run as it is and start a new one",
+        "nothing wrong": None,
+    }
 
 
 NAN_ON_PROCESS_1 = """
@@ -221,12 +239,20 @@ def test_a_nan_in_one_process_rollouts_stops_both_and_marks_the_run_diverged(tmp
     at iteration 1 with the same message and the run says `diverged`, rather than process 0 waiting in the gradient
     all-reduce for a process that has stopped."""
     (tmp_path / "nan.py").write_text(NAN_ON_PROCESS_1)
-    out = _accelerate_launch(str(tmp_path / "nan.py"), "ppo", "--profile", "tiny", f"runs_dir={tmp_path / 'runs'}",
-                             "ppo.reward=gold", timeout=600)
+    out = _accelerate_launch(
+        str(tmp_path / "nan.py"),
+        "ppo",
+        "--profile",
+        "tiny",
+        f"runs_dir={tmp_path / 'runs'}",
+        "ppo.reward=gold",
+        timeout=600,
+    )
     # both processes write to one stderr: one's message may follow the other's progress bar on its line
     stops = re.findall(r"diverged: [^\n]*", out.stderr)
-    assert len(stops) == 2 and all(s.startswith("diverged: PPO iteration 1: reward is nan") for s in stops), \
+    assert len(stops) == 2 and all(s.startswith("diverged: PPO iteration 1: reward is nan") for s in stops), (
         f"exit {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    )
     (run,) = (tmp_path / "runs" / "tiny" / "ppo-gt").iterdir()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "diverged" and manifest["error"] == "Diverged: PPO iteration 1: reward is nan"

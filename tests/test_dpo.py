@@ -22,11 +22,34 @@ from rlhf.models import freeze, load_causal_lm
 from rlhf.sequences import encode_pairs, response_logprobs
 from rlhf.trl_compat import ReferencePassDPOTrainer
 
-TRAIN_KEYS = {"kind", "step", "wall_seconds", "tokens", "loss", "rewards/chosen", "rewards/rejected",
-              "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm",
-              "learning_rate", "dpo/grad_weight_mean", "dpo/grad_weight_std"}
-EVAL_KEYS = {"kind", "step", "wall_seconds", "tokens", "eval/gold", "eval/gold_sem", "eval/kl", "eval/kl_k3",
-             "heldout/gold_accuracy"}
+TRAIN_KEYS = {
+    "kind",
+    "step",
+    "wall_seconds",
+    "tokens",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
+    "dpo/grad_weight_mean",
+    "dpo/grad_weight_std",
+}
+EVAL_KEYS = {
+    "kind",
+    "step",
+    "wall_seconds",
+    "tokens",
+    "eval/gold",
+    "eval/gold_sem",
+    "eval/kl",
+    "eval/kl_k3",
+    "heldout/gold_accuracy",
+}
 IMPLICIT_KEYS = {"heldout/implicit_accuracy", "heldout/implicit_margin"}  # the last eval point only
 
 
@@ -86,11 +109,15 @@ def _trl_loss_and_our_logps(cfg, prefs, tiny_path, tokenizer, tmp_path, n=4):
     rows = trainer.train_dataset.select(range(n)).select_columns(["prompt", "chosen", "rejected"]).to_dict()
     policy.train()
     loss = trainer.compute_loss(policy, trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
-    batches = dict(zip(("chosen", "rejected"), encode_pairs(tokenizer, rows["prompt"], rows["chosen"],
-                                                            rows["rejected"])))
+    batches = dict(
+        zip(("chosen", "rejected"), encode_pairs(tokenizer, rows["prompt"], rows["chosen"], rows["rejected"]))
+    )
     with torch.no_grad():
-        logps = {(name, side): response_logprobs(model, batch)[0].sum(dim=1)
-                 for name, model in (("policy", policy), ("ref", ref)) for side, batch in batches.items()}
+        logps = {
+            (name, side): response_logprobs(model, batch)[0].sum(dim=1)
+            for name, model in (("policy", policy), ("ref", ref))
+            for side, batch in batches.items()
+        }
     return trainer, loss.item(), logps, {side: b.response_mask.sum(dim=1) for side, b in batches.items()}
 
 
@@ -101,8 +128,13 @@ def test_dpo_loss_matches_what_trl_dpo_trainer_computes_on_tiny(tiny_runs, tiny_
     reported = trainer.state.log_history[-1]
 
     # eq. (6) on the same pairs
-    losses, chosen_rewards, rejected_rewards = dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"],
-                                                        logps["ref", "chosen"], logps["ref", "rejected"], cfg.beta)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        logps["policy", "chosen"],
+        logps["policy", "rejected"],
+        logps["ref", "chosen"],
+        logps["ref", "rejected"],
+        cfg.beta,
+    )
     weights = dpo_gradient_weight(chosen_rewards, rejected_rewards)
     assert abs(chosen_rewards).mean() > 0.01  # the comparison below (to 1e-4) is not between zeros
     assert loss == pytest.approx(losses.mean().item(), abs=1e-4)
@@ -119,8 +151,9 @@ def test_dpo_loss_matches_what_trl_dpo_trainer_computes_on_tiny(tiny_runs, tiny_
 @pytest.mark.parametrize("loss_type, epsilon", [("ipo", 0.0), ("robust", 0.2)])
 def test_variants_are_trls_ipo_and_robust_dpo_losses(tiny_runs, tiny_path, tokenizer, tmp_path, loss_type, epsilon):
     cfg, prefs = tiny_runs
-    cfg = load_config("tiny", [f"runs_dir={cfg.runs_dir}", f"dpo.loss_type={loss_type}",
-                               f"dpo.label_smoothing={epsilon}"])
+    cfg = load_config(
+        "tiny", [f"runs_dir={cfg.runs_dir}", f"dpo.loss_type={loss_type}", f"dpo.label_smoothing={epsilon}"]
+    )
     assert dpo.method_name(cfg) == f"dpo-{loss_type}"  # runs/<profile>/dpo-<variant>/: never pooled with DPO's
     trainer, loss, logps, lengths = _trl_loss_and_our_logps(cfg, prefs, tiny_path, tokenizer, tmp_path)
     ratio_w = logps["policy", "chosen"] - logps["ref", "chosen"]
@@ -132,8 +165,21 @@ def test_variants_are_trls_ipo_and_robust_dpo_losses(tiny_runs, tiny_path, token
         u = beta * (ratio_w - ratio_l)
         losses = ((1 - epsilon) * -F.logsigmoid(u) - epsilon * -F.logsigmoid(-u)) / (1 - 2 * epsilon)
     assert loss == pytest.approx(losses.mean().item(), abs=1e-4)
-    assert abs(loss - dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"], logps["ref", "chosen"],
-                               logps["ref", "rejected"], beta)[0].mean().item()) > 1e-2  # not eq. (6) itself
+    assert (
+        abs(
+            loss
+            - dpo_loss(
+                logps["policy", "chosen"],
+                logps["policy", "rejected"],
+                logps["ref", "chosen"],
+                logps["ref", "rejected"],
+                beta,
+            )[0]
+            .mean()
+            .item()
+        )
+        > 1e-2
+    )  # not eq. (6) itself
     trainer.log({"loss": loss})
     assert "dpo/grad_weight_mean" not in trainer.state.log_history[-1]  # eq. (6)'s weight is not these losses'
 
@@ -142,22 +188,40 @@ def test_dpo_precomputes_reference_logps_only_for_the_budget_pairs(tiny_runs, ti
     cfg, prefs = tiny_runs
     cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, pairs=8))
     ref = freeze(load_causal_lm(tiny_path))
-    trainer = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, budget_pairs(cfg, prefs), seed=0,
-                            output_dir=tmp_path, callbacks=[])
+    trainer = build_trainer(
+        cfg,
+        load_causal_lm(tiny_path),
+        ref,
+        tokenizer,
+        budget_pairs(cfg, prefs),
+        seed=0,
+        output_dir=tmp_path,
+        callbacks=[],
+    )
     used = trainer.train_dataset
     assert len(used) == 8 < len(prefs.train) and "ref_chosen_logps" in used.column_names
     assert sorted(used["prompt"]) == sorted(prefs.train["prompt"][:8])  # the first budget.pairs of the set
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"],
-                                                                used["rejected_ids"])]
+    lengths = [
+        len(p) + max(len(c), len(r)) for p, c, r in zip(used["prompt_ids"], used["chosen_ids"], used["rejected_ids"])
+    ]
     assert lengths[0] < lengths[-1]  # ordered by length, so precompute batches carry little padding
     # our pi_ref pass (response positions only) gives what TRL's own precompute gives
     theirs = ReferencePassDPOTrainer.reference_logps(
-        trainer, used.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]), "check", 3)
+        trainer, used.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]), "check", 3
+    )
     for side in ("ref_chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(torch.tensor(used[side]), torch.tensor(theirs[side]), atol=1e-4, rtol=1e-5)
     # Another seed trains on the same pairs (its sampler, seeded with data_seed = seed, draws their order)
-    again = build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, budget_pairs(cfg, prefs), seed=1,
-                          output_dir=tmp_path, callbacks=[])
+    again = build_trainer(
+        cfg,
+        load_causal_lm(tiny_path),
+        ref,
+        tokenizer,
+        budget_pairs(cfg, prefs),
+        seed=1,
+        output_dir=tmp_path,
+        callbacks=[],
+    )
     assert again.train_dataset["chosen"] == used["chosen"] and again.args.data_seed == 1 != trainer.args.data_seed
 
 
@@ -171,8 +235,18 @@ def test_every_run_on_the_same_pairs_reads_pi_refs_pass_from_the_cache(tiny_runs
     budget = budget_pairs(cfg, prefs)
 
     def build(seed, pairs=budget):
-        return build_trainer(cfg, load_causal_lm(tiny_path), ref, tokenizer, pairs, seed=seed,
-                             output_dir=tmp_path / str(seed), callbacks=[], ref_logps_cache=cache)
+        return build_trainer(
+            cfg,
+            load_causal_lm(tiny_path),
+            ref,
+            tokenizer,
+            pairs,
+            seed=seed,
+            output_dir=tmp_path / str(seed),
+            callbacks=[],
+            ref_logps_cache=cache,
+        )
+
     first = build(0)
     assert first.ref_logps_cached_seconds == 0 and len(list(cache.glob("dpo-ref-logps-*.pt"))) == 1
     again = build(1)
@@ -198,8 +272,13 @@ def test_dpo_config_rejects_bad_values():
 
 def test_make_dpo_tiny_end_to_end(tiny_runs, tiny_path):
     cfg, prefs = tiny_runs
-    out = subprocess.run([sys.executable, "-m", "pipelines", "dpo", "--profile", "tiny", f"runs_dir={cfg.runs_dir}"],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines", "dpo", "--profile", "tiny", f"runs_dir={cfg.runs_dir}"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "preference set reused" in out.stdout  # the very same pairs the reward model reads
 
@@ -233,8 +312,9 @@ def test_make_dpo_tiny_end_to_end(tiny_runs, tiny_path):
     timings = json.loads((run / "timings.json").read_text())
     assert {"ref_logps", "train", "eval", "save"} <= set(timings)
     assert timings["train"]["seconds"] == pytest.approx(train[-1]["wall_seconds"], abs=0.5)
-    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"eval_step{r['step']:06d}{suffix}" for r in evals
-                                                                   for suffix in (".jsonl", ".prompts.csv")]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        f"eval_step{r['step']:06d}{suffix}" for r in evals for suffix in (".jsonl", ".prompts.csv")
+    ]
     final, ref = load_causal_lm(str(run / "checkpoints" / "final")), load_causal_lm(tiny_path)
     assert not torch.equal(final.lm_head.weight, ref.lm_head.weight)  # the trained policy, not a copy of pi_ref
 
@@ -247,6 +327,7 @@ def test_trls_fused_lm_head_projects_only_the_response_positions_on_a_cpu(tiny_p
     from trl.kernels.chunked_logprob import _use_triton as every_position_on_a_cpu
 
     from rlhf import trl_compat
+
     trl_compat.install()
     real = trl_utils._ChunkedLogProbFunction
     projected = []
@@ -256,6 +337,7 @@ def test_trls_fused_lm_head_projects_only_the_response_positions_on_a_cpu(tiny_p
         def apply(hidden, *args):
             projected.append(hidden.shape[0])
             return real.apply(hidden, *args)
+
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
     torch.manual_seed(0)
     model = load_causal_lm(tiny_path)

@@ -21,13 +21,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def _screen_lines(text: str) -> list[str]:
     """The lines a terminal is left showing: a progress bar redraws its line after each carriage return."""
-    return [seen for line in text.split("\n") if (seen := next((s for s in reversed(line.split("\r")) if s.strip()),
-                                                                  ""))]
+    return [
+        seen for line in text.split("\n") if (seen := next((s for s in reversed(line.split("\r")) if s.strip()), ""))
+    ]
 
 
 def test_ppo_dpo_baselines_then_report_on_tiny(tmp_path):
-    common = ["--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}",
-              "report_to=[tensorboard]"]
+    common = [
+        "--profile",
+        "tiny",
+        f"runs_dir={tmp_path / 'runs'}",
+        f"report.out_dir={tmp_path / 'reports'}",
+        "report_to=[tensorboard]",
+    ]
     console = []
     for command in ("reference", "ppo", "dpo", "bon", "preferred-ft", "report"):
         out = _cli(command, *common)

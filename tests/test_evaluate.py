@@ -36,8 +36,7 @@ def test_kl_estimates_by_hand():
     assert math.isclose(k3.item(), want_k3, rel_tol=1e-6)
 
 
-def test_evaluator_kl_zero_for_reference_and_positive_after_perturbation(tiny_cfg, tiny_model, tiny_path,
-                                                                          tokenizer):
+def test_evaluator_kl_zero_for_reference_and_positive_after_perturbation(tiny_cfg, tiny_model, tiny_path, tokenizer):
     prefs = build_preferences(tiny_cfg)
     ctx = make_eval_context(tiny_cfg, prefs, tiny_model, tokenizer, torch.device("cpu"))
     policy = load_causal_lm(tiny_path)
@@ -48,8 +47,13 @@ def test_evaluator_kl_zero_for_reference_and_positive_after_perturbation(tiny_cf
     # every eval prompt's record, with every number the per-prompt file keeps; their means are the metrics
     assert [s["prompt_index"] for s in samples] == list(range(8)) and {"prompt", "response"} <= set(samples[0])
     assert set(PROMPT_COLUMNS) - {"proxy"} <= set(samples[0])  # no reward model given: no proxy
-    for column, metric in (("gold", "eval/gold"), ("kl", "eval/kl"), ("kl_k3", "eval/kl_k3"), ("length", "eval/length"),
-                           ("eos", "eval/eos_rate")):
+    for column, metric in (
+        ("gold", "eval/gold"),
+        ("kl", "eval/kl"),
+        ("kl_k3", "eval/kl_k3"),
+        ("length", "eval/length"),
+        ("eos", "eval/eos_rate"),
+    ):
         assert sum(s[column] for s in samples) / 8 == pytest.approx(m0[metric], abs=1e-9), column
 
     with torch.no_grad():
@@ -66,8 +70,9 @@ def test_evaluator_kl_zero_for_reference_and_positive_after_perturbation(tiny_cf
     assert again["eval/gold"] == m1["eval/gold"] and again["eval/kl"] == m1["eval/kl"]  # same prompts and seed
 
 
-def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics(tiny_cfg, tiny_model, tiny_path,
-                                                                                  tokenizer, monkeypatch):
+def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics(
+    tiny_cfg, tiny_model, tiny_path, tokenizer, monkeypatch
+):
     import pytest
 
     import rlhf.evaluate as E
@@ -98,8 +103,9 @@ def test_pi_ref_is_sampled_once_per_eval_config_and_reused_with_the_same_metrics
         evaluate(policy, other_run)
 
 
-def test_a_reward_models_heldout_scores_are_kept_in_its_folder_and_read_back(tiny_cfg, tiny_path, tokenizer,
-                                                                               tmp_path, monkeypatch):
+def test_a_reward_models_heldout_scores_are_kept_in_its_folder_and_read_back(
+    tiny_cfg, tiny_path, tokenizer, tmp_path, monkeypatch
+):
     """The reward-model stage scores the held-out pairs once; every run evaluated against the saved model reads the
     accuracy and margin back instead of scoring them again, unless the pairs would be scored differently."""
     import dataclasses

@@ -27,8 +27,14 @@ def hand_n(config, head: str) -> int:
 def test_hand_count_of_the_tiny_model():
     # tiny: 2 layers, hidden 64, 4 heads of 16 (as many kv heads), intermediate 128, SmolLM2's 49152-token vocabulary
     # per layer 4·64² + 3·64·128 + 2·64 = 16384 + 24576 + 128 = 41088; 2 layers + final norm = 82240
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     assert hand_n(config, "scalar") == 82240 + 64
     assert hand_n(config, "lm") == 82240 + 49152 * 64 == 3_227_968
 
@@ -79,8 +85,11 @@ def _run(profile: Path, method: str) -> tuple[list[dict], list[dict], dict]:
     (run,) = (profile / method).iterdir()
     rows, bad = read_jsonl(run / "metrics.jsonl")
     assert not bad
-    return ([r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"],
-            json.loads((run / "timings.json").read_text()))
+    return (
+        [r for r in rows if r["kind"] == "train"],
+        [r for r in rows if r["kind"] == "eval"],
+        json.loads((run / "timings.json").read_text()),
+    )
 
 
 @pytest.fixture(scope="module")

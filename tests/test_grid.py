@@ -24,8 +24,14 @@ COMMON = ["--profile", "tiny", "seeds=[0,1]"]
 
 
 def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines", *args], cwd=PROJECT_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -57,7 +63,8 @@ def test_phases_reference_and_reward_models_first_then_method_x_beta_x_seed():
     assert [j.label for j in runs] == (
         [f"ppo-gt-beta{b}-seed{s}" for b in (0.1, 0.5) for s in (0, 1)]
         + [f"dpo-beta{b}-seed{s}" for b in (0.1, 0.5) for s in (0, 1)]
-        + ["bon", "preferred-ft-beta0.1-seed0", "preferred-ft-beta0.1-seed1"])  # neither has a beta to sweep
+        + ["bon", "preferred-ft-beta0.1-seed0", "preferred-ft-beta0.1-seed1"]
+    )  # neither has a beta to sweep
     assert runs[0].command == "ppo" and "ppo.reward=gold" in runs[0].overrides
     assert len({j.label for j in runs}) == len(runs)  # one job, one log file
     # PPO-GT and Preferred-FT alone need no reward model: no phase for it
@@ -73,10 +80,20 @@ def test_a_local_grid_runs_seed_by_seed_and_a_job_waits_for_what_it_needs():
     order = grid.in_order(cfg)
     assert [j.label for j in order] == [
         "reference",
-        "reward_model-seed0", "ppo-gt-beta0.1-seed0", "ppo-gt-beta0.5-seed0", "dpo-beta0.1-seed0", "dpo-beta0.5-seed0",
-        "bon", "preferred-ft-beta0.1-seed0",
-        "reward_model-seed1", "ppo-gt-beta0.1-seed1", "ppo-gt-beta0.5-seed1", "dpo-beta0.1-seed1", "dpo-beta0.5-seed1",
-        "preferred-ft-beta0.1-seed1"]
+        "reward_model-seed0",
+        "ppo-gt-beta0.1-seed0",
+        "ppo-gt-beta0.5-seed0",
+        "dpo-beta0.1-seed0",
+        "dpo-beta0.5-seed0",
+        "bon",
+        "preferred-ft-beta0.1-seed0",
+        "reward_model-seed1",
+        "ppo-gt-beta0.1-seed1",
+        "ppo-gt-beta0.5-seed1",
+        "dpo-beta0.1-seed1",
+        "dpo-beta0.5-seed1",
+        "preferred-ft-beta0.1-seed1",
+    ]
     by_label = {j.label: j for j in order}
     assert by_label["dpo-beta0.5-seed1"].needs == ("reference", "reward_model-seed1")
     assert by_label["bon"].needs == ("reference", "reward_model-seed0")  # ranked by the first seed's reward model
@@ -86,8 +103,7 @@ def test_a_local_grid_runs_seed_by_seed_and_a_job_waits_for_what_it_needs():
     # the same jobs as the phases a cluster submits
     assert sorted(j.label for j in order) == sorted(j.label for p in grid.phases(cfg) for j in p)
     # one reward model shared by every seed: trained first, whatever its seed
-    shared = grid.in_order(load_config("tiny", ["seeds=[0,1]", "reward_model.per_seed=false",
-                                                "reward_model.seed=1"]))
+    shared = grid.in_order(load_config("tiny", ["seeds=[0,1]", "reward_model.per_seed=false", "reward_model.seed=1"]))
     assert [j.label for j in shared][:3] == ["reference", "reward_model-seed1", "ppo-beta0.1-seed0"]
 
 
@@ -113,7 +129,15 @@ def test_training_jobs_go_through_makes_launcher_one_at_a_time(monkeypatch):
     launcher = ["accelerate", "launch", "--num_processes", "2", "-m", "pipelines"]
     reference, reward_models, runs = grid.phases(load_config("tiny"))
     assert grid.command_line(runs[0], "tiny", ["beta=0.3"], launcher) == [
-        *launcher, "ppo", "--profile", "tiny", "beta=0.3", "beta=0.1", "beta_sweep=[]", "seeds=[0]"]
+        *launcher,
+        "ppo",
+        "--profile",
+        "tiny",
+        "beta=0.3",
+        "beta=0.1",
+        "beta_sweep=[]",
+        "seeds=[0]",
+    ]
     assert grid.command_line(reference[0], "tiny", [], launcher)[:3] == [sys.executable, "-m", "pipelines"]
     monkeypatch.setenv("GRID_TRAIN_CLI", " ".join(launcher))
     with pytest.raises(UserError, match=r"grid.jobs=2 with NPROC > 1"):
@@ -134,15 +158,30 @@ def test_the_grid_side_by_side_equals_the_runs_one_by_one(tmp_path):
     # each job's output in its own log
     logs = tmp_path / "grid" / "tiny" / "grid-logs"
     assert sorted(p.stem for p in logs.glob("*.log")) == sorted(
-        ["reference", "reward_model-seed0", "reward_model-seed1", "ppo-beta0.1-seed0", "ppo-beta0.1-seed1",
-         "dpo-beta0.1-seed0", "dpo-beta0.1-seed1"])
+        [
+            "reference",
+            "reward_model-seed0",
+            "reward_model-seed1",
+            "ppo-beta0.1-seed0",
+            "ppo-beta0.1-seed1",
+            "dpo-beta0.1-seed0",
+            "dpo-beta0.1-seed1",
+        ]
+    )
 
 
 # tests/test_slurm.py has the rest of the submitit launcher's tests
 @pytest.mark.parametrize("launcher", [[], ["grid.launcher=slurm", "slurm.executor=local"]], ids=["local", "submitit"])
 def test_a_killed_grid_resumes(tmp_path, launcher):
-    args = ["grid", *COMMON, f"runs_dir={tmp_path / 'runs'}", "grid.jobs=2", "ppo.iterations=8",
-            "ppo.checkpoint_every=2", *launcher]
+    args = [
+        "grid",
+        *COMMON,
+        f"runs_dir={tmp_path / 'runs'}",
+        "grid.jobs=2",
+        "ppo.iterations=8",
+        "ppo.checkpoint_every=2",
+        *launcher,
+    ]
     process = _cli(*args, start_new_session=True)  # its own process group: kill -9 reaches every job at once
     ppo = tmp_path / "runs" / "tiny" / "ppo"
     deadline = time.time() + 600
@@ -152,8 +191,9 @@ def test_a_killed_grid_resumes(tmp_path, launcher):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed = {p.name for p in ppo.iterdir()}
-    assert killed and all(json.loads((ppo / name / "manifest.json").read_text())["status"] == "running"
-                          for name in killed)
+    assert killed and all(
+        json.loads((ppo / name / "manifest.json").read_text())["status"] == "running" for name in killed
+    )
     out = _finish(_cli(*args))
     assert "grid: all 7 jobs completed" in out
     runs = _evals(tmp_path / "runs" / "tiny")  # asserts one completed run per method x beta x seed, none left over
@@ -179,7 +219,7 @@ def test_a_grid_stopped_part_way_is_reported_over_its_complete_seeds(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     started = [line.split()[-1] for line in out.decode().splitlines() if line.startswith("grid: started")]
-    assert started == [j.label for j in grid.in_order(load_config("tiny", ["seeds=[0,1]"]))][:len(started)]
+    assert started == [j.label for j in grid.in_order(load_config("tiny", ["seeds=[0,1]"]))][: len(started)]
     assert started[-1] == "dpo-beta0.1-seed1"
     runs = load_runs(runs_dir / "tiny", ["ppo", "dpo"])
     included = runs.runs[runs.runs["included"] & runs.runs["method"].isin(["ppo", "dpo"])]

@@ -28,8 +28,10 @@ from rlhf.reference import reference_model, sft_rows
 from rlhf.tasks import PREFIX_TOKENS, load_imdb, load_task, positive_probability, review_prefix
 from sft import sft_trainer
 
-_WORDS = ("the film was a quiet and moving story about two brothers who never speak and the acting is superb "
-          "but the plot drags badly in the middle while the music carries every scene to a loud ending").split()
+_WORDS = (
+    "the film was a quiet and moving story about two brothers who never speak and the acting is superb "
+    "but the plot drags badly in the middle while the music carries every scene to a loud ending"
+).split()
 
 
 def _reviews(n: int, seed: int, first_word: str | None = None) -> list[dict]:
@@ -55,10 +57,18 @@ def imdb_file(tmp_path_factory) -> Path:
 def classifier(tmp_path_factory, tiny_path) -> Path:
     """A tiny randomly initialised sentiment classifier (labels NEGATIVE / POSITIVE) with the embedded tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_path)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=2,
-                         pad_token_id=tokenizer.pad_token_id,
-                         id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
     with torch.no_grad():  # a head that spreads the probabilities: the random one sits near 0.5 everywhere
@@ -71,21 +81,52 @@ def classifier(tmp_path_factory, tiny_path) -> Path:
 
 def _imdb_cfg(runs: Path, imdb_file: Path, classifier: Path, *extra: str):
     """The imdb-gpt2 profile, offline and sized for seconds: tiny model, local data and classifier."""
-    return load_config("imdb-gpt2", [
-        f"runs_dir={runs}", "hub_access=false", "seeds=[0]", "beta_sweep=[0.1, 0.2]",
-        "model.name_or_path=tiny", "model.precision=fp32",
-        f"sft_stage.path={imdb_file}", "sft_stage.learning_rate=1e-3", "sft_stage.batch_size=8",
-        "sft_stage.max_steps=3", "sft_stage.max_length=64",
-        f"task.path={imdb_file}", f"task.gold_model={classifier}", "task.n_train_prompts=16", "task.n_eval_prompts=8",
-        "task.n_validation_prompts=0", "task.gold_batch_size=8",
-        "data.responses_per_prompt=2", "data.max_new_tokens=8", "data.batch_size=16",
-        "eval.n_prompts=8", "eval.max_new_tokens=8", "eval.batch_size=8",
-        "reward_model.batch_size=8", "reward_model.max_length=64",
-        "reward_model.center_prompts=8",
-        "ppo.iterations=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1",
-        "ppo.max_new_tokens=8", "ppo.eval_every=2", "ppo.checkpoint_every=null",
-        "dpo.learning_rate=1e-3", "dpo.warmup_steps=0", "dpo.batch_size=4", "budget.pairs=8", "dpo.max_length=64",
-        "dpo.eval_every=2", "dpo.checkpoint_every=null", *extra])
+    return load_config(
+        "imdb-gpt2",
+        [
+            f"runs_dir={runs}",
+            "hub_access=false",
+            "seeds=[0]",
+            "beta_sweep=[0.1, 0.2]",
+            "model.name_or_path=tiny",
+            "model.precision=fp32",
+            f"sft_stage.path={imdb_file}",
+            "sft_stage.learning_rate=1e-3",
+            "sft_stage.batch_size=8",
+            "sft_stage.max_steps=3",
+            "sft_stage.max_length=64",
+            f"task.path={imdb_file}",
+            f"task.gold_model={classifier}",
+            "task.n_train_prompts=16",
+            "task.n_eval_prompts=8",
+            "task.n_validation_prompts=0",
+            "task.gold_batch_size=8",
+            "data.responses_per_prompt=2",
+            "data.max_new_tokens=8",
+            "data.batch_size=16",
+            "eval.n_prompts=8",
+            "eval.max_new_tokens=8",
+            "eval.batch_size=8",
+            "reward_model.batch_size=8",
+            "reward_model.max_length=64",
+            "reward_model.center_prompts=8",
+            "ppo.iterations=2",
+            "ppo.rollout_batch_size=8",
+            "ppo.mini_batch_size=4",
+            "ppo.ppo_epochs=1",
+            "ppo.max_new_tokens=8",
+            "ppo.eval_every=2",
+            "ppo.checkpoint_every=null",
+            "dpo.learning_rate=1e-3",
+            "dpo.warmup_steps=0",
+            "dpo.batch_size=4",
+            "budget.pairs=8",
+            "dpo.max_length=64",
+            "dpo.eval_every=2",
+            "dpo.checkpoint_every=null",
+            *extra,
+        ],
+    )
 
 
 # --- prompts ------------------------------------------------------------------------------------------------------
@@ -100,8 +141,7 @@ def test_review_prefix_is_the_text_of_the_first_tokens(tokenizer):
 
 
 def test_imdb_prompts_are_2_to_8_token_prefixes_drawn_per_review(tokenizer, imdb_file, classifier):
-    cfg = TaskConfig(name="imdb", path=str(imdb_file), gold_model=str(classifier), n_train_prompts=24,
-                     n_eval_prompts=8)
+    cfg = TaskConfig(name="imdb", path=str(imdb_file), gold_model=str(classifier), n_train_prompts=24, n_eval_prompts=8)
     task = load_imdb(cfg, tokenizer, hub_access=False)
     assert (len(task.train_prompts), len(task.eval_prompts)) == (24, 8)
     texts = [r["text"] for r in _reviews(48, seed=0)]
@@ -119,10 +159,17 @@ def test_imdb_prompts_are_2_to_8_token_prefixes_drawn_per_review(tokenizer, imdb
 
 def test_imdb_eval_prompts_come_from_the_test_split_where_there_is_one(tokenizer, tmp_path, classifier):
     folder = tmp_path / "imdb-dataset"
-    DatasetDict({"train": Dataset.from_list(_reviews(20, seed=1)),
-                 "test": Dataset.from_list(_reviews(10, seed=2, first_word="Zebra"))}).save_to_disk(str(folder))
-    task = load_imdb(TaskConfig(name="imdb", path=str(folder), gold_model=str(classifier), n_train_prompts=20,
-                                n_eval_prompts=10), tokenizer, hub_access=False)
+    DatasetDict(
+        {
+            "train": Dataset.from_list(_reviews(20, seed=1)),
+            "test": Dataset.from_list(_reviews(10, seed=2, first_word="Zebra")),
+        }
+    ).save_to_disk(str(folder))
+    task = load_imdb(
+        TaskConfig(name="imdb", path=str(folder), gold_model=str(classifier), n_train_prompts=20, n_eval_prompts=10),
+        tokenizer,
+        hub_access=False,
+    )
     assert len(task.eval_prompts) == 10 and all(p.startswith("Zebra") for p in task.eval_prompts)
     assert len(task.train_prompts) == 20 and not any(p.startswith("Zebra") for p in task.train_prompts)
 
@@ -142,8 +189,9 @@ def test_imdb_bad_rows_and_settings_are_named(tokenizer, tmp_path, classifier, i
 
 
 def test_gold_reward_is_the_softmax_probability_of_the_positive_label(classifier, tokenizer):
-    gold = positive_probability(TaskConfig(name="imdb", path="x", gold_model=str(classifier), gold_batch_size=2),
-                                hub_access=False)
+    gold = positive_probability(
+        TaskConfig(name="imdb", path="x", gold_model=str(classifier), gold_batch_size=2), hub_access=False
+    )
     texts = ["A wonderful, moving film.", "Dull.", "The plot drags badly in the middle of a long film", "It was fine"]
     scores = gold(texts)  # batches of 2, padded: must equal each text scored alone
     model = LlamaForSequenceClassification.from_pretrained(classifier).eval()
@@ -153,15 +201,17 @@ def test_gold_reward_is_the_softmax_probability_of_the_positive_label(classifier
         assert score == pytest.approx(math.exp(positive) / (math.exp(negative) + math.exp(positive)), abs=1e-5)
         assert 0 <= score <= 1
     assert max(scores) - min(scores) > 0.05  # the texts are told apart: not a constant
-    negative = positive_probability(TaskConfig(name="imdb", path="x", gold_model=str(classifier),
-                                               gold_positive_label="NEGATIVE"), hub_access=False)
+    negative = positive_probability(
+        TaskConfig(name="imdb", path="x", gold_model=str(classifier), gold_positive_label="NEGATIVE"), hub_access=False
+    )
     assert negative(texts) == pytest.approx([1 - s for s in scores], abs=1e-5)
 
 
 def test_gold_positive_label_missing_from_the_classifier_names_both_keys(classifier):
     with pytest.raises(UserError, match=r"task.gold_positive_label: 'HAPPY' .*task.gold_model.*NEGATIVE.*POSITIVE"):
-        positive_probability(TaskConfig(name="imdb", path="x", gold_model=str(classifier),
-                                        gold_positive_label="HAPPY"), hub_access=False)
+        positive_probability(
+            TaskConfig(name="imdb", path="x", gold_model=str(classifier), gold_positive_label="HAPPY"), hub_access=False
+        )
 
 
 # --- the profile end to end ---------------------------------------------------------------------------------------
@@ -179,8 +229,9 @@ def test_pi_ref_without_its_sft_model_names_make_sft(tmp_path, imdb_file, classi
     assert not (tmp_path / "runs").exists()  # nothing was trained or written
 
 
-def test_imdb_gpt2_profile_sft_then_data_ppo_dpo_offline(tmp_path, imdb_file, classifier, tiny_path, tokenizer,
-                                                         monkeypatch):
+def test_imdb_gpt2_profile_sft_then_data_ppo_dpo_offline(
+    tmp_path, imdb_file, classifier, tiny_path, tokenizer, monkeypatch
+):
     cfg = _imdb_cfg(tmp_path / "runs", imdb_file, classifier)
     root = tmp_path / "runs" / "imdb-gpt2"
 
@@ -235,13 +286,23 @@ def test_imdb_gpt2_profile_sft_then_data_ppo_dpo_offline(tmp_path, imdb_file, cl
 def test_imdb_gpt2_fails_fast_naming_what_needs_the_unreachable_hub():
     """The real CLI, with the hub endpoint pointed at a closed local port: unreachable wherever the test runs."""
     env = {"PATH": "/usr/bin:/bin", "HF_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "pipelines", "sft", "--profile", "imdb-gpt2"], cwd=PROJECT_ROOT,
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines", "sft", "--profile", "imdb-gpt2"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 2 and out.stdout == ""
     (line,) = out.stderr.strip().splitlines()  # one line, before any model or data loads
     assert "http://127.0.0.1:9" in line and "is unreachable" in line and "needs network access to the hub" in line
-    for needed in ("model.name_or_path 'gpt2-large'", "task.path 'stanfordnlp/imdb'",
-                   "task.gold_model 'siebert/sentiment-roberta-large-english'", "sft_stage.path 'stanfordnlp/imdb'"):
+    for needed in (
+        "model.name_or_path 'gpt2-large'",
+        "task.path 'stanfordnlp/imdb'",
+        "task.gold_model 'siebert/sentiment-roberta-large-english'",
+        "sft_stage.path 'stanfordnlp/imdb'",
+    ):
         assert needed in line
 
 
@@ -252,8 +313,15 @@ def test_require_hub_probes_only_when_something_must_come_from_the_hub(monkeypat
     require_hub(local)  # everything is on this machine: no probe, no error
     assert probes == []
     with pytest.raises(UserError, match=r"needs it for task.gold_model 'siebert/sentiment-roberta-large-english'"):
-        require_hub(_imdb_cfg(tmp_path, imdb_file, classifier, "hub_access=true",
-                              "task.gold_model=siebert/sentiment-roberta-large-english"))
+        require_hub(
+            _imdb_cfg(
+                tmp_path,
+                imdb_file,
+                classifier,
+                "hub_access=true",
+                "task.gold_model=siebert/sentiment-roberta-large-english",
+            )
+        )
     assert probes == [1]
 
 
@@ -261,13 +329,33 @@ def test_require_hub_probes_only_when_something_must_come_from_the_hub(monkeypat
 
 
 def test_sft_stage_on_chosen_trains_on_the_responses_of_the_task_pairs_only(tokenizer, tiny_path, tmp_path):
-    cfg = load_config("hh", [f"runs_dir={tmp_path}", "model.name_or_path=tiny", "task.n_train_prompts=6",
-                             "sft_stage.enabled=true", "sft_stage.source=chosen", "sft_stage.max_length=512"])
+    cfg = load_config(
+        "hh",
+        [
+            f"runs_dir={tmp_path}",
+            "model.name_or_path=tiny",
+            "task.n_train_prompts=6",
+            "sft_stage.enabled=true",
+            "sft_stage.source=chosen",
+            "sft_stage.max_length=512",
+        ],
+    )
     rows = sft_rows(cfg, tokenizer)
     pairs = load_task(cfg.task, tokenizer).train_pairs
     assert rows["prompt"] == [p["prompt"] for p in pairs] and rows["completion"] == [p["chosen"] for p in pairs]
-    trainer = sft_trainer(load_causal_lm(tiny_path), tokenizer, rows, cfg.sft_stage, 1, None, cfg.model,
-                          cfg.weight_decay, 0, tmp_path / "out", [])
+    trainer = sft_trainer(
+        load_causal_lm(tiny_path),
+        tokenizer,
+        rows,
+        cfg.sft_stage,
+        1,
+        None,
+        cfg.model,
+        cfg.weight_decay,
+        0,
+        tmp_path / "out",
+        [],
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     # The loss covers each chosen reply and the EOS TRL appends, never the dialogue before it.
     targets = sum(len(tokenizer(p["chosen"], add_special_tokens=False).input_ids) + 1 for p in pairs)

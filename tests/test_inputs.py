@@ -31,6 +31,7 @@ def _write(name: str, data: bytes):
     def make(tmp: Path) -> Path:
         (tmp / name).write_bytes(data)
         return tmp / name
+
     return make
 
 
@@ -43,21 +44,42 @@ def _not_a_datasets_folder(tmp: Path) -> Path:
 # (task.name, how to make the file, what the one line must say after "error: ")
 PREFERENCE_FILES = {
     "jsonl not UTF-8": ("preferences", _write("rows.jsonl", NOT_UTF8), "rows.jsonl line 1: not UTF-8 text"),
-    "jsonl not UTF-8 on line 4": ("preferences", _write("rows.jsonl", b"".join(JSONL.splitlines(True)[:3]) + NOT_UTF8),
-                                  "rows.jsonl line 4: not UTF-8 text"),
+    "jsonl not UTF-8 on line 4": (
+        "preferences",
+        _write("rows.jsonl", b"".join(JSONL.splitlines(True)[:3]) + NOT_UTF8),
+        "rows.jsonl line 4: not UTF-8 text",
+    ),
     "json not UTF-8": ("preferences", _write("rows.json", NOT_UTF8), "rows.json: not UTF-8 text"),
-    "json not JSON": ("preferences", _write("rows.json", b'[{"prompt": "p", "cho'),
-                      "rows.json: not valid JSON (Unterminated string starting at: line 1 column 18)"),
-    "csv not UTF-8": ("preferences", _write("rows.csv", b"prompt,chosen,rejected\n" + NOT_UTF8 + b",a,b\n"),
-                      "rows.csv: not UTF-8 text"),
-    "csv not CSV": ("preferences", _write("rows.csv", b'prompt,chosen,rejected\n"unclosed,a,b\n'),
-                    "rows.csv: Error tokenizing data"),
-    "csv wrong columns": ("preferences", _write("rows.csv", b"question,answer\n" + b"q,a\n" * 6),
-                          "rows.csv row 1: field 'chosen' is missing"),
-    "parquet not parquet": ("preferences", _write("rows.parquet", JSONL),
-                            "rows.parquet: Parquet magic bytes not found in footer"),
-    "gzip cut short": ("preferences", _write("rows.jsonl.gz", gzip.compress(JSONL)[:60]),
-                       "rows.jsonl.gz: truncated or corrupt (Compressed file ended before the end-of-stream marker"),
+    "json not JSON": (
+        "preferences",
+        _write("rows.json", b'[{"prompt": "p", "cho'),
+        "rows.json: not valid JSON (Unterminated string starting at: line 1 column 18)",
+    ),
+    "csv not UTF-8": (
+        "preferences",
+        _write("rows.csv", b"prompt,chosen,rejected\n" + NOT_UTF8 + b",a,b\n"),
+        "rows.csv: not UTF-8 text",
+    ),
+    "csv not CSV": (
+        "preferences",
+        _write("rows.csv", b'prompt,chosen,rejected\n"unclosed,a,b\n'),
+        "rows.csv: Error tokenizing data",
+    ),
+    "csv wrong columns": (
+        "preferences",
+        _write("rows.csv", b"question,answer\n" + b"q,a\n" * 6),
+        "rows.csv row 1: field 'chosen' is missing",
+    ),
+    "parquet not parquet": (
+        "preferences",
+        _write("rows.parquet", JSONL),
+        "rows.parquet: Parquet magic bytes not found in footer",
+    ),
+    "gzip cut short": (
+        "preferences",
+        _write("rows.jsonl.gz", gzip.compress(JSONL)[:60]),
+        "rows.jsonl.gz: truncated or corrupt (Compressed file ended before the end-of-stream marker",
+    ),
     "gzip not gzip": ("preferences", _write("rows.jsonl.gz", JSONL), "rows.jsonl.gz: not a gzip file"),
     "not a datasets folder": ("preferences", _not_a_datasets_folder, "pairs: Directory"),
     "hh not UTF-8": ("hh", _write("hh.jsonl", NOT_UTF8), "hh.jsonl line 1: not UTF-8 text"),
@@ -75,19 +97,24 @@ def _one_line(err: str) -> str:
 def test_a_bad_preference_file_is_one_line_naming_it(case, tmp_path, capsys):
     task, make, message = PREFERENCE_FILES[case]
     path = make(tmp_path)
-    status = cli(["data", "--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"task.name={task}",
-                  f"task.path={path}"])
+    status = cli(
+        ["data", "--profile", "tiny", f"runs_dir={tmp_path / 'runs'}", f"task.name={task}", f"task.path={path}"]
+    )
     line = _one_line(capsys.readouterr().err)
     assert status == 2 and line.startswith(f"error: {message}"), line
     data = tmp_path / "runs" / "tiny" / "data"
     assert not data.exists() or not any(data.iterdir())
 
 
-@pytest.mark.parametrize("text, message", [
-    (b"beta: 0.1\n" + NOT_UTF8, "not UTF-8 text (invalid start byte)"),
-    (b"beta: [0.1\nseeds: [0]\n", "not valid YAML (expected ',' or ']', but got ':': line 2 column 6)"),
-    (b"- beta\n", "the top level must be a mapping of config keys"),
-], ids=["not UTF-8", "not YAML", "not a mapping"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"beta: 0.1\n" + NOT_UTF8, "not UTF-8 text (invalid start byte)"),
+        (b"beta: [0.1\nseeds: [0]\n", "not valid YAML (expected ',' or ']', but got ':': line 2 column 6)"),
+        (b"- beta\n", "the top level must be a mapping of config keys"),
+    ],
+    ids=["not UTF-8", "not YAML", "not a mapping"],
+)
 def test_a_bad_yaml_profile_is_one_line_naming_it(text, message, tmp_path):
     (tmp_path / "mine.yaml").write_bytes(text)
     with pytest.raises(UserError) as e:
@@ -104,12 +131,16 @@ def test_an_empty_sft_corpus_is_one_line_naming_its_key(file, data, tmp_path):
     assert str(e.value) == f"sft_stage.path: {file} holds no texts"
 
 
-@pytest.mark.parametrize("file, data, message", [
-    ("config.json", NOT_UTF8, "config.json: not UTF-8 text"),
-    ("config.json", b"[1, 2]", "config.json: expected a JSON object, got list"),
-    ("tokenizer.json", b'{"version": ', "tokenizer.json: not valid JSON (Expecting value: line 1 column 13)"),
-    ("tokenizer_config.json", NOT_UTF8, "tokenizer_config.json: not UTF-8 text"),
-], ids=["config not UTF-8", "config not an object", "tokenizer not JSON", "tokenizer config not UTF-8"])
+@pytest.mark.parametrize(
+    "file, data, message",
+    [
+        ("config.json", NOT_UTF8, "config.json: not UTF-8 text"),
+        ("config.json", b"[1, 2]", "config.json: expected a JSON object, got list"),
+        ("tokenizer.json", b'{"version": ', "tokenizer.json: not valid JSON (Expecting value: line 1 column 13)"),
+        ("tokenizer_config.json", NOT_UTF8, "tokenizer_config.json: not UTF-8 text"),
+    ],
+    ids=["config not UTF-8", "config not an object", "tokenizer not JSON", "tokenizer config not UTF-8"],
+)
 def test_a_model_folder_with_a_broken_file_is_one_line_naming_the_file(file, data, message, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(resolve_model_path(load_config("tiny").model), model)
@@ -127,9 +158,11 @@ def test_a_damaged_checkpoint_record_is_named(tmp_path):
         latest_checkpoint(tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize("data, message", [(NOT_UTF8, "not UTF-8 text"), (b'{"status": ', "not valid JSON"),
-                                           (b"[]", "expected a JSON object, got list")],
-                         ids=["not UTF-8", "not JSON", "not an object"])
+@pytest.mark.parametrize(
+    "data, message",
+    [(NOT_UTF8, "not UTF-8 text"), (b'{"status": ', "not valid JSON"), (b"[]", "expected a JSON object, got list")],
+    ids=["not UTF-8", "not JSON", "not an object"],
+)
 def test_a_damaged_run_manifest_is_named_when_runs_are_looked_up(tiny_cfg, data, message):
     """A run directory whose manifest.json was damaged after its run wrote it (writes are atomic) stops the next
     run's search for a run to resume with one line naming it, and nothing is created."""

@@ -14,8 +14,22 @@ from datasets import Dataset
 from rlhf.config import Config, ModelConfig, _f, load_config
 from rlhf.data import preference_dir
 from rlhf.evaluate import EvalContext, _rm_pair_metrics_file
-from rlhf.keys import (IDENTITY, RENAMED, RUN, added, check_roles, eval_settings, name_at, preference_set_key,
-                       reference_cache_names, reference_logps_name, reward_model_key, run_key, run_keys, sft_key)
+from rlhf.keys import (
+    IDENTITY,
+    RENAMED,
+    RUN,
+    added,
+    check_roles,
+    eval_settings,
+    name_at,
+    preference_set_key,
+    reference_cache_names,
+    reference_logps_name,
+    reward_model_key,
+    run_key,
+    run_keys,
+    sft_key,
+)
 from rlhf.models import default_device
 from rlhf.rundir import RunDir, completed_run
 
@@ -28,14 +42,29 @@ VARIANTS = {
     "added": ["model.tf32=true", "task.n_validation_prompts=4", "eval.split=validation", "task.gold_batch_size=16"],
     "lora": ["lora.enabled=true", "lora.r=4", "weight_decay=0.01"],
     "sft-stage": ["sft_stage.enabled=true", "sft_stage.path=corpus.jsonl"],
-    "not-settings": ["seeds=[0, 5]", "runs_dir=elsewhere", "resume=false", "report.spike_k=3", "sweep.seed=3",
-                     "grid.jobs=2", "reward_model.checkpoint_every=3", "ppo.checkpoint_every=2",
-                     "dpo.checkpoint_every=5", "rloo.checkpoint_every=5", "online_dpo.checkpoint_every=5"],
-    "own-sections": ["dpo.learning_rate=0.123", "ppo.learning_rate=0.123", "rloo.learning_rate=0.123",
-                     "online_dpo.batch_size=6", "preferred_ft.learning_rate=0.123", "bon.n=[1]",
-                     "reward_model.learning_rate=0.123"],
-    "reward-model": ["reward_model.per_seed=false", "reward_model.seed=3", "budget.pairs=16",
-                     "reward_model.epochs=2"],
+    "not-settings": [
+        "seeds=[0, 5]",
+        "runs_dir=elsewhere",
+        "resume=false",
+        "report.spike_k=3",
+        "sweep.seed=3",
+        "grid.jobs=2",
+        "reward_model.checkpoint_every=3",
+        "ppo.checkpoint_every=2",
+        "dpo.checkpoint_every=5",
+        "rloo.checkpoint_every=5",
+        "online_dpo.checkpoint_every=5",
+    ],
+    "own-sections": [
+        "dpo.learning_rate=0.123",
+        "ppo.learning_rate=0.123",
+        "rloo.learning_rate=0.123",
+        "online_dpo.batch_size=6",
+        "preferred_ft.learning_rate=0.123",
+        "bon.n=[1]",
+        "reward_model.learning_rate=0.123",
+    ],
+    "reward-model": ["reward_model.per_seed=false", "reward_model.seed=3", "budget.pairs=16", "reward_model.epochs=2"],
     "attention": ["model.attention=eager"],
 }
 SEEDS = (0, 1)
@@ -58,8 +87,12 @@ def every_run_key(cfg, version: int = PINNED_VERSION) -> dict[str, str]:
             "ppo-gt": (cfg, seed, DATA, {"reward_model_path": None, "num_processes": 1}),
             "dpo": (cfg, seed, DATA, online),
             "dpo-ipo": (cfg.with_values({"dpo.loss_type": "ipo"}), seed, DATA, online),
-            "dpo-robust": (cfg.with_values({"dpo.loss_type": "robust", "dpo.label_smoothing": 0.1}), seed, DATA,
-                           online),
+            "dpo-robust": (
+                cfg.with_values({"dpo.loss_type": "robust", "dpo.label_smoothing": 0.1}),
+                seed,
+                DATA,
+                online,
+            ),
             "rloo": (cfg, seed, DATA, online),
             "online-dpo": (cfg, seed, DATA, online),
             "bon": (cfg, cfg.eval.seed, DATA, {**online, "bon_n": sorted(set(cfg.bon.n)), "reference_model": REF}),
@@ -76,22 +109,35 @@ def artifact_keys(cfg) -> dict:
     out["preferences"] = {"folder": preference_dir(cfg).name, "config_hash": preference_set_key(cfg)}
     out["eval_settings"] = eval_settings(cfg)
     for arithmetic in ("cpu-fp32", "cuda-bf16"):
-        ctx = EvalContext(prompts=[], ref_model=None, tokenizer=None, cfg=cfg.eval, autocast=None,
-                          heldout_pairs=PAIRS, arithmetic=arithmetic)
-        out[f"eval_cache/{arithmetic}"] = [*reference_cache_names(cfg, arithmetic, DATA),
-                                           _rm_pair_metrics_file(Path("rm"), ctx).name]
+        ctx = EvalContext(
+            prompts=[],
+            ref_model=None,
+            tokenizer=None,
+            cfg=cfg.eval,
+            autocast=None,
+            heldout_pairs=PAIRS,
+            arithmetic=arithmetic,
+        )
+        out[f"eval_cache/{arithmetic}"] = [
+            *reference_cache_names(cfg, arithmetic, DATA),
+            _rm_pair_metrics_file(Path("rm"), ctx).name,
+        ]
     return out
 
 
 def keys_of_today() -> dict:
-    out = {"dpo_reference_cache": reference_logps_name(REF, 128, 8, "2.0.0", "cpu-no",
-                                                       [[[1, 2], [3]], [[4, 5], [6]], [[7], [8, 9]]])}
+    out = {
+        "dpo_reference_cache": reference_logps_name(
+            REF, 128, 8, "2.0.0", "cpu-no", [[[1, 2], [3]], [[4, 5], [6]], [[7], [8, 9]]]
+        )
+    }
     for profile in PROFILES:
         for variant, overrides in VARIANTS.items():
             cfg = load_config(profile, overrides)
             for run_cfg in cfg.betas()[:2]:
-                out.update({f"{profile}/{variant}/beta{run_cfg.beta:g}/{k}": v
-                            for k, v in every_run_key(run_cfg).items()})
+                out.update(
+                    {f"{profile}/{variant}/beta{run_cfg.beta:g}/{k}": v for k, v in every_run_key(run_cfg).items()}
+                )
             out.update({f"{profile}/{variant}/{k}": v for k, v in artifact_keys(cfg).items()})
     return out
 
@@ -103,6 +149,7 @@ def test_every_key_is_what_it_was():
 def test_a_config_key_added_without_a_role_stops_the_import():
     """A field without a declared role would count in every key unseen: completed runs orphaned, or reused under a
     setting they never had. The check names it; a field with a role passes."""
+
     @dataclasses.dataclass
     class WithoutRole(ModelConfig):
         new_knob: int = 3
@@ -112,8 +159,9 @@ def test_a_config_key_added_without_a_role_stops_the_import():
         new_knob: int = _f(3, IDENTITY, "a knob")
 
     for model, fails in ((WithoutRole, True), (WithRole, False)):
-        cfg = dataclasses.make_dataclass("Config", [("model", model, dataclasses.field(default_factory=model))],
-                                         bases=(Config,))
+        cfg = dataclasses.make_dataclass(
+            "Config", [("model", model, dataclasses.field(default_factory=model))], bases=(Config,)
+        )
         if fails:
             with pytest.raises(TypeError, match="config key 'model.new_knob' declares no role"):
                 check_roles(cfg)
@@ -124,17 +172,25 @@ def test_a_config_key_added_without_a_role_stops_the_import():
 def test_a_config_key_added_now_orphans_no_run_and_no_cache():
     """A field declared `added(4)` counts in no key while at its default: every run, reward model, SFT model,
     preference set and cache keeps its key; set away from it, it counts wherever its section does."""
+
     @dataclasses.dataclass
     class WithNewKnob(ModelConfig):
         new_knob: int = _f(3, added(4), "a knob added after every kind of key was fixed")
 
-    extended = dataclasses.make_dataclass("Config", [("model", WithNewKnob, dataclasses.field(
-        default_factory=WithNewKnob))], bases=(Config,))
+    extended = dataclasses.make_dataclass(
+        "Config", [("model", WithNewKnob, dataclasses.field(default_factory=WithNewKnob))], bases=(Config,)
+    )
     cfg = load_config("tiny")
 
     def keys(c):
-        return (run_key(c, "dpo", 0, DATA, None), reward_model_key(c, DATA, 0), sft_key(c, CORPUS),
-                preference_set_key(c), eval_settings(c), reference_cache_names(c, "cpu-fp32", DATA))
+        return (
+            run_key(c, "dpo", 0, DATA, None),
+            reward_model_key(c, DATA, 0),
+            sft_key(c, CORPUS),
+            preference_set_key(c),
+            eval_settings(c),
+            reference_cache_names(c, "cpu-fp32", DATA),
+        )
 
     def with_knob(value):
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
@@ -161,7 +217,7 @@ def test_a_run_completed_before_the_rename_is_still_found(tmp_path):
     section) is reused by `make preferred-ft`, and one interrupted then is resumed where it is."""
     cfg = load_config("tiny", [f"runs_dir={tmp_path}", "preferred_ft.learning_rate=0.123"])
     extra = {"reference_model": REF}
-    (old_dir, old_key), = [(d, k) for d, k in run_keys(cfg, "preferred-ft", 0, DATA, extra) if d == "sft-chosen"]
+    ((old_dir, old_key),) = [(d, k) for d, k in run_keys(cfg, "preferred-ft", 0, DATA, extra) if d == "sft-chosen"]
     assert old_key == run_key(cfg, "preferred-ft", 0, DATA, extra, version=2)
     assert completed_run(cfg, "preferred-ft", 0, DATA, extra) is None
     old = RunDir.create(cfg, "preferred-ft", 0, default_device(), DATA, extra)  # today's, then made an old one
@@ -170,8 +226,9 @@ def test_a_run_completed_before_the_rename_is_still_found(tmp_path):
     moved.parent.mkdir(parents=True)
     old.path.rename(moved)
     manifest = json.loads((moved / "manifest.json").read_text())
-    (moved / "manifest.json").write_text(json.dumps({**manifest, "method": old_dir, "run_key": old_key,
-                                                     "status": "failed"}))
+    (moved / "manifest.json").write_text(
+        json.dumps({**manifest, "method": old_dir, "run_key": old_key, "status": "failed"})
+    )
     run, checkpoint = RunDir.open(cfg, "preferred-ft", 0, default_device(), DATA, extra)
     assert run.path == moved and checkpoint is None  # resumed in its own directory, from its start
     run.finish()

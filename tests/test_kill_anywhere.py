@@ -29,11 +29,14 @@ SEED = 20
 CHECKPOINTS = "reward_model.checkpoint_every=1 ppo.checkpoint_every=1 dpo.checkpoint_every=1"
 # Each stage of `make all` that a kill aims at, with the console text that says it has begun and the last it shows
 # before its run completes, in their order
-STAGES = [("preference set", "preference pairs (train)", "preference set built"),
-          ("pi_ref's evaluation", "eval pi_ref", "pi_ref: gold"),
-          ("reward model", "reward model seed 0", "reward model: held-out accuracy"),
-          ("PPO", "PPO seed 0", "eval @ 4"), ("DPO", "pi_ref log-probs", "eval step 4"),
-          ("report", "-m pipelines report", "runs included)")]
+STAGES = [
+    ("preference set", "preference pairs (train)", "preference set built"),
+    ("pi_ref's evaluation", "eval pi_ref", "pi_ref: gold"),
+    ("reward model", "reward model seed 0", "reward model: held-out accuracy"),
+    ("PPO", "PPO seed 0", "eval @ 4"),
+    ("DPO", "pi_ref log-probs", "eval step 4"),
+    ("report", "-m pipelines report", "runs included)"),
+]
 # Not results: what differs from run to run (wall-clock: every column named "... seconds ..."; peak memory), what counts
 # the work a kill threw away (the evaluator's FLOPs: timings.json adds them up, docs/reliability.md) and run names
 UNCOMPARED = ("peak_memory_mb", "evaluation FLOPs", "run_id", "path")
@@ -47,9 +50,23 @@ def _start(out: Path, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     with open(log, "w") as f:
         # -o: the virtual environment is the one running this test, never rebuilt here
-        return subprocess.Popen(["make", "--no-print-directory", "-o", ".venv/.installed", "all", "PROFILE=tiny",
-                                 f"PY={sys.executable}", f"ARGS={args}"], cwd=PROJECT_ROOT, stdout=f,
-                                stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        return subprocess.Popen(
+            [
+                "make",
+                "--no-print-directory",
+                "-o",
+                ".venv/.installed",
+                "all",
+                "PROFILE=tiny",
+                f"PY={sys.executable}",
+                f"ARGS={args}",
+            ],
+            cwd=PROJECT_ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
 
 
 def _wait_for(proc: subprocess.Popen, log: Path, text: str, after: int = 0, seconds: float = 600) -> int | None:
@@ -120,9 +137,11 @@ def _numbers(reports: Path) -> dict[str, pd.DataFrame]:
 
 def _weights(runs: Path) -> list[tuple[str, str]]:
     """(method, sha256 of the weights) of every completed run's final model."""
-    return sorted((p.parts[-5], hashlib.sha256(p.read_bytes()).hexdigest())
-                  for p in runs.glob("tiny/*/*/checkpoints/final/model.safetensors")
-                  if json.loads((p.parents[2] / "manifest.json").read_text())["status"] == "completed")
+    return sorted(
+        (p.parts[-5], hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in runs.glob("tiny/*/*/checkpoints/final/model.safetensors")
+        if json.loads((p.parents[2] / "manifest.json").read_text())["status"] == "completed"
+    )
 
 
 def _resumes(runs: Path) -> list[tuple[str, int]]:
@@ -135,8 +154,10 @@ def test_make_all_killed_at_random_moments_ends_with_the_uninterrupted_report(tm
     durations = _timed_run(tmp_path / "a", tmp_path / "uninterrupted.log")
     rng = random.Random(SEED)
     out = tmp_path / "b"
-    kills = [_killed_run(out, tmp_path / f"kill-{stage}.log", stage, rng.uniform(0.1, 0.9) * seconds)
-             for stage, seconds in enumerate(durations)]
+    kills = [
+        _killed_run(out, tmp_path / f"kill-{stage}.log", stage, rng.uniform(0.1, 0.9) * seconds)
+        for stage, seconds in enumerate(durations)
+    ]
     final = tmp_path / "final.log"
     _finish(_start(out, final), final)
     landed = [f"{name} ({seconds:.1f} s): {when}" for (name, *_), seconds, when in zip(STAGES, durations, kills)]

@@ -23,8 +23,13 @@ from rlhf.config import PROJECT_ROOT
 STAGES = ("sft", "reward_model", "ppo", "dpo", "rloo", "online_dpo")
 PACKAGES = ("rlhf", *STAGES, "analysis", "baselines", "pipelines")
 # What each package may import from the project besides itself.
-ALLOWED = {"rlhf": set(), **{stage: {"rlhf"} for stage in STAGES}, "analysis": {"rlhf"},
-           "baselines": {"rlhf", *STAGES}, "pipelines": set(PACKAGES)}
+ALLOWED = {
+    "rlhf": set(),
+    **{stage: {"rlhf"} for stage in STAGES},
+    "analysis": {"rlhf"},
+    "baselines": {"rlhf", *STAGES},
+    "pipelines": set(PACKAGES),
+}
 
 
 def imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
@@ -35,9 +40,13 @@ def imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
             out += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             out.append((node.lineno, package if node.level else node.module))
-        elif (isinstance(node, ast.Call) and "import_module" in (getattr(node.func, "attr", None),
-                                                                  getattr(node.func, "id", None))
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and "import_module" in (getattr(node.func, "attr", None), getattr(node.func, "id", None))
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             out.append((node.lineno, node.args[0].value))
     return out
 
@@ -64,21 +73,30 @@ def test_every_package_is_checked():
     assert on_disk - {"tests"} == set(PACKAGES)
 
 
-@pytest.mark.parametrize("file, line, rule", [
-    ("rlhf/evaluate.py", "from ppo.core import whiten", "rlhf imports ppo.core"),
-    ("rlhf/data.py", "import sft", "rlhf imports sft"),
-    ("rlhf/reference.py", "from pipelines.stages import sft_step", "rlhf imports pipelines.stages"),
-    ("ppo/core.py", "from dpo.loss import dpo_loss", "ppo imports dpo.loss"),
-    ("dpo/loss.py", "import ppo.core", "dpo imports ppo.core"),
-    ("dpo/loss.py", "from reward_model.train import train_reward_model", "dpo imports reward_model.train"),
-    ("reward_model/train.py", "from pipelines.stages import build_preference_set",
-     "reward_model imports pipelines.stages"),
-    ("analysis/metrics.py", "from ppo.core import whiten", "analysis imports ppo.core"),
-    ("baselines/best_of_n.py", "from analysis.metrics import RUN", "baselines imports analysis.metrics"),
-    ("sft/train.py", "def f():\n    from dpo import trainer", "sft imports dpo"),
-    ("rlhf/models.py", "import importlib\nimportlib.import_module('reward_model.train')",
-     "rlhf imports reward_model.train"),
-])
+@pytest.mark.parametrize(
+    "file, line, rule",
+    [
+        ("rlhf/evaluate.py", "from ppo.core import whiten", "rlhf imports ppo.core"),
+        ("rlhf/data.py", "import sft", "rlhf imports sft"),
+        ("rlhf/reference.py", "from pipelines.stages import sft_step", "rlhf imports pipelines.stages"),
+        ("ppo/core.py", "from dpo.loss import dpo_loss", "ppo imports dpo.loss"),
+        ("dpo/loss.py", "import ppo.core", "dpo imports ppo.core"),
+        ("dpo/loss.py", "from reward_model.train import train_reward_model", "dpo imports reward_model.train"),
+        (
+            "reward_model/train.py",
+            "from pipelines.stages import build_preference_set",
+            "reward_model imports pipelines.stages",
+        ),
+        ("analysis/metrics.py", "from ppo.core import whiten", "analysis imports ppo.core"),
+        ("baselines/best_of_n.py", "from analysis.metrics import RUN", "baselines imports analysis.metrics"),
+        ("sft/train.py", "def f():\n    from dpo import trainer", "sft imports dpo"),
+        (
+            "rlhf/models.py",
+            "import importlib\nimportlib.import_module('reward_model.train')",
+            "rlhf imports reward_model.train",
+        ),
+    ],
+)
 def test_a_broken_layer_is_caught(tmp_path, file, line, rule):
     for package in PACKAGES:
         shutil.copytree(PROJECT_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))

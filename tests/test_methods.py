@@ -53,13 +53,19 @@ def test_every_entry_is_consistent():
     assert consistency_errors(METHODS) == []
 
 
-@pytest.mark.parametrize("broken, error", [
-    (dict(section="kto"), "toy: section 'kto' is not in Config"),
-    (dict(entry="pipelines.nowhere:main"), "toy: entry pipelines.nowhere:main does not import"),
-    (dict(entry="pipelines.stages:no_such_function"), "toy: entry pipelines.stages:no_such_function does not import"),
-    (dict(colour="#12345"), "toy: colour '#12345'"),
-    (dict(gao="linear"), "toy: Gao form 'linear'"),
-])
+@pytest.mark.parametrize(
+    "broken, error",
+    [
+        (dict(section="kto"), "toy: section 'kto' is not in Config"),
+        (dict(entry="pipelines.nowhere:main"), "toy: entry pipelines.nowhere:main does not import"),
+        (
+            dict(entry="pipelines.stages:no_such_function"),
+            "toy: entry pipelines.stages:no_such_function does not import",
+        ),
+        (dict(colour="#12345"), "toy: colour '#12345'"),
+        (dict(gao="linear"), "toy: Gao form 'linear'"),
+    ],
+)
 def test_a_broken_entry_is_named(broken, error):
     toy = Method("toy", "Toy", "#123456", section="dpo", entry="pipelines.stages:sft_main")
     assert consistency_errors({"toy": toy}) == []
@@ -88,8 +94,16 @@ toy_main.ran = []
 @pytest.fixture
 def toy(monkeypatch):
     """A method added the way the next one is: this file (its entry point) and one entry in the table."""
-    toy = Method("toy", "Toy method", "#123456", section="dpo", entry=f"{__name__}:toy_main", role="online",
-                 reward_model="trains", trains=True)
+    toy = Method(
+        "toy",
+        "Toy method",
+        "#123456",
+        section="dpo",
+        entry=f"{__name__}:toy_main",
+        role="online",
+        reward_model="trains",
+        trains=True,
+    )
     monkeypatch.setitem(methods.METHODS, "toy", toy)
     toy_main.ran.clear()
     return toy
@@ -105,13 +119,17 @@ def test_a_method_added_to_the_table_reaches_every_consumer(toy, tmp_path):
     jobs = {job.label: job for job in grid.in_order(cfg)}
     assert jobs["toy-beta0.5-seed1"].needs == ("reference", "reward_model-seed1")
     assert grid.command_line(jobs["toy-beta0.5-seed1"], "tiny", [], ["accelerate", "launch"])[:3] == [
-        "accelerate", "launch", "toy"]
+        "accelerate",
+        "launch",
+        "toy",
+    ]
     # the run keys: its section keys its runs, and no other method's
     key = run_key(cfg, "toy", 0, "d", None)
     assert key != run_key(cfg.with_values({"dpo.learning_rate": 0.5}), "toy", 0, "d", None)
     assert key == run_key(cfg.with_values({"ppo.learning_rate": 0.5}), "toy", 0, "d", None)
-    assert run_key(cfg, "ppo", 0, "d", None) == run_key(cfg.with_values({"dpo.learning_rate": 0.5}), "ppo", 0, "d",
-                                                        None)
+    assert run_key(cfg, "ppo", 0, "d", None) == run_key(
+        cfg.with_values({"dpo.learning_rate": 0.5}), "ppo", 0, "d", None
+    )
     # the report and the plots: its legend name, colour and place
     assert P.name("toy") == "Toy method" and P.family("toy") == "toy"
     assert P.legend_rank("toy") < P.legend_rank("an-unknown-method")

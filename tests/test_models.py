@@ -5,16 +5,16 @@ import torch
 
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
-from rlhf.models import (EMBEDDED, cache_dir, load_causal_lm, load_scalar_model, resolve_model_path,
-                         sha256_file)
+from rlhf.models import EMBEDDED, cache_dir, load_causal_lm, load_scalar_model, resolve_model_path, sha256_file
 
 
 def test_embedded_model_is_float32_unquantized_and_checksummed():
     path = resolve_model_path(ModelConfig())
     record = json.loads((cache_dir() / "models" / "smollm2-135m-instruct" / "conversion.json").read_text())
     assert record["wheel_sha256"] == EMBEDDED["smollm2-135m-instruct"].wheel_sha256
-    assert record["safetensors_sha256"] == sha256_file(cache_dir() / "models" / "smollm2-135m-instruct" /
-                                                       "model.safetensors")
+    assert record["safetensors_sha256"] == sha256_file(
+        cache_dir() / "models" / "smollm2-135m-instruct" / "model.safetensors"
+    )
     config = json.loads((cache_dir() / "models" / "smollm2-135m-instruct" / "config.json").read_text())
     assert "quantization_config" not in config
     model = load_causal_lm(path)
@@ -47,12 +47,32 @@ def _dropout_models():
     """Two small randomly initialised models with heavy dropout of both kinds: GPT-2 (`nn.Dropout` modules, LoRA's
     kind too) and Llama (attention dropout applied functionally from an attribute)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                      resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5,
-                                         attn_implementation="eager"))
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=64,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.5,
+            embd_pdrop=0.5,
+            attn_pdrop=0.5,
+        )
+    )
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            attention_dropout=0.5,
+            attn_implementation="eager",
+        )
+    )
     return {"gpt2": gpt2, "llama": llama}
 
 
@@ -60,6 +80,7 @@ def test_training_models_have_no_dropout(tiny_cfg):
     """PPO's ratio pi/pi_old is exactly 1 before any update only if train-mode forward passes are deterministic and
     equal to eval mode's (the old log-probs are computed in eval mode)."""
     from rlhf.models import for_training
+
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     for name, model in _dropout_models().items():
         model.train()
@@ -83,7 +104,9 @@ def test_sampling_ignores_a_checkpoints_generation_settings(tiny_path, tmp_path)
     assert loaded.generation_config.repetition_penalty in (None, 1.0)
     assert loaded.generation_config.no_repeat_ngram_size in (None, 0)
     assert (loaded.generation_config.eos_token_id, loaded.generation_config.pad_token_id) == (
-        shipped.eos_token_id, shipped.pad_token_id)
+        shipped.eos_token_id,
+        shipped.pad_token_id,
+    )
 
 
 def test_every_model_loads_with_the_profiles_attention_kernel(tiny_path, tokenizer):
@@ -93,6 +116,7 @@ def test_every_model_loads_with_the_profiles_attention_kernel(tiny_path, tokeniz
     import ast
 
     from rlhf.config import PROJECT_ROOT
+
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     lms = {a: load_causal_lm(tiny_path, a) for a in ("sdpa", "eager")}
     assert {a: m.config._attn_implementation for a, m in lms.items()} == {"sdpa": "sdpa", "eager": "eager"}
@@ -104,7 +128,11 @@ def test_every_model_loads_with_the_profiles_attention_kernel(tiny_path, tokeniz
     for package in ("rlhf", "ppo", "dpo", "reward_model", "sft", "online_dpo", "rloo", "baselines", "pipelines"):
         for path in (PROJECT_ROOT / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
-                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in needs
-                        and len(node.args) + len(node.keywords) < needs[node.func.id]):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id in needs
+                    and len(node.args) + len(node.keywords) < needs[node.func.id]
+                ):
                     short.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}")
     assert short == []

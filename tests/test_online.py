@@ -35,10 +35,12 @@ def online_runs(tmp_path_factory):
     real = rlhf.online.reward_scores
     with pytest.MonkeyPatch.context() as patch:
         for method, main in METHODS.items():
+
             def spy(model, batch, tokenizer, method=method):
                 scores = real(model, batch, tokenizer)
                 calls.append((method, model.name_or_path, scores))
                 return scores
+
             patch.setattr(rlhf.online, "reward_scores", spy)
             assert main(cfg) == 0
     return cfg, calls
@@ -70,8 +72,10 @@ def test_flops_count_sampling_scoring_and_training(online_runs, tiny_path):
     """Every sampled token pays for its sampling pass, the scoring passes and the training passes (as PPO's)."""
     cfg, _ = online_runs
     policy = pass_parameters(load_causal_lm(tiny_path))
-    for method, per_token in {"rloo": forward_flops(3 * policy, 1) + train_flops(policy, 1),
-                              "online-dpo": forward_flops(2 * policy, 1) + train_flops(policy, 1)}.items():
+    for method, per_token in {
+        "rloo": forward_flops(3 * policy, 1) + train_flops(policy, 1),
+        "online-dpo": forward_flops(2 * policy, 1) + train_flops(policy, 1),
+    }.items():
         run = _run_dir(cfg, method)
         rm = load_scalar_model(json.loads((run / "manifest.json").read_text())["reward_model_path"], 0)
         last = [r for r in read_jsonl(run / "metrics.jsonl")[0] if r["kind"] == "train"][-1]
@@ -102,7 +106,15 @@ def test_the_top_level_beta_is_their_kl_coefficient(stage, tiny_path, tokenizer,
     sequence KL in the reward; online DPO: eq. 6's beta), sampling at temperature 1."""
     cfg = load_config("tiny", ["beta=0.37"])
     prompts = Dataset.from_dict({"prompt": ["a prompt"] * 8})
-    trainer = stage.build_trainer(cfg, load_causal_lm(tiny_path), tokenizer, prompts, lambda prompts, **_: [0.0] *
-                                  len(prompts), 0, tmp_path, callbacks=[])
+    trainer = stage.build_trainer(
+        cfg,
+        load_causal_lm(tiny_path),
+        tokenizer,
+        prompts,
+        lambda prompts, **_: [0.0] * len(prompts),
+        0,
+        tmp_path,
+        callbacks=[],
+    )
     assert trainer.beta == 0.37 and trainer.args.beta == 0.37
     assert trainer.args.temperature == 1.0 and trainer.args.top_k == 0 and trainer.args.top_p == 1.0

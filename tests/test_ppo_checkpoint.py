@@ -36,18 +36,21 @@ class Run:
         pc = load_config("tiny", [f"ppo.iterations={ITERATIONS}", "ppo.learning_rate=1e-3"]).ppo
         optimizer, self.scheduler = make_optimizer(policy, value_model, pc, weight_decay=0.01)
         policy, value_model, optimizer = self.accelerator.prepare(policy, value_model, optimizer)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)  # doubles at each clean step
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)  # doubles at each clean step
         checkpoint.track(self.accelerator, self.scheduler, scaler)
-        self.learner = Learner(policy, value_model, None, None, None, self.accelerator, optimizer, scaler,
-                               amp=nullcontext)
+        self.learner = Learner(
+            policy, value_model, None, None, None, self.accelerator, optimizer, scaler, amp=nullcontext
+        )
 
     def iteration(self) -> list[float]:
         """One step drawing from every generator the loop draws from: torch (sampling, minibatch order), python
         and numpy."""
         ids = torch.randint(3, 100, (2, 6))
         weight = 1 + random.random() + float(np.random.rand())
-        loss = (self.learner.policy(input_ids=ids).logits.float().pow(2).mean() * weight
-                + self.learner.value_model(torch.randn(3, 4)).pow(2).mean())
+        loss = (
+            self.learner.policy(input_ids=ids).logits.float().pow(2).mean() * weight
+            + self.learner.value_model(torch.randn(3, 4)).pow(2).mean()
+        )
         optimizer_step(self.learner, loss, max_grad_norm=1.0, where="test")
         self.scheduler.step()
         return [loss.item(), self.scheduler.get_last_lr()[0], self.learner.scaler.get_scale()]
@@ -70,8 +73,15 @@ def interrupted(tiny_path, tmp_path):
 def test_a_run_restored_from_its_resume_point_goes_on_with_the_uninterrupted_numbers(interrupted, tiny_path):
     folder, numbers, weights = interrupted
     assert sorted(p.name for p in folder.iterdir()) == [
-        "checkpoint.json", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "optimizer.bin", "progress.json",
-        "pytorch_model.bin", "pytorch_model_1.bin", "random_states_0.pkl"]
+        "checkpoint.json",
+        "custom_checkpoint_0.pkl",
+        "custom_checkpoint_1.pkl",
+        "optimizer.bin",
+        "progress.json",
+        "pytorch_model.bin",
+        "pytorch_model_1.bin",
+        "random_states_0.pkl",
+    ]
 
     resumed = Run(tiny_path, seed=1)  # other weights and generators: only the checkpoint can make it match
     assert checkpoint.restore(folder, resumed.accelerator) == {"iteration": 2, "tokens": 7}
@@ -86,8 +96,11 @@ def test_a_random_state_accelerate_failed_to_restore_is_an_error(interrupted, ti
     folder, _, _ = interrupted
     resumed = Run(tiny_path, seed=1)
     monkeypatch.setattr(torch, "set_rng_state", lambda state: None)
-    with pytest.raises(UserError, match=rf"^checkpoint {folder}: accelerate could not restore the random state saved "
-                                        r"in random_states_0\.pkl"):
+    with pytest.raises(
+        UserError,
+        match=rf"^checkpoint {folder}: accelerate could not restore the random state saved "
+        r"in random_states_0\.pkl",
+    ):
         checkpoint.restore(folder, resumed.accelerator)
 
 
@@ -96,7 +109,10 @@ def test_a_resume_point_in_the_format_before_accelerate_is_refused_in_one_line(t
     folder.mkdir()
     for name in ("state.pt", "rng_0.pt", "progress.json"):
         (folder / name).write_bytes(b"")
-    with pytest.raises(UserError, match=rf"^checkpoint {folder} is in the format PPO wrote before its resume points "
-                                        "went through accelerate's save_state, which this version does not read; "
-                                        "delete that folder to run this run again from its start"):
+    with pytest.raises(
+        UserError,
+        match=rf"^checkpoint {folder} is in the format PPO wrote before its resume points "
+        "went through accelerate's save_state, which this version does not read; "
+        "delete that folder to run this run again from its start",
+    ):
         checkpoint.restore(folder, Accelerator(cpu=True))

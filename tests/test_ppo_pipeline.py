@@ -11,17 +11,44 @@ import torch
 from rlhf.atomic import read_jsonl
 from rlhf.config import PROJECT_ROOT
 
-PPO_TRAIN_KEYS = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
-                  "objective/kl_coef", "policy/approxkl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var",
-                  "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance", "grad_norm", "val/grad_norm",
-                  "learning_rate", "kind", "step", "wall_seconds", "tokens", "time/rollout", "time/scoring",
-                  "time/update", "tokens/rollout", "tokens/scoring", "tokens/update", "flops", "flops/rollout",
-                  "flops/scoring", "flops/update"}
+PPO_TRAIN_KEYS = {
+    "objective/kl",
+    "objective/entropy",
+    "objective/scores",
+    "objective/rlhf_reward",
+    "objective/kl_coef",
+    "policy/approxkl",
+    "policy/clipfrac",
+    "policy/ratio_mean",
+    "policy/ratio_var",
+    "loss/policy",
+    "loss/value",
+    "val/clipfrac",
+    "val/explained_variance",
+    "grad_norm",
+    "val/grad_norm",
+    "learning_rate",
+    "kind",
+    "step",
+    "wall_seconds",
+    "tokens",
+    "time/rollout",
+    "time/scoring",
+    "time/update",
+    "tokens/rollout",
+    "tokens/scoring",
+    "tokens/update",
+    "flops",
+    "flops/rollout",
+    "flops/scoring",
+    "flops/update",
+}
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_make_ppo_tiny_end_to_end_and_reward_model_reuse(tmp_path):
@@ -56,6 +83,7 @@ def test_make_ppo_tiny_end_to_end_and_reward_model_reuse(tmp_path):
     again = _run(["ppo", "--profile", "tiny", f"runs_dir={runs}", "seeds=[1]"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reward model reused" not in again.stdout
+
     def manifests(method):
         paths = (runs / "tiny").glob(f"{method}/*/manifest.json")
         return {m["seed"]: m for m in (json.loads(p.read_text()) for p in paths)}
@@ -65,6 +93,7 @@ def test_make_ppo_tiny_end_to_end_and_reward_model_reuse(tmp_path):
     assert {s: ppos[s]["reward_model_path"] for s in (0, 1)} == {s: rms[s]["reward_model_path"] for s in (0, 1)}
     import torch
     from safetensors.torch import load_file
+
     heads = [load_file(Path(rms[s]["reward_model_path"]) / "model.safetensors")["score.weight"] for s in (0, 1)]
     assert not torch.equal(*heads)  # two reward models, not one counted twice
     # PPO's data budget is its reward model's, and DPO trains on the same pair presentations
@@ -74,8 +103,18 @@ def test_make_ppo_tiny_end_to_end_and_reward_model_reuse(tmp_path):
     (dpo_manifest,) = [json.loads(p.read_text()) for p in (runs / "tiny").glob("dpo/*/manifest.json")]
     assert dpo_manifest["budget"] == rms[0]["budget"]
     # A finished reward model is reused while its key matches; one shared by every seed where per_seed is off
-    shared = _run(["ppo", "--profile", "tiny", f"runs_dir={runs}", "seeds=[1]", "reward_model.per_seed=false",
-                   "reward_model.seed=0", "ppo.iterations=2"])
+    shared = _run(
+        [
+            "ppo",
+            "--profile",
+            "tiny",
+            f"runs_dir={runs}",
+            "seeds=[1]",
+            "reward_model.per_seed=false",
+            "reward_model.seed=0",
+            "ppo.iterations=2",
+        ]
+    )
     assert shared.returncode == 0, shared.stderr[-3000:]
     assert f"reward model reused: {rms[0]['reward_model_path']}" in shared.stdout
     assert len(list((runs / "tiny" / "reward_model").iterdir())) == 2
@@ -97,8 +136,9 @@ def test_token_values_are_the_centred_reward_head_read_after_each_response_prefi
     with torch.no_grad():
         values = TokenValueModel(rm)(batch)
         for t in range(batch.response_ids.shape[1]):  # t = 0: the prompt alone
-            prefix = SequenceBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids[:, :t],
-                                   batch.response_mask[:, :t])
+            prefix = SequenceBatch(
+                batch.prompt_ids, batch.prompt_mask, batch.response_ids[:, :t], batch.response_mask[:, :t]
+            )
             real = batch.response_mask[:, t].bool()
             assert real.any() and torch.allclose(values[real, t], sequence_scores(rm, prefix)[real] - 0.7, atol=1e-5)
     assert (values[batch.response_mask == 0] == 0).all()
@@ -161,8 +201,22 @@ def _first_minibatch_ratios(runs_dir: Path, monkeypatch) -> tuple[torch.Tensor, 
         return loss, stats
 
     monkeypatch.setattr(ppo_train, "clipped_policy_loss", spy)
-    assert main(load_config("tiny", [f"runs_dir={runs_dir}", "ppo.reward=gold", "ppo.iterations=1", "resume=false",
-                                     "data.n_prompts=8", "data.n_heldout_prompts=4"])) == 0
+    assert (
+        main(
+            load_config(
+                "tiny",
+                [
+                    f"runs_dir={runs_dir}",
+                    "ppo.reward=gold",
+                    "ppo.iterations=1",
+                    "resume=false",
+                    "data.n_prompts=8",
+                    "data.n_heldout_prompts=4",
+                ],
+            )
+        )
+        == 0
+    )
     return seen[0]
 
 
@@ -176,6 +230,7 @@ def test_the_first_minibatch_of_the_first_epoch_has_ratio_1_and_approx_kl_0(rati
 def test_the_ratio_check_catches_dropout_left_on(ratio_runs, monkeypatch):
     """Attention dropout on (off only in eval mode, where the rollout is scored): the check fails."""
     import ppo.train as ppo_train
+
     real = ppo_train.for_training
 
     def with_dropout(*args, **kwargs):

@@ -15,8 +15,19 @@ from rlhf.config import Config, load_config
 from rlhf.data import budget_pairs, build_preferences
 from rlhf.errors import UserError
 from rlhf.keys import preference_set_key, reward_model_key
-from rlhf.models import (choose_precision, cuda_native_bf16, for_training, freeze, grad_scaler, load_causal_lm,
-                         load_scalar_model, resolve_precision, save_model, set_tf32, trainer_precision_args)
+from rlhf.models import (
+    choose_precision,
+    cuda_native_bf16,
+    for_training,
+    freeze,
+    grad_scaler,
+    load_causal_lm,
+    load_scalar_model,
+    resolve_precision,
+    save_model,
+    set_tf32,
+    trainer_precision_args,
+)
 from rlhf.sequences import encode_completions, response_logprobs
 
 CPU = torch.device("cpu")
@@ -30,8 +41,9 @@ def tiny_prefs(tmp_path_factory):
 
 
 def with_overrides(cfg: Config, **sections: dict) -> Config:
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
-                                       for name, values in sections.items()})
+    return dataclasses.replace(
+        cfg, **{name: dataclasses.replace(getattr(cfg, name), **values) for name, values in sections.items()}
+    )
 
 
 # ---- decisions: `auto`, TF32, what the trainers are told ----------------------------------------------------------
@@ -39,9 +51,9 @@ def with_overrides(cfg: Config, **sections: dict) -> Config:
 
 def test_auto_precision_picks_bf16_where_native_else_fp16_on_gpu_and_fp32_on_cpu():
     assert [cuda_native_bf16(c) for c in [(7, 0), (7, 5), (8, 0), (8, 9), (9, 0)]] == [False, False, True, True, True]
-    assert choose_precision("auto", "cuda", native_bf16=True) == "bf16"   # A100, H100
+    assert choose_precision("auto", "cuda", native_bf16=True) == "bf16"  # A100, H100
     assert choose_precision("auto", "cuda", native_bf16=False) == "fp16"  # V100, T4
-    assert choose_precision("auto", "cpu", native_bf16=True) == "bf16"    # avx512_bf16 / AMX
+    assert choose_precision("auto", "cpu", native_bf16=True) == "bf16"  # avx512_bf16 / AMX
     assert choose_precision("auto", "cpu", native_bf16=False) == "fp32"
     for explicit in ("fp32", "bf16", "fp16"):
         assert choose_precision(explicit, "cuda", native_bf16=False) == explicit
@@ -68,9 +80,17 @@ def test_tf32_switches_the_cuda_matmul_and_cudnn_flags():
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 
 
-@pytest.mark.parametrize("override, key", [("model.precision=fp8", "model.precision"), ("lora.r=0", "lora.r"),
-                                           ("lora.alpha=0", "lora.alpha"), ("lora.dropout=0.1", "lora.dropout"),
-                                           ("lora.rank=8", "lora.rank"), ("model.tf32=fast", "model.tf32")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.precision=fp8", "model.precision"),
+        ("lora.r=0", "lora.r"),
+        ("lora.alpha=0", "lora.alpha"),
+        ("lora.dropout=0.1", "lora.dropout"),
+        ("lora.rank=8", "lora.rank"),
+        ("model.tf32=fast", "model.tf32"),
+    ],
+)
 def test_bad_precision_and_lora_values_are_config_errors(override, key):
     with pytest.raises(UserError, match=f"config key '{key}'"):
         load_config("tiny", [override])
@@ -116,8 +136,11 @@ def test_lora_trainable_parameters_are_what_r_and_the_targets_imply(tiny_path, t
     cfg = with_overrides(cfg, lora={"target_modules": []})
     assert _trainable(for_training(load_causal_lm(tiny_path), cfg, "CAUSAL_LM")) == 2048
     cfg = with_overrides(cfg, lora={"target_modules": ["all-linear"]})
-    assert _trainable(for_training(load_causal_lm(tiny_path), cfg, "CAUSAL_LM")) == \
-        layers * r * (4 * (h + h) + 3 * (h + m)) == 8704
+    assert (
+        _trainable(for_training(load_causal_lm(tiny_path), cfg, "CAUSAL_LM"))
+        == layers * r * (4 * (h + h) + 3 * (h + m))
+        == 8704
+    )
 
 
 def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -127,8 +150,9 @@ def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         if "lora_" in key or "modules_to_save" in key:
             adapter[key] = value
         else:
-            base[key.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
-                 ] = value
+            base[key.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")] = (
+                value
+            )
     return base, adapter
 
 
@@ -142,10 +166,15 @@ def _assert_only_adapters_moved(before: dict, after: dict, plain: dict) -> None:
 
 
 def test_ppo_with_lora_and_checkpointing_trains_only_adapters_and_saves_a_plain_merged_policy(
-        tiny_prefs, tiny_path, tokenizer, monkeypatch):
+    tiny_prefs, tiny_path, tokenizer, monkeypatch
+):
     cfg, prefs = tiny_prefs
-    cfg = with_overrides(cfg, lora={"enabled": True, "r": 4}, model={"gradient_checkpointing": True},
-                         ppo={"reward": "gold", "iterations": 2, "eval_every": 2, "learning_rate": 1e-3})
+    cfg = with_overrides(
+        cfg,
+        lora={"enabled": True, "r": 4},
+        model={"gradient_checkpointing": True},
+        ppo={"reward": "gold", "iterations": 2, "eval_every": 2, "learning_rate": 1e-3},
+    )
     trained, saved = [], {}
 
     def spy_for_training(model, *args):
@@ -177,8 +206,9 @@ def test_ppo_with_lora_and_checkpointing_trains_only_adapters_and_saves_a_plain_
     assert not torch.equal(final[q], ref[q]) and torch.equal(final[mlp], ref[mlp])
 
 
-def test_dpo_step_with_lora_trains_only_adapters_against_a_full_frozen_reference(tiny_prefs, tiny_path, tokenizer,
-                                                                                  tmp_path):
+def test_dpo_step_with_lora_trains_only_adapters_against_a_full_frozen_reference(
+    tiny_prefs, tiny_path, tokenizer, tmp_path
+):
     from dpo.trainer import build_trainer
 
     cfg, prefs = tiny_prefs
@@ -186,8 +216,9 @@ def test_dpo_step_with_lora_trains_only_adapters_against_a_full_frozen_reference
     policy = for_training(load_causal_lm(tiny_path), cfg, "CAUSAL_LM", trainer_checkpointing=True)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     ref = freeze(load_causal_lm(tiny_path))
-    trainer = build_trainer(cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed=0, output_dir=tmp_path,
-                            callbacks=[])
+    trainer = build_trainer(
+        cfg, policy, ref, tokenizer, budget_pairs(cfg, prefs), seed=0, output_dir=tmp_path, callbacks=[]
+    )
     assert trainer.ref_model is ref  # pi_ref: the full frozen copy, not the adapter-disabled policy
     trainer.train()
     assert trainer.state.global_step == 2  # lora_B starts at 0, so lora_A first moves in the second step
@@ -198,8 +229,12 @@ def test_reward_model_with_lora_is_saved_plain_under_its_own_key(tiny_prefs, tin
     cfg, prefs = tiny_prefs
     full = reward_model_key(cfg, prefs.sha256, 0)
     assert "lora" not in full  # reward models trained before LoRA existed are still reused
-    cfg = with_overrides(cfg, lora={"enabled": True, "r": 4}, model={"gradient_checkpointing": True},
-                         reward_model={"learning_rate": 1e-3})
+    cfg = with_overrides(
+        cfg,
+        lora={"enabled": True, "r": 4},
+        model={"gradient_checkpointing": True},
+        reward_model={"learning_rate": 1e-3},
+    )
     assert reward_model_key(cfg, prefs.sha256, 0)["lora"]["r"] == 4
     result = train_reward_model(cfg, prefs, seed=0)
     saved, fresh = (load_scalar_model(str(p), tokenizer.pad_token_id).state_dict() for p in (result.path, tiny_path))
@@ -254,7 +289,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_path, tok
 # ---- fp16 ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("init_scale", [None, 2.0 ** 40])
+@pytest.mark.parametrize("init_scale", [None, 2.0**40])
 def test_ppo_in_fp16_scales_the_loss_and_skips_overflowing_steps(tiny_prefs, monkeypatch, init_scale):
     """With GradScaler's initial scale (65536) the tiny model never overflows; started at 2^40 every scaled fp16
     gradient is inf: those steps must be skipped (no divergence error, no gradient norm logged, the scale halved
@@ -273,10 +308,10 @@ def test_ppo_in_fp16_scales_the_loss_and_skips_overflowing_steps(tiny_prefs, mon
     scales, skips = [r["amp/loss_scale"] for r in train], [r["amp/skip_rate"] for r in train]
     minibatches = cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size
     if init_scale is None:
-        assert scales == [2.0 ** 16] * 2 and skips == [0.0, 0.0] and all("grad_norm" in r for r in train)
+        assert scales == [2.0**16] * 2 and skips == [0.0, 0.0] and all("grad_norm" in r for r in train)
     else:  # every step of iteration 1 overflowed: the scale halved once per minibatch, no norm to log
         assert skips[0] == 1.0 and "grad_norm" not in train[0]
-        assert scales[0] == init_scale / 2 ** minibatches and scales[1] <= scales[0]
+        assert scales[0] == init_scale / 2**minibatches and scales[1] <= scales[0]
 
 
 def test_fp16_lora_ppo_resumes_with_its_loss_scale_and_adapters(tiny_prefs, tmp_path, monkeypatch, power_cut):
@@ -284,17 +319,23 @@ def test_fp16_lora_ppo_resumes_with_its_loss_scale_and_adapters(tiny_prefs, tmp_
     state (here a scale that overflow has halved) and the adapters are part of the resume point."""
     import ppo.train
 
-    init_scale = 2.0 ** 20  # the tiny model's first step overflows at this scale, the second does not
+    init_scale = 2.0**20  # the tiny model's first step overflows at this scale, the second does not
     monkeypatch.setattr(ppo.train, "grad_scaler", lambda *_: torch.amp.GradScaler("cpu", init_scale=init_scale))
     cfg, prefs = tiny_prefs
-    cfg = with_overrides(cfg, model={"precision": "fp16"}, lora={"enabled": True, "r": 4},
-                         ppo={"reward": "gold", "iterations": 3, "eval_every": 3, "checkpoint_every": 2,
-                              "learning_rate": 1e-3})
+    cfg = with_overrides(
+        cfg,
+        model={"precision": "fp16"},
+        lora={"enabled": True, "r": 4},
+        ppo={"reward": "gold", "iterations": 3, "eval_every": 3, "checkpoint_every": 2, "learning_rate": 1e-3},
+    )
 
     def train_rows(runs_dir):
         result = train_ppo(dataclasses.replace(cfg, runs_dir=str(runs_dir)), prefs, None, seed=0)
-        return [{k: v for k, v in r.items() if k != "wall_seconds" and not k.startswith("time/")}
-                for r in read_jsonl(result.run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
+        return [
+            {k: v for k, v in r.items() if k != "wall_seconds" and not k.startswith("time/")}
+            for r in read_jsonl(result.run_dir / "metrics.jsonl")[0]
+            if r["kind"] == "train"
+        ]
 
     uninterrupted = train_rows(tmp_path / "a")
     real_sample = power_cut(ppo.train, "sample", 3)  # the rollout of iteration 3

@@ -25,9 +25,19 @@ from rlhf.models import resolve_model_path
 
 # Allowed to differ between two runs: wall-clock, and the evaluator's own cost, which is 0 where pi_ref's samples
 # came from the eval cache that the first run wrote.
-TIMING = ("wall_seconds", "eval/seconds", "time/rollout", "time/scoring", "time/update", "eval/sampling_seconds",
-          "eval/scoring_seconds", "eval/sampled_tokens", "eval/scored_tokens", "eval/flops",
-          "step_time")  # TRL's RLOO and online DPO log each step's seconds
+TIMING = (
+    "wall_seconds",
+    "eval/seconds",
+    "time/rollout",
+    "time/scoring",
+    "time/update",
+    "eval/sampling_seconds",
+    "eval/scoring_seconds",
+    "eval/sampled_tokens",
+    "eval/scored_tokens",
+    "eval/flops",
+    "step_time",
+)  # TRL's RLOO and online DPO log each step's seconds
 PPO = ("ppo.iterations=8", "ppo.checkpoint_every=2", "ppo.adaptive_kl=true")  # adaptive: beta must resume too
 DPO = ("dpo.checkpoint_every=1", "dpo.batch_size=4", "budget.pairs=16")  # 4 half batches: TRL's steps are slow on CPU
 RLOO = ("rloo.checkpoint_every=1",)  # the online methods: TRL's Trainer checkpoints, as DPO's
@@ -40,8 +50,9 @@ def _command(method: str, runs: Path, *overrides: str) -> list[str]:
 
 
 def _run(method: str, runs: Path, *overrides: str) -> subprocess.CompletedProcess:
-    out = subprocess.run(_command(method, runs, *overrides), cwd=PROJECT_ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        _command(method, runs, *overrides), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -71,8 +82,9 @@ def _assert_same_run(a: Path, b: Path) -> None:
     """Same numbers in every metrics row, same eval samples, same final weights."""
     assert _numbers(a) == _numbers(b)
     assert _files(a / "samples") == _files(b / "samples")
-    assert (a / "checkpoints/final/model.safetensors").read_bytes() == \
-        (b / "checkpoints/final/model.safetensors").read_bytes()
+    assert (a / "checkpoints/final/model.safetensors").read_bytes() == (
+        b / "checkpoints/final/model.safetensors"
+    ).read_bytes()
 
 
 def _kill_after_checkpoint(method: str, runs: Path, step: int, *overrides: str, log: Path) -> tuple[Path, int]:
@@ -83,8 +95,11 @@ def _kill_after_checkpoint(method: str, runs: Path, step: int, *overrides: str, 
         proc = subprocess.Popen(_command(method, runs, *overrides), cwd=PROJECT_ROOT, stdout=f, stderr=f)
 
     def committed() -> list[int]:
-        return [int(p.parent.name.removeprefix("checkpoint-")) for p in
-                (runs / "tiny" / method).glob(f"*/checkpoints/checkpoint-*/{CHECKPOINT_RECORD}")]
+        return [
+            int(p.parent.name.removeprefix("checkpoint-"))
+            for p in (runs / "tiny" / method).glob(f"*/checkpoints/checkpoint-*/{CHECKPOINT_RECORD}")
+        ]
+
     try:
         deadline = time.monotonic() + 300
         while not [n for n in committed() if n >= step]:
@@ -177,6 +192,7 @@ def test_a_baseline_run_again_is_reused_not_added(baseline, tmp_path, method):
 
 # --- numerical guards ------------------------------------------------------------------------------------------
 
+
 def _nan_reward_at(iteration: int, monkeypatch) -> None:
     """Make the reward model score NaN on the rollouts of `iteration` (evaluation scores stay finite)."""
     import ppo.train
@@ -191,15 +207,16 @@ def _nan_reward_at(iteration: int, monkeypatch) -> None:
     monkeypatch.setattr(ppo.train, "reward_scores", scores)
 
 
-def test_nan_reward_stops_ppo_at_that_iteration_keeps_the_checkpoint_and_shows_diverged(tmp_path, monkeypatch,
-                                                                                       capsys):
+def test_nan_reward_stops_ppo_at_that_iteration_keeps_the_checkpoint_and_shows_diverged(tmp_path, monkeypatch, capsys):
     runs = [f"runs_dir={tmp_path}", "ppo.checkpoint_every=2"]
     _nan_reward_at(3, monkeypatch)
     assert cli(["ppo", "--profile", "tiny", *runs]) == 3
     message = _message(capsys.readouterr().err)
     (run,) = _runs_of(tmp_path, "ppo")
-    assert message == (f"diverged: PPO iteration 3: reward is nan [last metrics row: step 2; run marked diverged: "
-                       f"{run}; last good checkpoint: {run / 'checkpoints' / 'checkpoint-2'}]")
+    assert message == (
+        f"diverged: PPO iteration 3: reward is nan [last metrics row: step 2; run marked diverged: "
+        f"{run}; last good checkpoint: {run / 'checkpoints' / 'checkpoint-2'}]"
+    )
     assert (run / "checkpoints" / "checkpoint-2" / CHECKPOINT_RECORD).exists()
     assert max(r["step"] for r in _numbers(run)) == 2
     record, *_ = read_run(run)  # what the report's tables say
@@ -216,8 +233,9 @@ def test_divergence_is_one_line_with_exit_status_3(baseline):
     stops there, before the backward pass and the optimizer step."""
     runs, _ = baseline
     before = set(_runs_of(runs, "ppo"))
-    out = subprocess.run(_command("ppo", runs, "ppo.learning_rate=1e30"), cwd=PROJECT_ROOT, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        _command("ppo", runs, "ppo.learning_rate=1e30"), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 3 and "Traceback" not in out.stderr
     assert _message(out.stderr).startswith("diverged: PPO iteration 1: loss is nan")
     (run,) = set(_runs_of(runs, "ppo")) - before
@@ -238,14 +256,16 @@ def test_nan_dpo_loss_stops_before_the_backward_pass(tmp_path, monkeypatch, caps
     (run,) = _runs_of(tmp_path, "dpo")
     assert _message(capsys.readouterr().err).startswith(
         f"diverged: DPO step 3: loss is nan [last metrics row: step 2; run marked diverged: {run}; last good "
-        f"checkpoint: {run / 'checkpoints' / 'checkpoint-2'}]")
+        f"checkpoint: {run / 'checkpoints' / 'checkpoint-2'}]"
+    )
     assert [r["step"] for r in _numbers(run) if r["kind"] == "train"] == [1, 2]
 
 
 # --- bad input: one line naming the culprit, exit status 2, earlier runs byte-identical ---------------------------
 
-GOOD_ROWS = [{"prompt": f"Question {i}?", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"}
-             for i in range(6)]
+GOOD_ROWS = [
+    {"prompt": f"Question {i}?", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(6)
+]
 
 
 TORN_LINE = '{"prompt": "p", "cho'  # a line cut short
@@ -279,32 +299,53 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["dpo.checkpoint_every=0"], "error: config key 'dpo.checkpoint_every': must be positive or null, got 0"),
         (["dpo.learning_rate=fast"], "config key 'dpo.learning_rate': expected a number, got 'fast'"),
         (["resume=maybe"], "config key 'resume': expected true or false, got 'maybe'"),
-        (["model.name_or_path=/no/such/model"],
-         "error: model.name_or_path: '/no/such/model' is not a local folder, and this profile is offline"),
-        ([f"model.name_or_path={tmp / 'empty-folder'}"],
-         f"error: model.name_or_path: '{tmp / 'empty-folder'}' has no config.json"),
-        ([f"model.name_or_path={broken}"],
-         f"error: cannot load a causal LM from '{broken}': Error while deserializing header"),
-        ([*prefs, f"task.path={tmp / 'none.jsonl'}"],
-         f"error: task.path: '{tmp / 'none.jsonl'}' is not a local file or folder, and this profile is offline"),
-        ([*prefs, f"task.path={_rows_file(tmp / 'missing.jsonl', {'prompt': 'p', 'chosen': 'a'})}"],
-         "error: missing.jsonl row 3: field 'rejected' is missing"),
-        ([*prefs, f"task.path={_rows_file(tmp / 'number.jsonl', {'prompt': 'p', 'chosen': 'a', 'rejected': 3})}"],
-         "error: number.jsonl row 3: field 'rejected' must be a string, got int"),
-        ([*prefs, f"task.path={_rows_file(tmp / 'list.jsonl', {'prompt': ['p'], 'chosen': 'a', 'rejected': 'b'})}"],
-         "error: list.jsonl row 3: field 'prompt' must be a string, got list"),
-        ([*prefs, f"task.path={_rows_file(tmp / 'blank.jsonl', {'prompt': 'p', 'chosen': '  ', 'rejected': 'b'})}"],
-         "error: blank.jsonl row 3: field 'chosen' is empty"),
-        ([*prefs, f"task.path={_rows_file(tmp / 'same.jsonl', {'prompt': 'p', 'chosen': 'x', 'rejected': 'x'})}"],
-         "error: same.jsonl row 3: 'chosen' and 'rejected' are identical"),
-        ([*prefs, f"task.path={_rows_file(tmp / 'torn.jsonl', TORN_LINE)}"],
-         "error: torn.jsonl row 3: invalid JSON"),
-        ([*prefs, f"task.path={_rows_file(tmp / 'array.jsonl', ['p', 'a', 'b'])}"],
-         "error: array.jsonl row 3: expected a JSON object with fields chosen, rejected (and prompt)"),
+        (
+            ["model.name_or_path=/no/such/model"],
+            "error: model.name_or_path: '/no/such/model' is not a local folder, and this profile is offline",
+        ),
+        (
+            [f"model.name_or_path={tmp / 'empty-folder'}"],
+            f"error: model.name_or_path: '{tmp / 'empty-folder'}' has no config.json",
+        ),
+        (
+            [f"model.name_or_path={broken}"],
+            f"error: cannot load a causal LM from '{broken}': Error while deserializing header",
+        ),
+        (
+            [*prefs, f"task.path={tmp / 'none.jsonl'}"],
+            f"error: task.path: '{tmp / 'none.jsonl'}' is not a local file or folder, and this profile is offline",
+        ),
+        (
+            [*prefs, f"task.path={_rows_file(tmp / 'missing.jsonl', {'prompt': 'p', 'chosen': 'a'})}"],
+            "error: missing.jsonl row 3: field 'rejected' is missing",
+        ),
+        (
+            [*prefs, f"task.path={_rows_file(tmp / 'number.jsonl', {'prompt': 'p', 'chosen': 'a', 'rejected': 3})}"],
+            "error: number.jsonl row 3: field 'rejected' must be a string, got int",
+        ),
+        (
+            [*prefs, f"task.path={_rows_file(tmp / 'list.jsonl', {'prompt': ['p'], 'chosen': 'a', 'rejected': 'b'})}"],
+            "error: list.jsonl row 3: field 'prompt' must be a string, got list",
+        ),
+        (
+            [*prefs, f"task.path={_rows_file(tmp / 'blank.jsonl', {'prompt': 'p', 'chosen': '  ', 'rejected': 'b'})}"],
+            "error: blank.jsonl row 3: field 'chosen' is empty",
+        ),
+        (
+            [*prefs, f"task.path={_rows_file(tmp / 'same.jsonl', {'prompt': 'p', 'chosen': 'x', 'rejected': 'x'})}"],
+            "error: same.jsonl row 3: 'chosen' and 'rejected' are identical",
+        ),
+        ([*prefs, f"task.path={_rows_file(tmp / 'torn.jsonl', TORN_LINE)}"], "error: torn.jsonl row 3: invalid JSON"),
+        (
+            [*prefs, f"task.path={_rows_file(tmp / 'array.jsonl', ['p', 'a', 'b'])}"],
+            "error: array.jsonl row 3: expected a JSON object with fields chosen, rejected (and prompt)",
+        ),
         ([*prefs, f"task.path={tmp / 'empty.jsonl'}"], "error: empty.jsonl: 0 usable preference rows, need at least 5"),
-        ([*prefs, f"task.path={long_prompts}", "task.max_prompt_tokens=64"],
-         "error: long.jsonl: 0 usable preference rows, need at least 5 (a fifth are held out for evaluation; "
-         "dropped: {'prompt longer than task.max_prompt_tokens': 6})"),
+        (
+            [*prefs, f"task.path={long_prompts}", "task.max_prompt_tokens=64"],
+            "error: long.jsonl: 0 usable preference rows, need at least 5 (a fifth are held out for evaluation; "
+            "dropped: {'prompt longer than task.max_prompt_tokens': 6})",
+        ),
         (["dpo.max_length=8"], "error: dpo.max_length=8: every training pair's prompt alone is that long"),
     ]
 
@@ -322,8 +363,10 @@ def test_bad_input_gets_one_line_naming_the_culprit_and_earlier_runs_stay_byte_i
     assert cli(["dpo", "--profile", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown profile 'nope'")
     assert cli(["ppo", "--profile", "tiny", f"runs_dir={baseline}", "reward_model.max_length=8"]) == 2
-    assert _message(capsys.readouterr().err) == ("error: reward_model.max_length=8: every training pair is longer, "
-                                                 "so RewardTrainer drops them all; raise reward_model.max_length")
+    assert _message(capsys.readouterr().err) == (
+        "error: reward_model.max_length=8: every training pair is longer, "
+        "so RewardTrainer drops them all; raise reward_model.max_length"
+    )
     assert {p: b for p, b in _files(baseline).items() if p in before} == before
 
     # Only the two max_length cases get as far as a run directory: a new one each, failed with the error.
@@ -359,13 +402,14 @@ def test_corrupt_checkpoint_is_named_then_a_failed_run_resumes(tmp_path, monkeyp
     state = run / "checkpoints" / "checkpoint-2" / "pytorch_model.bin"
     intact = state.read_bytes()
 
-    state.write_bytes(intact[:len(intact) // 2])  # a torn file (a disk filling up, a bad copy)
+    state.write_bytes(intact[: len(intact) // 2])  # a torn file (a disk filling up, a bad copy)
     before = _files(tmp_path)
     assert cli(args) == 2
     assert _message(capsys.readouterr().err) == (
         f"error: checkpoint {run}/checkpoints/checkpoint-2 is corrupt: pytorch_model.bin differs from what was saved "
         "(sha256); delete that folder to resume from an earlier checkpoint (or from the start), or set resume=false "
-        "to leave this run as it is and start a new one")
+        "to leave this run as it is and start a new one"
+    )
     assert _files(tmp_path) == before
 
     state.write_bytes(intact)
@@ -401,8 +445,16 @@ def test_over_long_pairs_are_counted(tiny_path, tokenizer, tmp_path):
 
     cfg = load_config("tiny", [f"runs_dir={tmp_path}", "dpo.max_length=36"])
     prefs = build_preferences(cfg)
-    trainer = build_trainer(cfg, load_causal_lm(tiny_path), freeze(load_causal_lm(tiny_path)), tokenizer,
-                            prefs.train, 0, tmp_path / "out", [])
+    trainer = build_trainer(
+        cfg,
+        load_causal_lm(tiny_path),
+        freeze(load_causal_lm(tiny_path)),
+        tokenizer,
+        prefs.train,
+        0,
+        tmp_path / "out",
+        [],
+    )
     counts = count_long_pairs(trainer, 36)
 
     # The same counts from the pairs' token lengths, tokenised as TRL does (rlhf.sequences)
@@ -412,6 +464,10 @@ def test_over_long_pairs_are_counted(tiny_path, tokenizer, tmp_path):
     longest = prompt_len + torch.maximum(chosen.response_mask.sum(dim=1), rejected.response_mask.sum(dim=1))
     dropped, cut = int((prompt_len >= 36).sum()), int(((prompt_len < 36) & (longest > 36)).sum())
     assert dropped > 0 and cut > 0
-    assert counts == {"given": len(prefs.train), "dropped_prompt_too_long": dropped, "used": len(prefs.train) - dropped,
-                      "truncated": cut}
+    assert counts == {
+        "given": len(prefs.train),
+        "dropped_prompt_too_long": dropped,
+        "used": len(prefs.train) - dropped,
+        "truncated": cut,
+    }
     assert count_long_pairs(trainer, None)["truncated"] == 0

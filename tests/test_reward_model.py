@@ -33,8 +33,16 @@ def _planted(prompts: list[str], seed: int) -> list[dict]:
     rows = []
     for p in prompts:
         body = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": p, "chosen": f"{body} wonderful", "rejected": f"{body} terrible",
-                     "gold_chosen": 1.0, "gold_rejected": -1.0, "p_chosen": 1.0})
+        rows.append(
+            {
+                "prompt": p,
+                "chosen": f"{body} wonderful",
+                "rejected": f"{body} terrible",
+                "gold_chosen": 1.0,
+                "gold_rejected": -1.0,
+                "p_chosen": 1.0,
+            }
+        )
     return rows
 
 
@@ -43,11 +51,15 @@ def test_our_scoring_matches_reward_trainer_loss(tiny_path, tokenizer):
     reward used at evaluation and in PPO is the very function RewardTrainer optimises."""
     rows = _planted([f"<|im_start|>user\nreview {i}<|im_end|>\n<|im_start|>assistant\n" for i in range(4)], 0)
     model = load_scalar_model(tiny_path, tokenizer.pad_token_id)
-    args = RewardConfig(output_dir="/tmp/rm-test", per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                        max_length=128)
-    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
-                            train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
-                                                             for r in rows]))
+    args = RewardConfig(
+        output_dir="/tmp/rm-test", per_device_train_batch_size=4, report_to=[], use_cpu=True, max_length=128
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
+    )
     inputs = next(iter(trainer.get_train_dataloader()))
     model.eval()
     with torch.no_grad():
@@ -61,13 +73,18 @@ def test_our_scoring_matches_reward_trainer_loss(tiny_path, tokenizer):
 
 def test_reward_model_learns_a_planted_preference(tiny_cfg, tokenizer):
     from rlhf.tasks import load_task
+
     task = load_task(tiny_cfg.task, tokenizer)
-    prefs = PreferenceSet(path=None, manifest={"sha256": "planted"},
-                          train=Dataset.from_list(_planted(task.train_prompts, 1)),
-                          heldout=Dataset.from_list(_planted(task.eval_prompts * 2, 2)),
-                          validation=Dataset.from_list([]))
-    cfg = load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "reward_model.learning_rate=0.002",
-                               "reward_model.epochs=3"])
+    prefs = PreferenceSet(
+        path=None,
+        manifest={"sha256": "planted"},
+        train=Dataset.from_list(_planted(task.train_prompts, 1)),
+        heldout=Dataset.from_list(_planted(task.eval_prompts * 2, 2)),
+        validation=Dataset.from_list([]),
+    )
+    cfg = load_config(
+        "tiny", [f"runs_dir={tiny_cfg.runs_dir}", "reward_model.learning_rate=0.002", "reward_model.epochs=3"]
+    )
     result = train_reward_model(cfg, prefs, seed=0)
     assert result.heldout["heldout/rm_accuracy"] >= 0.9 and result.heldout["heldout/rm_margin"] > 0.5
     assert result.heldout["heldout/gold_accuracy"] == 1.0
@@ -95,23 +112,48 @@ def test_same_seed_same_reward_model_in_two_fresh_processes(tmp_path):
     from safetensors.torch import load_file
 
     pairs = tmp_path / "pairs.jsonl"  # the task's own pairs: nothing to sample before training
-    pairs.write_text("".join(json.dumps({"prompt": f"Review film {i}.", "chosen": f"A fine film, {i} stars.",
-                                         "rejected": f"Dull, {i} minutes too long."}) + "\n" for i in range(40)))
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"Review film {i}.",
+                    "chosen": f"A fine film, {i} stars.",
+                    "rejected": f"Dull, {i} minutes too long.",
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
     saved = []
     for name in ("runs_a", "runs_b"):
-        out = subprocess.run([sys.executable, "-c", TRAIN_ONE, f"runs_dir={tmp_path / name}", "task.name=preferences",
-                              f"task.path={pairs}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                TRAIN_ONE,
+                f"runs_dir={tmp_path / name}",
+                "task.name=preferences",
+                f"task.path={pairs}",
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         saved.append(out.stdout.strip().splitlines()[-1])
     a, b = (load_file(f"{path}/model.safetensors") for path in saved)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
-        [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [
+        k for k in a if not torch.equal(a[k], b[k])
+    ]
     shifts = [json.loads((Path(path) / "config.json").read_text())["reward_shift"] for path in saved]
     assert shifts[0] == shifts[1]
 
 
-def test_a_reward_model_cut_mid_training_resumes_and_ends_as_an_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch,
-                                                                                  power_cut):
+def test_a_reward_model_cut_mid_training_resumes_and_ends_as_an_uninterrupted_one(
+    tiny_cfg, tmp_path, monkeypatch, power_cut
+):
     """Issue #20, item 5: a crash at step 3 of 4 leaves the resume point of step 2; run again, the reward model goes on
     from it in the same directory, trains steps 3 and 4 only, and ends with an uninterrupted run's weights, metrics
     and held-out numbers."""
@@ -137,8 +179,10 @@ def test_a_reward_model_cut_mid_training_resumes_and_ends_as_an_uninterrupted_on
     assert [(r["from_step"], r["previous_status"]) for r in manifest["resumed"]] == [(2, "failed")]
     assert (resumed.path / "model.safetensors").read_bytes() == (uninterrupted.path / "model.safetensors").read_bytes()
     assert (resumed.shift, resumed.heldout) == (uninterrupted.shift, uninterrupted.heldout)
-    numbers = [[{k: v for k, v in row.items() if k != "wall_seconds"} for row in read_jsonl(run / "metrics.jsonl")[0]]
-               for run in (uninterrupted.run_dir, cut)]
+    numbers = [
+        [{k: v for k, v in row.items() if k != "wall_seconds"} for row in read_jsonl(run / "metrics.jsonl")[0]]
+        for run in (uninterrupted.run_dir, cut)
+    ]
     assert numbers[0] == numbers[1] and [r["step"] for r in numbers[0]] == [1, 2, 3, 4, 4]  # 4 train rows, 1 eval
 
 

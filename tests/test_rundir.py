@@ -44,8 +44,10 @@ def test_crashed_run_says_failed_with_the_error(tiny_cfg):
 
 def test_runs_started_at_once_never_share_a_directory(tiny_cfg):
     paths = []
-    threads = [threading.Thread(target=lambda: paths.append(
-        RunDir.create(tiny_cfg, "dpo", 0, torch.device("cpu"), None).path)) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: paths.append(RunDir.create(tiny_cfg, "dpo", 0, torch.device("cpu"), None).path))
+        for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -74,6 +76,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
 
 
 # --- resume: which run is continued, from which checkpoint, and what is dropped (docs/reliability.md) ---------
+
 
 def _interrupted_run(cfg, steps=(0, 1, 2, 3), checkpoints=(2,)):
     """A run as a kill leaves it: rows up to step 3 (and half a line), samples, committed checkpoint(s)."""
@@ -110,8 +113,9 @@ def test_a_killed_run_is_resumed_once_from_its_checkpoint_and_a_live_one_never(t
     assert resumed.path == run.path and checkpoint == run.path / "checkpoints" / "checkpoint-2"
     rows, bad = read_jsonl(run.path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2] and bad == []  # rows after the checkpoint (and the torn line) go
-    assert sorted(p.name for p in (run.path / "samples").iterdir()) == [f"eval_step00000{s}{suffix}" for s in (0, 1, 2)
-                                                                         for suffix in (".jsonl", ".prompts.csv")]
+    assert sorted(p.name for p in (run.path / "samples").iterdir()) == [
+        f"eval_step00000{s}{suffix}" for s in (0, 1, 2) for suffix in (".jsonl", ".prompts.csv")
+    ]
     m = json.loads((run.path / "manifest.json").read_text())
     assert m["status"] == "running" and m["resumed"][0]["from_step"] == 2
     assert m["resumed"][0]["previous_status"] == "running"
@@ -144,25 +148,51 @@ def test_a_methods_own_section_keys_its_runs_alone(tiny_cfg):
     """DPO's settings key DPO's runs, not PPO's (and the reward model's settings key the reward model, whatever the
     beta, which keys PPO through its path alone): tuning one method leaves the others' completed runs reusable. A
     shared key (beta, the budget) keys them all; trackers and resume intervals key none."""
+
     def key(method, **values):
         return run_key(tiny_cfg.with_values(values), method, 0, "abc", None)
 
     def rm_key(**values):
         return reward_model_key(tiny_cfg.with_values(values), "abc", 0)
-    assert key("ppo", **{"rloo.learning_rate": 0.123, "dpo.learning_rate": 0.123, "reward_model.learning_rate": 0.123,
-                         "preferred_ft.learning_rate": 0.123, "bon.n": [1]}) == key("ppo") != key("ppo", beta=0.2)
+
+    assert (
+        key(
+            "ppo",
+            **{
+                "rloo.learning_rate": 0.123,
+                "dpo.learning_rate": 0.123,
+                "reward_model.learning_rate": 0.123,
+                "preferred_ft.learning_rate": 0.123,
+                "bon.n": [1],
+            },
+        )
+        == key("ppo")
+        != key("ppo", beta=0.2)
+    )
     assert key("ppo-gt", **{"ppo.learning_rate": 0.123}) != key("ppo-gt")
     assert key("dpo", **{"ppo.learning_rate": 0.123, "reward_model.learning_rate": 0.123}) == key("dpo")
     assert key("dpo", **{"dpo.learning_rate": 0.123}) != key("dpo") != key("dpo", **{"budget.epochs": 3})
-    assert key("dpo-ipo", **{"dpo.learning_rate": 0.123}) != key("dpo-ipo") == key("dpo-ipo", **{
-        "ppo.learning_rate": 0.123})
-    assert rm_key(**{"dpo.learning_rate": 0.123, "beta": 0.2}) == rm_key() != rm_key(**{
-        "reward_model.learning_rate": 0.123})
-    assert key("preferred-ft", **{"preferred_ft.learning_rate": 0.123}) != key("preferred-ft") == key(
-        "preferred-ft", **{"dpo.learning_rate": 0.123})
+    assert (
+        key("dpo-ipo", **{"dpo.learning_rate": 0.123})
+        != key("dpo-ipo")
+        == key("dpo-ipo", **{"ppo.learning_rate": 0.123})
+    )
+    assert (
+        rm_key(**{"dpo.learning_rate": 0.123, "beta": 0.2})
+        == rm_key()
+        != rm_key(**{"reward_model.learning_rate": 0.123})
+    )
+    assert (
+        key("preferred-ft", **{"preferred_ft.learning_rate": 0.123})
+        != key("preferred-ft")
+        == key("preferred-ft", **{"dpo.learning_rate": 0.123})
+    )
     assert key("rloo", **{"rloo.learning_rate": 0.123}) != key("rloo") and key("rloo") != key("ppo")
-    assert key("online-dpo", **{"online_dpo.batch_size": 6}) != key("online-dpo") == key("online-dpo", **{
-        "rloo.learning_rate": 0.123, "dpo.learning_rate": 0.123})
+    assert (
+        key("online-dpo", **{"online_dpo.batch_size": 6})
+        != key("online-dpo")
+        == key("online-dpo", **{"rloo.learning_rate": 0.123, "dpo.learning_rate": 0.123})
+    )
     assert key("dpo", report_to=["tensorboard"]) == key("dpo") == key("dpo", **{"dpo.checkpoint_every": 3})
     assert key("ppo", **{"ppo.checkpoint_every": 3}) == key("ppo")
 
@@ -170,8 +200,11 @@ def test_a_methods_own_section_keys_its_runs_alone(tiny_cfg):
 def test_only_a_run_with_the_same_config_and_seed_is_resumed(tiny_cfg):
     run = _interrupted_run(tiny_cfg)
     run.release()
-    for cfg, seed in ((tiny_cfg, 1), (load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "beta=0.2"]), 0),
-                      (load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "resume=false"]), 0)):
+    for cfg, seed in (
+        (tiny_cfg, 1),
+        (load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "beta=0.2"]), 0),
+        (load_config("tiny", [f"runs_dir={tiny_cfg.runs_dir}", "resume=false"]), 0),
+    ):
         new, checkpoint = _open(cfg, seed)
         assert new.path != run.path and checkpoint is None
         new.finish()
@@ -184,9 +217,18 @@ def test_a_model_later_runs_reuse_is_resumed_and_reused_by_one_key(tiny_cfg):
     """A reward model is named by its artefact key alone: a killed one is continued by the next run with that key
     whatever settings it does not depend on (beta), the completed one is what later runs find by the same key, and
     another key is another model."""
+
     def open_reward_model(cfg):
-        return RunDir.open(cfg, "reward_model", 0, torch.device("cpu"), "abc", key="reward_model_key",
-                           extra={"reward_model_key": reward_model_key(cfg, "abc", 0)})
+        return RunDir.open(
+            cfg,
+            "reward_model",
+            0,
+            torch.device("cpu"),
+            "abc",
+            key="reward_model_key",
+            extra={"reward_model_key": reward_model_key(cfg, "abc", 0)},
+        )
+
     killed, _ = open_reward_model(tiny_cfg)
     killed.release()
     other_beta = tiny_cfg.with_values({"beta": 0.2})
@@ -210,8 +252,11 @@ def test_half_written_checkpoint_is_ignored_and_corrupt_one_is_named_with_nothin
     state = run.path / "checkpoints" / "checkpoint-2" / "state.pt"
     state.write_bytes(b"\x00" + state.read_bytes()[1:])
     before = _files(run.path)
-    with pytest.raises(UserError, match=rf"checkpoint {run.path}/checkpoints/checkpoint-2 is corrupt: state\.pt "
-                                        r"differs from what was saved \(sha256\); delete that folder"):
+    with pytest.raises(
+        UserError,
+        match=rf"checkpoint {run.path}/checkpoints/checkpoint-2 is corrupt: state\.pt "
+        r"differs from what was saved \(sha256\); delete that folder",
+    ):
         _open(tiny_cfg)
     assert _files(run.path) == before  # nothing rewound, manifest untouched
     state.unlink()
@@ -229,8 +274,10 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_own_direct
     run.release()
     again, checkpoint = _open(tiny_cfg)
     assert again.path == run.path and checkpoint is None
-    assert (f"resuming {run.path} (status running) from the start: it stopped before its first checkpoint"
-            in capsys.readouterr().out)
+    assert (
+        f"resuming {run.path} (status running) from the start: it stopped before its first checkpoint"
+        in capsys.readouterr().out
+    )
     assert read_jsonl(run.path / "metrics.jsonl") == ([], []) and not list((run.path / "samples").iterdir())
     m = json.loads((run.path / "manifest.json").read_text())
     assert m["status"] == "running" and m["resumed"][0]["from_step"] is None
@@ -300,15 +347,25 @@ def test_what_people_read_gets_the_permissions_the_umask_gives(umask_027, tmp_pa
     run.finish()
     save_model(load_causal_lm(tiny_path), tokenizer, run.path / "checkpoints" / "final")
     pairs = tmp_path / "pairs.jsonl"  # a task with its own pairs: nothing to sample, so the set is built in a blink
-    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n"
-                             for i in range(10)))
-    prefs = build_preferences(load_config("tiny", [f"runs_dir={tmp_path / 'runs'}", "task.name=preferences",
-                                                   f"task.path={pairs}"]))
+    pairs.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n" for i in range(10))
+    )
+    prefs = build_preferences(
+        load_config("tiny", [f"runs_dir={tmp_path / 'runs'}", "task.name=preferences", f"task.path={pairs}"])
+    )
 
     written = [out, run.path, prefs.path]
     files = [p for root in written for p in root.rglob("*") if p.is_file() and p.name != ".lock"]
-    assert {"index.html", "summary.md", "headline.csv", "frontier.png", "manifest.json", "config.yaml",
-            "model.safetensors", "dataset_dict.json"} <= {p.name for p in files}
+    assert {
+        "index.html",
+        "summary.md",
+        "headline.csv",
+        "frontier.png",
+        "manifest.json",
+        "config.yaml",
+        "model.safetensors",
+        "dataset_dict.json",
+    } <= {p.name for p in files}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o640" for p in files}
     folders = [*written, *(p for root in written for p in root.rglob("*") if p.is_dir())]
     assert {str(p): oct(p.stat().st_mode & 0o777) for p in folders} == {str(p): "0o750" for p in folders}

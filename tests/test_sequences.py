@@ -1,8 +1,14 @@
 import torch
 
 from rlhf.models import autocast
-from rlhf.sequences import (SequenceBatch, encode_completions, response_logprobs, sample, sequence_scores,
-                            truncate_after_eos)
+from rlhf.sequences import (
+    SequenceBatch,
+    encode_completions,
+    response_logprobs,
+    sample,
+    sequence_scores,
+    truncate_after_eos,
+)
 
 
 def test_truncate_after_eos_keeps_first_eos_and_pads_the_rest():
@@ -27,8 +33,8 @@ def _hand_logprobs(model, prompt: list[int], response: list[int], temperature: f
 
 
 def test_response_logprobs_on_padded_batch_match_hand_gather(tiny_model, tokenizer):
-    prompts = [[11, 12, 13, 14, 15], [21, 22]]          # different lengths -> left padding
-    responses = [[31, 32, 2], [41, 42, 43, 44]]           # different lengths -> right padding
+    prompts = [[11, 12, 13, 14, 15], [21, 22]]  # different lengths -> left padding
+    responses = [[31, 32, 2], [41, 42, 43, 44]]  # different lengths -> right padding
     pad = tokenizer.pad_token_id
     p_len, r_len = 5, 4
     batch = SequenceBatch(
@@ -42,8 +48,8 @@ def test_response_logprobs_on_padded_batch_match_hand_gather(tiny_model, tokeniz
             got, entropy = response_logprobs(tiny_model, batch, temperature, with_entropy=True)
         for i in range(2):
             want = _hand_logprobs(tiny_model, prompts[i], responses[i], temperature)
-            assert torch.allclose(got[i, :len(want)], torch.tensor(want), atol=1e-5)
-            assert (got[i, len(want):] == 0).all()
+            assert torch.allclose(got[i, : len(want)], torch.tensor(want), atol=1e-5)
+            assert (got[i, len(want) :] == 0).all()
         assert (entropy[0, :3] > 0).all() and entropy[0, 3] == 0
 
 
@@ -58,6 +64,7 @@ def test_encode_completions_splits_like_trl_and_appends_eos(tokenizer):
 
 def test_sample_is_seeded_and_scores_are_per_sequence(tiny_model, tokenizer, tiny_path):
     from rlhf.models import load_scalar_model
+
     prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nreview<|im_end|>\n"]
     cpu = torch.device("cpu")
     torch.manual_seed(5)
@@ -68,16 +75,22 @@ def test_sample_is_seeded_and_scores_are_per_sequence(tiny_model, tokenizer, tin
     rm = load_scalar_model(tiny_path, tokenizer.pad_token_id)
     with torch.no_grad():
         scores = sequence_scores(rm, a)
-        alone = sequence_scores(rm, SequenceBatch(a.prompt_ids[1:], a.prompt_mask[1:], a.response_ids[1:],
-                                                  a.response_mask[1:]))
+        alone = sequence_scores(
+            rm, SequenceBatch(a.prompt_ids[1:], a.prompt_mask[1:], a.response_ids[1:], a.response_mask[1:])
+        )
     assert scores.shape == (2,) and torch.allclose(scores[1], alone[0], atol=1e-5)
 
 
 def test_with_eos_terminates_only_cut_responses():
     from rlhf.sequences import with_eos
+
     eos, pad = 2, 0
-    batch = SequenceBatch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
-                          torch.tensor([[5, 2, 0], [5, 6, 7]]), torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    batch = SequenceBatch(
+        torch.ones(2, 3, dtype=torch.long),
+        torch.ones(2, 3, dtype=torch.long),
+        torch.tensor([[5, 2, 0], [5, 6, 7]]),
+        torch.tensor([[1, 1, 0], [1, 1, 1]]),
+    )
     out = with_eos(batch, eos, pad)
     assert out.response_ids.tolist() == [[5, 2, 0, 0], [5, 6, 7, 2]]
     assert out.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
@@ -110,8 +123,10 @@ def test_a_tokenizer_that_adds_bos_gets_one_bos_and_trls_ids_everywhere(tiny_pat
     # the same ids as without the tokenizer's BOS, where the template's BOS stays in the text
     assert ids == tokenize_prompts(plain, [format_prompt(plain, messages, None)])[0][0].tolist()
     batch = encode_completions(tokenizer, [prompt], ["Great film."])
-    assert batch.prompt_ids[0].tolist() + batch.response_ids[0].tolist() == tokenizer(
-        prompt + "Great film." + tokenizer.eos_token).input_ids
+    assert (
+        batch.prompt_ids[0].tolist() + batch.response_ids[0].tolist()
+        == tokenizer(prompt + "Great film." + tokenizer.eos_token).input_ids
+    )
 
 
 def test_a_tokenizer_that_appends_eos_to_every_text_is_refused(tiny_path, tmp_path):
@@ -119,6 +134,7 @@ def test_a_tokenizer_that_appends_eos_to_every_text_is_refused(tiny_path, tmp_pa
 
     from rlhf.errors import UserError
     from rlhf.models import load_tokenizer
+
     tokenizer = load_tokenizer(tiny_path)
     tokenizer.add_eos_token = True
     tokenizer.save_pretrained(tmp_path)
@@ -130,10 +146,11 @@ def test_both_sides_of_a_pair_are_cut_where_the_first_diverges_from_the_prompt(t
     """A prompt cut mid-word (imdb's review prefixes): a completion's first token can merge with the prompt's last.
     TRL's DPOTrainer then starts both completions where the first of them diverges from the tokenised prompt."""
     from rlhf.sequences import encode_pairs
+
     prompt, chosen, rejected = "I loved this mov", "ie, a lot", " and the book"
     alone = tokenizer(prompt).input_ids
     full = {c: tokenizer(prompt + c + tokenizer.eos_token).input_ids for c in (chosen, rejected)}
-    assert full[chosen][:len(alone)] != alone and full[rejected][:len(alone)] == alone  # "mov"+"ie" merge
+    assert full[chosen][: len(alone)] != alone and full[rejected][: len(alone)] == alone  # "mov"+"ie" merge
     pair = encode_pairs(tokenizer, [prompt], [chosen], [rejected])
     cut = next(i for i, (a, b) in enumerate(zip(alone, full[chosen])) if a != b)
     for batch, completion in zip(pair, (chosen, rejected)):
@@ -147,6 +164,7 @@ def test_sampling_casts_each_linear_weight_once_and_computes_the_same_numbers(ti
     import contextlib
 
     from rlhf import sequences
+
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
     own = dict(tiny_model.named_parameters(remove_duplicate=False))
     prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nreview<|im_end|>\n"]
@@ -165,5 +183,6 @@ def test_sampling_casts_each_linear_weight_once_and_computes_the_same_numbers(ti
             monkeypatch.setattr(sequences, name, value)
         torch.manual_seed(3)
         return sample(tiny_model, tokenizer, prompts, 8, 1.0, torch.autocast("cpu", dtype=bf16)).response_ids
+
     cast_once = draw()
     assert torch.equal(cast_once, draw(linear_weights_cast=lambda model, device: contextlib.nullcontext()))

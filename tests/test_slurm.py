@@ -53,21 +53,50 @@ def _flags(script) -> dict[str, str | bool]:
     """The #SBATCH options of a script: --name=value as name: value, a bare --flag as flag: True."""
     lines = [line.removeprefix("#SBATCH --") for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
     return {name: value for name, _, value in (line.partition("=") for line in lines)} | {
-        line: True for line in lines if "=" not in line}
+        line: True for line in lines if "=" not in line
+    }
 
 
 def test_each_phase_is_one_array_held_until_the_phase_before_completed(tmp_path, sbatch, capsys):
-    overrides = ["seeds=[0,1]", "grid.launcher=slurm", "slurm.partition=gpu", "slurm.account=lab", "slurm.time_min=30",
-                 "slurm.cpus_per_job=8", "slurm.max_parallel=3", "slurm.sbatch=[constraint=h100, exclusive]"]
+    overrides = [
+        "seeds=[0,1]",
+        "grid.launcher=slurm",
+        "slurm.partition=gpu",
+        "slurm.account=lab",
+        "slurm.time_min=30",
+        "slurm.cpus_per_job=8",
+        "slurm.max_parallel=3",
+        "slurm.sbatch=[constraint=h100, exclusive]",
+    ]
     cfg = load_config("tiny", [f"runs_dir={tmp_path / 'runs'}", *overrides])
     assert slurm.main(cfg, overrides, wait=False) == 0
     scripts = [_flags(sbatch / f"{n}.sh") for n in range(len(list(sbatch.iterdir())))]
     assert len(scripts) == 3  # pi_ref's evaluation, the two reward models, the four runs
     for flags in scripts:
-        assert {k: flags.get(k) for k in ("partition", "account", "time", "gpus-per-node", "cpus-per-task", "job-name",
-                                          "constraint", "exclusive", "kill-on-invalid-dep")} == {
-            "partition": "gpu", "account": "lab", "time": "30", "gpus-per-node": "1", "cpus-per-task": "8",
-            "job-name": "grid-tiny", "constraint": "h100", "exclusive": True, "kill-on-invalid-dep": "yes"}
+        assert {
+            k: flags.get(k)
+            for k in (
+                "partition",
+                "account",
+                "time",
+                "gpus-per-node",
+                "cpus-per-task",
+                "job-name",
+                "constraint",
+                "exclusive",
+                "kill-on-invalid-dep",
+            )
+        } == {
+            "partition": "gpu",
+            "account": "lab",
+            "time": "30",
+            "gpus-per-node": "1",
+            "cpus-per-task": "8",
+            "job-name": "grid-tiny",
+            "constraint": "h100",
+            "exclusive": True,
+            "kill-on-invalid-dep": "yes",
+        }
     assert [flags.get("array") for flags in scripts] == [None, "0-1%2", "0-3%3"]
     assert [flags.get("dependency") for flags in scripts] == [None, "afterok:100", "afterok:101"]
     # every job the local grid's command line, with its log where the local grid writes it
@@ -75,16 +104,20 @@ def test_each_phase_is_one_array_held_until_the_phase_before_completed(tmp_path,
     calls = [DelayedSubmission.load(p) for p in pickles]
     assert {call.function for call in calls} == {slurm.run_job}
     submitted = {os.path.basename(call.args[1]).removesuffix(".log"): call.args[0] for call in calls}
-    assert submitted == {job.label: grid.command_line(job, "tiny", overrides, [])
-                         for phase in grid.phases(cfg) for job in phase}
+    assert submitted == {
+        job.label: grid.command_line(job, "tiny", overrides, []) for phase in grid.phases(cfg) for job in phase
+    }
     out = capsys.readouterr().out
     assert "submitted as 101, held until 100 completed" in out and "squeue -u $USER --name grid-tiny" in out
 
 
 def test_what_slurm_refuses_is_one_line(tmp_path, sbatch, capsys):
     cfg = load_config("tiny", [f"runs_dir={tmp_path}", "grid.launcher=slurm", "slurm.partition=nope"])
-    with pytest.raises(UserError, match=r"^sbatch refused the grid's jobs: sbatch: error: invalid partition "
-                                        r"specified: nope sbatch: error: Batch job submission failed"):
+    with pytest.raises(
+        UserError,
+        match=r"^sbatch refused the grid's jobs: sbatch: error: invalid partition "
+        r"specified: nope sbatch: error: Batch job submission failed",
+    ):
         slurm.main(cfg, [])
     assert capsys.readouterr().err == ""  # said once, by the error
     with pytest.raises(UserError, match=r"'slurm.sbatch\[1\]': '--qos=low' is not an sbatch option without its"):
@@ -95,9 +128,14 @@ def test_what_slurm_refuses_is_one_line(tmp_path, sbatch, capsys):
 
 
 def test_without_slurm_here_the_cli_says_so_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pipelines", "grid", "--profile", "tiny", f"runs_dir={tmp_path}",
-                          "grid.launcher=slurm"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PATH": str(tmp_path)})  # no srun on this PATH
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines", "grid", "--profile", "tiny", f"runs_dir={tmp_path}", "grid.launcher=slurm"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": str(tmp_path)},
+    )  # no srun on this PATH
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: slurm.executor=slurm: Could not detect") and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
@@ -105,16 +143,19 @@ def test_without_slurm_here_the_cli_says_so_in_one_line(tmp_path):
 
 def test_where_a_run_ran_leaves_its_key_alone():
     plain = load_config("tiny")
-    cluster = load_config("tiny", ["grid.launcher=slurm", "slurm.partition=gpu", "slurm.gpus_per_job=8",
-                                   "slurm.sbatch=[exclusive]"])
+    cluster = load_config(
+        "tiny", ["grid.launcher=slurm", "slurm.partition=gpu", "slurm.gpus_per_job=8", "slurm.sbatch=[exclusive]"]
+    )
     for method in ("reference", "reward_model", "ppo", "dpo"):
         assert run_key(cluster, method, 0, "data", None) == run_key(plain, method, 0, "data", None)
 
 
 def _times(runs, method: str) -> list[tuple[str, str]]:
     """(started_at, finished_at) of every run of `method` (ISO-8601 UTC: ordered as strings)."""
-    return [(m["started_at"], m["finished_at"]) for m in
-            (json.loads(p.read_text()) for p in (runs / "tiny" / method).glob("*/manifest.json"))]
+    return [
+        (m["started_at"], m["finished_at"])
+        for m in (json.loads(p.read_text()) for p in (runs / "tiny" / method).glob("*/manifest.json"))
+    ]
 
 
 def test_the_grid_through_submitit_equals_the_local_grid_phase_by_phase(tmp_path):
@@ -124,8 +165,10 @@ def test_the_grid_through_submitit_equals_the_local_grid_phase_by_phase(tmp_path
         out = _finish(_cli("grid", *COMMON, f"runs_dir={tmp_path / name}", *launcher))
         seconds[name] = time.monotonic() - start
         assert "grid: all 7 jobs completed" in out
-    print(f"the tiny grid, 7 jobs: {seconds['local']:.0f} s locally (2 at a time), {seconds['submitit']:.0f} s "
-          "through submitit's local executor (a phase at once)")
+    print(
+        f"the tiny grid, 7 jobs: {seconds['local']:.0f} s locally (2 at a time), {seconds['submitit']:.0f} s "
+        "through submitit's local executor (a phase at once)"
+    )
     local, submitted = _evals(tmp_path / "local" / "tiny"), _evals(tmp_path / "submitit" / "tiny")
     assert set(submitted) == {(m, 0.1, s) for m in ("reward_model", "ppo", "dpo") for s in (0, 1)}
     assert submitted == local
@@ -138,8 +181,16 @@ def test_the_grid_through_submitit_equals_the_local_grid_phase_by_phase(tmp_path
     assert load_runs(runs / "tiny").runs["included"].all()  # submitit's records are no run to the report
     logs = runs / "tiny" / "grid-logs"
     assert sorted(p.stem for p in logs.glob("*.log")) == sorted(
-        ["reference", "reward_model-seed0", "reward_model-seed1", "ppo-beta0.1-seed0", "ppo-beta0.1-seed1",
-         "dpo-beta0.1-seed0", "dpo-beta0.1-seed1"])
+        [
+            "reference",
+            "reward_model-seed0",
+            "reward_model-seed1",
+            "ppo-beta0.1-seed0",
+            "ppo-beta0.1-seed1",
+            "dpo-beta0.1-seed0",
+            "dpo-beta0.1-seed1",
+        ]
+    )
 
 
 def test_a_failed_job_is_named_with_its_log_and_the_next_phase_never_starts(tmp_path):

@@ -28,8 +28,9 @@ def test_gold_at_kl_by_hand():
     # a trajectory whose KL dips: the first crossing counts (KL 4 is first reached between points 1 and 2)
     assert S.gold_at_kl([0, 9, 1, 16], [0, 3, 1, 4], 4) == pytest.approx(S.gold_at_kl([0, 9], [0, 3], 4))
     # vectorised over runs and levels: [2 runs] x [3 levels]
-    both = S.gold_at_kl(np.stack([d**2, d**2])[:, None, :], np.stack([0.1 * d, gold])[:, None, :],
-                        np.array([[1.0, 2.25, 4.0]]))
+    both = S.gold_at_kl(
+        np.stack([d**2, d**2])[:, None, :], np.stack([0.1 * d, gold])[:, None, :], np.array([[1.0, 2.25, 4.0]])
+    )
     assert both.shape == (2, 3) and both[1, 1] == pytest.approx(1.625) and both[0, 0] == pytest.approx(0.1)
 
 
@@ -73,8 +74,9 @@ def test_bootstrap_mean_by_hand():
 def test_words_by_hand():
     assert S.verdict_words(0.01, 0.2, 3, 4).startswith("PPO ahead")
     assert S.verdict_words(-0.2, -0.01, 3, 4).startswith("DPO ahead")
-    assert S.verdict_words(-0.1, 0.2, 3, 4) == ("Not distinguishable at 3 PPO and 4 DPO seeds: the 95% interval of "
-                                                "PPO − DPO contains 0.")
+    assert S.verdict_words(-0.1, 0.2, 3, 4) == (
+        "Not distinguishable at 3 PPO and 4 DPO seeds: the 95% interval of PPO − DPO contains 0."
+    )
     assert S.verdict_words(0.1, 0.2, 1, 4).startswith("No verdict: PPO has 1 seed")
 
 
@@ -98,12 +100,14 @@ def test_at_levels_by_hand():
 def test_t_contrast_is_welch_by_hand():
     """Without a prompt term: Welch's interval and p, as scipy computes them from the same values."""
     from scipy.stats import ttest_ind
+
     a, b = np.array([0.41, 0.30, 0.33]), np.array([0.50, 0.52, 0.44, 0.47])
     c = S.t_contrast([a, b], None)
     ref = ttest_ind(a, b, equal_var=False)
     lo, hi = ref.confidence_interval(0.95)
     assert (float(c.estimate), float(c.lo), float(c.hi), float(c.p)) == pytest.approx(
-        (a.mean() - b.mean(), lo, hi, ref.pvalue))
+        (a.mean() - b.mean(), lo, hi, ref.pvalue)
+    )
     # by hand: se² = 0.003033/3 + 0.001233/4 and Welch–Satterthwaite's df
     va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 4
     assert float(c.df) == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 3))

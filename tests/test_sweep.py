@@ -16,8 +16,14 @@ from rlhf.tasks import load_task
 
 def test_dpo_sweep_on_tiny_judges_every_point_on_validation_prompts_only(tmp_path, tokenizer):
     runs, reports = tmp_path / "runs", tmp_path / "reports"
-    overrides = [f"runs_dir={runs}", f"report.out_dir={reports}", "task.n_validation_prompts=6",
-                 "sweep.learning_rates=[1e-4,1e-3]", "sweep.epochs=[1]", "sweep.ppo_epochs=[1]"]
+    overrides = [
+        f"runs_dir={runs}",
+        f"report.out_dir={reports}",
+        "task.n_validation_prompts=6",
+        "sweep.learning_rates=[1e-4,1e-3]",
+        "sweep.epochs=[1]",
+        "sweep.ppo_epochs=[1]",
+    ]
     _sweep("dpo", overrides)
     table = pd.read_csv(reports / "tiny" / "sweep-dpo.csv")
     assert table["dpo.learning_rate"].tolist() == [1e-4, 1e-3] and (table["chosen"] == "←").sum() == 1
@@ -26,8 +32,11 @@ def test_dpo_sweep_on_tiny_judges_every_point_on_validation_prompts_only(tmp_pat
     for run_dir in table["run_dir"]:
         manifest = json.loads((tmp_path / run_dir / "manifest.json").read_text())
         assert manifest["eval_settings"]["split"] == "validation" and str(runs / "sweep") in run_dir
-        prompts = {json.loads(line)["prompt"] for f in (tmp_path / run_dir / "samples").glob("*.jsonl")
-                   for line in f.read_text().splitlines()}
+        prompts = {
+            json.loads(line)["prompt"]
+            for f in (tmp_path / run_dir / "samples").glob("*.jsonl")
+            for line in f.read_text().splitlines()
+        }
         assert prompts and prompts <= set(task.validation_prompts)  # never a test prompt
     assert not (runs / "tiny" / "dpo").exists()  # the profile's own runs directory holds no sweep run
 
@@ -37,17 +46,27 @@ def test_dpo_sweep_on_tiny_judges_every_point_on_validation_prompts_only(tmp_pat
 
 
 def _sweep(method: str, overrides: list[str]) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "pipelines", "sweep", "--profile", "tiny", f"sweep.method={method}",
-                          *overrides], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines", "sweep", "--profile", "tiny", f"sweep.method={method}", *overrides],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
 @pytest.mark.parametrize("method", ["reward_model", "ppo"])
 def test_a_sweep_run_again_reuses_its_completed_points(tmp_path, method):
-    overrides = [f"runs_dir={tmp_path / 'runs'}", f"report.out_dir={tmp_path / 'reports'}",
-                 "task.n_validation_prompts=6", "sweep.learning_rates=[1e-4]", "sweep.epochs=[1]",
-                 "sweep.ppo_epochs=[1]"]
+    overrides = [
+        f"runs_dir={tmp_path / 'runs'}",
+        f"report.out_dir={tmp_path / 'reports'}",
+        "task.n_validation_prompts=6",
+        "sweep.learning_rates=[1e-4]",
+        "sweep.epochs=[1]",
+        "sweep.ppo_epochs=[1]",
+    ]
     _sweep(method, overrides)
     runs = sorted((tmp_path / "runs" / "sweep" / "tiny").glob("*/*/manifest.json"))
     table = pd.read_csv(tmp_path / "reports" / "tiny" / f"sweep-{method}.csv")
@@ -57,8 +76,10 @@ def test_a_sweep_run_again_reuses_its_completed_points(tmp_path, method):
 
 
 def test_grids_have_equal_sizes_and_the_choice_respects_max_kl():
-    cfg = load_config("tiny", ["sweep.method=ppo", "sweep.learning_rates=[1e-5,3e-5]", "sweep.ppo_epochs=[1,2,4]",
-                               "sweep.epochs=[1,2,3]"])
+    cfg = load_config(
+        "tiny",
+        ["sweep.method=ppo", "sweep.learning_rates=[1e-5,3e-5]", "sweep.ppo_epochs=[1,2,4]", "sweep.epochs=[1,2,3]"],
+    )
     assert grid(cfg) == [{"ppo.learning_rate": lr, "ppo.ppo_epochs": n} for lr in (1e-5, 3e-5) for n in (1, 2, 4)]
     dpo = cfg.with_values({"sweep.method": "dpo"})
     assert len(grid(dpo)) == len(grid(cfg)) and {"budget.epochs", "dpo.learning_rate"} == set(grid(dpo)[0])
@@ -85,7 +106,8 @@ def test_every_point_is_compared_with_the_chosen_one_by_a_stated_interval(tmp_pa
         for step, scale in ((0, 0.0), (8, 1.0)):  # the last eval point is the one compared
             order = [3, 2, 1, 0] if i % 2 else [0, 1, 2, 3]  # rows in another order: paired by prompt_index
             pd.DataFrame({"prompt_index": order, "gold": [scale * gold[j] for j in order]}).to_csv(
-                tmp_path / str(i) / "samples" / f"eval_step{step:06d}.prompts.csv", index=False)
+                tmp_path / str(i) / "samples" / f"eval_step{step:06d}.prompts.csv", index=False
+            )
         runs.append(str(tmp_path / str(i)))
     points = pd.DataFrame({"eval/gold": [0.65, 0.9, 0.85, 1.0], "eval/kl": [1.0, 2.0, 3.0, 9.0], "run_dir": runs})
     dpo = load_config("tiny", ["sweep.method=dpo", "sweep.max_kl=5"])
@@ -100,28 +122,58 @@ def test_every_point_is_compared_with_the_chosen_one_by_a_stated_interval(tmp_pa
 
 def test_the_shared_budget_takes_the_smaller_chosen_passes_and_each_methods_best_rate_there():
     cfg = load_config("tiny", ["sweep.max_kl=10"])
-    rm = pd.DataFrame({"reward_model.learning_rate": [1e-5, 1e-5, 1e-4, 1e-4], "budget.epochs": [1, 2, 1, 2],
-                       "heldout/rm_accuracy": [0.6, 0.55, 0.5, 0.7]})  # chooses 2 passes; at 1 pass: 1e-5
-    dpo = pd.DataFrame({"dpo.learning_rate": [1e-5, 1e-5, 1e-4, 1e-4], "budget.epochs": [1, 2, 1, 2],
-                        "eval/gold": [0.3, 0.4, 0.9, 0.95], "eval/kl": [2.0, 3.0, 8.0, 20.0]})  # 1e-4 x 2: over 10
+    rm = pd.DataFrame(
+        {
+            "reward_model.learning_rate": [1e-5, 1e-5, 1e-4, 1e-4],
+            "budget.epochs": [1, 2, 1, 2],
+            "heldout/rm_accuracy": [0.6, 0.55, 0.5, 0.7],
+        }
+    )  # chooses 2 passes; at 1 pass: 1e-5
+    dpo = pd.DataFrame(
+        {
+            "dpo.learning_rate": [1e-5, 1e-5, 1e-4, 1e-4],
+            "budget.epochs": [1, 2, 1, 2],
+            "eval/gold": [0.3, 0.4, 0.9, 0.95],
+            "eval/kl": [2.0, 3.0, 8.0, 20.0],
+        }
+    )  # 1e-4 x 2: over 10
     assert shared_budget({"reward_model": rm, "dpo": dpo}, cfg) == {
-        "budget.epochs": 1, "reward_model.learning_rate": 1e-5, "dpo.learning_rate": 1e-4}
+        "budget.epochs": 1,
+        "reward_model.learning_rate": 1e-5,
+        "dpo.learning_rate": 1e-4,
+    }
     both_two = dpo.assign(**{"eval/kl": [2.0, 3.0, 8.0, 9.0]})  # both choose 2 passes: each its best there
     assert shared_budget({"reward_model": rm, "dpo": both_two}, cfg) == {
-        "budget.epochs": 2, "reward_model.learning_rate": 1e-4, "dpo.learning_rate": 1e-4}
-    assert shared_budget({"reward_model": rm, "dpo": dpo.assign(**{"eval/kl": [20.0, 20.0, 20.0, 3.0]})},
-                         cfg.with_values({"sweep.max_kl": 5.0})) == {
-        "budget.epochs": 2, "reward_model.learning_rate": 1e-4, "dpo.learning_rate": 1e-4}
+        "budget.epochs": 2,
+        "reward_model.learning_rate": 1e-4,
+        "dpo.learning_rate": 1e-4,
+    }
+    assert shared_budget(
+        {"reward_model": rm, "dpo": dpo.assign(**{"eval/kl": [20.0, 20.0, 20.0, 3.0]})},
+        cfg.with_values({"sweep.max_kl": 5.0}),
+    ) == {"budget.epochs": 2, "reward_model.learning_rate": 1e-4, "dpo.learning_rate": 1e-4}
 
 
 def test_the_verdicts_levels_come_from_the_chosen_sweep_points():
     """The smaller final validation KL of PPO's and DPO's chosen points, rounded down to a whole nat, then ½ and ¼:
     on the default's sweep tables (docs/tuning.md: PPO 5.36, DPO 9.85 nats) the profile's [5, 2.5, 1.25]."""
     cfg = load_config("tiny", ["sweep.max_kl=16"])
-    ppo = pd.DataFrame({"ppo.learning_rate": [1e-5, 3e-5, 1e-4], "ppo.ppo_epochs": [2, 2, 2],
-                        "eval/gold": [0.286, 0.374, 0.355], "eval/kl": [2.28, 5.36, 14.03]})
-    dpo = pd.DataFrame({"dpo.learning_rate": [1e-5, 3e-5, 1e-4], "budget.epochs": [1, 1, 1],
-                        "eval/gold": [0.370, 0.640, 0.711], "eval/kl": [2.68, 9.85, 27.06]})  # 1e-4: over 16
+    ppo = pd.DataFrame(
+        {
+            "ppo.learning_rate": [1e-5, 3e-5, 1e-4],
+            "ppo.ppo_epochs": [2, 2, 2],
+            "eval/gold": [0.286, 0.374, 0.355],
+            "eval/kl": [2.28, 5.36, 14.03],
+        }
+    )
+    dpo = pd.DataFrame(
+        {
+            "dpo.learning_rate": [1e-5, 3e-5, 1e-4],
+            "budget.epochs": [1, 1, 1],
+            "eval/gold": [0.370, 0.640, 0.711],
+            "eval/kl": [2.68, 9.85, 27.06],
+        }
+    )  # 1e-4: over 16
     assert verdict_levels({"ppo": ppo, "dpo": dpo}, cfg) == [5.0, 2.5, 1.25]
     assert load_config("default").report.kl_levels == [5.0, 2.5, 1.25]  # what the profile holds
     assert verdict_levels({"ppo": ppo.assign(**{"eval/kl": [0.1, 0.74, 0.9]}), "dpo": dpo}, cfg) == [0.7, 0.35, 0.175]

@@ -11,11 +11,13 @@ HH_FILE = PROJECT_ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
 def test_vader_ranks_positive_above_negative():
-    pos, neg, neutral = vader_compound([
-        "A wonderful, moving film with brilliant performances. I loved it.",
-        "A dull, painful mess. The acting was terrible and I hated every minute.",
-        "The film is ninety minutes long.",
-    ])
+    pos, neg, neutral = vader_compound(
+        [
+            "A wonderful, moving film with brilliant performances. I loved it.",
+            "A dull, painful mess. The acting was terrible and I hated every minute.",
+            "The film is ninety minutes long.",
+        ]
+    )
     assert pos > 0.5 and neg < -0.5 and pos > neutral > neg
 
 
@@ -47,8 +49,9 @@ def test_hh_parsing_on_real_rows(tokenizer):
     cfg = load_config("hh").task
     task = load_hh(cfg, tokenizer)
     assert len(task.heldout_pairs) == cfg.n_eval_prompts and len(task.train_pairs) == cfg.n_train_prompts
-    assert not {p["prompt"] + p["chosen"] for p in task.train_pairs} & {p["prompt"] + p["chosen"] for p in
-                                                                         task.heldout_pairs}
+    assert not {p["prompt"] + p["chosen"] for p in task.train_pairs} & {
+        p["prompt"] + p["chosen"] for p in task.heldout_pairs
+    }
     first = task.train_pairs[0]
     assert first["prompt"].endswith("<|im_start|>assistant\n") and "<|im_start|>user\n" in first["prompt"]
     assert sum(task.dropped.values()) > 0  # long dialogues are dropped and counted, not crashed on
@@ -90,16 +93,23 @@ def test_hh_file_with_no_usable_rows_is_an_error(tmp_path, tokenizer):
 
 
 def _pref_cfg(path, *more):
-    return load_config("hh", ["task.name=preferences", f"task.path={path}", "task.n_eval_prompts=1",
-                               "task.n_validation_prompts=0", *more]).task
+    return load_config(
+        "hh",
+        ["task.name=preferences", f"task.path={path}", "task.n_eval_prompts=1", "task.n_validation_prompts=0", *more],
+    ).task
 
 
 def test_any_trl_preference_format_loads(tmp_path, tokenizer):
     from datasets import Dataset
+
     standard = [{"prompt": f"Q{i}: ", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
-    implicit_conv = [{"chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "yes"}],
-                      "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "no"}]}
-                     for i in range(6)]
+    implicit_conv = [
+        {
+            "chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "yes"}],
+            "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "no"}],
+        }
+        for i in range(6)
+    ]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in standard))
     (tmp_path / "c.json").write_text(json.dumps(implicit_conv))
     Dataset.from_list(standard).to_parquet(str(tmp_path / "s.parquet"))
@@ -114,13 +124,19 @@ def test_any_trl_preference_format_loads(tmp_path, tokenizer):
     assert pair["prompt"].endswith("<|im_start|>assistant\n") and (pair["chosen"], pair["rejected"]) == ("yes", "no")
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "p", "chosen": "a"}, "rows.jsonl row 2: field 'rejected' is missing"),
-    ({"prompt": "p", "chosen": "a", "rejected": 3}, "rows.jsonl row 2: field 'rejected' must be a string"),
-    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "rows.jsonl row 2: 'chosen' and 'rejected' are identical"),
-    ({"prompt": "p", "chosen": "", "rejected": "b"}, "rows.jsonl row 2: field 'chosen' is empty"),
-    ({"chosen": [{"role": "user"}], "rejected": [{"role": "user"}]}, "rows.jsonl row 2: malformed conversation"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "p", "chosen": "a"}, "rows.jsonl row 2: field 'rejected' is missing"),
+        ({"prompt": "p", "chosen": "a", "rejected": 3}, "rows.jsonl row 2: field 'rejected' must be a string"),
+        (
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            "rows.jsonl row 2: 'chosen' and 'rejected' are identical",
+        ),
+        ({"prompt": "p", "chosen": "", "rejected": "b"}, "rows.jsonl row 2: field 'chosen' is empty"),
+        ({"chosen": [{"role": "user"}], "rejected": [{"role": "user"}]}, "rows.jsonl row 2: malformed conversation"),
+    ],
+)
 def test_malformed_preference_row_is_named(tmp_path, tokenizer, row, message):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n")

@@ -23,31 +23,61 @@ from pipelines.bundle import project_requirements
 # (symbol, its parameters, what relies on it); None: only that it exists
 SIGNATURES = [
     ("trl.kernels.chunked_logprob._use_triton", ["device"], "rlhf.trl_compat.install (the fused head on a CPU)"),
-    ("trl.DPOTrainer._precompute_ref_logps", ["self", "dataset", "name", "batch_size"],
-     "rlhf.trl_compat.ReferencePassDPOTrainer (DPO's own pi_ref pass)"),
-    ("trl.DPOTrainer.compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
-     "dpo.trainer.WeightLoggingDPOTrainer (the gradient weight, the stop at a non-finite loss)"),
-    ("trl.DPOTrainer.log", ["self", "logs", "start_time"],
-     "dpo.trainer.WeightLoggingDPOTrainer (the gradient weight's log)"),
-    ("trl.trainer.utils.FusedCausalLMOutput.log_probs", None,
-     "dpo.trainer.WeightLoggingDPOTrainer (the policy's per-token log-probs)"),
+    (
+        "trl.DPOTrainer._precompute_ref_logps",
+        ["self", "dataset", "name", "batch_size"],
+        "rlhf.trl_compat.ReferencePassDPOTrainer (DPO's own pi_ref pass)",
+    ),
+    (
+        "trl.DPOTrainer.compute_loss",
+        ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+        "dpo.trainer.WeightLoggingDPOTrainer (the gradient weight, the stop at a non-finite loss)",
+    ),
+    (
+        "trl.DPOTrainer.log",
+        ["self", "logs", "start_time"],
+        "dpo.trainer.WeightLoggingDPOTrainer (the gradient weight's log)",
+    ),
+    (
+        "trl.trainer.utils.FusedCausalLMOutput.log_probs",
+        None,
+        "dpo.trainer.WeightLoggingDPOTrainer (the policy's per-token log-probs)",
+    ),
     ("trl.experimental.online_dpo.OnlineDPOTrainer", None, "online_dpo.trainer"),
     ("trl.experimental.online_dpo.OnlineDPOConfig", None, "online_dpo.trainer"),
 ]
 # (function or class, a name its code must still use, why that matters)
 USES = [
-    ("trl.trainer.utils.add_fused_lm_head", "_use_triton",
-     "rlhf.trl_compat.install rebinds that global of trl.trainer.utils to decide the fused head's path"),
-    ("trl.DPOTrainer.__init__", "_precompute_ref_logps",
-     "rlhf.trl_compat.ReferencePassDPOTrainer expects pi_ref's pass to be made there"),
-    ("trl.DPOTrainer.__init__", "loss_types",
-     "dpo.trainer.WeightLoggingDPOTrainer reads it to log eq. (6)'s gradient weight for the sigmoid loss only"),
-    ("trl.trainer.dpo_trainer.DataCollatorForPreference.torch_call", "ref_chosen_logps",
-     "dpo.trainer.WeightLoggingDPOTrainer reads pi_ref's log-probs from every batch under that name"),
-    ("trl.experimental.online_dpo.OnlineDPOTrainer", "trainer_state",
-     "rlhf.online.reward_function counts online DPO's sampled tokens into the trainer_state it is handed"),
-    ("trl.RLOOTrainer", "num_input_tokens_seen",
-     "rloo.trainer leaves the counting of RLOO's sampled tokens (every row's `tokens`) to RLOOTrainer"),
+    (
+        "trl.trainer.utils.add_fused_lm_head",
+        "_use_triton",
+        "rlhf.trl_compat.install rebinds that global of trl.trainer.utils to decide the fused head's path",
+    ),
+    (
+        "trl.DPOTrainer.__init__",
+        "_precompute_ref_logps",
+        "rlhf.trl_compat.ReferencePassDPOTrainer expects pi_ref's pass to be made there",
+    ),
+    (
+        "trl.DPOTrainer.__init__",
+        "loss_types",
+        "dpo.trainer.WeightLoggingDPOTrainer reads it to log eq. (6)'s gradient weight for the sigmoid loss only",
+    ),
+    (
+        "trl.trainer.dpo_trainer.DataCollatorForPreference.torch_call",
+        "ref_chosen_logps",
+        "dpo.trainer.WeightLoggingDPOTrainer reads pi_ref's log-probs from every batch under that name",
+    ),
+    (
+        "trl.experimental.online_dpo.OnlineDPOTrainer",
+        "trainer_state",
+        "rlhf.online.reward_function counts online DPO's sampled tokens into the trainer_state it is handed",
+    ),
+    (
+        "trl.RLOOTrainer",
+        "num_input_tokens_seen",
+        "rloo.trainer leaves the counting of RLOO's sampled tokens (every row's `tokens`) to RLOOTrainer",
+    ),
 ]
 
 
@@ -97,8 +127,10 @@ def signature_problem(symbol: str, parameters: list[str] | None, relier: str) ->
     if parameters is not None:
         found = list(inspect.signature(obj).parameters)
         if found != parameters:
-            return (f"{symbol} takes ({', '.join(found)}) in TRL {trl.__version__}, not ({', '.join(parameters)}): "
-                    f"{relier} relies on it")
+            return (
+                f"{symbol} takes ({', '.join(found)}) in TRL {trl.__version__}, not ({', '.join(parameters)}): "
+                f"{relier} relies on it"
+            )
     return None
 
 
@@ -139,7 +171,8 @@ def test_trls_own_answer_on_a_cpu_is_a_bool_and_no():
 def test_the_installed_trl_is_in_the_supported_range():
     (supported,) = [r.specifier for r in map(Requirement, project_requirements()) if r.name == "trl"]
     assert Version(trl.__version__) in supported, (
-        f"TRL {trl.__version__} is outside pyproject.toml's trl{supported}: run this file on it, then widen the range")
+        f"TRL {trl.__version__} is outside pyproject.toml's trl{supported}: run this file on it, then widen the range"
+    )
 
 
 def _takes_two(device, dtype):
@@ -150,13 +183,25 @@ def _reads_nothing(model):
     return None
 
 
-@pytest.mark.parametrize("where, name, broken, says", [
-    (trl.DPOTrainer, "_precompute_ref_logps", None, "trl.DPOTrainer._precompute_ref_logps is gone in TRL"),
-    (trl.kernels.chunked_logprob, "_use_triton", _takes_two,
-     "trl.kernels.chunked_logprob._use_triton takes (device, dtype) in TRL"),
-    (trl.trainer.utils, "add_fused_lm_head", _reads_nothing,
-     "trl.trainer.utils.add_fused_lm_head no longer uses `_use_triton` in TRL"),
-], ids=["removed", "re-signed", "no longer read"])
+@pytest.mark.parametrize(
+    "where, name, broken, says",
+    [
+        (trl.DPOTrainer, "_precompute_ref_logps", None, "trl.DPOTrainer._precompute_ref_logps is gone in TRL"),
+        (
+            trl.kernels.chunked_logprob,
+            "_use_triton",
+            _takes_two,
+            "trl.kernels.chunked_logprob._use_triton takes (device, dtype) in TRL",
+        ),
+        (
+            trl.trainer.utils,
+            "add_fused_lm_head",
+            _reads_nothing,
+            "trl.trainer.utils.add_fused_lm_head no longer uses `_use_triton` in TRL",
+        ),
+    ],
+    ids=["removed", "re-signed", "no longer read"],
+)
 def test_a_trl_that_moved_something_is_named(where, name, broken, says, monkeypatch):
     """The contract on a TRL broken by hand: each kind of move gives exactly one problem, naming the symbol."""
     if broken is None:
