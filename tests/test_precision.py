@@ -228,7 +228,7 @@ def test_dpo_step_with_lora_trains_only_adapters_against_a_full_frozen_reference
 def test_reward_model_with_lora_is_saved_plain_under_its_own_key(tiny_prefs, tiny_path, tokenizer):
     cfg, prefs = tiny_prefs
     full = reward_model_key(cfg, prefs.sha256, 0)
-    assert "lora" not in full  # reward models trained before LoRA existed are still reused
+    assert full["lora"]["enabled"] is False  # version 3 of the key reads the LoRA section whether on or off
     cfg = with_overrides(
         cfg,
         lora={"enabled": True, "r": 4},
