@@ -411,8 +411,8 @@ def bench_precision(cfg: Config, precision: str, device: torch.device) -> list[d
             "tflops_per_s": limit / 1e12,
         }
         table = [machine_row, *ceilings.rows.values(), *rows]
-        for row in table:
-            row["of_limit"] = row["tflops_per_s"] * 1e12 / limit
+        for row in table:  # a ratio of the very numbers shown: the machine's own row is exactly 1
+            row["of_limit"] = row["tflops_per_s"] / machine_row["tflops_per_s"]
         return [{"precision": precision, **row} for row in table]
 
 
