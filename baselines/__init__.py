@@ -2,6 +2,6 @@
 Best-of-N from pi_ref under the learned reward model, and Preferred-FT (docs/baselines.md)."""
 
 from baselines.best_of_n import BestOfNResult, best_of_n, kl_bound, pick_best
-from baselines.preferred_ft import PreferredFTResult, train_preferred_ft
+from baselines.preferred_ft import train_preferred_ft
 
-__all__ = ["BestOfNResult", "PreferredFTResult", "best_of_n", "kl_bound", "pick_best", "train_preferred_ft"]
+__all__ = ["BestOfNResult", "best_of_n", "kl_bound", "pick_best", "train_preferred_ft"]

@@ -1,12 +1,12 @@
 """DPO training, eq. (6): TRL's DPOTrainer (sigmoid loss), reporting into this project's run directory.
 
-    train(cfg, prefs, seed) -> DPOResult
+    train(cfg, prefs, seed) -> TrlStageResult
 
-One run: load pi_theta and a frozen pi_ref with the shared loader, compute pi_ref's log-probs once for the
-budget's pairs (`budget.pairs`, the reward model's too), train with TRL's DPOTrainer (beta = the top-level `beta`,
-PPO's KL coefficient), run the shared evaluator at step 0, every `dpo.eval_every` steps and at the end, and save the
-final policy. `dpo.loss_type` swaps eq. (6) for one of TRL's variants (IPO, robust DPO) on the same pairs, into
-runs/<profile>/dpo-<loss_type>/. Metric names and the gradient-weight derivation are in docs/dpo.md.
+One run, through the driver of the TRL stages (rlhf/trl_stage.py): load pi_theta and a frozen pi_ref, compute pi_ref's
+log-probs once for the budget's pairs (`budget.pairs`, the reward model's too), train with TRL's DPOTrainer (beta =
+the top-level `beta`, PPO's KL coefficient), run the shared evaluator at step 0, every `dpo.eval_every` steps and at
+the end, and save the final policy. `dpo.loss_type` swaps eq. (6) for one of TRL's variants (IPO, robust DPO) on the
+same pairs, into runs/<profile>/dpo-<loss_type>/. Metric names and the gradient-weight derivation are in docs/dpo.md.
 
 Every `dpo.checkpoint_every` steps Trainer saves a resume point (policy, optimizer, scheduler, RNG, position in
 the data); with `resume`, a killed or failed run with the same config and seed goes on from the last one via
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import trl
-from accelerate.utils import set_seed
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -32,27 +30,15 @@ from dpo.loss import dpo_gradient_weight, dpo_loss
 from rlhf.atomic import cached
 from rlhf.config import Config
 from rlhf.data import PreferenceSet, budget_pairs, budget_record
-from rlhf.distributed import check_finite_everywhere, check_replicas, num_processes, per_process
+from rlhf.distributed import check_finite_everywhere, num_processes, per_process
 from rlhf.errors import UserError
-from rlhf.evaluate import evaluate, make_eval_context
 from rlhf.flops import forward_flops, pass_parameters
 from rlhf.keys import reference_logps_name
-from rlhf.models import for_training, freeze, load_policy_and_reference, load_scalar_model
-from rlhf.reference import reference_model
-from rlhf.rundir import RunDir
 from rlhf.sequences import chunks, pad_sequences, response_logprobs, shortest_first
 from rlhf.tasks import PAIR_FIELDS
-from rlhf.trl_callbacks import EvalAndLogCallback, quiet_progress_bar, resumed_clock, run_dir_args, save_policy
+from rlhf.trl_callbacks import quiet_progress_bar, run_dir_args
 from rlhf.trl_compat import ReferencePassDPOTrainer
-
-
-@dataclass
-class DPOResult:
-    run_dir: Path
-    steps: int  # optimiser steps taken
-    train_seconds: float  # training wall-clock, evaluation excluded
-    final_metrics: dict[str, float]  # the shared evaluator's metrics at the last step
-    timings: dict[str, dict[str, float]]  # timings.json: seconds and peak memory per stage
+from rlhf.trl_stage import TrlStage, TrlStageResult, run_trl_stage
 
 
 class WeightLoggingDPOTrainer(ReferencePassDPOTrainer):
@@ -255,50 +241,23 @@ def count_long_pairs(trainer: WeightLoggingDPOTrainer, max_length: int | None) -
     return counts
 
 
-def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path | None = None) -> DPOResult:
+def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path | None = None) -> TrlStageResult:
     """One DPO run from pi_ref on the shared preference set, into runs/<profile>/<method_name(cfg)>/<run-id>/. With
     `reward_model_path` (PPO's r_phi), the evaluator also reports the proxy reward of DPO's samples under it."""
-    set_seed(seed)  # first: a new scalar head or LoRA adapters drawn below must not depend on the process
-    policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: TRL's, evaluator's
-    policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
-    device = policy.device
-    reward_model = (
-        None
-        if reward_model_path is None
-        else freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id, cfg.model.attention)).to(device)
-    )
-    method, extra = run_identity(cfg, reward_model_path)
-    run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)
-    run.manifest["reference_model"] = ref.name_or_path
-    with run.running():
-        ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
-        callback = EvalAndLogCallback(
-            # the implicit reward's held-out pass (~20k tokens) only at the last point: the report reads it only there
-            run,
-            lambda model, step, final: evaluate(
-                model,
-                ctx,
-                reward_model=reward_model,
-                implicit_beta=cfg.beta if final else None,
-                desc=f"eval step {step}",
-            ),
-            cfg.dpo.eval_every,
-            device,
-            pass_parameters(policy),
-            resumed_clock(run, resume_from),
-            name="DPO step",
-        )
+
+    def build(stage: TrlStage) -> WeightLoggingDPOTrainer:
+        run, device = stage.run, stage.policy.device
         with run.stage("ref_logps", device) as timing:
             trainer = build_trainer(
                 cfg,
-                policy,
-                ref,
-                tokenizer,
+                stage.policy,
+                stage.ref,
+                stage.tokenizer,
                 budget_pairs(cfg, prefs),
                 seed,
-                run.path / "checkpoints",
-                [callback],
-                ctx.reference_cache.parent,
+                stage.output_dir,
+                stage.callbacks,
+                stage.eval_ctx.reference_cache.parent,
             )
             # a pass read from the cache is charged what computing it took: every seed's DPO costs the same (`get`:
             # a process other than the main one records no timings)
@@ -313,12 +272,19 @@ def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path 
                 len((p + c)[:cut]) + len((p + r)[:cut])
                 for p, c, r in zip(used["prompt_ids"], used["chosen_ids"], used["rejected_ids"])
             )
-            timing["flops"] = forward_flops(pass_parameters(ref), timing["tokens"])
+            timing["flops"] = forward_flops(pass_parameters(stage.ref), timing["tokens"])
         run.manifest["pairs"] = count_long_pairs(trainer, cfg.dpo.max_length)
         run.manifest["budget"] = budget_record(len(trainer.train_dataset), cfg.budget.passes(cfg.dpo.epochs))
-        run.write_manifest()
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        check_replicas(policy, run.manifest)
-        save_policy(policy, tokenizer, run, device)
-    step, metrics = callback.last_eval
-    return DPOResult(run.path, step, callback.train_seconds, metrics, run.timings)
+        return trainer
+
+    return run_trl_stage(
+        cfg,
+        prefs,
+        seed,
+        run_identity(cfg, reward_model_path),
+        "DPO",
+        cfg.dpo.eval_every,
+        build,
+        reward_model_path=reward_model_path,
+        implicit_beta=cfg.beta,
+    )

@@ -1,7 +1,7 @@
 """Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"), through TRL's
 OnlineDPOTrainer (trl.experimental.online_dpo in TRL 1.16).
 
-    train(cfg, prefs, seed, reward_model_path) -> OnlineResult
+    train(cfg, prefs, seed, reward_model_path) -> TrlStageResult
 
 Each step samples two completions for each of `online_dpo.batch_size` training prompts from the current policy
 (temperature 1), ranks each pair by PPO's reward model r_phi (this seed's, never the gold reward; the higher score is
@@ -30,9 +30,10 @@ from rlhf.config import Config
 from rlhf.data import PreferenceSet
 from rlhf.distributed import per_process
 from rlhf.flops import forward_flops, train_flops
-from rlhf.online import OnlineResult, RewardFunction, run_online
+from rlhf.online import RewardFunction, run_online
 from rlhf.online import run_identity as online_identity
 from rlhf.trl_callbacks import quiet_progress_bar, run_dir_args
+from rlhf.trl_stage import TrlStageResult
 
 METHOD = "online-dpo"
 
@@ -98,7 +99,7 @@ def run_identity(cfg: Config, reward_model_path: Path) -> tuple[str, dict]:
     return online_identity(METHOD, reward_model_path)
 
 
-def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path) -> OnlineResult:
+def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path) -> TrlStageResult:
     """One online DPO run from pi_ref against the reward model at `reward_model_path`, into
     runs/<profile>/online-dpo/<run-id>/; the evaluator also reads its implicit reward on the held-out pairs."""
     return run_online(

@@ -15,6 +15,7 @@ atomic.py         files written whole or not at all, and `cached`: a value kept 
 rundir.py         run directories: manifests, metrics.jsonl, finding a run by its key (docs/run-directory.md)
 checkpoints.py    resume points: committed with every file's sha256, checked before they are resumed from
 trl_callbacks.py  TRL trainers' hooks into the evaluator and the run directory
+trl_stage.py      one driver for the stages that fine-tune pi_ref with a TRL trainer: seed, run, train, save
 trl_compat.py     every use of TRL beyond its public API, installed by the CLI (tests/test_trl_contract.py)
 online.py         what the online methods share (RLOO, online DPO): r_phi as a TRL reward function, one run
 hub.py            the profiles that may use the Hugging Face hub fail fast when it is unreachable

@@ -1,8 +1,8 @@
 """What the online methods trained with a TRL trainer share (RLOO, online DPO; docs/online.md): both sample from the
-current policy during training, score the samples with PPO's reward model r_phi (never the gold reward), and report
-into a run directory through `EvalAndLogCallback`, like DPO.
+current policy during training, score the samples with PPO's reward model r_phi (never the gold reward), and run
+through the driver of the TRL stages (rlhf/trl_stage.py), like DPO.
 
-    run_online(cfg, prefs, seed, reward_model_path, method, ...) -> OnlineResult
+    run_online(cfg, prefs, seed, reward_model_path, method, ...) -> TrlStageResult
 
 `reward_function` wraps a reward of `SequenceBatch`es (r_phi's `reward_scores`, or a test's known reward) in the
 signature TRL's trainers call, so the samples are scored on the very tokens the policy produced, EOS read where the
@@ -13,26 +13,21 @@ sample takes (sampling, scoring, training): the method's `flops_per_token`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 
 import torch
-from accelerate.utils import set_seed
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerState
 
 from rlhf.config import Config
 from rlhf.data import PreferenceSet
-from rlhf.distributed import check_replicas, num_processes, sum_over_processes
-from rlhf.evaluate import evaluate, make_eval_context
-from rlhf.flops import pass_parameters
-from rlhf.models import autocast, for_training, freeze, load_policy_and_reference, load_scalar_model
-from rlhf.reference import reference_model
-from rlhf.rundir import RunDir, manifest_of_model
+from rlhf.distributed import num_processes, sum_over_processes
+from rlhf.models import autocast
+from rlhf.rundir import manifest_of_model
 from rlhf.sequences import SequenceBatch, pad_sequences, reward_scores
 from rlhf.tasks import load_task
-from rlhf.trl_callbacks import EvalAndLogCallback, resumed_clock, save_policy
+from rlhf.trl_stage import TrlStage, TrlStageResult, run_trl_stage
 
 # TRL's signature of a reward function: (prompts, completions, completion_ids, trainer_state, **columns) -> one float
 # per completion
@@ -42,13 +37,6 @@ BuildTrainer = Callable[
     [Config, PreTrainedModel, PreTrainedTokenizerBase, Dataset, RewardFunction, int, Path, list[TrainerCallback]],
     Trainer,
 ]
-
-
-@dataclass
-class OnlineResult:
-    run_dir: Path
-    steps: int  # optimiser steps taken
-    final_metrics: dict[str, float]  # the shared evaluator's metrics at the last step
 
 
 def until_eos(ids: list[int], eos_token_id: int) -> list[int]:
@@ -104,55 +92,37 @@ def run_online(
     add_special_tokens: bool,
     counts_tokens: bool = False,
     implicit_beta: float | None = None,
-) -> OnlineResult:
+) -> TrlStageResult:
     """One run of an online method from pi_ref on the task's training prompts, against the reward model at
-    `reward_model_path` (PPO's for this seed), into runs/<profile>/<method>/<run-id>/. The shared evaluator runs at
-    step 0, every `eval_every` steps and at the end (with `implicit_beta`, also DPO's implicit reward on the held-out
-    pairs, at the last point); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per
-    sampled token; `add_special_tokens` and `counts_tokens` say how its trainer samples (`reward_function`). A killed
-    run with the same key goes on from its last resume point (Trainer's checkpoint), as DPO's."""
-    set_seed(seed)  # first: LoRA adapters drawn below must not depend on the process
-    policy, ref, tokenizer = load_policy_and_reference(reference_model(cfg), cfg.hub_access)  # ref: the evaluator's
-    policy = for_training(policy, cfg, "CAUSAL_LM", trainer_checkpointing=True)  # with LoRA, ref stays a full copy
-    device = policy.device
-    reward_model = freeze(load_scalar_model(str(reward_model_path), tokenizer.pad_token_id, cfg.model.attention)).to(
-        device
-    )
-    method, extra = run_identity(method, reward_model_path)
-    run, resume_from = RunDir.open(cfg, method, seed, device, prefs.sha256, extra=extra)  # a killed run goes on
-    run.manifest["reference_model"] = ref.name_or_path
-    # The data budget is the reward model's: the pairs and passes it trained on (as PPO's)
-    run.manifest["budget"] = manifest_of_model(reward_model_path).get("budget")
-    run.manifest["kl_control"] = {"adaptive": False, "rollout_temperature": 1.0}  # beta means DPO's (sampling at 1)
-    with run.running():
-        ctx = make_eval_context(cfg, prefs, ref, tokenizer, device)
-        callback = EvalAndLogCallback(
-            run,
-            lambda model, step, final: evaluate(
-                model,
-                ctx,
-                reward_model=reward_model,
-                implicit_beta=implicit_beta if final else None,
-                desc=f"eval step {step}",
-            ),
-            eval_every,
-            device,
-            pass_parameters(policy),
-            resumed_clock(run, resume_from),
-            name=f"{name} step",
-            flops_per_token=flops_per_token(pass_parameters(ref), pass_parameters(reward_model, "scalar")),
-        )
+    `reward_model_path` (PPO's for this seed), into runs/<profile>/<method>/<run-id>/, through the driver of every
+    TRL stage (rlhf/trl_stage.py: evaluation, resume, the final save). The shared evaluator runs at step 0, every
+    `eval_every` steps and at the end (with `implicit_beta`, also DPO's implicit reward on the held-out pairs, at the
+    last point); `flops_per_token(N of the policy, N of the reward model)` is the method's compute per sampled token;
+    `add_special_tokens` and `counts_tokens` say how its trainer samples (`reward_function`)."""
+
+    def build(stage: TrlStage) -> Trainer:
+        run, device, tokenizer = stage.run, stage.policy.device, stage.tokenizer
+        # The data budget is the reward model's: the pairs and passes it trained on (as PPO's)
+        run.manifest["budget"] = manifest_of_model(reward_model_path).get("budget")
+        run.manifest["kl_control"] = {"adaptive": False, "rollout_temperature": 1.0}  # beta means DPO's (sampling at 1)
 
         def r_phi(batch: SequenceBatch) -> torch.Tensor:
             with autocast(cfg.model.precision, device):
-                return reward_scores(reward_model, batch.to(device), tokenizer)
+                return reward_scores(stage.reward_model, batch.to(device), tokenizer)
 
         prompts = Dataset.from_dict({"prompt": load_task(cfg.task, tokenizer, cfg.hub_access).train_prompts})
         reward = reward_function(r_phi, tokenizer, add_special_tokens, counts_tokens)
-        trainer = build_trainer(cfg, policy, tokenizer, prompts, reward, seed, run.path / "checkpoints", [callback])
-        run.write_manifest()
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        check_replicas(policy, run.manifest)
-        save_policy(policy, tokenizer, run, device)
-    step, metrics = callback.last_eval
-    return OnlineResult(run.path, step, metrics)
+        return build_trainer(cfg, stage.policy, tokenizer, prompts, reward, seed, stage.output_dir, stage.callbacks)
+
+    return run_trl_stage(
+        cfg,
+        prefs,
+        seed,
+        run_identity(method, reward_model_path),
+        name,
+        eval_every,
+        build,
+        reward_model_path=reward_model_path,
+        implicit_beta=implicit_beta,
+        flops_per_token=flops_per_token,
+    )

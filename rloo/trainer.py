@@ -1,6 +1,6 @@
 """RLOO (Ahmadian et al. 2024, "Back to Basics"): eq. (2) without a value model, through TRL's RLOOTrainer.
 
-    train(cfg, prefs, seed, reward_model_path) -> OnlineResult
+    train(cfg, prefs, seed, reward_model_path) -> TrlStageResult
 
 Each step samples k = `rloo.num_generations` completions for each of rollout_batch_size / k training prompts from the
 current policy (temperature 1) and scores each with PPO's reward model r_phi (this seed's, never the gold reward).
@@ -27,9 +27,10 @@ from rlhf.config import Config
 from rlhf.data import PreferenceSet
 from rlhf.distributed import per_process
 from rlhf.flops import forward_flops, train_flops
-from rlhf.online import OnlineResult, RewardFunction, run_online
+from rlhf.online import RewardFunction, run_online
 from rlhf.online import run_identity as online_identity
 from rlhf.trl_callbacks import quiet_progress_bar, run_dir_args
+from rlhf.trl_stage import TrlStageResult
 
 METHOD = "rloo"
 
@@ -98,7 +99,7 @@ def run_identity(cfg: Config, reward_model_path: Path) -> tuple[str, dict]:
     return online_identity(METHOD, reward_model_path)
 
 
-def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path) -> OnlineResult:
+def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path) -> TrlStageResult:
     """One RLOO run from pi_ref against the reward model at `reward_model_path`, into runs/<profile>/rloo/<run-id>/."""
     return run_online(
         cfg,
