@@ -112,7 +112,8 @@ ppo-gt: setup
 bon: setup
 	$(CLI) bon --profile $(PROFILE) $(ARGS)
 
-# The tuning protocol (docs/tuning.md): METHOD's grid on the validation prompts, reports/$(PROFILE)/sweep-METHOD.csv
+# The tuning protocol (docs/tuning.md): METHOD (reward_model, dpo, ppo, rloo, online-dpo) on the validation prompts,
+# reports/$(PROFILE)/sweep-METHOD.csv
 METHOD ?= dpo
 sweep: setup
 	$(CLI) sweep --profile $(PROFILE) sweep.method=$(METHOD) $(ARGS)

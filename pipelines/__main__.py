@@ -15,7 +15,7 @@
     grid      `make all`'s runs: grid.methods x beta x seed, each its own process, grid.jobs at a time (JOBS=);
               grid.launcher=slurm: each phase a Slurm job array through submitit (LAUNCHER=slurm, docs/cluster.md)
     clock     `make all`'s first line, how long the profile will take here; with --took, its last: what each stage took
-    sweep     the tuning protocol: a grid of sweep.method's learning rate x passes on the validation prompts
+    sweep     the tuning protocol: a grid of sweep.method's learning rate x one more knob on the validation prompts
     report    tables, plots and an HTML page from every run of the profile
     bench     each stage's speed against the bare model's ceilings: reports/<profile>/bench.csv
     config    print the resolved config, or every key with its help text (--keys)

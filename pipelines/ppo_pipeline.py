@@ -10,17 +10,20 @@ With `ppo.reward=gold` (`make ppo-gt`) step 2 is skipped and PPO optimises the t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipelines.stages import run_each
-from ppo.train import run_identity, train_ppo
+from ppo.train import PPOResult, run_identity, train_ppo
 from rlhf.config import Config
+from rlhf.data import PreferenceSet
 from rlhf.methods import METHODS
 
 
 def main(cfg: Config) -> int:
     gold = cfg.ppo.reward == "gold"  # PPO-GT: no reward model at all
-    return run_each(
-        cfg,
-        METHODS["ppo-gt" if gold else "ppo"],
-        run_identity,
-        lambda run_cfg, prefs, seed, rm_path: train_ppo(run_cfg, prefs, rm_path, seed),
-    )
+    return run_each(cfg, METHODS["ppo-gt" if gold else "ppo"], run_identity, train)
+
+
+def train(cfg: Config, prefs: PreferenceSet, seed: int, reward_model_path: Path | None) -> PPOResult:
+    """One PPO run in the shape every method's training takes (`run_each`, the sweep)."""
+    return train_ppo(cfg, prefs, reward_model_path, seed)

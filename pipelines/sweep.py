@@ -1,45 +1,62 @@
-"""`make sweep METHOD=dpo|ppo|reward_model`: the tuning protocol (docs/tuning.md). Orchestration only.
+"""`make sweep METHOD=reward_model|dpo|ppo|rloo|online-dpo`: the tuning protocol (docs/tuning.md). Orchestration
+only.
 
 One training run per point of a grid over the method's decisive knobs, with `sweep.seed`, evaluated on the
 validation prompts and pairs only (`eval.split=validation`, `task.n_validation_prompts`), never on the test prompts
 the report shows. The runs go to <runs_dir>/sweep/<profile>/, a runs directory of their own, on the profile's shared
 preference set; the table goes to reports/<profile>/sweep-<method>.csv and .md, the chosen point marked.
 
-    reward model  learning rate x budget.epochs   judged by validation pair accuracy
-    DPO           learning rate x budget.epochs   judged by final validation gold reward (no gold: the proxy), among
-    PPO           learning rate x ppo.ppo_epochs  the points whose final KL is at most sweep.max_kl
+    reward model  learning rate x budget.epochs        judged by validation pair accuracy
+    DPO           learning rate x budget.epochs        judged by final validation gold reward (no gold: the proxy),
+    PPO           learning rate x ppo.ppo_epochs       among the points whose final KL is at most sweep.max_kl
+    RLOO          learning rate x rloo.num_generations
+    online DPO    learning rate x steps (batch_size / f prompts a step, iterations x f steps: the same pairs)
 
-PPO's and DPO's grids have the same number of points (the config insists), each a whole training run of the
-profile's length: the same tuning budget. PPO's points train against one reward model of the profile's settings.
+Every method's grid has the same number of points (the config insists), each a whole training run of the profile's
+length: the same tuning budget; RLOO's and online DPO's points sample as many completions as the profile's run. The
+points of the methods that train against PPO's reward model (PPO, RLOO, online DPO) use its seed-`sweep.seed` model
+of the profile's settings.
 """
 
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import dpo
+import online_dpo
+import rloo
 from analysis import stats as S
 from analysis.load import read_prompts
 from analysis.report import markdown_table
+from pipelines import ppo_pipeline
 from pipelines.stages import build_preference_set, find_reward_model, reward_model_for, reward_model_seed
 from ppo.train import run_identity as ppo_identity
-from ppo.train import train_ppo
 from reward_model.train import train_reward_model
 from rlhf.atomic import atomic_write_text, read_jsonl
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.data import PreferenceSet
+from rlhf.errors import UserError
+from rlhf.methods import METHODS
 from rlhf.rundir import completed_run
 
-# The two knobs each method's grid varies: the learning rate, and the passes over its data.
+# Each method's grid: its learning rate x one more decisive knob, and the sweep key listing that knob's values.
 GRIDS = {
-    "reward_model": ("reward_model.learning_rate", "budget.epochs"),
-    "dpo": ("dpo.learning_rate", "budget.epochs"),
-    "ppo": ("ppo.learning_rate", "ppo.ppo_epochs"),
+    "reward_model": ("reward_model.learning_rate", "budget.epochs", "epochs"),
+    "dpo": ("dpo.learning_rate", "budget.epochs", "epochs"),
+    "ppo": ("ppo.learning_rate", "ppo.ppo_epochs", "ppo_epochs"),
+    "rloo": ("rloo.learning_rate", "rloo.num_generations", "rloo_generations"),
+    "online-dpo": ("online_dpo.learning_rate", "online_dpo.batch_size", "online_dpo_step_factors"),
+}
+# A policy method's run key and one run, as its own command trains it (pipelines/*_pipeline.py, through run_each).
+TRAINERS = {
+    "ppo": (ppo_identity, ppo_pipeline.train),
+    "dpo": (dpo.run_identity, dpo.train),
+    "rloo": (rloo.run_identity, rloo.train),
+    "online-dpo": (online_dpo.run_identity, online_dpo.train),
 }
 SHOWN = ("eval/gold", "eval/gold_sem", "eval/proxy", "eval/kl", "heldout/rm_accuracy", "heldout/implicit_accuracy")
 
@@ -47,12 +64,26 @@ SHOWN = ("eval/gold", "eval/gold_sem", "eval/proxy", "eval/kl", "heldout/rm_accu
 def grid(cfg: Config) -> list[dict]:
     """The grid points of `sweep.method`, as dotted config keys and values."""
     s = cfg.sweep
-    lr_key, passes_key = GRIDS[s.method]
-    return [
-        {lr_key: lr, passes_key: n}
-        for lr in s.learning_rates
-        for n in (s.ppo_epochs if s.method == "ppo" else s.epochs)
-    ]
+    lr_key, knob, values = GRIDS[s.method]
+    if s.method == "online-dpo":
+        return [{lr_key: lr, **online_dpo_steps(cfg, f)} for lr in s.learning_rates for f in s.online_dpo_step_factors]
+    return [{lr_key: lr, knob: n} for lr in s.learning_rates for n in getattr(s, values)]
+
+
+def online_dpo_steps(cfg: Config, factor: int) -> dict:
+    """Online DPO in `factor` times the profile's steps of 1/factor its prompts: the same pairs sampled, and as many
+    eval points. TRL's trainer samples one pair a prompt, so steps, not pairs per prompt, are its second knob."""
+    o = cfg.online_dpo
+    if o.batch_size % factor:
+        raise UserError(
+            f"sweep.online_dpo_step_factors: {factor} does not divide online_dpo.batch_size ({o.batch_size}), "
+            "so its points would not sample the profile's pairs"
+        )
+    return {
+        "online_dpo.batch_size": o.batch_size // factor,
+        "online_dpo.iterations": o.iterations * factor,
+        "online_dpo.eval_every": o.eval_every * factor,
+    }
 
 
 def point_config(cfg: Config, values: dict) -> Config:
@@ -80,10 +111,9 @@ def train_point(cfg: Config, prefs: PreferenceSet) -> tuple[Path, dict[str, floa
     if cfg.sweep.method == "reward_model":
         result = train_reward_model(cfg, prefs, seed)
         return result.run_dir, result.heldout
-    if cfg.sweep.method == "ppo":
-        result = train_ppo(cfg, prefs, reward_model_for(cfg, prefs, seed), seed)
-        return result.run_dir, result.final_metrics
-    result = dpo.train(cfg, prefs, seed)
+    _, train = TRAINERS[cfg.sweep.method]
+    trains_against = METHODS[cfg.sweep.method].reward_model == "trains"  # DPO's points report no proxy
+    result = train(cfg, prefs, seed, reward_model_for(cfg, prefs, seed) if trains_against else None)
     return result.run_dir, result.final_metrics
 
 
@@ -93,14 +123,30 @@ def completed_point(cfg: Config, prefs: PreferenceSet) -> Path | None:
     if cfg.sweep.method == "reward_model":
         final = find_reward_model(cfg, prefs, seed)
         return None if final is None else final.parents[1]  # <run>/checkpoints/final
-    if cfg.sweep.method == "ppo":
+    identity, _ = TRAINERS[cfg.sweep.method]
+    rm_path = None
+    if METHODS[cfg.sweep.method].reward_model == "trains":
         rm_path = find_reward_model(cfg, prefs, reward_model_seed(cfg, seed))
-        if rm_path is None:  # PPO's reward model not trained yet: nor is the point
+        if rm_path is None:  # its reward model not trained yet: nor is the point
             return None
-        method, extra = ppo_identity(cfg, rm_path)
-    else:
-        method, extra = dpo.run_identity(cfg, reward_model_path=None)
+    method, extra = identity(cfg, rm_path)
     return completed_run(cfg, method, seed, prefs.sha256, extra)
+
+
+def point_row(run_dir: Path, metrics: dict[str, float], cfg: Config) -> dict:
+    """A point's columns: its training FLOPs and seconds (the run's training clock, which stops while it is
+    evaluated), its final validation metrics and, for a policy, whether any of its eval points reached the verdict's
+    primary KL level (the level the report reads the test runs at)."""
+    records = read_jsonl(run_dir / "metrics.jsonl")[0]
+    row = {
+        "train FLOPs": float(max((r.get("flops", 0) for r in records if r["kind"] == "train"), default=0)),
+        "train seconds": max((r["wall_seconds"] for r in records if "wall_seconds" in r), default=math.nan),
+        **{k: metrics[k] for k in SHOWN if k in metrics},
+    }
+    if cfg.sweep.method != "reward_model" and cfg.report.kl_levels:
+        level = cfg.report.kl_levels[0]
+        row[f"reaches KL {level:g}"] = max(r["eval/kl"] for r in records if r["kind"] == "eval") >= level
+    return {**row, "run_dir": str(run_dir)}
 
 
 def final_eval(run_dir: Path) -> dict[str, float]:
@@ -198,22 +244,15 @@ def verdict_levels(tables: dict[str, pd.DataFrame], cfg: Config) -> list[float] 
 def main(cfg: Config) -> int:
     prefs = build_preference_set(cfg)  # the profile's own set: every point trains on the pairs the report's runs do
     points = grid(cfg)
+    configs = [point_config(cfg, values) for values in points]  # every point checked before the first trains
     rows = []
-    for i, values in enumerate(points, start=1):
+    for i, (values, point_cfg) in enumerate(zip(points, configs, strict=True), start=1):
         print(
             f"sweep {cfg.sweep.method} {i}/{len(points)}: " + ", ".join(f"{k}={v:g}" for k, v in values.items()),
             flush=True,
         )
-        run_dir, metrics = train_point(point_config(cfg, values), prefs)
-        train_rows = [r for r in read_jsonl(run_dir / "metrics.jsonl")[0] if r["kind"] == "train"]
-        rows.append(
-            {
-                **values,
-                "train FLOPs": float(max((r.get("flops", 0) for r in train_rows), default=0)),
-                **{k: metrics[k] for k in SHOWN if k in metrics},
-                "run_dir": str(run_dir),
-            }
-        )
+        run_dir, metrics = train_point(point_cfg, prefs)
+        rows.append({**values, **point_row(run_dir, metrics, cfg)})
     table = pd.DataFrame(rows)
     chosen = choose(table, cfg)
     n_pairs = len(prefs.scored_pairs("validation"))

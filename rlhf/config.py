@@ -652,15 +652,29 @@ class SFTStageConfig:
 @dataclass
 class SweepConfig:
     """The tuning protocol (`make sweep METHOD=...`, docs/tuning.md): a grid of one method's decisive knobs, one
-    training run per grid point, judged on the validation prompts only (eval.split=validation). PPO and DPO get the
+    training run per grid point, judged on the validation prompts only (eval.split=validation). Every method gets the
     same number of grid points; each point is a whole training run of the profile's length."""
 
-    method: Literal["reward_model", "ppo", "dpo"] = _f("dpo", OUTSIDE, "the method whose grid runs (set by METHOD=)")
+    method: Literal["reward_model", "ppo", "dpo", "rloo", "online-dpo"] = _f(
+        "dpo", OUTSIDE, "the method whose grid runs (set by METHOD=)"
+    )
     learning_rates: list[float] = _f([1e-5, 3e-5, 1e-4], OUTSIDE, "learning rates tried, for whichever method runs")
     epochs: list[int] = _f(
         [1, 2], OUTSIDE, "reward model and DPO: budget.epochs tried (passes over the budget's pairs)"
     )
     ppo_epochs: list[int] = _f([1, 2], OUTSIDE, "PPO: ppo.ppo_epochs tried (passes over each rollout batch)")
+    rloo_generations: list[int] = _f(
+        [2, 4],
+        OUTSIDE,
+        "RLOO: rloo.num_generations tried (completions per prompt, at rloo.rollout_batch_size completions a step: "
+        "every point samples as many)",
+    )
+    online_dpo_step_factors: list[int] = _f(
+        [1, 2],
+        OUTSIDE,
+        "online DPO: online_dpo.iterations multiplied by each, online_dpo.batch_size divided by it (every point "
+        "samples as many pairs, in more and smaller steps)",
+    )
     seed: int = _f(0, OUTSIDE, "the one training seed of every grid point")
     max_kl: float | None = _f(
         None,
@@ -675,19 +689,19 @@ class SweepConfig:
             f"{prefix}.learning_rates",
             f"must list positive learning rates, got {self.learning_rates}",
         )
-        for key in ("epochs", "ppo_epochs"):
+        for key in ("epochs", "ppo_epochs", "rloo_generations", "online_dpo_step_factors"):
             values = getattr(self, key)
             _require(
                 len(values) > 0 and all(x > 0 for x in values),
                 f"{prefix}.{key}",
                 f"must list positive integers, got {values}",
             )
-        _require(
-            len(self.epochs) == len(self.ppo_epochs),
-            f"{prefix}.ppo_epochs",
-            f"must list as many values as sweep.epochs ({len(self.epochs)}), so that PPO's grid and DPO's "
-            f"have the same number of points (the same tuning budget); got {len(self.ppo_epochs)}",
-        )
+            _require(
+                len(values) == len(self.epochs),
+                f"{prefix}.{key}",
+                f"must list as many values as sweep.epochs ({len(self.epochs)}), so that every method's grid has "
+                f"the same number of points (the same tuning budget); got {len(values)}",
+            )
         _require(self.max_kl is None or self.max_kl > 0, f"{prefix}.max_kl", f"must be positive, got {self.max_kl}")
 
 

@@ -23,6 +23,8 @@ def test_dpo_sweep_on_tiny_judges_every_point_on_validation_prompts_only(tmp_pat
         "sweep.learning_rates=[1e-4,1e-3]",
         "sweep.epochs=[1]",
         "sweep.ppo_epochs=[1]",
+        "sweep.rloo_generations=[2]",
+        "sweep.online_dpo_step_factors=[1]",
     ]
     _sweep("dpo", overrides)
     table = pd.read_csv(reports / "tiny" / "sweep-dpo.csv")
@@ -57,7 +59,7 @@ def _sweep(method: str, overrides: list[str]) -> subprocess.CompletedProcess:
     return out
 
 
-@pytest.mark.parametrize("method", ["reward_model", "ppo"])
+@pytest.mark.parametrize("method", ["reward_model", "ppo", "rloo", "online-dpo"])
 def test_a_sweep_run_again_reuses_its_completed_points(tmp_path, method):
     overrides = [
         f"runs_dir={tmp_path / 'runs'}",
@@ -66,6 +68,8 @@ def test_a_sweep_run_again_reuses_its_completed_points(tmp_path, method):
         "sweep.learning_rates=[1e-4]",
         "sweep.epochs=[1]",
         "sweep.ppo_epochs=[1]",
+        "sweep.rloo_generations=[2]",
+        "sweep.online_dpo_step_factors=[2]",
     ]
     _sweep(method, overrides)
     runs = sorted((tmp_path / "runs" / "sweep" / "tiny").glob("*/*/manifest.json"))
@@ -78,13 +82,22 @@ def test_a_sweep_run_again_reuses_its_completed_points(tmp_path, method):
 def test_grids_have_equal_sizes_and_the_choice_respects_max_kl():
     cfg = load_config(
         "tiny",
-        ["sweep.method=ppo", "sweep.learning_rates=[1e-5,3e-5]", "sweep.ppo_epochs=[1,2,4]", "sweep.epochs=[1,2,3]"],
+        [
+            "sweep.method=ppo",
+            "sweep.learning_rates=[1e-5,3e-5]",
+            "sweep.ppo_epochs=[1,2,4]",
+            "sweep.epochs=[1,2,3]",
+            "sweep.rloo_generations=[2,4,8]",
+            "sweep.online_dpo_step_factors=[1,2,4]",
+        ],
     )
     assert grid(cfg) == [{"ppo.learning_rate": lr, "ppo.ppo_epochs": n} for lr in (1e-5, 3e-5) for n in (1, 2, 4)]
     dpo = cfg.with_values({"sweep.method": "dpo"})
     assert len(grid(dpo)) == len(grid(cfg)) and {"budget.epochs", "dpo.learning_rate"} == set(grid(dpo)[0])
     with pytest.raises(UserError, match="sweep.ppo_epochs.*same number of points"):
         load_config("tiny", ["sweep.ppo_epochs=[1]", "sweep.epochs=[1,2]"])
+    with pytest.raises(UserError, match="sweep.rloo_generations.*same number of points"):
+        load_config("tiny", ["sweep.rloo_generations=[2]", "sweep.epochs=[1,2]", "sweep.ppo_epochs=[1,2]"])
     table = pd.DataFrame({"eval/gold": [0.2, 0.9, 0.5], "eval/kl": [1.0, 9.0, 3.0]})
     assert choose(table, cfg) == 1 and choose(table, cfg.with_values({"sweep.max_kl": 5.0})) == 2
     assert choose(table, cfg.with_values({"sweep.max_kl": 0.5})) is None
@@ -178,3 +191,25 @@ def test_the_verdicts_levels_come_from_the_chosen_sweep_points():
     assert load_config("default").report.kl_levels == [5.0, 2.5, 1.25]  # what the profile holds
     assert verdict_levels({"ppo": ppo.assign(**{"eval/kl": [0.1, 0.74, 0.9]}), "dpo": dpo}, cfg) == [0.7, 0.35, 0.175]
     assert verdict_levels({"ppo": ppo.assign(**{"eval/kl": [20.0, 20.0, 20.0]}), "dpo": dpo}, cfg) is None
+
+
+def test_the_online_methods_grids_sample_as_many_completions_at_every_point():
+    """RLOO's points vary completions per prompt at the profile's completions a step; online DPO's trade prompts a
+    step for steps (TRL samples one pair a prompt): every point samples what the profile's run samples, and online
+    DPO's is evaluated as many times."""
+    cfg = load_config("default", ["sweep.method=rloo"])
+    points = grid(cfg)
+    assert len(points) == len(grid(cfg.with_values({"sweep.method": "ppo"}))) == 6
+    assert {p["rloo.num_generations"] for p in points} == {2, 4} and all(len(p) == 2 for p in points)
+    o = cfg.online_dpo  # 16 steps of 8 prompts, eval every 4
+    points = grid(cfg.with_values({"sweep.method": "online-dpo"}))
+    assert len(points) == 6
+    assert {(p["online_dpo.batch_size"], p["online_dpo.iterations"], p["online_dpo.eval_every"]) for p in points} == {
+        (8, 16, 4),
+        (4, 32, 8),
+    }
+    for p in points:
+        assert p["online_dpo.batch_size"] * p["online_dpo.iterations"] == o.batch_size * o.iterations
+        assert p["online_dpo.iterations"] // p["online_dpo.eval_every"] == o.iterations // o.eval_every
+    with pytest.raises(UserError, match="sweep.online_dpo_step_factors: 3 does not divide online_dpo.batch_size"):
+        grid(cfg.with_values({"sweep.method": "online-dpo", "sweep.online_dpo_step_factors": [1, 3]}))
