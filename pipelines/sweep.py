@@ -65,9 +65,8 @@ def grid(cfg: Config) -> list[dict]:
     """The grid points of `sweep.method`, as dotted config keys and values."""
     s = cfg.sweep
     lr_key, knob, values = GRIDS[s.method]
-    if s.method == "online-dpo":
-        return [{lr_key: lr, **online_dpo_steps(cfg, f)} for lr in s.learning_rates for f in s.online_dpo_step_factors]
-    return [{lr_key: lr, knob: n} for lr in s.learning_rates for n in getattr(s, values)]
+    other = online_dpo_steps if s.method == "online-dpo" else lambda _, n: {knob: n}  # its factor sets three keys
+    return [{lr_key: lr, **other(cfg, n)} for lr in s.learning_rates for n in getattr(s, values)]
 
 
 def online_dpo_steps(cfg: Config, factor: int) -> dict:
