@@ -53,7 +53,7 @@ from rlhf.models import (
     resolve_precision,
 )
 from rlhf.rundir import peak_memory_mb, reset_peak_memory
-from rlhf.sequences import tokenize_prompts
+from rlhf.sequences import generation_kernel, tokenize_prompts
 from rlhf.tasks import load_task
 
 COLUMNS = [
@@ -152,7 +152,7 @@ class Ceilings:
     @torch.inference_mode()
     def _generate(self, model, ids, new_tokens, _scalar) -> None:
         model.eval()
-        with autocast(self.precision, self.device):
+        with autocast(self.precision, self.device), generation_kernel(model):
             model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

@@ -88,13 +88,14 @@ class ModelConfig:
         "model (PPO policy and value model, reward model, DPO and "
         "Preferred-FT policy): less activation memory, ~20-30% slower",
     )
-    attention: Literal["sdpa", "eager"] = _f(
+    attention: Literal["sdpa", "eager", "split"] = _f(
         "sdpa",
         added(4),
         "attention kernel of every model (transformers' attn_implementation): 'sdpa' (PyTorch's "
-        "fused scaled_dot_product_attention) or 'eager' (matmul, softmax, matmul). On the 2-core "
-        "bf16 CPU eager trains ~15% faster (SDPA's CPU backward is slow at these lengths) and "
-        "samples ~10% slower (docs/performance.md); another kernel, other numbers",
+        "fused scaled_dot_product_attention), 'eager' (matmul, softmax, matmul), or 'split' (eager "
+        "in every forward and backward pass, SDPA inside `generate`). On the 2-core bf16 CPU eager "
+        "trains ~10% faster (SDPA's CPU backward is slow at these lengths) and samples ~10% slower "
+        "(docs/performance.md); another kernel, other numbers",
     )
     tiny_hidden_size: int = _f(64, IDENTITY, "hidden size of the 'tiny' model")
     tiny_layers: int = _f(2, IDENTITY, "decoder layers of the 'tiny' model")

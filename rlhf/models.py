@@ -288,13 +288,22 @@ def added_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int],
     return full[:start], full[start + len(plain) :]
 
 
+# `model.attention` -> (the kernel of every forward and backward pass, the kernel `generate` decodes with). On the
+# 2-core bf16 CPU eager attention trains faster than SDPA and decodes slower (docs/performance.md): `split` takes each
+# where it is faster. The sampled tokens are SDPA's; every log-prob, loss and gradient is eager's.
+KERNELS = {"sdpa": ("sdpa", "sdpa"), "eager": ("eager", "eager"), "split": ("eager", "sdpa")}
+
+
 def load_causal_lm(path: str, attention: str = "sdpa") -> PreTrainedModel:
     """Policy or reference model, float32 weights (autocast does the bf16 where enabled), with the `model.attention`
-    kernel: a saved model does not carry it, so every load names it."""
+    kernels: a saved model does not carry them, so every load names them. `sequences.sample` switches to the
+    generation kernel for the length of a `generate` call (`attention_kernels`)."""
+    passes, generation = KERNELS[attention]
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=passes)
     except LOAD_ERRORS as e:
         raise _load_error("a causal LM", path, e) from None
+    model.attention_kernels = (passes, generation)
     shipped = model.generation_config
     # Only the special tokens of the checkpoint's generation_config: `generate` fills every setting a call leaves
     # unset from it, and a shipped repetition_penalty, no_repeat_ngram_size or bad_words_ids would make samples come
@@ -309,10 +318,10 @@ def load_causal_lm(path: str, attention: str = "sdpa") -> PreTrainedModel:
 
 def load_scalar_model(path: str, pad_token_id: int, attention: str = "sdpa") -> PreTrainedModel:
     """Reward or value model: the backbone with a one-output head (new, or the trained RM's), with the
-    `model.attention` kernel."""
+    `model.attention` kernel of the passes (it never generates)."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, attn_implementation=attention
+            path, num_labels=1, dtype=torch.float32, attn_implementation=KERNELS[attention][0]
         )
     except LOAD_ERRORS as e:
         raise _load_error("a scalar (reward/value) model", path, e) from None

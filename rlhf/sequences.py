@@ -112,6 +112,21 @@ def linear_weights_cast(model: nn.Module, device: torch.device) -> Iterator[None
             m.weight = weight
 
 
+@contextlib.contextmanager
+def generation_kernel(model: PreTrainedModel) -> Iterator[None]:
+    """The model's generation attention kernel for the length of the block, its passes' kernel after
+    (`rlhf.models.KERNELS`; a model loaded elsewhere keeps the one it has)."""
+    passes, generation = getattr(model, "attention_kernels", (None, None))
+    if passes == generation:
+        yield
+        return
+    model.set_attn_implementation(generation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(passes)
+
+
 @torch.inference_mode()
 def sample(
     model: PreTrainedModel,
@@ -125,7 +140,7 @@ def sample(
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    with autocast_ctx, linear_weights_cast(model, device):
+    with autocast_ctx, linear_weights_cast(model, device), generation_kernel(model):
         try:
             out = model.generate(
                 input_ids=prompt_ids,

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -123,6 +124,9 @@ def test_every_model_loads_with_the_profiles_attention_kernel(tiny_path, tokeniz
     assert load_scalar_model(tiny_path, tokenizer.pad_token_id, "eager").config._attn_implementation == "eager"
     with torch.no_grad():
         assert torch.allclose(lms["sdpa"](ids).logits, lms["eager"](ids).logits, atol=1e-5)
+    split = load_causal_lm(tiny_path, "split")
+    assert split.config._attn_implementation == "eager"  # its passes; `sample` decodes with SDPA (test below)
+    assert load_scalar_model(tiny_path, tokenizer.pad_token_id, "split").config._attn_implementation == "eager"
     needs = {"load_causal_lm": 2, "load_scalar_model": 3}  # path (, pad id), attention
     short = []
     for package in ("rlhf", "ppo", "dpo", "reward_model", "sft", "online_dpo", "rloo", "baselines", "pipelines"):
@@ -136,3 +140,30 @@ def test_every_model_loads_with_the_profiles_attention_kernel(tiny_path, tokeniz
                 ):
                     short.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}")
     assert short == []
+
+
+def test_split_attention_samples_as_sdpa_and_scores_as_eager(tiny_path, tokenizer, monkeypatch):
+    """`model.attention: split` decodes with SDPA (the same tokens as an SDPA model from the same seed) and is back
+    on eager for every pass after (the same log-probs as an eager model): a kernel left switched after `generate`
+    would score PPO's rollouts and the evaluator's samples with the kernel that sampled them, not the profile's."""
+    from rlhf.sequences import response_logprobs, sample
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: seen.append(1) or real(*a, **k)
+    )
+    prompts = ["The movie was", "I think that this film", "Worst"]
+    models = {a: load_causal_lm(tiny_path, a).eval() for a in ("sdpa", "eager", "split")}
+    batches = {}
+    for a, m in models.items():
+        torch.manual_seed(0)
+        seen.clear()
+        batches[a] = sample(m, tokenizer, prompts, 8, 1.0, contextlib.nullcontext())
+        assert bool(seen) == (a != "eager"), a  # split decodes through SDPA
+    assert torch.equal(batches["split"].response_ids, batches["sdpa"].response_ids)
+    seen.clear()
+    with torch.no_grad():
+        logps = {a: response_logprobs(m, batches["sdpa"])[0] for a, m in models.items()}
+    assert models["split"].config._attn_implementation == "eager"
+    assert torch.equal(logps["split"], logps["eager"])
