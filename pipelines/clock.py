@@ -35,10 +35,11 @@ from rlhf.sequences import tokenize_prompts
 from rlhf.tasks import load_task
 
 # The fraction of the machine's matmul limit each kind of work achieves: the default profile's stages on the
-# avx512_bf16 box (their recorded FLOPs over their recorded seconds, over the limit measured there; the derivation
-# is docs/performance.md's "The clock"). Everything a stage does besides matmuls (sampling's step-by-step decoding,
-# elementwise kernels, the gold reward's classifier, logging) is inside these fractions.
-EFFICIENCY = {"sampling": 0.28, "training": 0.41, "forward": 0.54, "evaluation": 0.47}
+# avx512_bf16 box (their recorded FLOPs over their recorded seconds, over the limit measured there), with SDPA
+# attention, each divided by the same-box time ratio of the changes made since (`model.attention: split`, the bf16
+# weight cast in `generate`); the derivation is docs/performance.md's "The clock". Everything a stage does besides
+# matmuls (sampling's step-by-step decoding, elementwise kernels, the gold reward's classifier, logging) is inside.
+EFFICIENCY = {"sampling": 0.30, "training": 0.47, "forward": 0.57, "evaluation": 0.50}
 START_SECONDS = 18.0  # a job's process before its first step: imports, the models and the preference set loaded
 REPORT_SECONDS = 60.0  # `make report` on the default profile's runs
 CLOCK_FILE = "clock.json"  # runs/<profile>/clock.json: what `make all` estimated, for its closing table
