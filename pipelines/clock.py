@@ -24,6 +24,7 @@ import torch
 from pipelines import named
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.flops import matmul_limit, pass_parameters
+from rlhf.methods import commands
 from rlhf.models import (
     AUTOCAST_DTYPES,
     default_device,
@@ -33,7 +34,6 @@ from rlhf.models import (
     resolve_precision,
 )
 from rlhf.sequences import tokenize_prompts
-from rlhf.methods import commands
 from rlhf.tasks import load_task
 
 # The fraction of the machine's matmul limit each kind of work achieves: the default profile's stages on the
