@@ -372,7 +372,9 @@ def family(method: str) -> str:
     return METHODS[method].trainer if method in METHODS else method
 
 
-# (method families, column, axis label) of each training-health panel
+# (method families, column, axis label) of each training-health panel: the panels the report draws, each one series
+# in its own units and the trainers it is read for. A list of panels, not of methods: a new method's series join a
+# panel here, or get one of their own, once the report reads them.
 HEALTH_PANELS = [
     (("ppo", "dpo", "preferred-ft"), "grad_norm", "gradient norm [L2, before clipping]"),
     (("dpo", "preferred-ft"), "loss", "DPO / Preferred-FT loss [nats]"),

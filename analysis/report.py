@@ -31,11 +31,13 @@ from rlhf.methods import with_role
 # the report reads (whatever else ran, running RLOO or online DPO never moves the PPO − DPO comparison)
 COMPARED = tuple(with_role("compared"))
 ONLINE = tuple(with_role("online"))  # docs/online.md
-# Why PPO wins or loses: each pair is read as the verdict reads PPO − DPO, at its primary level, one Holm family
+# Why PPO wins or loses: each pair is read as the verdict reads PPO − DPO, at its primary level, one Holm family.
+# Online vs offline: every method that samples from its policy as it trains (PPO, and each method whose role is
+# online) against DPO, which learns from the fixed pairs. Critic vs none is a question of two methods, not of a role:
+# PPO against RLOO, the same eq. (2) with and without a value model.
+SAMPLING = ("ppo", *ONLINE)
 CAUSES = (
-    ("online vs offline", "ppo", "dpo"),
-    ("online vs offline", "rloo", "dpo"),
-    ("online vs offline", "online-dpo", "dpo"),
+    *(("online vs offline", m, "dpo") for m in SAMPLING),
     ("critic vs none", "ppo", "rloo"),
 )
 REFERENCE, BEST_OF_N = "reference", "bon"  # π_ref, every frontier's origin; Best of N, which trains nothing
@@ -320,7 +322,7 @@ def _holm_words(row: pd.Series) -> str:
 
 
 def causes_paragraph(causes: pd.DataFrame) -> str:
-    """One paragraph that reads the four methods together at the primary KL level: online vs offline (each online
+    """One paragraph that reads the methods together at the primary KL level: online vs offline (PPO and each online
     method against DPO), then critic vs none (PPO against RLOO)."""
 
     def said(question: str) -> str:
@@ -335,10 +337,12 @@ def causes_paragraph(causes: pd.DataFrame) -> str:
         )
 
     level = causes["KL level"].iloc[0]
+    *others, last = [P.name(m) for m in SAMPLING]
+    sampling = f"{', '.join(others)} and {last}"
     return (
         f"**Why PPO wins or loses** (docs/online.md), in gold at the verdict's primary level, {level:.3g} nats; "
-        "the words come from Holm-adjusted p-values over these comparisons (one family). Online vs offline (PPO, "
-        "RLOO and online DPO sample from the current policy and are scored by the same reward model; DPO learns "
+        "the words come from Holm-adjusted p-values over these comparisons (one family). Online vs offline "
+        f"({sampling} sample from the current policy and are scored by the same reward model; DPO learns "
         f"from the fixed pairs): {said('online vs offline')}. Critic vs none (PPO and RLOO optimise the same eq. "
         f"(2) against the same reward model; only PPO has a value model): {said('critic vs none')}. Where every "
         "online method is ahead of DPO, sampling from the policy is what helps, whatever the loss; where PPO is "

@@ -33,12 +33,12 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from rlhf.config import Config, available_profiles, config_help, load_config
+from pipelines import named
+from rlhf.config import available_profiles, config_help, load_config
 from rlhf.errors import Diverged, UserError
 from rlhf.methods import commands
 
@@ -141,15 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
         return clock.took(cfg) if args.took else clock.start(cfg, grid.in_order(cfg))
     # Each method's orchestration lives in a pipelines module; the stage packages hold the algorithms.
-    return entry_point(TOOLS[args.command] if args.command in TOOLS else commands()[args.command].entry)(cfg)
-
-
-def entry_point(entry: str) -> Callable[[Config], int]:
-    """The function "module:function" names, its module imported now: a command imports only what it runs."""
-    import importlib
-
-    module, function = entry.split(":")
-    return getattr(importlib.import_module(module), function)
+    return named(TOOLS[args.command] if args.command in TOOLS else commands()[args.command].entry)(cfg)
 
 
 if __name__ == "__main__":

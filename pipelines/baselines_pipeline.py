@@ -7,6 +7,7 @@ from baselines import best_of_n, train_preferred_ft
 from baselines.best_of_n import run_identity as bon_identity
 from baselines.preferred_ft import METHOD
 from baselines.preferred_ft import run_identity as preferred_ft_identity
+from pipelines.clock import Work
 from pipelines.stages import build_preference_set, reward_model_for, run_each
 from rlhf.config import Config
 from rlhf.methods import METHODS
@@ -38,3 +39,20 @@ def preferred_ft(cfg: Config) -> int:
         lambda run_cfg, _: preferred_ft_identity(run_cfg),
         lambda run_cfg, prefs, seed, _: train_preferred_ft(run_cfg, prefs, seed),
     )
+
+
+def bon_flops(w: Work) -> dict[str, float]:
+    """Best-of-N's FLOPs for the clock: the largest N samples from pi_ref for every eval prompt, each scored by the
+    reward model (the smaller N are its first samples)."""
+    s = w.s
+    return {"sampling": max(w.cfg.bon.n) * w.cfg.eval.n_prompts * s.eval_tokens * 2 * (s.n_lm + s.n_scalar)}
+
+
+def preferred_ft_flops(w: Work) -> dict[str, float]:
+    """One Preferred-FT job's FLOPs for the clock: training on the chosen response of every pair, every pass, and
+    its evaluation (no reward model: no proxy)."""
+    f, passes = w.cfg.preferred_ft, w.cfg.budget.epochs
+    return {
+        "training": 6 * w.s.n_lm * w.pairs * w.s.pair_tokens * passes,
+        "evaluation": w.evaluation(w.pairs * passes // f.batch_size, f.eval_every, proxy=False),
+    }

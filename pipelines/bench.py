@@ -422,6 +422,8 @@ def eval_shares(cfg: Config) -> pd.DataFrame:
     rows = []
     for path in sorted((PROJECT_ROOT / cfg.runs_dir / cfg.profile).glob("*/*/timings.json")):
         manifest = json.loads((path.parent / "manifest.json").read_text())
+        # the two methods the benchmark compares (PPO-GT trains with PPO's trainer): a choice of the bench, like the
+        # stages it measures above, not a list of every method
         if manifest["method"] in ("ppo", "ppo-gt", "dpo") and manifest["status"] == "completed":
             stages = {name: t["seconds"] for name, t in json.loads(path.read_text()).items()}
             total = sum(stages.values())

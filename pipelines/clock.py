@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from pipelines import named
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.flops import matmul_limit, pass_parameters
+from rlhf.methods import commands
 from rlhf.models import (
     AUTOCAST_DTYPES,
     default_device,
@@ -85,72 +87,67 @@ def measure_sizes(cfg: Config) -> tuple[Sizes, torch.nn.Module]:
     ), model
 
 
-def _points(steps: int, every: int) -> int:
-    """Eval points of a run of `steps` evaluated every `every` and at its end, the one at step 0 left out: it reads
-    pi_ref's samples and log-probs from the cache and only scores them."""
-    return math.ceil(steps / every)
+@dataclass(frozen=True)
+class Work:
+    """What one grid job's FLOPs are counted from: the profile, the job's overrides, the sizes, and whether an earlier
+    job of its command ran before it in the grid (`repeat`: what that one cached for the profile is read, not
+    computed again). Each method counts its own training beside its command (its `flops` in rlhf/methods.py); the
+    terms every method's evaluation and pairs share are here, once."""
+
+    cfg: Config
+    overrides: tuple[str, ...]
+    s: Sizes
+    repeat: bool = False
+
+    @property
+    def pairs(self) -> int:
+        """The training pairs of the budget every stage shares."""
+        cfg = self.cfg
+        return cfg.budget.pairs or cfg.data.n_prompts * math.comb(cfg.data.responses_per_prompt, 2)
+
+    @property
+    def heldout(self) -> int:
+        return self.cfg.eval.n_heldout_pairs or self.cfg.task.n_eval_prompts - self.cfg.task.n_validation_prompts
+
+    @property
+    def implicit(self) -> float:
+        """The policy's log-probs of the held-out pairs (DPO's implicit reward), at the last eval point only."""
+        return 2 * self.s.n_lm * self.heldout * 2 * self.s.pair_tokens
+
+    def evaluation(self, steps: int, every: int, proxy: bool = True, implicit: bool = False) -> float:
+        """A run's evaluation: at each eval point the samples drawn, then log pi and log pi_ref of them, and the
+        reward model's score of them where it has one (`proxy`; step 0's too); the held-out pairs' log-probs at the
+        last point where it has an implicit reward. The point at step 0 reads pi_ref's samples and log-probs from the
+        cache and only scores them."""
+        e, ev = self.cfg.eval.n_prompts, self.s.eval_tokens
+        sample_and_kl = 2 * 3 * self.s.n_lm * e * ev
+        scores = 2 * self.s.n_scalar * e * ev if proxy else 0
+        points = math.ceil(steps / every)  # evaluated every `every` and at its end, step 0 left out
+        return (points + 1) * scores + points * sample_and_kl + (self.implicit if implicit else 0)
 
 
-def job_flops(cfg: Config, command: str, overrides: tuple[str, ...], s: Sizes) -> dict[str, float]:
-    """FLOPs of one grid job (`pipelines/grid.py`'s command and overrides), by kind of work."""
-    n, ns, seq, ev = s.n_lm, s.n_scalar, s.pair_tokens, s.eval_tokens
-    e = cfg.eval.n_prompts
-    heldout = cfg.eval.n_heldout_pairs or cfg.task.n_eval_prompts - cfg.task.n_validation_prompts
-    pairs = cfg.budget.pairs or cfg.data.n_prompts * math.comb(cfg.data.responses_per_prompt, 2)
-    passes = cfg.budget.epochs
-    sample_and_kl = 2 * 3 * n * e * ev  # an eval point: sample, then log pi and log pi_ref of the samples
-    proxy = 2 * ns * e * ev  # the reward model's score of the samples (step 0's too)
-    implicit = 2 * n * heldout * 2 * seq  # the policy's log-probs of the held-out pairs, at the last point only
-    if command == "reference":  # pi_ref samples (one pass both ways) and scores the held-out pairs once a profile
-        return {"evaluation": 2 * 2 * n * e * ev + implicit}
-    if command == "reward-model":
-        return {
-            "training": 6 * ns * pairs * 2 * seq * passes,
-            "forward": 2 * ns * heldout * 2 * seq + 2 * (n + ns) * cfg.reward_model.center_prompts * seq,
-        }
-    if command == "ppo":
-        p = cfg.ppo
-        gold = "ppo.reward=gold" in overrides
-        per_token = 2 * n + 2 * (2 * n + ns + (0 if gold else ns)) + p.ppo_epochs * 6 * (n + ns)
-        return {
-            "training": per_token * p.rollout_batch_size * p.iterations * (s.prompt_tokens + p.max_new_tokens),
-            "evaluation": (_points(p.iterations, p.eval_every) + 1) * (0 if gold else proxy)
-            + _points(p.iterations, p.eval_every) * sample_and_kl,
-        }
-    if command == "dpo":
-        d = cfg.dpo
-        steps = pairs * passes // d.batch_size
-        return {
-            "forward": 2 * n * pairs * 2 * seq,
-            "training": 6 * n * pairs * 2 * seq * passes,
-            "evaluation": (_points(steps, d.eval_every) + 1) * proxy
-            + _points(steps, d.eval_every) * sample_and_kl
-            + implicit,
-        }
-    if command == "preferred-ft":
-        f = cfg.preferred_ft
-        steps = pairs * passes // f.batch_size
-        return {"training": 6 * n * pairs * seq * passes, "evaluation": _points(steps, f.eval_every) * sample_and_kl}
-    if command == "rloo":
-        r = cfg.rloo
-        per_token = 2 * n + 2 * (2 * n + ns) + 6 * n * r.num_iterations
-        return {
-            "training": per_token * r.rollout_batch_size * r.iterations * (s.prompt_tokens + r.max_new_tokens),
-            "evaluation": (_points(r.iterations, r.eval_every) + 1) * proxy
-            + _points(r.iterations, r.eval_every) * sample_and_kl,
-        }
-    if command == "online-dpo":
-        o = cfg.online_dpo
-        per_token = 2 * n + 2 * (n + ns) + 6 * n
-        return {
-            "training": per_token * o.batch_size * 2 * o.iterations * (s.prompt_tokens + o.max_new_tokens),
-            "evaluation": (_points(o.iterations, o.eval_every) + 1) * proxy
-            + _points(o.iterations, o.eval_every) * sample_and_kl
-            + implicit,
-        }
-    if command == "bon":
-        return {"sampling": max(cfg.bon.n) * e * ev * 2 * (n + ns)}
-    raise ValueError(f"no estimate for the grid's command {command!r}")
+def job_flops(
+    cfg: Config, command: str, overrides: tuple[str, ...], s: Sizes, repeat: bool = False
+) -> dict[str, float]:
+    """FLOPs of one grid job (`pipelines/grid.py`'s command and overrides), by kind of work, as its method's estimate
+    (rlhf/methods.py) counts them."""
+    method = commands()[command]
+    if method.flops is None:
+        raise ValueError(
+            f"no FLOPs estimate for the grid's command {command!r}: name its function in the `flops` of "
+            f"'{method.name}' in rlhf/methods.py"
+        )
+    return named(method.flops)(Work(cfg, overrides, s, repeat))
+
+
+def grid_work(cfg: Config, jobs: list, s: Sizes) -> dict[str, dict[str, float]]:
+    """Every grid job's FLOPs by label, each job after the first of its command counted as a repeat."""
+    seen: set[str] = set()
+    work = {}
+    for job in jobs:
+        work[job.label] = job_flops(cfg, job.command, job.overrides, s, repeat=job.command in seen)
+        seen.add(job.command)
+    return work
 
 
 def data_flops(cfg: Config, s: Sizes) -> dict[str, float]:
@@ -203,10 +200,7 @@ def estimate(cfg: Config, jobs: list) -> Estimate:
     sizes, model = measure_sizes(cfg)
     limit = matmul_limit(model.to(device), AUTOCAST_DTYPES.get(precision, torch.float32), device, repeats=5)
     data = data_flops(cfg, sizes)
-    work = {job.label: job_flops(cfg, job.command, job.overrides, sizes) for job in jobs}
-    dpo = [job.label for job in jobs if job.command == "dpo"]
-    for label in dpo[1:]:  # pi_ref's log-probs of the pairs: the first DPO run caches them (dpo/trainer.py)
-        work[label].pop("forward")
+    work = grid_work(cfg, jobs, sizes)
     return Estimate(
         machine=f"{machine(device)}, {torch.get_num_threads()} threads, {precision}",
         limit=limit,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines.clock import Work
 from reward_model.train import train_reward_model
 from rlhf.config import Config
 from rlhf.data import PreferenceSet, build_preferences, load_preferences
@@ -149,10 +150,26 @@ def reward_model_main(cfg: Config) -> int:
     return 0
 
 
+def reward_model_flops(w: Work) -> dict[str, float]:
+    """`make reward-model`'s FLOPs for the clock: training on both responses of every pair, every pass; then its
+    scores of the held-out pairs, and pi_ref's samples of the prompts it is centred on, scored by it."""
+    ns, seq = w.s.n_scalar, w.s.pair_tokens
+    return {
+        "training": 6 * ns * w.pairs * 2 * seq * w.cfg.budget.epochs,
+        "forward": 2 * ns * w.heldout * 2 * seq + 2 * (w.s.n_lm + ns) * w.cfg.reward_model.center_prompts * seq,
+    }
+
+
 def reference_main(cfg: Config) -> int:
     """`make reference`: pi_ref's own evaluation, reused or run now."""
     print(f"reference evaluation: {evaluate_reference(cfg)}")
     return 0
+
+
+def reference_flops(w: Work) -> dict[str, float]:
+    """`make reference`'s FLOPs for the clock: pi_ref samples the eval prompts and scores its samples (one pass both
+    ways), and scores the held-out pairs, once a profile (every run's step 0 reads them from the cache)."""
+    return {"evaluation": 2 * 2 * w.s.n_lm * w.cfg.eval.n_prompts * w.s.eval_tokens + w.implicit}
 
 
 def evaluate_reference(cfg: Config) -> Path:

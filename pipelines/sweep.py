@@ -20,69 +20,41 @@ of the profile's settings.
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pandas as pd
 
-import dpo
-import online_dpo
-import rloo
 from analysis import stats as S
 from analysis.load import read_prompts
 from analysis.report import markdown_table
-from pipelines import ppo_pipeline
+from pipelines import named
 from pipelines.stages import build_preference_set, find_reward_model, reward_model_for, reward_model_seed
-from ppo.train import run_identity as ppo_identity
 from reward_model.train import train_reward_model
 from rlhf.atomic import atomic_write_text, read_jsonl
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.data import PreferenceSet
-from rlhf.errors import UserError
 from rlhf.methods import METHODS
 from rlhf.rundir import completed_run
 
-# Each method's grid: its learning rate x one more decisive knob, and the sweep key listing that knob's values.
-GRIDS = {
-    "reward_model": ("reward_model.learning_rate", "budget.epochs", "epochs"),
-    "dpo": ("dpo.learning_rate", "budget.epochs", "epochs"),
-    "ppo": ("ppo.learning_rate", "ppo.ppo_epochs", "ppo_epochs"),
-    "rloo": ("rloo.learning_rate", "rloo.num_generations", "rloo_generations"),
-    "online-dpo": ("online_dpo.learning_rate", "online_dpo.batch_size", "online_dpo_step_factors"),
-}
-# A policy method's run key and one run, as its own command trains it (pipelines/*_pipeline.py, through run_each).
-TRAINERS = {
-    "ppo": (ppo_identity, ppo_pipeline.train),
-    "dpo": (dpo.run_identity, dpo.train),
-    "rloo": (rloo.run_identity, rloo.train),
-    "online-dpo": (online_dpo.run_identity, online_dpo.train),
-}
 SHOWN = ("eval/gold", "eval/gold_sem", "eval/proxy", "eval/kl", "heldout/rm_accuracy", "heldout/implicit_accuracy")
 
 
 def grid(cfg: Config) -> list[dict]:
-    """The grid points of `sweep.method`, as dotted config keys and values."""
+    """The grid points of `sweep.method` (its `Sweep` in rlhf/methods.py), as dotted config keys and values."""
     s = cfg.sweep
-    lr_key, knob, values = GRIDS[s.method]
-    other = online_dpo_steps if s.method == "online-dpo" else lambda _, n: {knob: n}  # its factor sets three keys
-    return [{lr_key: lr, **other(cfg, n)} for lr in s.learning_rates for n in getattr(s, values)]
+    m = METHODS[s.method]
+    knob, values, _ = m.sweep
+    point = named(knob) if ":" in knob else lambda _, value: {knob: value}  # a function: one value sets several keys
+    return [{f"{m.section}.learning_rate": lr, **point(cfg, n)} for lr in s.learning_rates for n in getattr(s, values)]
 
 
-def online_dpo_steps(cfg: Config, factor: int) -> dict:
-    """Online DPO in `factor` times the profile's steps of 1/factor its prompts: the same pairs sampled, and as many
-    eval points. TRL's trainer samples one pair a prompt, so steps, not pairs per prompt, are its second knob."""
-    o = cfg.online_dpo
-    if o.batch_size % factor:
-        raise UserError(
-            f"sweep.online_dpo_step_factors: {factor} does not divide online_dpo.batch_size ({o.batch_size}), "
-            "so its points would not sample the profile's pairs"
-        )
-    return {
-        "online_dpo.batch_size": o.batch_size // factor,
-        "online_dpo.iterations": o.iterations * factor,
-        "online_dpo.eval_every": o.eval_every * factor,
-    }
+def runs(method: str) -> ModuleType:
+    """The module of a policy method's `run_identity` and `train` (its `Sweep.runs`): a point's key, and its run."""
+    return importlib.import_module(METHODS[method].sweep.runs)
 
 
 def point_config(cfg: Config, values: dict) -> Config:
@@ -110,9 +82,9 @@ def train_point(cfg: Config, prefs: PreferenceSet) -> tuple[Path, dict[str, floa
     if cfg.sweep.method == "reward_model":
         result = train_reward_model(cfg, prefs, seed)
         return result.run_dir, result.heldout
-    _, train = TRAINERS[cfg.sweep.method]
     trains_against = METHODS[cfg.sweep.method].reward_model == "trains"  # DPO's points report no proxy
-    result = train(cfg, prefs, seed, reward_model_for(cfg, prefs, seed) if trains_against else None)
+    rm_path = reward_model_for(cfg, prefs, seed) if trains_against else None
+    result = runs(cfg.sweep.method).train(cfg, prefs, seed, rm_path)
     return result.run_dir, result.final_metrics
 
 
@@ -122,13 +94,12 @@ def completed_point(cfg: Config, prefs: PreferenceSet) -> Path | None:
     if cfg.sweep.method == "reward_model":
         final = find_reward_model(cfg, prefs, seed)
         return None if final is None else final.parents[1]  # <run>/checkpoints/final
-    identity, _ = TRAINERS[cfg.sweep.method]
     rm_path = None
     if METHODS[cfg.sweep.method].reward_model == "trains":
         rm_path = find_reward_model(cfg, prefs, reward_model_seed(cfg, seed))
         if rm_path is None:  # its reward model not trained yet: nor is the point
             return None
-    method, extra = identity(cfg, rm_path)
+    method, extra = runs(cfg.sweep.method).run_identity(cfg, rm_path)
     return completed_run(cfg, method, seed, prefs.sha256, extra)
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from rlhf.errors import UserError, unreadable
 from rlhf.keys import IDENTITY, NEUTRAL, OUTSIDE, Role, added, check_roles, name_now
-from rlhf.methods import grid_methods
+from rlhf.methods import METHODS, grid_methods, swept
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -656,9 +656,7 @@ class SweepConfig:
     training run per grid point, judged on the validation prompts only (eval.split=validation). Every method gets the
     same number of grid points; each point is a whole training run of the profile's length."""
 
-    method: Literal["reward_model", "ppo", "dpo", "rloo", "online-dpo"] = _f(
-        "dpo", OUTSIDE, "the method whose grid runs (set by METHOD=)"
-    )
+    method: str = _f("dpo", OUTSIDE, f"the method whose grid runs (set by METHOD=): one of {', '.join(swept())}")
     learning_rates: list[float] = _f([1e-5, 3e-5, 1e-4], OUTSIDE, "learning rates tried, for whichever method runs")
     epochs: list[int] = _f(
         [1, 2], OUTSIDE, "reward model and DPO: budget.epochs tried (passes over the budget's pairs)"
@@ -686,11 +684,16 @@ class SweepConfig:
 
     def validate(self, prefix: str) -> None:
         _require(
+            self.method in swept(),
+            f"{prefix}.method",
+            f"'{self.method}' has no sweep (no `sweep` in its entry of rlhf/methods.py); one of {', '.join(swept())}",
+        )
+        _require(
             len(self.learning_rates) > 0 and all(x > 0 for x in self.learning_rates),
             f"{prefix}.learning_rates",
             f"must list positive learning rates, got {self.learning_rates}",
         )
-        for key in ("epochs", "ppo_epochs", "rloo_generations", "online_dpo_step_factors"):
+        for key in dict.fromkeys(METHODS[m].sweep.values for m in swept()):  # each list once (DPO's is the RM's)
             values = getattr(self, key)
             _require(
                 len(values) > 0 and all(x > 0 for x in values),

@@ -17,7 +17,8 @@ where it is defined (the second argument of `_f` in rlhf/config.py):
 
 Each kind of key keeps the version its form was fixed at (`Form` below); a field added to the config now is
 `added(4)`. A section with an `enabled` switch (LoRA, the SFT stage) whose switch is left out is left out whole:
-switched off, it computes nothing.
+switched off, it computes nothing. So such a section joins a kind of key late by being read as the keys before its
+switch was added read it (`SFT_LORA`): it counts where it is switched on, and every key with it off stays the same.
 
 Raising a kind's version re-keys it on purpose. What a run was keyed by before stays found: `run_keys` gives the key
 of today's version and the keys earlier versions gave the same run, each with the run directory it went to
@@ -67,6 +68,9 @@ class Form(NamedTuple):
 SHARED = Form(0, neutral=False)  # the preference set and pi_ref's caches: shared by runs whatever their cost
 REWARD_MODEL = Form(3, neutral=True)
 SFT_MODEL = Form(1, neutral=True)
+# LoRA joined the SFT model's key late (before, a stage trained with adapters and one without shared a key): read as
+# version 0 read it, before its switch was `added(1)`, it counts switched on and leaves every other SFT key as it was
+SFT_LORA = SFT_MODEL._replace(version=0)
 RUN = Form(3, neutral=True)
 
 # version -> {name from that version on: the name before it}, for methods (run directories) and config sections
@@ -191,8 +195,12 @@ def reward_model_key(cfg: Config, data_sha256: str, seed: int) -> dict[str, Any]
 
 def sft_key(cfg: Config, rows: Dataset) -> dict[str, Any]:
     """What the SFT stage's model depends on: an interrupted SFT run with this key is resumed, a completed one's
-    model is pi_ref."""
-    return {**settings(cfg, ["model", "sft_stage", "weight_decay"], SFT_MODEL), "texts_sha256": digest(rows.to_dict())}
+    model is pi_ref. LoRA's settings where the stage trains adapters (`SFT_LORA`)."""
+    return {
+        **settings(cfg, ["model", "sft_stage", "weight_decay"], SFT_MODEL),
+        **settings(cfg, ["lora"], SFT_LORA),
+        "texts_sha256": digest(rows.to_dict()),
+    }
 
 
 # pi_ref (the base model, or the SFT stage's) samples the pairs, and is evaluated on the task's prompts

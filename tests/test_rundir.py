@@ -7,12 +7,13 @@ import pytest
 import torch
 import yaml
 
+from rlhf import rundir
 from rlhf.atomic import atomic_write_text, read_jsonl
 from rlhf.checkpoints import CHECKPOINT_RECORD, commit_checkpoint, latest_checkpoint
 from rlhf.config import load_config
 from rlhf.errors import Diverged, UserError, check_finite
 from rlhf.keys import reward_model_key, run_key
-from rlhf.rundir import RunDir, completed
+from rlhf.rundir import RunDir, completed, completed_run
 
 
 def test_run_directory_contents_and_status(tiny_cfg):
@@ -24,13 +25,24 @@ def test_run_directory_contents_and_status(tiny_cfg):
         run.write_samples(1, [{"prompt": "p", "response": "r"}])
     m = json.loads((run.path / "manifest.json").read_text())
     assert m["status"] == "completed" and m["data_sha256"] == "abc" and m["seed"] == 0 and m["method"] == "dpo"
-    assert {"torch", "transformers", "trl"} <= set(m["packages"]) and m["finished_at"]
+    assert {"torch", "transformers", "trl", "peft"} <= set(m["packages"]) and m["finished_at"]
     assert yaml.safe_load((run.path / "config.yaml").read_text())["beta"] == tiny_cfg.beta
     rows, bad = read_jsonl(run.path / "metrics.jsonl")
     assert rows == [{"kind": "train", "step": 1, "wall_seconds": 0.5, "tokens": 10, "loss": 0.7}] and bad == []
     t = json.loads((run.path / "timings.json").read_text())
     assert t["train"]["seconds"] >= 0 and t["train"]["peak_memory_mb"] > 0
     assert (run.path / "samples" / "eval_step000001.jsonl").exists()
+
+
+def test_the_package_versions_a_run_records_count_in_no_key(tiny_cfg, monkeypatch):
+    """The manifest records what computed the run (peft: LoRA's layers), for the reader: a run completed under other
+    versions is found by its key all the same."""
+    monkeypatch.setattr(rundir, "package_versions", lambda: {"torch": "0.0", "peft": "0.0"})
+    run = RunDir.create(tiny_cfg, "dpo", 0, torch.device("cpu"), "abc")
+    with run.running():
+        pass
+    monkeypatch.undo()
+    assert completed_run(tiny_cfg, "dpo", 0, "abc", None) == run.path
 
 
 def test_crashed_run_says_failed_with_the_error(tiny_cfg):
