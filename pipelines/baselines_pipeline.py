@@ -45,7 +45,7 @@ def bon_flops(w: Work) -> dict[str, float]:
     """Best-of-N's FLOPs for the clock: the largest N samples from pi_ref for every eval prompt, each scored by the
     reward model (the smaller N are its first samples)."""
     s = w.s
-    return {"sampling": max(w.cfg.bon.n) * w.cfg.eval.n_prompts * s.eval_tokens * 2 * (s.n_lm + s.n_scalar)}
+    return {"sampling": max(w.cfg.bon.n) * w.eval_prompts * s.eval_tokens * 2 * (s.n_lm + s.n_scalar)}
 
 
 def preferred_ft_flops(w: Work) -> dict[str, float]:

@@ -60,6 +60,9 @@ class Sizes:
     pair_tokens: float
     eval_tokens: float
     sampled_pairs: bool  # the preference set is sampled from pi_ref (a gold-reward task), not read from a data set
+    train_prompts: int  # the train prompts the preference set is built from (`data.n_prompts`, null: all)
+    train_pairs: int  # the pairs it holds: K/2 a prompt, paired (0,1), (2,3), ... (rlhf/data.py), or the data set's
+    eval_prompts: int  # the prompts of the split an evaluation scores (`eval.split`), for `eval.n_prompts` null
 
 
 def measure_sizes(cfg: Config) -> tuple[Sizes, torch.nn.Module]:
@@ -82,8 +85,18 @@ def measure_sizes(cfg: Config) -> tuple[Sizes, torch.nn.Module]:
         ) / len(pairs)
     else:  # pairs sampled from pi_ref: responses run to the cap (32 of 32 tokens, nearly always, on the default)
         pair = prompt + cfg.data.max_new_tokens
+    train_prompts = cfg.data.n_prompts or len(task.train_prompts)
+    eval_prompts = task.validation_prompts if cfg.eval.split == "validation" else task.eval_prompts
     return Sizes(
-        n_lm, n_scalar, prompt, pair, prompt_tokens(task.eval_prompts) + cfg.eval.max_new_tokens, not task.train_pairs
+        n_lm,
+        n_scalar,
+        prompt,
+        pair,
+        prompt_tokens(task.eval_prompts) + cfg.eval.max_new_tokens,
+        sampled_pairs=not task.train_pairs,
+        train_prompts=train_prompts,
+        train_pairs=len(task.train_pairs) if task.train_pairs else train_prompts * (cfg.data.responses_per_prompt // 2),
+        eval_prompts=len(eval_prompts),
     ), model
 
 
@@ -102,8 +115,11 @@ class Work:
     @property
     def pairs(self) -> int:
         """The training pairs of the budget every stage shares."""
-        cfg = self.cfg
-        return cfg.budget.pairs or cfg.data.n_prompts * math.comb(cfg.data.responses_per_prompt, 2)
+        return self.cfg.budget.pairs or self.s.train_pairs
+
+    @property
+    def eval_prompts(self) -> int:
+        return self.cfg.eval.n_prompts or self.s.eval_prompts
 
     @property
     def heldout(self) -> int:
@@ -119,7 +135,7 @@ class Work:
         reward model's score of them where it has one (`proxy`; step 0's too); the held-out pairs' log-probs at the
         last point where it has an implicit reward. The point at step 0 reads pi_ref's samples and log-probs from the
         cache and only scores them."""
-        e, ev = self.cfg.eval.n_prompts, self.s.eval_tokens
+        e, ev = self.eval_prompts, self.s.eval_tokens
         sample_and_kl = 2 * 3 * self.s.n_lm * e * ev
         scores = 2 * self.s.n_scalar * e * ev if proxy else 0
         points = math.ceil(steps / every)  # evaluated every `every` and at its end, step 0 left out
@@ -155,7 +171,7 @@ def data_flops(cfg: Config, s: Sizes) -> dict[str, float]:
     validation prompt (the gold reward that labels them is a classifier outside the count, inside `sampling`'s
     fraction). Nothing to sample where the pairs are read from a data set."""
     heldout = cfg.data.n_heldout_prompts or cfg.task.n_eval_prompts - cfg.task.n_validation_prompts
-    prompts = cfg.data.n_prompts + heldout + cfg.task.n_validation_prompts
+    prompts = s.train_prompts + heldout + cfg.task.n_validation_prompts
     return {"sampling": 2 * s.n_lm * prompts * cfg.data.responses_per_prompt * s.pair_tokens} if s.sampled_pairs else {}
 
 

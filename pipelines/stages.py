@@ -169,7 +169,7 @@ def reference_main(cfg: Config) -> int:
 def reference_flops(w: Work) -> dict[str, float]:
     """`make reference`'s FLOPs for the clock: pi_ref samples the eval prompts and scores its samples (one pass both
     ways), and scores the held-out pairs, once a profile (every run's step 0 reads them from the cache)."""
-    return {"evaluation": 2 * 2 * w.s.n_lm * w.cfg.eval.n_prompts * w.s.eval_tokens + w.implicit}
+    return {"evaluation": 2 * 2 * w.s.n_lm * w.eval_prompts * w.s.eval_tokens + w.implicit}
 
 
 def evaluate_reference(cfg: Config) -> Path:

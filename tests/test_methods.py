@@ -24,7 +24,15 @@ from rlhf.methods import METHODS, Method, Sweep, commands, grid_methods
 
 # a profile's sizes, made up: what the clock's estimates count with, without loading a model
 SIZES = clock.Sizes(
-    n_lm=1000, n_scalar=1001, prompt_tokens=10.0, pair_tokens=20.0, eval_tokens=30.0, sampled_pairs=True
+    n_lm=1000,
+    n_scalar=1001,
+    prompt_tokens=10.0,
+    pair_tokens=20.0,
+    eval_tokens=30.0,
+    sampled_pairs=True,
+    train_prompts=40,
+    train_pairs=40,
+    eval_prompts=50,
 )
 
 ROLES = {"compared", "online", "baseline", "variant", "method", "stage"}
@@ -245,3 +253,20 @@ def test_the_old_preferred_ft_section_is_told_where_it_moved():
     for overrides in (["sft.learning_rate=0.1"], ["sft={epochs: 2}"]):
         with pytest.raises(UserError, match=r"unknown config key 'sft'; it is now 'preferred_ft "):
             load_config("tiny", overrides)
+
+
+@pytest.mark.parametrize("profile", ["default", "tiny", "hh", "gpu", "imdb-gpt2"])
+def test_the_clock_counts_every_profile_with_its_nulls(profile):
+    """`eval.n_prompts: null` (gpu) and `data.n_prompts: null` (hh, imdb-gpt2) mean every prompt: the clock counts
+    them from the sizes, where `make all` once stopped on None arithmetic before its first job."""
+    cfg = load_config(profile)
+    work = clock.grid_work(cfg, grid.in_order(cfg), SIZES)
+    assert work and all(math.isfinite(f) and f > 0 for w in work.values() for f in w.values())
+    assert all(f > 0 for f in clock.data_flops(cfg, SIZES).values())
+
+
+def test_the_clock_counts_k_over_2_pairs_a_prompt():
+    """The preference set pairs responses (0,1), (2,3), ... (rlhf/data.py): K = 4 makes 2 pairs a prompt, not the
+    6 pairings of 4."""
+    sizes, _ = clock.measure_sizes(load_config("tiny", ["data.responses_per_prompt=4", "data.n_prompts=10"]))
+    assert (sizes.train_prompts, sizes.train_pairs) == (10, 20)
