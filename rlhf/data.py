@@ -28,7 +28,7 @@ from rlhf.atomic import atomic_write_json, temporary_name
 from rlhf.config import PROJECT_ROOT, Config
 from rlhf.errors import UserError, read_json
 from rlhf.flops import forward_flops, pass_parameters
-from rlhf.keys import PREFERENCE_SET, SHARED, preference_set_key, settings
+from rlhf.keys import PREFERENCE_SET, preference_set_key, shared
 from rlhf.models import autocast, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.reference import reference_model
 from rlhf.sequences import chunks, sample
@@ -246,7 +246,7 @@ def build_preferences(cfg: Config) -> PreferenceSet:
         DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(str(tmp / "dataset"))
         manifest = {
             "config_hash": preference_set_key(cfg),
-            "config": settings(cfg, PREFERENCE_SET, SHARED),  # what config_hash is the sha256 of
+            "config": shared(cfg, PREFERENCE_SET),  # what config_hash is the sha256 of
             "model": cfg.model.name_or_path,
             "model_path": model_path,
             "task": cfg.task.name,

@@ -208,15 +208,22 @@ PREFERENCE_SET = ("model", "sft_stage", "task", "data")
 REFERENCE_SAMPLES = ("model", "sft_stage", "task", "eval")
 
 
+def shared(cfg: Config, names: Iterable[str]) -> dict[str, Any]:
+    """`settings` of what every run shares (the preference set, pi_ref's caches), which pi_ref computes: where pi_ref
+    is the SFT stage's model, LoRA's settings too where that stage trained adapters (switched off, they leave every
+    key as it was)."""
+    return settings(cfg, [*names, "lora"] if cfg.sft_stage.enabled else names, SHARED)
+
+
 def preference_set_key(cfg: Config) -> str:
-    return digest(settings(cfg, PREFERENCE_SET, SHARED))
+    return digest(shared(cfg, PREFERENCE_SET))
 
 
 def eval_settings(cfg: Config) -> dict[str, Any]:
     """What makes two runs' eval points comparable, for their manifests: the same pi_ref, prompts, pairs and eval
     settings (`hash`), and the split and temperature in words. The report never pools two hashes."""
     return {
-        "hash": digest(settings(cfg, (*PREFERENCE_SET, "eval"), SHARED))[:16],
+        "hash": digest(shared(cfg, (*PREFERENCE_SET, "eval")))[:16],
         "split": cfg.eval.split,
         "temperature": cfg.eval.temperature,
     }
@@ -226,7 +233,7 @@ def reference_cache_names(cfg: Config, arithmetic: str, data_sha256: str) -> tup
     """The eval cache's files of pi_ref's own eval samples and of its log-probs of this preference set's held-out
     pairs. Besides the config they depend on the arithmetic: `precision: auto` is fp32 on one machine and bf16 on
     another sharing the runs directory."""
-    samples = f"pi_ref-{digest(settings(cfg, REFERENCE_SAMPLES, SHARED))[:12]}-{arithmetic}"
+    samples = f"pi_ref-{digest(shared(cfg, REFERENCE_SAMPLES))[:12]}-{arithmetic}"
     return f"{samples}.pt", f"{samples}-pairs-{data_sha256[:12]}.pt"
 
 

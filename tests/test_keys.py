@@ -143,8 +143,12 @@ def keys_of_today() -> dict:
 
 
 # Re-keyed on purpose since keys.json was pinned: the SFT stage's model trained with LoRA adapters (its key left them
-# out, so one trained with adapters stood for one trained without)
-RE_KEYED = {f"{profile}/lora/sft/{texts}" for profile in PROFILES for texts in ("corpus", "chosen")}
+# out, so one trained with adapters stood for one trained without), and what that model, as pi_ref, computes for
+# every run: the preference set it samples and its eval caches (imdb-gpt2 is the profile whose SFT stage is on)
+RE_KEYED = {f"{profile}/lora/sft/{texts}" for profile in PROFILES for texts in ("corpus", "chosen")} | {
+    f"imdb-gpt2/lora/{shared}"
+    for shared in ("preferences", "eval_settings", "eval_cache/cpu-fp32", "eval_cache/cuda-bf16")
+}
 
 
 def test_every_key_is_what_it_was():
@@ -164,6 +168,20 @@ def test_the_sft_stages_model_is_keyed_by_its_lora_adapters_where_it_trains_them
     assert sft_key(lora, CORPUS) != sft_key(lora.with_values({"lora.r": 4}), CORPUS)
     assert sft_key(cfg.with_values({"lora.r": 4}), CORPUS) == sft_key(cfg, CORPUS)
     assert sft_key(cfg, CORPUS) == json.loads(PINNED.read_text())[f"{profile}/sft-stage/sft/corpus"]
+
+
+@pytest.mark.parametrize("profile", ["tiny", "imdb-gpt2"])
+def test_what_pi_ref_shares_is_keyed_by_the_sft_stages_lora_adapters(profile):
+    """Where pi_ref is the SFT stage's model, one trained with LoRA adapters samples another preference set and other
+    eval samples than one trained without; where the stage is off, LoRA trains only the policies, and pi_ref's shared
+    keys stay as they were."""
+    on = load_config(profile, VARIANTS["sft-stage"])
+    for sft in (on, on.with_values({"sft_stage.enabled": False})):
+        lora = sft.with_values({"lora.enabled": True})
+        differ = sft.sft_stage.enabled
+        assert (preference_set_key(lora) != preference_set_key(sft)) == differ
+        assert (eval_settings(lora) != eval_settings(sft)) == differ
+        assert (reference_cache_names(lora, "cpu-fp32", DATA) != reference_cache_names(sft, "cpu-fp32", DATA)) == differ
 
 
 def test_a_config_key_added_without_a_role_stops_the_import():
