@@ -25,7 +25,7 @@ from analysis import stats as S
 from analysis.load import Runs, evaluated, load_runs
 from rlhf.atomic import atomic_write_text
 from rlhf.config import PROJECT_ROOT, Config, ReportConfig
-from rlhf.methods import with_role
+from rlhf.methods import METHODS, with_role
 
 # The two methods the benchmark compares: where no KL level is fixed in the profile, their runs alone set the levels
 # the report reads (whatever else ran, running RLOO or online DPO never moves the PPO − DPO comparison)
@@ -456,7 +456,7 @@ def headline_section(runs: Runs, cfg: Config, has_gold: bool, stats: Stats | Non
     section.tables.append(Table("headline", _in_legend_order(M.headline_summary(per_run, stats.at, stats.levels))))
     section.tables.append(Table("headline_per_run", per_run))
     section.tables.append(
-        Table("budget", _in_legend_order(M.budgets(runs.runs, [m for m in trained(runs) if m != "ppo-gt"])))
+        Table("budget", _in_legend_order(M.budgets(runs.runs, [m for m in trained(runs) if not METHODS[m].gold])))
     )
     return section
 
@@ -484,7 +484,9 @@ def beta_notes(runs: Runs) -> list[str]:
 
 def budget_note(runs: Runs) -> str:
     """The headline's line on the training budget: equal, or "unequal budget" with every method's numbers."""
-    table = M.budgets(runs.runs, [m for m in COMPARED + ONLINE + ("preferred-ft",) if m in runs.methods])
+    # each trainer's budget once (a variant's is its family's); PPO's is its reward model's
+    own = [m.name for m in METHODS.values() if m.trains and m.role != "stage" and not m.gold and not m.family]
+    table = M.budgets(runs.runs, [m for m in own if m in runs.methods])
     if table.empty:
         return "Training budget: no completed PPO, DPO or Preferred-FT run records one yet."
     said = "; ".join(
@@ -741,8 +743,8 @@ def missing_notes(runs: Runs, has_gold: bool) -> list[str]:
     absent = [
         f"{P.name(m)} (`{command}`)"
         for m, command in BASELINES.items()
-        if m not in present and (has_gold or m != "ppo-gt")
-    ]  # PPO-GT needs a gold reward to optimise
+        if m not in present and (has_gold or not METHODS[m].gold)
+    ]
     if absent:
         notes.append(f"Baselines not run, so absent from the frontier and the headline: {', '.join(absent)}.")
     return notes

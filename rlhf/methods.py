@@ -48,6 +48,8 @@ class Method:
     in_grid: bool = True  # one of `grid.methods`' choices
     evaluated: bool = True  # its runs have policy eval points (the report pools them)
     gao: str | None = None  # Gao et al.'s form its gains follow (analysis.stats.GAO_FORMS): "rl", "bon"
+    gold: bool = False  # optimises the task's gold reward, not what the preference pairs teach: outside the training
+    #                     budget, and nothing to run where the task has no gold reward
     sweep: Sweep | None = None  # its grid in `make sweep`; None: the sweep refuses it
 
     @property
@@ -74,7 +76,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            flops="pipelines.ppo_pipeline:flops", role="compared", reward_model="trains", trains=True, gao="rl",
            sweep=Sweep("ppo.ppo_epochs", "ppo_epochs", "pipelines.ppo_pipeline")),
     Method("ppo-gt", "PPO-GT", "#17becf", section="ppo", command="ppo", overrides=("ppo.reward=gold",), family="ppo",
-           role="baseline", trains=True, gao="rl"),
+           role="baseline", trains=True, gao="rl", gold=True),
     Method("rloo", "RLOO", "#bcbd22", section="rloo", entry="pipelines.online_pipeline:rloo_main",
            flops="pipelines.online_pipeline:rloo_flops", role="online", reward_model="trains", trains=True,
            sweep=Sweep("rloo.num_generations", "rloo_generations", "rloo")),
